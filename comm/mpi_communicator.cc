@@ -1,0 +1,226 @@
+// MPI backend: thin, checked wrappers over MPI collectives, plus job-wide failure handling.
+#include "comm/mpi_communicator.h"
+
+#include <climits>
+#include <memory>
+#include <sstream>
+
+#include <glog/logging.h>
+
+#include "comm/watchdog.h"
+#include "runtime/process.h"
+
+namespace moerun {
+namespace {
+
+std::unique_ptr<Watchdog> g_watchdog;
+
+bool MpiActive() {
+  int initialised = 0, finalised = 0;
+  MPI_Initialized(&initialised);
+  MPI_Finalized(&finalised);
+  return initialised && !finalised;
+}
+
+void AbortAllRanks(int exit_code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  if (MpiActive()) MPI_Abort(MPI_COMM_WORLD, exit_code);
+}
+
+void OnWatchdogTimeout(const std::string& message) {
+  LOG(ERROR) << message;
+  AbortJob(124);
+}
+
+int ToInt(int64_t v, const char* what, const std::string& comm) {
+  CHECK(v >= 0 && v <= INT_MAX) << what << " " << v << " on communicator '" << comm
+                                << "' does not fit MPI's int counts";
+  return static_cast<int>(v);
+}
+
+MPI_Op ToMpiOp(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return MPI_SUM;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+}  // namespace
+
+namespace internal {
+void CheckMpiResult(int result, const char* call, const char* file, int line) {
+  if (result == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING] = {0};
+  int len = 0;
+  MPI_Error_string(result, text, &len);
+  LOG(ERROR) << RankTag() << ": MPI call " << call << " failed at " << file << ":" << line
+             << ": " << text << "; aborting the job";
+  AbortJob(1);
+}
+}  // namespace internal
+
+MPI_Datatype ToMpiType(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return MPI_FLOAT;
+    case DType::kBF16:
+      return MPI_UINT16_T;
+    case DType::kF64:
+      return MPI_DOUBLE;
+    case DType::kI32:
+      return MPI_INT32_T;
+    case DType::kI64:
+      return MPI_INT64_T;
+    case DType::kU8:
+      return MPI_UINT8_T;
+  }
+  return MPI_BYTE;
+}
+
+// ---------------------------------------------------------------------------------------
+MpiRuntime::MpiRuntime(int* argc, char*** argv, const MpiOptions& options) {
+  CHECK(!MpiActive()) << "MpiRuntime created twice";
+  MOERUN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &thread_level_));
+  MOERUN_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+  ProcessInfo info = Process();
+  if (info.host.empty()) info = DiscoverProcessFromEnvironment();
+  MPI_Comm_rank(MPI_COMM_WORLD, &info.rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &info.world_size);
+  MPI_Comm local;
+  MOERUN_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, info.rank,
+                                       MPI_INFO_NULL, &local));
+  MPI_Comm_rank(local, &info.local_rank);
+  MPI_Comm_size(local, &info.local_size);
+  MPI_Comm_free(&local);
+  SetProcess(info);
+  SetFatalHandler(&AbortAllRanks);
+  SetWatchdogTimeout(options.watchdog_timeout_s);
+}
+
+MpiRuntime::~MpiRuntime() {
+  g_watchdog.reset();
+  if (MpiActive()) MPI_Finalize();
+  SetFatalHandler(nullptr);
+}
+
+void MpiRuntime::SetWatchdogTimeout(double timeout_s) {
+  g_watchdog.reset();
+  if (timeout_s > 0) g_watchdog = std::make_unique<Watchdog>(timeout_s, &OnWatchdogTimeout);
+}
+
+std::unique_ptr<Communicator> MpiRuntime::World() {
+  MPI_Comm dup;
+  MOERUN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  return std::make_unique<MpiCommunicator>(dup, "world");
+}
+
+std::string MpiRuntime::LibraryVersion() {
+  char text[MPI_MAX_LIBRARY_VERSION_STRING] = {0};
+  int len = 0;
+  MPI_Get_library_version(text, &len);
+  std::string s(text, len);
+  const size_t nl = s.find_first_of("\n,");
+  return nl == std::string::npos ? s : s.substr(0, nl);
+}
+
+// ---------------------------------------------------------------------------------------
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name)
+    : comm_(comm), name_(std::move(name)) {
+  MOERUN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+  MOERUN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+  MOERUN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  send_counts_.resize(size_);
+  send_displs_.resize(size_);
+  recv_counts_.resize(size_);
+  recv_displs_.resize(size_);
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  if (MpiActive() && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+}
+
+void MpiCommunicator::AllToAllV(const void* send, const std::vector<int64_t>& send_counts,
+                                const std::vector<int64_t>& send_displs, void* recv,
+                                const std::vector<int64_t>& recv_counts,
+                                const std::vector<int64_t>& recv_displs, DType dtype) {
+  CHECK(static_cast<int>(send_counts.size()) == size_ &&
+        static_cast<int>(send_displs.size()) == size_ &&
+        static_cast<int>(recv_counts.size()) == size_ &&
+        static_cast<int>(recv_displs.size()) == size_)
+      << "all_to_all_v on '" << name_ << "' needs " << size_ << " counts and displacements";
+  for (int p = 0; p < size_; ++p) {
+    send_counts_[p] = ToInt(send_counts[p], "send count", name_);
+    send_displs_[p] = ToInt(send_displs[p], "send displacement", name_);
+    recv_counts_[p] = ToInt(recv_counts[p], "recv count", name_);
+    recv_displs_[p] = ToInt(recv_displs[p], "recv displacement", name_);
+  }
+  const MPI_Datatype type = ToMpiType(dtype);
+  WatchdogScope watch(g_watchdog.get(), "all_to_all_v", &name_, size_);
+  MOERUN_MPI_CHECK(MPI_Alltoallv(send, send_counts_.data(), send_displs_.data(), type, recv,
+                                 recv_counts_.data(), recv_displs_.data(), type, comm_));
+}
+
+void MpiCommunicator::AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) {
+  CHECK(dtype != DType::kBF16) << "all_reduce of bf16 is not supported on the MPI backend";
+  const int n = ToInt(count, "all_reduce count", name_);
+  WatchdogScope watch(g_watchdog.get(), "all_reduce", &name_, size_);
+  MOERUN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buffer, n, ToMpiType(dtype), ToMpiOp(op), comm_));
+}
+
+void MpiCommunicator::Broadcast(void* buffer, int64_t count, DType dtype, int root) {
+  CHECK(root >= 0 && root < size_) << "broadcast root " << root << " on '" << name_ << "' of "
+                                   << size_ << " ranks";
+  const int n = ToInt(count, "broadcast count", name_);
+  WatchdogScope watch(g_watchdog.get(), "broadcast", &name_, size_);
+  MOERUN_MPI_CHECK(MPI_Bcast(buffer, n, ToMpiType(dtype), root, comm_));
+}
+
+void MpiCommunicator::AllGather(const void* send, int64_t count, void* recv, DType dtype) {
+  const int n = ToInt(count, "all_gather count", name_);
+  const MPI_Datatype type = ToMpiType(dtype);
+  WatchdogScope watch(g_watchdog.get(), "all_gather", &name_, size_);
+  MOERUN_MPI_CHECK(MPI_Allgather(send, n, type, recv, n, type, comm_));
+}
+
+void MpiCommunicator::Barrier() {
+  WatchdogScope watch(g_watchdog.get(), "barrier", &name_, size_);
+  MOERUN_MPI_CHECK(MPI_Barrier(comm_));
+}
+
+std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key,
+                                                     const std::string& name) {
+  MPI_Comm sub;
+  {
+    WatchdogScope watch(g_watchdog.get(), "split", &name_, size_);
+    MOERUN_MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
+  }
+  return std::make_unique<MpiCommunicator>(sub, name);
+}
+
+// ---------------------------------------------------------------------------------------
+std::vector<int64_t> PrefixDisplacements(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> displs(counts.size(), 0);
+  for (size_t i = 1; i < counts.size(); ++i) displs[i] = displs[i - 1] + counts[i - 1];
+  return displs;
+}
+
+Status AgreeOnStatus(Communicator& comm, const Status& local) {
+  int32_t first_failed = local.ok() ? comm.size() : comm.rank();
+  comm.AllReduce(&first_failed, 1, DType::kI32, ReduceOp::kMin);
+  if (first_failed == comm.size()) return Status::Ok();
+  std::string message = local.message();
+  int64_t len = static_cast<int64_t>(message.size());
+  comm.Broadcast(&len, 1, DType::kI64, first_failed);
+  message.resize(len);
+  comm.Broadcast(message.data(), len, DType::kU8, first_failed);
+  if (comm.size() > 1) message = "rank " + std::to_string(first_failed) + ": " + message;
+  return Status::Error(message);
+}
+
+}  // namespace moerun

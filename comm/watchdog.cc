@@ -1,0 +1,66 @@
+// Watchdog thread for collectives.
+#include "comm/watchdog.h"
+
+#include <chrono>
+#include <sstream>
+
+#include "runtime/process.h"
+
+namespace moerun {
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+Watchdog::Watchdog(double timeout_s, TimeoutHandler on_timeout)
+    : timeout_s_(timeout_s), on_timeout_(on_timeout) {
+  if (timeout_s_ > 0) thread_ = std::thread([this] { Run(); });
+}
+
+Watchdog::~Watchdog() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Watchdog::Enter(const char* op, const std::string* comm_name, int comm_size) {
+  op_.store(op, std::memory_order_relaxed);
+  comm_name_.store(comm_name, std::memory_order_relaxed);
+  comm_size_.store(comm_size, std::memory_order_relaxed);
+  started_ns_.store(NowNs(), std::memory_order_release);
+}
+
+void Watchdog::Exit() { started_ns_.store(0, std::memory_order_release); }
+
+void Watchdog::Run() {
+  // Poll at a tenth of the timeout (at most once a second, at least every 10 ms).
+  const auto period = std::chrono::milliseconds(
+      std::max<int64_t>(10, std::min<int64_t>(1000, static_cast<int64_t>(timeout_s_ * 100))));
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!cv_.wait_for(lock, period, [this] { return stop_; })) {
+    const int64_t started = started_ns_.load(std::memory_order_acquire);
+    if (started == 0) continue;
+    const double waited_s = (NowNs() - started) * 1e-9;
+    if (waited_s < timeout_s_) continue;
+    const std::string* name = comm_name_.load(std::memory_order_relaxed);
+    std::ostringstream msg;
+    msg << RankTag() << ": collective " << op_.load(std::memory_order_relaxed)
+        << " on communicator '" << (name ? *name : "?") << "' (" << comm_size_.load()
+        << " ranks) made no progress for " << waited_s << " s (watchdog timeout "
+        << timeout_s_
+        << " s). A peer rank has probably failed or is in a different collective; aborting "
+           "the job. Raise comm.watchdog_timeout_s (or --watchdog-timeout) if this step is "
+           "legitimately slow.";
+    on_timeout_(msg.str());
+  }
+}
+
+}  // namespace moerun

@@ -1,0 +1,141 @@
+// Shared command-line plumbing.
+#include "launch/cli.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <sstream>
+
+#include "runtime/kernels.h"
+#include "runtime/process.h"
+
+namespace moerun {
+
+void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
+  desc->add_options()                                                             //
+      ("threads", po::value<int>(&o->threads)->default_value(0),                  //
+       "threads per rank for BLAS and kernels (0: this host's cores / its ranks)")  //
+      ("log-all-ranks", po::bool_switch(&o->log_all_ranks),                        //
+       "print progress from every rank, not only rank 0")                           //
+      ("watchdog-timeout", po::value<double>(&o->watchdog_timeout_s),               //
+       "seconds a collective may make no progress before the job is aborted "
+       "(default: the config's comm.watchdog_timeout_s, 300; 0 disables)")  //
+      ("verbose,v", po::value<int>(&o->verbosity)->default_value(0), "glog verbosity (VLOG level)")  //
+      ("help,h", "show this help");
+}
+
+bool IsRankZeroFromEnvironment() { return DiscoverProcessFromEnvironment().rank == 0; }
+
+void PrintError(const std::string& command_path, const std::string& message,
+                bool all_ranks_same) {
+  const ProcessInfo& p = Process();
+  if (all_ranks_same && p.rank != 0) return;
+  std::ostringstream s;
+  s << command_path << ": ";
+  if (!all_ranks_same && p.world_size > 1) s << "rank " << p.rank << " (host " << p.host << "): ";
+  s << message << "\n";
+  std::cerr << s.str() << std::flush;
+}
+
+ParseOutcome ParseArgs(const std::string& command_path, const std::string& synopsis,
+                       const std::string& description, const std::vector<std::string>& args,
+                       const po::options_description& desc,
+                       const po::positional_options_description* positional,
+                       po::variables_map* vm) {
+  const bool root = IsRankZeroFromEnvironment();
+  try {
+    po::command_line_parser parser(args);
+    parser.options(desc);
+    if (positional != nullptr) parser.positional(*positional);
+    po::store(parser.run(), *vm);
+    if (vm->count("help")) {
+      if (root) {
+        std::cout << "Usage: " << synopsis << "\n\n" << description << "\n\n" << desc << std::flush;
+      }
+      return ParseOutcome::kHelpShown;
+    }
+    po::notify(*vm);
+  } catch (const po::error& e) {
+    if (root) {
+      std::cerr << command_path << ": " << e.what() << "\nUsage: " << synopsis << "\nSee '"
+                << command_path << " --help'.\n"
+                << std::flush;
+    }
+    return ParseOutcome::kError;
+  }
+  return ParseOutcome::kRun;
+}
+
+Session::Session(int* argc, char*** argv, const GlobalOptions& options) : options_(options) {
+  MpiOptions mpi_options;
+  mpi_options.watchdog_timeout_s = options.watchdog_timeout_s >= 0 ? options.watchdog_timeout_s
+                                                                    : 300.0;
+  mpi_ = std::make_unique<MpiRuntime>(argc, argv, mpi_options);
+  world_ = mpi_->World();
+  LoggingOptions log;
+  log.all_ranks = options.log_all_ranks;
+  log.verbosity = options.verbosity;
+  InitLogging((*argv)[0], log);  // again: the rank from MPI decides who prints
+  const int threads = options.threads > 0 ? options.threads
+                                          : DefaultThreadsPerRank(Process().local_size);
+  SetNumThreads(threads);
+}
+
+Session::~Session() {
+  world_.reset();
+  mpi_.reset();
+}
+
+void Session::ApplyConfigWatchdog(double config_timeout_s) {
+  if (options_.watchdog_timeout_s < 0) mpi_->SetWatchdogTimeout(config_timeout_s);
+}
+
+void PrintJsonLine(const nlohmann::json& j) {
+  std::cout << j.dump() << "\n" << std::flush;
+}
+
+StatusOr<int64_t> ParseByteSize(const std::string& text) {
+  if (text.empty()) return Status::Error("empty size");
+  size_t pos = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(text, &pos);
+  } catch (...) {
+    return Status::Error("'" + text + "' is not a size (examples: 4096, 4K, 64M)");
+  }
+  std::string unit = text.substr(pos);
+  int64_t mult = 1;
+  if (unit == "K" || unit == "KiB" || unit == "k") {
+    mult = 1 << 10;
+  } else if (unit == "M" || unit == "MiB") {
+    mult = 1 << 20;
+  } else if (unit == "G" || unit == "GiB") {
+    mult = 1 << 30;
+  } else if (!unit.empty() && unit != "B") {
+    return Status::Error("'" + text + "' has an unknown unit (use K, M or G)");
+  }
+  if (v <= 0) return Status::Error("'" + text + "' must be positive");
+  return static_cast<int64_t>(v) * mult;
+}
+
+StatusOr<std::vector<int64_t>> ParseIntList(const std::string& text) {
+  std::vector<int64_t> out;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    size_t pos = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (pos == 0 || pos != item.size() || v <= 0) {
+      return Status::Error("'" + item + "' in '" + text + "' is not a positive integer");
+    }
+    out.push_back(v);
+  }
+  if (out.empty()) return Status::Error("empty list");
+  return out;
+}
+
+}  // namespace moerun

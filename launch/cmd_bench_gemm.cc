@@ -1,0 +1,135 @@
+// moerun bench gemm: fp32 GEMM throughput at the shapes an expert MLP runs (forward and
+// both backward products), beside this machine's peak measured the same way (the best of
+// large square GEMMs), with the thread count every rank of the job uses.
+#include <mpi.h>
+
+#include <algorithm>
+#include <random>
+
+#include "launch/commands.h"
+#include "runtime/kernels.h"
+#include "runtime/process.h"
+
+namespace moerun {
+namespace {
+
+struct GemmShape {
+  std::string pass;
+  bool ta, tb;
+  int64_t m, n, k;
+};
+
+// Seconds per GEMM, timed over repetitions lasting at least `seconds`, best of 3 loops.
+double TimeGemm(const GemmShape& g, double seconds) {
+  const int64_t a_rows = g.ta ? g.k : g.m, a_cols = g.ta ? g.m : g.k;
+  const int64_t b_rows = g.tb ? g.n : g.k, b_cols = g.tb ? g.k : g.n;
+  Tensor a = Tensor::Empty({a_rows, a_cols}), b = Tensor::Empty({b_rows, b_cols});
+  Tensor c = Tensor::Zeros({g.m, g.n});
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int64_t i = 0; i < a.numel(); ++i) a.data<float>()[i] = u(rng);
+  for (int64_t i = 0; i < b.numel(); ++i) b.data<float>()[i] = u(rng);
+  auto run = [&] {
+    Gemm(g.ta, g.tb, g.m, g.n, g.k, 1.0f, a.data<float>(), a_cols, b.data<float>(), b_cols, 0.0f,
+         c.data<float>(), g.n);
+  };
+  run();  // warm-up: page in, let BLAS spin up its threads
+  double t0 = MPI_Wtime();
+  run();
+  const double one = std::max(1e-6, MPI_Wtime() - t0);
+  const int iters = static_cast<int>(std::clamp(seconds / one, 1.0, 1000.0));
+  double best = 1e30;
+  for (int loop = 0; loop < 3; ++loop) {
+    t0 = MPI_Wtime();
+    for (int i = 0; i < iters; ++i) run();
+    best = std::min(best, (MPI_Wtime() - t0) / iters);
+  }
+  return best;
+}
+
+double Gflops(const GemmShape& g, double s) { return 2.0 * g.m * g.n * g.k / s / 1e9; }
+
+}  // namespace
+
+int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
+  GlobalOptions global;
+  std::string rows_text, shapes_text, peak_text;
+  double seconds = 0.3;
+  po::options_description desc("Options");
+  desc.add_options()                                                                      //
+      ("rows", po::value(&rows_text)->default_value("1024,4096,16384"), "token rows per GEMM")  //
+      ("shapes", po::value(&shapes_text)->default_value("512x2048,768x3072"),
+       "expert MLP shapes DxM (model width x hidden width)")  //
+      ("peak-sizes", po::value(&peak_text)->default_value("1024,2048,3072"),
+       "square sizes whose best GFLOP/s is the measured peak")  //
+      ("seconds", po::value(&seconds)->default_value(0.3), "target seconds per timed loop");
+  AddGlobalOptions(&desc, &global);
+  po::variables_map vm;
+  switch (ParseArgs("moerun bench gemm", "[mpirun -np N] moerun bench gemm [options]",
+                    "fp32 GEMM GFLOP/s for the expert-MLP shapes (fc1 and fc2, forward, input "
+                    "gradient\nand weight gradient), beside the machine's peak measured the "
+                    "same way. Every rank\nruns at once with its thread share; rank 0 prints. "
+                    "JSON fields: bench, pass, m, n, k,\ngflops, peak_gflops, threads, ranks.",
+                    args, desc, nullptr, &vm)) {
+    case ParseOutcome::kHelpShown:
+      return kExitOk;
+    case ParseOutcome::kError:
+      return kExitUsage;
+    case ParseOutcome::kRun:
+      break;
+  }
+  auto rows = ParseIntList(rows_text);
+  auto peak_sizes = ParseIntList(peak_text);
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  std::string problem;
+  if (!rows.ok()) problem = "--rows: " + rows.status().message();
+  if (!peak_sizes.ok()) problem = "--peak-sizes: " + peak_sizes.status().message();
+  std::stringstream ss(shapes_text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    const size_t x = item.find('x');
+    auto d = ParseIntList(item.substr(0, x));
+    auto m = x == std::string::npos ? d : ParseIntList(item.substr(x + 1));
+    if (x == std::string::npos || !d.ok() || !m.ok() || d->size() != 1 || m->size() != 1) {
+      problem = "--shapes: '" + item + "' is not DxM (e.g. 512x2048)";
+      break;
+    }
+    shapes.emplace_back((*d)[0], (*m)[0]);
+  }
+  if (seconds <= 0) problem = "--seconds must be positive";
+  if (!problem.empty()) {
+    PrintError("moerun bench gemm", problem);
+    return kExitUsage;
+  }
+  Session session(program.argc, program.argv, global);
+  const int threads = NumThreads();
+  double peak = 0;
+  for (int64_t n : *peak_sizes) {
+    const GemmShape g{"peak", false, false, n, n, n};
+    const double gf = Gflops(g, TimeGemm(g, seconds));
+    peak = std::max(peak, gf);
+    if (session.is_root()) {
+      PrintJsonLine({{"bench", "gemm"}, {"pass", "square"}, {"m", n}, {"n", n}, {"k", n},
+                     {"gflops", gf}, {"threads", threads}, {"ranks", session.size()}});
+    }
+  }
+  for (auto [d, m] : shapes) {
+    for (int64_t t : *rows) {
+      // y1 = x W1^T (fc1), y2 = h W2^T (fc2); backward: dX = dY W, dW = dY^T X.
+      const GemmShape passes[] = {
+          {"fc1_fwd", false, true, t, m, d}, {"fc1_dx", false, false, t, d, m},
+          {"fc1_dw", true, false, m, d, t},  {"fc2_fwd", false, true, t, d, m},
+          {"fc2_dx", false, false, t, m, d}, {"fc2_dw", true, false, d, m, t}};
+      for (const GemmShape& g : passes) {
+        const double gf = Gflops(g, TimeGemm(g, seconds));
+        if (!session.is_root()) continue;
+        PrintJsonLine({{"bench", "gemm"}, {"pass", g.pass}, {"d", d}, {"mlp", m}, {"rows", t},
+                       {"m", g.m}, {"n", g.n}, {"k", g.k}, {"gflops", gf},
+                       {"peak_gflops", peak}, {"fraction_of_peak", gf / peak},
+                       {"threads", threads}, {"ranks", session.size()}});
+      }
+    }
+  }
+  return kExitOk;
+}
+
+}  // namespace moerun

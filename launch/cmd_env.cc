@@ -1,0 +1,111 @@
+// moerun env: what this job looks like from every rank.
+#include <iostream>
+
+#include "launch/commands.h"
+#include "runtime/kernels.h"
+#include "runtime/process.h"
+
+#ifdef MOERUN_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+#ifdef MOERUN_WITH_NCCL
+#include <nccl.h>
+#endif
+
+namespace moerun {
+
+std::string CudaAvailability(int* device_count) {
+  *device_count = 0;
+#ifdef MOERUN_WITH_CUDA
+  int n = 0;
+  // Without a GPU (or driver) this returns an error: that is zero devices, not a failure.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  *device_count = n;
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  return "built (CUDA runtime " + std::to_string(runtime / 1000) + "." +
+         std::to_string(runtime % 1000 / 10) + "), " + std::to_string(n) + " device(s)";
+#else
+  return "not built (configure with the CUDA toolkit present, MOERUN_CUDA=AUTO/ON)";
+#endif
+}
+
+std::string NcclAvailability() {
+#ifdef MOERUN_WITH_NCCL
+  int v = 0;
+  ncclGetVersion(&v);
+  return "built (NCCL " + std::to_string(v / 10000) + "." + std::to_string(v % 10000 / 100) +
+         "." + std::to_string(v % 100) + ")";
+#else
+  return "not built";
+#endif
+}
+
+int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
+  GlobalOptions global;
+  bool json = false;
+  po::options_description desc("Options");
+  desc.add_options()("json", po::bool_switch(&json), "one JSON object per rank instead of text");
+  AddGlobalOptions(&desc, &global);
+  po::variables_map vm;
+  switch (ParseArgs("moerun env", "[mpirun -np N] moerun env [--json]",
+                    "Shows the job as each rank sees it: world size, rank, local rank, host, "
+                    "threads,\nBLAS, MPI library, CUDA and NCCL availability.",
+                    args, desc, nullptr, &vm)) {
+    case ParseOutcome::kHelpShown:
+      return kExitOk;
+    case ParseOutcome::kError:
+      return kExitUsage;
+    case ParseOutcome::kRun:
+      break;
+  }
+  Session session(program.argc, program.argv, global);
+  const ProcessInfo& p = Process();
+  int devices = 0;
+  nlohmann::json j = {{"rank", p.rank},
+                      {"world_size", p.world_size},
+                      {"local_rank", p.local_rank},
+                      {"local_size", p.local_size},
+                      {"host", p.host},
+                      {"launcher", p.launcher},
+                      {"threads", NumThreads()},
+                      {"blas", BlasDescription()},
+                      {"mpi", MpiRuntime::LibraryVersion()},
+                      {"mpi_thread_multiple", session.mpi().thread_level() == MPI_THREAD_MULTIPLE},
+                      {"cuda", CudaAvailability(&devices)},
+                      {"cuda_devices", devices},
+                      {"nccl", NcclAvailability()}};
+  // Gather every rank's line to rank 0 in fixed-size slots.
+  constexpr int kSlot = 1024;
+  std::string mine = j.dump();
+  mine.resize(kSlot, '\0');
+  std::string all(static_cast<size_t>(kSlot) * session.size(), '\0');
+  session.world().AllGather(mine.data(), kSlot, all.data(), DType::kU8);
+  if (!session.is_root()) return kExitOk;
+  for (int r = 0; r < session.size(); ++r) {
+    const nlohmann::json e = nlohmann::json::parse(std::string(all.c_str() + r * kSlot));
+    if (json) {
+      PrintJsonLine(e);
+      continue;
+    }
+    if (r == 0) {
+      std::cout << "world size   " << e["world_size"] << " (launcher: "
+                << e["launcher"].get<std::string>() << ")\n"
+                << "MPI          " << e["mpi"].get<std::string>()
+                << (e["mpi_thread_multiple"].get<bool>() ? " (MPI_THREAD_MULTIPLE)" : "") << "\n"
+                << "BLAS         " << e["blas"].get<std::string>() << "\n"
+                << "CUDA         " << e["cuda"].get<std::string>() << "\n"
+                << "NCCL         " << e["nccl"].get<std::string>() << "\n";
+    }
+    std::cout << "rank " << r << "       host " << e["host"].get<std::string>() << ", local rank "
+              << e["local_rank"] << " of " << e["local_size"] << ", " << e["threads"]
+              << " thread(s), " << e["cuda_devices"] << " CUDA device(s)\n";
+  }
+  std::cout << std::flush;
+  return kExitOk;
+}
+
+}  // namespace moerun

@@ -1,0 +1,25 @@
+// moerun's subcommands. Each takes the words after its name and returns an exit code.
+#ifndef MOERUN_LAUNCH_COMMANDS_H_
+#define MOERUN_LAUNCH_COMMANDS_H_
+
+#include <string>
+#include <vector>
+
+#include "launch/cli.h"
+
+namespace moerun {
+
+int RunEnv(const std::vector<std::string>& args, ProgramArgs program);
+int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program);
+int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program);
+// train / eval / plan: load and validate the config, then run the command.
+int RunModelCommand(const std::string& command, const std::vector<std::string>& args,
+                    ProgramArgs program);
+
+// What this build can use of CUDA: "not built", or "built, N devices".
+std::string CudaAvailability(int* device_count);
+std::string NcclAvailability();
+
+}  // namespace moerun
+
+#endif  // MOERUN_LAUNCH_COMMANDS_H_

@@ -1,0 +1,117 @@
+// moerun: entry point and subcommand dispatch.
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "launch/commands.h"
+#include "runtime/process.h"
+
+namespace {
+
+using moerun::ProgramArgs;
+
+struct CommandEntry {
+  const char* name;
+  const char* summary;
+  int (*run)(const std::vector<std::string>&, ProgramArgs);
+};
+
+int Train(const std::vector<std::string>& a, ProgramArgs p) {
+  return moerun::RunModelCommand("train", a, p);
+}
+int Eval(const std::vector<std::string>& a, ProgramArgs p) {
+  return moerun::RunModelCommand("eval", a, p);
+}
+int Plan(const std::vector<std::string>& a, ProgramArgs p) {
+  return moerun::RunModelCommand("plan", a, p);
+}
+
+const CommandEntry kCommands[] = {
+    {"env", "show world size, ranks, hosts, threads, BLAS, MPI and CUDA of this job", moerun::RunEnv},
+    {"bench", "benchmarks printing JSON lines: 'bench comm', 'bench gemm'", nullptr},
+    {"train", "train a model from a config (configs/*.pbtxt)", Train},
+    {"eval", "evaluate a trained model, with routing overrides", Eval},
+    {"plan", "parameter count, per-rank memory and communication of a config", Plan},
+};
+
+const CommandEntry kBenchTargets[] = {
+    {"comm", "all_to_all_v and all_reduce bandwidth, ours beside raw MPI", moerun::RunBenchComm},
+    {"gemm", "fp32 GEMM GFLOP/s at expert-MLP shapes beside the measured peak",
+     moerun::RunBenchGemm},
+};
+
+template <size_t N>
+void PrintTable(const char* title, const CommandEntry (&entries)[N]) {
+  std::cout << title << "\n";
+  for (const CommandEntry& c : entries) {
+    std::string name = c.name;
+    name.resize(8, ' ');
+    std::cout << "  " << name << c.summary << "\n";
+  }
+}
+
+void PrintUsage() {
+  std::cout << "Usage: moerun <command> [options]\n"
+               "       mpirun -np N moerun <command> [options]\n\n"
+               "moerun trains Mixture-of-Experts vision transformers with expert parallelism\n"
+               "over MPI.\n\n";
+  PrintTable("Commands:", kCommands);
+  std::cout << "\nRun 'moerun <command> --help' for the options of a command.\n" << std::flush;
+}
+
+template <size_t N>
+const CommandEntry* Find(const CommandEntry (&entries)[N], const std::string& name) {
+  for (const CommandEntry& c : entries) {
+    if (name == c.name) return &c;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moerun::SetProcess(moerun::DiscoverProcessFromEnvironment());
+  moerun::InitLogging(argv[0], {});
+  const bool root = moerun::Process().rank == 0;
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    if (root) PrintUsage();
+    return args.empty() ? moerun::kExitUsage : moerun::kExitOk;
+  }
+  if (args[0] == "--version") {
+    if (root) std::cout << "moerun 0.1.0\n";
+    return moerun::kExitOk;
+  }
+  const ProgramArgs program{&argc, &argv};
+  const CommandEntry* command = Find(kCommands, args[0]);
+  if (command == nullptr) {
+    if (root) {
+      std::cerr << "moerun: unknown command '" << args[0] << "'.\n\n";
+      PrintUsage();
+    }
+    return moerun::kExitUsage;
+  }
+  args.erase(args.begin());
+  if (command->run != nullptr) return command->run(args, program);
+
+  // bench <target>
+  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+    if (root) {
+      std::cout << "Usage: moerun bench <target> [options]\n\nBenchmarks print one JSON object "
+                   "per line on stdout (rank 0), each figure beside its limit.\n\n";
+      PrintTable("Targets:", kBenchTargets);
+      std::cout << "\nRun 'moerun bench <target> --help' for its options.\n" << std::flush;
+    }
+    return args.empty() ? moerun::kExitUsage : moerun::kExitOk;
+  }
+  const CommandEntry* target = Find(kBenchTargets, args[0]);
+  if (target == nullptr) {
+    if (root) {
+      std::cerr << "moerun bench: unknown target '" << args[0]
+                << "'; targets are: comm, gemm. See 'moerun bench --help'.\n";
+    }
+    return moerun::kExitUsage;
+  }
+  args.erase(args.begin());
+  return target->run(args, program);
+}

@@ -1,0 +1,40 @@
+// The shape of a ViT / V-MoE model as a config describes it: which blocks are MoE blocks,
+// how experts map onto ranks, and exact parameter counts (shared/specs/models.md).
+#ifndef MOERUN_MODEL_VIT_SPEC_H_
+#define MOERUN_MODEL_VIT_SPEC_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/config.pb.h"
+#include "runtime/status.h"
+
+namespace moerun {
+
+// True when block `block` (0-based) holds a MoE layer instead of a dense MLP:
+// Every-n: blocks n-1, 2n-1, ...; Last-n: the last n odd blocks.
+bool IsMoeBlock(const ModelConfig& model, int block);
+std::vector<int> MoeBlocks(const ModelConfig& model);
+
+struct ParameterCounts {
+  int64_t total = 0;
+  int64_t dense = 0;       // replicated on every rank: embeddings, attention, dense MLPs,
+                           // routers, norms, head
+  int64_t expert = 0;      // all experts of all MoE layers
+  int64_t per_expert = 0;  // one expert MLP: D*M + M + M*D + D
+  int moe_layers = 0;
+};
+ParameterCounts CountParameters(const ModelConfig& model);
+
+// How E experts of a layer map onto P expert-parallel ranks: E % P == 0 gives E/P experts
+// per rank; P % E == 0 gives P/E replicas of one expert per rank. Anything else is an
+// error that names the rank counts (and expert counts) that would work.
+struct ExpertPlacement {
+  int experts_per_rank = 0;
+  int replicas = 0;  // ranks holding each expert
+};
+StatusOr<ExpertPlacement> PlaceExperts(int num_experts, int ranks);
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_VIT_SPEC_H_

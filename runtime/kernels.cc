@@ -1,0 +1,273 @@
+// CPU kernels: OpenBLAS for GEMM, OpenMP over rows for the rest.
+#include "runtime/kernels.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <thread>
+
+#include <glog/logging.h>
+
+namespace moerun {
+namespace {
+
+int g_threads = 1;
+
+inline CBLAS_TRANSPOSE Trans(bool t) { return t ? CblasTrans : CblasNoTrans; }
+
+void CheckBlasDims(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  constexpr int64_t kMaxInt = 2147483647;
+  CHECK(m >= 0 && n >= 0 && k >= 0) << "negative GEMM size " << m << "x" << n << "x" << k;
+  CHECK(m <= kMaxInt && n <= kMaxInt && k <= kMaxInt && lda <= kMaxInt && ldb <= kMaxInt &&
+        ldc <= kMaxInt)
+      << "GEMM dims exceed 32-bit BLAS";
+}
+
+}  // namespace
+
+void SetNumThreads(int threads) {
+  CHECK_GE(threads, 1) << "thread count";
+  g_threads = threads;
+  openblas_set_num_threads(threads);
+  omp_set_num_threads(threads);
+}
+
+int NumThreads() { return g_threads; }
+
+int DefaultThreadsPerRank(int local_ranks) {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return std::max(1, cores / std::max(1, local_ranks));
+}
+
+std::string BlasDescription() {
+  std::string s = openblas_get_config();
+  s += " (core ";
+  s += openblas_get_corename();
+  s += ", " + std::to_string(openblas_get_num_threads()) + " threads)";
+  return s;
+}
+
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  CheckBlasDims(m, n, k, lda, ldb, ldc);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS leaves C untouched only when beta == 1; do it explicitly.
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    }
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, Trans(trans_a), Trans(trans_b), static_cast<int>(m),
+              static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b,
+              static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+void GemmStridedBatched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                        const float* a, int64_t lda, int64_t stride_a, const float* b, int64_t ldb,
+                        int64_t stride_b, float beta, float* c, int64_t ldc, int64_t stride_c,
+                        int64_t batch) {
+  // OpenBLAS parallelises inside each GEMM; at the expert-MLP shapes each GEMM is large
+  // enough for that to use every thread.
+  for (int64_t i = 0; i < batch; ++i) {
+    Gemm(trans_a, trans_b, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta,
+         c + i * stride_c, ldc);
+  }
+}
+
+void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor* c, float alpha,
+            float beta) {
+  CHECK(a.is_contiguous() && b.is_contiguous() && c->is_contiguous())
+      << "Matmul needs contiguous tensors";
+  CHECK(a.ndim() >= 2 && b.ndim() >= 2 && c->ndim() == a.ndim())
+      << "Matmul of " << a.ShapeString() << " and " << b.ShapeString() << " into "
+      << c->ShapeString();
+  const int64_t ar = a.dim(-2), ac = a.dim(-1), br = b.dim(-2), bc = b.dim(-1);
+  const int64_t m = trans_a ? ac : ar, k = trans_a ? ar : ac;
+  const int64_t kb = trans_b ? bc : br, n = trans_b ? br : bc;
+  const int64_t batch = a.numel() / (ar * ac);
+  const bool b_shared = b.ndim() == 2;
+  CHECK(k == kb && c->dim(-2) == m && c->dim(-1) == n && c->numel() == batch * m * n &&
+        (b_shared || b.numel() == batch * br * bc))
+      << "Matmul shapes: " << a.ShapeString() << (trans_a ? "^T" : "") << " x " << b.ShapeString()
+      << (trans_b ? "^T" : "") << " -> " << c->ShapeString();
+  if (b_shared && !trans_a) {  // one GEMM over all batch rows
+    Gemm(false, trans_b, batch * m, n, k, alpha, a.data<float>(), ac, b.data<float>(), bc, beta,
+         c->data<float>(), n);
+    return;
+  }
+  GemmStridedBatched(trans_a, trans_b, m, n, k, alpha, a.data<float>(), ac, ar * ac,
+                     b.data<float>(), bc, b_shared ? 0 : br * bc, beta, c->data<float>(), n, m * n,
+                     batch);
+}
+
+void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static) if (rows * cols > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    float* yr = y + r * cols;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, xr[j]);
+    double sum = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      yr[j] = std::exp(xr[j] - mx);
+      sum += yr[j];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t j = 0; j < cols; ++j) yr[j] *= inv;
+  }
+}
+
+void SoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static) if (rows * cols > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = y + r * cols;
+    const float* dyr = dy + r * cols;
+    float* dxr = dx + r * cols;
+    double dot = 0.0;
+    for (int64_t j = 0; j < cols; ++j) dot += static_cast<double>(yr[j]) * dyr[j];
+    const float d = static_cast<float>(dot);
+    for (int64_t j = 0; j < cols; ++j) dxr[j] = yr[j] * (dyr[j] - d);
+  }
+}
+
+void GeluForward(const float* x, float* y, int64_t n) {
+  constexpr float kInvSqrt2 = 0.70710678118654752f;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * kInvSqrt2));
+}
+
+void GeluBackward(const float* x, const float* dy, float* dx, int64_t n) {
+  constexpr float kInvSqrt2 = 0.70710678118654752f;
+  constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float cdf = 0.5f * (1.0f + std::erf(v * kInvSqrt2));
+    const float pdf = kInvSqrt2Pi * std::exp(-0.5f * v * v);
+    dx[i] = dy[i] * (cdf + v * pdf);
+  }
+}
+
+void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
+                      float* mean, float* rstd, int64_t rows, int64_t cols, float eps) {
+#pragma omp parallel for schedule(static) if (rows * cols > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    double s = 0.0;
+    for (int64_t j = 0; j < cols; ++j) s += xr[j];
+    const double mu = s / cols;
+    double v = 0.0;
+    for (int64_t j = 0; j < cols; ++j) v += (xr[j] - mu) * (xr[j] - mu);
+    const float rs = static_cast<float>(1.0 / std::sqrt(v / cols + eps));
+    const float m = static_cast<float>(mu);
+    float* yr = y + r * cols;
+    for (int64_t j = 0; j < cols; ++j) yr[j] = (xr[j] - m) * rs * gamma[j] + beta[j];
+    mean[r] = m;
+    rstd[r] = rs;
+  }
+}
+
+void LayerNormBackward(const float* x, const float* gamma, const float* mean, const float* rstd,
+                       const float* dy, float* dx, float* dgamma, float* dbeta, int64_t rows,
+                       int64_t cols) {
+  // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma.
+#pragma omp parallel for schedule(static) if (rows * cols > 32768)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    const float* dyr = dy + r * cols;
+    double sum_g = 0.0, sum_gx = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float xhat = (xr[j] - mean[r]) * rstd[r];
+      const float g = dyr[j] * gamma[j];
+      sum_g += g;
+      sum_gx += static_cast<double>(g) * xhat;
+    }
+    const float mg = static_cast<float>(sum_g / cols), mgx = static_cast<float>(sum_gx / cols);
+    float* dxr = dx + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float xhat = (xr[j] - mean[r]) * rstd[r];
+      dxr[j] = rstd[r] * (dyr[j] * gamma[j] - mg - xhat * mgx);
+    }
+  }
+  // Parameter gradients: a column reduction, kept serial over rows for a fixed summation
+  // order (the same result for any thread count).
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    const float* dyr = dy + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      dgamma[j] += dyr[j] * (xr[j] - mean[r]) * rstd[r];
+      dbeta[j] += dyr[j];
+    }
+  }
+}
+
+void AddBias(float* y, const float* bias, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * cols;
+    for (int64_t j = 0; j < cols; ++j) yr[j] += bias[j];
+  }
+}
+
+void BiasBackward(const float* dy, float* dbias, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* dyr = dy + r * cols;
+    for (int64_t j = 0; j < cols; ++j) dbias[j] += dyr[j];
+  }
+}
+
+void Add(const float* a, const float* b, float* y, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > 262144)
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+void Scale(float* x, float s, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > 262144)
+  for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+void Axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > 262144)
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+float CrossEntropyForward(const float* logits, const int32_t* labels, float* probs, int64_t rows,
+                          int64_t classes, int64_t* valid_rows) {
+  SoftmaxForward(logits, probs, rows, classes);
+  double loss = 0.0;
+  int64_t valid = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t y = labels[r];
+    if (y < 0) continue;
+    CHECK_LT(y, classes) << "label " << y << " of row " << r << " is out of range";
+    // log p from the logits directly (log-sum-exp) for accuracy when p underflows.
+    const float* lr = logits + r * classes;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < classes; ++j) mx = std::max(mx, lr[j]);
+    double se = 0.0;
+    for (int64_t j = 0; j < classes; ++j) se += std::exp(static_cast<double>(lr[j]) - mx);
+    loss += (mx + std::log(se)) - lr[y];
+    ++valid;
+  }
+  if (valid_rows != nullptr) *valid_rows = valid;
+  return valid > 0 ? static_cast<float>(loss / valid) : 0.0f;
+}
+
+void CrossEntropyBackward(const float* probs, const int32_t* labels, float* dlogits, int64_t rows,
+                          int64_t classes, float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dlogits + r * classes;
+    const int32_t y = labels[r];
+    if (y < 0) {
+      std::fill_n(d, classes, 0.0f);
+      continue;
+    }
+    const float* p = probs + r * classes;
+    for (int64_t j = 0; j < classes; ++j) d[j] = p[j] * scale;
+    d[y] -= scale;
+  }
+}
+
+}  // namespace moerun

@@ -1,0 +1,79 @@
+// CPU fp32 kernels with explicit forward and backward, over plain row-major buffers.
+// GEMMs go to OpenBLAS; row-wise kernels are parallel over rows with OpenMP. Backward
+// functions that produce parameter gradients accumulate (+=) into them, so a gradient
+// buffer zeroed once per step collects every use of the parameter.
+#ifndef MOERUN_RUNTIME_KERNELS_H_
+#define MOERUN_RUNTIME_KERNELS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "runtime/tensor.h"
+
+namespace moerun {
+
+// Threads used by BLAS and the OpenMP kernels of this process. Set once at start-up.
+void SetNumThreads(int threads);
+int NumThreads();
+// The default: this host's cores divided by the ranks on this host (at least 1).
+int DefaultThreadsPerRank(int local_ranks);
+// "OpenBLAS 0.3.21 ... (core Haswell, 2 threads)"
+std::string BlasDescription();
+
+// C[m,n] = alpha * op(A) op(B) + beta * C, all row-major; op(A) is [m,k], op(B) is [k,n].
+// lda/ldb/ldc are the row strides of the matrices as stored.
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+// `batch` independent GEMMs; matrix i starts at a + i*stride_a (etc.).
+void GemmStridedBatched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                        const float* a, int64_t lda, int64_t stride_a, const float* b, int64_t ldb,
+                        int64_t stride_b, float beta, float* c, int64_t ldc, int64_t stride_c,
+                        int64_t batch);
+// Shape-checked GEMM over the last two dims of contiguous tensors (leading dims batch):
+// c = alpha * op(a) op(b) + beta * c. b may be 2-D while a is 3-D (weights shared).
+void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor* c,
+            float alpha = 1.0f, float beta = 0.0f);
+
+// y[r,:] = softmax(x[r,:]); x and y may alias.
+void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols);
+// dx = y * (dy - sum(dy * y)) per row; dx may alias dy.
+void SoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols);
+
+// Exact GELU: 0.5 x (1 + erf(x / sqrt 2)), as ViT uses.
+void GeluForward(const float* x, float* y, int64_t n);
+// dx = dy * gelu'(x); dx may alias dy.
+void GeluBackward(const float* x, const float* dy, float* dx, int64_t n);
+
+// y = (x - mean) * rstd * gamma + beta per row of `cols`; writes mean and rstd per row
+// (needed by the backward).
+void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
+                      float* mean, float* rstd, int64_t rows, int64_t cols, float eps = 1e-6f);
+// Writes dx; accumulates dgamma and dbeta.
+void LayerNormBackward(const float* x, const float* gamma, const float* mean, const float* rstd,
+                       const float* dy, float* dx, float* dgamma, float* dbeta, int64_t rows,
+                       int64_t cols);
+
+// y[r,:] += bias (bias of `cols`).
+void AddBias(float* y, const float* bias, int64_t rows, int64_t cols);
+// dbias += sum over rows of dy.
+void BiasBackward(const float* dy, float* dbias, int64_t rows, int64_t cols);
+// y = a + b (y may alias a or b).
+void Add(const float* a, const float* b, float* y, int64_t n);
+// x *= s.
+void Scale(float* x, float s, int64_t n);
+// y += alpha * x.
+void Axpy(float alpha, const float* x, float* y, int64_t n);
+
+// Mean softmax cross-entropy over rows whose label is >= 0 (label -1: ignored row).
+// Writes the softmax probabilities (for the backward) and returns the mean loss; labels
+// must be < classes. `valid_rows` (optional) receives the number of counted rows.
+float CrossEntropyForward(const float* logits, const int32_t* labels, float* probs, int64_t rows,
+                          int64_t classes, int64_t* valid_rows = nullptr);
+// dlogits = (probs - onehot(label)) * scale for counted rows, 0 for ignored rows. For the
+// gradient of the mean loss, scale = 1 / valid_rows.
+void CrossEntropyBackward(const float* probs, const int32_t* labels, float* dlogits, int64_t rows,
+                          int64_t classes, float scale);
+
+}  // namespace moerun
+
+#endif  // MOERUN_RUNTIME_KERNELS_H_

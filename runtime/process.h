@@ -1,0 +1,49 @@
+// Who this process is (rank, host, ...) and the process-wide set-up that depends on it:
+// glog with the rank in every line, and fatal errors that end the whole job, not one rank.
+#ifndef MOERUN_RUNTIME_PROCESS_H_
+#define MOERUN_RUNTIME_PROCESS_H_
+
+#include <string>
+
+namespace moerun {
+
+struct ProcessInfo {
+  int rank = 0;        // rank in the world communicator
+  int world_size = 1;  // ranks in the job
+  int local_rank = 0;  // rank among the ranks on this host
+  int local_size = 1;  // ranks on this host
+  std::string host;
+  std::string launcher;  // "mpirun", "slurm", "pmix" or "single"
+};
+
+// Reads rank / local rank / host from the launcher's environment (Open MPI, PMIx, Slurm),
+// before or without MPI. Fields the environment does not give keep their single-process
+// defaults.
+ProcessInfo DiscoverProcessFromEnvironment();
+
+// The process identity used by log prefixes and error messages. Set once at start-up,
+// refined after MPI is up.
+const ProcessInfo& Process();
+void SetProcess(const ProcessInfo& info);
+
+// "rank 3 (host node7)": how every message names this process.
+std::string RankTag();
+
+// Called on a fatal error (glog FATAL, failed CHECK, MPI/CUDA error) after the message is
+// written. The communication layer installs one that aborts every rank (MPI_Abort); the
+// default aborts this process.
+using FatalHandler = void (*)(int exit_code);
+void SetFatalHandler(FatalHandler handler);
+[[noreturn]] void AbortJob(int exit_code);
+
+struct LoggingOptions {
+  bool all_ranks = false;  // INFO from every rank, not only rank 0
+  int verbosity = 0;       // glog VLOG level
+};
+// glog to stderr, each line prefixed "[r<rank> <host>] I1122 23:40:01.123 file:line]".
+// Ranks other than 0 write warnings and errors only unless options.all_ranks.
+void InitLogging(const char* argv0, const LoggingOptions& options);
+
+}  // namespace moerun
+
+#endif  // MOERUN_RUNTIME_PROCESS_H_

@@ -1,0 +1,328 @@
+// Tensor, Storage and Arena.
+#include "runtime/tensor.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+namespace moerun {
+
+const char* DTypeName(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return "F32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF64:
+      return "F64";
+    case DType::kI32:
+      return "I32";
+    case DType::kI64:
+      return "I64";
+    case DType::kU8:
+      return "U8";
+  }
+  return "?";
+}
+
+const char* DeviceName(Device d) { return d == Device::kCPU ? "cpu" : "cuda"; }
+
+// ---------------------------------------------------------------------------------------
+std::shared_ptr<Storage> Storage::Allocate(size_t bytes) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + kTensorAlignment - 1) / kTensorAlignment *
+                         kTensorAlignment;
+  void* p = std::aligned_alloc(kTensorAlignment, rounded);
+  CHECK(p != nullptr) << "out of host memory allocating " << bytes << " bytes";
+  return std::shared_ptr<Storage>(new Storage(p, bytes, Device::kCPU, /*owning=*/true));
+}
+
+std::shared_ptr<Storage> Storage::Borrow(void* data, size_t bytes, Device device) {
+  return std::shared_ptr<Storage>(new Storage(data, bytes, device, /*owning=*/false));
+}
+
+Storage::~Storage() {
+  if (owning_) std::free(data_);
+}
+
+// ---------------------------------------------------------------------------------------
+std::string ShapeToString(const Shape& shape) {
+  std::ostringstream s;
+  s << '[';
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << ']';
+  return s.str();
+}
+
+Shape ContiguousStrides(const Shape& shape) {
+  Shape strides(shape.size());
+  int64_t s = 1;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return strides;
+}
+
+int64_t NumElements(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    CHECK_GE(d, 0) << "negative dimension in shape " << ShapeToString(shape);
+    n *= d;
+  }
+  return n;
+}
+
+Tensor Tensor::Empty(const Shape& shape, DType dtype) {
+  return OnStorage(Storage::Allocate(NumElements(shape) * DTypeSize(dtype)), 0, shape, dtype);
+}
+
+Tensor Tensor::Zeros(const Shape& shape, DType dtype) {
+  Tensor t = Empty(shape, dtype);
+  std::memset(t.raw_data(), 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::Full(const Shape& shape, float value) {
+  Tensor t = Empty(shape, DType::kF32);
+  t.Fill(value);
+  return t;
+}
+
+Tensor Tensor::Wrap(void* data, const Shape& shape, DType dtype, Device device) {
+  return OnStorage(Storage::Borrow(data, NumElements(shape) * DTypeSize(dtype), device), 0, shape,
+                   dtype);
+}
+
+Tensor Tensor::OnStorage(std::shared_ptr<Storage> storage, size_t byte_offset, const Shape& shape,
+                         DType dtype) {
+  CHECK_EQ(byte_offset % DTypeSize(dtype), 0u) << "misaligned tensor offset";
+  CHECK_LE(byte_offset + NumElements(shape) * DTypeSize(dtype), storage->bytes())
+      << "tensor " << ShapeToString(shape) << " does not fit its storage";
+  Tensor t;
+  t.storage_ = std::move(storage);
+  t.offset_ = static_cast<int64_t>(byte_offset / DTypeSize(dtype));
+  t.shape_ = shape;
+  t.strides_ = ContiguousStrides(shape);
+  t.dtype_ = dtype;
+  return t;
+}
+
+int64_t Tensor::dim(int i) const {
+  const int n = ndim();
+  if (i < 0) i += n;
+  CHECK(i >= 0 && i < n) << "dim " << i << " of a " << n << "-d tensor";
+  return shape_[i];
+}
+
+int64_t Tensor::numel() const { return defined() ? NumElements(shape_) : 0; }
+
+bool Tensor::is_contiguous() const { return strides_ == ContiguousStrides(shape_); }
+
+void* Tensor::raw_data() const {
+  CHECK(defined()) << "raw_data() of an undefined tensor";
+  return static_cast<char*>(storage_->data()) + offset_ * DTypeSize(dtype_);
+}
+
+Tensor Tensor::Slice(int d, int64_t begin, int64_t end) const {
+  if (d < 0) d += ndim();
+  CHECK(d >= 0 && d < ndim()) << "Slice dim " << d << " of " << ShapeString();
+  CHECK(0 <= begin && begin <= end && end <= shape_[d])
+      << "Slice [" << begin << ", " << end << ") of dim " << d << " of " << ShapeString();
+  Tensor t = *this;
+  t.offset_ += begin * strides_[d];
+  t.shape_[d] = end - begin;
+  return t;
+}
+
+Tensor Tensor::Reshape(const Shape& shape) const {
+  CHECK(is_contiguous()) << "Reshape of a non-contiguous tensor " << ShapeString();
+  Shape s = shape;
+  int infer = -1;
+  int64_t known = 1;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == -1) {
+      CHECK_EQ(infer, -1) << "Reshape with two -1 dims";
+      infer = static_cast<int>(i);
+    } else {
+      known *= s[i];
+    }
+  }
+  if (infer >= 0) {
+    CHECK(known > 0 && numel() % known == 0) << "cannot reshape " << ShapeString();
+    s[infer] = numel() / known;
+  }
+  CHECK_EQ(NumElements(s), numel())
+      << "Reshape " << ShapeString() << " to " << ShapeToString(shape);
+  Tensor t = *this;
+  t.shape_ = s;
+  t.strides_ = ContiguousStrides(s);
+  return t;
+}
+
+Tensor Tensor::Transpose(int a, int b) const {
+  if (a < 0) a += ndim();
+  if (b < 0) b += ndim();
+  CHECK(a >= 0 && a < ndim() && b >= 0 && b < ndim()) << "Transpose dims of " << ShapeString();
+  Tensor t = *this;
+  std::swap(t.shape_[a], t.shape_[b]);
+  std::swap(t.strides_[a], t.strides_[b]);
+  return t;
+}
+
+namespace {
+
+// Calls fn(dst_offset, src_offset) for every element of a strided source in row-major order.
+template <typename Fn>
+void ForEachStrided(const Shape& shape, const std::vector<int64_t>& strides, Fn fn) {
+  const int n = static_cast<int>(shape.size());
+  const int64_t total = NumElements(shape);
+  if (total == 0) return;
+  std::vector<int64_t> index(n, 0);
+  int64_t src = 0;
+  for (int64_t dst = 0; dst < total; ++dst) {
+    fn(dst, src);
+    for (int d = n - 1; d >= 0; --d) {
+      if (++index[d] < shape[d]) {
+        src += strides[d];
+        break;
+      }
+      src -= (shape[d] - 1) * strides[d];
+      index[d] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+void Tensor::CopyFrom(const Tensor& src) {
+  CHECK(shape_ == src.shape_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();
+  CHECK(dtype_ == src.dtype_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();
+  CHECK(device() == Device::kCPU && src.device() == Device::kCPU) << "CopyFrom on CPU only";
+  const size_t es = DTypeSize(dtype_);
+  if (is_contiguous() && src.is_contiguous()) {
+    std::memmove(raw_data(), src.raw_data(), nbytes());
+    return;
+  }
+  CHECK(is_contiguous()) << "CopyFrom into a strided tensor";
+  char* d = static_cast<char*>(raw_data());
+  const char* s = static_cast<const char*>(src.raw_data());
+  ForEachStrided(src.shape_, src.strides_,
+                 [&](int64_t di, int64_t si) { std::memcpy(d + di * es, s + si * es, es); });
+}
+
+Tensor Tensor::Contiguous() const { return is_contiguous() ? *this : Clone(); }
+
+Tensor Tensor::Clone() const {
+  Tensor t = Empty(shape_, dtype_);
+  t.CopyFrom(*this);
+  return t;
+}
+
+Tensor Tensor::Cast(DType to) const {
+  Tensor src = Contiguous();
+  Tensor out = Empty(shape_, to);
+  const int64_t n = numel();
+  auto load = [&](int64_t i) -> double {
+    switch (dtype_) {
+      case DType::kF32:
+        return src.data<float>()[i];
+      case DType::kBF16:
+        return BF16ToFloat(src.data<BF16>()[i]);
+      case DType::kF64:
+        return src.data<double>()[i];
+      default:
+        LOG(FATAL) << "Cast from " << DTypeName(dtype_) << " is not supported";
+    }
+    return 0;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = load(i);
+    switch (to) {
+      case DType::kF32:
+        out.data<float>()[i] = static_cast<float>(v);
+        break;
+      case DType::kBF16:
+        out.data<BF16>()[i] = FloatToBF16(static_cast<float>(v));
+        break;
+      case DType::kF64:
+        out.data<double>()[i] = v;
+        break;
+      default:
+        LOG(FATAL) << "Cast to " << DTypeName(to) << " is not supported";
+    }
+  }
+  return out;
+}
+
+void Tensor::Fill(float value) {
+  CHECK(is_contiguous()) << "Fill of a strided tensor";
+  const int64_t n = numel();
+  switch (dtype_) {
+    case DType::kF32:
+      std::fill_n(data<float>(), n, value);
+      break;
+    case DType::kBF16:
+      std::fill_n(data<BF16>(), n, FloatToBF16(value));
+      break;
+    case DType::kF64:
+      std::fill_n(data<double>(), n, static_cast<double>(value));
+      break;
+    default:
+      LOG(FATAL) << "Fill of a " << DTypeName(dtype_) << " tensor";
+  }
+}
+
+void Tensor::SetZero() {
+  CHECK(is_contiguous()) << "SetZero of a strided tensor";
+  std::memset(raw_data(), 0, nbytes());
+}
+
+std::string Tensor::ShapeString() const {
+  return defined() ? ShapeToString(shape_) + " " + DTypeName(dtype_) : "[undefined]";
+}
+
+// ---------------------------------------------------------------------------------------
+Arena::Arena(size_t initial_bytes) {
+  if (initial_bytes > 0) blocks_.push_back({Storage::Allocate(initial_bytes), 0});
+}
+
+size_t Arena::capacity_bytes() const {
+  size_t c = 0;
+  for (const Block& b : blocks_) c += b.storage->bytes();
+  return c;
+}
+
+Tensor Arena::Allocate(const Shape& shape, DType dtype) {
+  const size_t bytes = NumElements(shape) * DTypeSize(dtype);
+  const size_t padded = (bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+  Block* block = blocks_.empty() ? nullptr : &blocks_.back();
+  if (block == nullptr || block->used + padded > block->storage->bytes()) {
+    // Grow: at least double, so a step needs O(log) new blocks the first time only.
+    const size_t size = std::max(padded, std::max<size_t>(capacity_bytes(), 1 << 20));
+    blocks_.push_back({Storage::Allocate(size), 0});
+    block = &blocks_.back();
+  }
+  Tensor t = Tensor::OnStorage(block->storage, block->used, shape, dtype);
+  block->used += padded;
+  used_total_ += padded;
+  high_water_ = std::max(high_water_, used_total_);
+  return t;
+}
+
+Tensor Arena::AllocateZeros(const Shape& shape, DType dtype) {
+  Tensor t = Allocate(shape, dtype);
+  t.SetZero();
+  return t;
+}
+
+void Arena::Reset() {
+  if (blocks_.size() > 1) {
+    blocks_.clear();
+    blocks_.push_back({Storage::Allocate(high_water_), 0});
+  }
+  for (Block& b : blocks_) b.used = 0;
+  used_total_ = 0;
+}
+
+}  // namespace moerun

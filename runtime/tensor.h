@@ -1,0 +1,146 @@
+// Tensor: a typed, shaped view of memory (owning or not) on a device, and Arena: a bump
+// allocator for per-step activations. Kernels take raw pointers; Tensor carries shape,
+// strides and ownership between them and checks shapes at layer boundaries.
+#ifndef MOERUN_RUNTIME_TENSOR_H_
+#define MOERUN_RUNTIME_TENSOR_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <glog/logging.h>
+
+#include "runtime/dtype.h"
+
+namespace moerun {
+
+using Shape = std::vector<int64_t>;
+
+constexpr size_t kTensorAlignment = 64;
+
+// A block of memory. Owning storage frees it when the last Tensor referring to it goes.
+class Storage {
+ public:
+  // Allocates `bytes` (64-byte aligned, uninitialised) on the CPU.
+  static std::shared_ptr<Storage> Allocate(size_t bytes);
+  // Refers to memory owned elsewhere; the caller keeps it alive while tensors use it.
+  static std::shared_ptr<Storage> Borrow(void* data, size_t bytes, Device device);
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  Device device() const { return device_; }
+  bool owning() const { return owning_; }
+
+ private:
+  Storage(void* data, size_t bytes, Device device, bool owning)
+      : data_(data), bytes_(bytes), device_(device), owning_(owning) {}
+  void* data_;
+  size_t bytes_;
+  Device device_;
+  bool owning_;
+};
+
+class Tensor {
+ public:
+  Tensor() = default;  // undefined: no storage, no shape
+
+  // New owning, contiguous, 64-byte aligned tensors.
+  static Tensor Empty(const Shape& shape, DType dtype = DType::kF32);
+  static Tensor Zeros(const Shape& shape, DType dtype = DType::kF32);
+  static Tensor Full(const Shape& shape, float value);  // fp32
+  // A contiguous view of external memory; `data` must outlive every use of the view.
+  static Tensor Wrap(void* data, const Shape& shape, DType dtype, Device device = Device::kCPU);
+  // A contiguous view at `byte_offset` into `storage` (used by Arena).
+  static Tensor OnStorage(std::shared_ptr<Storage> storage, size_t byte_offset, const Shape& shape,
+                          DType dtype);
+
+  bool defined() const { return storage_ != nullptr; }
+  const Shape& shape() const { return shape_; }
+  const std::vector<int64_t>& strides() const { return strides_; }  // in elements
+  int ndim() const { return static_cast<int>(shape_.size()); }
+  int64_t dim(int i) const;  // negative i counts from the end
+  int64_t numel() const;
+  size_t nbytes() const { return static_cast<size_t>(numel()) * DTypeSize(dtype_); }
+  DType dtype() const { return dtype_; }
+  Device device() const { return storage_ ? storage_->device() : Device::kCPU; }
+  bool is_contiguous() const;
+  // True when this tensor's storage is its own (not borrowed external memory).
+  bool owns_storage() const { return storage_ && storage_->owning(); }
+
+  void* raw_data() const;
+  template <typename T>
+  T* data() const {
+    CHECK(defined()) << "data() of an undefined tensor";
+    CHECK(dtype_ == DTypeOf<T>::value)
+        << "tensor holds " << DTypeName(dtype_) << ", asked for " << DTypeName(DTypeOf<T>::value);
+    return static_cast<T*>(raw_data());
+  }
+
+  // Views (share storage).
+  Tensor Slice(int dim, int64_t begin, int64_t end) const;  // [begin, end) along dim
+  Tensor Reshape(const Shape& shape) const;                  // contiguous only; one -1 allowed
+  Tensor Transpose(int dim_a, int dim_b) const;              // strided view
+
+  // Copies.
+  Tensor Contiguous() const;  // this tensor if already contiguous, else a packed copy
+  Tensor Clone() const;       // always a new owning contiguous copy
+  Tensor Cast(DType dtype) const;  // fp32 <-> bf16 <-> f64 (new owning tensor)
+  void CopyFrom(const Tensor& src);  // same shape and dtype; any strides
+
+  void Fill(float value);  // fp32, bf16 or f64 tensors
+  void SetZero();
+
+  std::string ShapeString() const;  // "[4, 197, 768] F32"
+
+ private:
+  std::shared_ptr<Storage> storage_;
+  int64_t offset_ = 0;  // in elements
+  Shape shape_;
+  std::vector<int64_t> strides_;
+  DType dtype_ = DType::kF32;
+};
+
+std::string ShapeToString(const Shape& shape);
+Shape ContiguousStrides(const Shape& shape);
+int64_t NumElements(const Shape& shape);
+
+// Checks a tensor's shape at a layer boundary; a mismatch is a programming error.
+#define MOERUN_CHECK_SHAPE(tensor, ...)                                                   \
+  CHECK((tensor).shape() == ::moerun::Shape(__VA_ARGS__))                                \
+      << #tensor " has shape " << ::moerun::ShapeToString((tensor).shape()) << ", expected " \
+      << ::moerun::ShapeToString(::moerun::Shape(__VA_ARGS__))
+
+// Bump allocator for activations that live for one step. Allocate() hands out views into
+// large blocks; Reset() makes the whole space reusable. Tensors keep their block alive, so a
+// tensor used after Reset() reads reused memory but never freed memory. When a step needs
+// more than the arena holds, a new block is added; the next Reset() replaces all blocks by
+// one block of the high-water size, so steady-state steps allocate nothing.
+class Arena {
+ public:
+  explicit Arena(size_t initial_bytes = 0);
+  Tensor Allocate(const Shape& shape, DType dtype = DType::kF32);
+  Tensor AllocateZeros(const Shape& shape, DType dtype = DType::kF32);
+  void Reset();
+
+  size_t used_bytes() const { return used_total_; }        // since the last Reset()
+  size_t capacity_bytes() const;                            // all blocks
+  size_t high_water_bytes() const { return high_water_; };  // max used over all steps
+  int num_blocks() const { return static_cast<int>(blocks_.size()); }
+
+ private:
+  struct Block {
+    std::shared_ptr<Storage> storage;
+    size_t used = 0;
+  };
+  std::vector<Block> blocks_;
+  size_t used_total_ = 0;
+  size_t high_water_ = 0;
+};
+
+}  // namespace moerun
+
+#endif  // MOERUN_RUNTIME_TENSOR_H_
