@@ -1,11 +1,12 @@
 // MPI backend: thin, checked wrappers over MPI collectives, plus job-wide failure handling.
 #include "comm/mpi_communicator.h"
 
+#include <glog/logging.h>
+
 #include <climits>
+#include <cstdlib>
 #include <memory>
 #include <sstream>
-
-#include <glog/logging.h>
 
 #include "comm/watchdog.h"
 #include "runtime/process.h"
@@ -28,9 +29,22 @@ void AbortAllRanks(int exit_code) {
   if (MpiActive()) MPI_Abort(MPI_COMM_WORLD, exit_code);
 }
 
+// Exit code of a job the watchdog ended.
+constexpr int kWatchdogExitCode = 75;
+
 void OnWatchdogTimeout(const std::string& message) {
   LOG(ERROR) << message;
-  AbortJob(124);
+  AbortJob(kWatchdogExitCode);
+}
+
+// A rank that calls exit() (or returns from main) while MPI is still up would leave its
+// peers waiting in their next collective: end the job instead, naming the rank.
+void AbortIfExitingWithMpiActive() {
+  if (!MpiActive()) return;
+  LOG(ERROR) << RankTag()
+             << ": process is exiting without MPI_Finalize (exit() called while the job "
+                "runs); aborting the job so that no other rank waits for it";
+  AbortAllRanks(1);
 }
 
 int ToInt(int64_t v, const char* what, const std::string& comm) {
@@ -59,8 +73,8 @@ void CheckMpiResult(int result, const char* call, const char* file, int line) {
   char text[MPI_MAX_ERROR_STRING] = {0};
   int len = 0;
   MPI_Error_string(result, text, &len);
-  LOG(ERROR) << RankTag() << ": MPI call " << call << " failed at " << file << ":" << line
-             << ": " << text << "; aborting the job";
+  LOG(ERROR) << RankTag() << ": MPI call " << call << " failed at " << file << ":" << line << ": "
+             << text << "; aborting the job";
   AbortJob(1);
 }
 }  // namespace internal
@@ -93,13 +107,18 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv, const MpiOptions& options) {
   MPI_Comm_rank(MPI_COMM_WORLD, &info.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &info.world_size);
   MPI_Comm local;
-  MOERUN_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, info.rank,
-                                       MPI_INFO_NULL, &local));
+  MOERUN_MPI_CHECK(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, info.rank, MPI_INFO_NULL, &local));
   MPI_Comm_rank(local, &info.local_rank);
   MPI_Comm_size(local, &info.local_size);
   MPI_Comm_free(&local);
   SetProcess(info);
   SetFatalHandler(&AbortAllRanks);
+  static bool exit_hook_installed = false;
+  if (!exit_hook_installed) {
+    std::atexit(&AbortIfExitingWithMpiActive);
+    exit_hook_installed = true;
+  }
   SetWatchdogTimeout(options.watchdog_timeout_s);
 }
 
@@ -174,8 +193,8 @@ void MpiCommunicator::AllReduce(void* buffer, int64_t count, DType dtype, Reduce
 }
 
 void MpiCommunicator::Broadcast(void* buffer, int64_t count, DType dtype, int root) {
-  CHECK(root >= 0 && root < size_) << "broadcast root " << root << " on '" << name_ << "' of "
-                                   << size_ << " ranks";
+  CHECK(root >= 0 && root < size_)
+      << "broadcast root " << root << " on '" << name_ << "' of " << size_ << " ranks";
   const int n = ToInt(count, "broadcast count", name_);
   WatchdogScope watch(g_watchdog.get(), "broadcast", &name_, size_);
   MOERUN_MPI_CHECK(MPI_Bcast(buffer, n, ToMpiType(dtype), root, comm_));
@@ -193,8 +212,7 @@ void MpiCommunicator::Barrier() {
   MOERUN_MPI_CHECK(MPI_Barrier(comm_));
 }
 
-std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key,
-                                                     const std::string& name) {
+std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key, const std::string& name) {
   MPI_Comm sub;
   {
     WatchdogScope watch(g_watchdog.get(), "split", &name_, size_);

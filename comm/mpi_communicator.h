@@ -14,8 +14,7 @@ namespace moerun {
 
 // Checks an MPI call; on failure writes "rank R (host H): MPI call <call> failed at
 // file:line: <MPI's error string>" and aborts every rank of the job.
-#define MOERUN_MPI_CHECK(call) \
-  ::moerun::internal::CheckMpiResult((call), #call, __FILE__, __LINE__)
+#define MOERUN_MPI_CHECK(call) ::moerun::internal::CheckMpiResult((call), #call, __FILE__, __LINE__)
 
 namespace internal {
 void CheckMpiResult(int result, const char* call, const char* file, int line);

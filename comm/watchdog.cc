@@ -54,8 +54,7 @@ void Watchdog::Run() {
     std::ostringstream msg;
     msg << RankTag() << ": collective " << op_.load(std::memory_order_relaxed)
         << " on communicator '" << (name ? *name : "?") << "' (" << comm_size_.load()
-        << " ranks) made no progress for " << waited_s << " s (watchdog timeout "
-        << timeout_s_
+        << " ranks) made no progress for " << waited_s << " s (watchdog timeout " << timeout_s_
         << " s). A peer rank has probably failed or is in a different collective; aborting "
            "the job. Raise comm.watchdog_timeout_s (or --watchdog-timeout) if this step is "
            "legitimately slow.";

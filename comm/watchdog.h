@@ -44,8 +44,7 @@ class Watchdog {
 // Marks one collective for the watchdog (no-op when the watchdog is null).
 class WatchdogScope {
  public:
-  WatchdogScope(Watchdog* w, const char* op, const std::string* comm_name, int comm_size)
-      : w_(w) {
+  WatchdogScope(Watchdog* w, const char* op, const std::string* comm_name, int comm_size) : w_(w) {
     if (w_ != nullptr) w_->Enter(op, comm_name, comm_size);
   }
   ~WatchdogScope() {

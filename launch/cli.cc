@@ -12,22 +12,22 @@
 namespace moerun {
 
 void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
-  desc->add_options()                                                             //
-      ("threads", po::value<int>(&o->threads)->default_value(0),                  //
+  desc->add_options()                                                               //
+      ("threads", po::value<int>(&o->threads)->default_value(0),                    //
        "threads per rank for BLAS and kernels (0: this host's cores / its ranks)")  //
-      ("log-all-ranks", po::bool_switch(&o->log_all_ranks),                        //
+      ("log-all-ranks", po::bool_switch(&o->log_all_ranks),                         //
        "print progress from every rank, not only rank 0")                           //
       ("watchdog-timeout", po::value<double>(&o->watchdog_timeout_s),               //
        "seconds a collective may make no progress before the job is aborted "
        "(default: the config's comm.watchdog_timeout_s, 300; 0 disables)")  //
-      ("verbose,v", po::value<int>(&o->verbosity)->default_value(0), "glog verbosity (VLOG level)")  //
+      ("verbose,v", po::value<int>(&o->verbosity)->default_value(0),
+       "glog verbosity (VLOG level)")  //
       ("help,h", "show this help");
 }
 
 bool IsRankZeroFromEnvironment() { return DiscoverProcessFromEnvironment().rank == 0; }
 
-void PrintError(const std::string& command_path, const std::string& message,
-                bool all_ranks_same) {
+void PrintError(const std::string& command_path, const std::string& message, bool all_ranks_same) {
   const ProcessInfo& p = Process();
   if (all_ranks_same && p.rank != 0) return;
   std::ostringstream s;
@@ -68,16 +68,16 @@ ParseOutcome ParseArgs(const std::string& command_path, const std::string& synop
 
 Session::Session(int* argc, char*** argv, const GlobalOptions& options) : options_(options) {
   MpiOptions mpi_options;
-  mpi_options.watchdog_timeout_s = options.watchdog_timeout_s >= 0 ? options.watchdog_timeout_s
-                                                                    : 300.0;
+  mpi_options.watchdog_timeout_s =
+      options.watchdog_timeout_s >= 0 ? options.watchdog_timeout_s : 300.0;
   mpi_ = std::make_unique<MpiRuntime>(argc, argv, mpi_options);
   world_ = mpi_->World();
   LoggingOptions log;
   log.all_ranks = options.log_all_ranks;
   log.verbosity = options.verbosity;
   InitLogging((*argv)[0], log);  // again: the rank from MPI decides who prints
-  const int threads = options.threads > 0 ? options.threads
-                                          : DefaultThreadsPerRank(Process().local_size);
+  const int threads =
+      options.threads > 0 ? options.threads : DefaultThreadsPerRank(Process().local_size);
   SetNumThreads(threads);
 }
 
@@ -90,9 +90,7 @@ void Session::ApplyConfigWatchdog(double config_timeout_s) {
   if (options_.watchdog_timeout_s < 0) mpi_->SetWatchdogTimeout(config_timeout_s);
 }
 
-void PrintJsonLine(const nlohmann::json& j) {
-  std::cout << j.dump() << "\n" << std::flush;
-}
+void PrintJsonLine(const nlohmann::json& j) { std::cout << j.dump() << "\n" << std::flush; }
 
 StatusOr<int64_t> ParseByteSize(const std::string& text) {
   if (text.empty()) return Status::Error("empty size");

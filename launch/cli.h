@@ -4,12 +4,11 @@
 #ifndef MOERUN_LAUNCH_CLI_H_
 #define MOERUN_LAUNCH_CLI_H_
 
+#include <boost/program_options.hpp>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <boost/program_options.hpp>
-#include <nlohmann/json.hpp>
 
 #include "comm/mpi_communicator.h"
 #include "runtime/status.h"
@@ -42,8 +41,7 @@ enum class ParseOutcome { kRun, kHelpShown, kError };
 ParseOutcome ParseArgs(const std::string& command_path, const std::string& synopsis,
                        const std::string& description, const std::vector<std::string>& args,
                        const po::options_description& desc,
-                       const po::positional_options_description* positional,
-                       po::variables_map* vm);
+                       const po::positional_options_description* positional, po::variables_map* vm);
 
 bool IsRankZeroFromEnvironment();
 // Writes a user-facing error (rank 0 only when `all_ranks_same`, else every rank with its

@@ -160,11 +160,13 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
   std::string min_bytes, max_bytes, ops;
   bool no_check = false;
   po::options_description desc("Options");
-  desc.add_options()                                                                       //
+  desc.add_options()                                                                          //
       ("min-bytes", po::value(&min_bytes)->default_value("4K"), "smallest message per peer")  //
       ("max-bytes", po::value(&max_bytes)->default_value("64M"), "largest message per peer")  //
-      ("factor", po::value(&o.factor)->default_value(4), "size step: each size is factor x the last")  //
-      ("ops", po::value(&ops)->default_value("all_to_all_v,all_reduce"), "collectives to measure")  //
+      ("factor", po::value(&o.factor)->default_value(4),
+       "size step: each size is factor x the last")  //
+      ("ops", po::value(&ops)->default_value("all_to_all_v,all_reduce"),
+       "collectives to measure")                                                               //
       ("seconds", po::value(&o.seconds)->default_value(0.2), "target seconds per timed loop")  //
       ("rounds", po::value(&o.rounds)->default_value(7),
        "timed loops per side; the median is reported")  //
@@ -188,12 +190,18 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
   }
   auto lo = ParseByteSize(min_bytes), hi = ParseByteSize(max_bytes);
   std::string problem;
-  if (!lo.ok()) problem = "--min-bytes: " + lo.status().message();
-  else if (!hi.ok()) problem = "--max-bytes: " + hi.status().message();
-  else if (*lo > *hi) problem = "--min-bytes is larger than --max-bytes";
-  else if (*lo % 4 != 0 || *hi % 4 != 0) problem = "sizes must be multiples of 4 bytes (fp32)";
-  else if (o.factor < 2) problem = "--factor must be at least 2";
-  else if (o.rounds < 1 || o.seconds <= 0) problem = "--rounds and --seconds must be positive";
+  if (!lo.ok())
+    problem = "--min-bytes: " + lo.status().message();
+  else if (!hi.ok())
+    problem = "--max-bytes: " + hi.status().message();
+  else if (*lo > *hi)
+    problem = "--min-bytes is larger than --max-bytes";
+  else if (*lo % 4 != 0 || *hi % 4 != 0)
+    problem = "sizes must be multiples of 4 bytes (fp32)";
+  else if (o.factor < 2)
+    problem = "--factor must be at least 2";
+  else if (o.rounds < 1 || o.seconds <= 0)
+    problem = "--rounds and --seconds must be positive";
   std::stringstream ss(ops);
   for (std::string op; std::getline(ss, op, ',');) {
     if (op != "all_to_all_v" && op != "all_reduce") {
@@ -216,8 +224,10 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
   CommBench bench(session, o);
   for (const std::string& op : o.ops) {
     for (int64_t b = o.min_bytes; b <= o.max_bytes; b *= o.factor) {
-      if (op == "all_to_all_v") bench.AllToAllV(b);
-      else bench.AllReduce(b);
+      if (op == "all_to_all_v")
+        bench.AllToAllV(b);
+      else
+        bench.AllReduce(b);
     }
   }
   if (session.is_root()) {

@@ -56,7 +56,7 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
   std::string rows_text, shapes_text, peak_text;
   double seconds = 0.3;
   po::options_description desc("Options");
-  desc.add_options()                                                                      //
+  desc.add_options()                                                                            //
       ("rows", po::value(&rows_text)->default_value("1024,4096,16384"), "token rows per GEMM")  //
       ("shapes", po::value(&shapes_text)->default_value("512x2048,768x3072"),
        "expert MLP shapes DxM (model width x hidden width)")  //
@@ -108,8 +108,14 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
     const double gf = Gflops(g, TimeGemm(g, seconds));
     peak = std::max(peak, gf);
     if (session.is_root()) {
-      PrintJsonLine({{"bench", "gemm"}, {"pass", "square"}, {"m", n}, {"n", n}, {"k", n},
-                     {"gflops", gf}, {"threads", threads}, {"ranks", session.size()}});
+      PrintJsonLine({{"bench", "gemm"},
+                     {"pass", "square"},
+                     {"m", n},
+                     {"n", n},
+                     {"k", n},
+                     {"gflops", gf},
+                     {"threads", threads},
+                     {"ranks", session.size()}});
     }
   }
   for (auto [d, m] : shapes) {
@@ -122,10 +128,19 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
       for (const GemmShape& g : passes) {
         const double gf = Gflops(g, TimeGemm(g, seconds));
         if (!session.is_root()) continue;
-        PrintJsonLine({{"bench", "gemm"}, {"pass", g.pass}, {"d", d}, {"mlp", m}, {"rows", t},
-                       {"m", g.m}, {"n", g.n}, {"k", g.k}, {"gflops", gf},
-                       {"peak_gflops", peak}, {"fraction_of_peak", gf / peak},
-                       {"threads", threads}, {"ranks", session.size()}});
+        PrintJsonLine({{"bench", "gemm"},
+                       {"pass", g.pass},
+                       {"d", d},
+                       {"mlp", m},
+                       {"rows", t},
+                       {"m", g.m},
+                       {"n", g.n},
+                       {"k", g.k},
+                       {"gflops", gf},
+                       {"peak_gflops", peak},
+                       {"fraction_of_peak", gf / peak},
+                       {"threads", threads},
+                       {"ranks", session.size()}});
       }
     }
   }

@@ -37,8 +37,8 @@ std::string NcclAvailability() {
 #ifdef MOERUN_WITH_NCCL
   int v = 0;
   ncclGetVersion(&v);
-  return "built (NCCL " + std::to_string(v / 10000) + "." + std::to_string(v % 10000 / 100) +
-         "." + std::to_string(v % 100) + ")";
+  return "built (NCCL " + std::to_string(v / 10000) + "." + std::to_string(v % 10000 / 100) + "." +
+         std::to_string(v % 100) + ")";
 #else
   return "not built";
 #endif
@@ -92,8 +92,8 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
       continue;
     }
     if (r == 0) {
-      std::cout << "world size   " << e["world_size"] << " (launcher: "
-                << e["launcher"].get<std::string>() << ")\n"
+      std::cout << "world size   " << e["world_size"]
+                << " (launcher: " << e["launcher"].get<std::string>() << ")\n"
                 << "MPI          " << e["mpi"].get<std::string>()
                 << (e["mpi_thread_multiple"].get<bool>() ? " (MPI_THREAD_MULTIPLE)" : "") << "\n"
                 << "BLAS         " << e["blas"].get<std::string>() << "\n"

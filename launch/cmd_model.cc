@@ -24,13 +24,13 @@ int Plan(const Config& config, const std::string& config_path, int ranks, bool j
   if (m.has_moe()) {
     auto placed = PlaceExperts(m.moe().num_experts(), ranks);
     if (!placed.ok()) {
-      PrintError("moerun plan", "--ranks " + std::to_string(ranks) + ": " +
-                                    placed.status().message());
+      PrintError("moerun plan",
+                 "--ranks " + std::to_string(ranks) + ": " + placed.status().message());
       return kExitUsage;
     }
     placement = *placed;
-    per_rank = c.dense + static_cast<int64_t>(c.moe_layers) * placement.experts_per_rank *
-                             c.per_expert;
+    per_rank =
+        c.dense + static_cast<int64_t>(c.moe_layers) * placement.experts_per_rank * c.per_expert;
   }
   // fp32 parameters, gradients and two AdamW moments: 16 bytes per parameter.
   const int64_t state_bytes = per_rank * 16;
@@ -58,8 +58,8 @@ int Plan(const Config& config, const std::string& config_path, int ranks, bool j
     std::cout << " (" << placement.experts_per_rank << " expert(s) per rank per layer, "
               << placement.replicas << " replica(s) of each)";
   }
-  std::cout << "\nper rank          " << WithCommas(per_rank) << " parameters, "
-            << std::fixed << std::setprecision(2) << state_bytes / 1073741824.0
+  std::cout << "\nper rank          " << WithCommas(per_rank) << " parameters, " << std::fixed
+            << std::setprecision(2) << state_bytes / 1073741824.0
             << " GiB for fp32 weights + gradients + AdamW moments\n"
             << "(activation memory, FLOPs and all-to-all bytes per step are not yet computed)\n"
             << std::flush;
@@ -76,13 +76,13 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   int ranks = 1;
   bool json = false;
   po::options_description desc("Options");
-  desc.add_options()                                                               //
+  desc.add_options()                                                                      //
       ("config,c", po::value(&config_path)->required(), "config file (configs/*.pbtxt)")  //
       ("override,o", po::value(&overrides)->composing(),
        "key=value overriding a config field, e.g. train.steps=100 or model.moe.bpr=false "
        "(repeatable)");
   if (command == "plan") {
-    desc.add_options()                                                              //
+    desc.add_options()                                                                       //
         ("ranks", po::value(&ranks)->default_value(1), "expert-parallel ranks to plan for")  //
         ("json", po::bool_switch(&json), "print one JSON object");
   }
@@ -94,10 +94,10 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   const std::string synopsis =
       command == "plan" ? "moerun plan --config C [--ranks P] [--json] [--override k=v ...]"
                         : "mpirun -np N moerun " + command + " --config C [--override k=v ...]";
-  const std::string about =
-      command == "train" ? "Trains the model a config describes."
-      : command == "eval" ? "Evaluates a trained model, with routing overrides."
-                          : "Exact parameter counts and per-rank memory of a config.";
+  const std::string about = command == "train" ? "Trains the model a config describes."
+                            : command == "eval"
+                                ? "Evaluates a trained model, with routing overrides."
+                                : "Exact parameter counts and per-rank memory of a config.";
   switch (ParseArgs(path, synopsis, about, args, desc, &positional, &vm)) {
     case ParseOutcome::kHelpShown:
       return kExitOk;

@@ -27,7 +27,8 @@ int Plan(const std::vector<std::string>& a, ProgramArgs p) {
 }
 
 const CommandEntry kCommands[] = {
-    {"env", "show world size, ranks, hosts, threads, BLAS, MPI and CUDA of this job", moerun::RunEnv},
+    {"env", "show world size, ranks, hosts, threads, BLAS, MPI and CUDA of this job",
+     moerun::RunEnv},
     {"bench", "benchmarks printing JSON lines: 'bench comm', 'bench gemm'", nullptr},
     {"train", "train a model from a config (configs/*.pbtxt)", Train},
     {"eval", "evaluate a trained model, with routing overrides", Eval},

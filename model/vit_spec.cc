@@ -60,8 +60,8 @@ StatusOr<ExpertPlacement> PlaceExperts(int num_experts, int ranks) {
   if (ranks % num_experts == 0) return ExpertPlacement{1, ranks / num_experts};
   std::string works;
   for (int p = 1; p <= 4 * num_experts && p <= 1024; ++p) {
-    if (num_experts % p == 0 || p % num_experts == 0) works += (works.empty() ? "" : ", ") +
-                                                               std::to_string(p);
+    if (num_experts % p == 0 || p % num_experts == 0)
+      works += (works.empty() ? "" : ", ") + std::to_string(p);
   }
   return Status::Error(std::to_string(ranks) + " expert-parallel ranks cannot hold " +
                        std::to_string(num_experts) +

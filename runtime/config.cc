@@ -1,13 +1,13 @@
 // Config parsing (text format with line-accurate errors), overrides and validation.
 #include "runtime/config.h"
 
+#include <google/protobuf/io/tokenizer.h>
+#include <google/protobuf/text_format.h>
+
 #include <cmath>
 #include <fstream>
 #include <map>
 #include <sstream>
-
-#include <google/protobuf/io/tokenizer.h>
-#include <google/protobuf/text_format.h>
 
 namespace moerun {
 namespace {
@@ -76,25 +76,24 @@ Status OverrideToText(const std::string& override_text, std::string* text, std::
   for (size_t i = 0; i < parts.size(); ++i) {
     const pb::FieldDescriptor* f = d->FindFieldByName(parts[i]);
     if (f == nullptr) {
-      return Status::Error("--override '" + override_text + "': " +
-                           (walked.empty() ? std::string("the config") : walked) +
+      return Status::Error("--override '" + override_text +
+                           "': " + (walked.empty() ? std::string("the config") : walked) +
                            " has no field '" + parts[i] + "'; its fields are: " + FieldNames(d));
     }
     walked += (walked.empty() ? "" : ".") + parts[i];
     const bool last = i + 1 == parts.size();
     if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
       if (last) {
-        return Status::Error("--override '" + override_text + "': " + walked +
-                             " is a section; name one of its fields: " +
-                             FieldNames(f->message_type()));
+        return Status::Error(
+            "--override '" + override_text + "': " + walked +
+            " is a section; name one of its fields: " + FieldNames(f->message_type()));
       }
       open += parts[i] + " { ";
       close += " }";
       d = f->message_type();
     } else {
       if (!last) {
-        return Status::Error("--override '" + override_text + "': " + walked +
-                             " is not a section");
+        return Status::Error("--override '" + override_text + "': " + walked + " is not a section");
       }
       if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING && value.front() != '"') {
         value = "\"" + value + "\"";
@@ -132,16 +131,14 @@ std::string Str(double v) {
 void ValidateModel(const ModelConfig& m, Validator* v) {
   v->Require(m.image_size() > 0, "model.image_size", "must be positive");
   v->Require(m.channels() > 0, "model.channels", "must be positive");
-  v->Require(m.patch_size() > 0 && m.image_size() % std::max(1, m.patch_size()) == 0,
-             "model.patch_size",
-             Str(m.patch_size()) + " must be positive and divide image_size " +
-                 Str(m.image_size()));
+  v->Require(
+      m.patch_size() > 0 && m.image_size() % std::max(1, m.patch_size()) == 0, "model.patch_size",
+      Str(m.patch_size()) + " must be positive and divide image_size " + Str(m.image_size()));
   v->Require(m.num_layers() > 0, "model.num_layers", "must be positive");
-  v->Require(m.num_heads() > 0 && m.hidden_size() > 0 &&
-                 m.hidden_size() % std::max(1, m.num_heads()) == 0,
-             "model.num_heads",
-             Str(m.num_heads()) + " must be positive and divide hidden_size " +
-                 Str(m.hidden_size()));
+  v->Require(
+      m.num_heads() > 0 && m.hidden_size() > 0 && m.hidden_size() % std::max(1, m.num_heads()) == 0,
+      "model.num_heads",
+      Str(m.num_heads()) + " must be positive and divide hidden_size " + Str(m.hidden_size()));
   v->Require(m.mlp_dim() > 0, "model.mlp_dim", "must be positive");
   v->Require(m.num_classes() > 0, "model.num_classes", "must be positive");
   v->Require(m.pre_logits_size() >= 0, "model.pre_logits_size", "must be >= 0 (0: none)");
@@ -152,9 +149,9 @@ void ValidateModel(const ModelConfig& m, Validator* v) {
              Str(e.k()) + " must be between 1 and num_experts (" + Str(e.num_experts()) + ")");
   const int odd_blocks = m.num_layers() / 2;
   if (e.placement() == MoeConfig::EVERY) {
-    v->Require(e.every_n() >= 1 && e.every_n() <= m.num_layers(), "model.moe.every_n",
-               Str(e.every_n()) + " must be between 1 and num_layers (" + Str(m.num_layers()) +
-                   ")");
+    v->Require(
+        e.every_n() >= 1 && e.every_n() <= m.num_layers(), "model.moe.every_n",
+        Str(e.every_n()) + " must be between 1 and num_layers (" + Str(m.num_layers()) + ")");
   } else {
     v->Require(e.last_n() >= 1 && e.last_n() <= odd_blocks, "model.moe.last_n",
                Str(e.last_n()) + " must be between 1 and the number of odd blocks (" +

@@ -25,9 +25,9 @@ struct GradCheckParam {
 };
 
 struct GradCheckOptions {
-  double rel_eps = 1e-2;    // step = max(abs_eps, rel_eps * |x|)
+  double rel_eps = 1e-2;  // step = max(abs_eps, rel_eps * |x|)
   double abs_eps = 1e-3;
-  double atol = 2e-3;       // |numeric - analytic| <= atol + rtol * max(|numeric|, |analytic|)
+  double atol = 2e-3;  // |numeric - analytic| <= atol + rtol * max(|numeric|, |analytic|)
   double rtol = 2e-2;
   int64_t max_per_param = 48;  // elements checked per parameter (random subset when larger)
   uint64_t seed = 1;

@@ -2,13 +2,12 @@
 #include "runtime/kernels.h"
 
 #include <cblas.h>
+#include <glog/logging.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <thread>
-
-#include <glog/logging.h>
 
 namespace moerun {
 namespace {
@@ -150,8 +149,8 @@ void GeluBackward(const float* x, const float* dy, float* dx, int64_t n) {
   }
 }
 
-void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
-                      float* mean, float* rstd, int64_t rows, int64_t cols, float eps) {
+void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y, float* mean,
+                      float* rstd, int64_t rows, int64_t cols, float eps) {
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * cols;

@@ -46,8 +46,8 @@ void GeluBackward(const float* x, const float* dy, float* dx, int64_t n);
 
 // y = (x - mean) * rstd * gamma + beta per row of `cols`; writes mean and rstd per row
 // (needed by the backward).
-void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
-                      float* mean, float* rstd, int64_t rows, int64_t cols, float eps = 1e-6f);
+void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y, float* mean,
+                      float* rstd, int64_t rows, int64_t cols, float eps = 1e-6f);
 // Writes dx; accumulates dgamma and dbeta.
 void LayerNormBackward(const float* x, const float* gamma, const float* mean, const float* rstd,
                        const float* dy, float* dx, float* dgamma, float* dbeta, int64_t rows,

@@ -1,14 +1,13 @@
 // Process identity, rank-tagged logging and job-wide fatal handling.
 #include "runtime/process.h"
 
+#include <glog/logging.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <iomanip>
 #include <mutex>
-
-#include <glog/logging.h>
 
 namespace moerun {
 namespace {
@@ -25,10 +24,10 @@ int EnvInt(const char* name, int fallback) {
 }
 
 void RankPrefix(std::ostream& s, const google::LogMessageInfo& l, void*) {
-  s << "[r" << g_process.rank << ' ' << g_process.host << "] " << l.severity[0]
-    << std::setw(2) << std::setfill('0') << 1 + l.time.month() << std::setw(2) << l.time.day()
-    << ' ' << std::setw(2) << l.time.hour() << ':' << std::setw(2) << l.time.min() << ':'
-    << std::setw(2) << l.time.sec() << ' ' << l.filename << ':' << l.line_number << ']';
+  s << "[r" << g_process.rank << ' ' << g_process.host << "] " << l.severity[0] << std::setw(2)
+    << std::setfill('0') << 1 + l.time.month() << std::setw(2) << l.time.day() << ' '
+    << std::setw(2) << l.time.hour() << ':' << std::setw(2) << l.time.min() << ':' << std::setw(2)
+    << l.time.sec() << ' ' << l.filename << ':' << l.line_number << ']';
 }
 
 void GlogFailure() {
@@ -84,8 +83,8 @@ void InitLogging(const char* argv0, const LoggingOptions& options) {
   FLAGS_logtostderr = true;
   FLAGS_colorlogtostderr = false;
   FLAGS_v = options.verbosity;
-  FLAGS_minloglevel = (g_process.rank == 0 || options.all_ranks) ? google::GLOG_INFO
-                                                                 : google::GLOG_WARNING;
+  FLAGS_minloglevel =
+      (g_process.rank == 0 || options.all_ranks) ? google::GLOG_INFO : google::GLOG_WARNING;
   static bool initialised = false;
   if (!initialised) {
     google::InitGoogleLogging(argv0, &RankPrefix, nullptr);

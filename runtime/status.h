@@ -3,11 +3,11 @@
 #ifndef MOERUN_RUNTIME_STATUS_H_
 #define MOERUN_RUNTIME_STATUS_H_
 
+#include <glog/logging.h>
+
 #include <optional>
 #include <string>
 #include <utility>
-
-#include <glog/logging.h>
 
 namespace moerun {
 
@@ -37,7 +37,7 @@ class Status {
 template <typename T>
 class StatusOr {
  public:
-  StatusOr(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  StatusOr(T value) : value_(std::move(value)) {}         // NOLINT: implicit by design
   StatusOr(Status status) : status_(std::move(status)) {  // NOLINT: implicit by design
     CHECK(!status_.ok()) << "StatusOr built from an OK status without a value";
   }
@@ -52,16 +52,18 @@ class StatusOr {
     return *value_;
   }
   T* operator->() { return &value(); }
+  const T* operator->() const { return &value(); }
   T& operator*() { return value(); }
+  const T& operator*() const { return value(); }
 
  private:
   Status status_;
   std::optional<T> value_;
 };
 
-#define MOERUN_RETURN_IF_ERROR(expr)           \
-  do {                                         \
-    ::moerun::Status moerun_status_ = (expr);  \
+#define MOERUN_RETURN_IF_ERROR(expr)                 \
+  do {                                               \
+    ::moerun::Status moerun_status_ = (expr);        \
     if (!moerun_status_.ok()) return moerun_status_; \
   } while (0)
 

@@ -30,8 +30,8 @@ const char* DeviceName(Device d) { return d == Device::kCPU ? "cpu" : "cuda"; }
 
 // ---------------------------------------------------------------------------------------
 std::shared_ptr<Storage> Storage::Allocate(size_t bytes) {
-  const size_t rounded = (std::max<size_t>(bytes, 1) + kTensorAlignment - 1) / kTensorAlignment *
-                         kTensorAlignment;
+  const size_t rounded =
+      (std::max<size_t>(bytes, 1) + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
   void* p = std::aligned_alloc(kTensorAlignment, rounded);
   CHECK(p != nullptr) << "out of host memory allocating " << bytes << " bytes";
   return std::shared_ptr<Storage>(new Storage(p, bytes, Device::kCPU, /*owning=*/true));

@@ -4,12 +4,12 @@
 #ifndef MOERUN_RUNTIME_TENSOR_H_
 #define MOERUN_RUNTIME_TENSOR_H_
 
+#include <glog/logging.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <glog/logging.h>
 
 #include "runtime/dtype.h"
 
@@ -82,13 +82,13 @@ class Tensor {
 
   // Views (share storage).
   Tensor Slice(int dim, int64_t begin, int64_t end) const;  // [begin, end) along dim
-  Tensor Reshape(const Shape& shape) const;                  // contiguous only; one -1 allowed
-  Tensor Transpose(int dim_a, int dim_b) const;              // strided view
+  Tensor Reshape(const Shape& shape) const;                 // contiguous only; one -1 allowed
+  Tensor Transpose(int dim_a, int dim_b) const;             // strided view
 
   // Copies.
-  Tensor Contiguous() const;  // this tensor if already contiguous, else a packed copy
-  Tensor Clone() const;       // always a new owning contiguous copy
-  Tensor Cast(DType dtype) const;  // fp32 <-> bf16 <-> f64 (new owning tensor)
+  Tensor Contiguous() const;         // this tensor if already contiguous, else a packed copy
+  Tensor Clone() const;              // always a new owning contiguous copy
+  Tensor Cast(DType dtype) const;    // fp32 <-> bf16 <-> f64 (new owning tensor)
   void CopyFrom(const Tensor& src);  // same shape and dtype; any strides
 
   void Fill(float value);  // fp32, bf16 or f64 tensors
@@ -109,8 +109,8 @@ Shape ContiguousStrides(const Shape& shape);
 int64_t NumElements(const Shape& shape);
 
 // Checks a tensor's shape at a layer boundary; a mismatch is a programming error.
-#define MOERUN_CHECK_SHAPE(tensor, ...)                                                   \
-  CHECK((tensor).shape() == ::moerun::Shape(__VA_ARGS__))                                \
+#define MOERUN_CHECK_SHAPE(tensor, ...)                                                      \
+  CHECK((tensor).shape() == ::moerun::Shape(__VA_ARGS__))                                    \
       << #tensor " has shape " << ::moerun::ShapeToString((tensor).shape()) << ", expected " \
       << ::moerun::ShapeToString(::moerun::Shape(__VA_ARGS__))
 
@@ -126,7 +126,7 @@ class Arena {
   Tensor AllocateZeros(const Shape& shape, DType dtype = DType::kF32);
   void Reset();
 
-  size_t used_bytes() const { return used_total_; }        // since the last Reset()
+  size_t used_bytes() const { return used_total_; }         // since the last Reset()
   size_t capacity_bytes() const;                            // all blocks
   size_t high_water_bytes() const { return high_water_; };  // max used over all steps
   int num_blocks() const { return static_cast<int>(blocks_.size()); }

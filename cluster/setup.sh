@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs every Debian package moerun needs (only the missing ones), then configures and
+# builds moerun into build/. Idempotent: a second run installs nothing and rebuilds only
+# what changed. Usage: bash cluster/setup.sh [extra cmake -D options]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  build-essential cmake git            # toolchain
+  libopenmpi-dev openmpi-bin           # MPI
+  libprotobuf-dev protobuf-compiler    # configs, manifests
+  libboost-program-options-dev         # CLI
+  libgoogle-glog-dev libgtest-dev      # logging, tests
+  libopenblas-dev zlib1g-dev           # CPU GEMM, gzip
+  nlohmann-json3-dev                   # JSON lines, safetensors headers
+  clang-format                         # style check in CI
+  dataset-fashion-mnist                # the demo dataset
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+else
+  echo "setup: all ${#packages[@]} packages present"
+fi
+
+echo "setup: building moerun in build/ (log: build/build.log)"
+mkdir -p build
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release "$@" >build/build.log 2>&1 ||
+  { tail -n 40 build/build.log; echo "setup: cmake configure failed"; exit 1; }
+cmake --build build -j"$(nproc)" >>build/build.log 2>&1 ||
+  { grep -E -A5 "error" build/build.log | head -n 60; echo "setup: build failed"; exit 1; }
+echo "setup: done; the CLI is build/moerun"

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The moerun command line: exit codes, messages that name the problem, JSON output.
+# usage: cli_test.sh <moerun binary> <source dir> <mpiexec>
+set -u
+moerun=$1
+src=$2
+mpiexec=$3
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+passed=0
+failed=0
+# expect <exit code> <regex> <command...>: runs the command, checks its exit code and that
+# its combined output matches the regex.
+expect() {
+  local want_rc=$1 pattern=$2 out rc
+  shift 2
+  out=$(timeout 120 "$@" 2>&1)
+  rc=$?
+  if [ "$rc" -ne "$want_rc" ] || ! grep -Eq -- "$pattern" <<<"$out"; then
+    echo "FAIL: $* -> rc=$rc (want $want_rc), wanted /$pattern/ in:"
+    echo "$out" | head -20
+    failed=$((failed + 1))
+  else
+    passed=$((passed + 1))
+  fi
+}
+np2=("$mpiexec" --oversubscribe -np 2)
+
+expect 2 'Usage: moerun <command>' "$moerun"
+expect 0 'Commands:' "$moerun" --help
+expect 2 "unknown command 'frobnicate'" "$moerun" frobnicate
+expect 2 'Targets:' "$moerun" bench
+expect 2 "unknown target 'nope'" "$moerun" bench nope
+expect 0 'Usage: .*moerun bench comm' "$moerun" bench comm --help
+expect 2 "unrecognised option '--bogus'" "$moerun" bench comm --bogus
+expect 2 "moerun bench comm: --max-bytes: '12Q' has an unknown unit" "$moerun" bench comm --max-bytes 12Q
+expect 2 'larger than --max-bytes' "$moerun" bench comm --min-bytes 1M --max-bytes 4K
+expect 2 "--shapes: '512by2048' is not DxM" "$moerun" bench gemm --shapes 512by2048
+expect 2 "--ops: unknown collective 'gather'" "$moerun" bench comm --ops gather
+expect 0 'world size   1' "$moerun" env
+expect 0 '"world_size":2' "${np2[@]}" "$moerun" env --json
+expect 2 "the option '--config' is required" "$moerun" plan
+expect 2 "cannot read config '$tmp/missing.pbtxt'" "$moerun" plan "$tmp/missing.pbtxt"
+expect 0 '"params_total":296895347' "$moerun" plan "$src/configs/vmoe_s32_every2.pbtxt" --json
+expect 0 '"params_per_rank":' "$moerun" plan "$src/configs/vmoe_15b_every2.pbtxt" --ranks 32 --json
+expect 0 '14,705,071,769 total' "$moerun" plan --config "$src/configs/vmoe_15b_every2.pbtxt"
+expect 2 '--ranks 3: 3 expert-parallel ranks cannot hold 32 experts.*1, 2, 4, 8, 16, 32, 64' \
+  "$moerun" plan "$src/configs/vmoe_15b_every2.pbtxt" --ranks 3
+printf 'model {\n  hiden_size: 3\n}\n' >"$tmp/typo.pbtxt"
+expect 2 "typo.pbtxt:2:.*hiden_size" "$moerun" plan "$tmp/typo.pbtxt"
+printf 'model {\n  moe {\n    k: 9\n  }\n}\n' >"$tmp/bad.pbtxt"
+expect 2 "bad.pbtxt:3:5: model.moe.k: 9 must be between 1 and num_experts \(8\)" "$moerun" train --config "$tmp/bad.pbtxt"
+expect 2 "--override 'train.stepz=4': train has no field 'stepz'" "$moerun" plan "$src/configs/tiny_test.pbtxt" -o train.stepz=4
+expect 3 "not in this build yet" "$moerun" train --config "$src/configs/tiny_test.pbtxt"
+# Under mpirun a bad config is reported once (by rank 0), and every rank exits non-zero.
+out=$("${np2[@]}" "$moerun" plan "$tmp/bad.pbtxt" 2>&1)
+if [ "$(grep -c 'invalid config' <<<"$out")" -ne 1 ]; then
+  echo "FAIL: a bad config under mpirun -np 2 should be reported once:"; echo "$out"
+  failed=$((failed + 1))
+else
+  passed=$((passed + 1))
+fi
+expect 0 '"op":"all_to_all_v","ranks":2.*"verified":"ok"' \
+  "${np2[@]}" "$moerun" bench comm --max-bytes 64K --seconds 0.01 --rounds 1
+expect 0 '"pass":"fc2_dw".*"peak_gflops"' \
+  "$moerun" bench gemm --rows 64 --shapes 32x64 --peak-sizes 64 --seconds 0.01
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

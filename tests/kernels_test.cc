@@ -1,0 +1,255 @@
+// CPU kernels against naive double-precision loops, known values, and the finite-difference
+// gradient checker.
+#include "runtime/kernels.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "runtime/gradcheck.h"
+
+namespace moerun {
+namespace {
+
+std::vector<float> Random(int64_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-scale, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+// Naive row-major C = op(A) op(B) in double.
+std::vector<double> NaiveGemm(bool ta, bool tb, int m, int n, int k, const std::vector<float>& a,
+                              const std::vector<float>& b) {
+  std::vector<double> c(m * n, 0.0);
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int p = 0; p < k; ++p) {
+        const double av = ta ? a[p * m + i] : a[i * k + p];
+        const double bv = tb ? b[j * k + p] : b[p * n + j];
+        s += av * bv;
+      }
+      c[i * n + j] = s;
+    }
+  }
+  return c;
+}
+
+class GemmTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
+
+TEST_P(GemmTest, MatchesNaiveLoopsWithAlphaBeta) {
+  const auto [ta, tb] = GetParam();
+  const int m = 7, n = 5, k = 9;
+  const auto a = Random(m * k, 1), b = Random(k * n, 2);
+  std::vector<float> c = Random(m * n, 3);
+  const std::vector<float> c0 = c;
+  Gemm(ta, tb, m, n, k, 0.5f, a.data(), ta ? m : k, b.data(), tb ? k : n, 2.0f, c.data(), n);
+  const auto ref = NaiveGemm(ta, tb, m, n, k, a, b);
+  for (int i = 0; i < m * n; ++i) EXPECT_NEAR(c[i], 0.5 * ref[i] + 2.0 * c0[i], 1e-5) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTransposes, GemmTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()));
+
+TEST(GemmTest, ZeroInnerDimensionScalesC) {
+  std::vector<float> c = {1, 2, 3, 4};
+  Gemm(false, false, 2, 2, 0, 1.0f, nullptr, 1, nullptr, 2, 0.0f, c.data(), 2);
+  for (float x : c) EXPECT_EQ(x, 0.0f);
+}
+
+TEST(GemmTest, StridedBatchedMatchesPerMatrixLoops) {
+  const int batch = 3, m = 4, n = 6, k = 5;
+  const auto a = Random(batch * m * k, 4), b = Random(batch * n * k, 5);
+  std::vector<float> c(batch * m * n);
+  GemmStridedBatched(false, true, m, n, k, 1.0f, a.data(), k, m * k, b.data(), k, n * k, 0.0f,
+                     c.data(), n, m * n, batch);
+  for (int i = 0; i < batch; ++i) {
+    std::vector<float> ai(a.begin() + i * m * k, a.begin() + (i + 1) * m * k);
+    std::vector<float> bi(b.begin() + i * n * k, b.begin() + (i + 1) * n * k);
+    const auto ref = NaiveGemm(false, true, m, n, k, ai, bi);
+    for (int j = 0; j < m * n; ++j) EXPECT_NEAR(c[i * m * n + j], ref[j], 1e-5);
+  }
+}
+
+TEST(GemmTest, MatmulChecksShapesAndSharesWeights) {
+  Tensor x = Tensor::Empty({2, 3, 4}), w = Tensor::Empty({5, 4}), y = Tensor::Zeros({2, 3, 5});
+  const auto xv = Random(24, 6), wv = Random(20, 7);
+  std::copy(xv.begin(), xv.end(), x.data<float>());
+  std::copy(wv.begin(), wv.end(), w.data<float>());
+  Matmul(x, false, w, true, &y);  // y = x W^T, W shared over the batch
+  const auto ref = NaiveGemm(false, true, 6, 5, 4, xv, wv);
+  for (int i = 0; i < 30; ++i) EXPECT_NEAR(y.data<float>()[i], ref[i], 1e-5);
+  Tensor bad = Tensor::Zeros({2, 3, 4});
+  EXPECT_DEATH(Matmul(x, false, w, true, &bad), "Matmul shapes");
+}
+
+TEST(SoftmaxTest, MatchesNaiveAndIsShiftInvariant) {
+  const int rows = 3, cols = 7;
+  auto x = Random(rows * cols, 8, 5.0f);
+  x[0] = 80.0f;  // large logits must not overflow
+  std::vector<float> y(rows * cols);
+  SoftmaxForward(x.data(), y.data(), rows, cols);
+  for (int r = 0; r < rows; ++r) {
+    double mx = -1e30, s = 0;
+    for (int j = 0; j < cols; ++j) mx = std::max<double>(mx, x[r * cols + j]);
+    for (int j = 0; j < cols; ++j) s += std::exp(x[r * cols + j] - mx);
+    for (int j = 0; j < cols; ++j) {
+      EXPECT_NEAR(y[r * cols + j], std::exp(x[r * cols + j] - mx) / s, 1e-6);
+    }
+  }
+}
+
+TEST(GeluTest, ExactErfFormKnownValues) {
+  // 0.5 x (1 + erf(x / sqrt 2)) evaluated independently: Phi(1) = 0.8413447460685429.
+  const std::vector<float> x = {0.0f, 1.0f, -1.0f, 3.0f};
+  const double expected[] = {0.0, 0.8413447460685429, -0.15865525393145707, 2.995950350781427};
+  std::vector<float> y(4);
+  GeluForward(x.data(), y.data(), 4);
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(y[i], expected[i], 1e-6) << x[i];
+}
+
+TEST(LayerNormTest, MatchesNaive) {
+  const int rows = 4, cols = 10;
+  const auto x = Random(rows * cols, 9, 3.0f), g = Random(cols, 10), b = Random(cols, 11);
+  std::vector<float> y(rows * cols), mean(rows), rstd(rows);
+  LayerNormForward(x.data(), g.data(), b.data(), y.data(), mean.data(), rstd.data(), rows, cols,
+                   1e-6f);
+  for (int r = 0; r < rows; ++r) {
+    double mu = 0, var = 0;
+    for (int j = 0; j < cols; ++j) mu += x[r * cols + j];
+    mu /= cols;
+    for (int j = 0; j < cols; ++j) var += (x[r * cols + j] - mu) * (x[r * cols + j] - mu);
+    var /= cols;
+    for (int j = 0; j < cols; ++j) {
+      const double ref = (x[r * cols + j] - mu) / std::sqrt(var + 1e-6) * g[j] + b[j];
+      EXPECT_NEAR(y[r * cols + j], ref, 1e-5);
+    }
+  }
+}
+
+TEST(CrossEntropyTest, KnownValuesAndIgnoredRows) {
+  const std::vector<float> logits = {0, 0, 0, 1, 2, 3, 5, 5, 5};
+  const std::vector<int32_t> labels = {0, 2, -1};
+  std::vector<float> probs(9);
+  int64_t valid = 0;
+  const float loss = CrossEntropyForward(logits.data(), labels.data(), probs.data(), 3, 3, &valid);
+  // Row 0: ln 3; row 1: log(e + e^2 + e^3) - 3; row 2 ignored.
+  const double r1 = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0)) - 3.0;
+  EXPECT_EQ(valid, 2);
+  EXPECT_NEAR(loss, (std::log(3.0) + r1) / 2, 1e-6);
+  std::vector<float> d(9);
+  CrossEntropyBackward(probs.data(), labels.data(), d.data(), 3, 3, 0.5f);
+  EXPECT_NEAR(d[0], 0.5 * (1.0 / 3 - 1), 1e-6);
+  EXPECT_EQ(d[6], 0.0f);
+}
+
+// ---------------------------------------------------------------------------------------
+// Gradients against finite differences, L = <y, r> for a fixed random r.
+
+TEST(GradCheckTest, SoftmaxBackward) {
+  const int rows = 3, cols = 5;
+  auto x = Random(rows * cols, 12, 2.0f);
+  const auto r = Random(rows * cols, 13);
+  std::vector<float> y(rows * cols), dx(rows * cols);
+  auto loss = [&] {
+    SoftmaxForward(x.data(), y.data(), rows, cols);
+    return DotDouble(y.data(), r.data(), rows * cols);
+  };
+  loss();
+  SoftmaxBackward(y.data(), r.data(), dx.data(), rows, cols);
+  const auto res = CheckGradients(loss, {{"x", x.data(), dx.data(), rows * cols}});
+  EXPECT_TRUE(res.ok) << res.report;
+  EXPECT_EQ(res.checked, rows * cols);
+}
+
+TEST(GradCheckTest, GeluBackward) {
+  const int n = 40;
+  auto x = Random(n, 14, 3.0f);
+  const auto r = Random(n, 15);
+  std::vector<float> y(n), dx(n);
+  auto loss = [&] {
+    GeluForward(x.data(), y.data(), n);
+    return DotDouble(y.data(), r.data(), n);
+  };
+  GeluBackward(x.data(), r.data(), dx.data(), n);
+  const auto res = CheckGradients(loss, {{"x", x.data(), dx.data(), n}});
+  EXPECT_TRUE(res.ok) << res.report;
+}
+
+TEST(GradCheckTest, LayerNormBackwardAllInputs) {
+  const int rows = 3, cols = 8;
+  auto x = Random(rows * cols, 16, 2.0f), g = Random(cols, 17), b = Random(cols, 18);
+  const auto r = Random(rows * cols, 19);
+  std::vector<float> y(rows * cols), mean(rows), rstd(rows), dx(rows * cols), dg(cols, 0.0f),
+      db(cols, 0.0f);
+  auto loss = [&] {
+    LayerNormForward(x.data(), g.data(), b.data(), y.data(), mean.data(), rstd.data(), rows, cols);
+    return DotDouble(y.data(), r.data(), rows * cols);
+  };
+  loss();
+  LayerNormBackward(x.data(), g.data(), mean.data(), rstd.data(), r.data(), dx.data(), dg.data(),
+                    db.data(), rows, cols);
+  const auto res = CheckGradients(loss, {{"x", x.data(), dx.data(), rows * cols},
+                                         {"gamma", g.data(), dg.data(), cols},
+                                         {"beta", b.data(), db.data(), cols}});
+  EXPECT_TRUE(res.ok) << res.report;
+}
+
+TEST(GradCheckTest, LinearLayerThroughGemmAndBias) {
+  // y = x W^T + b; dx = dy W; dW = dy^T x; db = sum dy.
+  const int t = 6, in = 5, out = 4;
+  auto x = Random(t * in, 20), w = Random(out * in, 21), b = Random(out, 22);
+  const auto r = Random(t * out, 23);
+  std::vector<float> y(t * out), dx(t * in), dw(out * in, 0.0f), db(out, 0.0f);
+  auto loss = [&] {
+    Gemm(false, true, t, out, in, 1.0f, x.data(), in, w.data(), in, 0.0f, y.data(), out);
+    AddBias(y.data(), b.data(), t, out);
+    return DotDouble(y.data(), r.data(), t * out);
+  };
+  Gemm(false, false, t, in, out, 1.0f, r.data(), out, w.data(), in, 0.0f, dx.data(), in);
+  Gemm(true, false, out, in, t, 1.0f, r.data(), out, x.data(), in, 1.0f, dw.data(), in);
+  BiasBackward(r.data(), db.data(), t, out);
+  const auto res = CheckGradients(loss, {{"x", x.data(), dx.data(), t * in},
+                                         {"w", w.data(), dw.data(), out * in},
+                                         {"b", b.data(), db.data(), out}});
+  EXPECT_TRUE(res.ok) << res.report;
+}
+
+TEST(GradCheckTest, CrossEntropyBackward) {
+  const int rows = 4, classes = 6;
+  auto logits = Random(rows * classes, 24, 2.0f);
+  const std::vector<int32_t> labels = {1, -1, 5, 0};
+  std::vector<float> probs(rows * classes), d(rows * classes);
+  auto loss = [&] {
+    return static_cast<double>(
+        CrossEntropyForward(logits.data(), labels.data(), probs.data(), rows, classes));
+  };
+  loss();
+  CrossEntropyBackward(probs.data(), labels.data(), d.data(), rows, classes, 1.0f / 3);
+  const auto res = CheckGradients(loss, {{"logits", logits.data(), d.data(), rows * classes}});
+  EXPECT_TRUE(res.ok) << res.report;
+}
+
+TEST(GradCheckTest, CatchesAWrongGradient) {
+  // The checker itself must fail on a gradient that is off: here GELU's derivative
+  // without the x * pdf term.
+  const int n = 20;
+  auto x = Random(n, 25, 2.0f);
+  const auto r = Random(n, 26);
+  std::vector<float> y(n), dx(n);
+  auto loss = [&] {
+    GeluForward(x.data(), y.data(), n);
+    return DotDouble(y.data(), r.data(), n);
+  };
+  for (int i = 0; i < n; ++i) dx[i] = r[i] * 0.5f * (1.0f + std::erf(x[i] / std::sqrt(2.0f)));
+  const auto res = CheckGradients(loss, {{"x", x.data(), dx.data(), n}});
+  EXPECT_FALSE(res.ok);
+  EXPECT_GT(res.failed, n / 2);
+}
+
+}  // namespace
+}  // namespace moerun
