@@ -32,6 +32,20 @@ else
   echo "setup: all ${#packages[@]} packages present"
 fi
 
+# Python packages for tests/safetensors_interop.py (the test is skipped without them). Only
+# when missing; a failure is a warning, not a failed setup.
+py_packages=(safetensors numpy)
+if ! python3 -c "import safetensors, numpy" >/dev/null 2>&1; then
+  echo "setup: installing Python packages ${py_packages[*]} (pip)"
+  export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+  # Debian's own python3 refuses pip installs outside a venv (PEP 668) unless told to.
+  if ! python3 -m pip install --quiet "${py_packages[@]}" >/dev/null 2>&1 &&
+    ! PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet "${py_packages[@]}"; then
+    echo "setup: warning: could not pip-install ${py_packages[*]};" \
+      "the safetensors_interop test will be skipped" >&2
+  fi
+fi
+
 echo "setup: building moerun in build/ (log: build/build.log)"
 mkdir -p build
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release "$@" >build/build.log 2>&1 ||

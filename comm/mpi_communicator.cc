@@ -221,24 +221,4 @@ std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key, const s
   return std::make_unique<MpiCommunicator>(sub, name);
 }
 
-// ---------------------------------------------------------------------------------------
-std::vector<int64_t> PrefixDisplacements(const std::vector<int64_t>& counts) {
-  std::vector<int64_t> displs(counts.size(), 0);
-  for (size_t i = 1; i < counts.size(); ++i) displs[i] = displs[i - 1] + counts[i - 1];
-  return displs;
-}
-
-Status AgreeOnStatus(Communicator& comm, const Status& local) {
-  int32_t first_failed = local.ok() ? comm.size() : comm.rank();
-  comm.AllReduce(&first_failed, 1, DType::kI32, ReduceOp::kMin);
-  if (first_failed == comm.size()) return Status::Ok();
-  std::string message = local.message();
-  int64_t len = static_cast<int64_t>(message.size());
-  comm.Broadcast(&len, 1, DType::kI64, first_failed);
-  message.resize(len);
-  comm.Broadcast(message.data(), len, DType::kU8, first_failed);
-  if (comm.size() > 1) message = "rank " + std::to_string(first_failed) + ": " + message;
-  return Status::Error(message);
-}
-
 }  // namespace moerun

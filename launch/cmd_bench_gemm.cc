@@ -51,6 +51,15 @@ double Gflops(const GemmShape& g, double s) { return 2.0 * g.m * g.n * g.k / s /
 
 }  // namespace
 
+double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds) {
+  double peak = 0;
+  for (int64_t n : sizes) {
+    const GemmShape g{"peak", false, false, n, n, n};
+    peak = std::max(peak, Gflops(g, TimeGemm(g, seconds)));
+  }
+  return peak;
+}
+
 int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
   std::string rows_text, shapes_text, peak_text;

@@ -12,9 +12,14 @@ namespace moerun {
 int RunEnv(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program);
+int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program);
+int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program);
 // train / eval / plan: load and validate the config, then run the command.
 int RunModelCommand(const std::string& command, const std::vector<std::string>& args,
                     ProgramArgs program);
+
+// The best fp32 GFLOP/s of square GEMMs of these sizes with this rank's threads.
+double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);
 
 // What this build can use of CUDA: "not built", or "built, N devices".
 std::string CudaAvailability(int* device_count);

@@ -30,6 +30,8 @@ const CommandEntry kCommands[] = {
     {"env", "show world size, ranks, hosts, threads, BLAS, MPI and CUDA of this job",
      moerun::RunEnv},
     {"bench", "benchmarks printing JSON lines: 'bench comm', 'bench gemm'", nullptr},
+    {"replay-moe", "run one MoE layer on a case file and write outputs and gradients",
+     moerun::RunReplayMoe},
     {"train", "train a model from a config (configs/*.pbtxt)", Train},
     {"eval", "evaluate a trained model, with routing overrides", Eval},
     {"plan", "parameter count, per-rank memory and communication of a config", Plan},
@@ -39,6 +41,8 @@ const CommandEntry kBenchTargets[] = {
     {"comm", "all_to_all_v and all_reduce bandwidth, ours beside raw MPI", moerun::RunBenchComm},
     {"gemm", "fp32 GEMM GFLOP/s at expert-MLP shapes beside the measured peak",
      moerun::RunBenchGemm},
+    {"moe-layer", "forward+backward of one MoE layer: tokens/s and where the time goes",
+     moerun::RunBenchMoeLayer},
 };
 
 template <size_t N>
@@ -46,7 +50,7 @@ void PrintTable(const char* title, const CommandEntry (&entries)[N]) {
   std::cout << title << "\n";
   for (const CommandEntry& c : entries) {
     std::string name = c.name;
-    name.resize(8, ' ');
+    name.resize(12, ' ');
     std::cout << "  " << name << c.summary << "\n";
   }
 }
@@ -109,7 +113,7 @@ int main(int argc, char** argv) {
   if (target == nullptr) {
     if (root) {
       std::cerr << "moerun bench: unknown target '" << args[0]
-                << "'; targets are: comm, gemm. See 'moerun bench --help'.\n";
+                << "'; targets are: comm, gemm, moe-layer. See 'moerun bench --help'.\n";
     }
     return moerun::kExitUsage;
   }

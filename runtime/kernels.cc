@@ -101,6 +101,27 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
                      batch);
 }
 
+void RowInvariantGemmNT(const float* a, const float* b, float* c, int64_t rows, int64_t n,
+                        int64_t k) {
+  constexpr int kLanes = 16;  // fixed partial sums: the summation order is part of the contract
+#pragma omp parallel for schedule(static) if (rows * n * k > 262144)
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* at = a + t * k;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* bj = b + j * k;
+      float acc[kLanes] = {0};
+      int64_t i = 0;
+      for (; i + kLanes <= k; i += kLanes) {
+        for (int l = 0; l < kLanes; ++l) acc[l] += at[i + l] * bj[i + l];
+      }
+      for (int l = 0; i < k; ++i, ++l) acc[l] += at[i] * bj[i];
+      float sum = 0.0f;
+      for (int l = 0; l < kLanes; ++l) sum += acc[l];
+      c[t * n + j] = sum;
+    }
+  }
+}
+
 void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
   for (int64_t r = 0; r < rows; ++r) {

@@ -34,6 +34,13 @@ void GemmStridedBatched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
 void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor* c,
             float alpha = 1.0f, float beta = 0.0f);
 
+// c[t,n] = sum_k a[t,k] * b[n,k] (c = a b^T), each element summed in a fixed order that
+// depends on neither the row count, the row's position nor the thread count, so a row gives
+// bitwise the same result however rows are split over ranks (BLAS does not promise this).
+// For small n (the router: n = experts); slower than Gemm for large n.
+void RowInvariantGemmNT(const float* a, const float* b, float* c, int64_t rows, int64_t n,
+                        int64_t k);
+
 // y[r,:] = softmax(x[r,:]); x and y may alias.
 void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols);
 // dx = y * (dy - sum(dy * y)) per row; dx may alias dy.

@@ -1,0 +1,205 @@
+// moerun bench moe-layer: forward + backward of one expert-parallel MoE layer at V-MoE
+// shapes, with the time split into its parts, expert GEMM GFLOP/s beside the GEMM peak and
+// all-to-all GB/s beside a raw MPI_Alltoallv of the same size, all measured in this run.
+#include <mpi.h>
+
+#include <random>
+#include <sstream>
+
+#include "launch/commands.h"
+#include "model/moe_layer.h"
+#include "runtime/kernels.h"
+
+namespace moerun {
+namespace {
+
+struct LayerShape {
+  int64_t d, m;
+};
+
+void FillNormal(Tensor* t, float scale, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  float* p = t->data<float>();
+  for (int64_t i = 0; i < t->numel(); ++i) p[i] = scale * n01(rng);
+}
+
+// Raw MPI_Alltoallv of `bytes_per_peer` per peer on the expert-parallel group's ranks.
+double RawAllToAllGbps(const std::vector<int>& ranks_unused, int64_t floats_per_peer, int p,
+                       int iters) {
+  (void)ranks_unused;
+  std::vector<float> send(floats_per_peer * p, 1.0f), recv(floats_per_peer * p);
+  std::vector<int> counts(p, static_cast<int>(floats_per_peer)), displs(p);
+  for (int i = 0; i < p; ++i) displs[i] = static_cast<int>(i * floats_per_peer);
+  MPI_Barrier(MPI_COMM_WORLD);
+  const double t0 = MPI_Wtime();
+  for (int i = 0; i < iters; ++i) {
+    MPI_Alltoallv(send.data(), counts.data(), displs.data(), MPI_FLOAT, recv.data(), counts.data(),
+                  displs.data(), MPI_FLOAT, MPI_COMM_WORLD);
+  }
+  double dt = MPI_Wtime() - t0;
+  MPI_Allreduce(MPI_IN_PLACE, &dt, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return 4.0 * floats_per_peer * (p - 1) / (dt / iters) / 1e9;
+}
+
+}  // namespace
+
+int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) {
+  GlobalOptions global;
+  std::string shapes_text, experts_text, bpr_text;
+  int64_t tokens = 4096;
+  int k = 2, steps = 3;
+  double capacity_factor = 1.05;
+  po::options_description desc("Options");
+  desc.add_options()                                                                      //
+      ("tokens", po::value(&tokens)->default_value(4096), "tokens per rank (one group)")  //
+      ("shapes", po::value(&shapes_text)->default_value("512x2048,768x3072"),
+       "layer shapes DxM (model width x expert hidden width)")                                    //
+      ("experts", po::value(&experts_text)->default_value("8,32"), "expert counts E")             //
+      ("k", po::value(&k)->default_value(2), "experts per token")                                 //
+      ("capacity-factor", po::value(&capacity_factor)->default_value(1.05), "capacity factor c")  //
+      ("bpr", po::value(&bpr_text)->default_value("0,1"), "routing: 0 vanilla, 1 BPR, or both")   //
+      ("steps", po::value(&steps)->default_value(3), "timed forward+backward steps per case");
+  AddGlobalOptions(&desc, &global);
+  po::variables_map vm;
+  switch (ParseArgs(
+      "moerun bench moe-layer", "[mpirun -np P] moerun bench moe-layer [options]",
+      "Forward + backward of one MoE layer per (shape, E, routing): tokens/s over all ranks,\n"
+      "the time split (router, routing = priority + capacity, pack, all-to-all, expert GEMMs,\n"
+      "combine, and the backward parts), expert GEMM GFLOP/s beside the square-GEMM peak and\n"
+      "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this run.",
+      args, desc, nullptr, &vm)) {
+    case ParseOutcome::kHelpShown:
+      return kExitOk;
+    case ParseOutcome::kError:
+      return kExitUsage;
+    case ParseOutcome::kRun:
+      break;
+  }
+  auto experts = ParseIntList(experts_text);
+  std::vector<LayerShape> shapes;
+  std::string problem;
+  if (!experts.ok()) problem = "--experts: " + experts.status().message();
+  std::stringstream ss(shapes_text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    const size_t x = item.find('x');
+    auto dm = x == std::string::npos ? ParseIntList("bad")
+                                     : ParseIntList(item.substr(0, x) + "," + item.substr(x + 1));
+    if (!dm.ok() || dm->size() != 2) {
+      problem = "--shapes: '" + item + "' is not DxM (e.g. 512x2048)";
+      break;
+    }
+    shapes.push_back({(*dm)[0], (*dm)[1]});
+  }
+  std::vector<bool> bprs;
+  if (bpr_text == "0" || bpr_text == "0,1") bprs.push_back(false);
+  if (bpr_text == "1" || bpr_text == "0,1") bprs.push_back(true);
+  if (bprs.empty()) problem = "--bpr must be 0, 1 or 0,1";
+  if (tokens < 1 || steps < 1 || k < 1 || capacity_factor <= 0) {
+    problem = "--tokens, --steps, --k and --capacity-factor must be positive";
+  }
+  if (!problem.empty()) {
+    PrintError("moerun bench moe-layer", problem);
+    return kExitUsage;
+  }
+  Session session(program.argc, program.argv, global);
+  Communicator& world = session.world();
+  const double peak = MeasureGemmPeakGflops({1024, 2048}, 0.3);
+  for (const LayerShape& shape : shapes) {
+    for (int64_t e : *experts) {
+      auto groups = MoeGroups::Create(&world, static_cast<int>(e));
+      if (!groups.ok()) {
+        PrintError("moerun bench moe-layer",
+                   "E=" + std::to_string(e) + ": " + groups.status().message());
+        return kExitUsage;
+      }
+      for (bool bpr : bprs) {
+        MoeLayerConfig cfg;
+        cfg.d = static_cast<int>(shape.d);
+        cfg.m = static_cast<int>(shape.m);
+        cfg.num_experts = static_cast<int>(e);
+        cfg.k = k;
+        cfg.capacity_factor = capacity_factor;
+        cfg.bpr = bpr;
+        MoeLayer layer(cfg, *groups);
+        MoeParams& p = layer.params();
+        FillNormal(&p.router_weight, 1.0f / std::sqrt(static_cast<float>(shape.d)), 1);
+        FillNormal(&p.fc1_weight, 1.0f / std::sqrt(static_cast<float>(shape.d)), 2 + world.rank());
+        FillNormal(&p.fc2_weight, 1.0f / std::sqrt(static_cast<float>(shape.m)), 3 + world.rank());
+        Tensor x = Tensor::Empty({tokens, shape.d}), y = Tensor::Empty({tokens, shape.d});
+        Tensor dy = Tensor::Empty({tokens, shape.d}), dx = Tensor::Empty({tokens, shape.d});
+        FillNormal(&x, 1.0f, 10 + world.rank());
+        FillNormal(&dy, 1.0f, 20 + world.rank());
+        MoeForwardArgs fwd;
+        fwd.first_token = world.rank() * tokens;
+        auto step = [&](int i) {
+          fwd.noise_key.step = static_cast<uint32_t>(i);
+          const Status s = layer.Forward(x, fwd, &y);
+          CHECK(s.ok()) << s.message();
+          layer.Backward(dy, &dx);
+          layer.ReduceReplicaGradients();
+        };
+        step(0);  // warm-up: allocates the buffers
+        layer.timers() = MoeTimers();
+        world.Barrier();
+        const double t0 = MPI_Wtime();
+        for (int i = 1; i <= steps; ++i) step(i);
+        double wall = (MPI_Wtime() - t0) / steps;
+        world.AllReduce(&wall, 1, DType::kF64, ReduceOp::kMax);
+        const MoeTimers& tm = layer.timers();
+        auto per_step = [&](double v) { return v / steps; };
+        const double expert_s = per_step(tm.expert + tm.bwd_expert);
+        const double a2a_s = per_step(tm.all_to_all + tm.bwd_all_to_all);
+        const double other_s =
+            per_step(tm.router + tm.routing + tm.pack + tm.combine + tm.bwd_combine + tm.bwd_pack +
+                     tm.bwd_dispatch + tm.bwd_router);
+        const int64_t el = (*groups)->local_experts(), pe = (*groups)->expert().size();
+        const int64_t cap = layer.metrics().capacity, rows = pe * cap;  // one group per rank
+        const double expert_flops = 12.0 * rows * shape.d * shape.m * el;
+        // Four all-to-alls per step, each moving E_local*cap*D floats to every peer.
+        const int64_t floats_per_peer = el * cap * shape.d;
+        const double a2a_bytes = 4.0 * 4.0 * floats_per_peer * (pe - 1);
+        const double raw = pe > 1 && pe == world.size()
+                               ? RawAllToAllGbps({}, floats_per_peer, static_cast<int>(pe), 4)
+                               : 0.0;
+        if (!session.is_root()) continue;
+        PrintJsonLine({{"bench", "moe-layer"},
+                       {"d", shape.d},
+                       {"m", shape.m},
+                       {"e", e},
+                       {"k", k},
+                       {"bpr", bpr},
+                       {"capacity_factor", capacity_factor},
+                       {"capacity", cap},
+                       {"ranks", world.size()},
+                       {"tokens_per_rank", tokens},
+                       {"threads", NumThreads()},
+                       {"step_ms", wall * 1e3},
+                       {"tokens_per_s", tokens * world.size() / wall},
+                       {"expert_gemm_gflops", expert_flops / expert_s / 1e9},
+                       {"gemm_peak_gflops", peak},
+                       {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
+                       {"raw_a2a_gbps", raw},
+                       {"ms",
+                        {{"router", per_step(tm.router) * 1e3},
+                         {"routing", per_step(tm.routing) * 1e3},
+                         {"pack", per_step(tm.pack) * 1e3},
+                         {"all_to_all", per_step(tm.all_to_all) * 1e3},
+                         {"expert", per_step(tm.expert) * 1e3},
+                         {"combine", per_step(tm.combine) * 1e3},
+                         {"bwd_combine", per_step(tm.bwd_combine) * 1e3},
+                         {"bwd_pack", per_step(tm.bwd_pack) * 1e3},
+                         {"bwd_all_to_all", per_step(tm.bwd_all_to_all) * 1e3},
+                         {"bwd_expert", per_step(tm.bwd_expert) * 1e3},
+                         {"bwd_dispatch", per_step(tm.bwd_dispatch) * 1e3},
+                         {"bwd_router", per_step(tm.bwd_router) * 1e3}}},
+                       {"expert_fraction", expert_s / wall},
+                       {"a2a_fraction", a2a_s / wall},
+                       {"other_fraction", other_s / wall}});
+      }
+    }
+  }
+  return kExitOk;
+}
+
+}  // namespace moerun

@@ -1,0 +1,303 @@
+// moerun replay-moe: runs one MoE layer's forward and backward on a case file and writes
+// every output and gradient, so that the layer can be compared with PyTorch, JAX or NumPy.
+// The file formats are documented in README.md ("Replaying one MoE layer").
+#include <cstdlib>
+#include <set>
+
+#include "launch/commands.h"
+#include "model/moe_layer.h"
+#include "model/vit_spec.h"
+#include "runtime/safetensors.h"
+
+namespace moerun {
+namespace {
+
+// Strict parsing of the case's string metadata.
+class Metadata {
+ public:
+  explicit Metadata(const std::map<std::string, std::string>& m) : m_(m) {}
+  bool Has(const std::string& key) const { return m_.count(key) > 0; }
+  Status Int(const std::string& key, int64_t fallback, int64_t* out) const {
+    auto it = m_.find(key);
+    if (it == m_.end()) {
+      *out = fallback;
+      return Status::Ok();
+    }
+    char* end = nullptr;
+    const long long v = std::strtoll(it->second.c_str(), &end, 10);
+    if (it->second.empty() || *end != '\0') {
+      return Status::Error("metadata '" + key + "' = '" + it->second + "' is not an integer");
+    }
+    *out = v;
+    return Status::Ok();
+  }
+  Status Double(const std::string& key, double fallback, double* out) const {
+    auto it = m_.find(key);
+    if (it == m_.end()) {
+      *out = fallback;
+      return Status::Ok();
+    }
+    char* end = nullptr;
+    const double v = std::strtod(it->second.c_str(), &end);
+    if (it->second.empty() || *end != '\0') {
+      return Status::Error("metadata '" + key + "' = '" + it->second + "' is not a number");
+    }
+    *out = v;
+    return Status::Ok();
+  }
+  Status Bool(const std::string& key, bool fallback, bool* out) const {
+    auto it = m_.find(key);
+    if (it == m_.end()) {
+      *out = fallback;
+      return Status::Ok();
+    }
+    const std::string& v = it->second;
+    if (v == "1" || v == "true" || v == "True") {
+      *out = true;
+    } else if (v == "0" || v == "false" || v == "False") {
+      *out = false;
+    } else {
+      return Status::Error("metadata '" + key + "' = '" + v + "' is not 1/0/true/false");
+    }
+    return Status::Ok();
+  }
+  std::string Str(const std::string& key, const std::string& fallback) const {
+    auto it = m_.find(key);
+    return it == m_.end() ? fallback : it->second;
+  }
+
+ private:
+  const std::map<std::string, std::string>& m_;
+};
+
+struct ReplayCase {
+  MoeLayerConfig config;
+  int64_t tokens = 0;
+  uint64_t seed = 0;
+  std::map<std::string, Tensor> tensors;  // the inputs, whole
+};
+
+StatusOr<ReplayCase> LoadCase(const std::string& path, int ranks) {
+  auto reader = SafetensorsReader::Open(path);
+  if (!reader.ok()) return reader.status();
+  const Metadata md(reader->metadata());
+  ReplayCase c;
+  MoeLayerConfig& cfg = c.config;
+  const MoeConfig defaults;
+  int64_t e = 0, k = 0, capacity = 0, multiple_of = 0, group_size = 0, seed = 0;
+  if (!md.Has("num_experts") || !md.Has("k")) {
+    return Status::Error(path + ": metadata must give 'num_experts' and 'k'");
+  }
+  MOERUN_RETURN_IF_ERROR(md.Int("num_experts", 0, &e));
+  MOERUN_RETURN_IF_ERROR(md.Int("k", 0, &k));
+  MOERUN_RETURN_IF_ERROR(md.Int("capacity", 0, &capacity));
+  MOERUN_RETURN_IF_ERROR(
+      md.Double("capacity_factor", defaults.capacity_factor(), &cfg.capacity_factor));
+  MOERUN_RETURN_IF_ERROR(md.Int("multiple_of", defaults.multiple_of(), &multiple_of));
+  MOERUN_RETURN_IF_ERROR(md.Bool("bpr", defaults.bpr(), &cfg.bpr));
+  MOERUN_RETURN_IF_ERROR(md.Int("group_size", 0, &group_size));
+  MOERUN_RETURN_IF_ERROR(md.Double("noise_std", defaults.noise_std(), &cfg.noise_std));
+  MOERUN_RETURN_IF_ERROR(
+      md.Double("importance_weight", defaults.importance_weight(), &cfg.importance_weight));
+  MOERUN_RETURN_IF_ERROR(md.Double("load_weight", defaults.load_weight(), &cfg.load_weight));
+  MOERUN_RETURN_IF_ERROR(md.Double("gshard_weight", defaults.gshard_weight(), &cfg.gshard_weight));
+  MOERUN_RETURN_IF_ERROR(md.Double("z_loss_weight", 0.0, &cfg.z_loss_weight));
+  MOERUN_RETURN_IF_ERROR(md.Int("seed", 0, &seed));
+  const std::string rounding = md.Str("ceil_or_round", "ceil");
+  if (rounding != "ceil" && rounding != "round") {
+    return Status::Error(path + ": metadata 'ceil_or_round' = '" + rounding +
+                         "'; use ceil or round");
+  }
+  if (md.Has("capacity") && md.Has("capacity_factor")) {
+    return Status::Error(path + ": metadata gives both 'capacity' and 'capacity_factor'; give one");
+  }
+  if (e < 1 || k < 1 || k > e) {
+    return Status::Error(path + ": need 1 <= k <= num_experts (k " + std::to_string(k) +
+                         ", num_experts " + std::to_string(e) + ")");
+  }
+  if (capacity < 0 || cfg.capacity_factor < 0 || multiple_of < 0 || group_size < 0 ||
+      cfg.noise_std < 0) {
+    return Status::Error(path +
+                         ": capacity, capacity_factor, multiple_of, group_size and "
+                         "noise_std must not be negative");
+  }
+  cfg.num_experts = static_cast<int>(e);
+  cfg.k = static_cast<int>(k);
+  cfg.capacity = capacity;
+  if (capacity > 0) cfg.capacity_factor = 0;
+  cfg.multiple_of = static_cast<int>(multiple_of);
+  cfg.round = rounding == "round";
+  cfg.group_size = group_size;
+  c.seed = static_cast<uint64_t>(seed);
+
+  auto x = reader->Get("x", DType::kF32, {-1, -1});
+  if (!x.ok()) return x.status();
+  auto fc1 = reader->Get("experts.fc1.weight", DType::kF32, {e, -1, x->dim(1)});
+  if (!fc1.ok()) return fc1.status();
+  const int64_t t = x->dim(0), d = x->dim(1), m = fc1->dim(1);
+  cfg.d = static_cast<int>(d);
+  cfg.m = static_cast<int>(m);
+  c.tokens = t;
+  c.tensors["x"] = *x;
+  c.tensors["experts.fc1.weight"] = *fc1;
+  const std::pair<const char*, Shape> rest[] = {{"dy", {t, d}},
+                                                {"router.weight", {e, d}},
+                                                {"experts.fc1.bias", {e, m}},
+                                                {"experts.fc2.weight", {e, d, m}},
+                                                {"experts.fc2.bias", {e, d}}};
+  for (const auto& [name, shape] : rest) {
+    auto tensor = reader->Get(name, DType::kF32, shape);
+    if (!tensor.ok()) return tensor.status();
+    c.tensors[name] = *tensor;
+  }
+  if (reader->Has("noise")) {
+    auto noise = reader->Get("noise", DType::kF32, {t, e});
+    if (!noise.ok()) return noise.status();
+    c.tensors["noise"] = *noise;
+  }
+  if (t % ranks != 0) {
+    return Status::Error(path + ": the case has " + std::to_string(t) + " tokens, which " +
+                         std::to_string(ranks) +
+                         " ranks cannot share evenly; run with a rank count that divides it");
+  }
+  const int64_t s = group_size > 0 ? group_size : t / ranks;
+  if ((t / ranks) % s != 0) {
+    return Status::Error(path + ": group_size " + std::to_string(s) + " does not divide the " +
+                         std::to_string(t / ranks) + " tokens each of " + std::to_string(ranks) +
+                         " ranks holds; run with fewer ranks or another group size");
+  }
+  auto placement = PlaceExperts(cfg.num_experts, ranks);
+  if (!placement.ok()) return placement.status();
+  return c;
+}
+
+// Rows [first, first + rows) of a [T, ...] tensor, as a contiguous copy.
+Tensor Rows(const Tensor& t, int64_t first, int64_t rows) {
+  return t.Slice(0, first, first + rows).Contiguous();
+}
+
+template <typename T>
+Tensor GatherRows(Communicator& comm, const Tensor& local) {
+  Shape shape = local.shape();
+  shape[0] *= comm.size();
+  Tensor all = Tensor::Empty(shape, local.dtype());
+  comm.AllGather(local.raw_data(), local.numel(), all.raw_data(), local.dtype());
+  return all;
+}
+
+Tensor Scalar(double v) {
+  Tensor t = Tensor::Empty({});
+  t.data<float>()[0] = static_cast<float>(v);
+  return t;
+}
+
+}  // namespace
+
+int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
+  GlobalOptions global;
+  std::string case_path, out_path;
+  bool eval = false;
+  po::options_description desc("Options");
+  desc.add_options()                                                                              //
+      ("case", po::value(&case_path)->required(), "input case (.safetensors)")                    //
+      ("out", po::value(&out_path)->required(), "output file (.safetensors), written by rank 0")  //
+      ("eval", po::bool_switch(&eval), "inference mode: no router noise, no load loss");
+  AddGlobalOptions(&desc, &global);
+  po::variables_map vm;
+  switch (
+      ParseArgs("moerun replay-moe",
+                "[mpirun -np P] moerun replay-moe --case case.safetensors --out out.safetensors",
+                "Runs one MoE layer forward and backward on a case file and writes the output,\n"
+                "the auxiliary losses, the routing and every gradient of\n"
+                "L = sum(y * dy) + loss.aux_total. Rank r takes the r-th contiguous slice of\n"
+                "the tokens; any P that divides the tokens and fits the experts works. Tensor\n"
+                "names and metadata keys: README.md, 'Replaying one MoE layer'.",
+                args, desc, nullptr, &vm)) {
+    case ParseOutcome::kHelpShown:
+      return kExitOk;
+    case ParseOutcome::kError:
+      return kExitUsage;
+    case ParseOutcome::kRun:
+      break;
+  }
+  Session session(program.argc, program.argv, global);
+  Communicator& world = session.world();
+  StatusOr<ReplayCase> loaded = LoadCase(case_path, world.size());
+  Status agreed = AgreeOnStatus(world, loaded.status());
+  if (!agreed.ok()) {
+    PrintError("moerun replay-moe", agreed.message());
+    return kExitUsage;
+  }
+  ReplayCase& c = *loaded;
+  auto groups = MoeGroups::Create(&world, c.config.num_experts);
+  CHECK(groups.ok()) << groups.status().message();  // checked by LoadCase
+  MoeLayer layer(c.config, *groups);
+  const int64_t el = (*groups)->local_experts(), e0 = (*groups)->first_local_expert();
+  MoeParams& p = layer.params();
+  p.router_weight.CopyFrom(c.tensors["router.weight"]);
+  p.fc1_weight.CopyFrom(c.tensors["experts.fc1.weight"].Slice(0, e0, e0 + el));
+  p.fc1_bias.CopyFrom(c.tensors["experts.fc1.bias"].Slice(0, e0, e0 + el));
+  p.fc2_weight.CopyFrom(c.tensors["experts.fc2.weight"].Slice(0, e0, e0 + el));
+  p.fc2_bias.CopyFrom(c.tensors["experts.fc2.bias"].Slice(0, e0, e0 + el));
+  const int64_t t = c.tokens / world.size(), first = world.rank() * t, d = c.config.d;
+  Tensor x = Rows(c.tensors["x"], first, t), dy = Rows(c.tensors["dy"], first, t);
+  Tensor y = Tensor::Empty({t, d}), dx = Tensor::Empty({t, d}), noise;
+  MoeForwardArgs fwd;
+  fwd.training = !eval;
+  fwd.first_token = first;
+  fwd.noise_key = {c.seed, 0, 0};
+  if (c.tensors.count("noise")) {
+    noise = Rows(c.tensors["noise"], first, t);
+    fwd.noise = &noise;
+  }
+  agreed = AgreeOnStatus(world, layer.Forward(x, fwd, &y));
+  if (!agreed.ok()) {
+    PrintError("moerun replay-moe", agreed.message());
+    return kExitUsage;
+  }
+  layer.ZeroGradients();
+  layer.Backward(dy, &dx);
+  layer.ReduceReplicaGradients();
+  MoeParams& g = layer.grads();
+  world.AllReduce(g.router_weight.raw_data(), g.router_weight.numel(), DType::kF32, ReduceOp::kSum);
+
+  // Assemble on every rank (equal slices), write on rank 0.
+  SafetensorsWriter out;
+  out.Add("y", GatherRows<float>(world, y));
+  out.Add("grad.x", GatherRows<float>(world, dx));
+  out.Add("expert_index", GatherRows<int32_t>(world, layer.expert_index()));
+  out.Add("slot", GatherRows<int32_t>(world, layer.slot()));
+  out.Add("combine_weight", GatherRows<float>(world, layer.combine_weight()));
+  out.Add("grad.router.weight", g.router_weight);
+  // Experts in rank order; with replicas the first E ranks hold experts 0..E-1.
+  auto experts = [&](const Tensor& grad) {
+    Tensor all = GatherRows<float>(world, grad);
+    return all.Slice(0, 0, c.config.num_experts).Contiguous();
+  };
+  out.Add("grad.experts.fc1.weight", experts(g.fc1_weight));
+  out.Add("grad.experts.fc1.bias", experts(g.fc1_bias));
+  out.Add("grad.experts.fc2.weight", experts(g.fc2_weight));
+  out.Add("grad.experts.fc2.bias", experts(g.fc2_bias));
+  const MoeLosses& l = layer.losses();
+  out.Add("loss.importance", Scalar(l.importance));
+  out.Add("loss.load", Scalar(l.load));
+  out.Add("loss.gshard", Scalar(l.gshard));
+  out.Add("loss.aux_total", Scalar(l.aux_total));
+  out.SetMetadata("ranks", std::to_string(world.size()));
+  out.SetMetadata("capacity", std::to_string(layer.metrics().capacity));
+  out.SetMetadata("mode", eval ? "eval" : "train");
+  Status written = session.is_root() ? out.Write(out_path) : Status::Ok();
+  written = AgreeOnStatus(world, written);
+  if (!written.ok()) {
+    PrintError("moerun replay-moe", written.message());
+    return kExitFailure;
+  }
+  if (session.is_root()) {
+    LOG(INFO) << "replay-moe: " << c.tokens << " tokens, E=" << c.config.num_experts
+              << " K=" << c.config.k << " capacity " << layer.metrics().capacity << " on "
+              << world.size() << " rank(s); aux_total " << l.aux_total << "; wrote " << out_path;
+  }
+  return kExitOk;
+}
+
+}  // namespace moerun

@@ -1,0 +1,123 @@
+// Auxiliary router losses and their gradients, in double precision.
+#include "model/moe_losses.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "model/routing.h"
+
+namespace moerun {
+namespace {
+
+// L = var(v) / mean(v)^2 over n values (population variance); writes dL/dv.
+double SquaredCv(const std::vector<double>& v, std::vector<double>* dv) {
+  const int n = static_cast<int>(v.size());
+  double mean = 0;
+  for (double x : v) mean += x;
+  mean /= n;
+  double var = 0;
+  for (double x : v) var += (x - mean) * (x - mean);
+  var /= n;
+  dv->assign(n, 0.0);
+  if (mean == 0) return 0;
+  const double m2 = mean * mean;
+  for (int i = 0; i < n; ++i) {
+    (*dv)[i] = 2.0 * (v[i] - mean) / n / m2 - 2.0 * var / (m2 * mean) / n;
+  }
+  return var / m2;
+}
+
+}  // namespace
+
+double ImportanceLoss(const float* p, int64_t tokens, int num_experts, float* grad, double scale) {
+  std::vector<double> imp(num_experts, 0.0), dimp;
+  for (int64_t s = 0; s < tokens; ++s) {
+    for (int e = 0; e < num_experts; ++e) imp[e] += p[s * num_experts + e];
+  }
+  const double loss = SquaredCv(imp, &dimp);
+  if (grad != nullptr) {
+    for (int64_t s = 0; s < tokens; ++s) {
+      for (int e = 0; e < num_experts; ++e) {
+        grad[s * num_experts + e] += static_cast<float>(scale * dimp[e]);
+      }
+    }
+  }
+  return loss;
+}
+
+double GShardLoss(const float* p, int64_t tokens, int num_experts, float* grad, double scale) {
+  std::vector<double> top1(num_experts, 0.0), mean_p(num_experts, 0.0);
+  for (int64_t s = 0; s < tokens; ++s) {
+    const float* ps = p + s * num_experts;
+    top1[std::max_element(ps, ps + num_experts) - ps] += 1.0 / tokens;
+    for (int e = 0; e < num_experts; ++e) mean_p[e] += ps[e] / tokens;
+  }
+  double loss = 0;
+  for (int e = 0; e < num_experts; ++e) loss += top1[e] * mean_p[e];
+  loss *= num_experts;  // E^2 * mean_e(...) = E * sum_e(...)
+  if (grad != nullptr) {
+    for (int64_t s = 0; s < tokens; ++s) {
+      for (int e = 0; e < num_experts; ++e) {
+        grad[s * num_experts + e] += static_cast<float>(scale * num_experts * top1[e] / tokens);
+      }
+    }
+  }
+  return loss;
+}
+
+double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
+                double sigma, float* grad, double scale) {
+  constexpr double kInvSqrt2 = 0.70710678118654752440;
+  constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+  std::vector<int32_t> idx(k);
+  std::vector<float> w(k);
+  std::vector<int32_t> kth(tokens);
+  std::vector<double> load(num_experts, 0.0), dload;
+  for (int64_t s = 0; s < tokens; ++s) {
+    TopK(z_noisy + s * num_experts, 1, num_experts, k, idx.data(), w.data());
+    kth[s] = idx[k - 1];
+    const double tau = z_noisy[s * num_experts + kth[s]];
+    for (int e = 0; e < num_experts; ++e) {
+      const double u = (tau - z[s * num_experts + e]) / sigma;
+      load[e] += (1.0 - 0.5 * std::erfc(-u * kInvSqrt2)) / tokens;
+    }
+  }
+  const double loss = SquaredCv(load, &dload);
+  if (grad != nullptr) {
+    for (int64_t s = 0; s < tokens; ++s) {
+      const double tau = z_noisy[s * num_experts + kth[s]];
+      double dtau = 0;
+      for (int e = 0; e < num_experts; ++e) {
+        const double u = (tau - z[s * num_experts + e]) / sigma;
+        // dP/dz = phi(u) / sigma, dP/dtau = -phi(u) / sigma.
+        const double d = scale * dload[e] / tokens * kInvSqrt2Pi * std::exp(-0.5 * u * u) / sigma;
+        grad[s * num_experts + e] += static_cast<float>(d);
+        dtau -= d;
+      }
+      grad[s * num_experts + kth[s]] += static_cast<float>(dtau);
+    }
+  }
+  return loss;
+}
+
+double ZLoss(const float* z, int64_t tokens, int num_experts, float* grad, double scale) {
+  double loss = 0;
+  for (int64_t s = 0; s < tokens; ++s) {
+    const float* zs = z + s * num_experts;
+    const double mx = *std::max_element(zs, zs + num_experts);
+    double se = 0;
+    for (int e = 0; e < num_experts; ++e) se += std::exp(zs[e] - mx);
+    const double lse = mx + std::log(se);
+    loss += lse * lse / tokens;
+    if (grad != nullptr) {
+      for (int e = 0; e < num_experts; ++e) {
+        const double softmax = std::exp(zs[e] - lse);
+        grad[s * num_experts + e] += static_cast<float>(scale * 2.0 * lse * softmax / tokens);
+      }
+    }
+  }
+  return loss;
+}
+
+}  // namespace moerun

@@ -1,0 +1,30 @@
+// Auxiliary losses of the V-MoE router for one group of S tokens over E experts
+// (shared/specs/vmoe-routing.md), each with its gradient. Every function returns the
+// group's loss and, when `grad` is not null, adds scale * dLoss/dInput to it (so callers
+// pass scale = weight / number of groups and accumulate all terms into one buffer).
+#ifndef MOERUN_MODEL_MOE_LOSSES_H_
+#define MOERUN_MODEL_MOE_LOSSES_H_
+
+#include <cstdint>
+
+namespace moerun {
+
+// (std(imp) / mean(imp))^2, imp[e] = sum_s p[s,e], p the clean softmax. grad: d/dp.
+double ImportanceLoss(const float* p, int64_t tokens, int num_experts, float* grad, double scale);
+
+// E^2 * mean_e(mean_s onehot(argmax_e p)[s,e] * mean_s p[s,e]); the argmax (ties to the
+// lower index) carries no gradient. grad: d/dp.
+double GShardLoss(const float* p, int64_t tokens, int num_experts, float* grad, double scale);
+
+// (std(load) / mean(load))^2 with load[e] = mean_s (1 - Phi((tau_s - z[s,e]) / sigma)),
+// tau_s the noisy logit of the expert ranked k-th by the noisy logits. z are the clean
+// logits, z_noisy = z + noise. grad: d/dz through both z and tau (tau = z[s,e*] + noise).
+double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
+                double sigma, float* grad, double scale);
+
+// Router z-loss (ST-MoE): mean_s logsumexp(z[s,:])^2 on the clean logits. grad: d/dz.
+double ZLoss(const float* z, int64_t tokens, int num_experts, float* grad, double scale);
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_MOE_LOSSES_H_

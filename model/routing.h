@@ -1,0 +1,34 @@
+// Routing of one group of tokens (shared/specs/vmoe-routing.md): top-k over the gates,
+// per-expert capacity, K-major slot assignment in vanilla or Batch Priority order, no
+// back-filling. Pure functions over plain buffers; the MoE layer calls them per group.
+#ifndef MOERUN_MODEL_ROUTING_H_
+#define MOERUN_MODEL_ROUTING_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/status.h"
+
+namespace moerun {
+
+// cap = ceil(S*K*c/E) (or round), error if < 1, then rounded up to a multiple of
+// multiple_of (0: no rounding). Computed as (S*K*c)/E in double, the reference's order.
+StatusOr<int64_t> ComputeCapacity(int64_t group_size, int num_experts, int k,
+                                  double capacity_factor, bool round, int multiple_of);
+
+// Per token s: the k largest gates in descending order, ties to the lower expert index.
+// expert_index and weight are [S, K]; weight is the raw gate (not renormalised).
+void TopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
+          float* weight);
+
+// Assigns slots for one group: round j = 0..K-1 visits every token's j-th choice in
+// priority order (token order, or with bpr a stable sort on descending top-1 gate, i.e.
+// weight[s*K]); a visit of expert e takes slot load[e] and increments it, kept or not.
+// Writes slot [S, K] (raw: >= capacity means dropped) and load[e] = visits of e (all
+// choices, before capacity). `order` is scratch (resized to S).
+void AssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens, int num_experts,
+                 int k, bool bpr, int32_t* slot, int32_t* load, std::vector<int32_t>* order);
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_ROUTING_H_

@@ -1,0 +1,399 @@
+// The MoE layer under mpirun -np 1, 2, 4 and 8: expert-parallel invariance against a
+// single-rank run of the same global case, edge cases, and finite-difference gradients.
+#include "model/moe_layer.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "runtime/gradcheck.h"
+#include "tests/mpi_test_main.h"
+
+namespace moerun {
+namespace {
+
+using testing::World;
+
+// One global MoE case: the whole batch and all experts, as every rank sees it.
+struct Case {
+  MoeLayerConfig config;
+  int64_t tokens = 0;
+  std::vector<float> x, dy, router, fc1_w, fc1_b, fc2_w, fc2_b, noise;
+};
+
+Case MakeCase(uint32_t seed, int64_t tokens, int d, int m, int e, int k) {
+  Case c;
+  c.config.d = d;
+  c.config.m = m;
+  c.config.num_experts = e;
+  c.config.k = k;
+  c.tokens = tokens;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  auto fill = [&](std::vector<float>* v, int64_t n, float scale) {
+    v->resize(n);
+    for (float& x : *v) x = scale * n01(rng);
+  };
+  fill(&c.x, tokens * d, 1.0f);
+  fill(&c.dy, tokens * d, 1.0f);
+  fill(&c.router, int64_t{e} * d, 1.0f / std::sqrt(static_cast<float>(d)));
+  fill(&c.fc1_w, int64_t{e} * m * d, 1.0f / std::sqrt(static_cast<float>(d)));
+  fill(&c.fc1_b, int64_t{e} * m, 0.1f);
+  fill(&c.fc2_w, int64_t{e} * d * m, 1.0f / std::sqrt(static_cast<float>(m)));
+  fill(&c.fc2_b, int64_t{e} * d, 0.1f);
+  return c;
+}
+
+struct Result {
+  std::vector<float> y, dx, weight, router_grad, fc1_w_grad, fc1_b_grad, fc2_w_grad, fc2_b_grad;
+  std::vector<int32_t> expert, slot;
+  MoeLosses losses;
+  MoeMetrics metrics;
+};
+
+// Gathers every rank's equal-size slice into the whole.
+template <typename T>
+std::vector<T> Gather(Communicator& comm, const T* local, int64_t n) {
+  std::vector<T> all(n * comm.size());
+  comm.AllGather(local, n, all.data(), DTypeOf<T>::value);
+  return all;
+}
+
+// Runs forward + backward of the case on `comm` (each rank its slice of the tokens and its
+// experts) and assembles the global results on every rank.
+Result RunLayer(Communicator& comm, const Case& c, bool training = true) {
+  auto groups = MoeGroups::Create(&comm, c.config.num_experts);
+  EXPECT_TRUE(groups.ok()) << groups.status().message();
+  MoeLayer layer(c.config, *groups);
+  const int64_t d = c.config.d, m = c.config.m, e = c.config.num_experts, k = c.config.k;
+  const int64_t el = layer.groups().local_experts(), e0 = layer.groups().first_local_expert();
+  MoeParams& p = layer.params();
+  std::copy(c.router.begin(), c.router.end(), p.router_weight.data<float>());
+  std::copy_n(c.fc1_w.data() + e0 * m * d, el * m * d, p.fc1_weight.data<float>());
+  std::copy_n(c.fc1_b.data() + e0 * m, el * m, p.fc1_bias.data<float>());
+  std::copy_n(c.fc2_w.data() + e0 * d * m, el * d * m, p.fc2_weight.data<float>());
+  std::copy_n(c.fc2_b.data() + e0 * d, el * d, p.fc2_bias.data<float>());
+  const int64_t t = c.tokens / comm.size(), first = comm.rank() * t;
+  Tensor x = Tensor::Empty({t, d}), y = Tensor::Empty({t, d}), dy = Tensor::Empty({t, d});
+  Tensor dx = Tensor::Empty({t, d});
+  std::copy_n(c.x.data() + first * d, t * d, x.data<float>());
+  std::copy_n(c.dy.data() + first * d, t * d, dy.data<float>());
+  MoeForwardArgs args;
+  args.training = training;
+  args.first_token = first;
+  args.noise_key = {7, 2, 1};
+  Tensor noise;
+  if (!c.noise.empty()) {
+    noise = Tensor::Empty({t, e});
+    std::copy_n(c.noise.data() + first * e, t * e, noise.data<float>());
+    args.noise = &noise;
+  }
+  const Status s = layer.Forward(x, args, &y);
+  if (!s.ok()) {
+    ADD_FAILURE() << s.message();
+    return {};
+  }
+  layer.ZeroGradients();
+  layer.Backward(dy, &dx);
+  layer.ReduceReplicaGradients();
+  Result r;
+  r.y = Gather(comm, y.data<float>(), t * d);
+  r.dx = Gather(comm, dx.data<float>(), t * d);
+  r.weight = Gather(comm, layer.combine_weight().data<float>(), t * k);
+  r.expert = Gather(comm, layer.expert_index().data<int32_t>(), t * k);
+  r.slot = Gather(comm, layer.slot().data<int32_t>(), t * k);
+  r.losses = layer.losses();
+  r.metrics = layer.metrics();
+  MoeParams& g = layer.grads();
+  r.router_grad.assign(g.router_weight.data<float>(), g.router_weight.data<float>() + e * d);
+  comm.AllReduce(r.router_grad.data(), e * d, DType::kF32, ReduceOp::kSum);
+  // Experts in rank order; with replicas (P > E) the first E ranks hold experts 0..E-1.
+  auto experts = [&](const Tensor& grad, int64_t per_expert) {
+    std::vector<float> all = Gather(comm, grad.data<float>(), el * per_expert);
+    all.resize(e * per_expert);
+    return all;
+  };
+  r.fc1_w_grad = experts(g.fc1_weight, m * d);
+  r.fc1_b_grad = experts(g.fc1_bias, m);
+  r.fc2_w_grad = experts(g.fc2_weight, d * m);
+  r.fc2_b_grad = experts(g.fc2_bias, d);
+  return r;
+}
+
+// Every rank computes the single-rank answer on a communicator of its own.
+Result RunSingleRank(const Case& c, bool training = true) {
+  auto self = World().Split(World().rank(), 0, "self");
+  return RunLayer(*self, c, training);
+}
+
+// Relative closeness of two float vectors: max |a-b| / max(1, max |b|).
+double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double diff = 0, scale = 1;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(b[i])));
+  }
+  return diff / scale;
+}
+
+// The tolerance policy: routing exactly equal; outputs, losses and gradients equal up to
+// float summation order (partial sums over ranks), 1e-5 of the largest magnitude.
+constexpr double kTol = 1e-5;
+
+void ExpectSameResults(const Result& got, const Result& want) {
+  EXPECT_EQ(got.expert, want.expert);
+  EXPECT_EQ(got.slot, want.slot);
+  EXPECT_EQ(got.weight, want.weight) << "gates are per token: bitwise equal";
+  EXPECT_LE(MaxRelDiff(got.y, want.y), kTol);
+  EXPECT_LE(MaxRelDiff(got.dx, want.dx), kTol);
+  EXPECT_LE(MaxRelDiff(got.router_grad, want.router_grad), kTol);
+  EXPECT_LE(MaxRelDiff(got.fc1_w_grad, want.fc1_w_grad), kTol);
+  EXPECT_LE(MaxRelDiff(got.fc1_b_grad, want.fc1_b_grad), kTol);
+  EXPECT_LE(MaxRelDiff(got.fc2_w_grad, want.fc2_w_grad), kTol);
+  EXPECT_LE(MaxRelDiff(got.fc2_b_grad, want.fc2_b_grad), kTol);
+  for (auto [a, b] : {std::pair{got.losses.importance, want.losses.importance},
+                      {got.losses.load, want.losses.load},
+                      {got.losses.gshard, want.losses.gshard},
+                      {got.losses.aux_total, want.losses.aux_total}}) {
+    EXPECT_NEAR(a, b, 1e-12 * std::max(1.0, std::fabs(b)));
+  }
+  EXPECT_EQ(got.metrics.tokens_per_expert, want.metrics.tokens_per_expert);
+  EXPECT_EQ(got.metrics.capacity, want.metrics.capacity);
+}
+
+// Expert counts that fit the current world: E % P == 0 or P % E == 0.
+int ExpertsFor(int wanted) {
+  const int p = World().size();
+  return (wanted % p == 0 || p % wanted == 0) ? wanted : p;
+}
+
+TEST(MoeLayerTest, ExpertParallelInvarianceVanillaAndBpr) {
+  for (bool bpr : {false, true}) {
+    Case c = MakeCase(11, 64, 12, 16, ExpertsFor(8), 2);
+    c.config.bpr = bpr;
+    c.config.capacity_factor = 1.0;
+    c.config.group_size = 8;
+    c.config.gshard_weight = 0.01;
+    c.config.z_loss_weight = 0.001;
+    const Result want = RunSingleRank(c);
+    const Result got = RunLayer(World(), c);
+    SCOPED_TRACE(bpr ? "bpr" : "vanilla");
+    ExpectSameResults(got, want);
+    EXPECT_GT(want.metrics.dropped_fraction[1], 0.0) << "the case should drop some choices";
+  }
+}
+
+TEST(MoeLayerTest, InvarianceWithGeneratedNoise) {
+  // No noise tensor: the counter-based generator keyed by the global token index.
+  Case c = MakeCase(12, 32, 8, 8, ExpertsFor(4), 2);
+  c.config.group_size = 4;
+  c.config.noise_std = 1.0;
+  const Result want = RunSingleRank(c);
+  ExpectSameResults(RunLayer(World(), c), want);
+  EXPECT_GT(want.losses.load, 0.0);
+  // At eval there is no noise and no load loss.
+  const Result eval = RunSingleRank(c, /*training=*/false);
+  EXPECT_EQ(eval.losses.load, 0.0);
+  ExpectSameResults(RunLayer(World(), c, false), eval);
+}
+
+TEST(MoeLayerTest, ReplicasWhenMoreRanksThanExperts) {
+  // With -np 8 this is P = 8, E = 4: two replicas of each expert.
+  Case c = MakeCase(13, 32, 8, 8, ExpertsFor(4), 2);
+  c.config.group_size = 4;
+  ExpectSameResults(RunLayer(World(), c), RunSingleRank(c));
+}
+
+TEST(MoeLayerTest, DroplessCapacityIsTheLargestLoad) {
+  Case c = MakeCase(14, 32, 8, 8, ExpertsFor(4), 2);
+  c.config.capacity_factor = 0;  // dropless
+  c.config.group_size = 4;
+  const Result want = RunSingleRank(c);
+  const Result got = RunLayer(World(), c);
+  ExpectSameResults(got, want);
+  for (double f : got.metrics.dropped_fraction) EXPECT_EQ(f, 0.0);
+  int64_t max_load = 0;  // recount from the routing: the largest per-expert load of a group
+  for (int64_t g = 0; g < 32 / 4; ++g) {
+    std::vector<int64_t> load(c.config.num_experts, 0);
+    for (int64_t i = g * 4 * 2; i < (g + 1) * 4 * 2; ++i) ++load[got.expert[i]];
+    max_load = std::max(max_load, *std::max_element(load.begin(), load.end()));
+  }
+  EXPECT_EQ(got.metrics.capacity, max_load);
+}
+
+// All tokens prefer expert 0 strongly: a large router row 0 aligned with every token.
+Case AllToOneExpert(int e, int k) {
+  Case c = MakeCase(15, 32, 8, 8, e, k);
+  for (int64_t s = 0; s < c.tokens; ++s) c.x[s * 8] = 3.0f + std::fabs(c.x[s * 8]);
+  for (int j = 0; j < 8; ++j) c.router[j] = j == 0 ? 10.0f : 0.0f;
+  return c;
+}
+
+TEST(MoeLayerTest, EveryTokenChoosesOneExpert) {
+  Case c = AllToOneExpert(ExpertsFor(4), 1);
+  c.config.group_size = 4;
+  c.config.capacity_factor = 1.0;
+  c.config.multiple_of = 0;  // cap = ceil(4 * 1 / E)
+  const Result want = RunSingleRank(c);
+  const Result got = RunLayer(World(), c);
+  ExpectSameResults(got, want);
+  const int64_t groups = 32 / 4;
+  const int64_t cap = (4 + c.config.num_experts - 1) / c.config.num_experts;
+  EXPECT_EQ(got.metrics.capacity, cap);
+  EXPECT_EQ(got.metrics.tokens_per_expert[0], cap * groups) << "exactly cap kept per group";
+  // Tokens past the capacity get output 0.
+  for (int64_t s = 0; s < c.tokens; ++s) {
+    if (got.slot[s] >= cap) {
+      for (int j = 0; j < 8; ++j) ASSERT_EQ(got.y[s * 8 + j], 0.0f) << "token " << s;
+    }
+  }
+}
+
+TEST(MoeLayerTest, ExpertsThatReceiveNoTokens) {
+  // K = 1 and every token on expert 0: every other expert (and with P > 1 every other
+  // rank's experts) receives nothing; their gradients are exactly zero.
+  Case c = AllToOneExpert(ExpertsFor(4), 1);
+  c.config.capacity_factor = 4.0;  // no drops
+  c.config.group_size = 4;
+  const Result got = RunLayer(World(), c);
+  ExpectSameResults(got, RunSingleRank(c));
+  const int64_t d = 8, m = 8;
+  for (int64_t i = m * d; i < static_cast<int64_t>(got.fc1_w_grad.size()); ++i) {
+    ASSERT_EQ(got.fc1_w_grad[i], 0.0f);
+  }
+  for (int64_t i = d; i < static_cast<int64_t>(got.fc2_b_grad.size()); ++i) {
+    ASSERT_EQ(got.fc2_b_grad[i], 0.0f);
+  }
+}
+
+TEST(MoeLayerTest, KEqualsEAndKEqualsOne) {
+  for (int k : {1, ExpertsFor(4)}) {
+    Case c = MakeCase(16, 32, 8, 8, ExpertsFor(4), k);
+    c.config.group_size = 4;
+    SCOPED_TRACE("k=" + std::to_string(k));
+    ExpectSameResults(RunLayer(World(), c), RunSingleRank(c));
+  }
+}
+
+TEST(MoeLayerTest, CapacityOneAndGroupsOfOneToken) {
+  Case c = MakeCase(17, 32, 8, 8, ExpertsFor(4), 2);
+  c.config.capacity = 1;
+  c.config.capacity_factor = 0;
+  c.config.group_size = 4;
+  Result got = RunLayer(World(), c);
+  ExpectSameResults(got, RunSingleRank(c));
+  EXPECT_EQ(got.metrics.capacity, 1);
+  c = MakeCase(18, 32, 8, 8, ExpertsFor(4), 2);
+  c.config.group_size = 1;  // cap = ceil(2 * 1.05 / E) -> 1, then multiple_of 4 -> 4
+  got = RunLayer(World(), c);
+  ExpectSameResults(got, RunSingleRank(c));
+  EXPECT_EQ(got.metrics.capacity, 4);
+  for (double f : got.metrics.dropped_fraction) EXPECT_EQ(f, 0.0);
+}
+
+TEST(MoeLayerTest, TokensWhoseEveryChoiceIsDropped) {
+  Case c = AllToOneExpert(ExpertsFor(4), 2);
+  // Make every token's second choice expert 1, then capacity 1 per expert per group.
+  for (int j = 0; j < 8; ++j) c.router[8 + j] = j == 0 ? 9.0f : 0.0f;
+  c.config.capacity = 1;
+  c.config.capacity_factor = 0;
+  c.config.group_size = 4;
+  const Result got = RunLayer(World(), c);
+  ExpectSameResults(got, RunSingleRank(c));
+  int fully_dropped = 0;
+  for (int64_t s = 0; s < c.tokens; ++s) {
+    if (got.slot[s * 2] >= 1 && got.slot[s * 2 + 1] >= 1) {
+      ++fully_dropped;
+      for (int j = 0; j < 8; ++j) ASSERT_EQ(got.y[s * 8 + j], 0.0f);
+    }
+  }
+  // Per group of 4, round 1 keeps token 0 on expert 0 and round 2 keeps token 0's second
+  // choice on expert 1: the other 3 tokens lose every choice.
+  EXPECT_EQ(fully_dropped, 8 * 3);
+}
+
+TEST(MoeLayerTest, BadGroupSizeIsAnErrorNotACrash) {
+  Case c = MakeCase(19, 8 * World().size(), 8, 8, ExpertsFor(4), 2);
+  c.config.group_size = 3;
+  auto groups = MoeGroups::Create(&World(), c.config.num_experts);
+  ASSERT_TRUE(groups.ok());
+  MoeLayer layer(c.config, *groups);
+  Tensor x = Tensor::Zeros({8, 8}), y = Tensor::Zeros({8, 8});
+  const Status s = layer.Forward(x, {}, &y);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("group_size 3 does not divide the 8 tokens"), std::string::npos);
+}
+
+// Finite differences of L = <y, dy> + aux_total over every parameter and the input, on one
+// rank, with drops and without. The noise is a fixed tensor so L is a function of the
+// parameters; loss weights are raised so the auxiliary terms matter.
+void CheckLayerGradients(double capacity_factor, bool bpr) {
+  auto self = World().Split(World().rank(), 0, "self");
+  Case c = MakeCase(21, 8, 6, 8, 4, 2);
+  c.config.capacity_factor = capacity_factor;
+  c.config.multiple_of = 0;
+  c.config.bpr = bpr;
+  c.config.importance_weight = 0.1;
+  c.config.load_weight = 0.1;
+  c.config.gshard_weight = 0.1;
+  c.config.z_loss_weight = 0.01;
+  auto groups = MoeGroups::Create(self.get(), 4);
+  ASSERT_TRUE(groups.ok());
+  MoeLayer layer(c.config, *groups);
+  MoeParams& p = layer.params();
+  std::copy(c.router.begin(), c.router.end(), p.router_weight.data<float>());
+  std::copy(c.fc1_w.begin(), c.fc1_w.end(), p.fc1_weight.data<float>());
+  std::copy(c.fc1_b.begin(), c.fc1_b.end(), p.fc1_bias.data<float>());
+  std::copy(c.fc2_w.begin(), c.fc2_w.end(), p.fc2_weight.data<float>());
+  std::copy(c.fc2_b.begin(), c.fc2_b.end(), p.fc2_bias.data<float>());
+  Tensor x = Tensor::Empty({8, 6}), y = Tensor::Empty({8, 6}), dx = Tensor::Empty({8, 6});
+  Tensor noise = Tensor::Empty({8, 4});
+  std::copy(c.x.begin(), c.x.end(), x.data<float>());
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n01;
+  for (int i = 0; i < 32; ++i) noise.data<float>()[i] = 0.25f * n01(rng);
+  MoeForwardArgs args;
+  args.noise = &noise;
+  auto loss = [&] {
+    EXPECT_TRUE(layer.Forward(x, args, &y).ok());
+    return DotDouble(y.data<float>(), c.dy.data(), 8 * 6) + layer.losses().aux_total;
+  };
+  loss();
+  const std::vector<int32_t> slots(layer.slot().data<int32_t>(), layer.slot().data<int32_t>() + 16);
+  int dropped = 0;
+  for (int32_t s : slots) dropped += s >= layer.metrics().capacity;
+  if (capacity_factor < 1) {
+    EXPECT_GT(dropped, 0);
+  } else {
+    EXPECT_EQ(dropped, 0);
+  }
+  layer.ZeroGradients();
+  Tensor dy = Tensor::Wrap(c.dy.data(), {8, 6}, DType::kF32);
+  layer.Backward(dy, &dx);
+  MoeParams& g = layer.grads();
+  GradCheckOptions opt;
+  opt.rel_eps = 1e-3;
+  opt.abs_eps = 2e-3;
+  const GradCheckResult r = CheckGradients(
+      loss,
+      {{"x", x.data<float>(), dx.data<float>(), 48},
+       {"router.weight", p.router_weight.data<float>(), g.router_weight.data<float>(), 24},
+       {"fc1.weight", p.fc1_weight.data<float>(), g.fc1_weight.data<float>(), 192},
+       {"fc1.bias", p.fc1_bias.data<float>(), g.fc1_bias.data<float>(), 32},
+       {"fc2.weight", p.fc2_weight.data<float>(), g.fc2_weight.data<float>(), 192},
+       {"fc2.bias", p.fc2_bias.data<float>(), g.fc2_bias.data<float>(), 24}},
+      opt);
+  EXPECT_TRUE(r.ok) << r.report << "worst: " << r.worst;
+  // Routing must not have changed under the perturbations (else the check is void).
+  loss();
+  for (int i = 0; i < 16; ++i) ASSERT_EQ(layer.slot().data<int32_t>()[i], slots[i]);
+}
+
+TEST(MoeLayerGradientTest, WithoutDrops) { CheckLayerGradients(2.0, false); }
+TEST(MoeLayerGradientTest, WithDropsAndBpr) { CheckLayerGradients(0.5, true); }
+TEST(MoeLayerGradientTest, WithDropsVanilla) { CheckLayerGradients(0.5, false); }
+
+}  // namespace
+}  // namespace moerun

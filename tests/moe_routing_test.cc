@@ -1,0 +1,167 @@
+// Routing and auxiliary losses against the golden values of shared/specs/vmoe-routing.md,
+// and the losses' gradients against finite differences.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "model/moe_losses.h"
+#include "model/router_noise.h"
+#include "model/routing.h"
+#include "runtime/gradcheck.h"
+
+namespace moerun {
+namespace {
+
+struct Routed {
+  std::vector<int32_t> expert, slot;
+};
+
+Routed Route(const std::vector<float>& p, int tokens, int experts, int k, bool bpr) {
+  Routed r;
+  r.expert.resize(tokens * k);
+  r.slot.resize(tokens * k);
+  std::vector<float> w(tokens * k);
+  std::vector<int32_t> load(experts), order;
+  TopK(p.data(), tokens, experts, k, r.expert.data(), w.data());
+  AssignSlots(r.expert.data(), w.data(), tokens, experts, k, bpr, r.slot.data(), load.data(),
+              &order);
+  return r;
+}
+
+const std::vector<float> kGoldenGates = {.4f, 0, .2f, .5f, .1f, .4f, .3f, .2f, .6f};
+
+TEST(RoutingTest, GoldenTableVanilla) {
+  // t0 (0,0) (2,1); t1 (0,1) (2,2); t2 (2,0) (0,2).
+  const Routed r = Route(kGoldenGates, 3, 3, 2, /*bpr=*/false);
+  EXPECT_EQ(r.expert, (std::vector<int32_t>{0, 2, 0, 2, 2, 0}));
+  EXPECT_EQ(r.slot, (std::vector<int32_t>{0, 1, 1, 2, 0, 2}));
+}
+
+TEST(RoutingTest, GoldenTableBatchPriority) {
+  // t0 (0,1) (2,2); t1 (0,0) (2,1); t2 (2,0) (0,2).
+  const Routed r = Route(kGoldenGates, 3, 3, 2, /*bpr=*/true);
+  EXPECT_EQ(r.expert, (std::vector<int32_t>{0, 2, 0, 2, 2, 0}));
+  EXPECT_EQ(r.slot, (std::vector<int32_t>{1, 2, 0, 1, 0, 2}));
+}
+
+TEST(RoutingTest, TiesGoToTheLowerExpertAndStableBpr) {
+  // Equal gates: expert order 0 < 1 < 2; equal top-1 gates keep token order under BPR.
+  const std::vector<float> p = {.3f, .3f, .4f, .4f, .3f, .3f, .25f, .5f, .25f};
+  const Routed r = Route(p, 3, 3, 2, /*bpr=*/true);
+  EXPECT_EQ(r.expert, (std::vector<int32_t>{2, 0, 0, 1, 1, 0}));
+  // Top-1 gates .4, .4, .5: order t2, t0, t1. Round 1: t2->1 s0, t0->2 s0, t1->0 s0.
+  // Round 2: t2->0 s1, t0->0 s2, t1->1 s1.
+  EXPECT_EQ(r.slot, (std::vector<int32_t>{0, 2, 0, 1, 0, 1}));
+}
+
+TEST(RoutingTest, NoBackFillingAfterADrop) {
+  // Every token's first choice is expert 0; cap 1 keeps t0 only, and the counter keeps
+  // counting: t1 and t2 get slots 1 and 2 (dropped), never re-used.
+  const std::vector<float> p = {.9f, .1f, .8f, .2f, .7f, .3f};
+  const Routed r = Route(p, 3, 2, 1, false);
+  EXPECT_EQ(r.slot, (std::vector<int32_t>{0, 1, 2}));
+}
+
+TEST(CapacityTest, SpecExamples) {
+  EXPECT_EQ(*ComputeCapacity(32, 32, 2, 1.0, false, 4), 4);
+  EXPECT_EQ(*ComputeCapacity(1576, 32, 2, 1.05, false, 4), 104);
+  EXPECT_EQ(*ComputeCapacity(32, 32, 2, 1.0, false, 0), 2);
+  EXPECT_EQ(*ComputeCapacity(10, 4, 1, 1.0, true, 0), 2);   // round(2.5) = 2 (to even)
+  EXPECT_EQ(*ComputeCapacity(10, 4, 1, 1.0, false, 0), 3);  // ceil(2.5)
+  EXPECT_EQ(*ComputeCapacity(3, 4, 1, 1.0, false, 4), 4);
+  EXPECT_FALSE(ComputeCapacity(1, 8, 1, 0.25, true, 4).ok());  // round(0.03) = 0 < 1
+}
+
+TEST(AuxLossTest, ImportanceGolden) {
+  const std::vector<float> p = {.5f, .4f, .1f, .3f, .3f, .4f, .1f, .2f, .7f, .8f, .2f, 0};
+  EXPECT_NEAR(ImportanceLoss(p.data(), 4, 3, nullptr, 0), 0.03874999, 1e-7);
+}
+
+TEST(AuxLossTest, GShardGolden) {
+  const std::vector<float> p = {.5f, .4f, .1f, .3f, .3f, .4f, .1f, .2f, .7f, .8f, .2f, 0};
+  EXPECT_NEAR(GShardLoss(p.data(), 4, 3, nullptr, 0), 1.0875, 1e-6);
+}
+
+TEST(AuxLossTest, LoadGolden) {
+  const std::vector<float> z = {.9f, .06f, .04f, .7f, .18f, .12f, .85f, .05f, .1f};
+  const std::vector<float> noise = {-.037f, .026f,  -.018f, -.074f, .045f,
+                                    -.015f, -.067f, -.059f, .073f};
+  std::vector<float> zn(9);
+  for (int i = 0; i < 9; ++i) zn[i] = z[i] + noise[i];
+  EXPECT_NEAR(LoadLoss(z.data(), zn.data(), 3, 3, 2, 0.1, nullptr, 0), 0.48573864536, 1e-6);
+}
+
+std::vector<float> RandomVector(int n, uint32_t seed, float lo, float hi) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+TEST(AuxLossTest, GradientsMatchFiniteDifferences) {
+  const int s = 6, e = 4;
+  auto p = RandomVector(s * e, 1, 0.05f, 1.0f);
+  std::vector<float> dp(s * e, 0.0f);
+  ImportanceLoss(p.data(), s, e, dp.data(), 1.0);
+  auto r = CheckGradients([&] { return ImportanceLoss(p.data(), s, e, nullptr, 0); },
+                          {{"p", p.data(), dp.data(), s * e}});
+  EXPECT_TRUE(r.ok) << "importance\n" << r.report;
+
+  std::fill(dp.begin(), dp.end(), 0.0f);
+  GShardLoss(p.data(), s, e, dp.data(), 2.0);
+  r = CheckGradients([&] { return 2.0 * GShardLoss(p.data(), s, e, nullptr, 0); },
+                     {{"p", p.data(), dp.data(), s * e}}, {.rel_eps = 1e-3, .abs_eps = 1e-4});
+  EXPECT_TRUE(r.ok) << "gshard\n" << r.report;
+
+  auto z = RandomVector(s * e, 2, -1.0f, 1.0f);
+  const auto noise = RandomVector(s * e, 3, -0.2f, 0.2f);
+  std::vector<float> zn(s * e), dz(s * e, 0.0f);
+  auto noisy = [&] {
+    for (int i = 0; i < s * e; ++i) zn[i] = z[i] + noise[i];
+  };
+  noisy();
+  LoadLoss(z.data(), zn.data(), s, e, 2, 0.25, dz.data(), 1.0);
+  r = CheckGradients(
+      [&] {
+        noisy();
+        return LoadLoss(z.data(), zn.data(), s, e, 2, 0.25, nullptr, 0);
+      },
+      {{"z", z.data(), dz.data(), s * e}}, {.rel_eps = 1e-3, .abs_eps = 1e-3});
+  EXPECT_TRUE(r.ok) << "load\n" << r.report;
+
+  std::fill(dz.begin(), dz.end(), 0.0f);
+  ZLoss(z.data(), s, e, dz.data(), 1.0);
+  r = CheckGradients([&] { return ZLoss(z.data(), s, e, nullptr, 0); },
+                     {{"z", z.data(), dz.data(), s * e}});
+  EXPECT_TRUE(r.ok) << "z-loss\n" << r.report;
+}
+
+TEST(RouterNoiseTest, DependsOnlyOnTheGlobalTokenIndex) {
+  const int e = 6;
+  NoiseKey key{42, 3, 1};
+  std::vector<float> all(10 * e), part(4 * e);
+  StandardNormalNoise(key, 0, 10, e, all.data());
+  StandardNormalNoise(key, 5, 4, e, part.data());  // tokens 5..8 drawn on their own
+  for (int i = 0; i < 4 * e; ++i) EXPECT_EQ(part[i], all[5 * e + i]);
+  // A different step, layer or seed gives different noise.
+  std::vector<float> other(10 * e);
+  for (NoiseKey k : {NoiseKey{42, 4, 1}, NoiseKey{42, 3, 2}, NoiseKey{43, 3, 1}}) {
+    StandardNormalNoise(k, 0, 10, e, other.data());
+    EXPECT_NE(other, all);
+  }
+  // Roughly standard normal.
+  std::vector<float> many(20000 * 4);
+  StandardNormalNoise(key, 0, 20000, 4, many.data());
+  double mean = 0, var = 0;
+  for (float x : many) mean += x;
+  mean /= many.size();
+  for (float x : many) var += (x - mean) * (x - mean);
+  var /= many.size();
+  EXPECT_NEAR(mean, 0.0, 0.02);
+  EXPECT_NEAR(var, 1.0, 0.03);
+}
+
+}  // namespace
+}  // namespace moerun
