@@ -289,10 +289,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     Ensure(&expert_in_, {el, r_rows, d});
     SwapBlockAxes(recv_.data<float>(), expert_in_.data<float>(), pe, el, rows_per_expert * d);
   }
-  {
-    ScopedTimer timer(&timers_.expert);
-    ExpertForward();
-  }
+  ExpertForward();
   {
     ScopedTimer timer(&timers_.pack);
     SwapBlockAxes(expert_out_.data<float>(), recv_.data<float>(), el, pe, rows_per_expert * d);
@@ -331,16 +328,26 @@ void MoeLayer::ExpertForward() {
   Ensure(&hidden_, {el, r, m});
   Ensure(&act_, {el, r, m});
   Ensure(&expert_out_, {el, r, d});
-  GemmStridedBatched(false, true, r, m, d, 1.0f, expert_in_.data<float>(), d, r * d,
-                     params_.fc1_weight.data<float>(), d, m * d, 0.0f, hidden_.data<float>(), m,
-                     r * m, el);
-  for (int64_t e = 0; e < el; ++e) {
-    AddBias(hidden_.data<float>() + e * r * m, params_.fc1_bias.data<float>() + e * m, r, m);
+  {
+    ScopedTimer timer(&timers_.expert);
+    GemmStridedBatched(false, true, r, m, d, 1.0f, expert_in_.data<float>(), d, r * d,
+                       params_.fc1_weight.data<float>(), d, m * d, 0.0f, hidden_.data<float>(), m,
+                       r * m, el);
   }
-  GeluForward(hidden_.data<float>(), act_.data<float>(), el * r * m);
-  GemmStridedBatched(false, true, r, d, m, 1.0f, act_.data<float>(), m, r * m,
-                     params_.fc2_weight.data<float>(), m, d * m, 0.0f, expert_out_.data<float>(), d,
-                     r * d, el);
+  {
+    ScopedTimer timer(&timers_.expert_act);
+    for (int64_t e = 0; e < el; ++e) {
+      AddBias(hidden_.data<float>() + e * r * m, params_.fc1_bias.data<float>() + e * m, r, m);
+    }
+    GeluForward(hidden_.data<float>(), act_.data<float>(), el * r * m);
+  }
+  {
+    ScopedTimer timer(&timers_.expert);
+    GemmStridedBatched(false, true, r, d, m, 1.0f, act_.data<float>(), m, r * m,
+                       params_.fc2_weight.data<float>(), m, d * m, 0.0f, expert_out_.data<float>(),
+                       d, r * d, el);
+  }
+  ScopedTimer timer(&timers_.expert_act);
   for (int64_t e = 0; e < el; ++e) {
     AddBias(expert_out_.data<float>() + e * r * d, params_.fc2_bias.data<float>() + e * d, r, d);
   }
@@ -350,23 +357,37 @@ void MoeLayer::ExpertBackward() {
   const int64_t el = expert_in_.dim(0), r = expert_in_.dim(1), d = config_.d, m = config_.m;
   Ensure(&d_act_, {el, r, m});
   Ensure(&d_expert_in_, {el, r, d});
-  for (int64_t e = 0; e < el; ++e) {
-    const float* dout = d_expert_out_.data<float>() + e * r * d;
-    BiasBackward(dout, grads_.fc2_bias.data<float>() + e * d, r, d);
-    // dW2 += dOut^T act; dAct = dOut W2.
-    Gemm(true, false, d, m, r, 1.0f, dout, d, act_.data<float>() + e * r * m, m, 1.0f,
-         grads_.fc2_weight.data<float>() + e * d * m, m);
+  {
+    ScopedTimer timer(&timers_.bwd_expert_act);
+    for (int64_t e = 0; e < el; ++e) {
+      BiasBackward(d_expert_out_.data<float>() + e * r * d, grads_.fc2_bias.data<float>() + e * d,
+                   r, d);
+    }
   }
-  GemmStridedBatched(false, false, r, m, d, 1.0f, d_expert_out_.data<float>(), d, r * d,
-                     params_.fc2_weight.data<float>(), m, d * m, 0.0f, d_act_.data<float>(), m,
-                     r * m, el);
-  GeluBackward(hidden_.data<float>(), d_act_.data<float>(), d_act_.data<float>(), el * r * m);
+  {
+    ScopedTimer timer(&timers_.bwd_expert);
+    // dW2 += dOut^T act; dAct = dOut W2.
+    for (int64_t e = 0; e < el; ++e) {
+      Gemm(true, false, d, m, r, 1.0f, d_expert_out_.data<float>() + e * r * d, d,
+           act_.data<float>() + e * r * m, m, 1.0f, grads_.fc2_weight.data<float>() + e * d * m, m);
+    }
+    GemmStridedBatched(false, false, r, m, d, 1.0f, d_expert_out_.data<float>(), d, r * d,
+                       params_.fc2_weight.data<float>(), m, d * m, 0.0f, d_act_.data<float>(), m,
+                       r * m, el);
+  }
+  {
+    ScopedTimer timer(&timers_.bwd_expert_act);
+    GeluBackward(hidden_.data<float>(), d_act_.data<float>(), d_act_.data<float>(), el * r * m);
+    for (int64_t e = 0; e < el; ++e) {
+      BiasBackward(d_act_.data<float>() + e * r * m, grads_.fc1_bias.data<float>() + e * m, r, m);
+    }
+  }
+  ScopedTimer timer(&timers_.bwd_expert);
+  // dW1 += dH^T x; dX = dH W1.
   for (int64_t e = 0; e < el; ++e) {
-    const float* dh = d_act_.data<float>() + e * r * m;
-    BiasBackward(dh, grads_.fc1_bias.data<float>() + e * m, r, m);
-    // dW1 += dH^T x; dX = dH W1.
-    Gemm(true, false, m, d, r, 1.0f, dh, m, expert_in_.data<float>() + e * r * d, d, 1.0f,
-         grads_.fc1_weight.data<float>() + e * m * d, d);
+    Gemm(true, false, m, d, r, 1.0f, d_act_.data<float>() + e * r * m, m,
+         expert_in_.data<float>() + e * r * d, d, 1.0f, grads_.fc1_weight.data<float>() + e * m * d,
+         d);
   }
   GemmStridedBatched(false, false, r, d, m, 1.0f, d_act_.data<float>(), m, r * m,
                      params_.fc1_weight.data<float>(), d, m * d, 0.0f, d_expert_in_.data<float>(),
@@ -417,10 +438,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
     Ensure(&d_expert_out_, {el, pe * rows_per_expert, d});
     SwapBlockAxes(recv_.data<float>(), d_expert_out_.data<float>(), pe, el, rows_per_expert * d);
   }
-  {
-    ScopedTimer timer(&timers_.bwd_expert);
-    ExpertBackward();
-  }
+  ExpertBackward();
   {
     ScopedTimer timer(&timers_.bwd_pack);
     SwapBlockAxes(d_expert_in_.data<float>(), recv_.data<float>(), el, pe, rows_per_expert * d);

@@ -92,9 +92,11 @@ struct MoeMetrics {
 
 // Wall seconds accumulated per part since the last ResetTimers().
 struct MoeTimers {
-  double router = 0, routing = 0, pack = 0, all_to_all = 0, expert = 0, combine = 0;
-  double bwd_combine = 0, bwd_pack = 0, bwd_all_to_all = 0, bwd_expert = 0, bwd_dispatch = 0;
-  double bwd_router = 0;
+  // expert / bwd_expert: the expert GEMMs only; expert_act / bwd_expert_act: their bias
+  // and GELU work.
+  double router = 0, routing = 0, pack = 0, all_to_all = 0, expert = 0, expert_act = 0;
+  double combine = 0, bwd_combine = 0, bwd_pack = 0, bwd_all_to_all = 0, bwd_expert = 0;
+  double bwd_expert_act = 0, bwd_dispatch = 0, bwd_router = 0;
 };
 
 class MoeLayer {

@@ -112,6 +112,19 @@ TEST(GeluTest, ExactErfFormKnownValues) {
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(y[i], expected[i], 1e-6) << x[i];
 }
 
+TEST(GeluTest, VectorisedExpAndErfAreAccurate) {
+  double worst_exp = 0, worst_erf = 0;
+  for (float x = -87.0f; x < 88.0f; x += 0.0137f) {
+    const double ref = std::exp(static_cast<double>(x));
+    worst_exp = std::max(worst_exp, std::fabs(ExpForTest(x) - ref) / ref);
+  }
+  for (float x = -6.0f; x < 6.0f; x += 0.000731f) {
+    worst_erf = std::max(worst_erf, std::fabs(ErfForTest(x) - std::erf(static_cast<double>(x))));
+  }
+  EXPECT_LT(worst_exp, 3e-7) << "about 2 ulp";
+  EXPECT_LT(worst_erf, 5e-7);
+}
+
 TEST(LayerNormTest, MatchesNaive) {
   const int rows = 4, cols = 10;
   const auto x = Random(rows * cols, 9, 3.0f), g = Random(cols, 10), b = Random(cols, 11);
