@@ -16,36 +16,127 @@ std::string WithCommas(int64_t v) {
   return s;
 }
 
-int Plan(const Config& config, const std::string& config_path, int ranks, bool json) {
-  const ModelConfig& m = config.model();
-  const ParameterCounts c = CountParameters(m);
-  int64_t per_rank = c.total;
-  ExpertPlacement placement{0, 0};
+struct PlanOptions {
+  int ranks = 1;
+  int64_t micro_batch = 0;  // images per rank; 0: train.global_batch / ranks
+  std::string precision = "fp32";
+  double device_gib = 80;
+  bool json = false;
+};
+
+// Memory, FLOPs and communication of one training step on one rank (estimates from the
+// shapes; the parameter counts are exact).
+struct PlanFigures {
+  int64_t params_per_rank = 0;
+  int64_t param_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
+  int64_t bytes_per_rank = 0;
+  double flops_per_image = 0;  // forward + backward (3x forward)
+  int64_t a2a_bytes_per_step = 0;
+};
+
+PlanFigures Figure(const ModelConfig& m, const ParameterCounts& c, int ranks, int64_t micro,
+                   bool bf16) {
+  PlanFigures f;
+  const int64_t d = m.hidden_size(), mlp = m.mlp_dim(), grid = m.image_size() / m.patch_size();
+  const int64_t n = grid * grid + 1, heads = m.num_heads(), layers = m.num_layers();
+  int64_t experts_per_rank = 0, ep_ranks = 1;
   if (m.has_moe()) {
     auto placed = PlaceExperts(m.moe().num_experts(), ranks);
+    experts_per_rank = placed.ok() ? placed->experts_per_rank : 0;
+    ep_ranks = std::min(ranks, m.moe().num_experts());
+  }
+  f.params_per_rank =
+      c.dense + static_cast<int64_t>(c.moe_layers) * experts_per_rank * c.per_expert;
+  // fp32: weights, gradients, AdamW moments. bf16: bf16 weights and gradients plus fp32
+  // master weights and moments.
+  f.param_bytes = f.params_per_rank * (bf16 ? 2 + 4 : 4);
+  f.grad_bytes = f.params_per_rank * (bf16 ? 2 : 4);
+  f.optimizer_bytes = f.params_per_rank * 8;
+  const int64_t act = bf16 ? 2 : 4;
+  const double k = m.has_moe() ? m.moe().k() : 0;
+  const double cf = m.has_moe() ? std::max(1.0, m.moe().capacity_factor()) : 0;
+  const double e = m.has_moe() ? m.moe().num_experts() : 0;
+  double per_image = 0, macs = grid * grid * m.channels() * m.patch_size() * m.patch_size() * d;
+  for (int b = 0; b < layers; ++b) {
+    // Saved for the backward: LN1, qkv, probabilities, attention out, residual, LN2, out.
+    per_image += n * d * 6.0 + n * 3.0 * d + heads * n * n + 4.0 * n;
+    macs += 4.0 * n * d * d + 2.0 * n * n * d;
+    if (IsMoeBlock(m, b)) {
+      // Dispatch / receive / expert in / out / combine buffers, hidden and GELU, router.
+      per_image += n * k * cf * (5.0 * d + 2.0 * mlp) + 4.0 * n * e;
+      macs += n * d * e + 2.0 * n * k * d * mlp;
+    } else {
+      per_image += 2.0 * n * mlp;
+      macs += 2.0 * n * d * mlp;
+    }
+  }
+  macs += d * (m.pre_logits_size() > 0 ? m.pre_logits_size() + m.num_classes() : m.num_classes());
+  f.activation_bytes = static_cast<int64_t>(per_image * micro * act);
+  f.bytes_per_rank = f.param_bytes + f.grad_bytes + f.optimizer_bytes + f.activation_bytes;
+  f.flops_per_image = 3.0 * 2.0 * macs;
+  // Four all-to-alls per MoE layer and step (dispatch, combine, and their gradients), each
+  // sending (P_ep - 1) / P_ep of this rank's dispatched rows.
+  if (ep_ranks > 1) {
+    f.a2a_bytes_per_step = static_cast<int64_t>(4.0 * c.moe_layers * micro * n * k * cf * d * act *
+                                                (ep_ranks - 1) / ep_ranks);
+  }
+  return f;
+}
+
+std::string GiB(int64_t bytes) {
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(2) << bytes / 1073741824.0 << " GiB";
+  return o.str();
+}
+
+int Plan(const Config& config, const std::string& config_path, const PlanOptions& o) {
+  const ModelConfig& m = config.model();
+  const ParameterCounts c = CountParameters(m);
+  ExpertPlacement placement{0, 0};
+  if (m.has_moe()) {
+    auto placed = PlaceExperts(m.moe().num_experts(), o.ranks);
     if (!placed.ok()) {
       PrintError("moerun plan",
-                 "--ranks " + std::to_string(ranks) + ": " + placed.status().message());
+                 "--ranks " + std::to_string(o.ranks) + ": " + placed.status().message());
       return kExitUsage;
     }
     placement = *placed;
-    per_rank =
-        c.dense + static_cast<int64_t>(c.moe_layers) * placement.experts_per_rank * c.per_expert;
   }
-  // fp32 parameters, gradients and two AdamW moments: 16 bytes per parameter.
-  const int64_t state_bytes = per_rank * 16;
-  if (json) {
+  const bool bf16 = o.precision == "bf16";
+  const int64_t micro = o.micro_batch > 0
+                            ? o.micro_batch
+                            : std::max<int64_t>(1, config.train().global_batch() / o.ranks);
+  const PlanFigures f = Figure(m, c, o.ranks, micro, bf16);
+  // Rank counts that hold the experts and fit the device memory.
+  nlohmann::json fits = nlohmann::json::array();
+  const double limit = o.device_gib * 1073741824.0;
+  for (int p = 1; p <= 4096; p *= 2) {
+    if (m.has_moe() && !PlaceExperts(m.moe().num_experts(), p).ok()) continue;
+    const PlanFigures g = Figure(m, c, p, micro, bf16);
+    fits.push_back(
+        {{"ranks", p}, {"bytes_per_rank", g.bytes_per_rank}, {"fits", g.bytes_per_rank <= limit}});
+  }
+  if (o.json) {
     PrintJsonLine({{"config", config_path},
-                   {"ranks", ranks},
+                   {"ranks", o.ranks},
+                   {"precision", o.precision},
+                   {"micro_batch", micro},
                    {"params_total", c.total},
                    {"params_dense", c.dense},
                    {"params_expert", c.expert},
                    {"moe_layers", c.moe_layers},
                    {"experts_per_rank", placement.experts_per_rank},
                    {"expert_replicas", placement.replicas},
-                   {"params_per_rank", per_rank},
-                   {"param_grad_adam_bytes_per_rank", state_bytes},
-                   {"bytes_per_rank", state_bytes}});
+                   {"params_per_rank", f.params_per_rank},
+                   {"param_bytes_per_rank", f.param_bytes},
+                   {"grad_bytes_per_rank", f.grad_bytes},
+                   {"optimizer_bytes_per_rank", f.optimizer_bytes},
+                   {"activation_bytes_per_rank", f.activation_bytes},
+                   {"bytes_per_rank", f.bytes_per_rank},
+                   {"train_flops_per_image", f.flops_per_image},
+                   {"a2a_bytes_per_step_per_rank", f.a2a_bytes_per_step},
+                   {"device_gib", o.device_gib},
+                   {"ranks_that_fit", fits}});
     return kExitOk;
   }
   std::cout << "config            " << config_path << " (" << m.name() << ")\n"
@@ -53,16 +144,26 @@ int Plan(const Config& config, const std::string& config_path, int ranks, bool j
             << "  dense           " << WithCommas(c.dense) << " (replicated on every rank)\n"
             << "  experts         " << WithCommas(c.expert) << " (" << c.moe_layers
             << " MoE layers)\n"
-            << "ranks             " << ranks;
+            << "ranks             " << o.ranks;
   if (m.has_moe()) {
     std::cout << " (" << placement.experts_per_rank << " expert(s) per rank per layer, "
               << placement.replicas << " replica(s) of each)";
   }
-  std::cout << "\nper rank          " << WithCommas(per_rank) << " parameters, " << std::fixed
-            << std::setprecision(2) << state_bytes / 1073741824.0
-            << " GiB for fp32 weights + gradients + AdamW moments\n"
-            << "(activation memory, FLOPs and all-to-all bytes per step are not yet computed)\n"
-            << std::flush;
+  std::cout << "\nper rank          " << WithCommas(f.params_per_rank) << " parameters, "
+            << o.precision << ", micro-batch " << micro << " images\n"
+            << "  weights         " << GiB(f.param_bytes) << "\n"
+            << "  gradients       " << GiB(f.grad_bytes) << "\n"
+            << "  AdamW moments   " << GiB(f.optimizer_bytes) << "\n"
+            << "  activations     " << GiB(f.activation_bytes) << "\n"
+            << "  total           " << GiB(f.bytes_per_rank) << "\n"
+            << "train FLOPs       " << std::scientific << std::setprecision(3) << f.flops_per_image
+            << " per image (forward + backward)\n"
+            << "all-to-all        " << GiB(f.a2a_bytes_per_step) << " sent per rank per step\n"
+            << "fits " << std::fixed << std::setprecision(0) << o.device_gib << " GiB at ranks:";
+  for (const auto& e : fits) {
+    if (e["fits"].get<bool>()) std::cout << " " << e["ranks"].get<int>();
+  }
+  std::cout << "\n" << std::flush;
   return kExitOk;
 }
 
@@ -73,18 +174,32 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   GlobalOptions global;
   std::string config_path;
   std::vector<std::string> overrides;
-  int ranks = 1;
-  bool json = false;
+  PlanOptions plan;
   po::options_description desc("Options");
   desc.add_options()                                                                      //
       ("config,c", po::value(&config_path)->required(), "config file (configs/*.pbtxt)")  //
       ("override,o", po::value(&overrides)->composing(),
        "key=value overriding a config field, e.g. train.steps=100 or model.moe.bpr=false "
        "(repeatable)");
+  std::string model_path, capacity_text = "-1", bpr_text = "-1";
+  if (command == "eval") {
+    desc.add_options()  //
+        ("model", po::value(&model_path)->required(),
+         "trained model (model.safetensors written by moerun train)")  //
+        ("capacity-factor", po::value(&capacity_text)->default_value("-1"),
+         "comma-separated inference capacity factors (-1: as trained), e.g. 0.25,0.5,1.0")  //
+        ("bpr", po::value(&bpr_text)->default_value("-1"),
+         "comma-separated routing modes: 0 vanilla, 1 BPR, -1 as trained");
+  }
   if (command == "plan") {
-    desc.add_options()                                                                       //
-        ("ranks", po::value(&ranks)->default_value(1), "expert-parallel ranks to plan for")  //
-        ("json", po::bool_switch(&json), "print one JSON object");
+    desc.add_options()                                                                            //
+        ("ranks", po::value(&plan.ranks)->default_value(1), "expert-parallel ranks to plan for")  //
+        ("micro-batch", po::value(&plan.micro_batch)->default_value(0),
+         "images per rank (0: train.global_batch / ranks)")                               //
+        ("precision", po::value(&plan.precision)->default_value("fp32"), "fp32 or bf16")  //
+        ("device-memory", po::value(&plan.device_gib)->default_value(80),
+         "GiB per accelerator, for the list of rank counts that fit")  //
+        ("json", po::bool_switch(&plan.json), "print one JSON object");
   }
   AddGlobalOptions(&desc, &global);
   po::positional_options_description positional;
@@ -92,12 +207,18 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   po::variables_map vm;
   const std::string path = "moerun " + command;
   const std::string synopsis =
-      command == "plan" ? "moerun plan --config C [--ranks P] [--json] [--override k=v ...]"
-                        : "mpirun -np N moerun " + command + " --config C [--override k=v ...]";
-  const std::string about = command == "train" ? "Trains the model a config describes."
-                            : command == "eval"
-                                ? "Evaluates a trained model, with routing overrides."
-                                : "Exact parameter counts and per-rank memory of a config.";
+      command == "plan"   ? "moerun plan --config C [--ranks P] [--micro-batch B] [--precision "
+                            "fp32|bf16] [--json]"
+      : command == "eval" ? "mpirun -np N moerun eval --config C --model M [--capacity-factor "
+                            "0.5,1.0] [--bpr 0,1]"
+                          : "mpirun -np N moerun train --config C [--override k=v ...]";
+  const std::string about =
+      command == "train" ? "Trains the model a config describes."
+      : command == "eval"
+          ? "Evaluates a trained model, with routing overrides."
+          : "Exact parameter counts of a config, and per rank: parameter, gradient,\n"
+            "optimizer-state and activation memory, training FLOPs per image,\n"
+            "all-to-all bytes per step, and the rank counts that fit a device.";
   switch (ParseArgs(path, synopsis, about, args, desc, &positional, &vm)) {
     case ParseOutcome::kHelpShown:
       return kExitOk;
@@ -112,18 +233,34 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
     return kExitUsage;
   }
   if (command == "plan") {
-    if (ranks < 1) {
-      PrintError(path, "--ranks must be at least 1");
+    if (plan.ranks < 1 || plan.micro_batch < 0 || plan.device_gib <= 0 ||
+        (plan.precision != "fp32" && plan.precision != "bf16")) {
+      PrintError(path,
+                 "--ranks must be at least 1, --micro-batch >= 0, --device-memory > 0 "
+                 "and --precision fp32 or bf16");
       return kExitUsage;
     }
-    return IsRankZeroFromEnvironment() ? Plan(*config, config_path, ranks, json) : kExitOk;
+    return IsRankZeroFromEnvironment() ? Plan(*config, config_path, plan) : kExitOk;
   }
-  (void)program;
-  PrintError(path, "the config is valid, but '" + command +
-                       "' is not in this build yet: the MoE layer and the training loop "
-                       "arrive with the next milestones. 'moerun plan' and 'moerun bench' work "
-                       "now.");
-  return kExitUnavailable;
+  if (command == "train") {
+    Session session(program.argc, program.argv, global);
+    return RunTrain(*config, session);
+  }
+  std::vector<double> factors;
+  std::vector<int> bprs;
+  try {
+    std::stringstream a(capacity_text), b(bpr_text);
+    for (std::string x; std::getline(a, x, ',');) factors.push_back(std::stod(x));
+    for (std::string x; std::getline(b, x, ',');) {
+      bprs.push_back(std::stoi(x));
+      if (bprs.back() < -1 || bprs.back() > 1) throw std::invalid_argument(x);
+    }
+  } catch (const std::exception&) {
+    PrintError(path, "--capacity-factor takes numbers (e.g. 0.5,1.0) and --bpr takes -1, 0 or 1");
+    return kExitUsage;
+  }
+  Session session(program.argc, program.argv, global);
+  return RunEval(*config, session, model_path, factors, bprs);
 }
 
 }  // namespace moerun

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "launch/cli.h"
+#include "runtime/config.pb.h"
 
 namespace moerun {
 
@@ -20,6 +21,11 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
 
 // The best fp32 GFLOP/s of square GEMMs of these sizes with this rank's threads.
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);
+
+// The training loop and evaluation, for a validated config (cmd_train.cc).
+int RunTrain(const Config& config, Session& session);
+int RunEval(const Config& config, Session& session, const std::string& model_path,
+            const std::vector<double>& capacity_factors, const std::vector<int>& bprs);
 
 // What this build can use of CUDA: "not built", or "built, N devices".
 std::string CudaAvailability(int* device_count);

@@ -104,6 +104,8 @@ class MoeLayer {
   MoeLayer(const MoeLayerConfig& config, std::shared_ptr<MoeGroups> groups);
 
   const MoeLayerConfig& config() const { return config_; }
+  // For inference-time routing overrides (capacity factor, BPR); not during a step.
+  MoeLayerConfig& mutable_config() { return config_; }
   const MoeGroups& groups() const { return *groups_; }
   MoeParams& params() { return params_; }
   // Gradients, accumulated by Backward (zero them with ZeroGradients()).

@@ -190,6 +190,9 @@ Status Validate(const Config& c, const Origins& origins) {
   v.Require(t.clip_grad_norm() >= 0, "train.clip_grad_norm", "must be >= 0 (0: no clipping)");
   v.Require(t.eval_every() >= 0, "train.eval_every", "must be >= 0 (0: only at the end)");
   v.Require(t.log_every() > 0, "train.log_every", "must be positive");
+  v.Require(t.eval_batch() > 0, "train.eval_batch", "must be positive");
+  v.Require(c.data().synthetic_train_size() > 0 && c.data().synthetic_test_size() > 0,
+            "data.synthetic_train_size", "synthetic set sizes must be positive");
   v.Require(c.comm().watchdog_timeout_s() >= 0, "comm.watchdog_timeout_s",
             "must be >= 0 (0: no watchdog)");
   return v.status();

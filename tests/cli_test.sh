@@ -51,7 +51,24 @@ expect 2 "typo.pbtxt:2:.*hiden_size" "$moerun" plan "$tmp/typo.pbtxt"
 printf 'model {\n  moe {\n    k: 9\n  }\n}\n' >"$tmp/bad.pbtxt"
 expect 2 "bad.pbtxt:3:5: model.moe.k: 9 must be between 1 and num_experts \(8\)" "$moerun" train --config "$tmp/bad.pbtxt"
 expect 2 "--override 'train.stepz=4': train has no field 'stepz'" "$moerun" plan "$src/configs/tiny_test.pbtxt" -o train.stepz=4
-expect 3 "not in this build yet" "$moerun" train --config "$src/configs/tiny_test.pbtxt"
+# Training end to end (synthetic data), then eval of the saved model with routing overrides.
+expect 0 '"event":"final".*"test_accuracy"' "${np2[@]}" "$moerun" train "$src/configs/tiny_test.pbtxt" \
+  -o train.steps=20 -o train.out_dir="$tmp/run"
+expect 0 '"event":"train"' cat "$tmp/run/metrics.jsonl"
+expect 0 '"bpr":1,"capacity_factor":0.5.*"test_accuracy"' "${np2[@]}" "$moerun" eval \
+  "$src/configs/tiny_test.pbtxt" --model "$tmp/run/model.safetensors" --capacity-factor 0.5,1.0 \
+  --bpr 0,1
+expect 2 "train.global_batch 9 does not split over 2 ranks" "${np2[@]}" "$moerun" train \
+  "$src/configs/tiny_test.pbtxt" -o train.global_batch=9 -o train.out_dir="$tmp/run2"
+expect 1 "install it with: apt-get install dataset-fashion-mnist" "$moerun" train \
+  "$src/configs/tiny_test.pbtxt" -o data.dataset=fashion_mnist -o data.dir="$tmp/nowhere" \
+  -o train.out_dir="$tmp/run3"
+expect 2 "cannot read|No such file|not found" "$moerun" eval "$src/configs/tiny_test.pbtxt" \
+  --model "$tmp/missing.safetensors"
+expect 2 "--ranks 3: 3 expert-parallel ranks cannot hold 4 experts" "${np2[@]}" "$moerun" plan \
+  "$src/configs/tiny_test.pbtxt" --ranks 3
+expect 0 '"activation_bytes_per_rank".*"train_flops_per_image"' "$moerun" plan \
+  "$src/configs/vmoe_15b_every2.pbtxt" --ranks 64 --precision bf16 --micro-batch 8 --json
 # Under mpirun a bad config is reported once (by rank 0), and every rank exits non-zero.
 out=$("${np2[@]}" "$moerun" plan "$tmp/bad.pbtxt" 2>&1)
 if [ "$(grep -c 'invalid config' <<<"$out")" -ne 1 ]; then

@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "comm/mpi_communicator.h"
+#include "runtime/kernels.h"
 #include "runtime/process.h"
 
 namespace moerun::testing {
@@ -35,6 +36,8 @@ int main(int argc, char** argv) {
   {
     moerun::MpiRuntime mpi(&argc, &argv, {/*watchdog_timeout_s=*/120});
     moerun::InitLogging(argv[0], {});
+    // As moerun does: the host's cores shared between its ranks (no oversubscription).
+    moerun::SetNumThreads(moerun::DefaultThreadsPerRank(moerun::Process().local_size));
     moerun::testing::g_world = mpi.World();
     if (moerun::Process().rank != 0) {
       auto& listeners = ::testing::UnitTest::GetInstance()->listeners();

@@ -1,0 +1,210 @@
+// The training step and evaluation.
+#include "launch/trainer.h"
+
+#include <cmath>
+
+#include "model/vit_spec.h"
+
+namespace moerun {
+
+StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,
+                                                   const Dataset* train) {
+  std::unique_ptr<Trainer> t(new Trainer());
+  t->config_ = config;
+  t->world_ = world;
+  t->train_ = train;
+  const int p = world->size();
+  const TrainConfig& tc = config.train();
+  if (tc.global_batch() % p != 0) {
+    return Status::Error("train.global_batch " + std::to_string(tc.global_batch()) +
+                         " does not split over " + std::to_string(p) +
+                         " ranks; use a multiple of the rank count");
+  }
+  if (tc.global_batch() > train->size) {
+    return Status::Error("train.global_batch " + std::to_string(tc.global_batch()) +
+                         " is larger than the dataset (" + std::to_string(train->size) + ")");
+  }
+  const ModelConfig& m = config.model();
+  if (train->channels != m.channels() || train->height != m.image_size() ||
+      train->width != m.image_size() || train->num_classes > m.num_classes()) {
+    return Status::Error("the dataset's images are " + std::to_string(train->channels) + "x" +
+                         std::to_string(train->height) + "x" + std::to_string(train->width) +
+                         " with " + std::to_string(train->num_classes) +
+                         " classes; set model.channels, model.image_size and model.num_classes "
+                         "to match");
+  }
+  t->local_batch_ = tc.global_batch() / p;
+  if (m.has_moe()) {
+    const int64_t tokens =
+        t->local_batch_ *
+        ((m.image_size() / m.patch_size()) * (m.image_size() / m.patch_size()) + 1);
+    const int64_t g = m.moe().group_size();
+    if (g > 0 && tokens % g != 0) {
+      return Status::Error("model.moe.group_size " + std::to_string(g) + " does not divide the " +
+                           std::to_string(tokens) + " tokens of a rank's micro-batch (" +
+                           std::to_string(t->local_batch_) + " images)");
+    }
+    auto groups = MoeGroups::Create(world, m.moe().num_experts());
+    if (!groups.ok()) return groups.status();
+    t->groups_ = *groups;
+  }
+  auto model = VitModel::Create(m, t->groups_);
+  if (!model.ok()) return model.status();
+  t->model_ = std::move(*model);
+  t->model_->Init(tc.seed());
+  OptimizerConfig oc;
+  oc.learning_rate = tc.learning_rate();
+  oc.weight_decay = tc.weight_decay();
+  oc.warmup_steps = tc.warmup_steps();
+  oc.total_steps = tc.steps();
+  oc.schedule = tc.schedule();
+  std::vector<OptimizerParam> params;
+  for (Param& p : t->model_->params()) {
+    params.push_back(
+        {p.name, p.value.data<float>(), p.grad.data<float>(), p.value.numel(), p.decay});
+  }
+  t->optimizer_ = std::make_unique<AdamW>(oc, std::move(params));
+  t->sampler_ = std::make_unique<BatchSampler>(train->size, tc.global_batch(), tc.seed());
+  return t;
+}
+
+double Trainer::GlobalGradNorm() {
+  // Dense gradients are equal on every rank after the all-reduce: count them once (here,
+  // locally). Expert gradients: each expert once, from its first replica.
+  double dense = 0, expert = 0;
+  const bool first_replica =
+      groups_ == nullptr || groups_->replicas() == nullptr || groups_->replicas()->rank() == 0;
+  for (Param& p : model_->params()) {
+    const float* g = p.grad.data<float>();
+    double s = 0;
+    for (int64_t i = 0; i < p.grad.numel(); ++i) s += static_cast<double>(g[i]) * g[i];
+    if (!p.expert) {
+      dense += s;
+    } else if (first_replica) {
+      expert += s;
+    }
+  }
+  world_->AllReduce(&expert, 1, DType::kF64, ReduceOp::kSum);
+  return std::sqrt(dense + expert);
+}
+
+StepStats Trainer::Step() {
+  const TrainConfig& tc = config_.train();
+  const ModelConfig& m = config_.model();
+  const int64_t b = local_batch_, numel = train_->image_numel();
+  images_.resize(b * numel);
+  labels_.resize(b);
+  sampler_->RankSlice(step_, world_->rank(), world_->size(), &indices_);
+  GatherBatch(*train_, indices_, images_.data(), labels_.data());
+  if (config_.data().augment()) {
+    Augment(*train_, indices_, tc.seed(), step_, images_.data());
+  }
+  VitBatch batch;
+  batch.images = images_.data();
+  batch.labels = labels_.data();
+  batch.batch = b;
+  batch.global_batch = tc.global_batch();
+  batch.first_image = static_cast<int64_t>(world_->rank()) * b;
+  batch.training = true;
+  batch.step = static_cast<uint32_t>(step_);
+  batch.seed = tc.seed();
+  VitOutput out;
+  model_->ZeroGrads();
+  const Status s = model_->Forward(batch, &out);
+  CHECK(s.ok()) << s.message();  // shapes were validated in Create
+  model_->Backward();
+  // Data-parallel dense gradients; expert replicas.
+  Tensor& dense = model_->dense_grads();
+  world_->AllReduce(dense.raw_data(), dense.numel(), DType::kF32, ReduceOp::kSum);
+  for (MoeLayer* layer : model_->moe_layers()) {
+    Tensor& g = layer->grads().router_weight;
+    world_->AllReduce(g.raw_data(), g.numel(), DType::kF32, ReduceOp::kSum);
+    layer->ReduceReplicaGradients();
+  }
+  StepStats st;
+  st.step = step_;
+  st.grad_norm = GlobalGradNorm();
+  st.learning_rate = LearningRate(
+      {tc.learning_rate(), 0, 0.9, 0.999, 1e-8, tc.warmup_steps(), tc.steps(), tc.schedule()},
+      step_);
+  optimizer_->Step(step_, ClipCoefficient(st.grad_norm, tc.clip_grad_norm()));
+  double sums[3] = {out.loss_sum, static_cast<double>(out.correct),
+                    static_cast<double>(out.counted)};
+  world_->AllReduce(sums, 3, DType::kF64, ReduceOp::kSum);
+  st.loss = sums[0] / sums[2];
+  st.accuracy = sums[1] / sums[2];
+  st.aux_loss = out.aux_loss;
+  for (MoeLayer* layer : model_->moe_layers()) {
+    st.moe.push_back(layer->metrics());
+    st.moe_losses.push_back(layer->losses());
+  }
+  (void)m;
+  ++step_;
+  return st;
+}
+
+EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
+                            const RoutingOverride& routing) {
+  const int p = world_->size();
+  const int64_t b = std::max<int64_t>(1, global_batch / p), numel = data.image_numel();
+  // Inference routing overrides, restored afterwards.
+  std::vector<MoeLayerConfig> saved;
+  for (MoeLayer* layer : model_->moe_layers()) {
+    saved.push_back(layer->config());
+    MoeLayerConfig& c = layer->mutable_config();
+    if (routing.capacity_factor >= 0) {
+      c.capacity_factor = routing.capacity_factor;
+      c.capacity = 0;
+      // Below 1 the capacity would otherwise round up to multiple_of and hide the drops.
+      if (routing.capacity_factor < 1) c.multiple_of = 0;
+    }
+    if (routing.bpr >= 0) c.bpr = routing.bpr == 1;
+  }
+  std::vector<float> images(b * numel);
+  std::vector<int32_t> labels(b);
+  double sums[3] = {0, 0, 0};
+  std::vector<double> dropped;
+  int64_t batches = 0;
+  for (int64_t begin = 0; begin < data.size; begin += b * p) {
+    const int64_t count = std::min<int64_t>(b * p, data.size - begin);
+    // Every rank runs a full micro-batch (the MoE all-to-all needs equal shapes); the
+    // padding repeats example 0 with label -1 (not counted).
+    std::vector<int64_t> idx = EvalSlice(data.size, begin, count, world_->rank(), p);
+    const int64_t real = static_cast<int64_t>(idx.size());
+    idx.resize(b, 0);
+    GatherBatch(data, idx, images.data(), labels.data());
+    for (int64_t i = real; i < b; ++i) labels[i] = -1;
+    VitBatch batch;
+    batch.images = images.data();
+    batch.labels = labels.data();
+    batch.batch = b;
+    batch.global_batch = count;
+    batch.first_image = static_cast<int64_t>(world_->rank()) * b;
+    batch.training = false;
+    VitOutput out;
+    const Status s = model_->Forward(batch, &out);
+    CHECK(s.ok()) << s.message();
+    sums[0] += out.loss_sum;
+    sums[1] += out.correct;
+    sums[2] += out.counted;
+    const auto layers = model_->moe_layers();
+    for (MoeLayer* layer : layers) {
+      const auto& f = layer->metrics().dropped_fraction;
+      dropped.resize(f.size(), 0.0);
+      for (size_t j = 0; j < f.size(); ++j) dropped[j] += f[j] / layers.size();
+    }
+    ++batches;
+  }
+  world_->AllReduce(sums, 3, DType::kF64, ReduceOp::kSum);
+  auto layers = model_->moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i) layers[i]->mutable_config() = saved[i];
+  EvalStats e;
+  e.examples = static_cast<int64_t>(sums[2]);
+  e.loss = sums[2] > 0 ? sums[0] / sums[2] : 0;
+  e.accuracy = sums[2] > 0 ? sums[1] / sums[2] : 0;
+  for (double& d : dropped) d /= std::max<int64_t>(1, batches);
+  e.dropped_fraction = dropped;
+  return e;
+}
+
+}  // namespace moerun

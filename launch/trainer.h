@@ -1,0 +1,79 @@
+// Training and evaluation of a ViT / V-MoE over the ranks of a communicator: data-parallel
+// dense parameters (gradients all-reduced over all ranks), expert parameters owned by their
+// rank(s), a fixed global batch split over the ranks, AdamW with global-norm clipping.
+// The state that determines the run is explicit and small: the step (data position, noise
+// and augmentation keys derive from it), the parameters and the optimizer moments.
+#ifndef MOERUN_LAUNCH_TRAINER_H_
+#define MOERUN_LAUNCH_TRAINER_H_
+
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "data/dataset.h"
+#include "model/vit.h"
+#include "runtime/config.pb.h"
+#include "runtime/optimizer.h"
+
+namespace moerun {
+
+struct StepStats {
+  int64_t step = 0;  // the step just taken (0-based)
+  double loss = 0;   // mean cross-entropy over the global batch
+  double aux_loss = 0;
+  double accuracy = 0;  // on the global batch, before the update
+  double grad_norm = 0;
+  double learning_rate = 0;
+  std::vector<MoeMetrics> moe;  // per MoE layer
+  std::vector<MoeLosses> moe_losses;
+};
+
+struct EvalStats {
+  double loss = 0, accuracy = 0;
+  int64_t examples = 0;
+  std::vector<double> dropped_fraction;  // mean over MoE layers, per choice rank
+};
+
+// Routing at inference: < 0 / -1 keeps the trained setting.
+struct RoutingOverride {
+  double capacity_factor = -1;
+  int bpr = -1;
+};
+
+class Trainer {
+ public:
+  // Fails (with a message naming the setting) when the global batch does not split over
+  // the ranks or the experts do not fit the rank count.
+  static StatusOr<std::unique_ptr<Trainer>> Create(const Config& config, Communicator* world,
+                                                   const Dataset* train);
+
+  StepStats Step();
+  EvalStats Evaluate(const Dataset& data, int64_t global_batch, const RoutingOverride& routing);
+
+  VitModel& model() { return *model_; }
+  AdamW& optimizer() { return *optimizer_; }
+  int64_t step() const { return step_; }
+  void set_step(int64_t step) { step_ = step; }
+  int64_t local_batch() const { return local_batch_; }
+  const BatchSampler& sampler() const { return *sampler_; }
+
+ private:
+  Trainer() = default;
+  double GlobalGradNorm();
+
+  Config config_;
+  Communicator* world_ = nullptr;
+  const Dataset* train_ = nullptr;
+  std::shared_ptr<MoeGroups> groups_;
+  std::unique_ptr<VitModel> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<BatchSampler> sampler_;
+  int64_t step_ = 0, local_batch_ = 0;
+  std::vector<float> images_;
+  std::vector<int32_t> labels_;
+  std::vector<int64_t> indices_;
+};
+
+}  // namespace moerun
+
+#endif  // MOERUN_LAUNCH_TRAINER_H_

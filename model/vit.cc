@@ -1,0 +1,451 @@
+// ViT / V-MoE forward and backward.
+//
+// Initialisation (as the ViT / V-MoE reference code does it, normal in place of truncated
+// normal): patch embedding and pre-logits kernels lecun-normal (std sqrt(1/fan_in)), their
+// biases 0; attention and MLP / expert kernels xavier-uniform (limit sqrt(6/(in+out))),
+// attention biases 0, MLP biases normal(1e-6); router kernels lecun-normal; position
+// embeddings normal(0.02); CLS token 0; layer norms 1 and 0; head kernel and bias 0.
+#include "model/vit.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "model/layers.h"
+#include "model/vit_spec.h"
+#include "runtime/kernels.h"
+
+namespace moerun {
+namespace {
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+uint64_t Fnv1a(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+enum class InitKind { kZeros, kOnes, kNormal, kLecunNormal, kXavierUniform };
+
+// Fills `t` ([.., out, in] for kernels) from (seed, name) alone.
+void InitParam(const std::string& name, Tensor* t, InitKind kind, uint64_t seed, float std = 0) {
+  std::mt19937_64 rng(SplitMix64(seed ^ Fnv1a(name)));
+  float* p = t->data<float>();
+  const int64_t n = t->numel();
+  const int64_t in = t->ndim() >= 2 ? t->dim(-1) : 1, out = t->ndim() >= 2 ? t->dim(-2) : n;
+  switch (kind) {
+    case InitKind::kZeros:
+      std::fill_n(p, n, 0.0f);
+      return;
+    case InitKind::kOnes:
+      std::fill_n(p, n, 1.0f);
+      return;
+    case InitKind::kNormal:
+    case InitKind::kLecunNormal: {
+      const float s = kind == InitKind::kNormal ? std : 1.0f / std::sqrt(static_cast<float>(in));
+      std::normal_distribution<float> dist(0.0f, s);
+      for (int64_t i = 0; i < n; ++i) p[i] = dist(rng);
+      return;
+    }
+    case InitKind::kXavierUniform: {
+      const float limit = std::sqrt(6.0f / static_cast<float>(in + out));
+      std::uniform_real_distribution<float> dist(-limit, limit);
+      for (int64_t i = 0; i < n; ++i) p[i] = dist(rng);
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+struct VitModel::Block {
+  bool moe = false;
+  MoeLayer* moe_layer = nullptr;
+  int index = 0;
+  Tensor n1_w, n1_b, qkv_w, qkv_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+  Tensor g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b,
+      g_fc2_w, g_fc2_b;
+  // Activations.
+  Tensor ln1, mean1, rstd1, qkv, probs, attn, mid, ln2, mean2, rstd2, hidden, act, out;
+};
+
+VitModel::~VitModel() = default;
+
+Tensor VitModel::AddDense(const std::string& name, const Shape& shape, bool decay) {
+  const size_t bytes = NumElements(shape) * sizeof(float);
+  const size_t offset = dense_offset_;
+  dense_offset_ = (offset + bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+  CHECK_LE(dense_offset_, dense_bytes_) << "dense parameter space exhausted at " << name;
+  Param p;
+  p.name = name;
+  p.value = Tensor::OnStorage(dense_value_storage_, offset, shape, DType::kF32);
+  p.grad = Tensor::OnStorage(dense_grad_storage_, offset, shape, DType::kF32);
+  p.decay = decay;
+  params_.push_back(p);
+  return p.value;
+}
+
+StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
+                                                     std::shared_ptr<MoeGroups> groups) {
+  std::unique_ptr<VitModel> m(new VitModel());
+  m->config_ = c;
+  m->groups_ = groups;
+  const int64_t d = c.hidden_size(), p = c.patch_size(), grid = c.image_size() / p;
+  m->d_ = d;
+  m->heads_ = c.num_heads();
+  m->head_dim_ = d / c.num_heads();
+  m->mlp_ = c.mlp_dim();
+  m->patches_ = grid * grid;
+  m->tokens_ = m->patches_ + 1;
+  if (c.has_moe() && groups == nullptr) return Status::Error("MoE model without MoE groups");
+  const ParameterCounts counts = CountParameters(c);
+  const int64_t tensors = 16 * (c.num_layers() + 2);
+  m->dense_bytes_ = (counts.dense + tensors * 16) * sizeof(float);
+  m->dense_value_storage_ = Storage::Allocate(m->dense_bytes_);
+  m->dense_grad_storage_ = Storage::Allocate(m->dense_bytes_);
+  std::memset(m->dense_value_storage_->data(), 0, m->dense_bytes_);
+  std::memset(m->dense_grad_storage_->data(), 0, m->dense_bytes_);
+
+  auto grad_of = [&](const Tensor& v) { return m->params_.back().grad; };
+  const int64_t patch_in = c.channels() * p * p;
+  m->patch_w_ = m->AddDense("patch_embed.proj.weight", {d, c.channels(), p, p}, true);
+  m->patch_gw_ = grad_of(m->patch_w_);
+  m->patch_b_ = m->AddDense("patch_embed.proj.bias", {d}, false);
+  m->patch_gb_ = grad_of(m->patch_b_);
+  m->cls_ = m->AddDense("cls_token", {1, 1, d}, false);
+  m->cls_g_ = grad_of(m->cls_);
+  m->pos_ = m->AddDense("pos_embed", {1, m->tokens_, d}, false);
+  m->pos_g_ = grad_of(m->pos_);
+  (void)patch_in;
+  for (int i = 0; i < c.num_layers(); ++i) {
+    auto b = std::make_unique<Block>();
+    b->index = i;
+    const std::string pre = "blocks." + std::to_string(i) + ".";
+    b->n1_w = m->AddDense(pre + "norm1.weight", {d}, false);
+    b->g_n1_w = grad_of(b->n1_w);
+    b->n1_b = m->AddDense(pre + "norm1.bias", {d}, false);
+    b->g_n1_b = grad_of(b->n1_b);
+    b->qkv_w = m->AddDense(pre + "attn.qkv.weight", {3 * d, d}, true);
+    b->g_qkv_w = grad_of(b->qkv_w);
+    b->qkv_b = m->AddDense(pre + "attn.qkv.bias", {3 * d}, false);
+    b->g_qkv_b = grad_of(b->qkv_b);
+    b->proj_w = m->AddDense(pre + "attn.proj.weight", {d, d}, true);
+    b->g_proj_w = grad_of(b->proj_w);
+    b->proj_b = m->AddDense(pre + "attn.proj.bias", {d}, false);
+    b->g_proj_b = grad_of(b->proj_b);
+    b->n2_w = m->AddDense(pre + "norm2.weight", {d}, false);
+    b->g_n2_w = grad_of(b->n2_w);
+    b->n2_b = m->AddDense(pre + "norm2.bias", {d}, false);
+    b->g_n2_b = grad_of(b->n2_b);
+    b->moe = IsMoeBlock(c, i);
+    if (b->moe) {
+      auto layer = std::make_unique<MoeLayer>(
+          MoeLayerConfig::FromProto(c.moe(), static_cast<int>(d), c.mlp_dim()), groups);
+      MoeParams& lp = layer->params();
+      MoeParams& lg = layer->grads();
+      m->params_.push_back(
+          {pre + "mlp.router.weight", lp.router_weight, lg.router_weight, false, true});
+      const int el = groups->local_experts(), e0 = groups->first_local_expert();
+      for (int e = 0; e < el; ++e) {
+        const std::string ep = pre + "mlp.experts." + std::to_string(e0 + e) + ".";
+        const std::pair<const char*, std::pair<Tensor*, Tensor*>> parts[] = {
+            {"fc1.weight", {&lp.fc1_weight, &lg.fc1_weight}},
+            {"fc1.bias", {&lp.fc1_bias, &lg.fc1_bias}},
+            {"fc2.weight", {&lp.fc2_weight, &lg.fc2_weight}},
+            {"fc2.bias", {&lp.fc2_bias, &lg.fc2_bias}}};
+        for (const auto& [suffix, tensors] : parts) {
+          Tensor v = tensors.first->Slice(0, e, e + 1);
+          Tensor g = tensors.second->Slice(0, e, e + 1);
+          Shape shape(v.shape().begin() + 1, v.shape().end());
+          m->params_.push_back({ep + suffix, v.Reshape(shape), g.Reshape(shape), true,
+                                std::string(suffix).find("weight") != std::string::npos});
+        }
+      }
+      b->moe_layer = layer.get();
+      m->moe_.push_back(std::move(layer));
+    } else {
+      b->fc1_w = m->AddDense(pre + "mlp.fc1.weight", {c.mlp_dim(), d}, true);
+      b->g_fc1_w = grad_of(b->fc1_w);
+      b->fc1_b = m->AddDense(pre + "mlp.fc1.bias", {c.mlp_dim()}, false);
+      b->g_fc1_b = grad_of(b->fc1_b);
+      b->fc2_w = m->AddDense(pre + "mlp.fc2.weight", {d, c.mlp_dim()}, true);
+      b->g_fc2_w = grad_of(b->fc2_w);
+      b->fc2_b = m->AddDense(pre + "mlp.fc2.bias", {d}, false);
+      b->g_fc2_b = grad_of(b->fc2_b);
+    }
+    m->blocks_.push_back(std::move(b));
+  }
+  m->norm_w_ = m->AddDense("norm.weight", {d}, false);
+  m->norm_gw_ = grad_of(m->norm_w_);
+  m->norm_b_ = m->AddDense("norm.bias", {d}, false);
+  m->norm_gb_ = grad_of(m->norm_b_);
+  int64_t head_in = d;
+  if (c.pre_logits_size() > 0) {
+    m->pre_w_ = m->AddDense("pre_logits.fc.weight", {c.pre_logits_size(), d}, true);
+    m->pre_gw_ = grad_of(m->pre_w_);
+    m->pre_b_ = m->AddDense("pre_logits.fc.bias", {c.pre_logits_size()}, false);
+    m->pre_gb_ = grad_of(m->pre_b_);
+    head_in = c.pre_logits_size();
+  }
+  m->head_w_ = m->AddDense("head.weight", {c.num_classes(), head_in}, true);
+  m->head_gw_ = grad_of(m->head_w_);
+  m->head_b_ = m->AddDense("head.bias", {c.num_classes()}, false);
+  m->head_gb_ = grad_of(m->head_b_);
+  m->dense_grad_flat_ = Tensor::OnStorage(
+      m->dense_grad_storage_, 0, {static_cast<int64_t>(m->dense_offset_ / 4)}, DType::kF32);
+  return m;
+}
+
+std::vector<MoeLayer*> VitModel::moe_layers() {
+  std::vector<MoeLayer*> v;
+  for (auto& l : moe_) v.push_back(l.get());
+  return v;
+}
+
+std::vector<int> VitModel::moe_blocks() const { return MoeBlocks(config_); }
+
+void VitModel::Init(uint64_t seed) {
+  for (Param& p : params_) {
+    const std::string& n = p.name;
+    auto ends = [&](const std::string& s) {
+      return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
+    };
+    if (n == "cls_token" || n.rfind("head.", 0) == 0) {
+      InitParam(n, &p.value, InitKind::kZeros, seed);
+    } else if (n == "pos_embed") {
+      InitParam(n, &p.value, InitKind::kNormal, seed, 0.02f);
+    } else if (n.find("norm") != std::string::npos) {
+      InitParam(n, &p.value, ends(".weight") ? InitKind::kOnes : InitKind::kZeros, seed);
+    } else if (n == "patch_embed.proj.weight") {
+      // fan_in = C*P*P: view as [D, C*P*P].
+      Tensor flat = p.value.Reshape({p.value.dim(0), -1});
+      InitParam(n, &flat, InitKind::kLecunNormal, seed);
+    } else if (ends("router.weight") || n == "pre_logits.fc.weight") {
+      InitParam(n, &p.value, InitKind::kLecunNormal, seed);
+    } else if (ends(".weight")) {
+      InitParam(n, &p.value, InitKind::kXavierUniform, seed);
+    } else if (n.find("mlp.") != std::string::npos) {
+      InitParam(n, &p.value, InitKind::kNormal, seed, 1e-6f);
+    } else {
+      InitParam(n, &p.value, InitKind::kZeros, seed);
+    }
+  }
+}
+
+void VitModel::ZeroGrads() {
+  dense_grad_flat_.SetZero();
+  for (auto& l : moe_) l->ZeroGradients();
+}
+
+Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
+  const ModelConfig& c = config_;
+  const int64_t b = batch.batch, n = tokens_, d = d_, rows = b * n;
+  batch_ = batch;
+  labels_ = batch.labels;
+  arena_.Reset();
+  // Patch embedding, CLS, position embeddings.
+  const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();
+  patches_in_ = arena_.Allocate({b * patches_, patch_in});
+  ExtractPatches(batch.images, patches_in_.data<float>(), b, c.channels(), c.image_size(),
+                 c.patch_size());
+  Tensor emb = arena_.Allocate({b * patches_, d});
+  LinearForward(patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
+                emb.data<float>(), b * patches_, patch_in, d);
+  x0_ = arena_.Allocate({rows, d});
+  float* x = x0_.data<float>();
+  const float* pos = pos_.data<float>();
+  for (int64_t i = 0; i < b; ++i) {
+    float* xi = x + i * n * d;
+    for (int64_t j = 0; j < d; ++j) xi[j] = cls_.data<float>()[j] + pos[j];
+    Add(emb.data<float>() + i * patches_ * d, pos + d, xi + d, patches_ * d);
+  }
+  // Blocks.
+  Tensor h = x0_;
+  int moe_index = 0;
+  out->aux_loss = 0;
+  for (auto& blk : blocks_) {
+    Block& k = *blk;
+    k.ln1 = arena_.Allocate({rows, d});
+    k.mean1 = arena_.Allocate({rows});
+    k.rstd1 = arena_.Allocate({rows});
+    LayerNormForward(h.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(),
+                     k.ln1.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(), rows, d);
+    k.qkv = arena_.Allocate({rows, 3 * d});
+    LinearForward(k.ln1.data<float>(), k.qkv_w.data<float>(), k.qkv_b.data<float>(),
+                  k.qkv.data<float>(), rows, d, 3 * d);
+    k.probs = arena_.Allocate({b, heads_, n, n});
+    k.attn = arena_.Allocate({rows, d});
+    AttentionForward(k.qkv.data<float>(), k.attn.data<float>(), k.probs.data<float>(), b, n, heads_,
+                     head_dim_);
+    k.mid = arena_.Allocate({rows, d});
+    LinearForward(k.attn.data<float>(), k.proj_w.data<float>(), k.proj_b.data<float>(),
+                  k.mid.data<float>(), rows, d, d);
+    Add(k.mid.data<float>(), h.data<float>(), k.mid.data<float>(), rows * d);
+    k.ln2 = arena_.Allocate({rows, d});
+    k.mean2 = arena_.Allocate({rows});
+    k.rstd2 = arena_.Allocate({rows});
+    LayerNormForward(k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(),
+                     k.ln2.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(), rows, d);
+    k.out = arena_.Allocate({rows, d});
+    if (k.moe) {
+      MoeForwardArgs args;
+      args.training = batch.training;
+      args.first_token = batch.first_image * n;
+      args.noise_key = {batch.seed, batch.step, static_cast<uint32_t>(k.index)};
+      MOERUN_RETURN_IF_ERROR(k.moe_layer->Forward(k.ln2, args, &k.out));
+      out->aux_loss += k.moe_layer->losses().aux_total;
+      ++moe_index;
+    } else {
+      k.hidden = arena_.Allocate({rows, mlp_});
+      k.act = arena_.Allocate({rows, mlp_});
+      LinearForward(k.ln2.data<float>(), k.fc1_w.data<float>(), k.fc1_b.data<float>(),
+                    k.hidden.data<float>(), rows, d, mlp_);
+      GeluForward(k.hidden.data<float>(), k.act.data<float>(), rows * mlp_);
+      LinearForward(k.act.data<float>(), k.fc2_w.data<float>(), k.fc2_b.data<float>(),
+                    k.out.data<float>(), rows, mlp_, d);
+    }
+    Add(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
+    h = k.out;
+  }
+  // Final norm on the CLS rows only (the only rows the head reads), pre-logits, head.
+  cls_rows_ = arena_.Allocate({b, d});
+  for (int64_t i = 0; i < b; ++i) {
+    std::copy_n(h.data<float>() + i * n * d, d, cls_rows_.data<float>() + i * d);
+  }
+  cls_norm_ = arena_.Allocate({b, d});
+  norm_mean_ = arena_.Allocate({b});
+  norm_rstd_ = arena_.Allocate({b});
+  LayerNormForward(cls_rows_.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
+                   cls_norm_.data<float>(), norm_mean_.data<float>(), norm_rstd_.data<float>(), b,
+                   d);
+  Tensor head_in = cls_norm_;
+  int64_t head_dim = d;
+  if (c.pre_logits_size() > 0) {
+    head_dim = c.pre_logits_size();
+    pre_out_ = arena_.Allocate({b, head_dim});
+    LinearForward(cls_norm_.data<float>(), pre_w_.data<float>(), pre_b_.data<float>(),
+                  pre_out_.data<float>(), b, d, head_dim);
+    float* po = pre_out_.data<float>();
+    for (int64_t i = 0; i < b * head_dim; ++i) po[i] = std::tanh(po[i]);
+    head_in = pre_out_;
+  }
+  logits_ = arena_.Allocate({b, c.num_classes()});
+  LinearForward(head_in.data<float>(), head_w_.data<float>(), head_b_.data<float>(),
+                logits_.data<float>(), b, head_dim, c.num_classes());
+  probs_ = arena_.Allocate({b, c.num_classes()});
+  out->loss_sum = 0;
+  out->correct = 0;
+  out->counted = 0;
+  if (batch.labels != nullptr) {
+    int64_t valid = 0;
+    const float mean = CrossEntropyForward(logits_.data<float>(), batch.labels,
+                                           probs_.data<float>(), b, c.num_classes(), &valid);
+    out->loss_sum = static_cast<double>(mean) * valid;
+    out->counted = valid;
+    for (int64_t i = 0; i < b; ++i) {
+      if (batch.labels[i] < 0) continue;
+      const float* l = logits_.data<float>() + i * c.num_classes();
+      out->correct += (std::max_element(l, l + c.num_classes()) - l) == batch.labels[i];
+    }
+  }
+  return Status::Ok();
+}
+
+void VitModel::Backward() {
+  const ModelConfig& c = config_;
+  const int64_t b = batch_.batch, n = tokens_, d = d_, rows = b * n, classes = c.num_classes();
+  CHECK(labels_ != nullptr) << "Backward needs a labelled forward";
+  Tensor dlogits = arena_.Allocate({b, classes});
+  CrossEntropyBackward(probs_.data<float>(), labels_, dlogits.data<float>(), b, classes,
+                       1.0f / static_cast<float>(batch_.global_batch));
+  // Head and pre-logits.
+  Tensor d_head_in;
+  Tensor d_cls_norm = arena_.Allocate({b, d});
+  if (c.pre_logits_size() > 0) {
+    const int64_t pd = c.pre_logits_size();
+    d_head_in = arena_.Allocate({b, pd});
+    LinearBackward(pre_out_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
+                   d_head_in.data<float>(), head_gw_.data<float>(), head_gb_.data<float>(), b, pd,
+                   classes);
+    float* dh = d_head_in.data<float>();
+    const float* t = pre_out_.data<float>();
+    for (int64_t i = 0; i < b * pd; ++i) dh[i] *= 1.0f - t[i] * t[i];
+    LinearBackward(cls_norm_.data<float>(), pre_w_.data<float>(), dh, d_cls_norm.data<float>(),
+                   pre_gw_.data<float>(), pre_gb_.data<float>(), b, d, pd);
+  } else {
+    LinearBackward(cls_norm_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
+                   d_cls_norm.data<float>(), head_gw_.data<float>(), head_gb_.data<float>(), b, d,
+                   classes);
+  }
+  Tensor d_cls = arena_.Allocate({b, d});
+  LayerNormBackward(cls_rows_.data<float>(), norm_w_.data<float>(), norm_mean_.data<float>(),
+                    norm_rstd_.data<float>(), d_cls_norm.data<float>(), d_cls.data<float>(),
+                    norm_gw_.data<float>(), norm_gb_.data<float>(), b, d);
+  Tensor dx = arena_.AllocateZeros({rows, d});
+  for (int64_t i = 0; i < b; ++i) {
+    std::copy_n(d_cls.data<float>() + i * d, d, dx.data<float>() + i * n * d);
+  }
+  // Blocks in reverse. dx: gradient of the block's output.
+  Tensor d_ln = arena_.Allocate({rows, d});
+  Tensor d_mid = arena_.Allocate({rows, d});
+  Tensor d_qkv = arena_.Allocate({rows, 3 * d});
+  Tensor d_attn = arena_.Allocate({rows, d});
+  Tensor d_tmp = arena_.Allocate({rows, d});
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+    Block& k = **it;
+    const Tensor& input = k.index == 0 ? x0_ : blocks_[k.index - 1]->out;
+    // MLP / MoE: out = mid + mlp(ln2(mid)).
+    if (k.moe) {
+      k.moe_layer->Backward(dx, &d_ln);
+    } else {
+      Tensor d_act = arena_.Allocate({rows, mlp_});
+      LinearBackward(k.act.data<float>(), k.fc2_w.data<float>(), dx.data<float>(),
+                     d_act.data<float>(), k.g_fc2_w.data<float>(), k.g_fc2_b.data<float>(), rows,
+                     mlp_, d);
+      GeluBackward(k.hidden.data<float>(), d_act.data<float>(), d_act.data<float>(), rows * mlp_);
+      LinearBackward(k.ln2.data<float>(), k.fc1_w.data<float>(), d_act.data<float>(),
+                     d_ln.data<float>(), k.g_fc1_w.data<float>(), k.g_fc1_b.data<float>(), rows, d,
+                     mlp_);
+    }
+    LayerNormBackward(k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(),
+                      k.rstd2.data<float>(), d_ln.data<float>(), d_mid.data<float>(),
+                      k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows, d);
+    Add(d_mid.data<float>(), dx.data<float>(), d_mid.data<float>(), rows * d);
+    // Attention: mid = input + proj(attn(ln1(input))).
+    LinearBackward(k.attn.data<float>(), k.proj_w.data<float>(), d_mid.data<float>(),
+                   d_attn.data<float>(), k.g_proj_w.data<float>(), k.g_proj_b.data<float>(), rows,
+                   d, d);
+    AttentionBackward(k.qkv.data<float>(), k.probs.data<float>(), d_attn.data<float>(),
+                      d_qkv.data<float>(), b, n, heads_, head_dim_);
+    LinearBackward(k.ln1.data<float>(), k.qkv_w.data<float>(), d_qkv.data<float>(),
+                   d_ln.data<float>(), k.g_qkv_w.data<float>(), k.g_qkv_b.data<float>(), rows, d,
+                   3 * d);
+    LayerNormBackward(input.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(),
+                      k.rstd1.data<float>(), d_ln.data<float>(), d_tmp.data<float>(),
+                      k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows, d);
+    Add(d_tmp.data<float>(), d_mid.data<float>(), dx.data<float>(), rows * d);
+  }
+  // Embeddings: x0 = [cls; patches W^T + b] + pos.
+  const float* g = dx.data<float>();
+  float* gpos = pos_g_.data<float>();
+  float* gcls = cls_g_.data<float>();
+  Tensor d_emb = arena_.Allocate({b * patches_, d});
+  for (int64_t i = 0; i < b; ++i) {
+    const float* gi = g + i * n * d;
+    Axpy(1.0f, gi, gpos, n * d);
+    Axpy(1.0f, gi, gcls, d);
+    std::copy_n(gi + d, patches_ * d, d_emb.data<float>() + i * patches_ * d);
+  }
+  const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();
+  LinearBackward(patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(), nullptr,
+                 patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in, d);
+}
+
+}  // namespace moerun

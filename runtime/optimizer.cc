@@ -1,0 +1,54 @@
+// AdamW and the learning-rate schedule.
+#include "runtime/optimizer.h"
+
+#include <glog/logging.h>
+
+#include <cmath>
+
+namespace moerun {
+
+double LearningRate(const OptimizerConfig& c, int64_t step) {
+  if (step < c.warmup_steps) return c.learning_rate * (step + 1) / c.warmup_steps;
+  const int64_t decay_steps = std::max<int64_t>(1, c.total_steps - c.warmup_steps);
+  const double progress = std::min(1.0, static_cast<double>(step - c.warmup_steps) / decay_steps);
+  if (c.schedule == "linear") return c.learning_rate * (1.0 - progress);
+  return c.learning_rate * 0.5 * (1.0 + std::cos(M_PI * progress));
+}
+
+AdamW::AdamW(const OptimizerConfig& config, std::vector<OptimizerParam> params)
+    : config_(config), params_(std::move(params)) {
+  for (const OptimizerParam& p : params_) {
+    m_.emplace_back(p.size, 0.0f);
+    v_.emplace_back(p.size, 0.0f);
+  }
+}
+
+void AdamW::Step(int64_t step, float grad_scale) {
+  const double lr = LearningRate(config_, step);
+  const double t = static_cast<double>(step + 1);
+  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta1, t)));
+  const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta2, t)));
+  const float b1 = static_cast<float>(config_.beta1), b2 = static_cast<float>(config_.beta2);
+  const float eps = static_cast<float>(config_.eps), flr = static_cast<float>(lr);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const OptimizerParam& p = params_[i];
+    const float wd = p.decay ? static_cast<float>(config_.weight_decay) : 0.0f;
+    float* m = m_[i].data();
+    float* v = v_[i].data();
+#pragma omp parallel for simd schedule(static) if (p.size > 65536)
+    for (int64_t j = 0; j < p.size; ++j) {
+      const float g = p.grad[j] * grad_scale;
+      m[j] = b1 * m[j] + (1.0f - b1) * g;
+      v[j] = b2 * v[j] + (1.0f - b2) * g * g;
+      const float update = (m[j] * c1) / (std::sqrt(v[j] * c2) + eps);
+      p.value[j] -= flr * (update + wd * p.value[j]);
+    }
+  }
+}
+
+float ClipCoefficient(double norm, double max_norm) {
+  if (max_norm <= 0 || norm <= max_norm) return 1.0f;
+  return static_cast<float>(max_norm / (norm + 1e-6));
+}
+
+}  // namespace moerun

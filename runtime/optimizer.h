@@ -1,0 +1,57 @@
+// AdamW with decoupled weight decay, the learning-rate schedule (linear warmup, then cosine
+// or linear decay to 0) and gradient clipping by a global norm the caller computes.
+// The optimizer's whole state is the step counter the caller passes plus the two moment
+// buffers, which are exposed for checkpointing.
+#ifndef MOERUN_RUNTIME_OPTIMIZER_H_
+#define MOERUN_RUNTIME_OPTIMIZER_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moerun {
+
+struct OptimizerConfig {
+  double learning_rate = 1e-3;
+  double weight_decay = 0.0;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  int64_t warmup_steps = 0;
+  int64_t total_steps = 1;
+  std::string schedule = "cosine";  // or "linear"
+};
+
+// Learning rate at 0-based `step`: lr * (step + 1) / warmup during warmup, then decayed to
+// 0 at total_steps (cosine or linear).
+double LearningRate(const OptimizerConfig& config, int64_t step);
+
+struct OptimizerParam {
+  std::string name;
+  float* value;
+  const float* grad;
+  int64_t size;
+  bool decay;  // apply weight decay
+};
+
+class AdamW {
+ public:
+  AdamW(const OptimizerConfig& config, std::vector<OptimizerParam> params);
+  // One update at 0-based `step` with gradients multiplied by grad_scale (the clipping
+  // coefficient): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (m^ / (sqrt(v^) + eps)
+  // + wd p) with bias-corrected m^, v^ (t = step + 1).
+  void Step(int64_t step, float grad_scale);
+  std::vector<std::vector<float>>& first_moments() { return m_; }
+  std::vector<std::vector<float>>& second_moments() { return v_; }
+  const std::vector<OptimizerParam>& params() const { return params_; }
+
+ private:
+  OptimizerConfig config_;
+  std::vector<OptimizerParam> params_;
+  std::vector<std::vector<float>> m_, v_;
+};
+
+// min(1, max_norm / norm); 1 when max_norm <= 0 (no clipping).
+float ClipCoefficient(double norm, double max_norm);
+
+}  // namespace moerun
+
+#endif  // MOERUN_RUNTIME_OPTIMIZER_H_
