@@ -24,65 +24,6 @@ struct PlanOptions {
   bool json = false;
 };
 
-// Memory, FLOPs and communication of one training step on one rank (estimates from the
-// shapes; the parameter counts are exact).
-struct PlanFigures {
-  int64_t params_per_rank = 0;
-  int64_t param_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
-  int64_t bytes_per_rank = 0;
-  double flops_per_image = 0;  // forward + backward (3x forward)
-  int64_t a2a_bytes_per_step = 0;
-};
-
-PlanFigures Figure(const ModelConfig& m, const ParameterCounts& c, int ranks, int64_t micro,
-                   bool bf16) {
-  PlanFigures f;
-  const int64_t d = m.hidden_size(), mlp = m.mlp_dim(), grid = m.image_size() / m.patch_size();
-  const int64_t n = grid * grid + 1, heads = m.num_heads(), layers = m.num_layers();
-  int64_t experts_per_rank = 0, ep_ranks = 1;
-  if (m.has_moe()) {
-    auto placed = PlaceExperts(m.moe().num_experts(), ranks);
-    experts_per_rank = placed.ok() ? placed->experts_per_rank : 0;
-    ep_ranks = std::min(ranks, m.moe().num_experts());
-  }
-  f.params_per_rank =
-      c.dense + static_cast<int64_t>(c.moe_layers) * experts_per_rank * c.per_expert;
-  // fp32: weights, gradients, AdamW moments. bf16: bf16 weights and gradients plus fp32
-  // master weights and moments.
-  f.param_bytes = f.params_per_rank * (bf16 ? 2 + 4 : 4);
-  f.grad_bytes = f.params_per_rank * (bf16 ? 2 : 4);
-  f.optimizer_bytes = f.params_per_rank * 8;
-  const int64_t act = bf16 ? 2 : 4;
-  const double k = m.has_moe() ? m.moe().k() : 0;
-  const double cf = m.has_moe() ? std::max(1.0, m.moe().capacity_factor()) : 0;
-  const double e = m.has_moe() ? m.moe().num_experts() : 0;
-  double per_image = 0, macs = grid * grid * m.channels() * m.patch_size() * m.patch_size() * d;
-  for (int b = 0; b < layers; ++b) {
-    // Saved for the backward: LN1, qkv, probabilities, attention out, residual, LN2, out.
-    per_image += n * d * 6.0 + n * 3.0 * d + heads * n * n + 4.0 * n;
-    macs += 4.0 * n * d * d + 2.0 * n * n * d;
-    if (IsMoeBlock(m, b)) {
-      // Dispatch / receive / expert in / out / combine buffers, hidden and GELU, router.
-      per_image += n * k * cf * (5.0 * d + 2.0 * mlp) + 4.0 * n * e;
-      macs += n * d * e + 2.0 * n * k * d * mlp;
-    } else {
-      per_image += 2.0 * n * mlp;
-      macs += 2.0 * n * d * mlp;
-    }
-  }
-  macs += d * (m.pre_logits_size() > 0 ? m.pre_logits_size() + m.num_classes() : m.num_classes());
-  f.activation_bytes = static_cast<int64_t>(per_image * micro * act);
-  f.bytes_per_rank = f.param_bytes + f.grad_bytes + f.optimizer_bytes + f.activation_bytes;
-  f.flops_per_image = 3.0 * 2.0 * macs;
-  // Four all-to-alls per MoE layer and step (dispatch, combine, and their gradients), each
-  // sending (P_ep - 1) / P_ep of this rank's dispatched rows.
-  if (ep_ranks > 1) {
-    f.a2a_bytes_per_step = static_cast<int64_t>(4.0 * c.moe_layers * micro * n * k * cf * d * act *
-                                                (ep_ranks - 1) / ep_ranks);
-  }
-  return f;
-}
-
 std::string GiB(int64_t bytes) {
   std::ostringstream o;
   o << std::fixed << std::setprecision(2) << bytes / 1073741824.0 << " GiB";
@@ -106,13 +47,13 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
   const int64_t micro = o.micro_batch > 0
                             ? o.micro_batch
                             : std::max<int64_t>(1, config.train().global_batch() / o.ranks);
-  const PlanFigures f = Figure(m, c, o.ranks, micro, bf16);
+  const TrainingFootprint f = EstimateFootprint(m, o.ranks, micro, bf16);
   // Rank counts that hold the experts and fit the device memory.
   nlohmann::json fits = nlohmann::json::array();
   const double limit = o.device_gib * 1073741824.0;
   for (int p = 1; p <= 4096; p *= 2) {
     if (m.has_moe() && !PlaceExperts(m.moe().num_experts(), p).ok()) continue;
-    const PlanFigures g = Figure(m, c, p, micro, bf16);
+    const TrainingFootprint g = EstimateFootprint(m, p, micro, bf16);
     fits.push_back(
         {{"ranks", p}, {"bytes_per_rank", g.bytes_per_rank}, {"fits", g.bytes_per_rank <= limit}});
   }

@@ -14,6 +14,7 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program);
+int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program);
 int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program);
 // train / eval / plan: load and validate the config, then run the command.
 int RunModelCommand(const std::string& command, const std::vector<std::string>& args,

@@ -43,6 +43,8 @@ const CommandEntry kBenchTargets[] = {
      moerun::RunBenchGemm},
     {"moe-layer", "forward+backward of one MoE layer: tokens/s and where the time goes",
      moerun::RunBenchMoeLayer},
+    {"train", "training steps of a model config: images/s and model FLOPs utilisation",
+     moerun::RunBenchTrain},
 };
 
 template <size_t N>
@@ -113,7 +115,7 @@ int main(int argc, char** argv) {
   if (target == nullptr) {
     if (root) {
       std::cerr << "moerun bench: unknown target '" << args[0]
-                << "'; targets are: comm, gemm, moe-layer. See 'moerun bench --help'.\n";
+                << "'; targets are: comm, gemm, moe-layer, train. See 'moerun bench --help'.\n";
     }
     return moerun::kExitUsage;
   }

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "model/vit_spec.h"
+#include "runtime/kernels.h"
 
 namespace moerun {
 
@@ -75,9 +76,7 @@ double Trainer::GlobalGradNorm() {
   const bool first_replica =
       groups_ == nullptr || groups_->replicas() == nullptr || groups_->replicas()->rank() == 0;
   for (Param& p : model_->params()) {
-    const float* g = p.grad.data<float>();
-    double s = 0;
-    for (int64_t i = 0; i < p.grad.numel(); ++i) s += static_cast<double>(g[i]) * g[i];
+    const double s = SumOfSquares(p.grad.data<float>(), p.grad.numel());
     if (!p.expert) {
       dense += s;
     } else if (first_replica) {

@@ -1,6 +1,7 @@
 // Model shape arithmetic.
 #include "model/vit_spec.h"
 
+#include <algorithm>
 #include <string>
 
 namespace moerun {
@@ -68,6 +69,55 @@ StatusOr<ExpertPlacement> PlaceExperts(int num_experts, int ranks) {
                        " experts: the rank count must divide the expert count or be a "
                        "multiple of it. Rank counts that work: " +
                        works + ", ...");
+}
+
+TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t micro, bool bf16) {
+  const ParameterCounts c = CountParameters(m);
+  TrainingFootprint f;
+  const int64_t d = m.hidden_size(), mlp = m.mlp_dim(), grid = m.image_size() / m.patch_size();
+  const int64_t n = grid * grid + 1, heads = m.num_heads(), layers = m.num_layers();
+  int64_t experts_per_rank = 0, ep_ranks = 1;
+  if (m.has_moe()) {
+    auto placed = PlaceExperts(m.moe().num_experts(), ranks);
+    experts_per_rank = placed.ok() ? placed->experts_per_rank : 0;
+    ep_ranks = std::min(ranks, m.moe().num_experts());
+  }
+  f.params_per_rank =
+      c.dense + static_cast<int64_t>(c.moe_layers) * experts_per_rank * c.per_expert;
+  // fp32: weights, gradients, AdamW moments. bf16: bf16 weights and gradients plus fp32
+  // master weights and moments.
+  f.param_bytes = f.params_per_rank * (bf16 ? 2 + 4 : 4);
+  f.grad_bytes = f.params_per_rank * (bf16 ? 2 : 4);
+  f.optimizer_bytes = f.params_per_rank * 8;
+  const int64_t act = bf16 ? 2 : 4;
+  const double k = m.has_moe() ? m.moe().k() : 0;
+  const double cf = m.has_moe() ? std::max(1.0, m.moe().capacity_factor()) : 0;
+  const double e = m.has_moe() ? m.moe().num_experts() : 0;
+  double per_image = 0, macs = grid * grid * m.channels() * m.patch_size() * m.patch_size() * d;
+  for (int b = 0; b < layers; ++b) {
+    // Saved for the backward: LN1, qkv, probabilities, attention out, residual, LN2, out.
+    per_image += n * d * 6.0 + n * 3.0 * d + heads * n * n + 4.0 * n;
+    macs += 4.0 * n * d * d + 2.0 * n * n * d;
+    if (IsMoeBlock(m, b)) {
+      // Dispatch / receive / expert in / out / combine buffers, hidden and GELU, router.
+      per_image += n * k * cf * (5.0 * d + 2.0 * mlp) + 4.0 * n * e;
+      macs += n * d * e + 2.0 * n * k * d * mlp;
+    } else {
+      per_image += 2.0 * n * mlp;
+      macs += 2.0 * n * d * mlp;
+    }
+  }
+  macs += d * (m.pre_logits_size() > 0 ? m.pre_logits_size() + m.num_classes() : m.num_classes());
+  f.activation_bytes = static_cast<int64_t>(per_image * micro * act);
+  f.bytes_per_rank = f.param_bytes + f.grad_bytes + f.optimizer_bytes + f.activation_bytes;
+  f.flops_per_image = 3.0 * 2.0 * macs;
+  // Four all-to-alls per MoE layer and step (dispatch, combine, and their gradients), each
+  // sending (P_ep - 1) / P_ep of this rank's dispatched rows.
+  if (ep_ranks > 1) {
+    f.a2a_bytes_per_step = static_cast<int64_t>(4.0 * c.moe_layers * micro * n * k * cf * d * act *
+                                                (ep_ranks - 1) / ep_ranks);
+  }
+  return f;
 }
 
 }  // namespace moerun

@@ -35,6 +35,20 @@ struct ExpertPlacement {
 };
 StatusOr<ExpertPlacement> PlaceExperts(int num_experts, int ranks);
 
+// Memory, FLOPs and communication of one training step on one rank of `ranks`, with
+// `micro_batch` images per rank, fp32 or bf16 (bf16 weights and gradients plus fp32 master
+// weights and AdamW moments). Parameter figures are exact; activation memory counts the
+// tensors the backward keeps (estimates of the layout, not measurements).
+struct TrainingFootprint {
+  int64_t params_per_rank = 0;
+  int64_t param_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
+  int64_t bytes_per_rank = 0;
+  double flops_per_image = 0;      // forward + backward (3x the forward's 2*MACs)
+  int64_t a2a_bytes_per_step = 0;  // sent by one rank, all MoE layers, forward + backward
+};
+TrainingFootprint EstimateFootprint(const ModelConfig& model, int ranks, int64_t micro_batch,
+                                    bool bf16);
+
 }  // namespace moerun
 
 #endif  // MOERUN_MODEL_VIT_SPEC_H_

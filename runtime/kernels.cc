@@ -298,6 +298,13 @@ void Scale(float* x, float s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= s;
 }
 
+double SumOfSquares(const float* x, int64_t n) {
+  double s = 0;
+#pragma omp parallel for simd reduction(+ : s) schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * x[i];
+  return s;
+}
+
 void Axpy(float alpha, const float* x, float* y, int64_t n) {
 #pragma omp parallel for schedule(static) if (n > 262144)
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];

@@ -73,6 +73,8 @@ void BiasBackward(const float* dy, float* dbias, int64_t rows, int64_t cols);
 void Add(const float* a, const float* b, float* y, int64_t n);
 // x *= s.
 void Scale(float* x, float s, int64_t n);
+// sum_i x[i]^2 in double (parallel; the order depends on the thread count).
+double SumOfSquares(const float* x, int64_t n);
 // y += alpha * x.
 void Axpy(float alpha, const float* x, float* y, int64_t n);
 

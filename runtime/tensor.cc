@@ -104,6 +104,7 @@ Tensor Tensor::OnStorage(std::shared_ptr<Storage> storage, size_t byte_offset, c
   t.offset_ = static_cast<int64_t>(byte_offset / DTypeSize(dtype));
   t.shape_ = shape;
   t.strides_ = ContiguousStrides(shape);
+  t.numel_ = NumElements(shape);
   t.dtype_ = dtype;
   return t;
 }
@@ -114,8 +115,6 @@ int64_t Tensor::dim(int i) const {
   CHECK(i >= 0 && i < n) << "dim " << i << " of a " << n << "-d tensor";
   return shape_[i];
 }
-
-int64_t Tensor::numel() const { return defined() ? NumElements(shape_) : 0; }
 
 bool Tensor::is_contiguous() const { return strides_ == ContiguousStrides(shape_); }
 
@@ -132,6 +131,7 @@ Tensor Tensor::Slice(int d, int64_t begin, int64_t end) const {
   Tensor t = *this;
   t.offset_ += begin * strides_[d];
   t.shape_[d] = end - begin;
+  t.numel_ = NumElements(t.shape_);
   return t;
 }
 

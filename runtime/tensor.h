@@ -63,7 +63,7 @@ class Tensor {
   const std::vector<int64_t>& strides() const { return strides_; }  // in elements
   int ndim() const { return static_cast<int>(shape_.size()); }
   int64_t dim(int i) const;  // negative i counts from the end
-  int64_t numel() const;
+  int64_t numel() const { return numel_; }  // 0 when undefined
   size_t nbytes() const { return static_cast<size_t>(numel()) * DTypeSize(dtype_); }
   DType dtype() const { return dtype_; }
   Device device() const { return storage_ ? storage_->device() : Device::kCPU; }
@@ -101,6 +101,7 @@ class Tensor {
   int64_t offset_ = 0;  // in elements
   Shape shape_;
   std::vector<int64_t> strides_;
+  int64_t numel_ = 0;  // product of shape_, kept with it
   DType dtype_ = DType::kF32;
 };
 

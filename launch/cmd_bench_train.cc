@@ -1,0 +1,102 @@
+// moerun bench train: training throughput of a model config on synthetic data: images/s
+// and achieved FLOP/s (model FLOPs from the plan's count) beside the GEMM peak measured in
+// the same run (model FLOPs utilisation).
+#include <mpi.h>
+
+#include "launch/commands.h"
+#include "launch/trainer.h"
+#include "model/vit_spec.h"
+#include "runtime/config.h"
+#include "runtime/kernels.h"
+
+namespace moerun {
+
+int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program) {
+  GlobalOptions global;
+  std::string config_path;
+  std::vector<std::string> overrides;
+  int64_t batch = 8;
+  int steps = 3;
+  po::options_description desc("Options");
+  desc.add_options()                                                                   //
+      ("config,c", po::value(&config_path)->required(), "model config (configs/*.pbtxt)")  //
+      ("override,o", po::value(&overrides)->composing(), "key=value config override")      //
+      ("batch", po::value(&batch)->default_value(8), "images per rank per step")           //
+      ("steps", po::value(&steps)->default_value(3), "timed steps (after one warm-up step)");
+  AddGlobalOptions(&desc, &global);
+  po::positional_options_description positional;
+  positional.add("config", 1);
+  po::variables_map vm;
+  switch (ParseArgs("moerun bench train",
+                    "[mpirun -np P] moerun bench train --config C [--batch B] [--steps S]",
+                    "Times full training steps (forward, backward, all-reduce, AdamW) of a model "
+                    "on synthetic\nimages of its shape. JSON fields: bench, config, ranks, "
+                    "batch_per_rank, images_per_s,\ntrain_flops_per_image, achieved_gflops "
+                    "(all ranks), gemm_peak_gflops (all ranks: the\nsquare-GEMM peak of one "
+                    "rank x ranks, measured in this run), mfu.",
+                    args, desc, &positional, &vm)) {
+    case ParseOutcome::kHelpShown:
+      return kExitOk;
+    case ParseOutcome::kError:
+      return kExitUsage;
+    case ParseOutcome::kRun:
+      break;
+  }
+  StatusOr<Config> loaded = LoadConfig(config_path, overrides);
+  if (!loaded.ok()) {
+    PrintError("moerun bench train", loaded.status().message());
+    return kExitUsage;
+  }
+  if (batch < 1 || steps < 1) {
+    PrintError("moerun bench train", "--batch and --steps must be positive");
+    return kExitUsage;
+  }
+  Session session(program.argc, program.argv, global);
+  Communicator& world = session.world();
+  Config c = *loaded;
+  const ModelConfig& m = c.model();
+  c.mutable_train()->set_global_batch(static_cast<int32_t>(batch * world.size()));
+  c.mutable_train()->set_steps(steps + 2);
+  c.mutable_train()->set_warmup_steps(1);
+  c.mutable_model()->mutable_moe();  // keep as is when present
+  if (!loaded->model().has_moe()) c.mutable_model()->clear_moe();
+  const Dataset data =
+      MakeSyntheticDataset(1, batch * world.size() * 2, m.channels(), m.image_size(),
+                           m.image_size(), std::min(10, m.num_classes()));
+  auto trainer = Trainer::Create(c, &world, &data);
+  Status ok = AgreeOnStatus(world, trainer.status());
+  if (!ok.ok()) {
+    PrintError("moerun bench train", ok.message());
+    return kExitUsage;
+  }
+  const double peak = MeasureGemmPeakGflops({1024, 2048}, 0.3);
+  // Warm-up: buffers, page faults, the arena settling into one block.
+  for (int i = 0; i < 2; ++i) (*trainer)->Step();
+  world.Barrier();
+  const double t0 = MPI_Wtime();
+  for (int i = 0; i < steps; ++i) (*trainer)->Step();
+  double dt = MPI_Wtime() - t0;
+  world.AllReduce(&dt, 1, DType::kF64, ReduceOp::kMax);
+  const TrainingFootprint f = EstimateFootprint(m, world.size(), batch, false);
+  const double ips = static_cast<double>(batch) * world.size() * steps / dt;
+  const double achieved = ips * f.flops_per_image / 1e9;
+  const double peak_all = peak * world.size();
+  if (session.is_root()) {
+    PrintJsonLine({{"bench", "train"},
+                   {"config", config_path},
+                   {"model", m.name()},
+                   {"params", CountParameters(m).total},
+                   {"ranks", world.size()},
+                   {"threads", NumThreads()},
+                   {"batch_per_rank", batch},
+                   {"step_s", dt / steps},
+                   {"images_per_s", ips},
+                   {"train_flops_per_image", f.flops_per_image},
+                   {"achieved_gflops", achieved},
+                   {"gemm_peak_gflops", peak_all},
+                   {"mfu", achieved / peak_all}});
+  }
+  return kExitOk;
+}
+
+}  // namespace moerun
