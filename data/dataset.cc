@@ -17,17 +17,12 @@
 #include <sstream>
 #include <utility>
 
+#include "runtime/hash.h"
+
 namespace moerun {
 namespace {
 
 // --- Counter-based random numbers ---------------------------------------------------------
-
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 uint64_t HashCombine(uint64_t a, uint64_t b) { return SplitMix64(a ^ SplitMix64(b)); }
 

@@ -37,11 +37,11 @@ void PrintError(const std::string& command_path, const std::string& message, boo
   std::cerr << s.str() << std::flush;
 }
 
-ParseOutcome ParseArgs(const std::string& command_path, const std::string& synopsis,
-                       const std::string& description, const std::vector<std::string>& args,
-                       const po::options_description& desc,
-                       const po::positional_options_description* positional,
-                       po::variables_map* vm) {
+std::optional<int> ParseArgs(const std::string& command_path, const std::string& synopsis,
+                             const std::string& description, const std::vector<std::string>& args,
+                             const po::options_description& desc,
+                             const po::positional_options_description* positional,
+                             po::variables_map* vm) {
   const bool root = IsRankZeroFromEnvironment();
   try {
     po::command_line_parser parser(args);
@@ -52,7 +52,7 @@ ParseOutcome ParseArgs(const std::string& command_path, const std::string& synop
       if (root) {
         std::cout << "Usage: " << synopsis << "\n\n" << description << "\n\n" << desc << std::flush;
       }
-      return ParseOutcome::kHelpShown;
+      return kExitOk;
     }
     po::notify(*vm);
   } catch (const po::error& e) {
@@ -61,9 +61,9 @@ ParseOutcome ParseArgs(const std::string& command_path, const std::string& synop
                 << command_path << " --help'.\n"
                 << std::flush;
     }
-    return ParseOutcome::kError;
+    return kExitUsage;
   }
-  return ParseOutcome::kRun;
+  return std::nullopt;
 }
 
 Session::Session(int* argc, char*** argv, const GlobalOptions& options) : options_(options) {
@@ -134,6 +134,22 @@ StatusOr<std::vector<int64_t>> ParseIntList(const std::string& text) {
   }
   if (out.empty()) return Status::Error("empty list");
   return out;
+}
+
+StatusOr<std::vector<std::pair<int64_t, int64_t>>> ParseShapeList(const std::string& text) {
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    const size_t x = item.find('x');
+    auto dm = ParseIntList(x == std::string::npos ? std::string("bad")
+                                                  : item.substr(0, x) + "," + item.substr(x + 1));
+    if (!dm.ok() || dm->size() != 2) {
+      return Status::Error("'" + item + "' is not DxM (e.g. 512x2048)");
+    }
+    shapes.emplace_back((*dm)[0], (*dm)[1]);
+  }
+  if (shapes.empty()) return Status::Error("empty list");
+  return shapes;
 }
 
 }  // namespace moerun

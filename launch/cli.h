@@ -7,6 +7,7 @@
 #include <boost/program_options.hpp>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,15 +34,16 @@ struct GlobalOptions {
 // Options every subcommand accepts.
 void AddGlobalOptions(po::options_description* desc, GlobalOptions* options);
 
-enum class ParseOutcome { kRun, kHelpShown, kError };
-
 // Parses `args` (the words after the command path) against `desc`. Prints help for
 // --help; on a bad command line prints "moerun <command>: <problem>" and a pointer to
-// --help. Prints only on rank 0 (from the environment; MPI is not up yet).
-ParseOutcome ParseArgs(const std::string& command_path, const std::string& synopsis,
-                       const std::string& description, const std::vector<std::string>& args,
-                       const po::options_description& desc,
-                       const po::positional_options_description* positional, po::variables_map* vm);
+// --help. Prints only on rank 0 (from the environment; MPI is not up yet). Returns the exit
+// code when the command should stop here (kExitOk after help, kExitUsage on an error),
+// nothing when it should run:  if (auto done = ParseArgs(...)) return *done;
+std::optional<int> ParseArgs(const std::string& command_path, const std::string& synopsis,
+                             const std::string& description, const std::vector<std::string>& args,
+                             const po::options_description& desc,
+                             const po::positional_options_description* positional,
+                             po::variables_map* vm);
 
 bool IsRankZeroFromEnvironment();
 // Writes a user-facing error (rank 0 only when `all_ranks_same`, else every rank with its
@@ -75,6 +77,8 @@ void PrintJsonLine(const nlohmann::json& j);
 StatusOr<int64_t> ParseByteSize(const std::string& text);
 // Parses a comma-separated list of integers ("1024,4096").
 StatusOr<std::vector<int64_t>> ParseIntList(const std::string& text);
+// Parses a comma-separated list of DxM shapes ("512x2048,768x3072").
+StatusOr<std::vector<std::pair<int64_t, int64_t>>> ParseShapeList(const std::string& text);
 
 // Process-wide argc/argv, for subcommands that start the session.
 struct ProgramArgs {

@@ -173,21 +173,15 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
       ("no-check", po::bool_switch(&no_check), "skip verifying the received data");
   AddGlobalOptions(&desc, &global);
   po::variables_map vm;
-  switch (ParseArgs(
-      "moerun bench comm", "mpirun -np N moerun bench comm [options]",
-      "Measures the Communicator's all_to_all_v and all_reduce over the world, beside a raw\n"
-      "MPI_Alltoallv / MPI_Allreduce loop on the same buffers in the same run. One JSON line\n"
-      "per (op, size): gbps (ours) and raw_mpi_gbps are nccl-tests bus bandwidth in GB/s:\n"
-      "all_to_all_v moves (P-1)/P x P x bytes_per_peer per rank, all_reduce 2(P-1)/P x bytes\n"
-      "(for all_reduce bytes_per_peer is the buffer size). Target: ratio >= 0.95.",
-      args, desc, nullptr, &vm)) {
-    case ParseOutcome::kHelpShown:
-      return kExitOk;
-    case ParseOutcome::kError:
-      return kExitUsage;
-    case ParseOutcome::kRun:
-      break;
-  }
+  if (auto done = ParseArgs(
+          "moerun bench comm", "mpirun -np N moerun bench comm [options]",
+          "Measures the Communicator's all_to_all_v and all_reduce over the world, beside a raw\n"
+          "MPI_Alltoallv / MPI_Allreduce loop on the same buffers in the same run. One JSON line\n"
+          "per (op, size): gbps (ours) and raw_mpi_gbps are nccl-tests bus bandwidth in GB/s:\n"
+          "all_to_all_v moves (P-1)/P x P x bytes_per_peer per rank, all_reduce 2(P-1)/P x bytes\n"
+          "(for all_reduce bytes_per_peer is the buffer size). Target: ratio >= 0.95.",
+          args, desc, nullptr, &vm))
+    return *done;
   auto lo = ParseByteSize(min_bytes), hi = ParseByteSize(max_bytes);
   std::string problem;
   if (!lo.ok())

@@ -74,36 +74,21 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
       ("seconds", po::value(&seconds)->default_value(0.3), "target seconds per timed loop");
   AddGlobalOptions(&desc, &global);
   po::variables_map vm;
-  switch (ParseArgs("moerun bench gemm", "[mpirun -np N] moerun bench gemm [options]",
+  if (auto done =
+          ParseArgs("moerun bench gemm", "[mpirun -np N] moerun bench gemm [options]",
                     "fp32 GEMM GFLOP/s for the expert-MLP shapes (fc1 and fc2, forward, input "
                     "gradient\nand weight gradient), beside the machine's peak measured the "
                     "same way. Every rank\nruns at once with its thread share; rank 0 prints. "
                     "JSON fields: bench, pass, m, n, k,\ngflops, peak_gflops, threads, ranks.",
-                    args, desc, nullptr, &vm)) {
-    case ParseOutcome::kHelpShown:
-      return kExitOk;
-    case ParseOutcome::kError:
-      return kExitUsage;
-    case ParseOutcome::kRun:
-      break;
-  }
+                    args, desc, nullptr, &vm))
+    return *done;
   auto rows = ParseIntList(rows_text);
   auto peak_sizes = ParseIntList(peak_text);
-  std::vector<std::pair<int64_t, int64_t>> shapes;
+  auto shapes = ParseShapeList(shapes_text);
   std::string problem;
   if (!rows.ok()) problem = "--rows: " + rows.status().message();
   if (!peak_sizes.ok()) problem = "--peak-sizes: " + peak_sizes.status().message();
-  std::stringstream ss(shapes_text);
-  for (std::string item; std::getline(ss, item, ',');) {
-    const size_t x = item.find('x');
-    auto d = ParseIntList(item.substr(0, x));
-    auto m = x == std::string::npos ? d : ParseIntList(item.substr(x + 1));
-    if (x == std::string::npos || !d.ok() || !m.ok() || d->size() != 1 || m->size() != 1) {
-      problem = "--shapes: '" + item + "' is not DxM (e.g. 512x2048)";
-      break;
-    }
-    shapes.emplace_back((*d)[0], (*m)[0]);
-  }
+  if (!shapes.ok()) problem = "--shapes: " + shapes.status().message();
   if (seconds <= 0) problem = "--seconds must be positive";
   if (!problem.empty()) {
     PrintError("moerun bench gemm", problem);
@@ -127,7 +112,7 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
                      {"ranks", session.size()}});
     }
   }
-  for (auto [d, m] : shapes) {
+  for (auto [d, m] : *shapes) {
     for (int64_t t : *rows) {
       // y1 = x W1^T (fc1), y2 = h W2^T (fc2); backward: dX = dY W, dW = dY^T X.
       const GemmShape passes[] = {

@@ -62,35 +62,19 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
       ("steps", po::value(&steps)->default_value(3), "timed forward+backward steps per case");
   AddGlobalOptions(&desc, &global);
   po::variables_map vm;
-  switch (ParseArgs(
-      "moerun bench moe-layer", "[mpirun -np P] moerun bench moe-layer [options]",
-      "Forward + backward of one MoE layer per (shape, E, routing): tokens/s over all ranks,\n"
-      "the time split (router, routing = priority + capacity, pack, all-to-all, expert GEMMs,\n"
-      "combine, and the backward parts), expert GEMM GFLOP/s beside the square-GEMM peak and\n"
-      "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this run.",
-      args, desc, nullptr, &vm)) {
-    case ParseOutcome::kHelpShown:
-      return kExitOk;
-    case ParseOutcome::kError:
-      return kExitUsage;
-    case ParseOutcome::kRun:
-      break;
-  }
+  if (auto done = ParseArgs(
+          "moerun bench moe-layer", "[mpirun -np P] moerun bench moe-layer [options]",
+          "Forward + backward of one MoE layer per (shape, E, routing): tokens/s over all ranks,\n"
+          "the time split (router, routing = priority + capacity, pack, all-to-all, expert GEMMs,\n"
+          "combine, and the backward parts), expert GEMM GFLOP/s beside the square-GEMM peak and\n"
+          "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this run.",
+          args, desc, nullptr, &vm))
+    return *done;
   auto experts = ParseIntList(experts_text);
-  std::vector<LayerShape> shapes;
+  auto shapes = ParseShapeList(shapes_text);
   std::string problem;
   if (!experts.ok()) problem = "--experts: " + experts.status().message();
-  std::stringstream ss(shapes_text);
-  for (std::string item; std::getline(ss, item, ',');) {
-    const size_t x = item.find('x');
-    auto dm = x == std::string::npos ? ParseIntList("bad")
-                                     : ParseIntList(item.substr(0, x) + "," + item.substr(x + 1));
-    if (!dm.ok() || dm->size() != 2) {
-      problem = "--shapes: '" + item + "' is not DxM (e.g. 512x2048)";
-      break;
-    }
-    shapes.push_back({(*dm)[0], (*dm)[1]});
-  }
+  if (!shapes.ok()) problem = "--shapes: " + shapes.status().message();
   std::vector<bool> bprs;
   if (bpr_text == "0" || bpr_text == "0,1") bprs.push_back(false);
   if (bpr_text == "1" || bpr_text == "0,1") bprs.push_back(true);
@@ -105,7 +89,8 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
   Session session(program.argc, program.argv, global);
   Communicator& world = session.world();
   const double peak = MeasureGemmPeakGflops({1024, 2048}, 0.3);
-  for (const LayerShape& shape : shapes) {
+  for (const auto& [shape_d, shape_m] : *shapes) {
+    const LayerShape shape{shape_d, shape_m};
     for (int64_t e : *experts) {
       auto groups = MoeGroups::Create(&world, static_cast<int>(e));
       if (!groups.ok()) {

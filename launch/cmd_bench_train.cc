@@ -18,7 +18,7 @@ int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program) {
   int64_t batch = 8;
   int steps = 3;
   po::options_description desc("Options");
-  desc.add_options()                                                                   //
+  desc.add_options()                                                                       //
       ("config,c", po::value(&config_path)->required(), "model config (configs/*.pbtxt)")  //
       ("override,o", po::value(&overrides)->composing(), "key=value config override")      //
       ("batch", po::value(&batch)->default_value(8), "images per rank per step")           //
@@ -27,21 +27,16 @@ int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program) {
   po::positional_options_description positional;
   positional.add("config", 1);
   po::variables_map vm;
-  switch (ParseArgs("moerun bench train",
+  if (auto done =
+          ParseArgs("moerun bench train",
                     "[mpirun -np P] moerun bench train --config C [--batch B] [--steps S]",
                     "Times full training steps (forward, backward, all-reduce, AdamW) of a model "
                     "on synthetic\nimages of its shape. JSON fields: bench, config, ranks, "
                     "batch_per_rank, images_per_s,\ntrain_flops_per_image, achieved_gflops "
                     "(all ranks), gemm_peak_gflops (all ranks: the\nsquare-GEMM peak of one "
                     "rank x ranks, measured in this run), mfu.",
-                    args, desc, &positional, &vm)) {
-    case ParseOutcome::kHelpShown:
-      return kExitOk;
-    case ParseOutcome::kError:
-      return kExitUsage;
-    case ParseOutcome::kRun:
-      break;
-  }
+                    args, desc, &positional, &vm))
+    return *done;
   StatusOr<Config> loaded = LoadConfig(config_path, overrides);
   if (!loaded.ok()) {
     PrintError("moerun bench train", loaded.status().message());

@@ -51,17 +51,12 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
   desc.add_options()("json", po::bool_switch(&json), "one JSON object per rank instead of text");
   AddGlobalOptions(&desc, &global);
   po::variables_map vm;
-  switch (ParseArgs("moerun env", "[mpirun -np N] moerun env [--json]",
+  if (auto done =
+          ParseArgs("moerun env", "[mpirun -np N] moerun env [--json]",
                     "Shows the job as each rank sees it: world size, rank, local rank, host, "
                     "threads,\nBLAS, MPI library, CUDA and NCCL availability.",
-                    args, desc, nullptr, &vm)) {
-    case ParseOutcome::kHelpShown:
-      return kExitOk;
-    case ParseOutcome::kError:
-      return kExitUsage;
-    case ParseOutcome::kRun:
-      break;
-  }
+                    args, desc, nullptr, &vm))
+    return *done;
   Session session(program.argc, program.argv, global);
   const ProcessInfo& p = Process();
   int devices = 0;

@@ -160,14 +160,7 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
           : "Exact parameter counts of a config, and per rank: parameter, gradient,\n"
             "optimizer-state and activation memory, training FLOPs per image,\n"
             "all-to-all bytes per step, and the rank counts that fit a device.";
-  switch (ParseArgs(path, synopsis, about, args, desc, &positional, &vm)) {
-    case ParseOutcome::kHelpShown:
-      return kExitOk;
-    case ParseOutcome::kError:
-      return kExitUsage;
-    case ParseOutcome::kRun:
-      break;
-  }
+  if (auto done = ParseArgs(path, synopsis, about, args, desc, &positional, &vm)) return *done;
   StatusOr<Config> config = LoadConfig(config_path, overrides);
   if (!config.ok()) {
     PrintError(path, config.status().message());

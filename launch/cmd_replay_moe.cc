@@ -204,22 +204,16 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
       ("eval", po::bool_switch(&eval), "inference mode: no router noise, no load loss");
   AddGlobalOptions(&desc, &global);
   po::variables_map vm;
-  switch (
-      ParseArgs("moerun replay-moe",
-                "[mpirun -np P] moerun replay-moe --case case.safetensors --out out.safetensors",
-                "Runs one MoE layer forward and backward on a case file and writes the output,\n"
-                "the auxiliary losses, the routing and every gradient of\n"
-                "L = sum(y * dy) + loss.aux_total. Rank r takes the r-th contiguous slice of\n"
-                "the tokens; any P that divides the tokens and fits the experts works. Tensor\n"
-                "names and metadata keys: README.md, 'Replaying one MoE layer'.",
-                args, desc, nullptr, &vm)) {
-    case ParseOutcome::kHelpShown:
-      return kExitOk;
-    case ParseOutcome::kError:
-      return kExitUsage;
-    case ParseOutcome::kRun:
-      break;
-  }
+  if (auto done = ParseArgs(
+          "moerun replay-moe",
+          "[mpirun -np P] moerun replay-moe --case case.safetensors --out out.safetensors",
+          "Runs one MoE layer forward and backward on a case file and writes the output,\n"
+          "the auxiliary losses, the routing and every gradient of\n"
+          "L = sum(y * dy) + loss.aux_total. Rank r takes the r-th contiguous slice of\n"
+          "the tokens; any P that divides the tokens and fits the experts works. Tensor\n"
+          "names and metadata keys: README.md, 'Replaying one MoE layer'.",
+          args, desc, nullptr, &vm))
+    return *done;
   Session session(program.argc, program.argv, global);
   Communicator& world = session.world();
   StatusOr<ReplayCase> loaded = LoadCase(case_path, world.size());

@@ -14,23 +14,11 @@
 
 #include "model/layers.h"
 #include "model/vit_spec.h"
+#include "runtime/hash.h"
 #include "runtime/kernels.h"
 
 namespace moerun {
 namespace {
-
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-uint64_t Fnv1a(const std::string& s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return h;
-}
 
 enum class InitKind { kZeros, kOnes, kNormal, kLecunNormal, kXavierUniform };
 

@@ -62,7 +62,7 @@ class Tensor {
   const Shape& shape() const { return shape_; }
   const std::vector<int64_t>& strides() const { return strides_; }  // in elements
   int ndim() const { return static_cast<int>(shape_.size()); }
-  int64_t dim(int i) const;  // negative i counts from the end
+  int64_t dim(int i) const;                 // negative i counts from the end
   int64_t numel() const { return numel_; }  // 0 when undefined
   size_t nbytes() const { return static_cast<size_t>(numel()) * DTypeSize(dtype_); }
   DType dtype() const { return dtype_; }
