@@ -16,6 +16,7 @@ packages=(
   librandom123-dev                     # counter-based RNG (router noise)
   clang-format                         # style check in CI
   dataset-fashion-mnist                # the demo dataset
+  python3-pip                          # for the Python test references below
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -32,8 +33,9 @@ else
   echo "setup: all ${#packages[@]} packages present"
 fi
 
-# Python packages for tests/safetensors_interop.py (the test is skipped without them). Only
-# when missing; a failure is a warning, not a failed setup.
+# Python packages for tests/safetensors_interop.py and the NumPy MoE reference in
+# tests/reference/ (those tests are skipped without them). Only when missing; a failure is
+# a warning, not a failed setup.
 py_packages=(safetensors numpy)
 if ! python3 -c "import safetensors, numpy" >/dev/null 2>&1; then
   echo "setup: installing Python packages ${py_packages[*]} (pip)"
@@ -42,7 +44,7 @@ if ! python3 -c "import safetensors, numpy" >/dev/null 2>&1; then
   if ! python3 -m pip install --quiet "${py_packages[@]}" >/dev/null 2>&1 &&
     ! PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet "${py_packages[@]}"; then
     echo "setup: warning: could not pip-install ${py_packages[*]};" \
-      "the safetensors_interop test will be skipped" >&2
+      "the safetensors_interop and moe_replay_reference tests will be skipped" >&2
   fi
 fi
 
