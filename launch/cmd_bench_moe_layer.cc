@@ -24,10 +24,8 @@ void FillNormal(Tensor* t, float scale, uint32_t seed) {
   for (int64_t i = 0; i < t->numel(); ++i) p[i] = scale * n01(rng);
 }
 
-// Raw MPI_Alltoallv of `bytes_per_peer` per peer on the expert-parallel group's ranks.
-double RawAllToAllGbps(const std::vector<int>& ranks_unused, int64_t floats_per_peer, int p,
-                       int iters) {
-  (void)ranks_unused;
+// Bus GB/s of a raw MPI_Alltoallv over the world with `floats_per_peer` floats per peer.
+double RawAllToAllGbps(int64_t floats_per_peer, int p, int iters) {
   std::vector<float> send(floats_per_peer * p, 1.0f), recv(floats_per_peer * p);
   std::vector<int> counts(p, static_cast<int>(floats_per_peer)), displs(p);
   for (int i = 0; i < p; ++i) displs[i] = static_cast<int>(i * floats_per_peer);
@@ -145,7 +143,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
         const int64_t floats_per_peer = el * cap * shape.d;
         const double a2a_bytes = 4.0 * 4.0 * floats_per_peer * (pe - 1);
         const double raw = pe > 1 && pe == world.size()
-                               ? RawAllToAllGbps({}, floats_per_peer, static_cast<int>(pe), 4)
+                               ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
                                : 0.0;
         if (!session.is_root()) continue;
         PrintJsonLine({{"bench", "moe-layer"},

@@ -53,8 +53,6 @@ int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program) {
   c.mutable_train()->set_global_batch(static_cast<int32_t>(batch * world.size()));
   c.mutable_train()->set_steps(steps + 2);
   c.mutable_train()->set_warmup_steps(1);
-  c.mutable_model()->mutable_moe();  // keep as is when present
-  if (!loaded->model().has_moe()) c.mutable_model()->clear_moe();
   const Dataset data =
       MakeSyntheticDataset(1, batch * world.size() * 2, m.channels(), m.image_size(),
                            m.image_size(), std::min(10, m.num_classes()));

@@ -267,7 +267,6 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
             const std::vector<double>& capacity_factors, const std::vector<int>& bprs) {
   Communicator& world = session.world();
   StatusOr<Dataset> test = LoadData(config, false);
-  StatusOr<Dataset> train_shape = test;  // the trainer only needs the shapes
   Status ok = AgreeOnStatus(world, test.status());
   if (!ok.ok()) {
     PrintError("moerun eval", ok.message());

@@ -89,7 +89,6 @@ double Trainer::GlobalGradNorm() {
 
 StepStats Trainer::Step() {
   const TrainConfig& tc = config_.train();
-  const ModelConfig& m = config_.model();
   const int64_t b = local_batch_, numel = train_->image_numel();
   images_.resize(b * numel);
   labels_.resize(b);
@@ -137,7 +136,6 @@ StepStats Trainer::Step() {
     st.moe.push_back(layer->metrics());
     st.moe_losses.push_back(layer->losses());
   }
-  (void)m;
   ++step_;
   return st;
 }

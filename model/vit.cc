@@ -101,37 +101,36 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
   std::memset(m->dense_value_storage_->data(), 0, m->dense_bytes_);
   std::memset(m->dense_grad_storage_->data(), 0, m->dense_bytes_);
 
-  auto grad_of = [&](const Tensor& v) { return m->params_.back().grad; };
-  const int64_t patch_in = c.channels() * p * p;
+  // The gradient of the parameter AddDense just made.
+  auto last_grad = [&] { return m->params_.back().grad; };
   m->patch_w_ = m->AddDense("patch_embed.proj.weight", {d, c.channels(), p, p}, true);
-  m->patch_gw_ = grad_of(m->patch_w_);
+  m->patch_gw_ = last_grad();
   m->patch_b_ = m->AddDense("patch_embed.proj.bias", {d}, false);
-  m->patch_gb_ = grad_of(m->patch_b_);
+  m->patch_gb_ = last_grad();
   m->cls_ = m->AddDense("cls_token", {1, 1, d}, false);
-  m->cls_g_ = grad_of(m->cls_);
+  m->cls_g_ = last_grad();
   m->pos_ = m->AddDense("pos_embed", {1, m->tokens_, d}, false);
-  m->pos_g_ = grad_of(m->pos_);
-  (void)patch_in;
+  m->pos_g_ = last_grad();
   for (int i = 0; i < c.num_layers(); ++i) {
     auto b = std::make_unique<Block>();
     b->index = i;
     const std::string pre = "blocks." + std::to_string(i) + ".";
     b->n1_w = m->AddDense(pre + "norm1.weight", {d}, false);
-    b->g_n1_w = grad_of(b->n1_w);
+    b->g_n1_w = last_grad();
     b->n1_b = m->AddDense(pre + "norm1.bias", {d}, false);
-    b->g_n1_b = grad_of(b->n1_b);
+    b->g_n1_b = last_grad();
     b->qkv_w = m->AddDense(pre + "attn.qkv.weight", {3 * d, d}, true);
-    b->g_qkv_w = grad_of(b->qkv_w);
+    b->g_qkv_w = last_grad();
     b->qkv_b = m->AddDense(pre + "attn.qkv.bias", {3 * d}, false);
-    b->g_qkv_b = grad_of(b->qkv_b);
+    b->g_qkv_b = last_grad();
     b->proj_w = m->AddDense(pre + "attn.proj.weight", {d, d}, true);
-    b->g_proj_w = grad_of(b->proj_w);
+    b->g_proj_w = last_grad();
     b->proj_b = m->AddDense(pre + "attn.proj.bias", {d}, false);
-    b->g_proj_b = grad_of(b->proj_b);
+    b->g_proj_b = last_grad();
     b->n2_w = m->AddDense(pre + "norm2.weight", {d}, false);
-    b->g_n2_w = grad_of(b->n2_w);
+    b->g_n2_w = last_grad();
     b->n2_b = m->AddDense(pre + "norm2.bias", {d}, false);
-    b->g_n2_b = grad_of(b->n2_b);
+    b->g_n2_b = last_grad();
     b->moe = IsMoeBlock(c, i);
     if (b->moe) {
       auto layer = std::make_unique<MoeLayer>(
@@ -160,32 +159,32 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
       m->moe_.push_back(std::move(layer));
     } else {
       b->fc1_w = m->AddDense(pre + "mlp.fc1.weight", {c.mlp_dim(), d}, true);
-      b->g_fc1_w = grad_of(b->fc1_w);
+      b->g_fc1_w = last_grad();
       b->fc1_b = m->AddDense(pre + "mlp.fc1.bias", {c.mlp_dim()}, false);
-      b->g_fc1_b = grad_of(b->fc1_b);
+      b->g_fc1_b = last_grad();
       b->fc2_w = m->AddDense(pre + "mlp.fc2.weight", {d, c.mlp_dim()}, true);
-      b->g_fc2_w = grad_of(b->fc2_w);
+      b->g_fc2_w = last_grad();
       b->fc2_b = m->AddDense(pre + "mlp.fc2.bias", {d}, false);
-      b->g_fc2_b = grad_of(b->fc2_b);
+      b->g_fc2_b = last_grad();
     }
     m->blocks_.push_back(std::move(b));
   }
   m->norm_w_ = m->AddDense("norm.weight", {d}, false);
-  m->norm_gw_ = grad_of(m->norm_w_);
+  m->norm_gw_ = last_grad();
   m->norm_b_ = m->AddDense("norm.bias", {d}, false);
-  m->norm_gb_ = grad_of(m->norm_b_);
+  m->norm_gb_ = last_grad();
   int64_t head_in = d;
   if (c.pre_logits_size() > 0) {
     m->pre_w_ = m->AddDense("pre_logits.fc.weight", {c.pre_logits_size(), d}, true);
-    m->pre_gw_ = grad_of(m->pre_w_);
+    m->pre_gw_ = last_grad();
     m->pre_b_ = m->AddDense("pre_logits.fc.bias", {c.pre_logits_size()}, false);
-    m->pre_gb_ = grad_of(m->pre_b_);
+    m->pre_gb_ = last_grad();
     head_in = c.pre_logits_size();
   }
   m->head_w_ = m->AddDense("head.weight", {c.num_classes(), head_in}, true);
-  m->head_gw_ = grad_of(m->head_w_);
+  m->head_gw_ = last_grad();
   m->head_b_ = m->AddDense("head.bias", {c.num_classes()}, false);
-  m->head_gb_ = grad_of(m->head_b_);
+  m->head_gb_ = last_grad();
   m->dense_grad_flat_ = Tensor::OnStorage(
       m->dense_grad_storage_, 0, {static_cast<int64_t>(m->dense_offset_ / 4)}, DType::kF32);
   return m;
@@ -256,7 +255,6 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   }
   // Blocks.
   Tensor h = x0_;
-  int moe_index = 0;
   out->aux_loss = 0;
   for (auto& blk : blocks_) {
     Block& k = *blk;
@@ -289,7 +287,6 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
       args.noise_key = {batch.seed, batch.step, static_cast<uint32_t>(k.index)};
       MOERUN_RETURN_IF_ERROR(k.moe_layer->Forward(k.ln2, args, &k.out));
       out->aux_loss += k.moe_layer->losses().aux_total;
-      ++moe_index;
     } else {
       k.hidden = arena_.Allocate({rows, mlp_});
       k.act = arena_.Allocate({rows, mlp_});
