@@ -26,11 +26,20 @@ void OnSignal(int) { g_interrupted = 1; }
 StatusOr<Dataset> LoadData(const Config& c, bool train) {
   const DataConfig& d = c.data();
   if (d.dataset() == "synthetic") {
+    // One synthetic set (the same class templates) cut into train and test examples.
     const ModelConfig& m = c.model();
-    return MakeSyntheticDataset(c.train().seed() + (train ? 0 : 1),
-                                train ? d.synthetic_train_size() : d.synthetic_test_size(),
-                                m.channels(), m.image_size(), m.image_size(),
-                                std::min(10, m.num_classes()));
+    const int64_t n_train = d.synthetic_train_size(), n_test = d.synthetic_test_size();
+    Dataset all =
+        MakeSyntheticDataset(c.train().seed(), n_train + n_test, m.channels(), m.image_size(),
+                             m.image_size(), std::min(10, m.num_classes()));
+    const int64_t first = train ? 0 : n_train, count = train ? n_train : n_test;
+    const int64_t numel = all.image_numel();
+    all.images.erase(all.images.begin() + (first + count) * numel, all.images.end());
+    all.images.erase(all.images.begin(), all.images.begin() + first * numel);
+    all.labels.erase(all.labels.begin() + first + count, all.labels.end());
+    all.labels.erase(all.labels.begin(), all.labels.begin() + first);
+    all.size = count;
+    return all;
   }
   return LoadFashionMnist(d.dir(), train);
 }

@@ -55,6 +55,30 @@ expect 2 "--override 'train.stepz=4': train has no field 'stepz'" "$moerun" plan
 expect 0 '"event":"final".*"test_accuracy"' "${np2[@]}" "$moerun" train "$src/configs/tiny_test.pbtxt" \
   -o train.steps=20 -o train.out_dir="$tmp/run"
 expect 0 '"event":"train"' cat "$tmp/run/metrics.jsonl"
+# The synthetic test set shares the training set's classes: a short run generalises.
+out=$("${np2[@]}" "$moerun" train "$src/configs/tiny_test.pbtxt" -o train.steps=400 \
+  -o train.out_dir="$tmp/syn" 2>/dev/null | tail -n 1)
+if python3 -c "import json,sys; sys.exit(0 if json.loads(sys.argv[1])['test_accuracy'] > 0.9 else 1)" "$out"; then
+  passed=$((passed + 1))
+else
+  echo "FAIL: 400 steps on synthetic data should pass 90% test accuracy: $out"
+  failed=$((failed + 1))
+fi
+# Ctrl-C on mpirun stops every rank at the same step; the run still saves and says so.
+"${np2[@]}" "$moerun" train "$src/configs/tiny_test.pbtxt" -o train.steps=1000000 \
+  -o train.log_every=100000 -o train.out_dir="$tmp/sig" >"$tmp/sig.log" 2>&1 &
+job=$!
+sleep 4
+kill -INT "$job"
+wait "$job"
+rc=$?
+if [ "$rc" -eq 1 ] && grep -q '"interrupted":true' "$tmp/sig.log" && [ -f "$tmp/sig/model.safetensors" ]; then
+  passed=$((passed + 1))
+else
+  echo "FAIL: Ctrl-C should stop the run (rc 1, interrupted true, model saved); rc=$rc:"
+  tail -5 "$tmp/sig.log"
+  failed=$((failed + 1))
+fi
 expect 0 '"bpr":1,"capacity_factor":0.5.*"test_accuracy"' "${np2[@]}" "$moerun" eval \
   "$src/configs/tiny_test.pbtxt" --model "$tmp/run/model.safetensors" --capacity-factor 0.5,1.0 \
   --bpr 0,1
