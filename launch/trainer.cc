@@ -122,9 +122,7 @@ StepStats Trainer::Step() {
   StepStats st;
   st.step = step_;
   st.grad_norm = GlobalGradNorm();
-  st.learning_rate = LearningRate(
-      {tc.learning_rate(), 0, 0.9, 0.999, 1e-8, tc.warmup_steps(), tc.steps(), tc.schedule()},
-      step_);
+  st.learning_rate = LearningRate(optimizer_->config(), step_);
   optimizer_->Step(step_, ClipCoefficient(st.grad_norm, tc.clip_grad_norm()));
   double sums[3] = {out.loss_sum, static_cast<double>(out.correct),
                     static_cast<double>(out.counted)};

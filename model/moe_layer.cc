@@ -44,6 +44,24 @@ void SwapBlockAxes(const float* src, float* dst, int64_t a_count, int64_t b_coun
   }
 }
 
+// out[t] = sum over kept choices j of weight[t, j] * buf[row[t, j]] (weight null: 1), for
+// rows of d floats; row < 0 marks a dropped choice. The combine and the dispatch backward.
+void GatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
+                    int64_t k, int64_t d, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t tok = 0; tok < tokens; ++tok) {
+    float* dst = out + tok * d;
+    std::fill_n(dst, d, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = tok * k + j;
+      if (row[i] < 0) continue;
+      const float* src = buf + static_cast<int64_t>(row[i]) * d;
+      const float g = weight != nullptr ? weight[i] : 1.0f;
+      for (int64_t c = 0; c < d; ++c) dst[c] += g * src[c];
+    }
+  }
+}
+
 }  // namespace
 
 MoeLayerConfig MoeLayerConfig::FromProto(const MoeConfig& moe, int d, int m) {
@@ -303,22 +321,8 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   // 5. Combine: y[s] = sum over kept choices of gate * expert output.
   {
     ScopedTimer timer(&timers_.combine);
-    const int32_t* row = row_.data<int32_t>();
-    const float* w = weight_.data<float>();
-    const float* out = combine_in_.data<float>();
-    float* ys = y->data<float>();
-#pragma omp parallel for schedule(static)
-    for (int64_t tok = 0; tok < t; ++tok) {
-      float* yt = ys + tok * d;
-      std::fill_n(yt, d, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = tok * k + j;
-        if (row[i] < 0) continue;
-        const float* o = out + static_cast<int64_t>(row[i]) * d;
-        const float g = w[i];
-        for (int64_t c = 0; c < d; ++c) yt[c] += g * o[c];
-      }
-    }
+    GatherKeptRows(combine_in_.data<float>(), row_.data<int32_t>(), weight_.data<float>(), t, k, d,
+                   y->data<float>());
   }
   return Status::Ok();
 }
@@ -451,19 +455,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   // 2. Dispatch backward: dx[s] = sum over kept choices of d(dispatched row).
   {
     ScopedTimer timer(&timers_.bwd_dispatch);
-    const float* dbuf = dispatch_.data<float>();
-    float* dxs = dx->data<float>();
-#pragma omp parallel for schedule(static)
-    for (int64_t tok = 0; tok < t; ++tok) {
-      float* dxt = dxs + tok * d;
-      std::fill_n(dxt, d, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = tok * k + j;
-        if (row[i] < 0) continue;
-        const float* src = dbuf + static_cast<int64_t>(row[i]) * d;
-        for (int64_t c = 0; c < d; ++c) dxt[c] += src[c];
-      }
-    }
+    GatherKeptRows(dispatch_.data<float>(), row, nullptr, t, k, d, dx->data<float>());
   }
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.

@@ -39,6 +39,7 @@ class AdamW {
   // coefficient): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (m^ / (sqrt(v^) + eps)
   // + wd p) with bias-corrected m^, v^ (t = step + 1).
   void Step(int64_t step, float grad_scale);
+  const OptimizerConfig& config() const { return config_; }
   std::vector<std::vector<float>>& first_moments() { return m_; }
   std::vector<std::vector<float>>& second_moments() { return v_; }
   const std::vector<OptimizerParam>& params() const { return params_; }
