@@ -22,86 +22,151 @@ void LinearBackward(const float* x, const float* w, const float* dy, float* dx, 
   if (db != nullptr) BiasBackward(dy, db, rows, out);
 }
 
+namespace {
+
+// c[m, n] += a[m, k] b[k, n], all contiguous row-major; the inner loop runs along a row of
+// b and c, so it vectorises (n is the token count, k the head width or the token count).
+void MatMulAccumulate(const float* __restrict a, const float* __restrict b, float* __restrict c,
+                      int64_t m, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* __restrict ci = c + i * n;
+    const float* ai = a + i * k;
+    int64_t p = 0;
+    // Four rows of b per pass over c's row: a quarter of the loads and stores of c.
+    for (; p + 4 <= k; p += 4) {
+      const float a0 = ai[p], a1 = ai[p + 1], a2 = ai[p + 2], a3 = ai[p + 3];
+      const float* __restrict b0 = b + p * n;
+      const float* __restrict b1 = b0 + n;
+      const float* __restrict b2 = b1 + n;
+      const float* __restrict b3 = b2 + n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        ci[j] += (a0 * b0[j] + a1 * b1[j]) + (a2 * b2[j] + a3 * b3[j]);
+    }
+    for (; p < k; ++p) {
+      const float aip = ai[p];
+      const float* __restrict bp = b + p * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += aip * bp[j];
+    }
+  }
+}
+
+// sum_j a[j] b[j] over fixed lanes of partial sums (vectorises without -ffast-math).
+float DotLanes(const float* a, const float* b, int64_t n) {
+  constexpr int kLanes = 8;
+  float acc[kLanes] = {0};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
+  }
+  float sum = 0;
+  for (; j < n; ++j) sum += a[j] * b[j];
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  return sum;
+}
+
+// dst[cols, rows] = src[rows, cols]^T * scale, src rows `ld` apart.
+void GatherTransposed(const float* src, int64_t ld, int64_t rows, int64_t cols, float scale,
+                      float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * ld + c] * scale;
+  }
+}
+
+// dst[rows, cols] (rows `ld` apart) = src[cols, rows]^T.
+void ScatterTransposed(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = src[c * rows + r];
+  }
+}
+
+void GatherRows(const float* src, int64_t ld, int64_t rows, int64_t cols, float scale, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = src[r * ld + c] * scale;
+  }
+}
+
+void Transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
+}
+
+}  // namespace
+
+// Per (sequence, head), with n tokens and head width w: the head's q, k, v are copied into
+// small contiguous blocks (some transposed) so every product is MatMulAccumulate, whose
+// inner loop runs over n. S = (q / sqrt(w)) k^T, P = softmax(S), out^T = v^T P^T.
 void AttentionForward(const float* qkv, float* out, float* probs, int64_t batch, int64_t tokens,
                       int64_t heads, int64_t head_dim) {
-  const int64_t d = heads * head_dim, ld = 3 * d, n = tokens;
+  const int64_t d = heads * head_dim, ld = 3 * d, n = tokens, w = head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* q = qkv + b * n * ld + h * head_dim;
-      const float* k = q + d;
-      const float* v = q + 2 * d;
-      float* p = probs + (b * heads + h) * n * n;
-      for (int64_t i = 0; i < n; ++i) {
-        float* pi = p + i * n;
-        for (int64_t j = 0; j < n; ++j) {
-          float s = 0;
-          for (int64_t c = 0; c < head_dim; ++c) s += q[i * ld + c] * k[j * ld + c];
-          pi[j] = s * scale;
-        }
-      }
-      SoftmaxForward(p, p, n, n);
-      for (int64_t i = 0; i < n; ++i) {
-        float* o = out + (b * n + i) * d + h * head_dim;
-        std::fill_n(o, head_dim, 0.0f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float pij = p[i * n + j];
-          const float* vj = v + j * ld;
-          for (int64_t c = 0; c < head_dim; ++c) o[c] += pij * vj[c];
-        }
+#pragma omp parallel
+  {
+    std::vector<float> q(n * w), kt(w * n), vt(w * n), pt(n * n), ot(w * n);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qs = qkv + b * n * ld + h * w;
+        GatherRows(qs, ld, n, w, scale, q.data());
+        GatherTransposed(qs + d, ld, n, w, 1.0f, kt.data());
+        GatherTransposed(qs + 2 * d, ld, n, w, 1.0f, vt.data());
+        float* p = probs + (b * heads + h) * n * n;
+        std::fill_n(p, n * n, 0.0f);
+        MatMulAccumulate(q.data(), kt.data(), p, n, n, w);
+        SoftmaxRowsInPlaceFast(p, n, n);
+        Transpose(p, n, n, pt.data());
+        std::fill(ot.begin(), ot.end(), 0.0f);
+        MatMulAccumulate(vt.data(), pt.data(), ot.data(), w, n, n);
+        ScatterTransposed(ot.data(), n, w, d, out + b * n * d + h * w);
       }
     }
   }
 }
 
+// With dS = P * (dP - rowsum(P * dP)) / sqrt(w), dP = dO v^T:
+// dv^T = dO^T P, dq^T = k^T dS^T, dk^T = q^T dS.
 void AttentionBackward(const float* qkv, const float* probs, const float* dout, float* dqkv,
                        int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-  const int64_t d = heads * head_dim, ld = 3 * d, n = tokens;
+  const int64_t d = heads * head_dim, ld = 3 * d, n = tokens, w = head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* q = qkv + b * n * ld + h * head_dim;
-      const float* k = q + d;
-      const float* v = q + 2 * d;
-      float* dq = dqkv + b * n * ld + h * head_dim;
-      float* dk = dq + d;
-      float* dv = dq + 2 * d;
-      const float* p = probs + (b * heads + h) * n * n;
-      std::vector<float> dp(n * n);
-      for (int64_t i = 0; i < n; ++i) {
-        std::fill_n(dq + i * ld, head_dim, 0.0f);
-        std::fill_n(dk + i * ld, head_dim, 0.0f);
-        std::fill_n(dv + i * ld, head_dim, 0.0f);
-      }
-      // dP = dO V^T; dV = P^T dO.
-      for (int64_t i = 0; i < n; ++i) {
-        const float* doi = dout + (b * n + i) * d + h * head_dim;
-        for (int64_t j = 0; j < n; ++j) {
-          const float* vj = v + j * ld;
-          float s = 0;
-          for (int64_t c = 0; c < head_dim; ++c) s += doi[c] * vj[c];
-          dp[i * n + j] = s;
-          const float pij = p[i * n + j];
-          float* dvj = dv + j * ld;
-          for (int64_t c = 0; c < head_dim; ++c) dvj[c] += pij * doi[c];
+#pragma omp parallel
+  {
+    std::vector<float> qt(w * n), kt(w * n), vt(w * n), dO(n * w), dOt(w * n), ds(n * n),
+        dst(n * n), dqt(w * n), dkt(w * n), dvt(w * n);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qs = qkv + b * n * ld + h * w;
+        const float* dos = dout + b * n * d + h * w;
+        const float* p = probs + (b * heads + h) * n * n;
+        GatherTransposed(qs, ld, n, w, 1.0f, qt.data());
+        GatherTransposed(qs + d, ld, n, w, 1.0f, kt.data());
+        GatherTransposed(qs + 2 * d, ld, n, w, 1.0f, vt.data());
+        GatherRows(dos, d, n, w, 1.0f, dO.data());
+        GatherTransposed(dos, d, n, w, 1.0f, dOt.data());
+        // dP = dO v^T, into ds.
+        std::fill(ds.begin(), ds.end(), 0.0f);
+        MatMulAccumulate(dO.data(), vt.data(), ds.data(), n, n, w);
+        std::fill(dvt.begin(), dvt.end(), 0.0f);
+        MatMulAccumulate(dOt.data(), p, dvt.data(), w, n, n);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* pi = p + i * n;
+          float* si = ds.data() + i * n;
+          const float dotf = DotLanes(pi, si, n);
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) si[j] = pi[j] * (si[j] - dotf) * scale;
         }
-      }
-      // dS = softmax'(P) dP, then scaled: dQ = dS K * scale, dK = dS^T Q * scale.
-      SoftmaxBackward(p, dp.data(), dp.data(), n, n);
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t j = 0; j < n; ++j) {
-          const float g = dp[i * n + j] * scale;
-          const float* kj = k + j * ld;
-          const float* qi = q + i * ld;
-          float* dqi = dq + i * ld;
-          float* dkj = dk + j * ld;
-          for (int64_t c = 0; c < head_dim; ++c) {
-            dqi[c] += g * kj[c];
-            dkj[c] += g * qi[c];
-          }
-        }
+        Transpose(ds.data(), n, n, dst.data());
+        std::fill(dqt.begin(), dqt.end(), 0.0f);
+        MatMulAccumulate(kt.data(), dst.data(), dqt.data(), w, n, n);
+        std::fill(dkt.begin(), dkt.end(), 0.0f);
+        MatMulAccumulate(qt.data(), ds.data(), dkt.data(), w, n, n);
+        float* dq = dqkv + b * n * ld + h * w;
+        ScatterTransposed(dqt.data(), n, w, ld, dq);
+        ScatterTransposed(dkt.data(), n, w, ld, dq + d);
+        ScatterTransposed(dvt.data(), n, w, ld, dq + 2 * d);
       }
     }
   }

@@ -200,6 +200,28 @@ inline float FastErf(float x) {
 }  // namespace
 
 float ExpForTest(float x) { return FastExp(x); }
+
+void SoftmaxRowsInPlaceFast(float* x, int64_t rows, int64_t cols) {
+  constexpr int kLanes = 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict xr = x + r * cols;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, xr[j]);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) xr[j] = FastExp(xr[j] - mx);
+    // Fixed lanes of partial sums, so the loop vectorises without -ffast-math.
+    float acc[kLanes] = {0};
+    int64_t j = 0;
+    for (; j + kLanes <= cols; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += xr[j + l];
+    }
+    float sum = 0;
+    for (; j < cols; ++j) sum += xr[j];
+    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    const float inv = 1.0f / sum;
+    for (int64_t k = 0; k < cols; ++k) xr[k] *= inv;
+  }
+}
 float ErfForTest(float x) { return FastErf(x); }
 
 void GeluForward(const float* x, float* y, int64_t n) {

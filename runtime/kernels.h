@@ -46,6 +46,11 @@ void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols);
 // dx = y * (dy - sum(dy * y)) per row; dx may alias dy.
 void SoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols);
 
+// Softmax over each row in place, serial, with the vectorised exp below (within a few ulp
+// of SoftmaxForward); for attention, where rows are short and many and the caller already
+// runs in parallel.
+void SoftmaxRowsInPlaceFast(float* x, int64_t rows, int64_t cols);
+
 // The vectorised exp and erf the GELU kernels use, exposed for their accuracy tests.
 float ExpForTest(float x);
 float ErfForTest(float x);

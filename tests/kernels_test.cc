@@ -103,6 +103,25 @@ TEST(SoftmaxTest, MatchesNaiveAndIsShiftInvariant) {
   }
 }
 
+TEST(SoftmaxTest, FastInPlaceRowsMatchTheFormula) {
+  for (int cols : {1, 7, 8, 50, 197}) {
+    const int rows = 4;
+    auto x = Random(rows * cols, 9, 6.0f);
+    x[0] = 85.0f;  // large logits must not overflow
+    std::vector<float> y = x;
+    SoftmaxRowsInPlaceFast(y.data(), rows, cols);
+    for (int r = 0; r < rows; ++r) {
+      double mx = -1e30, s = 0;
+      for (int j = 0; j < cols; ++j) mx = std::max<double>(mx, x[r * cols + j]);
+      for (int j = 0; j < cols; ++j) s += std::exp(static_cast<double>(x[r * cols + j]) - mx);
+      for (int j = 0; j < cols; ++j) {
+        const double want = std::exp(static_cast<double>(x[r * cols + j]) - mx) / s;
+        EXPECT_NEAR(y[r * cols + j], want, 1e-6 + 1e-5 * want) << cols << " cols, row " << r;
+      }
+    }
+  }
+}
+
 TEST(GeluTest, ExactErfFormKnownValues) {
   // 0.5 x (1 + erf(x / sqrt 2)) evaluated independently: Phi(1) = 0.8413447460685429.
   const std::vector<float> x = {0.0f, 1.0f, -1.0f, 3.0f};

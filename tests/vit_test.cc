@@ -8,6 +8,7 @@
 #include <random>
 
 #include "launch/trainer.h"
+#include "model/layers.h"
 #include "runtime/config.h"
 #include "runtime/gradcheck.h"
 #include "tests/mpi_test_main.h"
@@ -84,6 +85,76 @@ void CheckModelGradients(const ModelConfig& m) {
   EXPECT_TRUE(r.ok) << r.report << "worst: " << r.worst;
   EXPECT_GT(r.checked, 200);
 }
+
+// softmax(q k^T / sqrt(w)) v per sequence and head, in double, straight from the formula.
+std::vector<double> NaiveAttention(const std::vector<float>& qkv, int64_t batch, int64_t n,
+                                   int64_t heads, int64_t w) {
+  const int64_t d = heads * w, ld = 3 * d;
+  std::vector<double> out(batch * n * d, 0.0);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      auto at = [&](int64_t part, int64_t t, int64_t c) {
+        return static_cast<double>(qkv[(b * n + t) * ld + part * d + h * w + c]);
+      };
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<double> s(n);
+        double mx = -1e300;
+        for (int64_t j = 0; j < n; ++j) {
+          double dot = 0;
+          for (int64_t c = 0; c < w; ++c) dot += at(0, i, c) * at(1, j, c);
+          s[j] = dot / std::sqrt(static_cast<double>(w));
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (double& v : s) sum += (v = std::exp(v - mx));
+        for (int64_t c = 0; c < w; ++c) {
+          double o = 0;
+          for (int64_t j = 0; j < n; ++j) o += s[j] / sum * at(2, j, c);
+          out[(b * n + i) * d + h * w + c] = o;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+class AttentionTest : public ::testing::TestWithParam<std::tuple<int, int, int, int>> {};
+
+TEST_P(AttentionTest, ForwardMatchesTheFormulaAndBackwardMatchesFiniteDifferences) {
+  const auto [batch, n, heads, w] = GetParam();
+  const int64_t d = heads * w;
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> qkv(batch * n * 3 * d), out(batch * n * d), probs(batch * heads * n * n),
+      r(batch * n * d), dqkv(qkv.size());
+  for (float& v : qkv) v = normal(gen);
+  for (float& v : r) v = normal(gen);
+  AttentionForward(qkv.data(), out.data(), probs.data(), batch, n, heads, w);
+  const std::vector<double> want = NaiveAttention(qkv, batch, n, heads, w);
+  for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], want[i], 2e-5) << "at " << i;
+  for (int64_t row = 0; row < batch * heads * n; ++row) {
+    double sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += probs[row * n + j];
+    ASSERT_NEAR(sum, 1.0, 1e-5);
+  }
+  AttentionBackward(qkv.data(), probs.data(), r.data(), dqkv.data(), batch, n, heads, w);
+  auto loss = [&] {
+    AttentionForward(qkv.data(), out.data(), probs.data(), batch, n, heads, w);
+    return DotDouble(out.data(), r.data(), static_cast<int64_t>(out.size()));
+  };
+  GradCheckOptions options;
+  options.max_per_param = 200;
+  const GradCheckResult result = CheckGradients(
+      loss, {{"qkv", qkv.data(), dqkv.data(), static_cast<int64_t>(qkv.size())}}, options);
+  EXPECT_TRUE(result.ok) << result.report;
+}
+
+// Odd sizes exercise the loop tails; (2, 50, 4, 16) is the patch-4 Fashion-MNIST shape.
+INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
+                         ::testing::Values(std::make_tuple(1, 1, 1, 4),
+                                           std::make_tuple(2, 13, 3, 5),
+                                           std::make_tuple(2, 50, 4, 16),
+                                           std::make_tuple(1, 17, 2, 64)));
 
 TEST(VitGradientTest, DenseModel) { CheckModelGradients(TinyModel(false, true)); }
 TEST(VitGradientTest, MoeModel) { CheckModelGradients(TinyModel(true, false)); }
