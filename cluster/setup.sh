@@ -16,6 +16,7 @@ packages=(
   librandom123-dev                     # counter-based RNG (router noise)
   clang-format                         # style check in CI
   dataset-fashion-mnist                # the demo dataset
+  slurm-wlm munge                      # Slurm (tests/slurm_test.sh starts a local cluster)
   python3-pip                          # for the Python test references below
 )
 missing=()
