@@ -24,12 +24,13 @@ void LinearBackward(const float* x, const float* w, const float* dy, float* dx, 
 
 namespace {
 
-// c[m, n] += a[m, k] b[k, n], all contiguous row-major; the inner loop runs along a row of
+// c[m, n] = a[m, k] b[k, n], all contiguous row-major; the inner loop runs along a row of
 // b and c, so it vectorises (n is the token count, k the head width or the token count).
-void MatMulAccumulate(const float* __restrict a, const float* __restrict b, float* __restrict c,
-                      int64_t m, int64_t n, int64_t k) {
+void MatMul(const float* __restrict a, const float* __restrict b, float* __restrict c, int64_t m,
+            int64_t n, int64_t k) {
   for (int64_t i = 0; i < m; ++i) {
     float* __restrict ci = c + i * n;
+    std::fill_n(ci, n, 0.0f);
     const float* ai = a + i * k;
     int64_t p = 0;
     // Four rows of b per pass over c's row: a quarter of the loads and stores of c.
@@ -87,16 +88,10 @@ void GatherRows(const float* src, int64_t ld, int64_t rows, int64_t cols, float 
   }
 }
 
-void Transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
-  }
-}
-
 }  // namespace
 
 // Per (sequence, head), with n tokens and head width w: the head's q, k, v are copied into
-// small contiguous blocks (some transposed) so every product is MatMulAccumulate, whose
+// small contiguous blocks (some transposed) so every product is MatMul, whose
 // inner loop runs over n. S = (q / sqrt(w)) k^T, P = softmax(S), out^T = v^T P^T.
 void AttentionForward(const float* qkv, float* out, float* probs, int64_t batch, int64_t tokens,
                       int64_t heads, int64_t head_dim) {
@@ -113,12 +108,10 @@ void AttentionForward(const float* qkv, float* out, float* probs, int64_t batch,
         GatherTransposed(qs + d, ld, n, w, 1.0f, kt.data());
         GatherTransposed(qs + 2 * d, ld, n, w, 1.0f, vt.data());
         float* p = probs + (b * heads + h) * n * n;
-        std::fill_n(p, n * n, 0.0f);
-        MatMulAccumulate(q.data(), kt.data(), p, n, n, w);
+        MatMul(q.data(), kt.data(), p, n, n, w);
         SoftmaxRowsInPlaceFast(p, n, n);
-        Transpose(p, n, n, pt.data());
-        std::fill(ot.begin(), ot.end(), 0.0f);
-        MatMulAccumulate(vt.data(), pt.data(), ot.data(), w, n, n);
+        GatherTransposed(p, n, n, n, 1.0f, pt.data());
+        MatMul(vt.data(), pt.data(), ot.data(), w, n, n);
         ScatterTransposed(ot.data(), n, w, d, out + b * n * d + h * w);
       }
     }
@@ -147,10 +140,8 @@ void AttentionBackward(const float* qkv, const float* probs, const float* dout, 
         GatherRows(dos, d, n, w, 1.0f, dO.data());
         GatherTransposed(dos, d, n, w, 1.0f, dOt.data());
         // dP = dO v^T, into ds.
-        std::fill(ds.begin(), ds.end(), 0.0f);
-        MatMulAccumulate(dO.data(), vt.data(), ds.data(), n, n, w);
-        std::fill(dvt.begin(), dvt.end(), 0.0f);
-        MatMulAccumulate(dOt.data(), p, dvt.data(), w, n, n);
+        MatMul(dO.data(), vt.data(), ds.data(), n, n, w);
+        MatMul(dOt.data(), p, dvt.data(), w, n, n);
         for (int64_t i = 0; i < n; ++i) {
           const float* pi = p + i * n;
           float* si = ds.data() + i * n;
@@ -158,11 +149,9 @@ void AttentionBackward(const float* qkv, const float* probs, const float* dout, 
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) si[j] = pi[j] * (si[j] - dotf) * scale;
         }
-        Transpose(ds.data(), n, n, dst.data());
-        std::fill(dqt.begin(), dqt.end(), 0.0f);
-        MatMulAccumulate(kt.data(), dst.data(), dqt.data(), w, n, n);
-        std::fill(dkt.begin(), dkt.end(), 0.0f);
-        MatMulAccumulate(qt.data(), ds.data(), dkt.data(), w, n, n);
+        GatherTransposed(ds.data(), n, n, n, 1.0f, dst.data());
+        MatMul(kt.data(), dst.data(), dqt.data(), w, n, n);
+        MatMul(qt.data(), ds.data(), dkt.data(), w, n, n);
         float* dq = dqkv + b * n * ld + h * w;
         ScatterTransposed(dqt.data(), n, w, ld, dq);
         ScatterTransposed(dkt.data(), n, w, ld, dq + d);
