@@ -4,10 +4,10 @@
 #include <mpi.h>
 
 #include "launch/commands.h"
-#include "launch/trainer.h"
 #include "model/vit_spec.h"
 #include "runtime/config.h"
 #include "runtime/kernels.h"
+#include "runtime/trainer.h"
 
 namespace moerun {
 

@@ -126,11 +126,36 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   if (command == "eval") {
     desc.add_options()  //
         ("model", po::value(&model_path)->required(),
-         "trained model (model.safetensors written by moerun train)")  //
+         "a checkpoint directory (runs/<name>/checkpoints, or one step_N in it) or a "
+         "safetensors file written by 'moerun export'")  //
         ("capacity-factor", po::value(&capacity_text)->default_value("-1"),
          "comma-separated inference capacity factors (-1: as trained), e.g. 0.25,0.5,1.0")  //
         ("bpr", po::value(&bpr_text)->default_value("-1"),
          "comma-separated routing modes: 0 vanilla, 1 BPR, -1 as trained");
+  }
+  std::string checkpoint_dir, resume;
+  int64_t checkpoint_every = -1, keep = -1, until_step = 0;
+  double checkpoint_minutes = -1;
+  bool async_checkpoint = false;
+  if (command == "train") {
+    desc.add_options()  //
+        ("checkpoint-dir", po::value(&checkpoint_dir),
+         "checkpoint directory (train.checkpoint_dir; default <out_dir>/checkpoints)")  //
+        ("checkpoint-every", po::value(&checkpoint_every),
+         "save every N steps (train.checkpoint_every; 0: only at the end and when stopped)")  //
+        ("checkpoint-every-minutes", po::value(&checkpoint_minutes),
+         "also save every M minutes (train.checkpoint_every_minutes)")  //
+        ("keep", po::value(&keep),
+         "keep the newest K checkpoints (train.keep_checkpoints, default 3; 0: all)")  //
+        ("resume", po::value(&resume),
+         "auto (default: from <checkpoint-dir>/LATEST when present), never, or a checkpoint "
+         "directory (also one written by another rank count, or by 'moerun import')")  //
+        ("async-checkpoint", po::bool_switch(&async_checkpoint),
+         "write checkpoints on a background thread from a host snapshot "
+         "(train.checkpoint_async)")  //
+        ("until-step", po::value(&until_step)->default_value(0),
+         "stop after this step and save (the schedule still spans train.steps); 0: run to "
+         "the end");
   }
   if (command == "plan") {
     desc.add_options()                                                                            //
@@ -148,19 +173,38 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   po::variables_map vm;
   const std::string path = "moerun " + command;
   const std::string synopsis =
-      command == "plan"   ? "moerun plan --config C [--ranks P] [--micro-batch B] [--precision "
-                            "fp32|bf16] [--json]"
-      : command == "eval" ? "mpirun -np N moerun eval --config C --model M [--capacity-factor "
-                            "0.5,1.0] [--bpr 0,1]"
-                          : "mpirun -np N moerun train --config C [--override k=v ...]";
+      command == "plan" ? "moerun plan --config C [--ranks P] [--micro-batch B] [--precision "
+                          "fp32|bf16] [--json]"
+      : command == "eval"
+          ? "mpirun -np N moerun eval --config C --model M [--capacity-factor "
+            "0.5,1.0] [--bpr 0,1]"
+          : "mpirun -np N moerun train --config C [--override k=v ...] [--checkpoint-every N] "
+            "[--resume auto|never|PATH]";
   const std::string about =
-      command == "train" ? "Trains the model a config describes."
+      command == "train"
+          ? "Trains the model a config describes. Checkpoints go to <out_dir>/checkpoints\n"
+            "(step_N/ with one safetensors shard per rank and a manifest); a run resumes\n"
+            "from the newest one by default, on any rank count that holds the experts.\n"
+            "SIGINT, SIGTERM and SIGUSR1 stop every rank at the next step and save."
       : command == "eval"
           ? "Evaluates a trained model, with routing overrides."
           : "Exact parameter counts of a config, and per rank: parameter, gradient,\n"
             "optimizer-state and activation memory, training FLOPs per image,\n"
             "all-to-all bytes per step, and the rank counts that fit a device.";
   if (auto done = ParseArgs(path, synopsis, about, args, desc, &positional, &vm)) return *done;
+  // Checkpoint flags are overrides of their train.* fields (applied after -o ones).
+  if (vm.count("checkpoint-dir")) overrides.push_back("train.checkpoint_dir=" + checkpoint_dir);
+  if (vm.count("checkpoint-every")) {
+    overrides.push_back("train.checkpoint_every=" + std::to_string(checkpoint_every));
+  }
+  if (vm.count("checkpoint-every-minutes")) {
+    std::ostringstream v;
+    v << checkpoint_minutes;
+    overrides.push_back("train.checkpoint_every_minutes=" + v.str());
+  }
+  if (vm.count("keep")) overrides.push_back("train.keep_checkpoints=" + std::to_string(keep));
+  if (vm.count("resume")) overrides.push_back("train.resume=" + resume);
+  if (async_checkpoint) overrides.push_back("train.checkpoint_async=true");
   StatusOr<Config> config = LoadConfig(config_path, overrides);
   if (!config.ok()) {
     PrintError(path, config.status().message());
@@ -178,7 +222,11 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   }
   if (command == "train") {
     Session session(program.argc, program.argv, global);
-    return RunTrain(*config, session);
+    if (until_step < 0) {
+      PrintError(path, "--until-step must be >= 0");
+      return kExitUsage;
+    }
+    return RunTrain(*config, session, until_step);
   }
   std::vector<double> factors;
   std::vector<int> bprs;

@@ -20,11 +20,17 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program);
 int RunModelCommand(const std::string& command, const std::vector<std::string>& args,
                     ProgramArgs program);
 
+// checkpoint (info|verify), export, import, reshard (cmd_checkpoint.cc).
+int RunCheckpointCommand(const std::string& command, const std::vector<std::string>& args,
+                         ProgramArgs program);
+int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program);
+
 // The best fp32 GFLOP/s of square GEMMs of these sizes with this rank's threads.
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);
 
 // The training loop and evaluation, for a validated config (cmd_train.cc).
-int RunTrain(const Config& config, Session& session);
+// until_step > 0: stop after that step (saving a checkpoint); the schedule spans train.steps.
+int RunTrain(const Config& config, Session& session, int64_t until_step);
 int RunEval(const Config& config, Session& session, const std::string& model_path,
             const std::vector<double>& capacity_factors, const std::vector<int>& bprs);
 

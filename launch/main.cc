@@ -25,6 +25,18 @@ int Eval(const std::vector<std::string>& a, ProgramArgs p) {
 int Plan(const std::vector<std::string>& a, ProgramArgs p) {
   return moerun::RunModelCommand("plan", a, p);
 }
+int Checkpoint(const std::vector<std::string>& a, ProgramArgs p) {
+  return moerun::RunCheckpointCommand("checkpoint", a, p);
+}
+int Export(const std::vector<std::string>& a, ProgramArgs p) {
+  return moerun::RunCheckpointCommand("export", a, p);
+}
+int Import(const std::vector<std::string>& a, ProgramArgs p) {
+  return moerun::RunCheckpointCommand("import", a, p);
+}
+int Reshard(const std::vector<std::string>& a, ProgramArgs p) {
+  return moerun::RunCheckpointCommand("reshard", a, p);
+}
 
 const CommandEntry kCommands[] = {
     {"env", "show world size, ranks, hosts, threads, BLAS, MPI and CUDA of this job",
@@ -35,6 +47,11 @@ const CommandEntry kCommands[] = {
     {"train", "train a model from a config (configs/*.pbtxt)", Train},
     {"eval", "evaluate a trained model, with routing overrides", Eval},
     {"plan", "parameter count, per-rank memory and communication of a config", Plan},
+    {"checkpoint", "'checkpoint info PATH' (JSON summary), 'checkpoint verify PATH' (CRCs)",
+     Checkpoint},
+    {"export", "write a checkpoint's parameters as one safetensors file (global names)", Export},
+    {"import", "make a checkpoint (step 0, fresh optimizer) from a safetensors file", Import},
+    {"reshard", "rewrite a checkpoint as another rank count would have written it", Reshard},
 };
 
 const CommandEntry kBenchTargets[] = {
@@ -45,6 +62,8 @@ const CommandEntry kBenchTargets[] = {
      moerun::RunBenchMoeLayer},
     {"train", "training steps of a model config: images/s and model FLOPs utilisation",
      moerun::RunBenchTrain},
+    {"checkpoint", "checkpoint save/load GB/s beside raw write+fsync/read, training stall",
+     moerun::RunBenchCheckpoint},
 };
 
 template <size_t N>
@@ -115,7 +134,8 @@ int main(int argc, char** argv) {
   if (target == nullptr) {
     if (root) {
       std::cerr << "moerun bench: unknown target '" << args[0]
-                << "'; targets are: comm, gemm, moe-layer, train. See 'moerun bench --help'.\n";
+                << "'; targets are: comm, gemm, moe-layer, train, checkpoint. See 'moerun bench "
+                   "--help'.\n";
     }
     return moerun::kExitUsage;
   }

@@ -120,4 +120,65 @@ TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t mic
   return f;
 }
 
+std::vector<ParamSpec> ParamSpecs(const ModelConfig& c) {
+  std::vector<ParamSpec> out;
+  const int64_t d = c.hidden_size(), p = c.patch_size(), grid = c.image_size() / p;
+  const int64_t m = c.mlp_dim();
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool decay, int e = -1) {
+    out.push_back({name, std::move(shape), decay, e});
+  };
+  add("patch_embed.proj.weight", {d, c.channels(), p, p}, true);
+  add("patch_embed.proj.bias", {d}, false);
+  add("cls_token", {1, 1, d}, false);
+  add("pos_embed", {1, grid * grid + 1, d}, false);
+  for (int i = 0; i < c.num_layers(); ++i) {
+    const std::string pre = "blocks." + std::to_string(i) + ".";
+    add(pre + "norm1.weight", {d}, false);
+    add(pre + "norm1.bias", {d}, false);
+    add(pre + "attn.qkv.weight", {3 * d, d}, true);
+    add(pre + "attn.qkv.bias", {3 * d}, false);
+    add(pre + "attn.proj.weight", {d, d}, true);
+    add(pre + "attn.proj.bias", {d}, false);
+    add(pre + "norm2.weight", {d}, false);
+    add(pre + "norm2.bias", {d}, false);
+    if (IsMoeBlock(c, i)) {
+      const int experts = c.moe().num_experts();
+      add(pre + "mlp.router.weight", {experts, d}, true);
+      for (int e = 0; e < experts; ++e) {
+        const std::string ep = pre + "mlp.experts." + std::to_string(e) + ".";
+        add(ep + "fc1.weight", {m, d}, true, e);
+        add(ep + "fc1.bias", {m}, false, e);
+        add(ep + "fc2.weight", {d, m}, true, e);
+        add(ep + "fc2.bias", {d}, false, e);
+      }
+    } else {
+      add(pre + "mlp.fc1.weight", {m, d}, true);
+      add(pre + "mlp.fc1.bias", {m}, false);
+      add(pre + "mlp.fc2.weight", {d, m}, true);
+      add(pre + "mlp.fc2.bias", {d}, false);
+    }
+  }
+  add("norm.weight", {d}, false);
+  add("norm.bias", {d}, false);
+  int64_t head_in = d;
+  if (c.pre_logits_size() > 0) {
+    add("pre_logits.fc.weight", {c.pre_logits_size(), d}, true);
+    add("pre_logits.fc.bias", {c.pre_logits_size()}, false);
+    head_in = c.pre_logits_size();
+  }
+  add("head.weight", {c.num_classes(), head_in}, true);
+  add("head.bias", {c.num_classes()}, false);
+  return out;
+}
+
+std::vector<int> ExpertHolders(int num_experts, int ranks, int expert) {
+  std::vector<int> out;
+  if (num_experts % ranks == 0) {
+    out.push_back(expert / (num_experts / ranks));
+  } else {
+    for (int r = expert; r < ranks; r += num_experts) out.push_back(r);
+  }
+  return out;
+}
+
 }  // namespace moerun

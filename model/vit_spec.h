@@ -4,6 +4,7 @@
 #define MOERUN_MODEL_VIT_SPEC_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "runtime/config.pb.h"
@@ -34,6 +35,22 @@ struct ExpertPlacement {
   int replicas = 0;  // ranks holding each expert
 };
 StatusOr<ExpertPlacement> PlaceExperts(int num_experts, int ranks);
+
+// One parameter of the model as the whole job sees it: global (timm-like) name, global
+// shape, whether weight decay applies, and the global expert id (-1: a dense parameter,
+// replicated on every rank). VitModel registers exactly these (tests/vit_test.cc checks it);
+// checkpoint resharding and export read them without building the model.
+struct ParamSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  bool decay = true;
+  int expert = -1;
+};
+// Every parameter in the model's order (all experts of every MoE layer, by global id).
+std::vector<ParamSpec> ParamSpecs(const ModelConfig& model);
+// The ranks of `ranks` that hold global expert `expert` (PlaceExperts must accept them):
+// E % P == 0: rank e / (E/P); P % E == 0: ranks e, e + E, e + 2E, ...
+std::vector<int> ExpertHolders(int num_experts, int ranks, int expert);
 
 // Memory, FLOPs and communication of one training step on one rank of `ranks`, with
 // `micro_batch` images per rank, fp32 or bf16 (bf16 weights and gradients plus fp32 master

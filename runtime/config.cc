@@ -193,6 +193,15 @@ Status Validate(const Config& c, const Origins& origins) {
   v.Require(t.eval_batch() > 0, "train.eval_batch", "must be positive");
   v.Require(c.data().synthetic_train_size() > 0 && c.data().synthetic_test_size() > 0,
             "data.synthetic_train_size", "synthetic set sizes must be positive");
+  v.Require(t.checkpoint_every() >= 0, "train.checkpoint_every",
+            "must be >= 0 (0: only at the end)");
+  v.Require(t.checkpoint_every_minutes() >= 0 && std::isfinite(t.checkpoint_every_minutes()),
+            "train.checkpoint_every_minutes", "must be >= 0 (0: no time-based saves)");
+  v.Require(t.keep_checkpoints() >= 0, "train.keep_checkpoints", "must be >= 0 (0: keep all)");
+  v.Require(!t.resume().empty(), "train.resume", "must be auto, never or a checkpoint directory");
+  v.Require(t.on_checkpoint_error() == "stop" || t.on_checkpoint_error() == "continue",
+            "train.on_checkpoint_error",
+            "'" + t.on_checkpoint_error() + "' is not a choice; use stop or continue");
   v.Require(c.comm().watchdog_timeout_s() >= 0, "comm.watchdog_timeout_s",
             "must be >= 0 (0: no watchdog)");
   return v.status();

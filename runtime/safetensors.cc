@@ -14,6 +14,8 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "runtime/crc32c.h"
+
 namespace moerun {
 namespace {
 
@@ -25,16 +27,6 @@ using Json = nlohmann::json;
 constexpr DType kSupported[] = {DType::kF32, DType::kBF16, DType::kF64,
                                 DType::kI32, DType::kI64,  DType::kU8};
 constexpr const char* kMetadataKey = "__metadata__";
-
-bool ParseDType(const std::string& name, DType* out) {
-  for (DType t : kSupported) {
-    if (name == DTypeName(t)) {
-      *out = t;
-      return true;
-    }
-  }
-  return false;
-}
 
 std::string SupportedNames() {
   std::string s;
@@ -305,6 +297,16 @@ StatusOr<Tensor> SafetensorsReader::Get(const std::string& name, DType expected,
 }
 
 // ---------------------------------------------------------------------------------------
+bool ParseDType(const std::string& name, DType* out) {
+  for (DType t : kSupported) {
+    if (name == DTypeName(t)) {
+      *out = t;
+      return true;
+    }
+  }
+  return false;
+}
+
 void SafetensorsWriter::SetMetadata(const std::string& key, const std::string& value) {
   metadata_[key] = value;
 }
@@ -320,7 +322,7 @@ void SafetensorsWriter::Add(const std::string& name, const Tensor& tensor) {
       << "safetensors: duplicate tensor name '" << name << "'";
 }
 
-Status SafetensorsWriter::Write(const std::string& path) const {
+Status SafetensorsWriter::Write(const std::string& path, SafetensorsLayout* layout) const {
   // Header: "__metadata__" first, then the tensors in name order with their offsets.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata_.empty()) {
@@ -349,6 +351,12 @@ Status SafetensorsWriter::Write(const std::string& path) const {
   unsigned char len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(text.size() >> (8 * i));
 
+  if (layout != nullptr) {
+    *layout = SafetensorsLayout();
+    layout->header_bytes = 8 + text.size();
+    layout->header_crc32c = Crc32cExtend(Crc32c(len, 8), text.data(), text.size());
+    layout->file_size = layout->header_bytes + offset;
+  }
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   FILE* f = std::fopen(tmp.c_str(), "wbe");
   auto fail = [&](const std::string& step) {
@@ -364,6 +372,12 @@ Status SafetensorsWriter::Write(const std::string& path) const {
   }
   for (const auto& kv : tensors_) {
     const Tensor c = kv.second.Contiguous();  // one packed copy at a time, if strided
+    if (layout != nullptr) {
+      const uint64_t begin =
+          layout->tensors.empty() ? layout->header_bytes : layout->tensors.back().end;
+      layout->tensors.push_back(
+          {kv.first, begin, begin + c.nbytes(), Crc32c(c.raw_data(), c.nbytes())});
+    }
     if (std::fwrite(c.raw_data(), 1, c.nbytes(), f) != c.nbytes()) return fail("writing " + tmp);
   }
   if (std::fflush(f) != 0) return fail("writing " + tmp);

@@ -24,6 +24,9 @@
 
 namespace moerun {
 
+// The dtype a safetensors name ("F32", "BF16", ...) stands for; false for other names.
+bool ParseDType(const std::string& name, DType* out);
+
 // A whole safetensors file read into memory and validated. Every error message names the
 // file (as given to Open) and, where there is one, the tensor, and says what is wrong, e.g.
 //   "case.safetensors: tensor 'x': data_offsets [0, 12] hold 12 bytes but shape [2, 3] F32
@@ -77,6 +80,19 @@ class SafetensorsReader {
 // that order, padded with spaces so the data section starts at a multiple of 8 bytes. This is
 // byte for byte what the official writer produces when all tensors share one dtype (it orders
 // mixed dtypes widest first, then by name; readers accept either order).
+// Where Write() put each tensor, with checksums (used by checkpoint manifests).
+struct SafetensorsLayout {
+  struct Entry {
+    std::string name;
+    uint64_t begin = 0, end = 0;  // absolute byte range in the file
+    uint32_t crc32c = 0;          // CRC-32C of those bytes
+  };
+  uint64_t header_bytes = 0;   // 8 + JSON header length: where the data section starts
+  uint32_t header_crc32c = 0;  // CRC-32C of those first header_bytes bytes
+  uint64_t file_size = 0;
+  std::vector<Entry> tensors;  // in file (name) order
+};
+
 class SafetensorsWriter {
  public:
   // Sets (or replaces) one "__metadata__" entry.
@@ -91,7 +107,9 @@ class SafetensorsWriter {
   // over `path` (the directory is then fsync'ed, best effort). On failure the temporary file is
   // removed, `path` is left as it was (absent, or the previous file whole), and the Status
   // names the path and the system's reason (strerror).
-  Status Write(const std::string& path) const;
+  // With `layout`, also reports where each tensor went and its CRC-32C (computed from the
+  // bytes as they are written).
+  Status Write(const std::string& path, SafetensorsLayout* layout = nullptr) const;
 
   size_t size() const { return tensors_.size(); }
 

@@ -64,7 +64,8 @@ else
   echo "FAIL: 400 steps on synthetic data should pass 90% test accuracy: $out"
   failed=$((failed + 1))
 fi
-# Ctrl-C on mpirun stops every rank at the same step; the run still saves and says so.
+# Ctrl-C on mpirun stops every rank at the same step; the run commits a checkpoint of that
+# step and says so.
 "${np2[@]}" "$moerun" train "$src/configs/tiny_test.pbtxt" -o train.steps=1000000 \
   -o train.log_every=100000 -o train.out_dir="$tmp/sig" >"$tmp/sig.log" 2>&1 &
 job=$!
@@ -72,15 +73,17 @@ sleep 4
 kill -INT "$job"
 wait "$job"
 rc=$?
-if [ "$rc" -eq 1 ] && grep -q '"interrupted":true' "$tmp/sig.log" && [ -f "$tmp/sig/model.safetensors" ]; then
+stop_step=$(grep -o 'stopping at step [0-9]*' "$tmp/sig.log" | grep -o '[0-9]*$')
+if [ "$rc" -eq 1 ] && grep -q '"interrupted":true' "$tmp/sig.log" && [ -n "$stop_step" ] &&
+  [ "$(cat "$tmp/sig/checkpoints/LATEST")" = "$(printf 'step_%08d' "$stop_step")" ]; then
   passed=$((passed + 1))
 else
-  echo "FAIL: Ctrl-C should stop the run (rc 1, interrupted true, model saved); rc=$rc:"
+  echo "FAIL: Ctrl-C should stop the run (rc 1, interrupted true, checkpoint of the stop step); rc=$rc:"
   tail -5 "$tmp/sig.log"
   failed=$((failed + 1))
 fi
 expect 0 '"bpr":1,"capacity_factor":0.5.*"test_accuracy"' "${np2[@]}" "$moerun" eval \
-  "$src/configs/tiny_test.pbtxt" --model "$tmp/run/model.safetensors" --capacity-factor 0.5,1.0 \
+  "$src/configs/tiny_test.pbtxt" --model "$tmp/run/checkpoints" --capacity-factor 0.5,1.0 \
   --bpr 0,1
 expect 2 "train.global_batch 9 does not split over 2 ranks" "${np2[@]}" "$moerun" train \
   "$src/configs/tiny_test.pbtxt" -o train.global_batch=9 -o train.out_dir="$tmp/run2"

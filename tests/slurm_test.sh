@@ -42,7 +42,7 @@ cd "$src" || exit 1
 if MOERUN_BIN=$moerun timeout 120 sbatch --wait --ntasks=2 --output="$work/job.out" \
   cluster/slurm/moerun.sbatch train --config configs/tiny_test.pbtxt \
   -o train.out_dir="$work/run" > /dev/null 2>&1 &&
-  grep -q '"event":"final".*"ranks":2' "$work/job.out" && [ -s "$work/run/model.safetensors" ]; then
+  grep -q '"event":"final".*"ranks":2' "$work/job.out" && [ -s "$work/run/checkpoints/LATEST" ]; then
   echo "ok   sbatch train on 2 tasks"
 else
   fail "sbatch train:"

@@ -7,10 +7,10 @@
 #include <cmath>
 #include <random>
 
-#include "launch/trainer.h"
 #include "model/layers.h"
 #include "runtime/config.h"
 #include "runtime/gradcheck.h"
+#include "runtime/trainer.h"
 #include "tests/mpi_test_main.h"
 
 namespace moerun {

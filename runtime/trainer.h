@@ -1,10 +1,11 @@
-// Training and evaluation of a ViT / V-MoE over the ranks of a communicator: data-parallel
+// Training and evaluation of a ViT / V-MoE over the ranks of a communicator (the one
+// runtime/ library above model/ and data/: target moerun_train): data-parallel
 // dense parameters (gradients all-reduced over all ranks), expert parameters owned by their
 // rank(s), a fixed global batch split over the ranks, AdamW with global-norm clipping.
 // The state that determines the run is explicit and small: the step (data position, noise
 // and augmentation keys derive from it), the parameters and the optimizer moments.
-#ifndef MOERUN_LAUNCH_TRAINER_H_
-#define MOERUN_LAUNCH_TRAINER_H_
+#ifndef MOERUN_RUNTIME_TRAINER_H_
+#define MOERUN_RUNTIME_TRAINER_H_
 
 #include <memory>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "comm/communicator.h"
 #include "data/dataset.h"
 #include "model/vit.h"
+#include "runtime/checkpoint.h"
 #include "runtime/config.pb.h"
 #include "runtime/optimizer.h"
 
@@ -24,6 +26,10 @@ struct StepStats {
   double accuracy = 0;  // on the global batch, before the update
   double grad_norm = 0;
   double learning_rate = 0;
+  // False when the loss or the gradient norm is not finite: then no update was made and
+  // `problem` names the step and the first non-finite gradient.
+  bool finite = true;
+  std::string problem;
   std::vector<MoeMetrics> moe;  // per MoE layer
   std::vector<MoeLosses> moe_losses;
 };
@@ -40,6 +46,10 @@ struct RoutingOverride {
   int bpr = -1;
 };
 
+// OK when the checkpoint's stored model has the same parameters as `current`'s (every
+// field but the name and the routing settings); else an error listing the fields.
+Status CheckSameModel(const CheckpointManifest& manifest, const Config& current);
+
 class Trainer {
  public:
   // Fails (with a message naming the setting) when the global batch does not split over
@@ -49,6 +59,19 @@ class Trainer {
 
   StepStats Step();
   EvalStats Evaluate(const Dataset& data, int64_t global_batch, const RoutingOverride& routing);
+
+  // The run's whole state as named global tensors: every parameter under its global name
+  // and, with `optimizer`, its AdamW moments as optimizer.m.<name> and optimizer.v.<name>
+  // (views: saving reads, loading writes the live buffers).
+  std::vector<CheckpointSlice> StateSlices(bool optimizer);
+  // The manifest's training state at the current step (tensors and files not filled).
+  CheckpointManifest StateManifest() const;
+  // Loads a checkpoint written by any rank count: parameters, and the optimizer moments
+  // when the checkpoint has them (else they start at zero), and the step. Checks that the
+  // stored model config is this one (naming the fields that differ). Local; agree on the
+  // status with AgreeOnStatus.
+  Status Restore(const std::string& checkpoint_dir, const CheckpointManifest& manifest,
+                 bool parameters_only = false);
 
   VitModel& model() { return *model_; }
   AdamW& optimizer() { return *optimizer_; }
@@ -76,4 +99,4 @@ class Trainer {
 
 }  // namespace moerun
 
-#endif  // MOERUN_LAUNCH_TRAINER_H_
+#endif  // MOERUN_RUNTIME_TRAINER_H_

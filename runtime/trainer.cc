@@ -1,7 +1,11 @@
 // The training step and evaluation.
-#include "launch/trainer.h"
+#include "runtime/trainer.h"
+
+#include <google/protobuf/text_format.h>
+#include <google/protobuf/util/message_differencer.h>
 
 #include <cmath>
+#include <sstream>
 
 #include "model/vit_spec.h"
 #include "runtime/kernels.h"
@@ -123,19 +127,150 @@ StepStats Trainer::Step() {
   st.step = step_;
   st.grad_norm = GlobalGradNorm();
   st.learning_rate = LearningRate(optimizer_->config(), step_);
-  optimizer_->Step(step_, ClipCoefficient(st.grad_norm, tc.clip_grad_norm()));
   double sums[3] = {out.loss_sum, static_cast<double>(out.correct),
                     static_cast<double>(out.counted)};
   world_->AllReduce(sums, 3, DType::kF64, ReduceOp::kSum);
   st.loss = sums[0] / sums[2];
   st.accuracy = sums[1] / sums[2];
   st.aux_loss = out.aux_loss;
+  if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm) || !std::isfinite(st.aux_loss)) {
+    // No update: the weights stay those of the last good step.
+    st.finite = false;
+    std::string first;
+    for (Param& p : model_->params()) {
+      if (!std::isfinite(SumOfSquares(p.grad.data<float>(), p.grad.numel()))) {
+        first = "the gradient of '" + p.name + "' is not finite";
+        break;
+      }
+    }
+    const Status where =
+        AgreeOnStatus(*world_, first.empty() ? Status::Ok() : Status::Error(first));
+    std::ostringstream o;
+    o << "step " << step_ + 1 << ": loss " << st.loss << ", gradient norm " << st.grad_norm
+      << ", aux loss " << st.aux_loss << ": not finite";
+    if (!where.ok()) o << "; " << where.message();
+    o << "; no update was made (lower train.learning_rate or set train.clip_grad_norm, and "
+         "resume from the last checkpoint)";
+    st.problem = o.str();
+    return st;
+  }
+  optimizer_->Step(step_, ClipCoefficient(st.grad_norm, tc.clip_grad_norm()));
   for (MoeLayer* layer : model_->moe_layers()) {
     st.moe.push_back(layer->metrics());
     st.moe_losses.push_back(layer->losses());
   }
   ++step_;
   return st;
+}
+
+std::vector<CheckpointSlice> Trainer::StateSlices(bool optimizer) {
+  std::vector<CheckpointSlice> out;
+  std::vector<Param>& params = model_->params();
+  for (Param& p : params) out.push_back({p.name, p.value.shape(), 0, -1, p.value});
+  if (optimizer) {
+    auto& m = optimizer_->first_moments();
+    auto& v = optimizer_->second_moments();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const Shape& shape = params[i].value.shape();
+      out.push_back({"optimizer.m." + params[i].name, shape, 0, -1,
+                     Tensor::Wrap(m[i].data(), shape, DType::kF32)});
+      out.push_back({"optimizer.v." + params[i].name, shape, 0, -1,
+                     Tensor::Wrap(v[i].data(), shape, DType::kF32)});
+    }
+  }
+  return out;
+}
+
+CheckpointManifest Trainer::StateManifest() const {
+  const TrainConfig& tc = config_.train();
+  CheckpointManifest m;
+  m.set_step(step_);
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(config_, &text);
+  m.set_config(text);
+  DataPosition* d = m.mutable_data();
+  const int64_t spe = sampler_->steps_per_epoch();
+  d->set_epoch(step_ / spe);
+  d->set_index_in_epoch((step_ % spe) * tc.global_batch());
+  d->set_shuffle_seed(tc.seed());
+  d->set_steps_per_epoch(spe);
+  d->set_global_batch(tc.global_batch());
+  d->set_dataset_size(train_->size);
+  d->set_dataset(config_.data().dataset());
+  auto rng = [&](const char* name, const char* algorithm, int64_t counter) {
+    RngState* r = m.add_rng();
+    r->set_name(name);
+    r->set_algorithm(algorithm);
+    r->set_seed(tc.seed());
+    r->set_counter(counter);
+  };
+  rng("router_noise", "philox4x32-10(seed, step, layer, global token, expert), Box-Muller", step_);
+  rng("augmentation", "philox4x32-10(seed, step, dataset index)", step_);
+  rng("data_shuffle", "philox4x32-10(seed, epoch): a permutation per epoch", step_ / spe);
+  LrSchedule* lr = m.mutable_lr_schedule();
+  lr->set_step(step_);
+  lr->set_learning_rate(LearningRate(optimizer_->config(), step_));
+  lr->set_peak_learning_rate(tc.learning_rate());
+  lr->set_warmup_steps(tc.warmup_steps());
+  lr->set_total_steps(tc.steps());
+  lr->set_schedule(tc.schedule());
+  m.set_expert_parallel_size(groups_ ? groups_->expert().size() : 1);
+  m.set_expert_replicas(groups_ && groups_->replicas() ? groups_->replicas()->size() : 1);
+  m.set_moerun_version(MOERUN_VERSION);
+  m.set_git_revision(MOERUN_GIT_REVISION);
+  m.set_optimizer_state(true);
+  m.set_optimizer_step(step_);
+  return m;
+}
+
+Status CheckSameModel(const CheckpointManifest& manifest, const Config& current) {
+  Config stored;
+  if (!google::protobuf::TextFormat::ParseFromString(manifest.config(), &stored)) {
+    return Status::Error("the checkpoint's stored config does not parse");
+  }
+  // Compared: what decides the parameters. The name and the routing settings (capacity,
+  // BPR, noise, loss weights, k, group size) may change between runs of one model.
+  auto structure = [](const ModelConfig& m) {
+    ModelConfig s = m;
+    s.clear_name();
+    if (m.has_moe()) {
+      MoeConfig& e = *s.mutable_moe();
+      e.Clear();
+      e.set_num_experts(m.moe().num_experts());
+      e.set_placement(m.moe().placement());
+      e.set_every_n(m.moe().every_n());
+      e.set_last_n(m.moe().last_n());
+    }
+    return s;
+  };
+  const ModelConfig a = structure(stored.model()), b = structure(current.model());
+  google::protobuf::util::MessageDifferencer diff;
+  std::string report;
+  diff.ReportDifferencesToString(&report);
+  diff.set_message_field_comparison(google::protobuf::util::MessageDifferencer::EQUIVALENT);
+  if (!diff.Compare(a, b)) {
+    return Status::Error(
+        "the checkpoint was written by another model: its config differs from "
+        "this one in (checkpoint -> this config)\n" +
+        report +
+        "use the config the checkpoint was trained with (`moerun checkpoint "
+        "info` prints it)");
+  }
+  return Status::Ok();
+}
+
+Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manifest,
+                        bool parameters_only) {
+  MOERUN_RETURN_IF_ERROR(CheckSameModel(manifest, config_));
+  const bool moments = manifest.optimizer_state() && !parameters_only;
+  std::vector<CheckpointSlice> slices = StateSlices(moments);
+  MOERUN_RETURN_IF_ERROR(LoadSlices(dir, manifest, &slices));
+  if (!moments) {
+    for (auto& m : optimizer_->first_moments()) std::fill(m.begin(), m.end(), 0.0f);
+    for (auto& v : optimizer_->second_moments()) std::fill(v.begin(), v.end(), 0.0f);
+  }
+  step_ = parameters_only ? 0 : manifest.step();
+  return Status::Ok();
 }
 
 EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,

@@ -1,0 +1,472 @@
+// The training loop: resume, steps, logging, evaluation, checkpoints, stop signals.
+#include "runtime/train_loop.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+#include <thread>
+
+#include "model/vit_spec.h"
+#include "runtime/checkpoint.h"
+#include "runtime/kernels.h"
+#include "runtime/trainer.h"
+
+namespace moerun {
+namespace fs = std::filesystem;
+
+namespace {
+
+volatile std::sig_atomic_t g_stop_signal = 0;
+void OnStopSignal(int signal) { g_stop_signal = signal; }
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+std::string Duration(double s) {
+  std::ostringstream o;
+  const int64_t t = static_cast<int64_t>(s + 0.5);
+  if (t >= 3600) o << t / 3600 << "h";
+  if (t >= 60) o << (t % 3600) / 60 << "m";
+  o << t % 60 << "s";
+  return o.str();
+}
+
+std::string SignalName(int s) {
+  switch (s) {
+    case SIGINT:
+      return "SIGINT";
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGUSR1:
+      return "SIGUSR1";
+    default:
+      return "signal " + std::to_string(s);
+  }
+}
+
+nlohmann::json MoeJson(const VitModel& model, const StepStats& st) {
+  nlohmann::json layers = nlohmann::json::array();
+  const std::vector<int> blocks = model.moe_blocks();
+  for (size_t i = 0; i < st.moe.size(); ++i) {
+    layers.push_back({{"block", blocks[i]},
+                      {"importance_loss", st.moe_losses[i].importance},
+                      {"load_loss", st.moe_losses[i].load},
+                      {"capacity", st.moe[i].capacity},
+                      {"dropped_fraction", st.moe[i].dropped_fraction},
+                      {"tokens_per_expert", st.moe[i].tokens_per_expert}});
+  }
+  return layers;
+}
+
+// The test hook MOERUN_TEST_SAVE_PAUSE="STEP:SECONDS": every rank pauses that long after
+// writing its shard of the checkpoint of step STEP, before the commit.
+double TestPauseFor(int64_t step) {
+  const char* v = std::getenv("MOERUN_TEST_SAVE_PAUSE");
+  long long s = -1;
+  double seconds = 0;
+  if (v != nullptr && std::sscanf(v, "%lld:%lf", &s, &seconds) == 2 && s == step) return seconds;
+  return 0;
+}
+
+// Keeps the metrics lines of steps up to `step` (a resumed run continues the file without
+// the lines of steps it will redo) and drops earlier "final" lines.
+void TruncateMetrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::ostringstream kept;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) continue;
+    if (j.value("event", "") == "final") continue;
+    if (j.contains("step") && j["step"].is_number() && j["step"].get<int64_t>() > step) continue;
+    kept << line << "\n";
+  }
+  in.close();
+  WriteFileAtomically(path, kept.str());
+}
+
+// The first parameter that is not finite, or "".
+std::string FirstNonFiniteParameter(Trainer& t) {
+  for (Param& p : t.model().params()) {
+    if (!std::isfinite(SumOfSquares(p.value.data<float>(), p.value.numel()))) return p.name;
+  }
+  return "";
+}
+
+}  // namespace
+
+void InstallStopSignalHandlers() {
+  std::signal(SIGINT, OnStopSignal);
+  std::signal(SIGTERM, OnStopSignal);
+  std::signal(SIGUSR1, OnStopSignal);
+}
+int StopSignal() { return g_stop_signal; }
+void RequestStop(int signal) { g_stop_signal = signal; }
+
+StatusOr<Dataset> LoadRunData(const Config& c, bool train) {
+  const DataConfig& d = c.data();
+  if (d.dataset() == "synthetic") {
+    // One synthetic set (the same class templates) cut into train and test examples.
+    const ModelConfig& m = c.model();
+    const int64_t n_train = d.synthetic_train_size(), n_test = d.synthetic_test_size();
+    Dataset all =
+        MakeSyntheticDataset(c.train().seed(), n_train + n_test, m.channels(), m.image_size(),
+                             m.image_size(), std::min(10, m.num_classes()));
+    const int64_t first = train ? 0 : n_train, count = train ? n_train : n_test;
+    const int64_t numel = all.image_numel();
+    all.images.erase(all.images.begin() + (first + count) * numel, all.images.end());
+    all.images.erase(all.images.begin(), all.images.begin() + first * numel);
+    all.labels.erase(all.labels.begin() + first + count, all.labels.end());
+    all.labels.erase(all.labels.begin(), all.labels.begin() + first);
+    all.size = count;
+    return all;
+  }
+  return LoadFashionMnist(d.dir(), train);
+}
+
+std::string RunOutDir(const Config& c) {
+  return c.train().out_dir().empty() ? "runs/" + c.model().name() : c.train().out_dir();
+}
+
+std::string RunCheckpointDir(const Config& c) {
+  return c.train().checkpoint_dir().empty() ? RunOutDir(c) + "/checkpoints"
+                                            : c.train().checkpoint_dir();
+}
+
+TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
+                                const TrainLoopOptions& options) {
+  TrainLoopResult result;
+  const bool root = world.rank() == 0;
+  auto fail = [&](int code, const std::string& error) {
+    result.exit_code = code;
+    result.error = error;
+    return result;
+  };
+  StatusOr<Dataset> train = LoadRunData(config, true);
+  StatusOr<Dataset> test = train.ok() ? LoadRunData(config, false) : train.status();
+  Status ok = AgreeOnStatus(world, test.status());
+  if (!ok.ok()) return fail(1, ok.message());
+  auto created = Trainer::Create(config, &world, &*train);
+  ok = AgreeOnStatus(world, created.status());
+  if (!ok.ok()) return fail(2, ok.message());
+  Trainer& trainer = **created;
+  const TrainConfig& tc = config.train();
+  const std::string out_dir = RunOutDir(config), ckpt_dir = RunCheckpointDir(config);
+  const std::string metrics_path =
+      tc.metrics_path().empty() ? out_dir + "/metrics.jsonl" : tc.metrics_path();
+  const int64_t last_step =
+      options.until_step > 0 ? std::min<int64_t>(options.until_step, tc.steps()) : tc.steps();
+
+  // Leftovers of crashed saves go first; then find what to resume from.
+  if (root) {
+    for (const std::string& name : RemoveUncommitted(ckpt_dir)) {
+      LOG(WARNING) << "removed " << ckpt_dir << "/" << name
+                   << ": an unfinished checkpoint (no manifest) of an earlier run";
+    }
+  }
+  world.Barrier();
+  std::string resume_from;
+  Status found;
+  if (tc.resume() == "auto") {
+    auto latest = LatestCheckpoint(ckpt_dir);
+    if (latest.ok()) {
+      resume_from = *latest;
+    } else {
+      found = latest.status();
+    }
+  } else if (tc.resume() == "never") {
+    const std::vector<std::string> existing = ListCheckpoints(ckpt_dir);
+    if (!existing.empty()) {
+      found = Status::Error("--resume never, but " + ckpt_dir + " already holds checkpoints " +
+                            "(newest " + existing.back() +
+                            "): use --resume auto to continue that run, or another "
+                            "--checkpoint-dir (or delete it) to start over");
+    }
+  } else {
+    auto resolved = ResolveCheckpoint(tc.resume());
+    if (resolved.ok()) {
+      resume_from = *resolved;
+    } else {
+      found = resolved.status();
+    }
+  }
+  ok = AgreeOnStatus(world, found);
+  if (!ok.ok()) return fail(2, ok.message());
+  int64_t resumed_step = -1;
+  if (!resume_from.empty()) {
+    auto manifest = ReadManifest(resume_from);
+    Status loaded = manifest.ok() ? trainer.Restore(resume_from, *manifest) : manifest.status();
+    ok = AgreeOnStatus(world, loaded);
+    if (!ok.ok()) return fail(2, "cannot resume from " + resume_from + ": " + ok.message());
+    resumed_step = trainer.step();
+    if (root) {
+      LOG(INFO) << "resuming from " << resume_from << " (step " << manifest->step()
+                << ", written by " << manifest->world_size() << " rank(s), now " << world.size()
+                << "; " << (manifest->optimizer_state() ? "with" : "fresh") << " optimizer state)";
+    }
+  }
+
+  std::ofstream metrics;
+  if (root) {
+    std::error_code ec;
+    fs::create_directories(out_dir, ec);
+    if (!fs::path(metrics_path).parent_path().empty()) {
+      fs::create_directories(fs::path(metrics_path).parent_path(), ec);
+    }
+    if (resumed_step >= 0) TruncateMetrics(metrics_path, resumed_step);
+    metrics.open(metrics_path, resumed_step >= 0 ? std::ios::app : std::ios::trunc);
+  }
+  ok = AgreeOnStatus(
+      world, !root || metrics ? Status::Ok()
+                              : Status::Error("cannot write metrics file '" + metrics_path + "'"));
+  if (!ok.ok()) return fail(1, ok.message());
+  bool metrics_failed = false;
+  auto emit = [&](const nlohmann::json& j) {
+    if (!root || metrics_failed) return;
+    metrics << j.dump() << "\n" << std::flush;
+    if (!metrics) {
+      metrics_failed = true;
+      LOG(ERROR) << "cannot write metrics file '" << metrics_path << "': " << std::strerror(errno);
+    }
+  };
+  const int64_t params = CountParameters(config.model()).total;
+  if (root) {
+    LOG(INFO) << "train: " << config.model().name() << ", " << params << " parameters, "
+              << world.size() << " rank(s) x " << NumThreads() << " thread(s), global batch "
+              << tc.global_batch() << ", " << tc.steps() << " steps (" << std::fixed
+              << std::setprecision(2)
+              << static_cast<double>(tc.steps()) / trainer.sampler().steps_per_epoch()
+              << " epochs of " << train->size << " images); metrics: " << metrics_path
+              << "; checkpoints: " << ckpt_dir;
+  }
+
+  // Checkpoints.
+  SaveOptions save_options;
+  save_options.keep = tc.keep_checkpoints();
+  int64_t last_saved = resumed_step;  // that step is on disk already
+  double last_save_time = Now();
+  std::string last_checkpoint = resume_from;
+  PendingSave pending;
+  std::thread writer;
+  bool pending_active = false;
+  std::atomic<bool> pending_done{false};
+  double save_stall_s = 0;
+  int saves = 0;
+  // Commits the background save (collective: every rank calls it at the same step).
+  auto finish_pending = [&]() -> Status {
+    if (!pending_active) return Status::Ok();
+    writer.join();
+    pending_active = false;
+    SaveResult r;
+    Status s = CommitSave(world, &pending, &r);
+    if (s.ok()) {
+      last_checkpoint = r.path;
+      if (root) {
+        LOG(INFO) << "checkpoint " << r.path << " committed (" << r.total_bytes << " bytes over "
+                  << world.size() << " rank(s), " << std::fixed << std::setprecision(2) << r.seconds
+                  << " s in the background)";
+      }
+      emit({{"event", "checkpoint"},
+            {"step", pending.manifest.step()},
+            {"path", r.path},
+            {"bytes", r.total_bytes},
+            {"seconds", r.seconds},
+            {"async", true}});
+    }
+    return s;
+  };
+  // Saves the current state (collective). `async`: snapshot now, write in the background.
+  auto save = [&](bool async) -> Status {
+    MOERUN_RETURN_IF_ERROR(finish_pending());
+    const int64_t step = trainer.step();
+    if (step == last_saved) return Status::Ok();
+    const std::string bad = FirstNonFiniteParameter(trainer);
+    MOERUN_RETURN_IF_ERROR(AgreeOnStatus(
+        world, bad.empty() ? Status::Ok()
+                           : Status::Error("parameter '" + bad + "' is not finite at step " +
+                                           std::to_string(step) + "; nothing saved")));
+    const double t0 = Now();
+    CheckpointManifest manifest = trainer.StateManifest();
+    save_options.pause_after_shard_s = TestPauseFor(step);
+    std::vector<CheckpointSlice> slices = trainer.StateSlices(true);
+    if (async) slices = SnapshotSlices(slices);
+    Status s = PrepareSave(world, ckpt_dir, manifest, std::move(slices), save_options, &pending);
+    if (!s.ok())
+      return Status::Error("checkpoint of step " + std::to_string(step) + ": " + s.message());
+    last_saved = step;
+    last_save_time = Now();
+    ++saves;
+    if (async) {
+      pending_active = true;
+      pending_done = false;
+      writer = std::thread([&] {
+        WriteShard(&pending);
+        pending_done = true;
+      });
+      save_stall_s += Now() - t0;
+      return Status::Ok();
+    }
+    WriteShard(&pending);
+    SaveResult r;
+    s = CommitSave(world, &pending, &r);
+    save_stall_s += Now() - t0;
+    if (!s.ok()) return s;
+    last_checkpoint = r.path;
+    if (root) {
+      LOG(INFO) << "checkpoint " << r.path << " committed (" << r.total_bytes << " bytes over "
+                << world.size() << " rank(s), " << std::fixed << std::setprecision(2) << r.seconds
+                << " s)";
+      for (const std::string& gone : r.removed) LOG(INFO) << "removed old checkpoint " << gone;
+    }
+    emit({{"event", "checkpoint"},
+          {"step", step},
+          {"path", r.path},
+          {"bytes", r.total_bytes},
+          {"seconds", r.seconds},
+          {"async", false}});
+    return Status::Ok();
+  };
+  // A failed save: stop (the default) or go on.
+  auto save_failed = [&](const Status& s) {
+    if (root) LOG(ERROR) << s.message();
+    return tc.on_checkpoint_error() == "stop";
+  };
+
+  InstallStopSignalHandlers();
+  const double start = Now();
+  double window_start = start;
+  int64_t window_images = 0, steps_run = 0;
+  EvalStats last_eval;
+  int stopped_by = 0;
+  const int64_t steps_per_epoch = trainer.sampler().steps_per_epoch();
+  while (trainer.step() < last_step) {
+    // Agreed at every step boundary: a stop signal on any rank, a time-based save due by
+    // rank 0's clock, a background write not finished on some rank, a metrics write error.
+    int32_t flags[4] = {static_cast<int32_t>(StopSignal()), 0, 0, metrics_failed ? 1 : 0};
+    if (root && tc.checkpoint_every_minutes() > 0 &&
+        Now() - last_save_time >= 60 * tc.checkpoint_every_minutes()) {
+      flags[1] = 1;
+    }
+    flags[2] = pending_active && !pending_done ? 1 : 0;
+    world.AllReduce(flags, 4, DType::kI32, ReduceOp::kMax);
+    if (flags[3]) return fail(1, "cannot write metrics file '" + metrics_path + "'; stopped");
+    if (pending_active && flags[2] == 0) {
+      Status s = finish_pending();
+      if (!s.ok() && save_failed(s)) return fail(1, s.message());
+    }
+    if (flags[0]) {
+      stopped_by = flags[0];
+      if (root) {
+        LOG(WARNING) << SignalName(stopped_by) << ": stopping at step " << trainer.step()
+                     << " and saving a checkpoint";
+      }
+      break;
+    }
+    if (flags[1]) {
+      Status s = save(tc.checkpoint_async());
+      if (!s.ok() && save_failed(s)) return fail(1, s.message());
+    }
+    const StepStats st = trainer.Step();
+    if (!st.finite) {
+      if (pending_active) finish_pending();
+      return fail(1, st.problem);
+    }
+    ++steps_run;
+    window_images += tc.global_batch();
+    const int64_t done = trainer.step();
+    if (done % tc.log_every() == 0 || done == last_step) {
+      const double now = Now();
+      const double ips = window_images / std::max(1e-9, now - window_start);
+      const double eta = (last_step - done) * tc.global_batch() / std::max(1e-9, ips);
+      double dropped = 0;
+      for (const MoeMetrics& mm : st.moe) {
+        for (double f : mm.dropped_fraction)
+          dropped += f / (mm.dropped_fraction.size() * st.moe.size());
+      }
+      if (root) {
+        std::ostringstream line;
+        line << std::fixed << "step " << done << "/" << tc.steps() << "  epoch "
+             << std::setprecision(2) << static_cast<double>(done) / steps_per_epoch << "  loss "
+             << std::setprecision(4) << st.loss << "  acc " << std::setprecision(1)
+             << 100 * st.accuracy << "%  aux " << std::setprecision(4) << st.aux_loss
+             << "  dropped " << std::setprecision(1) << 100 * dropped << "%  lr " << std::scientific
+             << std::setprecision(2) << st.learning_rate << std::fixed << "  "
+             << std::setprecision(0) << ips << " img/s  ETA " << Duration(eta);
+        LOG(INFO) << line.str();
+      }
+      emit({{"event", "train"},
+            {"step", done},
+            {"epoch", static_cast<double>(done) / steps_per_epoch},
+            {"loss", st.loss},
+            {"accuracy", st.accuracy},
+            {"aux_loss", st.aux_loss},
+            {"grad_norm", st.grad_norm},
+            {"lr", st.learning_rate},
+            {"images_per_s", ips},
+            {"moe", MoeJson(trainer.model(), st)}});
+      window_start = now;
+      window_images = 0;
+    }
+    if (tc.eval_every() > 0 && done % tc.eval_every() == 0 && done < tc.steps()) {
+      last_eval = trainer.Evaluate(*test, tc.eval_batch(), {});
+      if (root) {
+        LOG(INFO) << "eval at step " << done << ": test accuracy " << std::fixed
+                  << std::setprecision(2) << 100 * last_eval.accuracy << "%, loss "
+                  << std::setprecision(4) << last_eval.loss;
+      }
+      emit({{"event", "eval"},
+            {"step", done},
+            {"test_accuracy", last_eval.accuracy},
+            {"test_loss", last_eval.loss}});
+      window_start = Now();  // evaluation time is not training throughput
+    }
+    if (tc.checkpoint_every() > 0 && done % tc.checkpoint_every() == 0 && done < last_step) {
+      Status s = save(tc.checkpoint_async());
+      if (!s.ok() && save_failed(s)) return fail(1, s.message());
+      window_start = Now();
+    }
+  }
+  const double train_wall = Now() - start;
+  // The last state is always saved (synchronously): at the end, at --until-step, or when
+  // stopped by a signal.
+  Status s = save(false);
+  if (!s.ok()) return fail(1, s.message());
+  if (metrics_failed) return fail(1, "cannot write metrics file '" + metrics_path + "'");
+  last_eval = trainer.Evaluate(*test, tc.eval_batch(), {});
+  const double wall = Now() - start;
+  result.final_line = {{"event", "final"},
+                       {"steps", trainer.step()},
+                       {"steps_this_run", steps_run},
+                       {"interrupted", stopped_by != 0},
+                       {"test_accuracy", last_eval.accuracy},
+                       {"test_loss", last_eval.loss},
+                       {"wall_s", wall},
+                       {"train_s", train_wall},
+                       {"images_per_s", steps_run * tc.global_batch() / std::max(1e-9, train_wall)},
+                       {"ranks", world.size()},
+                       {"checkpoint", last_checkpoint},
+                       {"checkpoints_saved", saves},
+                       {"checkpoint_stall_s", save_stall_s},
+                       {"metrics", metrics_path}};
+  if (resumed_step >= 0) result.final_line["resumed_from_step"] = resumed_step;
+  if (stopped_by) result.final_line["signal"] = SignalName(stopped_by);
+  emit(result.final_line);
+  if (root) {
+    LOG(INFO) << "done: test accuracy " << std::fixed << std::setprecision(2)
+              << 100 * last_eval.accuracy << "% after " << trainer.step() << " steps in "
+              << Duration(wall) << "; checkpoint: " << last_checkpoint;
+  }
+  result.exit_code = stopped_by ? 1 : 0;
+  return result;
+}
+
+}  // namespace moerun
