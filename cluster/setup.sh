@@ -17,6 +17,7 @@ packages=(
   clang-format                         # style check in CI
   dataset-fashion-mnist                # the demo dataset
   slurm-wlm munge                      # Slurm (tests/slurm_test.sh starts a local cluster)
+  tmux                                 # a terminal for the Ctrl-C test (tests/checkpoint_test.sh)
   python3-pip                          # for the Python test references below
 )
 missing=()

@@ -68,12 +68,15 @@ nlohmann::json MoeJson(const VitModel& model, const StepStats& st) {
 }
 
 // The test hook MOERUN_TEST_SAVE_PAUSE="STEP:SECONDS": every rank pauses that long after
-// writing its shard of the checkpoint of step STEP, before the commit.
+// writing its shard of the checkpoint of step STEP (any step when STEP is -1), before the
+// commit.
 double TestPauseFor(int64_t step) {
   const char* v = std::getenv("MOERUN_TEST_SAVE_PAUSE");
   long long s = -1;
   double seconds = 0;
-  if (v != nullptr && std::sscanf(v, "%lld:%lf", &s, &seconds) == 2 && s == step) return seconds;
+  if (v != nullptr && std::sscanf(v, "%lld:%lf", &s, &seconds) == 2 && (s == step || s < 0)) {
+    return seconds;
+  }
   return 0;
 }
 

@@ -239,23 +239,75 @@ else
   bad "restart after kill: $(grep -E 'removed|resum|moerun' "$k.log" | head -3)"
 fi
 
-# --- 7. SIGUSR1 (what sbatch --signal sends) through a real mpirun ---------------------------
+# --- 7. Signals through a real mpirun --------------------------------------------------------
+# wait_for JOB: waits up to 60 s for a background job, then kills it (never hangs the test).
+wait_for() {
+  local job=$1
+  for _ in $(seq 1 300); do
+    kill -0 "$job" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -0 "$job" 2>/dev/null && { kill -9 "$job"; pkill -9 -f "train.out_dir=$2" 2>/dev/null; }
+  wait "$job"
+}
+# stopped_ok NAME LOG DIR SIGNAL RC: every rank stopped at one step and committed it.
+stopped_ok() {
+  local stop
+  stop=$(grep -o "$4: stopping at step [0-9]*" "$2" | grep -o '[0-9]*$')
+  if [ "$5" -eq 1 ] && [ -n "$stop" ] &&
+    [ "$(cat "$3/checkpoints/LATEST" 2>/dev/null)" = "$(printf 'step_%08d' "$stop")" ] &&
+    "$moerun" checkpoint verify "$3/checkpoints" >/dev/null 2>&1; then
+    ok "$1: every rank stops at step $stop and commits its checkpoint"
+  else
+    bad "$1: rc=$5 stop=$stop: $(tail -n 3 "$2")"
+  fi
+}
+long=(-o train.steps=1000000 -o train.log_every=100)
+# SIGUSR1 (what sbatch --signal sends) to mpirun, which forwards it to the ranks.
 s=$tmp/usr1
-"$mpiexec" --oversubscribe -np 2 "$moerun" train "$cfg" "${common[@]}" \
-  -o train.steps=1000000 -o train.log_every=100 -o train.out_dir="$s" >"$s.log" 2>&1 &
+"$mpiexec" --oversubscribe -np 2 "$moerun" train "$cfg" "${common[@]}" "${long[@]}" \
+  -o train.out_dir="$s" >"$s.log" 2>&1 &
 job=$!
 for _ in $(seq 1 100); do
   grep -q "step 100/" "$s.log" && break
   sleep 0.1
 done
 kill -USR1 "$job"
-wait "$job"
-rc=$?
-stop=$(grep -o 'SIGUSR1: stopping at step [0-9]*' "$s.log" | grep -o '[0-9]*$')
-if [ $rc -eq 1 ] && [ -n "$stop" ] && [ "$(cat "$s/checkpoints/LATEST")" = "$(printf 'step_%08d' "$stop")" ]; then
-  ok "SIGUSR1 to mpirun: every rank stops at step $stop and commits its checkpoint"
+wait_for "$job" "$s"
+stopped_ok "SIGUSR1 to mpirun" "$s.log" "$s" SIGUSR1 $?
+# SIGTERM to cluster/mpirun-local, with a save that takes 3 s (longer than Open MPI waits
+# before it kills ranks after a SIGTERM to mpirun itself).
+s=$tmp/term
+MOERUN_TEST_SAVE_PAUSE=-1:3 "$src/cluster/mpirun-local" -np 2 "$moerun" train "$cfg" \
+  "${common[@]}" "${long[@]}" -o train.out_dir="$s" >"$s.log" 2>&1 &
+job=$!
+for _ in $(seq 1 100); do
+  grep -q "step 100/" "$s.log" && break
+  sleep 0.1
+done
+kill -TERM "$job"
+wait_for "$job" "$s"
+stopped_ok "SIGTERM to cluster/mpirun-local (3 s save)" "$s.log" "$s" SIGUSR1 $?
+# Ctrl-C typed in a terminal (tmux) running cluster/mpirun-local.
+if command -v tmux >/dev/null; then
+  s=$tmp/ctrlc
+  printf '%s\n' "MOERUN_TEST_SAVE_PAUSE=-1:3 '$src/cluster/mpirun-local' -np 2 '$moerun' train '$cfg' ${common[*]} ${long[*]} -o train.out_dir='$s' >'$s.log' 2>&1; echo \$? >'$s.rc'" >"$s.sh"
+  sock=$tmp/tmux.sock
+  tmux -S "$sock" new-session -d -s ctrlc "bash '$s.sh'; sleep 60"
+  for _ in $(seq 1 100); do
+    grep -q "step 100/" "$s.log" 2>/dev/null && break
+    sleep 0.1
+  done
+  tmux -S "$sock" send-keys -t ctrlc C-c
+  for _ in $(seq 1 300); do
+    [ -s "$s.rc" ] && break
+    sleep 0.2
+  done
+  tmux -S "$sock" kill-server 2>/dev/null
+  pkill -9 -f "train.out_dir=$s" 2>/dev/null
+  stopped_ok "Ctrl-C in a terminal on cluster/mpirun-local (3 s save)" "$s.log" "$s" SIGUSR1 "$(cat "$s.rc" 2>/dev/null || echo 99)"
 else
-  bad "SIGUSR1: rc=$rc stop=$stop: $(tail -n 3 "$s.log")"
+  echo "skip Ctrl-C terminal test (no tmux)"
 fi
 
 # --- 8. A full disk -------------------------------------------------------------------------

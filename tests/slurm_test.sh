@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # moerun under Slurm: cluster/slurm/moerun.sbatch trains the tiny config on 2 tasks through
-# srun --mpi=pmix, and a rank that fails under srun ends the step with a message naming it.
+# srun --mpi=pmix, a rank that fails under srun ends the step with a message naming it, and
+# SIGUSR1 from Slurm stops a training job with a committed checkpoint.
 # Starts a private single-node cluster (cluster/slurm/local-cluster.sh) and stops it after;
 # where a Slurm cluster already answers, it runs there only with MOERUN_TEST_SLURM=existing.
 # Exit 77 (skipped) when Slurm is not installed or no cluster can be started here.
@@ -58,5 +59,29 @@ else
   fail "failing rank under srun: rc=$rc"
   head -n 20 <<< "$out"
 fi
-echo "$((2 - fails)) passed, $fails failed"
+# 3. The signal Slurm sends before a time limit (moerun.sbatch asks for SIGUSR1; scancel
+#    --signal delivers it the same way, to every task of the job's steps): every rank stops
+#    at a step boundary and commits a checkpoint of that step.
+job=$(MOERUN_BIN=$moerun sbatch --parsable --ntasks=2 --output="$work/sig.out" \
+  cluster/slurm/moerun.sbatch train --config configs/tiny_test.pbtxt -o train.steps=1000000 \
+  -o train.log_every=100 -o train.out_dir="$work/sig" 2> /dev/null)
+for _ in $(seq 1 300); do
+  grep -q "step 100/" "$work/sig.out" 2> /dev/null && break
+  sleep 0.2
+done
+scancel --signal=USR1 "$job" 2> /dev/null
+for _ in $(seq 1 300); do
+  [ -z "$(squeue -h -j "$job" 2> /dev/null)" ] && break
+  sleep 0.2
+done
+scancel "$job" 2> /dev/null
+stop=$(grep -o 'SIGUSR1: stopping at step [0-9]*' "$work/sig.out" 2> /dev/null | grep -o '[0-9]*$')
+if [ -n "$stop" ] && [ "$(cat "$work/sig/checkpoints/LATEST" 2> /dev/null)" = "$(printf 'step_%08d' "$stop")" ]; then
+  echo "ok   SIGUSR1 from Slurm: stopped at step $stop and committed its checkpoint"
+else
+  fail "SIGUSR1 from Slurm (job $job):"
+  tail -n 10 "$work/sig.out" 2> /dev/null
+fi
+
+echo "$((3 - fails)) passed, $fails failed"
 [ $fails -eq 0 ]
