@@ -78,7 +78,8 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
           "on synthetic data of its shape. JSON lines: 'save'/'load' with gbps_per_rank and\n"
           "gbps_total beside raw_gbps_per_rank / raw_gbps_total (a plain write + fsync, or\n"
           "read, of the same bytes per rank in the same directory) and ratio; 'stall' with\n"
-          "step_s, stall_per_save_s and stall_fraction_of_step for sync and async saves.",
+          "step_s, stall_per_save_s, stall_fraction_of_step and wall_delta_per_save_s for\n"
+          "sync and async saves.",
           args, desc, &positional, &vm))
     return *done;
   StatusOr<Config> loaded = LoadConfig(config_path, overrides);
@@ -183,51 +184,51 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
                    {"ratio", best_raw_w / best_save}});
   }
 
-  // Stall: steps without saves, then with a save every `every` steps (sync, async).
-  auto run = [&](int mode) {  // 0 none, 1 sync, 2 async
-    PendingSave pending;
-    bool active = false;
-    std::thread writer;
+  // Stall: steps with a save every `every` steps, synchronous and asynchronous. The stall is
+  // the time the training loop spends in the save calls (for async: plan, snapshot and the
+  // later commit), max over ranks; `wall_delta_s` is the extra wall time per save against a
+  // run without saves (it also shows a background writer competing for the cores).
+  auto run = [&](int mode, double* stall) {  // mode: 0 none, 1 sync, 2 async
+    AsyncCheckpointer background(world, root, SaveOptions{3});
+    double in_save = 0;
     world.Barrier();
     const double t0 = MPI_Wtime();
     for (int i = 1; i <= steps; ++i) {
+      // What the training loop does at each step boundary: one small all-reduce of flags
+      // (stop signal, save readiness, ...), in every mode, then moving a save on.
+      int32_t flags[4] = {0, 0, background.local_ready() ? 0 : 1, 0};
+      world.AllReduce(flags, 4, DType::kI32, ReduceOp::kMax);
+      const double p0 = MPI_Wtime();
+      if (mode == 2) CHECK(background.Poll(flags[2] == 0, nullptr).ok());
+      in_save += MPI_Wtime() - p0;
       trainer.Step();
       if (mode == 0 || i % every != 0) continue;
-      if (active) {
-        writer.join();
-        CHECK(CommitSave(world, &pending, nullptr).ok());
-        active = false;
-      }
-      std::vector<CheckpointSlice> slices = trainer.StateSlices(true);
-      if (mode == 2) slices = SnapshotSlices(slices);
-      CHECK(PrepareSave(world, root, trainer.StateManifest(), std::move(slices), SaveOptions{3},
-                        &pending)
-                .ok());
+      const double s0 = MPI_Wtime();
       if (mode == 1) {
-        WriteShard(&pending);
-        CHECK(CommitSave(world, &pending, nullptr).ok());
+        CHECK(SaveCheckpoint(world, root, trainer.StateManifest(), trainer.StateSlices(true),
+                             SaveOptions{3}, nullptr)
+                  .ok());
       } else {
-        active = true;
-        writer = std::thread([&] { WriteShard(&pending); });
+        CHECK(background.Start(trainer.StateManifest(), trainer.StateSlices(true)).ok());
       }
+      in_save += MPI_Wtime() - s0;
     }
-    if (active) {
-      writer.join();
-      CHECK(CommitSave(world, &pending, nullptr).ok());
-    }
+    CHECK(background.Finish(nullptr).ok());  // once per run, not per save: not counted
+    if (stall != nullptr) *stall = MaxOver(world, in_save);
     return MaxOver(world, MPI_Wtime() - t0);
   };
   trainer.set_step(0);
-  run(0);  // warm-up
-  const double base = run(0);
-  const double sync = run(1);
-  const double async = run(2);
+  run(0, nullptr);  // warm-up
+  const double base = run(0, nullptr);
+  double stall_sync = 0, stall_async = 0;
+  const double sync = run(1, &stall_sync);
+  const double async = run(2, &stall_async);
   const double step_s = base / steps;
   const int saves = steps / every;
   if (session.is_root()) {
     for (int mode = 1; mode <= 2; ++mode) {
       const double t = mode == 1 ? sync : async;
-      const double stall = std::max(0.0, (t - base) / saves);
+      const double stall = (mode == 1 ? stall_sync : stall_async) / saves;
       PrintJsonLine({{"bench", "checkpoint"},
                      {"op", "stall"},
                      {"model", m.name()},
@@ -237,7 +238,8 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
                      {"saves", saves},
                      {"step_s", step_s},
                      {"stall_per_save_s", stall},
-                     {"stall_fraction_of_step", stall / step_s}});
+                     {"stall_fraction_of_step", stall / step_s},
+                     {"wall_delta_per_save_s", (t - base) / saves}});
     }
   }
   world.Barrier();

@@ -600,6 +600,158 @@ Status WriteCheckpointOffline(const std::string& root, const CheckpointManifest&
   return Status::Ok();
 }
 
+AsyncCheckpointer::AsyncCheckpointer(Communicator& comm, std::string root, SaveOptions options)
+    : comm_(comm), root_(std::move(root)), options_(options) {}
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  if (worker_.joinable()) worker_.join();
+}
+
+Status AsyncCheckpointer::Start(const CheckpointManifest& manifest,
+                                const std::vector<CheckpointSlice>& slices) {
+  if (busy()) {
+    std::vector<SaveResult> keep;
+    Status s = Finish(&keep);
+    completed_.insert(completed_.end(), keep.begin(), keep.end());
+    MOERUN_RETURN_IF_ERROR(s);
+  }
+  if (!planned_) {
+    plan_ = PlanSave(comm_, slices);
+    planned_ = true;
+  }
+  pending_ = PendingSave();
+  pending_.start_s = NowSeconds();
+  pending_.root = root_;
+  pending_.final_dir = root_ + "/" + CheckpointDirName(manifest.step());
+  pending_.tmp_dir = pending_.final_dir + ".tmp";
+  pending_.manifest = manifest;
+  pending_.options = options_;
+  pending_.plan = plan_;
+  // The snapshot: into the buffers of the last one when the layout is the same (no new
+  // pages to fault in), else fresh copies.
+  bool reuse = snapshot_.size() == slices.size();
+  for (size_t i = 0; reuse && i < slices.size(); ++i) {
+    reuse = snapshot_[i].name == slices[i].name &&
+            snapshot_[i].local.shape() == slices[i].local.shape() &&
+            snapshot_[i].local.dtype() == slices[i].local.dtype();
+  }
+  if (reuse) {
+    for (size_t i = 0; i < slices.size(); ++i) snapshot_[i].local.CopyFrom(slices[i].local);
+  } else {
+    snapshot_ = SnapshotSlices(slices);
+  }
+  pending_.slices = snapshot_;  // shares the snapshot's storage
+  stage_ = Stage::kWriting;
+  worker_done_ = false;
+  worker_ = std::thread([this] {
+    PendingSave& p = pending_;
+    std::error_code ec;
+    fs::create_directories(p.tmp_dir, ec);  // every rank: idempotent, no collective
+    if (ec) {
+      p.write_status = Status::Error("cannot create " + p.tmp_dir + ": " + ec.message());
+    } else {
+      struct statvfs st;
+      const uint64_t need = p.plan.local_bytes + 64 * 1024 + 512 * p.plan.mine.size();
+      if (!p.plan.file.empty() && ::statvfs(p.tmp_dir.c_str(), &st) == 0 &&
+          static_cast<uint64_t>(st.f_bavail) * st.f_frsize < need) {
+        p.write_status = Status::Error(
+            "not enough free space in " + p.root + ": this rank's shard needs " +
+            std::to_string(need) + " bytes, " +
+            std::to_string(static_cast<uint64_t>(st.f_bavail) * st.f_frsize) + " are available");
+      } else {
+        WriteShard(&p);
+      }
+    }
+    worker_done_ = true;
+  });
+  return Status::Ok();
+}
+
+void AsyncCheckpointer::Drain(std::vector<SaveResult>* done) {
+  if (done != nullptr) done->insert(done->end(), completed_.begin(), completed_.end());
+  completed_.clear();
+}
+
+Status AsyncCheckpointer::Poll(std::vector<SaveResult>* done) {
+  int32_t not_ready = local_ready() ? 0 : 1;
+  comm_.AllReduce(&not_ready, 1, DType::kI32, ReduceOp::kMax);
+  return Poll(not_ready == 0, done);
+}
+
+Status AsyncCheckpointer::Poll(bool all_ready, std::vector<SaveResult>* done) {
+  Status s = Advance(all_ready);
+  Drain(done);
+  return s;
+}
+
+Status AsyncCheckpointer::Finish(std::vector<SaveResult>* done) {
+  Status s;
+  while (busy() && s.ok()) {
+    if (worker_.joinable()) worker_.join();
+    int32_t not_ready = local_ready() ? 0 : 1;
+    comm_.AllReduce(&not_ready, 1, DType::kI32, ReduceOp::kMax);
+    s = Advance(not_ready == 0);
+  }
+  Drain(done);
+  return s;
+}
+
+Status AsyncCheckpointer::Advance(bool all_ready) {
+  if (!busy() || !all_ready) return Status::Ok();
+  if (worker_.joinable()) worker_.join();
+  PendingSave& p = pending_;
+  if (stage_ == Stage::kWriting) {
+    Status s = AgreeOnStatus(comm_, p.write_status);
+    if (!s.ok()) {
+      comm_.Barrier();
+      std::error_code ec;
+      if (comm_.rank() == 0) fs::remove_all(p.tmp_dir, ec);
+      stage_ = Stage::kIdle;
+      return Status::Error("checkpoint of step " + std::to_string(p.manifest.step()) +
+                           " not saved: " + s.message());
+    }
+    CheckpointManifest part;
+    if (!p.plan.file.empty()) *part.add_files() = p.file;
+    for (const CheckpointTensor& t : p.written) *part.add_tensors() = t;
+    std::string bytes;
+    part.SerializeToString(&bytes);
+    const std::vector<std::string> parts = AllGatherStrings(comm_, bytes);
+    stage_ = Stage::kCommitting;
+    worker_done_ = comm_.rank() != 0;  // only rank 0 has commit work
+    if (comm_.rank() == 0) {
+      CheckpointManifest m = p.manifest;
+      m.set_world_size(comm_.size());
+      m = MergeParts(m, parts);
+      worker_ = std::thread([this, m] {
+        removed_.clear();
+        commit_status_ = CommitDirectory(pending_.root, pending_.tmp_dir, pending_.final_dir, m,
+                                         pending_.options.keep, &removed_);
+        if (!commit_status_.ok()) {
+          std::error_code ec;
+          fs::remove_all(pending_.tmp_dir, ec);
+        }
+        worker_done_ = true;
+      });
+    }
+    return Status::Ok();
+  }
+  // Committing, and rank 0 is done.
+  Status s = AgreeOnStatus(comm_, comm_.rank() == 0 ? commit_status_ : Status::Ok());
+  stage_ = Stage::kIdle;
+  if (!s.ok()) {
+    return Status::Error("checkpoint of step " + std::to_string(p.manifest.step()) +
+                         " not committed: " + s.message());
+  }
+  SaveResult r;
+  r.path = p.final_dir;
+  r.local_bytes = p.plan.local_bytes;
+  r.total_bytes = p.plan.total_bytes;
+  r.seconds = NowSeconds() - p.start_s;
+  r.removed = removed_;
+  completed_.push_back(r);
+  return Status::Ok();
+}
+
 StatusOr<std::string> LatestCheckpoint(const std::string& root) {
   const std::string latest = root + "/" + kLatest;
   std::ifstream in(latest);

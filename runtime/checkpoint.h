@@ -20,9 +20,11 @@
 #ifndef MOERUN_RUNTIME_CHECKPOINT_H_
 #define MOERUN_RUNTIME_CHECKPOINT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -121,6 +123,51 @@ Status WriteCheckpointOffline(const std::string& root, const CheckpointManifest&
                               int world_size, const std::vector<OfflineTensor>& tensors,
                               const std::function<StatusOr<Tensor>(const std::string&)>& load,
                               SaveResult* result);
+
+// Saves in the background, so that training stalls only for a copy of the state: Start
+// snapshots the slices and returns; the shard write (each rank's own thread, which also
+// makes the temporary directory and checks free space), the exchange of manifest parts and
+// rank 0's commit (manifest, fsyncs, rename, LATEST) proceed while training goes on,
+// advanced by Poll at step boundaries. One save is in flight at a time; the slices' layout
+// (names, rows, dtypes) must be the same at every Start (the save plan is made once).
+class AsyncCheckpointer {
+ public:
+  AsyncCheckpointer(Communicator& comm, std::string root, SaveOptions options);
+  ~AsyncCheckpointer();  // waits for its threads; an unfinished save is left uncommitted
+  bool busy() const { return stage_ != Stage::kIdle; }
+  // Collective. Commits the save in flight first (waiting for it; its result comes with the
+  // next Poll or Finish), then starts this one.
+  Status Start(const CheckpointManifest& manifest, const std::vector<CheckpointSlice>& slices);
+  // Collective, cheap (one small all-reduce): moves the save in flight on when every rank
+  // is ready, never waits for I/O. Committed saves are appended to `done`.
+  Status Poll(std::vector<SaveResult>* done);
+  // The same without the all-reduce, for a caller that already agrees on flags at each step
+  // boundary: pass whether `local_ready()` held on every rank.
+  Status Poll(bool all_ready, std::vector<SaveResult>* done);
+  // This rank's part of the current stage is finished (true when idle).
+  bool local_ready() const { return !busy() || worker_done_; }
+  // Collective: waits for the save in flight and commits it.
+  Status Finish(std::vector<SaveResult>* done);
+
+ private:
+  enum class Stage { kIdle, kWriting, kCommitting };
+  Status Advance(bool all_ready);
+  void Drain(std::vector<SaveResult>* done);
+
+  Communicator& comm_;
+  std::string root_;
+  SaveOptions options_;
+  bool planned_ = false;
+  SavePlan plan_;
+  Stage stage_ = Stage::kIdle;
+  PendingSave pending_;
+  std::vector<CheckpointSlice> snapshot_;  // reused from save to save
+  std::thread worker_;
+  std::atomic<bool> worker_done_{false};
+  Status commit_status_;
+  std::vector<std::string> removed_;
+  std::vector<SaveResult> completed_;  // committed, not yet handed out (Start commits too)
+};
 
 // Copies of the slices' tensors (a snapshot the caller may change afterwards).
 std::vector<CheckpointSlice> SnapshotSlices(const std::vector<CheckpointSlice>& slices);

@@ -258,40 +258,41 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   int64_t last_saved = resumed_step;  // that step is on disk already
   double last_save_time = Now();
   std::string last_checkpoint = resume_from;
-  PendingSave pending;
-  std::thread writer;
-  bool pending_active = false;
-  std::atomic<bool> pending_done{false};
+  AsyncCheckpointer background(world, ckpt_dir, save_options);
   double save_stall_s = 0;
   int saves = 0;
-  // Commits the background save (collective: every rank calls it at the same step).
-  auto finish_pending = [&]() -> Status {
-    if (!pending_active) return Status::Ok();
-    writer.join();
-    pending_active = false;
-    SaveResult r;
-    Status s = CommitSave(world, &pending, &r);
-    if (s.ok()) {
-      last_checkpoint = r.path;
-      if (root) {
-        LOG(INFO) << "checkpoint " << r.path << " committed (" << r.total_bytes << " bytes over "
-                  << world.size() << " rank(s), " << std::fixed << std::setprecision(2) << r.seconds
-                  << " s in the background)";
-      }
-      emit({{"event", "checkpoint"},
-            {"step", pending.manifest.step()},
-            {"path", r.path},
-            {"bytes", r.total_bytes},
-            {"seconds", r.seconds},
-            {"async", true}});
+  auto report = [&](const SaveResult& r, int64_t step, bool async) {
+    last_checkpoint = r.path;
+    if (root) {
+      LOG(INFO) << "checkpoint " << r.path << " committed (" << r.total_bytes << " bytes over "
+                << world.size() << " rank(s), " << std::fixed << std::setprecision(2) << r.seconds
+                << " s" << (async ? " in the background)" : ")");
+      for (const std::string& gone : r.removed) LOG(INFO) << "removed old checkpoint " << gone;
+    }
+    emit({{"event", "checkpoint"},
+          {"step", step},
+          {"path", r.path},
+          {"bytes", r.total_bytes},
+          {"seconds", r.seconds},
+          {"async", async}});
+  };
+  // Moves a background save on (collective, at step boundaries); `wait`: to its commit.
+  // `all_ready`: every rank's part of the current stage is done (agreed by the caller).
+  auto advance_background = [&](bool all_ready, bool wait = false) -> Status {
+    std::vector<SaveResult> done;
+    const double t0 = Now();
+    Status s = wait ? background.Finish(&done) : background.Poll(all_ready, &done);
+    save_stall_s += Now() - t0;
+    for (const SaveResult& r : done) {
+      report(r, std::stoll(r.path.substr(r.path.rfind('_') + 1)), true);
     }
     return s;
   };
   // Saves the current state (collective). `async`: snapshot now, write in the background.
   auto save = [&](bool async) -> Status {
-    MOERUN_RETURN_IF_ERROR(finish_pending());
     const int64_t step = trainer.step();
     if (step == last_saved) return Status::Ok();
+    if (!async) MOERUN_RETURN_IF_ERROR(advance_background(true, true));
     const std::string bad = FirstNonFiniteParameter(trainer);
     MOERUN_RETURN_IF_ERROR(AgreeOnStatus(
         world, bad.empty() ? Status::Ok()
@@ -300,42 +301,20 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     const double t0 = Now();
     CheckpointManifest manifest = trainer.StateManifest();
     save_options.pause_after_shard_s = TestPauseFor(step);
-    std::vector<CheckpointSlice> slices = trainer.StateSlices(true);
-    if (async) slices = SnapshotSlices(slices);
-    Status s = PrepareSave(world, ckpt_dir, manifest, std::move(slices), save_options, &pending);
-    if (!s.ok())
-      return Status::Error("checkpoint of step " + std::to_string(step) + ": " + s.message());
     last_saved = step;
     last_save_time = Now();
     ++saves;
     if (async) {
-      pending_active = true;
-      pending_done = false;
-      writer = std::thread([&] {
-        WriteShard(&pending);
-        pending_done = true;
-      });
+      Status s = background.Start(manifest, trainer.StateSlices(true));
       save_stall_s += Now() - t0;
-      return Status::Ok();
+      return s;  // a save Start had to commit first is reported by the next Poll
     }
-    WriteShard(&pending);
     SaveResult r;
-    s = CommitSave(world, &pending, &r);
+    Status s =
+        SaveCheckpoint(world, ckpt_dir, manifest, trainer.StateSlices(true), save_options, &r);
     save_stall_s += Now() - t0;
     if (!s.ok()) return s;
-    last_checkpoint = r.path;
-    if (root) {
-      LOG(INFO) << "checkpoint " << r.path << " committed (" << r.total_bytes << " bytes over "
-                << world.size() << " rank(s), " << std::fixed << std::setprecision(2) << r.seconds
-                << " s)";
-      for (const std::string& gone : r.removed) LOG(INFO) << "removed old checkpoint " << gone;
-    }
-    emit({{"event", "checkpoint"},
-          {"step", step},
-          {"path", r.path},
-          {"bytes", r.total_bytes},
-          {"seconds", r.seconds},
-          {"async", false}});
+    report(r, step, false);
     return Status::Ok();
   };
   // A failed save: stop (the default) or go on.
@@ -353,17 +332,18 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   const int64_t steps_per_epoch = trainer.sampler().steps_per_epoch();
   while (trainer.step() < last_step) {
     // Agreed at every step boundary: a stop signal on any rank, a time-based save due by
-    // rank 0's clock, a background write not finished on some rank, a metrics write error.
-    int32_t flags[4] = {static_cast<int32_t>(StopSignal()), 0, 0, metrics_failed ? 1 : 0};
+    // rank 0's clock, a metrics write error.
+    // And whether some rank's part of a background save is still running.
+    int32_t flags[4] = {static_cast<int32_t>(StopSignal()), 0, background.local_ready() ? 0 : 1,
+                        metrics_failed ? 1 : 0};
     if (root && tc.checkpoint_every_minutes() > 0 &&
         Now() - last_save_time >= 60 * tc.checkpoint_every_minutes()) {
       flags[1] = 1;
     }
-    flags[2] = pending_active && !pending_done ? 1 : 0;
     world.AllReduce(flags, 4, DType::kI32, ReduceOp::kMax);
     if (flags[3]) return fail(1, "cannot write metrics file '" + metrics_path + "'; stopped");
-    if (pending_active && flags[2] == 0) {
-      Status s = finish_pending();
+    if (background.busy()) {
+      Status s = advance_background(flags[2] == 0);
       if (!s.ok() && save_failed(s)) return fail(1, s.message());
     }
     if (flags[0]) {
@@ -380,7 +360,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     }
     const StepStats st = trainer.Step();
     if (!st.finite) {
-      if (pending_active) finish_pending();
+      advance_background(true, true);  // an earlier save in flight is still good
       return fail(1, st.problem);
     }
     ++steps_run;
@@ -441,7 +421,8 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   const double train_wall = Now() - start;
   // The last state is always saved (synchronously): at the end, at --until-step, or when
   // stopped by a signal.
-  Status s = save(false);
+  Status s = advance_background(true, true);
+  if (s.ok()) s = save(false);
   if (!s.ok()) return fail(1, s.message());
   if (metrics_failed) return fail(1, "cannot write metrics file '" + metrics_path + "'");
   last_eval = trainer.Evaluate(*test, tc.eval_batch(), {});

@@ -4,10 +4,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
 #include "model/layers.h"
+#include "model/vit_spec.h"
 #include "runtime/config.h"
 #include "runtime/gradcheck.h"
 #include "runtime/trainer.h"
@@ -260,6 +262,39 @@ TEST(VitTrainingTest, OverfitsASmallBatch) {
   config.mutable_model()->mutable_moe()->set_capacity_factor(2.0);
   const TrainRun run = Train(World(), config);
   EXPECT_LT(run.losses.back(), 0.05) << "first " << run.losses.front();
+}
+
+// The one parameter description: every rank's model registers exactly the ParamSpecs it
+// holds (ExpertHolders), in order, with the same shapes and decay flags.
+TEST(VitModel, ParametersAreTheSpecsThisRankHolds) {
+  for (bool pre_logits : {false, true}) {
+    ModelConfig m = TinyModel(true, pre_logits);
+    m.mutable_moe()->set_num_experts(World().size() <= 4 ? 4 : World().size());
+    auto groups = MoeGroups::Create(&World(), m.moe().num_experts());
+    ASSERT_TRUE(groups.ok());
+    auto model = VitModel::Create(m, *groups);
+    ASSERT_TRUE(model.ok());
+    std::vector<ParamSpec> mine;
+    for (const ParamSpec& p : ParamSpecs(m)) {
+      if (p.expert < 0) {
+        mine.push_back(p);
+        continue;
+      }
+      const std::vector<int> h = ExpertHolders(m.moe().num_experts(), World().size(), p.expert);
+      if (std::find(h.begin(), h.end(), World().rank()) != h.end()) mine.push_back(p);
+    }
+    const std::vector<Param>& params = (*model)->params();
+    ASSERT_EQ(params.size(), mine.size());
+    int64_t total = 0;
+    for (size_t i = 0; i < mine.size(); ++i) {
+      EXPECT_EQ(params[i].name, mine[i].name);
+      EXPECT_EQ(params[i].value.shape(), mine[i].shape) << mine[i].name;
+      EXPECT_EQ(params[i].decay, mine[i].decay) << mine[i].name;
+      EXPECT_EQ(params[i].expert, mine[i].expert >= 0) << mine[i].name;
+    }
+    for (const ParamSpec& p : ParamSpecs(m)) total += NumElements(p.shape);
+    EXPECT_EQ(total, CountParameters(m).total);
+  }
 }
 
 }  // namespace
