@@ -6,6 +6,7 @@
 #include <google/protobuf/text_format.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -167,6 +168,30 @@ std::string CheckpointDirName(int64_t step) {
   std::snprintf(buf, sizeof(buf), "step_%08lld", static_cast<long long>(step));
   return buf;
 }
+
+namespace {
+// Writes and fsyncs `path` in place.
+Status WriteFileSynced(const std::string& path, const std::string& bytes) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Status::Error("cannot create " + path + ": " + Errno());
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const std::string why = Errno();
+      ::close(fd);
+      return Status::Error("cannot write " + path + ": " + why);
+    }
+    done += static_cast<size_t>(n);
+  }
+  const bool synced = ::fsync(fd) == 0;
+  const std::string why = synced ? "" : Errno();
+  ::close(fd);
+  if (!synced) return Status::Error("fsync of " + path + " failed: " + why);
+  return Status::Ok();
+}
+}  // namespace
 
 Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
@@ -332,8 +357,11 @@ Status CommitDirectory(const std::string& root, const std::string& tmp_dir,
   std::string binary, text;
   m.SerializeToString(&binary);
   google::protobuf::TextFormat::PrintToString(m, &text);
-  MOERUN_RETURN_IF_ERROR(WriteFileAtomically(tmp_dir + "/" + kManifestText, text));
-  MOERUN_RETURN_IF_ERROR(WriteFileAtomically(tmp_dir + "/" + kManifest, binary));
+  // Inside the temporary directory no file needs its own rename: the directory's is the
+  // commit. The files are fsync'ed, then the directory.
+  MOERUN_RETURN_IF_ERROR(WriteFileSynced(tmp_dir + "/" + kManifestText, text));
+  MOERUN_RETURN_IF_ERROR(WriteFileSynced(tmp_dir + "/" + kManifest, binary));
+  MOERUN_RETURN_IF_ERROR(FsyncPath(tmp_dir, true));
   std::error_code ec;
   if (fs::exists(final_dir, ec)) {  // the same step saved again: replace it
     const std::string old = final_dir + ".old";
@@ -402,7 +430,7 @@ Status WriteShardFile(const std::string& path, int rank, int world, int64_t step
   writer.SetMetadata("rank", std::to_string(rank));
   writer.SetMetadata("world_size", std::to_string(world));
   SafetensorsLayout layout;
-  MOERUN_RETURN_IF_ERROR(writer.Write(path, &layout));
+  MOERUN_RETURN_IF_ERROR(writer.Write(path, &layout, /*atomic=*/false));
   PiecesFromLayout(fs::path(path).filename().string(), rank, layout, by_stored, file_entry,
                    written);
   return Status::Ok();
@@ -817,6 +845,14 @@ Status LoadSlices(const std::string& dir, const CheckpointManifest& m,
   for (const CheckpointTensor& t : m.tensors()) by_name[t.name()] = &t;
   FileSet files(dir, m);
   std::vector<char> buffer;
+  // Pieces that are exactly a slice's rows are read straight into place, with one preadv
+  // per run of adjacent pieces of a file; the others through a buffer.
+  struct Direct {
+    const CheckpointPiece* piece;
+    const std::string* tensor;
+    char* dst;
+  };
+  std::map<std::string, std::vector<Direct>> direct;
   for (CheckpointSlice& s : *slices) {
     auto it = by_name.find(s.name);
     if (it == by_name.end()) {
@@ -845,8 +881,8 @@ Status LoadSlices(const std::string& dir, const CheckpointManifest& m,
       const int64_t pe = shape.empty() ? 1 : pb + p.shape(0);
       const int64_t lo = std::max(rb, pb), hi = std::min(re, pe);
       if (lo >= hi) continue;
-      if (pb == rb && pe == re) {  // the whole slice: straight into place
-        MOERUN_RETURN_IF_ERROR(ReadPiece(files, s.name, p, out));
+      if (pb == rb && pe == re) {
+        direct[p.file()].push_back({&p, &s.name, out});
       } else {
         buffer.resize(p.end() - p.begin());
         MOERUN_RETURN_IF_ERROR(ReadPiece(files, s.name, p, buffer.data()));
@@ -859,6 +895,50 @@ Status LoadSlices(const std::string& dir, const CheckpointManifest& m,
       return Status::Error(dir + ": tensor '" + s.name + "': the checkpoint's pieces cover " +
                            std::to_string(covered) + " of the " + std::to_string(re - rb) +
                            " rows needed");
+    }
+  }
+  for (auto& [file, reads] : direct) {
+    std::sort(reads.begin(), reads.end(),
+              [](const Direct& a, const Direct& b) { return a.piece->begin() < b.piece->begin(); });
+    auto fd = files.Open(file);
+    if (!fd.ok())
+      return Status::Error(fd.status().message() + " (tensor '" + *reads[0].tensor + "')");
+    for (size_t i = 0; i < reads.size();) {
+      size_t j = i + 1;
+      while (j < reads.size() && j - i < 512 &&
+             reads[j].piece->begin() == reads[j - 1].piece->end()) {
+        ++j;
+      }
+      std::vector<struct iovec> iov;
+      uint64_t want = 0;
+      for (size_t k = i; k < j; ++k) {
+        const uint64_t n = reads[k].piece->end() - reads[k].piece->begin();
+        iov.push_back({reads[k].dst, n});
+        want += n;
+      }
+      ssize_t got;
+      do {
+        got = ::preadv(*fd, iov.data(), static_cast<int>(iov.size()),
+                       static_cast<off_t>(reads[i].piece->begin()));
+      } while (got < 0 && errno == EINTR);
+      for (size_t k = i; k < j; ++k) {
+        const Direct& d = reads[k];
+        if (got != static_cast<ssize_t>(want)) {  // short or failed: piece by piece, precisely
+          MOERUN_RETURN_IF_ERROR(ReadPiece(files, *d.tensor, *d.piece, d.dst));
+          continue;
+        }
+        const uint32_t crc = Crc32c(d.dst, d.piece->end() - d.piece->begin());
+        if (crc != d.piece->crc32c()) {
+          char buf[128];
+          std::snprintf(buf, sizeof(buf), "checksum mismatch (manifest 0x%08x, file 0x%08x)",
+                        d.piece->crc32c(), crc);
+          return Status::Error(files.PathOf(file) + ": tensor '" + *d.tensor + "' bytes [" +
+                               std::to_string(d.piece->begin()) + ", " +
+                               std::to_string(d.piece->end()) + "): " + buf +
+                               ": the file is corrupt");
+        }
+      }
+      i = j;
     }
   }
   return Status::Ok();

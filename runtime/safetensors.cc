@@ -322,7 +322,8 @@ void SafetensorsWriter::Add(const std::string& name, const Tensor& tensor) {
       << "safetensors: duplicate tensor name '" << name << "'";
 }
 
-Status SafetensorsWriter::Write(const std::string& path, SafetensorsLayout* layout) const {
+Status SafetensorsWriter::Write(const std::string& path, SafetensorsLayout* layout,
+                                bool atomic) const {
   // Header: "__metadata__" first, then the tensors in name order with their offsets.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata_.empty()) {
@@ -357,7 +358,7 @@ Status SafetensorsWriter::Write(const std::string& path, SafetensorsLayout* layo
     layout->header_crc32c = Crc32cExtend(Crc32c(len, 8), text.data(), text.size());
     layout->file_size = layout->header_bytes + offset;
   }
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const std::string tmp = atomic ? path + ".tmp." + std::to_string(::getpid()) : path;
   FILE* f = std::fopen(tmp.c_str(), "wbe");
   auto fail = [&](const std::string& step) {
     const int err = errno;
@@ -385,6 +386,7 @@ Status SafetensorsWriter::Write(const std::string& path, SafetensorsLayout* layo
   const int closed = std::fclose(f);
   f = nullptr;
   if (closed != 0) return fail("closing " + tmp);
+  if (!atomic) return Status::Ok();
   if (std::rename(tmp.c_str(), path.c_str()) != 0) return fail("renaming " + tmp + " over it");
 
   // Make the rename itself durable; the file is already complete, so this is best effort.

@@ -108,8 +108,10 @@ class SafetensorsWriter {
   // removed, `path` is left as it was (absent, or the previous file whole), and the Status
   // names the path and the system's reason (strerror).
   // With `layout`, also reports where each tensor went and its CRC-32C (computed from the
-  // bytes as they are written).
-  Status Write(const std::string& path, SafetensorsLayout* layout = nullptr) const;
+  // bytes as they are written). `atomic` false writes `path` in place (still fsync'ed): for
+  // a file inside a directory that is itself committed atomically (checkpoints).
+  Status Write(const std::string& path, SafetensorsLayout* layout = nullptr,
+               bool atomic = true) const;
 
   size_t size() const { return tensors_.size(); }
 

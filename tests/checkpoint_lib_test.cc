@@ -61,7 +61,8 @@ TEST(Crc32c, FastEqualsPortableAndExtends) {
   std::vector<unsigned char> buf(80000);  // several 24 KiB stripes of the fast path
   for (auto& b : buf) b = static_cast<unsigned char>(rng());
   for (size_t start : {0, 1, 3, 7}) {
-    for (size_t n : {0, 1, 7, 8, 9, 63, 64, 1000, 4993, 24575, 24576, 24577, 49160, 79990}) {
+    for (size_t n : {0, 1, 7, 8, 9, 63, 64, 767, 768, 769, 1000, 1536, 4993, 24575, 24576, 24577,
+                     49160, 79990}) {
       EXPECT_EQ(Crc32c(buf.data() + start, n), Crc32cPortable(0, buf.data() + start, n));
     }
   }
