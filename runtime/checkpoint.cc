@@ -195,31 +195,13 @@ Status WriteFileSynced(const std::string& path, const std::string& bytes) {
 
 Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::Error("cannot create " + tmp + ": " + Errno());
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const std::string why = Errno();
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return Status::Error("cannot write " + path + ": " + why);
-    }
-    done += static_cast<size_t>(n);
+  Status s = WriteFileSynced(tmp, bytes);
+  if (s.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    s = Status::Error("cannot rename " + tmp + " to " + path + ": " + Errno());
   }
-  if (::fsync(fd) != 0) {
-    const std::string why = Errno();
-    ::close(fd);
+  if (!s.ok()) {
     ::unlink(tmp.c_str());
-    return Status::Error("fsync of " + path + " failed: " + why);
-  }
-  ::close(fd);
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string why = Errno();
-    ::unlink(tmp.c_str());
-    return Status::Error("cannot rename " + tmp + " to " + path + ": " + why);
+    return s;
   }
   const std::string dir = fs::path(path).parent_path().string();
   return FsyncPath(dir.empty() ? "." : dir, true);

@@ -23,16 +23,7 @@ using testing::World;
 // A directory all ranks share (made by rank 0), removed at the end.
 class SharedDir {
  public:
-  SharedDir() {
-    char buf[256] = {0};
-    if (World().rank() == 0) {
-      std::string t = (fs::temp_directory_path() / "moerun-ckpt-XXXXXX").string();
-      CHECK(::mkdtemp(t.data()) != nullptr);
-      std::strncpy(buf, t.c_str(), sizeof(buf) - 1);
-    }
-    World().Broadcast(buf, sizeof(buf), DType::kU8, 0);
-    path_ = buf;
-  }
+  SharedDir() : path_(testing::SharedTempDir("moerun-ckpt")) {}
   ~SharedDir() {
     World().Barrier();
     if (World().rank() == 0) fs::remove_all(path_);

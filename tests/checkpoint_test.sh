@@ -262,16 +262,20 @@ stopped_ok() {
     bad "$1: rc=$5 stop=$stop: $(tail -n 3 "$2")"
   fi
 }
+# wait_log FILE PATTERN: until the log shows PATTERN (30 s at most).
+wait_log() {
+  for _ in $(seq 1 300); do
+    grep -q "$2" "$1" 2>/dev/null && return
+    sleep 0.1
+  done
+}
 long=(-o train.steps=1000000 -o train.log_every=100)
 # SIGUSR1 (what sbatch --signal sends) to mpirun, which forwards it to the ranks.
 s=$tmp/usr1
 "$mpiexec" --oversubscribe -np 2 "$moerun" train "$cfg" "${common[@]}" "${long[@]}" \
   -o train.out_dir="$s" >"$s.log" 2>&1 &
 job=$!
-for _ in $(seq 1 100); do
-  grep -q "step 100/" "$s.log" && break
-  sleep 0.1
-done
+wait_log "$s.log" "step 100/"
 kill -USR1 "$job"
 wait_for "$job" "$s"
 stopped_ok "SIGUSR1 to mpirun" "$s.log" "$s" SIGUSR1 $?
@@ -281,10 +285,7 @@ s=$tmp/term
 MOERUN_TEST_SAVE_PAUSE=-1:3 "$src/cluster/mpirun-local" -np 2 "$moerun" train "$cfg" \
   "${common[@]}" "${long[@]}" -o train.out_dir="$s" >"$s.log" 2>&1 &
 job=$!
-for _ in $(seq 1 100); do
-  grep -q "step 100/" "$s.log" && break
-  sleep 0.1
-done
+wait_log "$s.log" "step 100/"
 kill -TERM "$job"
 wait_for "$job" "$s"
 stopped_ok "SIGTERM to cluster/mpirun-local (3 s save)" "$s.log" "$s" SIGUSR1 $?
@@ -294,10 +295,7 @@ if command -v tmux >/dev/null; then
   printf '%s\n' "MOERUN_TEST_SAVE_PAUSE=-1:3 '$src/cluster/mpirun-local' -np 2 '$moerun' train '$cfg' ${common[*]} ${long[*]} -o train.out_dir='$s' >'$s.log' 2>&1; echo \$? >'$s.rc'" >"$s.sh"
   sock=$tmp/tmux.sock
   tmux -S "$sock" new-session -d -s ctrlc "bash '$s.sh'; sleep 60"
-  for _ in $(seq 1 100); do
-    grep -q "step 100/" "$s.log" 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_log "$s.log" "step 100/"
   tmux -S "$sock" send-keys -t ctrlc C-c
   for _ in $(seq 1 300); do
     [ -s "$s.rc" ] && break

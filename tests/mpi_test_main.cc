@@ -4,7 +4,10 @@
 #include "tests/mpi_test_main.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <cstring>
+#include <filesystem>
 #include <memory>
 
 #include "comm/mpi_communicator.h"
@@ -26,6 +29,17 @@ class FailurePrinter : public ::testing::EmptyTestEventListener {
 }  // namespace
 
 Communicator& World() { return *g_world; }
+
+std::string SharedTempDir(const std::string& prefix) {
+  char buf[512] = {0};
+  if (World().rank() == 0) {
+    std::string t = (std::filesystem::temp_directory_path() / (prefix + "-XXXXXX")).string();
+    CHECK(::mkdtemp(t.data()) != nullptr) << "mkdtemp " << t;
+    std::strncpy(buf, t.c_str(), sizeof(buf) - 1);
+  }
+  World().Broadcast(buf, sizeof(buf), DType::kU8, 0);
+  return buf;
+}
 }  // namespace moerun::testing
 
 int main(int argc, char** argv) {

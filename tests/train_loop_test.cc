@@ -19,16 +19,7 @@ namespace {
 namespace fs = std::filesystem;
 using testing::World;
 
-std::string SharedTempDir() {
-  char buf[256] = {0};
-  if (World().rank() == 0) {
-    std::string t = (fs::temp_directory_path() / "moerun-loop-XXXXXX").string();
-    CHECK(::mkdtemp(t.data()) != nullptr);
-    std::strncpy(buf, t.c_str(), sizeof(buf) - 1);
-  }
-  World().Broadcast(buf, sizeof(buf), DType::kU8, 0);
-  return buf;
-}
+std::string SharedTempDir() { return testing::SharedTempDir("moerun-loop"); }
 
 Config Tiny(const std::string& out, int steps) {
   auto c = LoadConfig(
