@@ -800,6 +800,10 @@ StatusOr<CheckpointManifest> ReadManifest(const std::string& dir) {
   if (!m.ParseFromString(buf.str())) {
     return Status::Error(path + ": not a valid checkpoint manifest (corrupt?)");
   }
+  if (m.format_version() > 1) {
+    return Status::Error(path + ": checkpoint format " + std::to_string(m.format_version()) +
+                         " was written by a newer moerun (this one reads format 1)");
+  }
   std::map<std::string, bool> files;
   for (const CheckpointFile& f : m.files()) files[f.name()] = true;
   for (const CheckpointTensor& t : m.tensors()) {

@@ -149,6 +149,8 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
                                 const TrainLoopOptions& options) {
   TrainLoopResult result;
   const bool root = world.rank() == 0;
+  // First: a stop signal that arrives while data loads is kept, not fatal.
+  InstallStopSignalHandlers();
   auto fail = [&](int code, const std::string& error) {
     result.exit_code = code;
     result.error = error;
@@ -183,6 +185,12 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     auto latest = LatestCheckpoint(ckpt_dir);
     if (latest.ok()) {
       resume_from = *latest;
+      const std::vector<std::string> committed = ListCheckpoints(ckpt_dir);
+      if (resume_from.empty() && !committed.empty()) {
+        // LATEST lost (deleted by hand?): the newest committed checkpoint is as good.
+        resume_from = ckpt_dir + "/" + committed.back();
+        if (root) LOG(WARNING) << ckpt_dir << " has no LATEST file; using " << committed.back();
+      }
     } else {
       found = latest.status();
     }
@@ -211,6 +219,15 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     ok = AgreeOnStatus(world, loaded);
     if (!ok.ok()) return fail(2, "cannot resume from " + resume_from + ": " + ok.message());
     resumed_step = trainer.step();
+    if (root && manifest->data().global_batch() != tc.global_batch()) {
+      LOG(WARNING) << "the checkpoint was trained with train.global_batch "
+                   << manifest->data().global_batch() << ", this run uses " << tc.global_batch()
+                   << ": the data order from here on is not the one the first run would have seen";
+    }
+    if (root && manifest->data().shuffle_seed() != tc.seed()) {
+      LOG(WARNING) << "the checkpoint was trained with train.seed "
+                   << manifest->data().shuffle_seed() << ", this run uses " << tc.seed();
+    }
     if (root) {
       LOG(INFO) << "resuming from " << resume_from << " (step " << manifest->step()
                 << ", written by " << manifest->world_size() << " rank(s), now " << world.size()
@@ -323,7 +340,6 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     return tc.on_checkpoint_error() == "stop";
   };
 
-  InstallStopSignalHandlers();
   const double start = Now();
   double window_start = start;
   int64_t window_images = 0, steps_run = 0;

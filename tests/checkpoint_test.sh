@@ -362,5 +362,11 @@ kept=$(ls -d "$tmp"/timed/checkpoints/step_* | wc -l)
 [ "$n" -ge 3 ] && [ "$kept" -eq 2 ] && [ "$(cat "$tmp/timed/checkpoints/LATEST")" = step_00000300 ] &&
   ok "time-based saves ($n) with --keep 2 leave the newest 2" || bad "timed: n=$n kept=$kept"
 
+cp -r "$tmp/p2-straight" "$tmp/nolatest" && rm "$tmp/nolatest/checkpoints/LATEST"
+train 2 "$tmp/nolatest" && grep -q "has no LATEST file; using step_00000020" "$tmp/nolatest.log" &&
+  grep -q '"steps":20,"steps_this_run":0' "$tmp/nolatest.log" &&
+  ok "without LATEST, --resume auto takes the newest committed checkpoint" ||
+  bad "no LATEST: $(grep -E 'LATEST|moerun' "$tmp/nolatest.log" | head -3)"
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
