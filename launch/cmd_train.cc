@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <numeric>
 #include <sstream>
 
 #include "launch/commands.h"
@@ -73,10 +74,22 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
     return kExitFailure;
   }
   Config c = config;
-  // The eval micro-batch (so that model.moe.group_size divides its tokens as in training).
+  // A training batch of whole routing groups per rank (only Trainer::Create checks it;
+  // Evaluate picks its own micro-batch of whole groups).
   const int64_t p = world.size();
-  c.mutable_train()->set_global_batch(static_cast<int32_t>(
-      std::max<int64_t>(p, std::min<int64_t>(config.train().eval_batch(), test->size) / p * p)));
+  int64_t step_images = 1;
+  const ModelConfig& m = config.model();
+  if (m.has_moe()) {
+    const int64_t per_image =
+        (m.image_size() / m.patch_size()) * (m.image_size() / m.patch_size()) + 1;
+    const int64_t g =
+        m.moe().group_size() > 0 ? m.moe().group_size() : m.moe().group_images() * per_image;
+    if (g > 0) step_images = g / std::gcd(g, per_image);
+  }
+  c.mutable_train()->set_global_batch(static_cast<int32_t>(std::min<int64_t>(
+      test->size / p * p,
+      std::max<int64_t>(step_images, config.train().eval_batch() / p / step_images * step_images) *
+          p)));
   auto created = Trainer::Create(c, &world, &*test);
   ok = AgreeOnStatus(world, created.status());
   if (!ok.ok()) {

@@ -64,7 +64,8 @@ void GatherKeptRows(const float* buf, const int32_t* row, const float* weight, i
 
 }  // namespace
 
-MoeLayerConfig MoeLayerConfig::FromProto(const MoeConfig& moe, int d, int m) {
+MoeLayerConfig MoeLayerConfig::FromProto(const MoeConfig& moe, int d, int m,
+                                         int64_t tokens_per_image, bool gelu_tanh) {
   MoeLayerConfig c;
   c.d = d;
   c.m = m;
@@ -75,7 +76,8 @@ MoeLayerConfig MoeLayerConfig::FromProto(const MoeConfig& moe, int d, int m) {
   c.multiple_of = moe.multiple_of();
   c.round = moe.rounding() == MoeConfig::ROUND;
   c.bpr = moe.bpr();
-  c.group_size = moe.group_size();
+  c.group_size = moe.group_size() > 0 ? moe.group_size() : moe.group_images() * tokens_per_image;
+  c.gelu_tanh = gelu_tanh;
   c.noise_std = moe.noise_std();
   c.importance_weight = moe.importance_weight();
   c.load_weight = moe.load_weight();
@@ -343,7 +345,8 @@ void MoeLayer::ExpertForward() {
     for (int64_t e = 0; e < el; ++e) {
       AddBias(hidden_.data<float>() + e * r * m, params_.fc1_bias.data<float>() + e * m, r, m);
     }
-    GeluForward(hidden_.data<float>(), act_.data<float>(), el * r * m);
+    (config_.gelu_tanh ? GeluTanhForward : GeluForward)(hidden_.data<float>(), act_.data<float>(),
+                                                        el * r * m);
   }
   {
     ScopedTimer timer(&timers_.expert);
@@ -381,7 +384,8 @@ void MoeLayer::ExpertBackward() {
   }
   {
     ScopedTimer timer(&timers_.bwd_expert_act);
-    GeluBackward(hidden_.data<float>(), d_act_.data<float>(), d_act_.data<float>(), el * r * m);
+    (config_.gelu_tanh ? GeluTanhBackward : GeluBackward)(
+        hidden_.data<float>(), d_act_.data<float>(), d_act_.data<float>(), el * r * m);
     for (int64_t e = 0; e < el; ++e) {
       BiasBackward(d_act_.data<float>() + e * r * m, grads_.fc1_bias.data<float>() + e * m, r, m);
     }

@@ -34,13 +34,16 @@ struct MoeLayerConfig {
   bool round = false;  // round() instead of ceil() in the capacity
   bool bpr = true;
   int64_t group_size = 0;  // 0: all local tokens form one group
+  bool gelu_tanh = false;  // the tanh approximation of GELU (V-MoE) instead of exact erf
   double noise_std = 1.0;  // sigma = noise_std / E
   double importance_weight = 0.005;
   double load_weight = 0.005;
   double gshard_weight = 0;
   double z_loss_weight = 0;
 
-  static MoeLayerConfig FromProto(const MoeConfig& moe, int d, int m);
+  // tokens_per_image turns model.moe.group_images into a group size in tokens.
+  static MoeLayerConfig FromProto(const MoeConfig& moe, int d, int m, int64_t tokens_per_image,
+                                  bool gelu_tanh);
 };
 
 // The communicators a MoE layer uses, split once from the world and shared by layers.

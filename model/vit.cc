@@ -134,7 +134,9 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
     b->moe = IsMoeBlock(c, i);
     if (b->moe) {
       auto layer = std::make_unique<MoeLayer>(
-          MoeLayerConfig::FromProto(c.moe(), static_cast<int>(d), c.mlp_dim()), groups);
+          MoeLayerConfig::FromProto(c.moe(), static_cast<int>(d), c.mlp_dim(), m->tokens_,
+                                    c.gelu() == ModelConfig::TANH),
+          groups);
       MoeParams& lp = layer->params();
       MoeParams& lg = layer->grads();
       m->params_.push_back(
@@ -292,7 +294,8 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
       k.act = arena_.Allocate({rows, mlp_});
       LinearForward(k.ln2.data<float>(), k.fc1_w.data<float>(), k.fc1_b.data<float>(),
                     k.hidden.data<float>(), rows, d, mlp_);
-      GeluForward(k.hidden.data<float>(), k.act.data<float>(), rows * mlp_);
+      (config_.gelu() == ModelConfig::TANH ? GeluTanhForward : GeluForward)(
+          k.hidden.data<float>(), k.act.data<float>(), rows * mlp_);
       LinearForward(k.act.data<float>(), k.fc2_w.data<float>(), k.fc2_b.data<float>(),
                     k.out.data<float>(), rows, mlp_, d);
     }
@@ -394,7 +397,8 @@ void VitModel::Backward() {
       LinearBackward(k.act.data<float>(), k.fc2_w.data<float>(), dx.data<float>(),
                      d_act.data<float>(), k.g_fc2_w.data<float>(), k.g_fc2_b.data<float>(), rows,
                      mlp_, d);
-      GeluBackward(k.hidden.data<float>(), d_act.data<float>(), d_act.data<float>(), rows * mlp_);
+      (config_.gelu() == ModelConfig::TANH ? GeluTanhBackward : GeluBackward)(
+          k.hidden.data<float>(), d_act.data<float>(), d_act.data<float>(), rows * mlp_);
       LinearBackward(k.ln2.data<float>(), k.fc1_w.data<float>(), d_act.data<float>(),
                      d_ln.data<float>(), k.g_fc1_w.data<float>(), k.g_fc1_b.data<float>(), rows, d,
                      mlp_);

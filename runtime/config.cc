@@ -163,7 +163,10 @@ void ValidateModel(const ModelConfig& m, Validator* v) {
   v->Require(!(e.capacity() > 0 && e.has_capacity_factor()), "model.moe.capacity",
              "give either capacity or capacity_factor, not both");
   v->Require(e.multiple_of() >= 0, "model.moe.multiple_of", "must be >= 0 (0: no rounding)");
-  v->Require(e.group_size() >= 0, "model.moe.group_size", "must be >= 0 (0: whole micro-batch)");
+  v->Require(e.group_size() >= 0, "model.moe.group_size",
+             "must be >= 0 (0: group_images images' tokens)");
+  v->Require(e.group_images() >= 0, "model.moe.group_images",
+             "must be >= 0 (0 with group_size 0: a rank's whole micro-batch)");
   v->Require(e.noise_std() >= 0, "model.moe.noise_std", "must be >= 0");
   for (const char* w : {"importance_weight", "load_weight", "gshard_weight", "z_loss_weight"}) {
     const pb::FieldDescriptor* f = MoeConfig::descriptor()->FindFieldByName(w);

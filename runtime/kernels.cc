@@ -242,6 +242,30 @@ void GeluBackward(const float* x, const float* dy, float* dx, int64_t n) {
   }
 }
 
+namespace {
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+inline float FastTanh(float u) { return 1.0f - 2.0f / (1.0f + FastExp(2.0f * u)); }
+}  // namespace
+
+void GeluTanhForward(const float* x, float* y, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    y[i] = 0.5f * v * (1.0f + FastTanh(kGeluC * (v + kGeluA * v * v * v)));
+  }
+}
+
+void GeluTanhBackward(const float* x, const float* dy, float* dx, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float t = FastTanh(kGeluC * (v + kGeluA * v * v * v));
+    const float du = kGeluC * (1.0f + 3.0f * kGeluA * v * v);
+    dx[i] = dy[i] * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du);
+  }
+}
+
 void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y, float* mean,
                       float* rstd, int64_t rows, int64_t cols, float eps) {
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)

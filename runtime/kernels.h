@@ -61,6 +61,13 @@ void GeluForward(const float* x, float* y, int64_t n);
 // dx = dy * gelu'(x); dx may alias dy.
 void GeluBackward(const float* x, const float* dy, float* dx, int64_t n);
 
+// GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), Flax's
+// default nn.gelu and what V-MoE uses; tanh(u) = 1 - 2 / (1 + exp(2u)) with the vectorised
+// exp.
+void GeluTanhForward(const float* x, float* y, int64_t n);
+// dx = dy * d/dx of the above; dx may alias dy.
+void GeluTanhBackward(const float* x, const float* dy, float* dx, int64_t n);
+
 // y = (x - mean) * rstd * gamma + beta per row of `cols`; writes mean and rstd per row
 // (needed by the backward).
 void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y, float* mean,

@@ -5,6 +5,7 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include <cmath>
+#include <numeric>
 #include <sstream>
 
 #include "model/vit_spec.h"
@@ -40,14 +41,23 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   }
   t->local_batch_ = tc.global_batch() / p;
   if (m.has_moe()) {
-    const int64_t tokens =
-        t->local_batch_ *
-        ((m.image_size() / m.patch_size()) * (m.image_size() / m.patch_size()) + 1);
-    const int64_t g = m.moe().group_size();
+    const int64_t per_image =
+        (m.image_size() / m.patch_size()) * (m.image_size() / m.patch_size()) + 1;
+    const int64_t tokens = t->local_batch_ * per_image;
+    const int64_t g =
+        m.moe().group_size() > 0 ? m.moe().group_size() : m.moe().group_images() * per_image;
     if (g > 0 && tokens % g != 0) {
-      return Status::Error("model.moe.group_size " + std::to_string(g) + " does not divide the " +
-                           std::to_string(tokens) + " tokens of a rank's micro-batch (" +
-                           std::to_string(t->local_batch_) + " images)");
+      const std::string field = m.moe().group_size() > 0
+                                    ? "model.moe.group_size " + std::to_string(g)
+                                    : "model.moe.group_images " +
+                                          std::to_string(m.moe().group_images()) + " (" +
+                                          std::to_string(g) + " tokens)";
+      return Status::Error(field + " does not divide the " + std::to_string(tokens) +
+                           " tokens of a rank's micro-batch (" + std::to_string(t->local_batch_) +
+                           " images: train.global_batch " + std::to_string(tc.global_batch()) +
+                           " over " + std::to_string(p) +
+                           " ranks); use a global batch that splits into whole groups per rank, "
+                           "or a smaller group");
     }
     auto groups = MoeGroups::Create(world, m.moe().num_experts());
     if (!groups.ok()) return groups.status();
@@ -276,7 +286,14 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
 EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
                             const RoutingOverride& routing) {
   const int p = world_->size();
-  const int64_t b = std::max<int64_t>(1, global_batch / p), numel = data.image_numel();
+  // Each rank's micro-batch holds whole routing groups (the last batch is padded).
+  int64_t step_images = 1;
+  if (!model_->moe_layers().empty()) {
+    const int64_t g = model_->moe_layers()[0]->config().group_size, per_image = model_->tokens();
+    if (g > 0) step_images = g / std::gcd(g, per_image);
+  }
+  const int64_t b = std::max<int64_t>(step_images, global_batch / p / step_images * step_images);
+  const int64_t numel = data.image_numel();
   // Inference routing overrides, restored afterwards.
   std::vector<MoeLayerConfig> saved;
   for (MoeLayer* layer : model_->moe_layers()) {

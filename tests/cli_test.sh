@@ -109,5 +109,33 @@ expect 0 '"op":"all_to_all_v","ranks":2.*"verified":"ok"' \
 expect 0 '"pass":"fc2_dw".*"peak_gflops"' \
   "$moerun" bench gemm --rows 64 --shapes 32x64 --peak-sizes 64 --seconds 0.01
 
+# The demo config routes fixed groups of 8 images: 20 training steps give the same losses
+# on 1, 2 and 4 ranks up to float reduction order (gradients summed over ranks in another
+# order): within 1e-5 relative.
+if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] ||
+  [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte ]; then
+  for np in 1 2 4; do
+    "$mpiexec" --oversubscribe -np "$np" "$moerun" train "$src/configs/fashion_mnist_demo.pbtxt" \
+      -o train.steps=20 -o train.log_every=1 -o train.eval_every=0 -o train.eval_batch=96 \
+      -o train.out_dir="$tmp/demo$np" >/dev/null 2>&1
+  done
+  if python3 - "$tmp" <<'EOF2'; then
+import json, sys
+def losses(np):
+    path = f"{sys.argv[1]}/demo{np}/metrics.jsonl"
+    return [j["loss"] for j in map(json.loads, open(path)) if j.get("event") == "train"]
+ref = losses(1)
+assert len(ref) == 20, ref
+worst = max(abs(a - b) / abs(b) for np in (2, 4) for a, b in zip(losses(np), ref))
+print(f"   demo, 20 steps: worst relative loss difference P=2,4 vs P=1: {worst:.1e}")
+sys.exit(0 if worst <= 1e-5 else 1)
+EOF2
+    passed=$((passed + 1))
+  else
+    echo "FAIL: demo losses differ between 1, 2 and 4 ranks"
+    failed=$((failed + 1))
+  fi
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

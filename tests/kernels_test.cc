@@ -131,6 +131,34 @@ TEST(GeluTest, ExactErfFormKnownValues) {
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(y[i], expected[i], 1e-6) << x[i];
 }
 
+TEST(GeluTest, TanhFormAgainstItsFormulaInDouble) {
+  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), Flax's nn.gelu default, evaluated in
+  // double with std::tanh; the derivative by its closed form.
+  const double c = std::sqrt(2.0 / M_PI), a = 0.044715;
+  double worst_y = 0, worst_d = 0;
+  std::vector<float> x;
+  for (float v = -12.0f; v < 12.0f; v += 0.00731f) x.push_back(v);
+  std::vector<float> y(x.size()), one(x.size(), 1.0f), d(x.size());
+  GeluTanhForward(x.data(), y.data(), static_cast<int64_t>(x.size()));
+  GeluTanhBackward(x.data(), one.data(), d.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double v = x[i], t = std::tanh(c * (v + a * v * v * v));
+    const double ref_y = 0.5 * v * (1 + t);
+    const double ref_d = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * a * v * v);
+    worst_y = std::max(worst_y, std::fabs(y[i] - ref_y) / std::max(1.0, std::fabs(ref_y)));
+    worst_d = std::max(worst_d, std::fabs(d[i] - ref_d));
+  }
+  EXPECT_LT(worst_y, 2e-6);
+  EXPECT_LT(worst_d, 2e-6);
+  // It differs from exact GELU by up to ~4.7e-4 (near |x| = 2): the two are not the same.
+  std::vector<float> exact(x.size());
+  GeluForward(x.data(), exact.data(), static_cast<int64_t>(x.size()));
+  double gap = 0;
+  for (size_t i = 0; i < x.size(); ++i) gap = std::max(gap, std::fabs(double(y[i]) - exact[i]));
+  EXPECT_GT(gap, 1e-4);
+  EXPECT_LT(gap, 1e-3);
+}
+
 TEST(GeluTest, VectorisedExpAndErfAreAccurate) {
   double worst_exp = 0, worst_erf = 0;
   for (float x = -87.0f; x < 88.0f; x += 0.0137f) {
@@ -208,6 +236,20 @@ TEST(GradCheckTest, GeluBackward) {
     return DotDouble(y.data(), r.data(), n);
   };
   GeluBackward(x.data(), r.data(), dx.data(), n);
+  const auto res = CheckGradients(loss, {{"x", x.data(), dx.data(), n}});
+  EXPECT_TRUE(res.ok) << res.report;
+}
+
+TEST(GradCheckTest, GeluTanhBackward) {
+  const int n = 40;
+  auto x = Random(n, 16, 3.0f);
+  const auto r = Random(n, 17);
+  std::vector<float> y(n), dx(n);
+  auto loss = [&] {
+    GeluTanhForward(x.data(), y.data(), n);
+    return DotDouble(y.data(), r.data(), n);
+  };
+  GeluTanhBackward(x.data(), r.data(), dx.data(), n);
   const auto res = CheckGradients(loss, {{"x", x.data(), dx.data(), n}});
   EXPECT_TRUE(res.ok) << res.report;
 }

@@ -39,6 +39,7 @@ ModelConfig TinyModel(bool moe, bool pre_logits) {
     e->set_capacity_factor(2.0);  // no drops: the loss is smooth in every parameter
     e->set_importance_weight(0.05);
     e->set_load_weight(0.05);
+    e->set_group_images(0);  // one group per rank's micro-batch (3 images in the gradient checks)
   }
   return m;
 }
@@ -160,6 +161,11 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
 
 TEST(VitGradientTest, DenseModel) { CheckModelGradients(TinyModel(false, true)); }
 TEST(VitGradientTest, MoeModel) { CheckModelGradients(TinyModel(true, false)); }
+TEST(VitGradientTest, MoeModelWithTanhGelu) {
+  ModelConfig m = TinyModel(true, true);
+  m.set_gelu(ModelConfig::TANH);
+  CheckModelGradients(m);
+}
 
 TEST(VitModelTest, ParameterNamesAndInitIgnoreTheRankCount) {
   // Parameter values depend on (seed, name) alone: rank r's experts equal the experts of
