@@ -1,6 +1,7 @@
 // Shared command-line plumbing.
 #include "launch/cli.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -12,12 +13,23 @@
 namespace moerun {
 
 void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
-  desc->add_options()                                                               //
-      ("threads", po::value<int>(&o->threads)->default_value(0),                    //
+  desc->add_options()  //
+      ("threads", po::value<int>(&o->threads)->default_value(0)->notifier([](int v) {
+        if (v < 0 || v > 1024) {
+          throw po::error("--threads " + std::to_string(v) +
+                          ": must be between 0 (this host's cores / its ranks) and 1024");
+        }
+      }),                                                                           //
        "threads per rank for BLAS and kernels (0: this host's cores / its ranks)")  //
       ("log-all-ranks", po::bool_switch(&o->log_all_ranks),                         //
        "print progress from every rank, not only rank 0")                           //
-      ("watchdog-timeout", po::value<double>(&o->watchdog_timeout_s),               //
+      ("watchdog-timeout", po::value<double>(&o->watchdog_timeout_s)->notifier([](double v) {
+        if (!std::isfinite(v) || v < 0 || v > 1e6) {
+          throw po::error(
+              "--watchdog-timeout must be a number of seconds from 0 (off) to "
+              "1e6");
+        }
+      }),  //
        "seconds a collective may make no progress before the job is aborted "
        "(default: the config's comm.watchdog_timeout_s, 300; 0 disables)")  //
       ("verbose,v", po::value<int>(&o->verbosity)->default_value(0),

@@ -3,6 +3,7 @@
 // all-to-all GB/s beside a raw MPI_Alltoallv of the same size, all measured in this run.
 #include <mpi.h>
 
+#include <cmath>
 #include <random>
 #include <sstream>
 
@@ -77,8 +78,28 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
   if (bpr_text == "0" || bpr_text == "0,1") bprs.push_back(false);
   if (bpr_text == "1" || bpr_text == "0,1") bprs.push_back(true);
   if (bprs.empty()) problem = "--bpr must be 0, 1 or 0,1";
-  if (tokens < 1 || steps < 1 || k < 1 || capacity_factor <= 0) {
-    problem = "--tokens, --steps, --k and --capacity-factor must be positive";
+  if (tokens < 1 || steps < 1 || k < 1 || !(capacity_factor > 0) ||
+      !std::isfinite(capacity_factor)) {
+    problem = "--tokens, --steps, --k and --capacity-factor must be positive (and finite)";
+  }
+  if (tokens > (int64_t{1} << 24) || steps > 100000) {
+    problem = "--tokens must be at most 16M and --steps at most 100000";
+  }
+  if (experts.ok()) {
+    for (int64_t e : *experts) {
+      if (e < 1 || e > 4096) problem = "--experts: each count must be between 1 and 4096";
+      if (k > e) {
+        problem = "--k " + std::to_string(k) + " is larger than the expert count " +
+                  std::to_string(e) + "; --k must be at most every --experts value";
+      }
+    }
+  }
+  if (shapes.ok()) {
+    for (const auto& [d, m] : *shapes) {
+      if (d < 1 || m < 1 || d > 65536 || m > 262144) {
+        problem = "--shapes: D and M must be between 1 and 65536 / 262144";
+      }
+    }
   }
   if (!problem.empty()) {
     PrintError("moerun bench moe-layer", problem);

@@ -3,6 +3,7 @@
 #include <google/protobuf/text_format.h>
 
 #include <chrono>
+#include <filesystem>
 #include <iostream>
 #include <map>
 
@@ -169,10 +170,23 @@ int Verify(const std::string& path) {
   return kExitOk;
 }
 
-int Export(const std::string& in, const std::string& out, bool with_optimizer) {
+int Export(const std::string& in, const std::string& out, bool with_optimizer, bool force) {
   const std::string cmd = "moerun export";
   auto o = Open(in);
   if (!o.ok()) return Fail(cmd, o.status().message(), kExitFailure);
+  std::error_code ec;
+  if (std::filesystem::exists(out, ec) && !force) {
+    return Fail(cmd, out + " exists; pass --force to replace it", kExitUsage);
+  }
+  const std::string abs_out = std::filesystem::weakly_canonical(out, ec).string();
+  const std::string abs_dir = std::filesystem::weakly_canonical(o->dir, ec).string();
+  if (abs_out.rfind(abs_dir + "/", 0) == 0) {
+    return Fail(cmd,
+                "--out " + out +
+                    " is inside the checkpoint being exported; write it "
+                    "elsewhere",
+                kExitUsage);
+  }
   SafetensorsWriter writer;
   int64_t params = 0;
   for (const CheckpointTensor& t : o->manifest.tensors()) {
@@ -251,6 +265,16 @@ int Reshard(const std::string& in, int ranks, const std::string& out) {
   const std::string cmd = "moerun reshard";
   auto o = Open(in);
   if (!o.ok()) return Fail(cmd, o.status().message(), kExitFailure);
+  std::error_code ec;
+  const std::string abs_out = std::filesystem::weakly_canonical(out, ec).string();
+  const std::string abs_in = std::filesystem::weakly_canonical(o->dir, ec).string();
+  if (abs_in.rfind(abs_out + "/", 0) == 0 || abs_in == abs_out) {
+    return Fail(cmd,
+                "--out " + out +
+                    " holds the checkpoint being resharded; write to another "
+                    "directory",
+                kExitUsage);
+  }
   std::vector<std::pair<std::string, std::pair<Shape, DType>>> names;
   for (const CheckpointTensor& t : o->manifest.tensors()) {
     DType dtype;
@@ -287,7 +311,7 @@ int RunCheckpointCommand(const std::string& command, const std::vector<std::stri
   std::string path, in, out, config_path, action;
   std::vector<std::string> overrides;
   int ranks = 1;
-  bool show_config = false, with_optimizer = false;
+  bool show_config = false, with_optimizer = false, force = false;
   std::string synopsis, about;
   if (command == "checkpoint") {
     desc.add_options()                                                                           //
@@ -305,7 +329,8 @@ int RunCheckpointCommand(const std::string& command, const std::vector<std::stri
         ("checkpoint", po::value(&in)->required(), "checkpoint directory (or root with LATEST)")  //
         ("out", po::value(&out)->required(), "the safetensors file to write")                     //
         ("with-optimizer", po::bool_switch(&with_optimizer),
-         "also write the AdamW moments (optimizer.m.*, optimizer.v.*)");
+         "also write the AdamW moments (optimizer.m.*, optimizer.v.*)")  //
+        ("force", po::bool_switch(&force), "replace --out if it exists");
     synopsis = "moerun export --checkpoint D --out model.safetensors";
     about =
         "Writes one safetensors file with every parameter under its global name and the\n"
@@ -341,7 +366,7 @@ int RunCheckpointCommand(const std::string& command, const std::vector<std::stri
     if (action == "verify") return Verify(path);
     return Fail(cmd, "unknown action '" + action + "'; use info or verify", kExitUsage);
   }
-  if (command == "export") return Export(in, out, with_optimizer);
+  if (command == "export") return Export(in, out, with_optimizer, force);
   if (ranks < 1) return Fail(cmd, "--ranks must be at least 1", kExitUsage);
   if (command == "import") return Import(in, config_path, overrides, out, ranks);
   return Reshard(in, ranks, out);

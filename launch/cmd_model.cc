@@ -1,4 +1,6 @@
 // moerun train / eval / plan: the commands that take a model config.
+#include <cmath>
+#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
@@ -221,6 +223,21 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
     return IsRankZeroFromEnvironment() ? Plan(*config, config_path, plan) : kExitOk;
   }
   if (command == "train") {
+    // Outputs never overwrite the config.
+    const TrainConfig& tc = config->train();
+    const std::string out_dir =
+        tc.out_dir().empty() ? "runs/" + config->model().name() : tc.out_dir();
+    const std::string metrics =
+        tc.metrics_path().empty() ? out_dir + "/metrics.jsonl" : tc.metrics_path();
+    std::error_code ec;
+    for (const std::string& output : {metrics, out_dir, tc.checkpoint_dir()}) {
+      if (!output.empty() && std::filesystem::equivalent(output, config_path, ec)) {
+        PrintError(path, "'" + output +
+                             "' is the config file itself: choose another "
+                             "train.out_dir / train.metrics_path / train.checkpoint_dir");
+        return kExitUsage;
+      }
+    }
     Session session(program.argc, program.argv, global);
     if (until_step < 0) {
       PrintError(path, "--until-step must be >= 0");
@@ -232,13 +249,22 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
   std::vector<int> bprs;
   try {
     std::stringstream a(capacity_text), b(bpr_text);
-    for (std::string x; std::getline(a, x, ',');) factors.push_back(std::stod(x));
+    for (std::string x; std::getline(a, x, ',');) {
+      size_t used = 0;
+      factors.push_back(std::stod(x, &used));
+      const double f = factors.back();
+      if (used != x.size() || !std::isfinite(f) || (f < 0 && f != -1) || f > 1000) {
+        throw std::invalid_argument(x);
+      }
+    }
     for (std::string x; std::getline(b, x, ',');) {
       bprs.push_back(std::stoi(x));
       if (bprs.back() < -1 || bprs.back() > 1) throw std::invalid_argument(x);
     }
   } catch (const std::exception&) {
-    PrintError(path, "--capacity-factor takes numbers (e.g. 0.5,1.0) and --bpr takes -1, 0 or 1");
+    PrintError(path,
+               "--capacity-factor takes finite numbers from 0 (dropless) to 1000, or -1 (as "
+               "trained), e.g. 0.5,1.0; --bpr takes -1, 0 or 1");
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);

@@ -1,6 +1,8 @@
 // moerun replay-moe: runs one MoE layer's forward and backward on a case file and writes
 // every output and gradient, so that the layer can be compared with PyTorch, JAX or NumPy.
 // The file formats are documented in README.md ("Replaying one MoE layer").
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <set>
 
@@ -39,8 +41,8 @@ class Metadata {
     }
     char* end = nullptr;
     const double v = std::strtod(it->second.c_str(), &end);
-    if (it->second.empty() || *end != '\0') {
-      return Status::Error("metadata '" + key + "' = '" + it->second + "' is not a number");
+    if (it->second.empty() || *end != '\0' || !std::isfinite(v)) {
+      return Status::Error("metadata '" + key + "' = '" + it->second + "' is not a finite number");
     }
     *out = v;
     return Status::Ok();
@@ -81,6 +83,30 @@ StatusOr<ReplayCase> LoadCase(const std::string& path, int ranks) {
   auto reader = SafetensorsReader::Open(path);
   if (!reader.ok()) return reader.status();
   const Metadata md(reader->metadata());
+  // A misspelt key would silently fall back to its default: refuse what is not a setting.
+  static const char* const kKeys[] = {"num_experts",
+                                      "k",
+                                      "capacity",
+                                      "capacity_factor",
+                                      "multiple_of",
+                                      "bpr",
+                                      "group_size",
+                                      "noise_std",
+                                      "importance_weight",
+                                      "load_weight",
+                                      "gshard_weight",
+                                      "z_loss_weight",
+                                      "seed",
+                                      "ceil_or_round",
+                                      "format"};
+  for (const auto& [key, value] : reader->metadata()) {
+    if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
+      std::string known;
+      for (const char* k : kKeys) known += (known.empty() ? "" : ", ") + std::string(k);
+      return Status::Error(path + ": unknown metadata key '" + key +
+                           "'; the settings are: " + known);
+    }
+  }
   ReplayCase c;
   MoeLayerConfig& cfg = c.config;
   const MoeConfig defaults;

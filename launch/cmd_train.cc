@@ -2,6 +2,7 @@
 #include <google/protobuf/text_format.h>
 #include <mpi.h>
 
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -102,9 +103,28 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
     PrintError("moerun eval", ok.message());
     return kExitUsage;
   }
+  std::string bad;
+  for (Param& p : trainer.model().params()) {
+    if (!std::isfinite(SumOfSquares(p.value.data<float>(), p.value.numel()))) {
+      bad = p.name;
+      break;
+    }
+  }
+  ok = AgreeOnStatus(world, bad.empty() ? Status::Ok()
+                                        : Status::Error(model_path + ": parameter '" + bad +
+                                                        "' is not finite; nothing evaluated"));
+  if (!ok.ok()) {
+    PrintError("moerun eval", ok.message());
+    return kExitFailure;
+  }
   for (int bpr : bprs) {
     for (double cf : capacity_factors) {
       const EvalStats e = trainer.Evaluate(*test, config.train().eval_batch(), {cf, bpr});
+      if (!std::isfinite(e.loss)) {
+        PrintError("moerun eval", "the test loss is not finite (capacity factor " +
+                                      std::to_string(cf) + ", bpr " + std::to_string(bpr) + ")");
+        return kExitFailure;
+      }
       if (!session.is_root()) continue;
       nlohmann::json j = {{"event", "eval"},
                           {"model", model_path},

@@ -1,4 +1,6 @@
 // moerun: entry point and subcommand dispatch.
+#include <cerrno>
+#include <cstring>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -93,6 +95,18 @@ const CommandEntry* Find(const CommandEntry (&entries)[N], const std::string& na
   return nullptr;
 }
 
+// Results go to stdout: a write that failed there (a full disk, /dev/full, a closed pipe)
+// fails the command.
+int Finish(int code) {
+  std::cout.flush();
+  if (!std::cout) {
+    std::cerr << "moerun: cannot write the results to standard output: " << std::strerror(errno)
+              << "\n";
+    return code == moerun::kExitOk ? moerun::kExitFailure : code;
+  }
+  return code;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -118,7 +132,7 @@ int main(int argc, char** argv) {
     return moerun::kExitUsage;
   }
   args.erase(args.begin());
-  if (command->run != nullptr) return command->run(args, program);
+  if (command->run != nullptr) return Finish(command->run(args, program));
 
   // bench <target>
   if (args.empty() || args[0] == "--help" || args[0] == "-h") {
@@ -140,5 +154,5 @@ int main(int argc, char** argv) {
     return moerun::kExitUsage;
   }
   args.erase(args.begin());
-  return target->run(args, program);
+  return Finish(target->run(args, program));
 }

@@ -5,6 +5,7 @@
 #include <google/protobuf/text_format.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -95,8 +96,30 @@ Status OverrideToText(const std::string& override_text, std::string* text, std::
       if (!last) {
         return Status::Error("--override '" + override_text + "': " + walked + " is not a section");
       }
-      if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING && value.front() != '"') {
-        value = "\"" + value + "\"";
+      if (f->is_repeated()) {
+        return Status::Error("--override '" + override_text + "': " + walked +
+                             " is a list; set it in the config file");
+      }
+      // The value is one value of that field, never more text format.
+      if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING) {
+        if (value.size() >= 2 && value.front() == '"' && value.back() == '"') {
+          value = value.substr(1, value.size() - 2);
+        }
+        std::string quoted = "\"";
+        for (char ch : value) {
+          if (ch == '\\' || ch == '"') quoted += '\\';
+          quoted += ch == '\n' ? std::string("\\n") : std::string(1, ch);
+        }
+        value = quoted + "\"";
+      } else {
+        const bool one_token =
+            !value.empty() && value.find_first_not_of(
+                                  "abcdefghijklmnopqrstuvwxyz"
+                                  "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-") == std::string::npos;
+        if (!one_token) {
+          return Status::Error("--override '" + override_text + "': '" + value +
+                               "' is not one value for " + walked);
+        }
       }
       *text = open + parts[i] + ": " + value + close;
     }
@@ -142,6 +165,24 @@ void ValidateModel(const ModelConfig& m, Validator* v) {
   v->Require(m.mlp_dim() > 0, "model.mlp_dim", "must be positive");
   v->Require(m.num_classes() > 0, "model.num_classes", "must be positive");
   v->Require(m.pre_logits_size() >= 0, "model.pre_logits_size", "must be >= 0 (0: none)");
+  // Sizes whose products must fit the 64-bit arithmetic of plans and allocations.
+  const struct {
+    const char* path;
+    int64_t value, limit;
+  } bounds[] = {{"model.image_size", m.image_size(), 1 << 16},
+                {"model.channels", m.channels(), 1 << 12},
+                {"model.hidden_size", m.hidden_size(), 1 << 18},
+                {"model.mlp_dim", m.mlp_dim(), 1 << 20},
+                {"model.num_layers", m.num_layers(), 1 << 12},
+                {"model.num_heads", m.num_heads(), 1 << 12},
+                {"model.num_classes", m.num_classes(), 1 << 24},
+                {"model.pre_logits_size", m.pre_logits_size(), 1 << 18},
+                {"model.moe.num_experts", m.has_moe() ? m.moe().num_experts() : 1, 1 << 16}};
+  for (const auto& b : bounds) {
+    v->Require(b.value <= b.limit, b.path,
+               std::to_string(b.value) + " is larger than moerun supports (" +
+                   std::to_string(b.limit) + ")");
+  }
   if (!m.has_moe()) return;
   const MoeConfig& e = m.moe();
   v->Require(e.num_experts() >= 1, "model.moe.num_experts", "must be at least 1");
@@ -175,8 +216,28 @@ void ValidateModel(const ModelConfig& m, Validator* v) {
   }
 }
 
+// Every float or double field that is set must be a finite number (the per-field checks
+// below use comparisons that NaN would pass or fail by accident).
+void RequireFinite(const pb::Message& m, const std::string& prefix, Validator* v) {
+  const pb::Reflection* r = m.GetReflection();
+  std::vector<const pb::FieldDescriptor*> fields;
+  r->ListFields(m, &fields);
+  for (const pb::FieldDescriptor* f : fields) {
+    const std::string path = prefix.empty() ? f->name() : prefix + "." + f->name();
+    if (f->is_repeated()) continue;
+    if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+      RequireFinite(r->GetMessage(m, f), path, v);
+    } else if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_DOUBLE) {
+      v->Require(std::isfinite(r->GetDouble(m, f)), path, "must be a finite number");
+    } else if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_FLOAT) {
+      v->Require(std::isfinite(r->GetFloat(m, f)), path, "must be a finite number");
+    }
+  }
+}
+
 Status Validate(const Config& c, const Origins& origins) {
   Validator v(origins);
+  RequireFinite(c, "", &v);
   ValidateModel(c.model(), &v);
   const std::string& ds = c.data().dataset();
   v.Require(ds == "fashion_mnist" || ds == "synthetic", "data.dataset",
@@ -248,6 +309,12 @@ StatusOr<Config> ParseConfig(const std::string& text, const std::string& source_
 }
 
 StatusOr<Config> LoadConfig(const std::string& path, const std::vector<std::string>& overrides) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return Status::Error("config '" + path +
+                         "' is a directory; give a config file "
+                         "(configs/*.pbtxt)");
+  }
   std::ifstream in(path);
   if (!in) {
     return Status::Error("cannot read config '" + path +
@@ -255,7 +322,15 @@ StatusOr<Config> LoadConfig(const std::string& path, const std::vector<std::stri
   }
   std::stringstream buffer;
   buffer << in.rdbuf();
-  return ParseConfig(buffer.str(), path, overrides);
+  StatusOr<Config> config = ParseConfig(buffer.str(), path, overrides);
+  if (config.ok() && !config->has_model()) {
+    return Status::Error("config '" + path + "' has no model { ... } section" +
+                         (buffer.str().find_first_not_of(" \t\r\n") == std::string::npos
+                              ? " (the file is empty)"
+                              : "") +
+                         "; every config names its model (see configs/*.pbtxt)");
+  }
+  return config;
 }
 
 }  // namespace moerun

@@ -171,7 +171,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   const int64_t last_step =
       options.until_step > 0 ? std::min<int64_t>(options.until_step, tc.steps()) : tc.steps();
 
-  // Leftovers of crashed saves go first; then find what to resume from.
+  // Leftovers of crashed saves go first.
   if (root) {
     for (const std::string& name : RemoveUncommitted(ckpt_dir)) {
       LOG(WARNING) << "removed " << ckpt_dir << "/" << name
@@ -234,6 +234,21 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
                 << "; " << (manifest->optimizer_state() ? "with" : "fresh") << " optimizer state)";
     }
   }
+
+  // Everything the run writes must be writable before any work (a read-only checkpoint
+  // directory found after hours of training loses them).
+  Status writable;
+  if (root) {
+    std::error_code ec;
+    fs::create_directories(ckpt_dir, ec);
+    const std::string probe = ckpt_dir + "/.moerun-write-test";
+    writable = ec ? Status::Error("cannot create checkpoint directory " + ckpt_dir + ": " +
+                                  ec.message())
+                  : WriteFileAtomically(probe, "ok\n");
+    fs::remove(probe, ec);
+  }
+  ok = AgreeOnStatus(world, writable);
+  if (!ok.ok()) return fail(1, ok.message() + " (set train.checkpoint_dir / --checkpoint-dir)");
 
   std::ofstream metrics;
   if (root) {

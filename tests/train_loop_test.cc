@@ -91,13 +91,17 @@ TEST(TrainLoop, StopRequestSavesAtAStepBoundary) {
 }
 
 TEST(TrainLoop, BadResumePathIsAConfigError) {
-  Config c = Tiny("/nonexistent/run", 5);
+  const std::string dir = SharedTempDir();
+  Config c = Tiny(dir + "/run", 5);
   c.mutable_train()->set_resume("/nonexistent/checkpoint");
   TrainLoopResult r = RunTrainingLoop(c, World(), {});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.error.find("/nonexistent/checkpoint: no such checkpoint directory"),
             std::string::npos)
       << r.error;
+  EXPECT_FALSE(fs::exists(dir + "/run")) << "a refused run writes nothing";
+  World().Barrier();
+  if (World().rank() == 0) fs::remove_all(dir);
 }
 
 }  // namespace
