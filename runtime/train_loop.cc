@@ -242,9 +242,9 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     std::error_code ec;
     fs::create_directories(ckpt_dir, ec);
     const std::string probe = ckpt_dir + "/.moerun-write-test";
-    writable = ec ? Status::Error("cannot create checkpoint directory " + ckpt_dir + ": " +
-                                  ec.message())
-                  : WriteFileAtomically(probe, "ok\n");
+    writable =
+        ec ? Status::Error("cannot create checkpoint directory " + ckpt_dir + ": " + ec.message())
+           : WriteFileAtomically(probe, "ok\n");
     fs::remove(probe, ec);
   }
   ok = AgreeOnStatus(world, writable);
