@@ -125,6 +125,7 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
        "key=value overriding a config field, e.g. train.steps=100 or model.moe.bpr=false "
        "(repeatable)");
   std::string model_path, capacity_text = "-1", bpr_text = "-1";
+  bool exact_capacity = false;
   if (command == "eval") {
     desc.add_options()  //
         ("model", po::value(&model_path)->required(),
@@ -133,7 +134,10 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
         ("capacity-factor", po::value(&capacity_text)->default_value("-1"),
          "comma-separated inference capacity factors (-1: as trained), e.g. 0.25,0.5,1.0")  //
         ("bpr", po::value(&bpr_text)->default_value("-1"),
-         "comma-separated routing modes: 0 vanilla, 1 BPR, -1 as trained");
+         "comma-separated routing modes: 0 vanilla, 1 BPR, -1 as trained")  //
+        ("exact-capacity", po::bool_switch(&exact_capacity),
+         "capacity ceil(S K c / E) without rounding up to model.moe.multiple_of (V-MoE "
+         "keeps the rounding, the default)");
   }
   std::string checkpoint_dir, resume;
   int64_t checkpoint_every = -1, keep = -1, until_step = 0;
@@ -268,7 +272,7 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);
-  return RunEval(*config, session, model_path, factors, bprs);
+  return RunEval(*config, session, model_path, factors, bprs, exact_capacity);
 }
 
 }  // namespace moerun

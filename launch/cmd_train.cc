@@ -66,7 +66,8 @@ int RunTrain(const Config& config, Session& session, int64_t until_step) {
 }
 
 int RunEval(const Config& config, Session& session, const std::string& model_path,
-            const std::vector<double>& capacity_factors, const std::vector<int>& bprs) {
+            const std::vector<double>& capacity_factors, const std::vector<int>& bprs,
+            bool exact_capacity) {
   Communicator& world = session.world();
   StatusOr<Dataset> test = LoadRunData(config, false);
   Status ok = AgreeOnStatus(world, test.status());
@@ -119,7 +120,8 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
   }
   for (int bpr : bprs) {
     for (double cf : capacity_factors) {
-      const EvalStats e = trainer.Evaluate(*test, config.train().eval_batch(), {cf, bpr});
+      const EvalStats e =
+          trainer.Evaluate(*test, config.train().eval_batch(), {cf, bpr, exact_capacity});
       if (!std::isfinite(e.loss)) {
         PrintError("moerun eval", "the test loss is not finite (capacity factor " +
                                       std::to_string(cf) + ", bpr " + std::to_string(bpr) + ")");
@@ -134,6 +136,7 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
                           {"examples", e.examples},
                           {"dropped_fraction", e.dropped_fraction}};
       if (cf >= 0) j["capacity_factor"] = cf;
+      if (exact_capacity) j["exact_capacity"] = true;
       PrintJsonLine(j);
     }
   }

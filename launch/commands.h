@@ -24,6 +24,7 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
 int RunCheckpointCommand(const std::string& command, const std::vector<std::string>& args,
                          ProgramArgs program);
 int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program);
+int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program);
 
 // The best fp32 GFLOP/s of square GEMMs of these sizes with this rank's threads.
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);
@@ -32,7 +33,8 @@ double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);
 // until_step > 0: stop after that step (saving a checkpoint); the schedule spans train.steps.
 int RunTrain(const Config& config, Session& session, int64_t until_step);
 int RunEval(const Config& config, Session& session, const std::string& model_path,
-            const std::vector<double>& capacity_factors, const std::vector<int>& bprs);
+            const std::vector<double>& capacity_factors, const std::vector<int>& bprs,
+            bool exact_capacity);
 
 // What this build can use of CUDA: "not built", or "built, N devices".
 std::string CudaAvailability(int* device_count);

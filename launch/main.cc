@@ -66,6 +66,8 @@ const CommandEntry kBenchTargets[] = {
      moerun::RunBenchTrain},
     {"checkpoint", "checkpoint save/load GB/s beside raw write+fsync/read, training stall",
      moerun::RunBenchCheckpoint},
+    {"soak", "long training with checkpoints: resident memory and step time over time",
+     moerun::RunBenchSoak},
 };
 
 template <size_t N>
@@ -147,9 +149,10 @@ int main(int argc, char** argv) {
   const CommandEntry* target = Find(kBenchTargets, args[0]);
   if (target == nullptr) {
     if (root) {
-      std::cerr << "moerun bench: unknown target '" << args[0]
-                << "'; targets are: comm, gemm, moe-layer, train, checkpoint. See 'moerun bench "
-                   "--help'.\n";
+      std::cerr
+          << "moerun bench: unknown target '" << args[0]
+          << "'; targets are: comm, gemm, moe-layer, train, checkpoint, soak. See 'moerun bench "
+             "--help'.\n";
     }
     return moerun::kExitUsage;
   }

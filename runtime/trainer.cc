@@ -302,8 +302,7 @@ EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
     if (routing.capacity_factor >= 0) {
       c.capacity_factor = routing.capacity_factor;
       c.capacity = 0;
-      // Below 1 the capacity would otherwise round up to multiple_of and hide the drops.
-      if (routing.capacity_factor < 1) c.multiple_of = 0;
+      if (routing.exact_capacity) c.multiple_of = 0;
     }
     if (routing.bpr >= 0) c.bpr = routing.bpr == 1;
   }

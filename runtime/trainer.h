@@ -41,9 +41,13 @@ struct EvalStats {
 };
 
 // Routing at inference: < 0 / -1 keeps the trained setting.
+// The capacity formula is V-MoE's, unchanged at inference: ceil(S K c / E) rounded up to
+// model.moe.multiple_of. `exact_capacity` leaves out that rounding (for c < 1 it can hide
+// most of the drops a small factor asks for).
 struct RoutingOverride {
   double capacity_factor = -1;
   int bpr = -1;
+  bool exact_capacity = false;
 };
 
 // OK when the checkpoint's stored model has the same parameters as `current`'s (every

@@ -188,6 +188,8 @@ row 2 "--batch and --steps must be positive" "$m" bench train --config "$cfg" --
 row 2 "--rounds, --steps and --every must be positive" "$m" bench checkpoint --config "$cfg" --rounds 0
 row 2 "larger than --max-bytes" "$m" bench comm --min-bytes 1M --max-bytes 4K
 row 2 "unknown target 'nope'" "$m" bench nope
+row 2 "--minutes must be in \(0, 10080\]" "$m" bench soak --config "$cfg" --minutes nan
+row 2 "--minutes must be in \(0, 10080\]" "$m" bench soak --config "$cfg" --report-every -1
 
 # --- Results on a full device ---------------------------------------------------------------
 row 1 "cannot write the results to standard output" bash -c "'$m' plan '$cfg' --json >/dev/full"
@@ -201,7 +203,7 @@ done
 for c in train eval plan checkpoint export import reshard replay-moe env; do
   row 0 "Usage: .*moerun $c" "$m" $c --help
 done
-for t in comm gemm moe-layer train checkpoint; do
+for t in comm gemm moe-layer train checkpoint soak; do
   row 0 "^  $t " "$m" bench --help
 done
 

@@ -109,6 +109,33 @@ expect 0 '"op":"all_to_all_v","ranks":2.*"verified":"ok"' \
 expect 0 '"pass":"fc2_dw".*"peak_gflops"' \
   "$moerun" bench gemm --rows 64 --shapes 32x64 --peak-sizes 64 --seconds 0.01
 
+# Inference capacity: V-MoE's formula (rounded up to multiple_of) unless --exact-capacity:
+# at c = 0.25 (groups of 34 tokens, K=2, E=4) that is 8 slots against 5, so more drops.
+a=$("${np2[@]}" "$moerun" eval "$src/configs/tiny_test.pbtxt" --model "$tmp/run/checkpoints" \
+  --capacity-factor 0.25 2>/dev/null | tail -n 1)
+b=$("${np2[@]}" "$moerun" eval "$src/configs/tiny_test.pbtxt" --model "$tmp/run/checkpoints" \
+  --capacity-factor 0.25 --exact-capacity 2>/dev/null | tail -n 1)
+if python3 -c "
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+sys.exit(0 if b['exact_capacity'] and sum(b['dropped_fraction']) > sum(a['dropped_fraction']) else 1)" "$a" "$b"; then
+  passed=$((passed + 1))
+else
+  echo "FAIL: --exact-capacity should drop more at c=0.25: $a / $b"
+  failed=$((failed + 1))
+fi
+# A short soak: JSON lines with resident memory and step time, a summary, no growth to speak of.
+out=$("$moerun" bench soak --config "$src/configs/tiny_test.pbtxt" --minutes 0.1 --report-every 1 \
+  --checkpoint-every 50 --dir "$tmp/soak" 2>/dev/null | tail -n 1)
+if python3 -c "
+import json, sys
+j = json.loads(sys.argv[1])
+sys.exit(0 if j.get('summary') and j['steps'] > 100 and j['rss_growth_mib'] < 64 else 1)" "$out"; then
+  passed=$((passed + 1))
+else
+  echo "FAIL: bench soak: $out"
+  failed=$((failed + 1))
+fi
 # The demo config routes fixed groups of 8 images: 20 training steps give the same losses
 # on 1, 2 and 4 ranks up to float reduction order (gradients summed over ranks in another
 # order): within 1e-5 relative.
