@@ -79,15 +79,7 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
   // A training batch of whole routing groups per rank (only Trainer::Create checks it;
   // Evaluate picks its own micro-batch of whole groups).
   const int64_t p = world.size();
-  int64_t step_images = 1;
-  const ModelConfig& m = config.model();
-  if (m.has_moe()) {
-    const int64_t per_image =
-        (m.image_size() / m.patch_size()) * (m.image_size() / m.patch_size()) + 1;
-    const int64_t g =
-        m.moe().group_size() > 0 ? m.moe().group_size() : m.moe().group_images() * per_image;
-    if (g > 0) step_images = g / std::gcd(g, per_image);
-  }
+  const int64_t step_images = GroupStepImages(config.model());
   c.mutable_train()->set_global_batch(static_cast<int32_t>(std::min<int64_t>(
       test->size / p * p,
       std::max<int64_t>(step_images, config.train().eval_batch() / p / step_images * step_images) *
@@ -104,13 +96,7 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
     PrintError("moerun eval", ok.message());
     return kExitUsage;
   }
-  std::string bad;
-  for (Param& p : trainer.model().params()) {
-    if (!std::isfinite(SumOfSquares(p.value.data<float>(), p.value.numel()))) {
-      bad = p.name;
-      break;
-    }
-  }
+  const std::string bad = trainer.FirstNonFiniteParameter();
   ok = AgreeOnStatus(world, bad.empty() ? Status::Ok()
                                         : Status::Error(model_path + ": parameter '" + bad +
                                                         "' is not finite; nothing evaluated"));

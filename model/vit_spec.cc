@@ -2,6 +2,7 @@
 #include "model/vit_spec.h"
 
 #include <algorithm>
+#include <numeric>
 #include <string>
 
 namespace moerun {
@@ -118,6 +119,22 @@ TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t mic
                                                 (ep_ranks - 1) / ep_ranks);
   }
   return f;
+}
+
+int64_t TokensPerImage(const ModelConfig& m) {
+  const int64_t grid = m.image_size() / m.patch_size();
+  return grid * grid + 1;
+}
+
+int64_t GroupTokens(const ModelConfig& m) {
+  if (!m.has_moe()) return 0;
+  return m.moe().group_size() > 0 ? m.moe().group_size()
+                                  : m.moe().group_images() * TokensPerImage(m);
+}
+
+int64_t GroupStepImages(const ModelConfig& m) {
+  const int64_t g = GroupTokens(m);
+  return g > 0 ? g / std::gcd(g, TokensPerImage(m)) : 1;
 }
 
 std::vector<ParamSpec> ParamSpecs(const ModelConfig& c) {

@@ -36,6 +36,14 @@ struct ExpertPlacement {
 };
 StatusOr<ExpertPlacement> PlaceExperts(int num_experts, int ranks);
 
+// Tokens of one image: patches + CLS.
+int64_t TokensPerImage(const ModelConfig& model);
+// Tokens per MoE routing group: model.moe.group_size, else group_images x tokens per
+// image; 0 when a rank's whole micro-batch is one group (or the model has no MoE).
+int64_t GroupTokens(const ModelConfig& model);
+// The fewest images whose tokens make whole groups (1 when GroupTokens is 0).
+int64_t GroupStepImages(const ModelConfig& model);
+
 // One parameter of the model as the whole job sees it: global (timm-like) name, global
 // shape, whether weight decay applies, and the global expert id (-1: a dense parameter,
 // replicated on every rank). VitModel registers exactly these (tests/vit_test.cc checks it);

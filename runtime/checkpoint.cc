@@ -141,6 +141,32 @@ class FileSet {
   std::map<std::string, int> fds_;
 };
 
+// Checks the CRC of a piece already read into `data`.
+Status CheckPiece(const std::string& path, const std::string& tensor, const CheckpointPiece& piece,
+                  const void* data) {
+  const uint32_t crc = Crc32c(data, piece.end() - piece.begin());
+  if (crc == piece.crc32c()) return Status::Ok();
+  char buf[128];
+  std::snprintf(buf, sizeof(buf), "checksum mismatch (manifest 0x%08x, file 0x%08x)",
+                piece.crc32c(), crc);
+  return Status::Error(path + ": tensor '" + tensor + "' bytes [" + std::to_string(piece.begin()) +
+                       ", " + std::to_string(piece.end()) + "): " + buf + ": the file is corrupt");
+}
+
+// Free space in `dir` for a shard of `bytes` holding `tensors` tensors (plus its header).
+Status CheckFreeSpace(const std::string& dir, const std::string& root, uint64_t bytes,
+                      size_t tensors) {
+  struct statvfs st;
+  if (::statvfs(dir.c_str(), &st) != 0) return Status::Ok();  // unknown: let the write tell
+  const uint64_t avail = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+  const uint64_t need = bytes + 64 * 1024 + 512 * tensors;
+  if (avail >= need) return Status::Ok();
+  return Status::Error("not enough free space in " + root + ": this rank's shard needs " +
+                       std::to_string(need) + " bytes, " + std::to_string(avail) +
+                       " are available; free space, use another --checkpoint-dir, or --keep "
+                       "fewer checkpoints");
+}
+
 // Reads one whole piece into dst (piece bytes) and checks its CRC.
 Status ReadPiece(FileSet& files, const std::string& tensor, const CheckpointPiece& piece,
                  void* dst) {
@@ -149,16 +175,7 @@ Status ReadPiece(FileSet& files, const std::string& tensor, const CheckpointPiec
   const std::string path = files.PathOf(piece.file());
   Status s = PreadAll(*fd, path, piece.begin(), dst, piece.end() - piece.begin());
   if (!s.ok()) return Status::Error(s.message() + " (tensor '" + tensor + "')");
-  const uint32_t crc = Crc32c(dst, piece.end() - piece.begin());
-  if (crc != piece.crc32c()) {
-    char buf[128];
-    std::snprintf(buf, sizeof(buf), "checksum mismatch (manifest 0x%08x, file 0x%08x)",
-                  piece.crc32c(), crc);
-    return Status::Error(path + ": tensor '" + tensor + "' bytes [" +
-                         std::to_string(piece.begin()) + ", " + std::to_string(piece.end()) +
-                         "): " + buf + ": the file is corrupt");
-  }
-  return Status::Ok();
+  return CheckPiece(path, tensor, piece, dst);
 }
 
 }  // namespace
@@ -456,18 +473,8 @@ Status PrepareSave(Communicator& comm, const std::string& root, const Checkpoint
   if (!s.ok()) return s;
   // Free space: the shard plus its header, before writing anything.
   if (!pending->plan.file.empty()) {
-    struct statvfs st;
-    if (::statvfs(pending->tmp_dir.c_str(), &st) == 0) {
-      const uint64_t avail = static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
-      const uint64_t need = pending->plan.local_bytes + 64 * 1024 + 512 * pending->plan.mine.size();
-      if (avail < need) {
-        s = Status::Error("not enough free space in " + root + " for the checkpoint of step " +
-                          std::to_string(manifest.step()) + ": this rank's shard needs " +
-                          std::to_string(need) + " bytes, " + std::to_string(avail) +
-                          " are available; free space, use another --checkpoint-dir, or "
-                          "--keep fewer checkpoints");
-      }
-    }
+    s = CheckFreeSpace(pending->tmp_dir, root, pending->plan.local_bytes,
+                       pending->plan.mine.size());
   }
   s = AgreeOnStatus(comm, s);
   if (!s.ok() && comm.rank() == 0) {
@@ -532,6 +539,7 @@ Status CommitSave(Communicator& comm, PendingSave* p, SaveResult* result) {
   }
   if (result != nullptr) {
     result->path = p->final_dir;
+    result->step = p->manifest.step();
     result->local_bytes = p->plan.local_bytes;
     result->total_bytes = p->plan.total_bytes;
     result->seconds = NowSeconds() - p->start_s;
@@ -604,6 +612,7 @@ Status WriteCheckpointOffline(const std::string& root, const CheckpointManifest&
   }
   if (result != nullptr) {
     result->path = final_dir;
+    result->step = state.step();
     result->local_bytes = result->total_bytes = total;
     result->seconds = NowSeconds() - start;
   }
@@ -659,18 +668,9 @@ Status AsyncCheckpointer::Start(const CheckpointManifest& manifest,
     fs::create_directories(p.tmp_dir, ec);  // every rank: idempotent, no collective
     if (ec) {
       p.write_status = Status::Error("cannot create " + p.tmp_dir + ": " + ec.message());
-    } else {
-      struct statvfs st;
-      const uint64_t need = p.plan.local_bytes + 64 * 1024 + 512 * p.plan.mine.size();
-      if (!p.plan.file.empty() && ::statvfs(p.tmp_dir.c_str(), &st) == 0 &&
-          static_cast<uint64_t>(st.f_bavail) * st.f_frsize < need) {
-        p.write_status = Status::Error(
-            "not enough free space in " + p.root + ": this rank's shard needs " +
-            std::to_string(need) + " bytes, " +
-            std::to_string(static_cast<uint64_t>(st.f_bavail) * st.f_frsize) + " are available");
-      } else {
-        WriteShard(&p);
-      }
+    } else if (!p.plan.file.empty()) {
+      p.write_status = CheckFreeSpace(p.tmp_dir, p.root, p.plan.local_bytes, p.plan.mine.size());
+      if (p.write_status.ok()) WriteShard(&p);
     }
     worker_done_ = true;
   });
@@ -754,6 +754,7 @@ Status AsyncCheckpointer::Advance(bool all_ready) {
   }
   SaveResult r;
   r.path = p.final_dir;
+  r.step = p.manifest.step();
   r.local_bytes = p.plan.local_bytes;
   r.total_bytes = p.plan.total_bytes;
   r.seconds = NowSeconds() - p.start_s;
@@ -913,16 +914,7 @@ Status LoadSlices(const std::string& dir, const CheckpointManifest& m,
           MOERUN_RETURN_IF_ERROR(ReadPiece(files, *d.tensor, *d.piece, d.dst));
           continue;
         }
-        const uint32_t crc = Crc32c(d.dst, d.piece->end() - d.piece->begin());
-        if (crc != d.piece->crc32c()) {
-          char buf[128];
-          std::snprintf(buf, sizeof(buf), "checksum mismatch (manifest 0x%08x, file 0x%08x)",
-                        d.piece->crc32c(), crc);
-          return Status::Error(files.PathOf(file) + ": tensor '" + *d.tensor + "' bytes [" +
-                               std::to_string(d.piece->begin()) + ", " +
-                               std::to_string(d.piece->end()) + "): " + buf +
-                               ": the file is corrupt");
-        }
+        MOERUN_RETURN_IF_ERROR(CheckPiece(files.PathOf(file), *d.tensor, *d.piece, d.dst));
       }
       i = j;
     }

@@ -52,6 +52,7 @@ struct SaveOptions {
 
 struct SaveResult {
   std::string path;                  // root/step_N
+  int64_t step = 0;                  // the step it holds
   uint64_t local_bytes = 0;          // bytes this rank wrote
   uint64_t total_bytes = 0;          // over all ranks
   double seconds = 0;                // wall time of the save on this rank (through the commit)

@@ -97,14 +97,6 @@ void TruncateMetrics(const std::string& path, int64_t step) {
   WriteFileAtomically(path, kept.str());
 }
 
-// The first parameter that is not finite, or "".
-std::string FirstNonFiniteParameter(Trainer& t) {
-  for (Param& p : t.model().params()) {
-    if (!std::isfinite(SumOfSquares(p.value.data<float>(), p.value.numel()))) return p.name;
-  }
-  return "";
-}
-
 }  // namespace
 
 void InstallStopSignalHandlers() {
@@ -293,7 +285,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   AsyncCheckpointer background(world, ckpt_dir, save_options);
   double save_stall_s = 0;
   int saves = 0;
-  auto report = [&](const SaveResult& r, int64_t step, bool async) {
+  auto report = [&](const SaveResult& r, bool async) {
     last_checkpoint = r.path;
     if (root) {
       LOG(INFO) << "checkpoint " << r.path << " committed (" << r.total_bytes << " bytes over "
@@ -302,7 +294,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
       for (const std::string& gone : r.removed) LOG(INFO) << "removed old checkpoint " << gone;
     }
     emit({{"event", "checkpoint"},
-          {"step", step},
+          {"step", r.step},
           {"path", r.path},
           {"bytes", r.total_bytes},
           {"seconds", r.seconds},
@@ -315,9 +307,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     const double t0 = Now();
     Status s = wait ? background.Finish(&done) : background.Poll(all_ready, &done);
     save_stall_s += Now() - t0;
-    for (const SaveResult& r : done) {
-      report(r, std::stoll(r.path.substr(r.path.rfind('_') + 1)), true);
-    }
+    for (const SaveResult& r : done) report(r, true);
     return s;
   };
   // Saves the current state (collective). `async`: snapshot now, write in the background.
@@ -325,7 +315,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     const int64_t step = trainer.step();
     if (step == last_saved) return Status::Ok();
     if (!async) MOERUN_RETURN_IF_ERROR(advance_background(true, true));
-    const std::string bad = FirstNonFiniteParameter(trainer);
+    const std::string bad = trainer.FirstNonFiniteParameter();
     MOERUN_RETURN_IF_ERROR(AgreeOnStatus(
         world, bad.empty() ? Status::Ok()
                            : Status::Error("parameter '" + bad + "' is not finite at step " +
@@ -346,7 +336,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
         SaveCheckpoint(world, ckpt_dir, manifest, trainer.StateSlices(true), save_options, &r);
     save_stall_s += Now() - t0;
     if (!s.ok()) return s;
-    report(r, step, false);
+    report(r, false);
     return Status::Ok();
   };
   // A failed save: stop (the default) or go on.

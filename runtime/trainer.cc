@@ -41,11 +41,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   }
   t->local_batch_ = tc.global_batch() / p;
   if (m.has_moe()) {
-    const int64_t per_image =
-        (m.image_size() / m.patch_size()) * (m.image_size() / m.patch_size()) + 1;
-    const int64_t tokens = t->local_batch_ * per_image;
-    const int64_t g =
-        m.moe().group_size() > 0 ? m.moe().group_size() : m.moe().group_images() * per_image;
+    const int64_t tokens = t->local_batch_ * TokensPerImage(m), g = GroupTokens(m);
     if (g > 0 && tokens % g != 0) {
       const std::string field = m.moe().group_size() > 0
                                     ? "model.moe.group_size " + std::to_string(g)
@@ -173,6 +169,13 @@ StepStats Trainer::Step() {
   return st;
 }
 
+std::string Trainer::FirstNonFiniteParameter() {
+  for (Param& p : model_->params()) {
+    if (!std::isfinite(SumOfSquares(p.value.data<float>(), p.value.numel()))) return p.name;
+  }
+  return "";
+}
+
 std::vector<CheckpointSlice> Trainer::StateSlices(bool optimizer) {
   std::vector<CheckpointSlice> out;
   std::vector<Param>& params = model_->params();
@@ -287,11 +290,7 @@ EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
                             const RoutingOverride& routing) {
   const int p = world_->size();
   // Each rank's micro-batch holds whole routing groups (the last batch is padded).
-  int64_t step_images = 1;
-  if (!model_->moe_layers().empty()) {
-    const int64_t g = model_->moe_layers()[0]->config().group_size, per_image = model_->tokens();
-    if (g > 0) step_images = g / std::gcd(g, per_image);
-  }
+  const int64_t step_images = GroupStepImages(config_.model());
   const int64_t b = std::max<int64_t>(step_images, global_batch / p / step_images * step_images);
   const int64_t numel = data.image_numel();
   // Inference routing overrides, restored afterwards.

@@ -77,6 +77,9 @@ class Trainer {
   Status Restore(const std::string& checkpoint_dir, const CheckpointManifest& manifest,
                  bool parameters_only = false);
 
+  // The first parameter (of this rank) that is not finite; "" when all are.
+  std::string FirstNonFiniteParameter();
+
   VitModel& model() { return *model_; }
   AdamW& optimizer() { return *optimizer_; }
   int64_t step() const { return step_; }
