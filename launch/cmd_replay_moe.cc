@@ -299,9 +299,9 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
   out.Add("grad.experts.fc2.weight", experts(g.fc2_weight));
   out.Add("grad.experts.fc2.bias", experts(g.fc2_bias));
   const MoeLosses& l = layer.losses();
-  out.Add("loss.importance", Scalar(l.importance));
-  out.Add("loss.load", Scalar(l.load));
-  out.Add("loss.gshard", Scalar(l.gshard));
+  out.Add("loss.importance", Scalar(l.value("importance")));
+  out.Add("loss.load", Scalar(l.value("load")));
+  out.Add("loss.gshard", Scalar(l.value("gshard")));
   out.Add("loss.aux_total", Scalar(l.aux_total));
   out.SetMetadata("ranks", std::to_string(world.size()));
   out.SetMetadata("capacity", std::to_string(layer.metrics().capacity));

@@ -14,10 +14,14 @@
 #define MOERUN_MODEL_MOE_LAYER_H_
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
-#include "model/router_noise.h"
+#include "model/moe_dispatch.h"
+#include "model/moe_experts.h"
+#include "model/moe_plan.h"
+#include "model/moe_router.h"
 #include "runtime/config.pb.h"
 #include "runtime/tensor.h"
 
@@ -35,12 +39,20 @@ struct MoeLayerConfig {
   bool bpr = true;
   int64_t group_size = 0;  // 0: all local tokens form one group
   bool gelu_tanh = false;  // the tanh approximation of GELU (V-MoE) instead of exact erf
-  double noise_std = 1.0;  // sigma = noise_std / E
+  GateKind gate = GateKind::kNoisyTopK;
+  int tasks = 1;           // task routers (kTaskSoftmax)
+  double noise_std = 1.0;  // sigma = noise_std / E (kNoisyTopK)
   double importance_weight = 0.005;
   double load_weight = 0.005;
   double gshard_weight = 0;
   double z_loss_weight = 0;
+  // Mod-Squad's mutual-information loss (kTaskSoftmax; added when tasks > 2, as the
+  // reference does). mi_per_rank: each rank's own tokens (the reference) instead of the
+  // all-reduced task x expert table (the default: independent of the rank count).
+  double mi_weight = 0;
+  bool mi_per_rank = false;
 
+  CapacityRule capacity_rule() const;
   // tokens_per_image turns model.moe.group_images into a group size in tokens.
   static MoeLayerConfig FromProto(const MoeConfig& moe, int d, int m, int64_t tokens_per_image,
                                   bool gelu_tanh);
@@ -65,8 +77,9 @@ class MoeGroups {
   int num_experts_ = 0, first_local_expert_ = 0, local_experts_ = 0;
 };
 
+// Views of the layer's parameters (or gradients): writing into them writes the layer's.
 struct MoeParams {
-  Tensor router_weight;  // [E, D], replicated on every rank
+  Tensor router_weight;  // [E, D] (kTaskSoftmax: [tasks, E, D]), replicated on every rank
   Tensor fc1_weight;     // [E_local, M, D]
   Tensor fc1_bias;       // [E_local, M]
   Tensor fc2_weight;     // [E_local, D, M]
@@ -78,12 +91,23 @@ struct MoeForwardArgs {
   NoiseKey noise_key;             // with first_token: keys the generated noise
   int64_t first_token = 0;        // global index of this rank's first token
   const Tensor* noise = nullptr;  // optional [T, E], already scaled, replaces the generator
+  const int32_t* task = nullptr;  // [T] task of every token (kTaskSoftmax)
 };
 
-// Global over all ranks and groups (means over groups, as the loss uses them).
+// One named auxiliary loss of a layer: global over all ranks and groups (means over groups,
+// as the loss uses them; the MI loss: one value per step).
+struct AuxTerm {
+  std::string name;  // "importance", "load", "gshard", "z", "mi"
+  double weight = 0;
+  double value = 0;
+  bool active = false;  // part of aux_total (weight > 0 and applicable)
+};
+
 struct MoeLosses {
-  double importance = 0, load = 0, gshard = 0, z = 0;
-  double aux_total = 0;  // weighted sum of the terms whose weight is > 0
+  std::vector<AuxTerm> terms;
+  double aux_total = 0;  // sum of weight * value over the active terms
+  // The value of the term `name` (0 when the layer has no such term).
+  double value(const std::string& name) const;
 };
 
 struct MoeMetrics {
@@ -91,15 +115,6 @@ struct MoeMetrics {
   std::vector<int64_t> tokens_per_expert;  // kept assignments, all ranks
   std::vector<double> dropped_fraction;    // per choice rank (0 = first choice)
   double capacity_used = 0;                // kept / (E * cap * groups)
-};
-
-// Wall seconds accumulated per part since the last ResetTimers().
-struct MoeTimers {
-  // expert / bwd_expert: the expert GEMMs only; expert_act / bwd_expert_act: their bias
-  // and GELU work.
-  double router = 0, routing = 0, pack = 0, all_to_all = 0, expert = 0, expert_act = 0;
-  double combine = 0, bwd_combine = 0, bwd_pack = 0, bwd_all_to_all = 0, bwd_expert = 0;
-  double bwd_expert_act = 0, bwd_dispatch = 0, bwd_router = 0;
 };
 
 class MoeLayer {
@@ -116,7 +131,7 @@ class MoeLayer {
   void ZeroGradients();
 
   // x, y: [T, D]. Returns an error (before any communication) when T is not a multiple
-  // of the group size or the capacity is below 1.
+  // of the group size, the capacity is below 1 or a task id is out of range.
   Status Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y);
   // dy, dx: [T, D]; dx is overwritten, parameter gradients accumulate. The gradient of
   // the auxiliary loss (aux_total, as its share of the total loss) is included.
@@ -126,39 +141,40 @@ class MoeLayer {
 
   const MoeLosses& losses() const { return losses_; }
   const MoeMetrics& metrics() const { return metrics_; }
+  const Router& router() const { return router_; }
+  const RoutingPlan& plan() const { return plan_; }
   // Routing of the last forward, [T, K]: expert, raw slot (>= capacity: dropped), gate.
-  const Tensor& expert_index() const { return expert_index_; }
-  const Tensor& slot() const { return slot_; }
-  const Tensor& combine_weight() const { return weight_; }
+  const Tensor& expert_index() const { return plan_.expert_index; }
+  const Tensor& slot() const { return plan_.slot; }
+  const Tensor& combine_weight() const { return plan_.weight; }
+  // Of the last forward (kTaskSoftmax): [tasks, E] sums of the gates per task and [E]
+  // selection counts, over this rank's tokens (mi_per_rank) or all ranks'.
+  const std::vector<double>& task_gate_sums() const { return task_gate_sums_; }
+  const std::vector<double>& selection_counts() const { return selection_counts_; }
   MoeTimers& timers() { return timers_; }
 
  private:
-  void ExpertForward();
-  void ExpertBackward();
-  void AllToAll(const Tensor& send, Tensor* recv);
+  void ComputeLosses(bool noisy, int64_t group_size);
+  void LossGradients(float* d_gates, float* d_clean_gates, float* d_logits, bool logit_space);
 
   MoeLayerConfig config_;
   std::shared_ptr<MoeGroups> groups_;
+  Router router_;
+  RoutingPlan plan_;
+  Dispatcher dispatcher_;
+  ExpertMlp experts_;
   MoeParams params_, grads_;
   MoeLosses losses_;
   MoeMetrics metrics_;
   MoeTimers timers_;
+  std::vector<double> task_gate_sums_, selection_counts_, mi_grad_;
 
   // Saved by Forward for Backward.
-  Tensor x_;  // [T, D] (a view of the caller's input)
-  int64_t tokens_ = 0, group_size_ = 0, groups_local_ = 0, capacity_ = 0;
-  bool noisy_ = false;
-  Tensor logits_, noisy_logits_;  // [T, E]
-  Tensor gates_, clean_gates_;    // [T, E] softmax of noisy (or clean) and of clean logits
-  Tensor expert_index_, slot_;    // [T, K] int32
-  Tensor weight_;                 // [T, K] raw gate of each choice
-  Tensor row_;                    // [T, K] int32: row in the [E, G*cap] buffers, -1 dropped
-  Tensor dispatch_;               // [E, G*cap, D]
-  Tensor recv_;                   // [P_ep, E_local, G*cap, D]
-  Tensor expert_in_, hidden_, act_, expert_out_;  // [E_local, R, .], R = P_ep*G*cap
-  Tensor combine_in_;                             // [E, G*cap, D]
-  // Backward scratch.
-  Tensor d_expert_out_, d_act_, d_expert_in_, d_gates_, d_clean_gates_, d_logits_;
+  Tensor dispatch_;    // [E, G*cap, D]; in the backward d(combine_in), then d(dispatch)
+  Tensor expert_in_;   // [E_local, R, D], R = P_ep*G*cap
+  Tensor expert_out_;  // [E_local, R, D]
+  Tensor combine_in_;  // [E, G*cap, D]
+  Tensor d_expert_out_, d_expert_in_;
 };
 
 }  // namespace moerun

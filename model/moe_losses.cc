@@ -120,4 +120,50 @@ double ZLoss(const float* z, int64_t tokens, int num_experts, float* grad, doubl
   return loss;
 }
 
+double MutualInformationLoss(const double* a, const double* count, int tasks, int num_experts,
+                             int k, double* grad_a) {
+  constexpr double kEps = 1e-4;
+  const int e_count = num_experts;
+  double n = 0;
+  for (int e = 0; e < e_count; ++e) n += count[e];
+  n /= k;
+  const double inv = 1.0 / (n + kEps);
+  std::vector<double> pte(static_cast<size_t>(tasks) * e_count), pt(tasks, kEps), pe(e_count, kEps);
+  for (int t = 0; t < tasks; ++t) {
+    for (int e = 0; e < e_count; ++e) {
+      const double v = a[t * e_count + e] * inv;
+      pte[t * e_count + e] = v;
+      pt[t] += v;
+      pe[e] += v;
+    }
+  }
+  // L = -sum P log(r + eps), r = P / (Pt Pe). With q = r / (r + eps):
+  // dL/dP(t,e) = -log(r+eps) - q  (direct)  + sum_e' P(t,e') q(t,e') / Pt  (through Pt)
+  //              + sum_t' P(t',e) q(t',e) / Pe  (through Pe).
+  double loss = 0;
+  std::vector<double> q(pte.size()), row(tasks, 0.0), col(e_count, 0.0);
+  for (int t = 0; t < tasks; ++t) {
+    for (int e = 0; e < e_count; ++e) {
+      const double p = pte[t * e_count + e];
+      const double r = p / (pt[t] * pe[e]);
+      loss -= p * std::log(r + kEps);
+      q[t * e_count + e] = r / (r + kEps);
+      row[t] += p * q[t * e_count + e];
+      col[e] += p * q[t * e_count + e];
+    }
+  }
+  if (grad_a != nullptr) {
+    for (int t = 0; t < tasks; ++t) {
+      for (int e = 0; e < e_count; ++e) {
+        const double p = pte[t * e_count + e];
+        const double r = p / (pt[t] * pe[e]);
+        const double dp =
+            -std::log(r + kEps) - q[t * e_count + e] + row[t] / pt[t] + col[e] / pe[e];
+        grad_a[t * e_count + e] = dp * inv;
+      }
+    }
+  }
+  return loss;
+}
+
 }  // namespace moerun

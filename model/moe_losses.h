@@ -25,6 +25,16 @@ double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_ex
 // Router z-loss (ST-MoE): mean_s logsumexp(z[s,:])^2 on the clean logits. grad: d/dz.
 double ZLoss(const float* z, int64_t tokens, int num_experts, float* grad, double scale);
 
+// Mod-Squad's mutual-information loss of one MoE layer over one step
+// (shared/specs/modsquad.md): a[t, e] = sum of the gates p[s, e] (softmax + 1e-4) over task
+// t's tokens, count[e] = selections of expert e (k per token), over all tasks:
+//   N = sum_e count[e] / k,  P(t,e) = a[t,e] / (N + 1e-4),  P(t) = sum_e P(t,e) + 1e-4,
+//   P(e) = sum_t P(t,e) + 1e-4,  L = -sum_{t,e} P(t,e) log(P(t,e) / (P(t) P(e)) + 1e-4).
+// Double precision throughout. When `grad_a` is not null, writes dL/da[t, e] ([tasks, E];
+// count carries no gradient).
+double MutualInformationLoss(const double* a, const double* count, int tasks, int num_experts,
+                             int k, double* grad_a);
+
 }  // namespace moerun
 
 #endif  // MOERUN_MODEL_MOE_LOSSES_H_

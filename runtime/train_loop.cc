@@ -58,8 +58,8 @@ nlohmann::json MoeJson(const VitModel& model, const StepStats& st) {
   const std::vector<int> blocks = model.moe_blocks();
   for (size_t i = 0; i < st.moe.size(); ++i) {
     layers.push_back({{"block", blocks[i]},
-                      {"importance_loss", st.moe_losses[i].importance},
-                      {"load_loss", st.moe_losses[i].load},
+                      {"importance_loss", st.moe_losses[i].value("importance")},
+                      {"load_loss", st.moe_losses[i].value("load")},
                       {"capacity", st.moe[i].capacity},
                       {"dropped_fraction", st.moe[i].dropped_fraction},
                       {"tokens_per_expert", st.moe[i].tokens_per_expert}});

@@ -20,7 +20,28 @@ struct Case {
   MoeLayerConfig config;
   int64_t tokens = 0;
   std::vector<float> x, dy, router, fc1_w, fc1_b, fc2_w, fc2_b, noise;
+  std::vector<int32_t> task;  // per token, for task gates
 };
+
+// Turns a case into a Mod-Squad one: `tasks` task routers (kTaskSoftmax), tokens in runs of
+// `run` tokens per task (run 0: a random task per token), MI loss weight `mi`.
+void MakeTaskGated(Case* c, int tasks, int64_t run, double mi, uint32_t seed) {
+  c->config.gate = GateKind::kTaskSoftmax;
+  c->config.tasks = tasks;
+  c->config.importance_weight = 0;
+  c->config.load_weight = 0;
+  c->config.mi_weight = mi;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01(0.0f, 1.0f);
+  const int64_t d = c->config.d, e = c->config.num_experts;
+  c->router.resize(tasks * e * d);
+  for (float& w : c->router) w = 2.0f * n01(rng) / std::sqrt(static_cast<float>(d));
+  c->task.resize(c->tokens);
+  for (int64_t s = 0; s < c->tokens; ++s) {
+    c->task[s] = run > 0 ? static_cast<int32_t>((s / run) % tasks)
+                         : static_cast<int32_t>(rng() % static_cast<uint32_t>(tasks));
+  }
+}
 
 Case MakeCase(uint32_t seed, int64_t tokens, int d, int m, int e, int k) {
   Case c;
@@ -83,6 +104,7 @@ Result RunLayer(Communicator& comm, const Case& c, bool training = true) {
   args.training = training;
   args.first_token = first;
   args.noise_key = {7, 2, 1};
+  if (!c.task.empty()) args.task = c.task.data() + first;
   Tensor noise;
   if (!c.noise.empty()) {
     noise = Tensor::Empty({t, e});
@@ -106,8 +128,9 @@ Result RunLayer(Communicator& comm, const Case& c, bool training = true) {
   r.losses = layer.losses();
   r.metrics = layer.metrics();
   MoeParams& g = layer.grads();
-  r.router_grad.assign(g.router_weight.data<float>(), g.router_weight.data<float>() + e * d);
-  comm.AllReduce(r.router_grad.data(), e * d, DType::kF32, ReduceOp::kSum);
+  const int64_t router_size = g.router_weight.numel();
+  r.router_grad.assign(g.router_weight.data<float>(), g.router_weight.data<float>() + router_size);
+  comm.AllReduce(r.router_grad.data(), router_size, DType::kF32, ReduceOp::kSum);
   // Experts in rank order; with replicas (P > E) the first E ranks hold experts 0..E-1.
   auto experts = [&](const Tensor& grad, int64_t per_expert) {
     std::vector<float> all = Gather(comm, grad.data<float>(), el * per_expert);
@@ -153,9 +176,10 @@ void ExpectSameResults(const Result& got, const Result& want) {
   EXPECT_LE(MaxRelDiff(got.fc1_b_grad, want.fc1_b_grad), kTol);
   EXPECT_LE(MaxRelDiff(got.fc2_w_grad, want.fc2_w_grad), kTol);
   EXPECT_LE(MaxRelDiff(got.fc2_b_grad, want.fc2_b_grad), kTol);
-  for (auto [a, b] : {std::pair{got.losses.importance, want.losses.importance},
-                      {got.losses.load, want.losses.load},
-                      {got.losses.gshard, want.losses.gshard},
+  for (auto [a, b] : {std::pair{got.losses.value("importance"), want.losses.value("importance")},
+                      {got.losses.value("load"), want.losses.value("load")},
+                      {got.losses.value("gshard"), want.losses.value("gshard")},
+                      {got.losses.value("mi"), want.losses.value("mi")},
                       {got.losses.aux_total, want.losses.aux_total}}) {
     EXPECT_NEAR(a, b, 1e-12 * std::max(1.0, std::fabs(b)));
   }
@@ -192,10 +216,10 @@ TEST(MoeLayerTest, InvarianceWithGeneratedNoise) {
   c.config.noise_std = 1.0;
   const Result want = RunSingleRank(c);
   ExpectSameResults(RunLayer(World(), c), want);
-  EXPECT_GT(want.losses.load, 0.0);
+  EXPECT_GT(want.losses.value("load"), 0.0);
   // At eval there is no noise and no load loss.
   const Result eval = RunSingleRank(c, /*training=*/false);
-  EXPECT_EQ(eval.losses.load, 0.0);
+  EXPECT_EQ(eval.losses.value("load"), 0.0);
   ExpectSameResults(RunLayer(World(), c, false), eval);
 }
 
@@ -326,17 +350,108 @@ TEST(MoeLayerTest, BadGroupSizeIsAnErrorNotACrash) {
   EXPECT_NE(s.message().find("group_size 3 does not divide the 8 tokens"), std::string::npos);
 }
 
+// Mod-Squad task gates through the same dispatch: the gates are softmax + 1e-4 of the
+// token's own task router, and results (the all-reduced MI loss included) do not depend
+// on the rank count, dropless or under a capacity with BPR.
+TEST(TaskGatedMoeLayerTest, ExpertParallelInvariance) {
+  for (double capacity_factor : {0.0, 1.0}) {
+    for (int64_t run : {int64_t{16}, int64_t{0}}) {
+      Case c = MakeCase(31, 64, 12, 16, ExpertsFor(8), 3);
+      MakeTaskGated(&c, 4, run, 0.05, 32);
+      c.config.capacity_factor = capacity_factor;
+      c.config.group_size = 16;
+      const Result want = RunSingleRank(c);
+      SCOPED_TRACE("capacity_factor " + std::to_string(capacity_factor) + " run " +
+                   std::to_string(run));
+      ExpectSameResults(RunLayer(World(), c), want);
+      EXPECT_LT(want.losses.value("mi"), 0.0);
+      EXPECT_NEAR(want.losses.aux_total, 0.05 * want.losses.value("mi"), 1e-12);
+      if (capacity_factor > 0) EXPECT_GT(want.metrics.dropped_fraction[2], 0.0);
+    }
+  }
+}
+
+TEST(TaskGatedMoeLayerTest, GatesAreTheTaskSoftmaxPlusEpsilon) {
+  auto self = World().Split(World().rank(), 0, "self");
+  Case c = MakeCase(33, 8, 6, 8, 4, 2);
+  MakeTaskGated(&c, 3, 0, 0.0, 34);
+  auto groups = MoeGroups::Create(self.get(), 4);
+  ASSERT_TRUE(groups.ok());
+  MoeLayer layer(c.config, *groups);
+  std::copy(c.router.begin(), c.router.end(), layer.params().router_weight.data<float>());
+  Tensor x = Tensor::Wrap(c.x.data(), {8, 6}, DType::kF32), y = Tensor::Empty({8, 6});
+  MoeForwardArgs args;
+  args.task = c.task.data();
+  ASSERT_TRUE(layer.Forward(x, args, &y).ok());
+  for (int s = 0; s < 8; ++s) {
+    double z[4], mx = -1e30, sum = 0;
+    for (int e = 0; e < 4; ++e) {
+      z[e] = 0;
+      for (int j = 0; j < 6; ++j)
+        z[e] += double{c.x[s * 6 + j]} * c.router[(c.task[s] * 4 + e) * 6 + j];
+      mx = std::max(mx, z[e]);
+    }
+    for (int e = 0; e < 4; ++e) sum += std::exp(z[e] - mx);
+    for (int e = 0; e < 4; ++e) {
+      EXPECT_NEAR(layer.router().gates().data<float>()[s * 4 + e], std::exp(z[e] - mx) / sum + 1e-4,
+                  1e-6);
+    }
+  }
+  // Three tasks: the MI term is reported even at weight 0, and not added.
+  EXPECT_NE(layer.losses().value("mi"), 0.0);
+  EXPECT_EQ(layer.losses().aux_total, 0.0);
+}
+
+// mi_per_rank: each rank's loss is the MI of its own tokens (the reference's estimate); the
+// layer reports their mean.
+TEST(TaskGatedMoeLayerTest, PerRankMutualInformation) {
+  Case c = MakeCase(35, 32, 8, 8, ExpertsFor(4), 2);
+  MakeTaskGated(&c, 3, 0, 0.1, 36);
+  c.config.capacity_factor = 0;
+  c.config.mi_per_rank = true;
+  const Result got = RunLayer(World(), c);
+  // Every rank's own slice as a single-rank case.
+  const int64_t t = c.tokens / World().size();
+  Case mine = c;
+  mine.tokens = t;
+  const int64_t first = World().rank() * t, d = c.config.d;
+  mine.x.assign(c.x.begin() + first * d, c.x.begin() + (first + t) * d);
+  mine.dy.assign(c.dy.begin() + first * d, c.dy.begin() + (first + t) * d);
+  mine.task.assign(c.task.begin() + first, c.task.begin() + first + t);
+  double own = RunSingleRank(mine).losses.value("mi");
+  World().AllReduce(&own, 1, DType::kF64, ReduceOp::kSum);
+  EXPECT_NEAR(got.losses.value("mi"), own / World().size(), 1e-12);
+}
+
+TEST(TaskGatedMoeLayerTest, TaskIdOutOfRangeIsAnError) {
+  auto self = World().Split(World().rank(), 0, "self");
+  Case c = MakeCase(37, 8, 6, 8, 4, 2);
+  MakeTaskGated(&c, 3, 0, 0.0, 38);
+  c.task[5] = 3;
+  auto groups = MoeGroups::Create(self.get(), 4);
+  ASSERT_TRUE(groups.ok());
+  MoeLayer layer(c.config, *groups);
+  Tensor x = Tensor::Wrap(c.x.data(), {8, 6}, DType::kF32), y = Tensor::Empty({8, 6});
+  MoeForwardArgs args;
+  args.task = c.task.data();
+  const Status s = layer.Forward(x, args, &y);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("token 5 has task id 3, outside 0..2"), std::string::npos)
+      << s.message();
+}
+
 // Finite differences of L = <y, dy> + aux_total over every parameter and the input, on one
 // rank, with drops and without. The noise is a fixed tensor so L is a function of the
 // parameters; loss weights are raised so the auxiliary terms matter.
-void CheckLayerGradients(double capacity_factor, bool bpr) {
+void CheckLayerGradients(double capacity_factor, bool bpr, bool task_gate = false) {
   auto self = World().Split(World().rank(), 0, "self");
   Case c = MakeCase(21, 8, 6, 8, 4, 2);
+  if (task_gate) MakeTaskGated(&c, 3, 0, 0.5, 22);
   c.config.capacity_factor = capacity_factor;
   c.config.multiple_of = 0;
   c.config.bpr = bpr;
   c.config.importance_weight = 0.1;
-  c.config.load_weight = 0.1;
+  c.config.load_weight = task_gate ? 0.0 : 0.1;
   c.config.gshard_weight = 0.1;
   c.config.z_loss_weight = 0.01;
   auto groups = MoeGroups::Create(self.get(), 4);
@@ -356,6 +471,7 @@ void CheckLayerGradients(double capacity_factor, bool bpr) {
   for (int i = 0; i < 32; ++i) noise.data<float>()[i] = 0.25f * n01(rng);
   MoeForwardArgs args;
   args.noise = &noise;
+  if (task_gate) args.task = c.task.data();
   auto loss = [&] {
     EXPECT_TRUE(layer.Forward(x, args, &y).ok());
     return DotDouble(y.data<float>(), c.dy.data(), 8 * 6) + layer.losses().aux_total;
@@ -376,15 +492,16 @@ void CheckLayerGradients(double capacity_factor, bool bpr) {
   GradCheckOptions opt;
   opt.rel_eps = 1e-3;
   opt.abs_eps = 2e-3;
-  const GradCheckResult r = CheckGradients(
-      loss,
-      {{"x", x.data<float>(), dx.data<float>(), 48},
-       {"router.weight", p.router_weight.data<float>(), g.router_weight.data<float>(), 24},
-       {"fc1.weight", p.fc1_weight.data<float>(), g.fc1_weight.data<float>(), 192},
-       {"fc1.bias", p.fc1_bias.data<float>(), g.fc1_bias.data<float>(), 32},
-       {"fc2.weight", p.fc2_weight.data<float>(), g.fc2_weight.data<float>(), 192},
-       {"fc2.bias", p.fc2_bias.data<float>(), g.fc2_bias.data<float>(), 24}},
-      opt);
+  const GradCheckResult r =
+      CheckGradients(loss,
+                     {{"x", x.data<float>(), dx.data<float>(), 48},
+                      {"router.weight", p.router_weight.data<float>(),
+                       g.router_weight.data<float>(), p.router_weight.numel()},
+                      {"fc1.weight", p.fc1_weight.data<float>(), g.fc1_weight.data<float>(), 192},
+                      {"fc1.bias", p.fc1_bias.data<float>(), g.fc1_bias.data<float>(), 32},
+                      {"fc2.weight", p.fc2_weight.data<float>(), g.fc2_weight.data<float>(), 192},
+                      {"fc2.bias", p.fc2_bias.data<float>(), g.fc2_bias.data<float>(), 24}},
+                     opt);
   EXPECT_TRUE(r.ok) << r.report << "worst: " << r.worst;
   // Routing must not have changed under the perturbations (else the check is void).
   loss();
@@ -394,6 +511,8 @@ void CheckLayerGradients(double capacity_factor, bool bpr) {
 TEST(MoeLayerGradientTest, WithoutDrops) { CheckLayerGradients(2.0, false); }
 TEST(MoeLayerGradientTest, WithDropsAndBpr) { CheckLayerGradients(0.5, true); }
 TEST(MoeLayerGradientTest, WithDropsVanilla) { CheckLayerGradients(0.5, false); }
+TEST(MoeLayerGradientTest, TaskGatesWithMutualInformation) { CheckLayerGradients(2.0, true, true); }
+TEST(MoeLayerGradientTest, TaskGatesWithDrops) { CheckLayerGradients(0.5, true, true); }
 
 }  // namespace
 }  // namespace moerun

@@ -1,0 +1,71 @@
+// Moving routed rows between token owners and expert owners (the all-to-all of
+// shared/specs/vmoe-routing.md), in both directions, for rows of any width.
+//
+// Token side: a buffer [E, R, w] holds, for every expert, the rows this rank sends it
+// (R = groups * capacity, the plan's rows_per_expert). Expert side: [E_local, P_ep * R, w]
+// holds every sender's rows for each local expert, senders in rank order. ToExperts and
+// FromExperts are each other's inverse; the backward of a move is the move back.
+#ifndef MOERUN_MODEL_MOE_DISPATCH_H_
+#define MOERUN_MODEL_MOE_DISPATCH_H_
+
+#include <cstdint>
+
+#include "model/moe_plan.h"
+#include "runtime/tensor.h"
+
+namespace moerun {
+
+class MoeGroups;
+
+// Wall seconds accumulated per part since the last reset (zero the struct).
+struct MoeTimers {
+  // expert / bwd_expert: the expert GEMMs only; expert_act / bwd_expert_act: their bias
+  // and activation work.
+  double router = 0, routing = 0, pack = 0, all_to_all = 0, expert = 0, expert_act = 0;
+  double combine = 0, bwd_combine = 0, bwd_pack = 0, bwd_all_to_all = 0, bwd_expert = 0;
+  double bwd_expert_act = 0, bwd_dispatch = 0, bwd_router = 0;
+};
+
+// Adds the seconds since construction to `slot` when it goes out of scope.
+class ScopedTimer {
+ public:
+  explicit ScopedTimer(double* slot);
+  ~ScopedTimer();
+
+ private:
+  double* slot_;
+  double start_;
+};
+
+// Reallocates `t` when its shape or dtype differs (buffers persist across steps).
+void EnsureTensor(Tensor* t, const Shape& shape, DType dtype = DType::kF32);
+
+// buf [E, R, w] (zeroed first) gets row r of x [T, w] at every kept choice's plan row.
+void PackRows(const RoutingPlan& plan, const float* x, int64_t w, Tensor* buf);
+// out[t] = sum over kept choices j of weight[t, j] * buf[row[t, j]] (weight null: 1), for
+// rows of w floats; out is overwritten. The combine, and the backward of PackRows.
+void GatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
+                    int64_t k, int64_t w, float* out);
+// Backward of GatherKeptRows with weights: d_buf [E, R, w] (zeroed first) gets weight * dy
+// at every kept row, and d_weight[t, j] = <dy[t], buf[row]> (0 when dropped).
+void GatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
+                            const float* dy, int64_t tokens, int64_t k, int64_t w, Tensor* d_buf,
+                            float* d_weight);
+
+class Dispatcher {
+ public:
+  explicit Dispatcher(const MoeGroups* groups) : groups_(groups) {}
+  // send [E, R, w] -> recv [E_local, P_ep * R, w]. Timed into `a2a` and `pack`.
+  void ToExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack);
+  // send [E_local, P_ep * R, w] -> recv [E, R, w].
+  void FromExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack);
+
+ private:
+  void AllToAll(const Tensor& send, Tensor* recv);
+  const MoeGroups* groups_;
+  Tensor staging_;  // [P_ep, E_local, R, w]
+};
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_MOE_DISPATCH_H_

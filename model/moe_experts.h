@@ -1,0 +1,52 @@
+// The experts of a MoE layer, run on the rows the dispatcher brought to this rank: every
+// local expert's rows are one block of [E_local, R, width], so each expert is a GEMM over
+// its block (GemmStridedBatched over the experts).
+#ifndef MOERUN_MODEL_MOE_EXPERTS_H_
+#define MOERUN_MODEL_MOE_EXPERTS_H_
+
+#include <cstdint>
+
+#include "runtime/tensor.h"
+
+namespace moerun {
+
+struct MoeTimers;
+
+// y[e] = x[e] W[e]^T (+ b[e]) for x [El, R, in], W [El, out, in], b [El, out] or null;
+// y [El, R, out] overwritten. GEMM time into `gemm`, bias time into `act`.
+void BatchedLinearForward(const Tensor& x, const Tensor& w, const Tensor* b, Tensor* y,
+                          double* gemm, double* act);
+// dW[e] += dy[e]^T x[e], db[e] += sum_rows dy[e] (db null: no bias), dx[e] = dy[e] W[e]
+// (overwritten; dx null: skipped).
+void BatchedLinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw,
+                           Tensor* db, Tensor* dx, double* gemm, double* act);
+
+// Expert MLPs: Dense(D->M) + GELU + Dense(M->D), both with biases.
+struct ExpertMlpParams {
+  Tensor fc1_weight;  // [E_local, M, D]
+  Tensor fc1_bias;    // [E_local, M]
+  Tensor fc2_weight;  // [E_local, D, M]
+  Tensor fc2_bias;    // [E_local, D]
+};
+
+class ExpertMlp {
+ public:
+  ExpertMlp(int64_t local_experts, int64_t d, int64_t m, bool gelu_tanh);
+  ExpertMlpParams& params() { return params_; }
+  ExpertMlpParams& grads() { return grads_; }
+  void ZeroGradients();
+  // in [El, R, D] -> out [El, R, D]; `in` is kept (as a view) for the backward.
+  void Forward(const Tensor& in, Tensor* out, MoeTimers* timers);
+  // d_out [El, R, D] -> d_in [El, R, D]; parameter gradients accumulate.
+  void Backward(const Tensor& d_out, Tensor* d_in, MoeTimers* timers);
+
+ private:
+  int64_t d_, m_;
+  bool gelu_tanh_;
+  ExpertMlpParams params_, grads_;
+  Tensor in_, hidden_, act_, d_act_;
+};
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_MOE_EXPERTS_H_

@@ -1,0 +1,74 @@
+// Routing plan: top-k, slots, capacity, rows.
+#include "model/moe_plan.h"
+
+#include <algorithm>
+#include <string>
+
+#include "model/routing.h"
+
+namespace moerun {
+namespace {
+
+void Ensure(Tensor* t, const Shape& shape, DType dtype) {
+  if (!t->defined() || t->shape() != shape || t->dtype() != dtype) *t = Tensor::Empty(shape, dtype);
+}
+
+}  // namespace
+
+StatusOr<int64_t> CheckGroupsAndCapacity(const CapacityRule& rule, int64_t t, int num_experts,
+                                         int k, int64_t* group_size) {
+  const int64_t s = rule.group_size > 0 ? rule.group_size : t;
+  if (s == 0 || t % s != 0) {
+    return Status::Error("group_size " + std::to_string(s) + " does not divide the " +
+                         std::to_string(t) + " tokens this rank holds; choose a group size " +
+                         "that divides the tokens per rank (images per rank x tokens per image)");
+  }
+  *group_size = s;
+  if (rule.capacity > 0) return rule.capacity;
+  if (rule.capacity_factor <= 0) return int64_t{0};
+  return ComputeCapacity(s, num_experts, k, rule.capacity_factor, rule.round, rule.multiple_of);
+}
+
+void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t s,
+                 int64_t fixed_capacity, Communicator& world, RoutingPlan* plan) {
+  const int64_t t = gates.dim(0), e_count = gates.dim(1);
+  RoutingPlan& p = *plan;
+  p.tokens = t;
+  p.k = k;
+  p.num_experts = e_count;
+  p.group_size = s;
+  p.groups = t / s;
+  Ensure(&p.expert_index, {t, k}, DType::kI32);
+  Ensure(&p.slot, {t, k}, DType::kI32);
+  Ensure(&p.weight, {t, k}, DType::kF32);
+  p.load.assign(p.groups * e_count, 0);
+  std::vector<int32_t> order;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t off = g * s;
+    TopK(gates.data<float>() + off * e_count, s, static_cast<int>(e_count), k,
+         p.expert_index.data<int32_t>() + off * k, p.weight.data<float>() + off * k);
+    AssignSlots(p.expert_index.data<int32_t>() + off * k, p.weight.data<float>() + off * k, s,
+                static_cast<int>(e_count), k, rule.bpr, p.slot.data<int32_t>() + off * k,
+                p.load.data() + g * e_count, &order);
+  }
+  if (fixed_capacity > 0) {
+    p.capacity = fixed_capacity;
+  } else {  // dropless: the largest per-expert load of any group on any rank
+    int64_t max_load = *std::max_element(p.load.begin(), p.load.end());
+    world.AllReduce(&max_load, 1, DType::kI64, ReduceOp::kMax);
+    p.capacity = std::max<int64_t>(max_load, 1);
+  }
+  Ensure(&p.row, {t, k}, DType::kI32);
+  const int32_t* idx = p.expert_index.data<int32_t>();
+  const int32_t* sl = p.slot.data<int32_t>();
+  int32_t* row = p.row.data<int32_t>();
+  const int64_t rows_per_expert = p.rows_per_expert();
+  for (int64_t i = 0; i < t * k; ++i) {
+    const int64_t g = (i / k) / s;
+    row[i] = sl[i] >= p.capacity
+                 ? -1
+                 : static_cast<int32_t>(idx[i] * rows_per_expert + g * p.capacity + sl[i]);
+  }
+}
+
+}  // namespace moerun

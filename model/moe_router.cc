@@ -1,0 +1,148 @@
+// Router forward and backward.
+#include "model/moe_router.h"
+
+#include <string>
+
+#include "runtime/kernels.h"
+
+namespace moerun {
+namespace {
+
+// Reallocates `t` when its shape differs (buffers persist across steps).
+void Ensure(Tensor* t, const Shape& shape) {
+  if (!t->defined() || t->shape() != shape) *t = Tensor::Empty(shape, DType::kF32);
+}
+
+// Calls fn(task, first, count) for every run of consecutive tokens of one task.
+template <typename Fn>
+void ForEachTaskRun(const int32_t* task, int64_t tokens, Fn fn) {
+  for (int64_t s = 0; s < tokens;) {
+    int64_t e = s + 1;
+    while (e < tokens && task[e] == task[s]) ++e;
+    fn(task[s], s, e - s);
+    s = e;
+  }
+}
+
+}  // namespace
+
+Router::Router(GateKind kind, int tasks, int num_experts, int d, double noise_std)
+    : kind_(kind),
+      tasks_(kind == GateKind::kNoisyTopK ? 1 : tasks),
+      num_experts_(num_experts),
+      d_(d),
+      noise_std_(noise_std) {
+  CHECK_GE(tasks_, 1) << "router with no task";
+  const Shape shape =
+      kind_ == GateKind::kNoisyTopK ? Shape{num_experts, d} : Shape{tasks_, num_experts, d};
+  weight_ = Tensor::Zeros(shape);
+  grad_ = Tensor::Zeros(shape);
+}
+
+Status Router::Forward(const Tensor& x, const RouterInputs& in) {
+  const int64_t t = x.dim(0), e_count = num_experts_, d = d_;
+  x_ = x;
+  tokens_ = t;
+  task_ = in.task;
+  Ensure(&logits_, {t, e_count});
+  Ensure(&gates_, {t, e_count});
+  if (kind_ == GateKind::kTaskSoftmax) {
+    if (in.task == nullptr) return Status::Error("a task-routed MoE layer needs task ids");
+    for (int64_t s = 0; s < t; ++s) {
+      if (in.task[s] < 0 || in.task[s] >= tasks_) {
+        return Status::Error("token " + std::to_string(s) + " has task id " +
+                             std::to_string(in.task[s]) + ", outside 0.." +
+                             std::to_string(tasks_ - 1) + " (the layer has " +
+                             std::to_string(tasks_) + " task routers)");
+      }
+    }
+    noisy_ = false;
+    sigma_ = 0;
+    // Row-invariant: a token's gates are bitwise the same for any number of ranks.
+    ForEachTaskRun(in.task, t, [&](int32_t task, int64_t first, int64_t count) {
+      RowInvariantGemmNT(x.data<float>() + first * d, weight_.data<float>() + task * e_count * d,
+                         logits_.data<float>() + first * e_count, count, e_count, d);
+    });
+    Ensure(&clean_gates_, {t, e_count});
+    SoftmaxForward(logits_.data<float>(), clean_gates_.data<float>(), t, e_count);
+    const float* p = clean_gates_.data<float>();
+    float* g = gates_.data<float>();
+    for (int64_t i = 0; i < t * e_count; ++i) g[i] = p[i] + kTaskGateEpsilon;
+    return Status::Ok();
+  }
+  noisy_ = in.training && noise_std_ > 0;
+  sigma_ = noise_std_ / e_count;
+  // Row-invariant: a token's logits (hence its routing) are bitwise the same for any
+  // number of ranks.
+  RowInvariantGemmNT(x.data<float>(), weight_.data<float>(), logits_.data<float>(), t, e_count, d);
+  if (noisy_) {
+    Ensure(&noisy_logits_, {t, e_count});
+    float* zn = noisy_logits_.data<float>();
+    const float* z = logits_.data<float>();
+    if (in.noise != nullptr) {
+      MOERUN_CHECK_SHAPE(*in.noise, {t, e_count});
+      const float* n = in.noise->data<float>();
+      for (int64_t i = 0; i < t * e_count; ++i) zn[i] = z[i] + n[i];
+    } else {
+      StandardNormalNoise(in.noise_key, in.first_token, t, static_cast<int>(e_count), zn);
+      for (int64_t i = 0; i < t * e_count; ++i) zn[i] = z[i] + static_cast<float>(sigma_) * zn[i];
+    }
+    SoftmaxForward(zn, gates_.data<float>(), t, e_count);
+    Ensure(&clean_gates_, {t, e_count});
+    SoftmaxForward(z, clean_gates_.data<float>(), t, e_count);
+  } else {
+    SoftmaxForward(logits_.data<float>(), gates_.data<float>(), t, e_count);
+    clean_gates_ = gates_;
+  }
+  return Status::Ok();
+}
+
+void Router::BeginBackward(float** d_gates, float** d_clean_gates) {
+  const int64_t t = tokens_, e_count = num_experts_;
+  Ensure(&d_gates_, {t, e_count});
+  d_gates_.SetZero();
+  *d_gates = d_gates_.data<float>();
+  *d_clean_gates = *d_gates;
+  if (noisy_) {
+    Ensure(&d_clean_gates_, {t, e_count});
+    d_clean_gates_.SetZero();
+    *d_clean_gates = d_clean_gates_.data<float>();
+  }
+}
+
+float* Router::GatesToLogits() {
+  const int64_t t = tokens_, e_count = num_experts_;
+  Ensure(&d_logits_, {t, e_count});
+  float* dz = d_logits_.data<float>();
+  if (noisy_) {
+    SoftmaxBackward(gates_.data<float>(), d_gates_.data<float>(), dz, t, e_count);
+    // The clean softmax's gradient adds to the same logits.
+    float* dclean = d_clean_gates_.data<float>();
+    SoftmaxBackward(clean_gates_.data<float>(), dclean, dclean, t, e_count);
+    Axpy(1.0f, dclean, dz, t * e_count);
+  } else {
+    SoftmaxBackward(clean_gates_.data<float>(), d_gates_.data<float>(), dz, t, e_count);
+  }
+  return dz;
+}
+
+void Router::LogitsToInputs(float* dx) {
+  const int64_t t = tokens_, e_count = num_experts_, d = d_;
+  const float* dz = d_logits_.data<float>();
+  if (kind_ == GateKind::kNoisyTopK) {
+    // dW_r += dz^T x; dx += dz W_r.
+    Gemm(true, false, e_count, d, t, 1.0f, dz, e_count, x_.data<float>(), d, 1.0f,
+         grad_.data<float>(), d);
+    Gemm(false, false, t, d, e_count, 1.0f, dz, e_count, weight_.data<float>(), d, 1.0f, dx, d);
+    return;
+  }
+  ForEachTaskRun(task_, t, [&](int32_t task, int64_t first, int64_t count) {
+    const int64_t w_off = static_cast<int64_t>(task) * e_count * d;
+    Gemm(true, false, e_count, d, count, 1.0f, dz + first * e_count, e_count,
+         x_.data<float>() + first * d, d, 1.0f, grad_.data<float>() + w_off, d);
+    Gemm(false, false, count, d, e_count, 1.0f, dz + first * e_count, e_count,
+         weight_.data<float>() + w_off, d, 1.0f, dx + first * d, d);
+  });
+}
+
+}  // namespace moerun

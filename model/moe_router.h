@@ -1,0 +1,84 @@
+// The router of a MoE layer: gate values for every token and expert, and their backward.
+// Two kinds, the two papers' gates:
+//  - kNoisyTopK (V-MoE, shared/specs/vmoe-routing.md): logits z = x W^T with one router
+//    W [E, D]; when training, z + sigma * noise (sigma = noise_std / E); gates =
+//    softmax of the noisy (or clean) logits; the clean softmax is kept for the losses.
+//  - kTaskSoftmax (Mod-Squad, shared/specs/modsquad.md): one router per task, W [tasks, E,
+//    D]; token s of task t gets gates p = softmax(x_s W_t^T) + 1e-4. No noise.
+// Top-k selects on the gates and the raw gate is the combine weight (routing plan).
+#ifndef MOERUN_MODEL_MOE_ROUTER_H_
+#define MOERUN_MODEL_MOE_ROUTER_H_
+
+#include <cstdint>
+
+#include "model/router_noise.h"
+#include "runtime/status.h"
+#include "runtime/tensor.h"
+
+namespace moerun {
+
+enum class GateKind { kNoisyTopK, kTaskSoftmax };
+
+// Added to Mod-Squad's softmax (and to its MI loss terms).
+constexpr float kTaskGateEpsilon = 1e-4f;
+
+struct RouterInputs {
+  bool training = true;           // noise only when training and noise_std > 0
+  NoiseKey noise_key;             // with first_token: keys the generated noise
+  int64_t first_token = 0;        // global index of this rank's first token
+  const Tensor* noise = nullptr;  // optional [T, E], already scaled, replaces the generator
+  const int32_t* task = nullptr;  // [T] task of every token (kTaskSoftmax)
+};
+
+class Router {
+ public:
+  // tasks: routers of a kTaskSoftmax gate (1 for kNoisyTopK).
+  Router(GateKind kind, int tasks, int num_experts, int d, double noise_std);
+
+  GateKind kind() const { return kind_; }
+  int tasks() const { return tasks_; }
+  // [E, D] (kNoisyTopK) or [tasks, E, D].
+  Tensor& weight() { return weight_; }
+  Tensor& grad() { return grad_; }
+
+  // Routes x [T, D]; an error for a task id out of range.
+  Status Forward(const Tensor& x, const RouterInputs& in);
+
+  // Of the last forward, [T, E].
+  const Tensor& gates() const { return gates_; }
+  // The softmax of the clean logits: gates() for kNoisyTopK without noise, gates() - 1e-4
+  // for kTaskSoftmax.
+  const Tensor& clean_gates() const { return clean_gates_; }
+  const Tensor& logits() const { return logits_; }
+  const Tensor& noisy_logits() const { return noisy_logits_; }
+  bool noisy() const { return noisy_; }
+  double sigma() const { return sigma_; }
+  const int32_t* task() const { return task_; }
+
+  // Backward in two halves so that auxiliary losses can add their gradients where they
+  // belong. BeginBackward zeroes and returns d(gates) and d(clean gates) (the same buffer
+  // when !noisy(); the 1e-4 of kTaskSoftmax has no gradient); GatesToLogits turns them into
+  // d(logits), returned for logit-space losses to add to; LogitsToInputs accumulates the router's
+  // weight gradient and adds d(logits) W into dx.
+  void BeginBackward(float** d_gates, float** d_clean_gates);
+  float* GatesToLogits();
+  void LogitsToInputs(float* dx);
+
+ private:
+  GateKind kind_;
+  int tasks_, num_experts_, d_;
+  double noise_std_;
+  Tensor weight_, grad_;
+  // Saved by Forward.
+  Tensor x_;
+  const int32_t* task_ = nullptr;
+  int64_t tokens_ = 0;
+  bool noisy_ = false;
+  double sigma_ = 0;
+  Tensor logits_, noisy_logits_, gates_, clean_gates_;
+  Tensor d_gates_, d_clean_gates_, d_logits_;
+};
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_MOE_ROUTER_H_
