@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "model/moe_aux.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_experts.h"
 #include "model/moe_plan.h"
@@ -53,6 +54,7 @@ struct MoeLayerConfig {
   bool mi_per_rank = false;
 
   CapacityRule capacity_rule() const;
+  AuxWeights aux_weights() const;
   // tokens_per_image turns model.moe.group_images into a group size in tokens.
   static MoeLayerConfig FromProto(const MoeConfig& moe, int d, int m, int64_t tokens_per_image,
                                   bool gelu_tanh);
@@ -94,29 +96,6 @@ struct MoeForwardArgs {
   const int32_t* task = nullptr;  // [T] task of every token (kTaskSoftmax)
 };
 
-// One named auxiliary loss of a layer: global over all ranks and groups (means over groups,
-// as the loss uses them; the MI loss: one value per step).
-struct AuxTerm {
-  std::string name;  // "importance", "load", "gshard", "z", "mi"
-  double weight = 0;
-  double value = 0;
-  bool active = false;  // part of aux_total (weight > 0 and applicable)
-};
-
-struct MoeLosses {
-  std::vector<AuxTerm> terms;
-  double aux_total = 0;  // sum of weight * value over the active terms
-  // The value of the term `name` (0 when the layer has no such term).
-  double value(const std::string& name) const;
-};
-
-struct MoeMetrics {
-  int64_t capacity = 0;                    // per expert per group
-  std::vector<int64_t> tokens_per_expert;  // kept assignments, all ranks
-  std::vector<double> dropped_fraction;    // per choice rank (0 = first choice)
-  double capacity_used = 0;                // kept / (E * cap * groups)
-};
-
 class MoeLayer {
  public:
   MoeLayer(const MoeLayerConfig& config, std::shared_ptr<MoeGroups> groups);
@@ -139,8 +118,8 @@ class MoeLayer {
   // Sums expert gradients over replicas (P > E); no-op otherwise.
   void ReduceReplicaGradients();
 
-  const MoeLosses& losses() const { return losses_; }
-  const MoeMetrics& metrics() const { return metrics_; }
+  const MoeLosses& losses() const { return aux_.losses(); }
+  const MoeMetrics& metrics() const { return aux_.metrics(); }
   const Router& router() const { return router_; }
   const RoutingPlan& plan() const { return plan_; }
   // Routing of the last forward, [T, K]: expert, raw slot (>= capacity: dropped), gate.
@@ -149,25 +128,20 @@ class MoeLayer {
   const Tensor& combine_weight() const { return plan_.weight; }
   // Of the last forward (kTaskSoftmax): [tasks, E] sums of the gates per task and [E]
   // selection counts, over this rank's tokens (mi_per_rank) or all ranks'.
-  const std::vector<double>& task_gate_sums() const { return task_gate_sums_; }
-  const std::vector<double>& selection_counts() const { return selection_counts_; }
+  const std::vector<double>& task_gate_sums() const { return aux_.task_gate_sums(); }
+  const std::vector<double>& selection_counts() const { return aux_.selection_counts(); }
   MoeTimers& timers() { return timers_; }
 
  private:
-  void ComputeLosses(bool noisy, int64_t group_size);
-  void LossGradients(float* d_gates, float* d_clean_gates, float* d_logits, bool logit_space);
-
   MoeLayerConfig config_;
   std::shared_ptr<MoeGroups> groups_;
   Router router_;
   RoutingPlan plan_;
   Dispatcher dispatcher_;
   ExpertMlp experts_;
+  MoeAuxLosses aux_;
   MoeParams params_, grads_;
-  MoeLosses losses_;
-  MoeMetrics metrics_;
   MoeTimers timers_;
-  std::vector<double> task_gate_sums_, selection_counts_, mi_grad_;
 
   // Saved by Forward for Backward.
   Tensor dispatch_;    // [E, G*cap, D]; in the backward d(combine_in), then d(dispatch)
