@@ -45,16 +45,14 @@ StatusOr<Opened> Open(const std::string& path) {
 
 // The ranks of `ranks` holding each parameter (dense: all), by global name.
 StatusOr<std::map<std::string, std::vector<int>>> Holders(const ModelConfig& model, int ranks) {
-  if (model.has_moe()) {
-    auto placed = PlaceExperts(model.moe().num_experts(), ranks);
-    if (!placed.ok())
-      return Status::Error("--ranks " + std::to_string(ranks) + ": " + placed.status().message());
-  }
+  const Status placed = CheckPlacement(model, ranks);
+  if (!placed.ok())
+    return Status::Error("--ranks " + std::to_string(ranks) + ": " + placed.message());
   std::vector<int> all(ranks);
   for (int r = 0; r < ranks; ++r) all[r] = r;
   std::map<std::string, std::vector<int>> out;
   for (const ParamSpec& p : ParamSpecs(model)) {
-    out[p.name] = p.expert < 0 ? all : ExpertHolders(model.moe().num_experts(), ranks, p.expert);
+    out[p.name] = p.expert < 0 ? all : ExpertHolders(p.num_experts, ranks, p.expert);
   }
   return out;
 }

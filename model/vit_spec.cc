@@ -26,6 +26,19 @@ std::vector<int> MoeBlocks(const ModelConfig& model) {
 }
 
 ParameterCounts CountParameters(const ModelConfig& m) {
+  if (m.has_modsquad()) {
+    ParameterCounts c;
+    for (const ParamSpec& p : ModSquadParamSpecs(m)) {
+      int64_t n = 1;
+      for (int64_t x : p.shape) n *= x;
+      (p.expert >= 0 ? c.expert : c.dense) += n;
+      if (p.name.size() > 13 && p.name.compare(p.name.size() - 13, 13, "router.weight") == 0) {
+        ++c.moe_layers;
+      }
+    }
+    c.total = c.dense + c.expert;
+    return c;
+  }
   const int64_t d = m.hidden_size(), mlp = m.mlp_dim(), p = m.patch_size();
   const int64_t tokens = (m.image_size() / p) * (m.image_size() / p) + 1;
   ParameterCounts c;
@@ -137,12 +150,37 @@ int64_t GroupStepImages(const ModelConfig& m) {
   return g > 0 ? g / std::gcd(g, TokensPerImage(m)) : 1;
 }
 
+std::vector<int> ExpertCounts(const ModelConfig& m) {
+  if (m.has_modsquad()) {
+    if (!m.modsquad().moe()) return {};
+    return {m.modsquad().attention_experts(), m.modsquad().mlp_experts()};
+  }
+  if (m.has_moe()) return {m.moe().num_experts()};
+  return {};
+}
+
+Status CheckPlacement(const ModelConfig& m, int ranks) {
+  const std::vector<int> counts = ExpertCounts(m);
+  for (size_t i = 0; i < counts.size(); ++i) {
+    auto placed = PlaceExperts(counts[i], ranks);
+    if (!placed.ok()) {
+      if (!m.has_modsquad()) return placed.status();
+      return Status::Error(std::string(i == 0
+                                           ? "the MoE attention layers (modsquad.attention_experts)"
+                                           : "the MoE MLP layers (modsquad.mlp_experts)") +
+                           ": " + placed.status().message());
+    }
+  }
+  return Status::Ok();
+}
+
 std::vector<ParamSpec> ParamSpecs(const ModelConfig& c) {
+  if (c.has_modsquad()) return ModSquadParamSpecs(c);
   std::vector<ParamSpec> out;
   const int64_t d = c.hidden_size(), p = c.patch_size(), grid = c.image_size() / p;
   const int64_t m = c.mlp_dim();
   auto add = [&](const std::string& name, std::vector<int64_t> shape, bool decay, int e = -1) {
-    out.push_back({name, std::move(shape), decay, e});
+    out.push_back({name, std::move(shape), decay, e, e >= 0 ? c.moe().num_experts() : 0});
   };
   add("patch_embed.proj.weight", {d, c.channels(), p, p}, true);
   add("patch_embed.proj.bias", {d}, false);
@@ -185,6 +223,81 @@ std::vector<ParamSpec> ParamSpecs(const ModelConfig& c) {
   }
   add("head.weight", {c.num_classes(), head_in}, true);
   add("head.bias", {c.num_classes()}, false);
+  return out;
+}
+
+std::vector<ParamSpec> ModSquadParamSpecs(const ModelConfig& c) {
+  std::vector<ParamSpec> out;
+  const ModSquadConfig& ms = c.modsquad();
+  const int64_t d = c.hidden_size(), p = c.patch_size(), grid = c.image_size() / p;
+  const int64_t tasks = ms.tasks_size(), dh = ms.head_dim(), heads = c.num_heads();
+  const int64_t hidden = ms.expert_hidden() > 0 ? ms.expert_hidden() : c.mlp_dim() / ms.mlp_k();
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool decay, int e = -1,
+                 int experts = 0) {
+    out.push_back({name, std::move(shape), decay, e, experts});
+  };
+  add("patch_embed.proj.weight", {d, c.channels(), p, p}, true);
+  add("patch_embed.proj.bias", {d}, false);
+  add("cls_token", {1, 1, d}, false);
+  add("pos_embed", {1, grid * grid + 1, d}, false);
+  add("task_embedding", {tasks, d}, false);
+  for (int i = 0; i < c.num_layers(); ++i) {
+    const std::string pre = "blocks." + std::to_string(i) + ".";
+    const bool moe_attention = ms.moe() && i % 2 == 0, moe_mlp = ms.moe() && i % 2 == 1;
+    add(pre + "norm1.weight", {d}, false);
+    add(pre + "norm1.bias", {d}, false);
+    if (moe_attention) {
+      const int e_count = ms.attention_experts();
+      add(pre + "attn.router.weight", {tasks, e_count, d}, true);
+      add(pre + "attn.kv.weight", {2 * dh, d}, true);
+      add(pre + "attn.kv.bias", {2 * dh}, false);
+      for (int e = 0; e < e_count; ++e) {
+        const std::string ep = pre + "attn.experts." + std::to_string(e) + ".";
+        add(ep + "q.weight", {dh, d}, true, e, e_count);
+        add(ep + "o.weight", {d, dh}, true, e, e_count);
+      }
+    } else {
+      add(pre + "attn.qkv.weight", {3 * heads * dh, d}, true);
+      add(pre + "attn.qkv.bias", {3 * heads * dh}, false);
+      add(pre + "attn.proj.weight", {d, heads * dh}, true);
+      add(pre + "attn.proj.bias", {d}, false);
+    }
+    add(pre + "norm2.weight", {d}, false);
+    add(pre + "norm2.bias", {d}, false);
+    if (moe_mlp) {
+      const int e_count = ms.mlp_experts();
+      add(pre + "mlp.router.weight", {tasks, e_count, d}, true);
+      for (int e = 0; e < e_count; ++e) {
+        const std::string ep = pre + "mlp.experts." + std::to_string(e) + ".";
+        add(ep + "fc1.weight", {hidden, d}, true, e, e_count);
+        add(ep + "fc1.bias", {hidden}, false, e, e_count);
+        add(ep + "fc2.weight", {d, hidden}, true, e, e_count);
+        add(ep + "fc2.bias", {d}, false, e, e_count);
+      }
+    } else {
+      add(pre + "mlp.fc1.weight", {c.mlp_dim(), d}, true);
+      add(pre + "mlp.fc1.bias", {c.mlp_dim()}, false);
+      add(pre + "mlp.fc2.weight", {d, c.mlp_dim()}, true);
+      add(pre + "mlp.fc2.bias", {d}, false);
+    }
+  }
+  add("norm.weight", {d}, false);
+  add("norm.bias", {d}, false);
+  add("fc_norm.weight", {d}, false);
+  add("fc_norm.bias", {d}, false);
+  for (const TaskHeadConfig& t : ms.tasks()) {
+    const std::string hp = "heads." + t.name() + ".";
+    if (t.kind() == TaskHeadConfig::CLASSIFICATION) {
+      add(hp + "norm.weight", {d}, false);
+      add(hp + "norm.bias", {d}, false);
+      add(hp + "fc.weight", {t.outputs(), d}, true);
+      add(hp + "fc.bias", {t.outputs()}, false);
+    } else {
+      add(hp + "fc.weight", {p * p * t.outputs(), d}, true);
+      add(hp + "fc.bias", {p * p * t.outputs()}, false);
+    }
+  }
+  if (ms.uncertainty_weighting()) add("loss.task_uncertainty", {tasks}, false);
   return out;
 }
 

@@ -53,9 +53,25 @@ struct ParamSpec {
   std::vector<int64_t> shape;
   bool decay = true;
   int expert = -1;
+  int num_experts = 0;  // experts of the parameter's MoE layer (0: dense)
 };
-// Every parameter in the model's order (all experts of every MoE layer, by global id).
+// Every parameter in the model's order (all experts of every MoE layer, by global id), for
+// V-MoE and Mod-Squad (model.modsquad) models.
 std::vector<ParamSpec> ParamSpecs(const ModelConfig& model);
+// Mod-Squad's parameters (shared/specs/models.md, the reference's layout): patch embedding,
+// CLS, position and task embeddings; per block LN1, then in even blocks MoE attention
+// (attn.router [tasks, E_a, D], attn.kv, attn.experts.e.q [dh, D] / .o [D, dh]) and a dense
+// MLP, in odd blocks dense attention (num_heads x head_dim) and a MoE MLP (mlp.router
+// [tasks, E_m, D], mlp.experts.e.fc1 / fc2); final norm (dense tasks) and fc_norm
+// (classification); per task heads.<name>.{norm, fc} or heads.<name>.fc; and, with
+// uncertainty weighting, loss.task_uncertainty [tasks].
+std::vector<ParamSpec> ModSquadParamSpecs(const ModelConfig& model);
+// The expert counts a model's MoE layers use (one for V-MoE; attention and MLP counts for
+// Mod-Squad; empty for a dense model).
+std::vector<int> ExpertCounts(const ModelConfig& model);
+// Every expert count of the model placed on `ranks` ranks (the first error, naming the
+// layer kind, otherwise OK).
+Status CheckPlacement(const ModelConfig& model, int ranks);
 // The ranks of `ranks` that hold global expert `expert` (PlaceExperts must accept them):
 // E % P == 0: rank e / (E/P); P % E == 0: ranks e, e + E, e + 2E, ...
 std::vector<int> ExpertHolders(int num_experts, int ranks, int expert);

@@ -231,7 +231,9 @@ TEST(MoeAttentionTest, ExpertParallelInvariance) {
     EXPECT_LE(MaxRelDiff(got.bkv_grad, want.bkv_grad), kTol);
     EXPECT_NEAR(got.losses.value("mi"), want.losses.value("mi"), 1e-12);
     EXPECT_EQ(got.metrics.tokens_per_expert, want.metrics.tokens_per_expert);
-    if (capacity_factor > 0) EXPECT_GT(want.metrics.dropped_fraction[2], 0.0);
+    if (capacity_factor > 0) {
+      EXPECT_GT(want.metrics.dropped_fraction[2], 0.0);
+    }
   }
 }
 

@@ -1,0 +1,40 @@
+// Parameter initialisation.
+#include "model/init.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "runtime/hash.h"
+
+namespace moerun {
+
+void InitParam(const std::string& name, Tensor* t, InitKind kind, uint64_t seed, float std) {
+  std::mt19937_64 rng(SplitMix64(seed ^ Fnv1a(name)));
+  float* p = t->data<float>();
+  const int64_t n = t->numel();
+  const int64_t in = t->ndim() >= 2 ? t->dim(-1) : 1, out = t->ndim() >= 2 ? t->dim(-2) : n;
+  switch (kind) {
+    case InitKind::kZeros:
+      std::fill_n(p, n, 0.0f);
+      return;
+    case InitKind::kOnes:
+      std::fill_n(p, n, 1.0f);
+      return;
+    case InitKind::kNormal:
+    case InitKind::kLecunNormal: {
+      const float s = kind == InitKind::kNormal ? std : 1.0f / std::sqrt(static_cast<float>(in));
+      std::normal_distribution<float> dist(0.0f, s);
+      for (int64_t i = 0; i < n; ++i) p[i] = dist(rng);
+      return;
+    }
+    case InitKind::kXavierUniform: {
+      const float limit = std::sqrt(6.0f / static_cast<float>(in + out));
+      std::uniform_real_distribution<float> dist(-limit, limit);
+      for (int64_t i = 0; i < n; ++i) p[i] = dist(rng);
+      return;
+    }
+  }
+}
+
+}  // namespace moerun

@@ -1,0 +1,707 @@
+// Mod-Squad forward and backward.
+//
+// Initialisation (the V-MoE scheme of vit.cc where the reference gives no other): patch
+// embedding lecun-normal, attention / MLP / expert kernels xavier-uniform, routers
+// lecun-normal, MLP biases normal(1e-6), other biases 0, position and task embeddings
+// normal(0.02) (the reference draws the task embedding from N(0, 1); 0.02 keeps it on the
+// scale of the position embedding), CLS 0, norms 1 / 0, head kernels and biases 0,
+// uncertainty weights s_t = 1.
+#include "model/modsquad.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "model/init.h"
+#include "model/layers.h"
+#include "model/vit_spec.h"
+#include "runtime/kernels.h"
+
+namespace moerun {
+
+struct ModSquadModel::Block {
+  int index = 0;
+  MoeAttention* attn_layer = nullptr;
+  MoeLayer* mlp_layer = nullptr;
+  Tensor n1_w, n1_b, qkv_w, qkv_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+  Tensor g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b,
+      g_fc2_w, g_fc2_b;
+  // Activations.
+  Tensor hin, ln1, mean1, rstd1, qkv, probs, att, attn_out, mid, ln2, mean2, rstd2, hidden, act,
+      out;
+};
+
+namespace {
+
+bool EndsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The label (or target value) of output element `o` of patch `patch` of an image, in the
+// per-patch Dense layout (j, k, c): pixel (gy * P + j, gx * P + k), channel c.
+int64_t PixelIndex(int64_t patch, int64_t o, int64_t grid, int64_t p, int64_t channels) {
+  const int64_t gy = patch / grid, gx = patch % grid;
+  const int64_t c = o % channels, jk = o / channels, j = jk / p, k = jk % p;
+  return ((gy * p + j) * grid * p + gx * p + k) * channels + c;
+}
+
+}  // namespace
+
+double TaskMetric(const TaskHeadConfig& head, const std::vector<double>& s) {
+  if (head.kind() == TaskHeadConfig::SEGMENTATION) {
+    const int c = head.outputs();
+    double sum = 0;
+    int present = 0;
+    for (int i = 0; i < c; ++i) {
+      if (s[c + i] > 0) {
+        sum += s[i] / s[c + i];
+        ++present;
+      }
+    }
+    return present > 0 ? sum / present : 0;
+  }
+  return s[1] > 0 ? s[0] / s[1] : 0;
+}
+
+ModSquadModel::~ModSquadModel() = default;
+
+Tensor ModSquadModel::AddDense(const std::string& name, const Shape& shape, bool decay) {
+  const size_t bytes = NumElements(shape) * sizeof(float);
+  const size_t offset = dense_offset_;
+  dense_offset_ = (offset + bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+  CHECK_LE(dense_offset_, dense_bytes_) << "dense parameter space exhausted at " << name;
+  Param p;
+  p.name = name;
+  p.value = Tensor::OnStorage(dense_value_storage_, offset, shape, DType::kF32);
+  p.grad = Tensor::OnStorage(dense_grad_storage_, offset, shape, DType::kF32);
+  p.decay = decay;
+  params_.push_back(p);
+  return p.value;
+}
+
+StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
+    const ModelConfig& c, Communicator* world, std::shared_ptr<MoeGroups> attention_groups,
+    std::shared_ptr<MoeGroups> mlp_groups) {
+  const ModSquadConfig& ms = c.modsquad();
+  if (ms.moe() && (attention_groups == nullptr || mlp_groups == nullptr)) {
+    return Status::Error("a Mod-Squad model with MoE layers needs MoE groups");
+  }
+  std::unique_ptr<ModSquadModel> m(new ModSquadModel());
+  m->config_ = c;
+  m->world_ = world;
+  m->attention_groups_ = attention_groups;
+  m->mlp_groups_ = mlp_groups;
+  const int64_t d = c.hidden_size(), p = c.patch_size(), grid = c.image_size() / p;
+  m->d_ = d;
+  m->heads_ = c.num_heads();
+  m->head_dim_ = ms.head_dim();
+  m->mlp_ = c.mlp_dim();
+  m->patches_ = grid * grid;
+  m->tokens_ = m->patches_ + 1;
+  const std::vector<ParamSpec> specs = ModSquadParamSpecs(c);
+  int64_t dense_numel = 0;
+  for (const ParamSpec& s : specs) {
+    if (s.expert < 0) dense_numel += NumElements(s.shape) + 16;
+  }
+  m->dense_bytes_ = dense_numel * sizeof(float);
+  m->dense_value_storage_ = Storage::Allocate(m->dense_bytes_);
+  m->dense_grad_storage_ = Storage::Allocate(m->dense_bytes_);
+  std::memset(m->dense_value_storage_->data(), 0, m->dense_bytes_);
+  std::memset(m->dense_grad_storage_->data(), 0, m->dense_bytes_);
+
+  const int tasks = ms.tasks_size();
+  const int64_t hidden = ms.expert_hidden() > 0 ? ms.expert_hidden() : c.mlp_dim() / ms.mlp_k();
+  CapacityRule rule;
+  rule.capacity_factor = ms.capacity_factor();
+  rule.multiple_of = ms.multiple_of();
+  rule.bpr = ms.bpr();
+  rule.group_size = static_cast<int64_t>(ms.group_images()) * m->tokens_;
+  AuxWeights aux;
+  aux.mi = ms.mi_weight();
+  aux.mi_per_rank = ms.mi_per_rank();
+
+  // Registers the parameters in ModSquadParamSpecs order; MoE tensors live in their layers.
+  std::map<std::string, std::pair<Tensor, Tensor>> by_name;
+  MoeAttention* attn = nullptr;
+  MoeLayer* mlp = nullptr;
+  auto expert_view = [](Tensor& t, int local) {
+    Tensor v = t.Slice(0, local, local + 1);
+    return v.Reshape(Shape(v.shape().begin() + 1, v.shape().end()));
+  };
+  for (const ParamSpec& s : specs) {
+    const Shape shape(s.shape.begin(), s.shape.end());
+    if (EndsWith(s.name, "attn.router.weight")) {
+      MoeAttentionConfig ac;
+      ac.d = static_cast<int>(d);
+      ac.head_dim = ms.head_dim();
+      ac.num_experts = ms.attention_experts();
+      ac.k = ms.attention_k();
+      ac.tasks = tasks;
+      ac.capacity = rule;
+      ac.aux = aux;
+      m->moe_attention_.push_back(std::make_unique<MoeAttention>(ac, attention_groups));
+      attn = m->moe_attention_.back().get();
+      m->params_.push_back(
+          {s.name, attn->params().router_weight, attn->grads().router_weight, false, true});
+    } else if (EndsWith(s.name, "attn.kv.weight")) {
+      m->params_.push_back(
+          {s.name, attn->params().kv_weight, attn->grads().kv_weight, false, true});
+    } else if (EndsWith(s.name, "attn.kv.bias")) {
+      m->params_.push_back({s.name, attn->params().kv_bias, attn->grads().kv_bias, false, false});
+    } else if (EndsWith(s.name, "mlp.router.weight")) {
+      MoeLayerConfig lc;
+      lc.d = static_cast<int>(d);
+      lc.m = static_cast<int>(hidden);
+      lc.num_experts = ms.mlp_experts();
+      lc.k = ms.mlp_k();
+      lc.capacity_factor = rule.capacity_factor;
+      lc.multiple_of = rule.multiple_of;
+      lc.bpr = rule.bpr;
+      lc.group_size = rule.group_size;
+      lc.gelu_tanh = c.gelu() == ModelConfig::TANH;
+      lc.gate = GateKind::kTaskSoftmax;
+      lc.tasks = tasks;
+      lc.importance_weight = 0;
+      lc.load_weight = 0;
+      lc.mi_weight = aux.mi;
+      lc.mi_per_rank = aux.mi_per_rank;
+      m->moe_mlp_.push_back(std::make_unique<MoeLayer>(lc, mlp_groups));
+      mlp = m->moe_mlp_.back().get();
+      m->params_.push_back(
+          {s.name, mlp->params().router_weight, mlp->grads().router_weight, false, true});
+    } else if (s.expert >= 0) {
+      const bool in_attention = s.name.find(".attn.experts.") != std::string::npos;
+      const MoeGroups& g = in_attention ? *attention_groups : *mlp_groups;
+      const int local = s.expert - g.first_local_expert();
+      if (local < 0 || local >= g.local_experts()) continue;
+      Tensor *value = nullptr, *grad = nullptr;
+      if (in_attention) {
+        const bool q = EndsWith(s.name, "q.weight");
+        value = q ? &attn->params().q_weight : &attn->params().o_weight;
+        grad = q ? &attn->grads().q_weight : &attn->grads().o_weight;
+      } else {
+        MoeParams &pv = mlp->params(), &pg = mlp->grads();
+        if (EndsWith(s.name, "fc1.weight")) {
+          value = &pv.fc1_weight, grad = &pg.fc1_weight;
+        } else if (EndsWith(s.name, "fc1.bias")) {
+          value = &pv.fc1_bias, grad = &pg.fc1_bias;
+        } else if (EndsWith(s.name, "fc2.weight")) {
+          value = &pv.fc2_weight, grad = &pg.fc2_weight;
+        } else {
+          value = &pv.fc2_bias, grad = &pg.fc2_bias;
+        }
+      }
+      m->params_.push_back(
+          {s.name, expert_view(*value, local), expert_view(*grad, local), true, s.decay});
+    } else {
+      m->AddDense(s.name, shape, s.decay);
+      by_name[s.name] = {m->params_.back().value, m->params_.back().grad};
+    }
+  }
+  auto get = [&](const std::string& name, Tensor* v, Tensor* g) {
+    auto it = by_name.find(name);
+    CHECK(it != by_name.end()) << "no parameter " << name;
+    *v = it->second.first;
+    *g = it->second.second;
+  };
+  get("patch_embed.proj.weight", &m->patch_w_, &m->patch_gw_);
+  get("patch_embed.proj.bias", &m->patch_b_, &m->patch_gb_);
+  get("cls_token", &m->cls_, &m->cls_g_);
+  get("pos_embed", &m->pos_, &m->pos_g_);
+  get("task_embedding", &m->task_emb_, &m->task_emb_g_);
+  get("norm.weight", &m->norm_w_, &m->norm_gw_);
+  get("norm.bias", &m->norm_b_, &m->norm_gb_);
+  get("fc_norm.weight", &m->fc_norm_w_, &m->fc_norm_gw_);
+  get("fc_norm.bias", &m->fc_norm_b_, &m->fc_norm_gb_);
+  if (ms.uncertainty_weighting())
+    get("loss.task_uncertainty", &m->uncertainty_, &m->uncertainty_g_);
+  size_t attn_i = 0, mlp_i = 0;
+  for (int i = 0; i < c.num_layers(); ++i) {
+    auto b = std::make_unique<Block>();
+    b->index = i;
+    const std::string pre = "blocks." + std::to_string(i) + ".";
+    get(pre + "norm1.weight", &b->n1_w, &b->g_n1_w);
+    get(pre + "norm1.bias", &b->n1_b, &b->g_n1_b);
+    get(pre + "norm2.weight", &b->n2_w, &b->g_n2_w);
+    get(pre + "norm2.bias", &b->n2_b, &b->g_n2_b);
+    if (ms.moe() && i % 2 == 0) {
+      b->attn_layer = m->moe_attention_[attn_i++].get();
+    } else {
+      get(pre + "attn.qkv.weight", &b->qkv_w, &b->g_qkv_w);
+      get(pre + "attn.qkv.bias", &b->qkv_b, &b->g_qkv_b);
+      get(pre + "attn.proj.weight", &b->proj_w, &b->g_proj_w);
+      get(pre + "attn.proj.bias", &b->proj_b, &b->g_proj_b);
+    }
+    if (ms.moe() && i % 2 == 1) {
+      b->mlp_layer = m->moe_mlp_[mlp_i++].get();
+    } else {
+      get(pre + "mlp.fc1.weight", &b->fc1_w, &b->g_fc1_w);
+      get(pre + "mlp.fc1.bias", &b->fc1_b, &b->g_fc1_b);
+      get(pre + "mlp.fc2.weight", &b->fc2_w, &b->g_fc2_w);
+      get(pre + "mlp.fc2.bias", &b->fc2_b, &b->g_fc2_b);
+    }
+    m->blocks_.push_back(std::move(b));
+  }
+  for (const TaskHeadConfig& t : ms.tasks()) {
+    Head h;
+    const std::string hp = "heads." + t.name() + ".";
+    if (t.kind() == TaskHeadConfig::CLASSIFICATION) {
+      get(hp + "norm.weight", &h.norm_w, &h.g_norm_w);
+      get(hp + "norm.bias", &h.norm_b, &h.g_norm_b);
+    }
+    get(hp + "fc.weight", &h.fc_w, &h.g_fc_w);
+    get(hp + "fc.bias", &h.fc_b, &h.g_fc_b);
+    m->heads_p_.push_back(h);
+  }
+  m->dense_grad_flat_ = Tensor::OnStorage(
+      m->dense_grad_storage_, 0, {static_cast<int64_t>(m->dense_offset_ / 4)}, DType::kF32);
+  return m;
+}
+
+std::vector<MoeAttention*> ModSquadModel::moe_attention_layers() {
+  std::vector<MoeAttention*> v;
+  for (auto& l : moe_attention_) v.push_back(l.get());
+  return v;
+}
+
+std::vector<MoeLayer*> ModSquadModel::moe_mlp_layers() {
+  std::vector<MoeLayer*> v;
+  for (auto& l : moe_mlp_) v.push_back(l.get());
+  return v;
+}
+
+void ModSquadModel::Init(uint64_t seed) {
+  for (Param& p : params_) {
+    const std::string& n = p.name;
+    if (n == "cls_token" || (n.rfind("heads.", 0) == 0 && n.find(".fc.") != std::string::npos)) {
+      InitParam(n, &p.value, InitKind::kZeros, seed);
+    } else if (n == "loss.task_uncertainty") {
+      InitParam(n, &p.value, InitKind::kOnes, seed);
+    } else if (n == "pos_embed" || n == "task_embedding") {
+      InitParam(n, &p.value, InitKind::kNormal, seed, 0.02f);
+    } else if (n.find("norm") != std::string::npos) {
+      InitParam(n, &p.value, EndsWith(n, ".weight") ? InitKind::kOnes : InitKind::kZeros, seed);
+    } else if (n == "patch_embed.proj.weight") {
+      Tensor flat = p.value.Reshape({p.value.dim(0), -1});
+      InitParam(n, &flat, InitKind::kLecunNormal, seed);
+    } else if (EndsWith(n, "router.weight")) {
+      InitParam(n, &p.value, InitKind::kLecunNormal, seed);
+    } else if (EndsWith(n, ".weight")) {
+      InitParam(n, &p.value, InitKind::kXavierUniform, seed);
+    } else if (n.find("mlp.") != std::string::npos) {
+      InitParam(n, &p.value, InitKind::kNormal, seed, 1e-6f);
+    } else {
+      InitParam(n, &p.value, InitKind::kZeros, seed);
+    }
+  }
+}
+
+void ModSquadModel::ZeroGrads() {
+  dense_grad_flat_.SetZero();
+  for (auto& l : moe_attention_) l->ZeroGradients();
+  for (auto& l : moe_mlp_) l->ZeroGradients();
+}
+
+void ModSquadModel::ReduceGradients() {
+  Communicator& w = *world_;
+  w.AllReduce(dense_grad_flat_.raw_data(), dense_grad_flat_.numel(), DType::kF32, ReduceOp::kSum);
+  for (auto& l : moe_attention_) {
+    for (Tensor* g : {&l->grads().router_weight, &l->grads().kv_weight, &l->grads().kv_bias}) {
+      w.AllReduce(g->raw_data(), g->numel(), DType::kF32, ReduceOp::kSum);
+    }
+    l->ReduceReplicaGradients();
+  }
+  for (auto& l : moe_mlp_) {
+    Tensor& g = l->grads().router_weight;
+    w.AllReduce(g.raw_data(), g.numel(), DType::kF32, ReduceOp::kSum);
+    l->ReduceReplicaGradients();
+  }
+}
+
+Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out) {
+  const ModelConfig& c = config_;
+  const ModSquadConfig& ms = c.modsquad();
+  const int64_t b = batch.batch, n = tokens_, d = d_, t_count = tasks();
+  const int64_t seqs = t_count * b, rows = seqs * n, p = c.patch_size();
+  const int64_t grid = c.image_size() / p, pixels = c.image_size() * c.image_size();
+  if (static_cast<int64_t>(batch.labels.size()) != t_count ||
+      static_cast<int64_t>(batch.targets.size()) != t_count) {
+    return Status::Error("a multi-task batch needs labels / targets for each of the " +
+                         std::to_string(t_count) + " tasks");
+  }
+  batch_ = batch;
+  arena_.Reset();
+  token_task_.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) token_task_[r] = static_cast<int32_t>(r / (b * n));
+  // Patch embedding (once per image), CLS, position embeddings; the same for every task.
+  const int64_t patch_in = c.channels() * p * p;
+  patches_in_ = arena_.Allocate({b * patches_, patch_in});
+  ExtractPatches(batch.images, patches_in_.data<float>(), b, c.channels(), c.image_size(), p);
+  Tensor emb = arena_.Allocate({b * patches_, d});
+  LinearForward(patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
+                emb.data<float>(), b * patches_, patch_in, d);
+  x0_ = arena_.Allocate({rows, d});
+  const float* pos = pos_.data<float>();
+  for (int64_t q = 0; q < seqs; ++q) {
+    float* xq = x0_.data<float>() + q * n * d;
+    for (int64_t j = 0; j < d; ++j) xq[j] = cls_.data<float>()[j] + pos[j];
+    Add(emb.data<float>() + (q % b) * patches_ * d, pos + d, xq + d, patches_ * d);
+  }
+  MoeForwardArgs args;
+  args.training = batch.training;
+  args.task = token_task_.data();
+  Tensor h = x0_;
+  out->aux_loss = 0;
+  const int64_t hd = heads_ * head_dim_;
+  for (auto& blk : blocks_) {
+    Block& k = *blk;
+    k.hin = arena_.Allocate({rows, d});
+    for (int64_t r = 0; r < rows; ++r) {
+      Add(h.data<float>() + r * d, task_emb_.data<float>() + token_task_[r] * d,
+          k.hin.data<float>() + r * d, d);
+    }
+    k.ln1 = arena_.Allocate({rows, d});
+    k.mean1 = arena_.Allocate({rows});
+    k.rstd1 = arena_.Allocate({rows});
+    LayerNormForward(k.hin.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(),
+                     k.ln1.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(), rows, d);
+    k.attn_out = arena_.Allocate({rows, d});
+    if (k.attn_layer != nullptr) {
+      MOERUN_RETURN_IF_ERROR(k.attn_layer->Forward(k.ln1, n, args, &k.attn_out));
+      out->aux_loss += k.attn_layer->losses().aux_total;
+    } else {
+      k.qkv = arena_.Allocate({rows, 3 * hd});
+      LinearForward(k.ln1.data<float>(), k.qkv_w.data<float>(), k.qkv_b.data<float>(),
+                    k.qkv.data<float>(), rows, d, 3 * hd);
+      k.probs = arena_.Allocate({seqs, heads_, n, n});
+      k.att = arena_.Allocate({rows, hd});
+      AttentionForward(k.qkv.data<float>(), k.att.data<float>(), k.probs.data<float>(), seqs, n,
+                       heads_, head_dim_);
+      LinearForward(k.att.data<float>(), k.proj_w.data<float>(), k.proj_b.data<float>(),
+                    k.attn_out.data<float>(), rows, hd, d);
+    }
+    k.mid = arena_.Allocate({rows, d});
+    Add(k.attn_out.data<float>(), k.hin.data<float>(), k.mid.data<float>(), rows * d);
+    k.ln2 = arena_.Allocate({rows, d});
+    k.mean2 = arena_.Allocate({rows});
+    k.rstd2 = arena_.Allocate({rows});
+    LayerNormForward(k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(),
+                     k.ln2.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(), rows, d);
+    k.out = arena_.Allocate({rows, d});
+    if (k.mlp_layer != nullptr) {
+      MOERUN_RETURN_IF_ERROR(k.mlp_layer->Forward(k.ln2, args, &k.out));
+      out->aux_loss += k.mlp_layer->losses().aux_total;
+    } else {
+      k.hidden = arena_.Allocate({rows, mlp_});
+      k.act = arena_.Allocate({rows, mlp_});
+      LinearForward(k.ln2.data<float>(), k.fc1_w.data<float>(), k.fc1_b.data<float>(),
+                    k.hidden.data<float>(), rows, d, mlp_);
+      (c.gelu() == ModelConfig::TANH ? GeluTanhForward : GeluForward)(
+          k.hidden.data<float>(), k.act.data<float>(), rows * mlp_);
+      LinearForward(k.act.data<float>(), k.fc2_w.data<float>(), k.fc2_b.data<float>(),
+                    k.out.data<float>(), rows, mlp_, d);
+    }
+    Add(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
+    h = k.out;
+  }
+  // Heads.
+  head_in_.assign(t_count, {});
+  head_mean_.assign(t_count, {});
+  head_rstd_.assign(t_count, {});
+  head_norm_.assign(t_count, {});
+  head_mean2_.assign(t_count, {});
+  head_rstd2_.assign(t_count, {});
+  head_norm2_.assign(t_count, {});
+  head_out_.assign(t_count, {});
+  head_probs_.assign(t_count, {});
+  head_labels_.assign(t_count, {});
+  head_targets_.assign(t_count, {});
+  std::vector<std::vector<double>> sums(t_count);
+  const int64_t counted = batch.counted;
+  for (int64_t t = 0; t < t_count; ++t) {
+    const TaskHeadConfig& head = ms.tasks(static_cast<int>(t));
+    const Head& hp = heads_p_[t];
+    const float* ht = h.data<float>() + t * b * n * d;  // this task's sequences
+    const int64_t outs = head.outputs();
+    if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
+      // Mean of the patch tokens -> fc_norm -> LN -> Dense.
+      head_in_[t] = arena_.AllocateZeros({b, d});
+      float* pooled = head_in_[t].data<float>();
+      for (int64_t i = 0; i < b; ++i) {
+        for (int64_t j = 1; j < n; ++j)
+          Axpy(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
+      }
+      head_norm_[t] = arena_.Allocate({b, d});
+      head_mean_[t] = arena_.Allocate({b});
+      head_rstd_[t] = arena_.Allocate({b});
+      LayerNormForward(pooled, fc_norm_w_.data<float>(), fc_norm_b_.data<float>(),
+                       head_norm_[t].data<float>(), head_mean_[t].data<float>(),
+                       head_rstd_[t].data<float>(), b, d);
+      head_norm2_[t] = arena_.Allocate({b, d});
+      head_mean2_[t] = arena_.Allocate({b});
+      head_rstd2_[t] = arena_.Allocate({b});
+      LayerNormForward(head_norm_[t].data<float>(), hp.norm_w.data<float>(),
+                       hp.norm_b.data<float>(), head_norm2_[t].data<float>(),
+                       head_mean2_[t].data<float>(), head_rstd2_[t].data<float>(), b, d);
+      head_out_[t] = arena_.Allocate({b, outs});
+      LinearForward(head_norm2_[t].data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
+                    head_out_[t].data<float>(), b, d, outs);
+      head_labels_[t] = arena_.Allocate({b}, DType::kI32);
+      int32_t* lab = head_labels_[t].data<int32_t>();
+      for (int64_t i = 0; i < b; ++i) {
+        lab[i] = i < counted && batch.labels[t] != nullptr ? batch.labels[t][i] : -1;
+        if (lab[i] >= outs) return Status::Error("label out of range for task " + head.name());
+      }
+      head_probs_[t] = arena_.Allocate({b, outs});
+      int64_t valid = 0;
+      const float mean = CrossEntropyForward(head_out_[t].data<float>(), lab,
+                                             head_probs_[t].data<float>(), b, outs, &valid);
+      double correct = 0;
+      for (int64_t i = 0; i < b; ++i) {
+        if (lab[i] < 0) continue;
+        const float* l = head_out_[t].data<float>() + i * outs;
+        correct += (std::max_element(l, l + outs) - l) == lab[i];
+      }
+      sums[t] = {correct, static_cast<double>(valid), static_cast<double>(mean) * valid,
+                 static_cast<double>(valid)};
+      continue;
+    }
+    // Dense: norm over the patch tokens -> per token Dense(D -> P*P*outs).
+    const int64_t prow = b * patches_, width = p * p * outs;
+    head_in_[t] = arena_.Allocate({prow, d});
+    for (int64_t i = 0; i < b; ++i) {
+      std::copy_n(ht + (i * n + 1) * d, patches_ * d, head_in_[t].data<float>() + i * patches_ * d);
+    }
+    head_norm_[t] = arena_.Allocate({prow, d});
+    head_mean_[t] = arena_.Allocate({prow});
+    head_rstd_[t] = arena_.Allocate({prow});
+    LayerNormForward(head_in_[t].data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
+                     head_norm_[t].data<float>(), head_mean_[t].data<float>(),
+                     head_rstd_[t].data<float>(), prow, d);
+    head_out_[t] = arena_.Allocate({prow, width});
+    LinearForward(head_norm_[t].data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
+                  head_out_[t].data<float>(), prow, d, width);
+    const float* o = head_out_[t].data<float>();
+    if (head.kind() == TaskHeadConfig::SEGMENTATION) {
+      // Labels in the head's (patch, j, k) order; padding images -1.
+      const int64_t cells = prow * p * p;
+      head_labels_[t] = arena_.Allocate({cells}, DType::kI32);
+      int32_t* lab = head_labels_[t].data<int32_t>();
+      for (int64_t i = 0; i < b; ++i) {
+        for (int64_t q = 0; q < patches_; ++q) {
+          for (int64_t jk = 0; jk < p * p; ++jk) {
+            const int64_t cell = (i * patches_ + q) * p * p + jk;
+            lab[cell] =
+                i < counted ? batch.labels[t][i * pixels + PixelIndex(q, jk, grid, p, 1)] : -1;
+            if (lab[cell] >= outs)
+              return Status::Error("label out of range for task " + head.name());
+          }
+        }
+      }
+      head_probs_[t] = arena_.Allocate({cells, outs});
+      int64_t valid = 0;
+      const float mean =
+          CrossEntropyForward(o, lab, head_probs_[t].data<float>(), cells, outs, &valid);
+      std::vector<double> s(2 * outs + 2, 0.0);
+      for (int64_t cell = 0; cell < cells; ++cell) {
+        if (lab[cell] < 0) continue;
+        const float* l = o + cell * outs;
+        const int64_t pred = std::max_element(l, l + outs) - l;
+        if (pred == lab[cell]) {
+          s[pred] += 1;
+          s[outs + pred] += 1;
+        } else {
+          s[outs + pred] += 1;
+          s[outs + lab[cell]] += 1;
+        }
+      }
+      s[2 * outs] = static_cast<double>(mean) * valid;
+      s[2 * outs + 1] = static_cast<double>(valid);
+      sums[t] = s;
+      continue;
+    }
+    // Regression: L1 against the targets in the head's order.
+    head_targets_[t] = arena_.Allocate({prow, width});
+    float* tg = head_targets_[t].data<float>();
+    double abs_sum = 0, values = 0;
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t q = 0; q < patches_; ++q) {
+        for (int64_t e = 0; e < width; ++e) {
+          const int64_t cell = (i * patches_ + q) * width + e;
+          tg[cell] = i < counted
+                         ? batch.targets[t][i * pixels * outs + PixelIndex(q, e, grid, p, outs)]
+                         : 0.0f;
+          if (i < counted) {
+            abs_sum += std::fabs(static_cast<double>(o[cell]) - tg[cell]);
+            values += 1;
+          }
+        }
+      }
+    }
+    sums[t] = {abs_sum, values, abs_sum, values};
+  }
+  // One all-reduce of every task's sums.
+  std::vector<double> flat;
+  for (const auto& s : sums) flat.insert(flat.end(), s.begin(), s.end());
+  world_->AllReduce(flat.data(), static_cast<int64_t>(flat.size()), DType::kF64, ReduceOp::kSum);
+  out->tasks.assign(t_count, {});
+  task_loss_.assign(t_count, 0.0);
+  task_weight_.assign(t_count, 1.0);
+  out->task_loss = 0;
+  size_t at = 0;
+  for (int64_t t = 0; t < t_count; ++t) {
+    TaskResult& r = out->tasks[t];
+    r.sums.assign(flat.begin() + at, flat.begin() + at + sums[t].size());
+    at += sums[t].size();
+    const double loss_count = r.sums[r.sums.size() - 1];
+    r.loss = loss_count > 0 ? r.sums[r.sums.size() - 2] / loss_count : 0;
+    r.metric = TaskMetric(ms.tasks(static_cast<int>(t)), r.sums);
+    task_loss_[t] = r.loss;
+    if (uncertainty_.defined()) {
+      const double s = uncertainty_.data<float>()[t];
+      task_weight_[t] = 0.5 / (s * s);
+      out->task_loss += task_weight_[t] * r.loss + std::log1p(s * s);
+    } else {
+      out->task_loss += r.loss;
+    }
+  }
+  return Status::Ok();
+}
+
+void ModSquadModel::Backward() {
+  const ModelConfig& c = config_;
+  const ModSquadConfig& ms = c.modsquad();
+  const int64_t b = batch_.batch, n = tokens_, d = d_, t_count = tasks();
+  const int64_t seqs = t_count * b, rows = seqs * n, p = c.patch_size();
+  const int64_t pixels = c.image_size() * c.image_size();
+  const double global = static_cast<double>(std::max<int64_t>(1, batch_.global_counted));
+  Tensor dh = arena_.AllocateZeros({rows, d});
+  for (int64_t t = 0; t < t_count; ++t) {
+    const TaskHeadConfig& head = ms.tasks(static_cast<int>(t));
+    const Head& hp = heads_p_[t];
+    const int64_t outs = head.outputs();
+    float* dht = dh.data<float>() + t * b * n * d;
+    const float w = static_cast<float>(task_weight_[t]);
+    if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
+      Tensor dlogits = arena_.Allocate({b, outs});
+      CrossEntropyBackward(head_probs_[t].data<float>(), head_labels_[t].data<int32_t>(),
+                           dlogits.data<float>(), b, outs, static_cast<float>(w / global));
+      Tensor d2 = arena_.Allocate({b, d}), d1 = arena_.Allocate({b, d}),
+             dp = arena_.Allocate({b, d});
+      LinearBackward(head_norm2_[t].data<float>(), hp.fc_w.data<float>(), dlogits.data<float>(),
+                     d2.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), b, d,
+                     outs);
+      LayerNormBackward(head_norm_[t].data<float>(), hp.norm_w.data<float>(),
+                        head_mean2_[t].data<float>(), head_rstd2_[t].data<float>(),
+                        d2.data<float>(), d1.data<float>(), hp.g_norm_w.data<float>(),
+                        hp.g_norm_b.data<float>(), b, d);
+      LayerNormBackward(head_in_[t].data<float>(), fc_norm_w_.data<float>(),
+                        head_mean_[t].data<float>(), head_rstd_[t].data<float>(), d1.data<float>(),
+                        dp.data<float>(), fc_norm_gw_.data<float>(), fc_norm_gb_.data<float>(), b,
+                        d);
+      for (int64_t i = 0; i < b; ++i) {
+        for (int64_t j = 1; j < n; ++j) {
+          Axpy(1.0f / patches_, dp.data<float>() + i * d, dht + (i * n + j) * d, d);
+        }
+      }
+      continue;
+    }
+    const int64_t prow = b * patches_, width = p * p * outs;
+    Tensor dout = arena_.Allocate({prow, width});
+    if (head.kind() == TaskHeadConfig::SEGMENTATION) {
+      CrossEntropyBackward(head_probs_[t].data<float>(), head_labels_[t].data<int32_t>(),
+                           dout.data<float>(), prow * p * p, outs,
+                           static_cast<float>(w / (global * pixels)));
+    } else {
+      const float* o = head_out_[t].data<float>();
+      const float* tg = head_targets_[t].data<float>();
+      float* g = dout.data<float>();
+      const float scale = static_cast<float>(w / (global * pixels * outs));
+      for (int64_t i = 0; i < prow * width; ++i) {
+        const bool real = i / (patches_ * width) < batch_.counted;
+        g[i] = !real ? 0.0f : o[i] > tg[i] ? scale : o[i] < tg[i] ? -scale : 0.0f;
+      }
+    }
+    Tensor dn = arena_.Allocate({prow, d}), din = arena_.Allocate({prow, d});
+    LinearBackward(head_norm_[t].data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
+                   dn.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), prow, d,
+                   width);
+    LayerNormBackward(head_in_[t].data<float>(), norm_w_.data<float>(), head_mean_[t].data<float>(),
+                      head_rstd_[t].data<float>(), dn.data<float>(), din.data<float>(),
+                      norm_gw_.data<float>(), norm_gb_.data<float>(), prow, d);
+    for (int64_t i = 0; i < b; ++i) {
+      Axpy(1.0f, din.data<float>() + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
+    }
+  }
+  // Uncertainty weights: d/ds (0.5 / s^2 L + log(1 + s^2)), this rank's share.
+  if (uncertainty_.defined()) {
+    const double ranks = world_->size();
+    for (int64_t t = 0; t < t_count; ++t) {
+      const double s = uncertainty_.data<float>()[t];
+      uncertainty_g_.data<float>()[t] +=
+          static_cast<float>((-task_loss_[t] / (s * s * s) + 2 * s / (1 + s * s)) / ranks);
+    }
+  }
+  // Blocks in reverse; dh: gradient of the block's output.
+  const int64_t hd = heads_ * head_dim_;
+  Tensor d_ln = arena_.Allocate({rows, d});
+  Tensor d_mid = arena_.Allocate({rows, d});
+  Tensor d_tmp = arena_.Allocate({rows, d});
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+    Block& k = **it;
+    if (k.mlp_layer != nullptr) {
+      k.mlp_layer->Backward(dh, &d_ln);
+    } else {
+      Tensor d_act = arena_.Allocate({rows, mlp_});
+      LinearBackward(k.act.data<float>(), k.fc2_w.data<float>(), dh.data<float>(),
+                     d_act.data<float>(), k.g_fc2_w.data<float>(), k.g_fc2_b.data<float>(), rows,
+                     mlp_, d);
+      (c.gelu() == ModelConfig::TANH ? GeluTanhBackward : GeluBackward)(
+          k.hidden.data<float>(), d_act.data<float>(), d_act.data<float>(), rows * mlp_);
+      LinearBackward(k.ln2.data<float>(), k.fc1_w.data<float>(), d_act.data<float>(),
+                     d_ln.data<float>(), k.g_fc1_w.data<float>(), k.g_fc1_b.data<float>(), rows, d,
+                     mlp_);
+    }
+    LayerNormBackward(k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(),
+                      k.rstd2.data<float>(), d_ln.data<float>(), d_mid.data<float>(),
+                      k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows, d);
+    Add(d_mid.data<float>(), dh.data<float>(), d_mid.data<float>(), rows * d);
+    if (k.attn_layer != nullptr) {
+      k.attn_layer->Backward(d_mid, &d_ln);
+    } else {
+      Tensor d_att = arena_.Allocate({rows, hd});
+      Tensor d_qkv = arena_.Allocate({rows, 3 * hd});
+      LinearBackward(k.att.data<float>(), k.proj_w.data<float>(), d_mid.data<float>(),
+                     d_att.data<float>(), k.g_proj_w.data<float>(), k.g_proj_b.data<float>(), rows,
+                     hd, d);
+      AttentionBackward(k.qkv.data<float>(), k.probs.data<float>(), d_att.data<float>(),
+                        d_qkv.data<float>(), seqs, n, heads_, head_dim_);
+      LinearBackward(k.ln1.data<float>(), k.qkv_w.data<float>(), d_qkv.data<float>(),
+                     d_ln.data<float>(), k.g_qkv_w.data<float>(), k.g_qkv_b.data<float>(), rows, d,
+                     3 * hd);
+    }
+    LayerNormBackward(k.hin.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(),
+                      k.rstd1.data<float>(), d_ln.data<float>(), d_tmp.data<float>(),
+                      k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows, d);
+    Add(d_tmp.data<float>(), d_mid.data<float>(), dh.data<float>(), rows * d);
+    // hin = h + task embedding of the row's task.
+    for (int64_t r = 0; r < rows; ++r) {
+      Axpy(1.0f, dh.data<float>() + r * d, task_emb_g_.data<float>() + token_task_[r] * d, d);
+    }
+  }
+  // Embeddings: x0 = [cls; patches W^T + b] + pos, the same for every task.
+  Tensor d_emb = arena_.AllocateZeros({b * patches_, d});
+  for (int64_t q = 0; q < seqs; ++q) {
+    const float* g = dh.data<float>() + q * n * d;
+    Axpy(1.0f, g, pos_g_.data<float>(), n * d);
+    Axpy(1.0f, g, cls_g_.data<float>(), d);
+    Axpy(1.0f, g + d, d_emb.data<float>() + (q % b) * patches_ * d, patches_ * d);
+  }
+  const int64_t patch_in = c.channels() * p * p;
+  LinearBackward(patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(), nullptr,
+                 patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in, d);
+}
+
+}  // namespace moerun

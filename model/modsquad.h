@@ -1,0 +1,127 @@
+// A Mod-Squad multi-task ViT with explicit forward and backward (shared/specs/models.md,
+// modsquad.md), expert-parallel: every image is passed once per task in one token stream
+// (sequence t * B + b is image b under task t, and every token carries its task id); a
+// learned task embedding is added to every token before every block; even blocks hold
+// MoE attention (MoeAttention), odd blocks a MoE MLP (MoeLayer with task gates); per-task
+// heads; the task losses combined with learned uncertainty weights, plus the MI loss of
+// every MoE layer. With modsquad.moe = false it is the dense multi-task ViT of the same
+// width (the baseline).
+//
+// Parameters carry the global names of ModSquadParamSpecs (vit_spec.h) and are initialised
+// from (seed, name) alone, so the model is the same for any rank count.
+#ifndef MOERUN_MODEL_MODSQUAD_H_
+#define MOERUN_MODEL_MODSQUAD_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/moe_attention.h"
+#include "model/moe_layer.h"
+#include "model/vit.h"
+#include "runtime/config.pb.h"
+#include "runtime/tensor.h"
+
+namespace moerun {
+
+// One step's (or one evaluation batch's) inputs on this rank.
+struct MultiTaskBatch {
+  const float* images = nullptr;  // [batch, C, H, W]
+  int64_t batch = 0;              // images on this rank (padding included)
+  int64_t counted = 0;            // the first `counted` count; the rest is padding
+  int64_t global_counted = 0;     // counted images over all ranks (the losses' mean)
+  // Per task (config order): classification labels [batch]; segmentation labels
+  // [batch, H * W] (row-major pixels); regression targets [batch, H * W * outputs]
+  // (pixels row-major, channels fastest). The unused pointer of a task stays null.
+  std::vector<const int32_t*> labels;
+  std::vector<const float*> targets;
+  bool training = true;
+};
+
+// Per task, global over all ranks.
+struct TaskResult {
+  double loss = 0;    // mean cross-entropy (per image or per pixel) or mean L1
+  double metric = 0;  // accuracy, mIoU or L1 (the same as the loss for regression)
+  // Sums behind the metric, so batches can be merged: accuracy [correct, counted]; mIoU
+  // [intersection per class, union per class]; L1 [abs error sum, values]; and the loss
+  // sum with its count (the last two).
+  std::vector<double> sums;
+};
+
+struct MultiTaskOutput {
+  std::vector<TaskResult> tasks;
+  double task_loss = 0;  // the weighted sum the optimiser sees (without aux)
+  double aux_loss = 0;   // sum over MoE layers of their weighted auxiliary losses
+};
+
+// The metric of task `head` from its merged sums.
+double TaskMetric(const TaskHeadConfig& head, const std::vector<double>& sums);
+
+class ModSquadModel {
+ public:
+  // groups: the MoE communicators of the attention and of the MLP layers (null for the
+  // dense baseline); world: the data-parallel ranks (losses are global means).
+  static StatusOr<std::unique_ptr<ModSquadModel>> Create(
+      const ModelConfig& config, Communicator* world, std::shared_ptr<MoeGroups> attention_groups,
+      std::shared_ptr<MoeGroups> mlp_groups);
+  ~ModSquadModel();
+
+  const ModelConfig& config() const { return config_; }
+  int tasks() const { return config_.modsquad().tasks_size(); }
+  std::vector<Param>& params() { return params_; }
+  Tensor& dense_grads() { return dense_grad_flat_; }
+  std::vector<MoeAttention*> moe_attention_layers();
+  std::vector<MoeLayer*> moe_mlp_layers();
+
+  void Init(uint64_t seed);
+  void ZeroGrads();
+  // Sums the replicated gradients over the world (routers included) and the experts'
+  // over their replicas.
+  void ReduceGradients();
+
+  // Collective (MoE dispatch, global losses).
+  Status Forward(const MultiTaskBatch& batch, MultiTaskOutput* out);
+  // Gradients of task_loss + aux_loss, accumulated into the params' grads (this rank's
+  // share: after ReduceGradients they are the global gradient).
+  void Backward();
+
+  // Of the last forward: [T * batch, outputs] logits of classification task t's images.
+  const Tensor& task_logits(int t) const { return head_out_[t]; }
+
+ private:
+  ModSquadModel() = default;
+  struct Block;
+  Tensor AddDense(const std::string& name, const Shape& shape, bool decay);
+
+  ModelConfig config_;
+  Communicator* world_ = nullptr;
+  std::shared_ptr<MoeGroups> attention_groups_, mlp_groups_;
+  int64_t tokens_ = 0, patches_ = 0, d_ = 0, heads_ = 0, head_dim_ = 0, mlp_ = 0;
+  std::vector<Param> params_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  std::vector<std::unique_ptr<MoeAttention>> moe_attention_;
+  std::vector<std::unique_ptr<MoeLayer>> moe_mlp_;
+  std::shared_ptr<Storage> dense_value_storage_, dense_grad_storage_;
+  Tensor dense_grad_flat_;
+  size_t dense_offset_ = 0, dense_bytes_ = 0;
+  Tensor patch_w_, patch_b_, cls_, pos_, task_emb_, norm_w_, norm_b_, fc_norm_w_, fc_norm_b_;
+  Tensor patch_gw_, patch_gb_, cls_g_, pos_g_, task_emb_g_, norm_gw_, norm_gb_, fc_norm_gw_,
+      fc_norm_gb_;
+  Tensor uncertainty_, uncertainty_g_;
+  struct Head {
+    Tensor norm_w, norm_b, fc_w, fc_b, g_norm_w, g_norm_b, g_fc_w, g_fc_b;
+  };
+  std::vector<Head> heads_p_;
+  // Activations of the last forward.
+  Arena arena_;
+  MultiTaskBatch batch_;
+  std::vector<int32_t> token_task_;
+  Tensor patches_in_, x0_;
+  std::vector<Tensor> head_in_, head_mean_, head_rstd_, head_norm_, head_mean2_, head_rstd2_,
+      head_norm2_, head_out_, head_probs_, head_labels_, head_targets_;
+  std::vector<double> task_loss_, task_weight_;
+};
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_MODSQUAD_H_

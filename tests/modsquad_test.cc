@@ -1,0 +1,236 @@
+// The Mod-Squad model under mpirun -np 1, 2, 4: its parameters are exactly ModSquadParamSpecs
+// (and the released builders' totals of shared/specs/models.md), finite-difference
+// gradients of the whole multi-task loss (task losses with uncertainty weights + MI), and
+// the same losses and gradients for any rank count.
+#include "model/modsquad.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <random>
+
+#include "model/vit_spec.h"
+#include "runtime/config.h"
+#include "runtime/gradcheck.h"
+#include "tests/mpi_test_main.h"
+
+namespace moerun {
+namespace {
+
+using testing::World;
+
+// 8x8 images, patch 4 (4 patches + CLS), two blocks (MoE attention, MoE MLP), three tasks:
+// 3-way classification, 2-class segmentation, 1-channel regression.
+ModelConfig TinyModSquad(bool moe = true) {
+  ModelConfig m;
+  m.set_name("tiny_modsquad");
+  m.set_image_size(8);
+  m.set_channels(1);
+  m.set_patch_size(4);
+  m.set_hidden_size(8);
+  m.set_mlp_dim(16);
+  m.set_num_layers(2);
+  m.set_num_heads(2);
+  ModSquadConfig* ms = m.mutable_modsquad();
+  ms->set_moe(moe);
+  ms->set_head_dim(4);
+  ms->set_attention_experts(4);
+  ms->set_attention_k(2);
+  ms->set_mlp_experts(4);
+  ms->set_mlp_k(2);
+  ms->set_mi_weight(0.2);
+  ms->set_group_images(0);
+  auto task = [&](const char* name, TaskHeadConfig::Kind kind, int outputs) {
+    TaskHeadConfig* t = ms->add_tasks();
+    t->set_name(name);
+    t->set_kind(kind);
+    t->set_outputs(outputs);
+  };
+  task("class", TaskHeadConfig::CLASSIFICATION, 3);
+  task("seg", TaskHeadConfig::SEGMENTATION, 2);
+  task("reg", TaskHeadConfig::REGRESSION, 1);
+  return m;
+}
+
+struct Data {
+  int64_t batch = 0;
+  std::vector<float> images, reg;
+  std::vector<int32_t> cls, seg;
+};
+
+Data MakeData(int64_t batch, uint32_t seed) {
+  Data d;
+  d.batch = batch;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  for (int64_t i = 0; i < batch * 64; ++i) {
+    d.images.push_back(n01(rng));
+    d.seg.push_back(static_cast<int32_t>(rng() % 2));
+    d.reg.push_back(n01(rng));
+  }
+  for (int64_t i = 0; i < batch; ++i) d.cls.push_back(static_cast<int32_t>(rng() % 3));
+  return d;
+}
+
+// This rank's slice [first, first + count) of the global data as a batch.
+MultiTaskBatch Slice(const Data& d, int64_t first, int64_t count) {
+  MultiTaskBatch b;
+  b.images = d.images.data() + first * 64;
+  b.batch = count;
+  b.counted = count;
+  b.global_counted = d.batch;
+  b.labels = {d.cls.data() + first, d.seg.data() + first * 64, nullptr};
+  b.targets = {nullptr, nullptr, d.reg.data() + first * 64};
+  return b;
+}
+
+struct Built {
+  std::shared_ptr<MoeGroups> attention, mlp;
+  std::unique_ptr<ModSquadModel> model;
+};
+
+Built Build(const ModelConfig& m, Communicator* comm) {
+  Built b;
+  if (m.modsquad().moe()) {
+    b.attention = *MoeGroups::Create(comm, m.modsquad().attention_experts());
+    b.mlp = *MoeGroups::Create(comm, m.modsquad().mlp_experts());
+  }
+  auto created = ModSquadModel::Create(m, comm, b.attention, b.mlp);
+  EXPECT_TRUE(created.ok()) << created.status().message();
+  b.model = std::move(*created);
+  return b;
+}
+
+TEST(ModSquadTest, ParametersAreTheSpecs) {
+  const ModelConfig m = TinyModSquad();
+  Built b = Build(m, &World());
+  std::map<std::string, std::vector<int64_t>> got;
+  for (Param& p : b.model->params()) got[p.name] = p.value.shape();
+  int64_t expected = 0;
+  for (const ParamSpec& s : ModSquadParamSpecs(m)) {
+    bool mine = s.expert < 0;
+    if (!mine) {
+      const MoeGroups& g = s.name.find(".attn.") != std::string::npos ? *b.attention : *b.mlp;
+      const int local = s.expert - g.first_local_expert();
+      mine = local >= 0 && local < g.local_experts();
+    }
+    if (!mine) continue;
+    ++expected;
+    ASSERT_TRUE(got.count(s.name)) << s.name;
+    EXPECT_EQ(got[s.name], s.shape) << s.name;
+  }
+  EXPECT_EQ(static_cast<int64_t>(b.model->params().size()), expected);
+}
+
+// shared/specs/models.md: the reference builders for 13 Taskonomy tasks.
+TEST(ModSquadTest, ReleasedBuildersTotals) {
+  for (auto [path, total] : {std::pair{"configs/modsquad_small_taskonomy.pbtxt", 55436245LL},
+                             {"configs/modsquad_base_taskonomy.pbtxt", 206956117LL}}) {
+    auto c = LoadConfig(std::string(MOERUN_SOURCE_DIR) + "/" + path, {});
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    EXPECT_EQ(CountParameters(c->model()).total, total) << path;
+  }
+}
+
+// Total loss of the tiny model on one rank, as a function of its parameters.
+void CheckGradients(bool moe) {
+  auto self = World().Split(World().rank(), 0, "self");
+  ModelConfig m = TinyModSquad(moe);
+  Built b = Build(m, self.get());
+  ModSquadModel& model = *b.model;
+  model.Init(5);
+  std::mt19937 rng(6);
+  std::normal_distribution<float> n01;
+  for (Param& p : model.params()) {
+    if (p.name == "loss.task_uncertainty") {
+      for (int64_t i = 0; i < p.value.numel(); ++i) p.value.data<float>()[i] = 0.8f + 0.2f * i;
+      continue;
+    }
+    for (int64_t i = 0; i < p.value.numel(); ++i) p.value.data<float>()[i] = 0.4f * n01(rng);
+  }
+  const Data data = MakeData(2, 7);
+  const MultiTaskBatch batch = Slice(data, 0, 2);
+  MultiTaskOutput out;
+  auto loss = [&] {
+    EXPECT_TRUE(model.Forward(batch, &out).ok());
+    return out.task_loss + out.aux_loss;
+  };
+  loss();
+  if (moe) {
+    EXPECT_NE(out.aux_loss, 0.0);
+  }
+  model.ZeroGrads();
+  model.Backward();
+  std::vector<GradCheckParam> params;
+  for (Param& p : model.params()) {
+    params.push_back({p.name, p.value.data<float>(), p.grad.data<float>(), p.value.numel()});
+  }
+  GradCheckOptions opt;
+  opt.rel_eps = 1e-3;
+  opt.abs_eps = 1e-3;
+  opt.max_per_param = 6;
+  const GradCheckResult r = moerun::CheckGradients(loss, params, opt);
+  EXPECT_TRUE(r.ok) << r.report << "worst: " << r.worst;
+  EXPECT_GT(r.checked, 100);
+}
+
+TEST(ModSquadGradientTest, MixtureOfExperts) { CheckGradients(true); }
+TEST(ModSquadGradientTest, DenseBaseline) { CheckGradients(false); }
+
+// One global batch of 4 images: every rank count gives the same losses and gradients.
+TEST(ModSquadTest, ExpertParallelInvariance) {
+  for (double capacity_factor : {0.0, 1.0}) {
+    ModelConfig m = TinyModSquad();
+    m.mutable_modsquad()->set_capacity_factor(capacity_factor);
+    m.mutable_modsquad()->set_multiple_of(0);
+    m.mutable_modsquad()->set_group_images(1);
+    const Data data = MakeData(4, 8);
+    auto run = [&](Communicator* comm) {
+      Built b = Build(m, comm);
+      b.model->Init(9);
+      const int64_t local = 4 / comm->size();
+      MultiTaskOutput out;
+      EXPECT_TRUE(b.model->Forward(Slice(data, comm->rank() * local, local), &out).ok());
+      b.model->ZeroGrads();
+      b.model->Backward();
+      b.model->ReduceGradients();
+      std::map<std::string, std::vector<float>> grads;
+      for (Param& p : b.model->params()) {
+        grads[p.name].assign(p.grad.data<float>(), p.grad.data<float>() + p.grad.numel());
+      }
+      return std::make_pair(out, grads);
+    };
+    auto self = World().Split(World().rank(), 0, "self");
+    const auto [want, want_grads] = run(self.get());
+    const auto [got, got_grads] = run(&World());
+    SCOPED_TRACE("capacity_factor " + std::to_string(capacity_factor));
+    EXPECT_NEAR(got.task_loss, want.task_loss, 1e-6);
+    EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-9);
+    for (size_t t = 0; t < want.tasks.size(); ++t) {
+      EXPECT_NEAR(got.tasks[t].loss, want.tasks[t].loss, 1e-6) << t;
+      EXPECT_NEAR(got.tasks[t].metric, want.tasks[t].metric, 1e-9) << t;
+    }
+    for (const auto& [name, g] : got_grads) {
+      const std::vector<float>& w = want_grads.at(name);
+      ASSERT_EQ(g.size(), w.size()) << name;
+      for (size_t i = 0; i < g.size(); ++i) {
+        ASSERT_NEAR(g[i], w[i], 1e-5 * std::max(1.0f, std::fabs(w[i]))) << name << "[" << i << "]";
+      }
+    }
+  }
+}
+
+TEST(ModSquadTest, MetricsFromSums) {
+  TaskHeadConfig seg;
+  seg.set_kind(TaskHeadConfig::SEGMENTATION);
+  seg.set_outputs(2);
+  // IoU 1/3 and 1/2: mIoU 5/12.
+  EXPECT_NEAR(TaskMetric(seg, {1, 2, 3, 4, 0, 0}), 5.0 / 12, 1e-12);
+  TaskHeadConfig cls;
+  EXPECT_NEAR(TaskMetric(cls, {3, 4, 0, 0}), 0.75, 1e-12);
+}
+
+}  // namespace
+}  // namespace moerun
