@@ -43,7 +43,7 @@ Status LoadModel(Trainer& trainer, const Config& config, const std::string& path
     m.set_config(stored->second);
     MOERUN_RETURN_IF_ERROR(CheckSameModel(m, config));
   }
-  for (Param& p : trainer.model().params()) {
+  for (Param& p : trainer.params()) {
     auto t = reader->Get(p.name, DType::kF32, p.value.shape());
     if (!t.ok()) {
       return Status::Error(t.status().message() + " (was the model trained with this config?)");

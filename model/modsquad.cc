@@ -117,7 +117,9 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
   rule.capacity_factor = ms.capacity_factor();
   rule.multiple_of = ms.multiple_of();
   rule.bpr = ms.bpr();
-  rule.group_size = static_cast<int64_t>(ms.group_images()) * m->tokens_;
+  // Groups matter only under a capacity; dropless, a rank's tokens are one group.
+  rule.group_size =
+      ms.capacity_factor() > 0 ? static_cast<int64_t>(ms.group_images()) * m->tokens_ : 0;
   AuxWeights aux;
   aux.mi = ms.mi_weight();
   aux.mi_per_rank = ms.mi_per_rank();

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 
 namespace moerun {
@@ -151,6 +152,47 @@ std::string Str(double v) {
   return s.str();
 }
 
+void ValidateModSquad(const ModelConfig& m, Validator* v) {
+  const ModSquadConfig& ms = m.modsquad();
+  v->Require(!m.has_moe(), "model.moe",
+             "a Mod-Squad model (model.modsquad) routes with its own settings; remove model.moe");
+  v->Require(ms.tasks_size() >= 1, "model.modsquad.tasks", "needs at least one task");
+  std::set<std::string> names;
+  for (int i = 0; i < ms.tasks_size(); ++i) {
+    const TaskHeadConfig& t = ms.tasks(i);
+    const std::string at = "model.modsquad.tasks[" + std::to_string(i) + "]";
+    v->Require(!t.name().empty(), at + ".name", "must be set");
+    v->Require(names.insert(t.name()).second, at + ".name", "'" + t.name() + "' appears twice");
+    v->Require(t.outputs() >= 1 && t.outputs() <= (1 << 20), at + ".outputs",
+               "must be between 1 and 2^20 (classes, or channels per pixel)");
+    v->Require(t.kind() != TaskHeadConfig::SEGMENTATION || t.outputs() >= 2, at + ".outputs",
+               "a segmentation task needs at least 2 classes");
+  }
+  v->Require(ms.head_dim() >= 1 && ms.head_dim() <= (1 << 14), "model.modsquad.head_dim",
+             "must be between 1 and 16384");
+  v->Require(ms.attention_experts() >= 1 && ms.attention_experts() <= (1 << 16),
+             "model.modsquad.attention_experts", "must be between 1 and 65536");
+  v->Require(ms.attention_k() >= 1 && ms.attention_k() <= ms.attention_experts(),
+             "model.modsquad.attention_k",
+             Str(ms.attention_k()) + " must be between 1 and attention_experts (" +
+                 Str(ms.attention_experts()) + ")");
+  v->Require(ms.mlp_experts() >= 1 && ms.mlp_experts() <= (1 << 16), "model.modsquad.mlp_experts",
+             "must be between 1 and 65536");
+  v->Require(
+      ms.mlp_k() >= 1 && ms.mlp_k() <= ms.mlp_experts(), "model.modsquad.mlp_k",
+      Str(ms.mlp_k()) + " must be between 1 and mlp_experts (" + Str(ms.mlp_experts()) + ")");
+  v->Require(ms.expert_hidden() > 0 || m.mlp_dim() / std::max(1, ms.mlp_k()) > 0,
+             "model.modsquad.expert_hidden", "must be positive (0: mlp_dim / mlp_k)");
+  v->Require(ms.expert_hidden() >= 0 && ms.expert_hidden() <= (1 << 20),
+             "model.modsquad.expert_hidden", "must be between 0 and 2^20");
+  v->Require(ms.capacity_factor() >= 0, "model.modsquad.capacity_factor",
+             "must be >= 0 (0: dropless)");
+  v->Require(ms.group_images() >= 0, "model.modsquad.group_images",
+             "must be >= 0 (0: a rank's whole micro-batch of one task pass)");
+  v->Require(ms.multiple_of() >= 0, "model.modsquad.multiple_of", "must be >= 0 (0: no rounding)");
+  v->Require(ms.mi_weight() >= 0, "model.modsquad.mi_weight", "must be >= 0");
+}
+
 void ValidateModel(const ModelConfig& m, Validator* v) {
   v->Require(m.image_size() > 0, "model.image_size", "must be positive");
   v->Require(m.channels() > 0, "model.channels", "must be positive");
@@ -182,6 +224,10 @@ void ValidateModel(const ModelConfig& m, Validator* v) {
     v->Require(b.value <= b.limit, b.path,
                std::to_string(b.value) + " is larger than moerun supports (" +
                    std::to_string(b.limit) + ")");
+  }
+  if (m.has_modsquad()) {
+    ValidateModSquad(m, v);
+    return;
   }
   if (!m.has_moe()) return;
   const MoeConfig& e = m.moe();

@@ -53,18 +53,58 @@ std::string SignalName(int s) {
   }
 }
 
-nlohmann::json MoeJson(const VitModel& model, const StepStats& st) {
+// The MoE layers' names, in StepStats order: V-MoE "blocks.B.mlp"; Mod-Squad the
+// attention layers (even blocks, "blocks.B.attn") then the MLP layers (odd blocks).
+std::vector<std::string> MoeLayerNames(const ModelConfig& m) {
+  std::vector<std::string> names;
+  if (m.has_modsquad()) {
+    if (!m.modsquad().moe()) return names;
+    for (int b = 0; b < m.num_layers(); b += 2)
+      names.push_back("blocks." + std::to_string(b) + ".attn");
+    for (int b = 1; b < m.num_layers(); b += 2)
+      names.push_back("blocks." + std::to_string(b) + ".mlp");
+    return names;
+  }
+  for (int b : MoeBlocks(m)) names.push_back("blocks." + std::to_string(b) + ".mlp");
+  return names;
+}
+
+nlohmann::json MoeJson(const ModelConfig& m, const StepStats& st) {
   nlohmann::json layers = nlohmann::json::array();
-  const std::vector<int> blocks = model.moe_blocks();
+  const std::vector<std::string> names = MoeLayerNames(m);
   for (size_t i = 0; i < st.moe.size(); ++i) {
-    layers.push_back({{"block", blocks[i]},
-                      {"importance_loss", st.moe_losses[i].value("importance")},
-                      {"load_loss", st.moe_losses[i].value("load")},
-                      {"capacity", st.moe[i].capacity},
-                      {"dropped_fraction", st.moe[i].dropped_fraction},
-                      {"tokens_per_expert", st.moe[i].tokens_per_expert}});
+    nlohmann::json layer = {{"layer", names[i]},
+                            {"capacity", st.moe[i].capacity},
+                            {"dropped_fraction", st.moe[i].dropped_fraction},
+                            {"tokens_per_expert", st.moe[i].tokens_per_expert}};
+    if (!m.has_modsquad()) layer["block"] = MoeBlocks(m)[i];
+    for (const AuxTerm& t : st.moe_losses[i].terms) layer[t.name + "_loss"] = t.value;
+    layers.push_back(layer);
   }
   return layers;
+}
+
+// {"class": {"loss": .., "accuracy": ..}, ...} of a multi-task model.
+nlohmann::json TasksJson(const std::vector<TaskStat>& tasks) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const TaskStat& t : tasks) j[t.name] = {{"loss", t.loss}, {t.metric, t.value}};
+  return j;
+}
+
+// "class 81.2%  segmentation mIoU 0.812  edges L1 0.0841".
+std::string TasksLine(const std::vector<TaskStat>& tasks) {
+  std::ostringstream o;
+  o << std::fixed;
+  for (const TaskStat& t : tasks) {
+    if (t.metric == "accuracy") {
+      o << "  " << t.name << " " << std::setprecision(1) << 100 * t.value << "%";
+    } else if (t.metric == "miou") {
+      o << "  " << t.name << " mIoU " << std::setprecision(3) << t.value;
+    } else {
+      o << "  " << t.name << " L1 " << std::setprecision(4) << t.value;
+    }
+  }
+  return o.str();
 }
 
 // The test hook MOERUN_TEST_SAVE_PAUSE="STEP:SECONDS": every rank pauses that long after
@@ -400,37 +440,48 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
         std::ostringstream line;
         line << std::fixed << "step " << done << "/" << tc.steps() << "  epoch "
              << std::setprecision(2) << static_cast<double>(done) / steps_per_epoch << "  loss "
-             << std::setprecision(4) << st.loss << "  acc " << std::setprecision(1)
-             << 100 * st.accuracy << "%  aux " << std::setprecision(4) << st.aux_loss
-             << "  dropped " << std::setprecision(1) << 100 * dropped << "%  lr " << std::scientific
+             << std::setprecision(4) << st.loss;
+        if (st.tasks.empty()) {
+          line << "  acc " << std::setprecision(1) << 100 * st.accuracy << "%";
+        } else {
+          line << TasksLine(st.tasks);
+        }
+        line << "  aux " << std::setprecision(4) << st.aux_loss << "  dropped "
+             << std::setprecision(1) << 100 * dropped << "%  lr " << std::scientific
              << std::setprecision(2) << st.learning_rate << std::fixed << "  "
              << std::setprecision(0) << ips << " img/s  ETA " << Duration(eta);
         LOG(INFO) << line.str();
       }
-      emit({{"event", "train"},
-            {"step", done},
-            {"epoch", static_cast<double>(done) / steps_per_epoch},
-            {"loss", st.loss},
-            {"accuracy", st.accuracy},
-            {"aux_loss", st.aux_loss},
-            {"grad_norm", st.grad_norm},
-            {"lr", st.learning_rate},
-            {"images_per_s", ips},
-            {"moe", MoeJson(trainer.model(), st)}});
+      nlohmann::json train_line = {{"event", "train"},
+                                   {"step", done},
+                                   {"epoch", static_cast<double>(done) / steps_per_epoch},
+                                   {"loss", st.loss},
+                                   {"accuracy", st.accuracy},
+                                   {"aux_loss", st.aux_loss},
+                                   {"grad_norm", st.grad_norm},
+                                   {"lr", st.learning_rate},
+                                   {"images_per_s", ips},
+                                   {"moe", MoeJson(config.model(), st)}};
+      if (!st.tasks.empty()) train_line["tasks"] = TasksJson(st.tasks);
+      emit(train_line);
       window_start = now;
       window_images = 0;
     }
     if (tc.eval_every() > 0 && done % tc.eval_every() == 0 && done < tc.steps()) {
       last_eval = trainer.Evaluate(*test, tc.eval_batch(), {});
-      if (root) {
+      if (root && last_eval.tasks.empty()) {
         LOG(INFO) << "eval at step " << done << ": test accuracy " << std::fixed
                   << std::setprecision(2) << 100 * last_eval.accuracy << "%, loss "
                   << std::setprecision(4) << last_eval.loss;
+      } else if (root) {
+        LOG(INFO) << "eval at step " << done << ":" << TasksLine(last_eval.tasks);
       }
-      emit({{"event", "eval"},
-            {"step", done},
-            {"test_accuracy", last_eval.accuracy},
-            {"test_loss", last_eval.loss}});
+      nlohmann::json eval_line = {{"event", "eval"},
+                                  {"step", done},
+                                  {"test_accuracy", last_eval.accuracy},
+                                  {"test_loss", last_eval.loss}};
+      if (!last_eval.tasks.empty()) eval_line["tasks"] = TasksJson(last_eval.tasks);
+      emit(eval_line);
       window_start = Now();  // evaluation time is not training throughput
     }
     if (tc.checkpoint_every() > 0 && done % tc.checkpoint_every() == 0 && done < last_step) {
@@ -463,12 +514,16 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
                        {"checkpoint_stall_s", save_stall_s},
                        {"metrics", metrics_path}};
   if (resumed_step >= 0) result.final_line["resumed_from_step"] = resumed_step;
+  if (!last_eval.tasks.empty()) result.final_line["tasks"] = TasksJson(last_eval.tasks);
   if (stopped_by) result.final_line["signal"] = SignalName(stopped_by);
   emit(result.final_line);
-  if (root) {
+  if (root && last_eval.tasks.empty()) {
     LOG(INFO) << "done: test accuracy " << std::fixed << std::setprecision(2)
               << 100 * last_eval.accuracy << "% after " << trainer.step() << " steps in "
               << Duration(wall) << "; checkpoint: " << last_checkpoint;
+  } else if (root) {
+    LOG(INFO) << "done after " << trainer.step() << " steps in " << Duration(wall)
+              << "; test:" << TasksLine(last_eval.tasks) << "; checkpoint: " << last_checkpoint;
   }
   result.exit_code = stopped_by ? 1 : 0;
   return result;

@@ -30,39 +30,8 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
     return Status::Error("train.global_batch " + std::to_string(tc.global_batch()) +
                          " is larger than the dataset (" + std::to_string(train->size) + ")");
   }
-  const ModelConfig& m = config.model();
-  if (train->channels != m.channels() || train->height != m.image_size() ||
-      train->width != m.image_size() || train->num_classes > m.num_classes()) {
-    return Status::Error("the dataset's images are " + std::to_string(train->channels) + "x" +
-                         std::to_string(train->height) + "x" + std::to_string(train->width) +
-                         " with " + std::to_string(train->num_classes) +
-                         " classes; set model.channels, model.image_size and model.num_classes "
-                         "to match");
-  }
   t->local_batch_ = tc.global_batch() / p;
-  if (m.has_moe()) {
-    const int64_t tokens = t->local_batch_ * TokensPerImage(m), g = GroupTokens(m);
-    if (g > 0 && tokens % g != 0) {
-      const std::string field = m.moe().group_size() > 0
-                                    ? "model.moe.group_size " + std::to_string(g)
-                                    : "model.moe.group_images " +
-                                          std::to_string(m.moe().group_images()) + " (" +
-                                          std::to_string(g) + " tokens)";
-      return Status::Error(field + " does not divide the " + std::to_string(tokens) +
-                           " tokens of a rank's micro-batch (" + std::to_string(t->local_batch_) +
-                           " images: train.global_batch " + std::to_string(tc.global_batch()) +
-                           " over " + std::to_string(p) +
-                           " ranks); use a global batch that splits into whole groups per rank, "
-                           "or a smaller group");
-    }
-    auto groups = MoeGroups::Create(world, m.moe().num_experts());
-    if (!groups.ok()) return groups.status();
-    t->groups_ = *groups;
-  }
-  auto model = VitModel::Create(m, t->groups_);
-  if (!model.ok()) return model.status();
-  t->model_ = std::move(*model);
-  t->model_->Init(tc.seed());
+  MOERUN_RETURN_IF_ERROR(config.model().has_modsquad() ? t->CreateModSquad() : t->CreateVit());
   OptimizerConfig oc;
   oc.learning_rate = tc.learning_rate();
   oc.weight_decay = tc.weight_decay();
@@ -70,7 +39,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   oc.total_steps = tc.steps();
   oc.schedule = tc.schedule();
   std::vector<OptimizerParam> params;
-  for (Param& p : t->model_->params()) {
+  for (Param& p : t->params()) {
     params.push_back(
         {p.name, p.value.data<float>(), p.grad.data<float>(), p.value.numel(), p.decay});
   }
@@ -79,17 +48,59 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   return t;
 }
 
+Status Trainer::CreateVit() {
+  const TrainConfig& tc = config_.train();
+  const Dataset* train = train_;
+  Communicator* world = world_;
+  const int p = world->size();
+  const ModelConfig& m = config_.model();
+  if (train->channels != m.channels() || train->height != m.image_size() ||
+      train->width != m.image_size() || train->num_classes > m.num_classes()) {
+    return Status::Error("the dataset's images are " + std::to_string(train->channels) + "x" +
+                         std::to_string(train->height) + "x" + std::to_string(train->width) +
+                         " with " + std::to_string(train->num_classes) +
+                         " classes; set model.channels, model.image_size and model.num_classes "
+                         "to match");
+  }
+  if (m.has_moe()) {
+    const int64_t tokens = local_batch_ * TokensPerImage(m), g = GroupTokens(m);
+    if (g > 0 && tokens % g != 0) {
+      const std::string field = m.moe().group_size() > 0
+                                    ? "model.moe.group_size " + std::to_string(g)
+                                    : "model.moe.group_images " +
+                                          std::to_string(m.moe().group_images()) + " (" +
+                                          std::to_string(g) + " tokens)";
+      return Status::Error(field + " does not divide the " + std::to_string(tokens) +
+                           " tokens of a rank's micro-batch (" + std::to_string(local_batch_) +
+                           " images: train.global_batch " + std::to_string(tc.global_batch()) +
+                           " over " + std::to_string(p) +
+                           " ranks); use a global batch that splits into whole groups per rank, "
+                           "or a smaller group");
+    }
+    auto groups = MoeGroups::Create(world, m.moe().num_experts());
+    if (!groups.ok()) return groups.status();
+    groups_ = *groups;
+  }
+  auto model = VitModel::Create(m, groups_);
+  if (!model.ok()) return model.status();
+  model_ = std::move(*model);
+  model_->Init(tc.seed());
+  return Status::Ok();
+}
+
 double Trainer::GlobalGradNorm() {
   // Dense gradients are equal on every rank after the all-reduce: count them once (here,
   // locally). Expert gradients: each expert once, from its first replica.
   double dense = 0, expert = 0;
-  const bool first_replica =
-      groups_ == nullptr || groups_->replicas() == nullptr || groups_->replicas()->rank() == 0;
-  for (Param& p : model_->params()) {
+  auto first_replica = [](const std::shared_ptr<MoeGroups>& g) {
+    return g == nullptr || g->replicas() == nullptr || g->replicas()->rank() == 0;
+  };
+  const bool first = first_replica(groups_), first_attention = first_replica(attention_groups_);
+  for (Param& p : params()) {
     const double s = SumOfSquares(p.grad.data<float>(), p.grad.numel());
     if (!p.expert) {
       dense += s;
-    } else if (first_replica) {
+    } else if (p.name.find(".attn.experts.") != std::string::npos ? first_attention : first) {
       expert += s;
     }
   }
@@ -98,6 +109,7 @@ double Trainer::GlobalGradNorm() {
 }
 
 StepStats Trainer::Step() {
+  if (modsquad_) return MultiTaskStep();
   const TrainConfig& tc = config_.train();
   const int64_t b = local_batch_, numel = train_->image_numel();
   images_.resize(b * numel);
@@ -139,11 +151,21 @@ StepStats Trainer::Step() {
   st.loss = sums[0] / sums[2];
   st.accuracy = sums[1] / sums[2];
   st.aux_loss = out.aux_loss;
+  if (!UpdateIfFinite(&st)) return st;
+  for (MoeLayer* layer : model_->moe_layers()) {
+    st.moe.push_back(layer->metrics());
+    st.moe_losses.push_back(layer->losses());
+  }
+  return st;
+}
+
+bool Trainer::UpdateIfFinite(StepStats* stats) {
+  StepStats& st = *stats;
   if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm) || !std::isfinite(st.aux_loss)) {
     // No update: the weights stay those of the last good step.
     st.finite = false;
     std::string first;
-    for (Param& p : model_->params()) {
+    for (Param& p : params()) {
       if (!std::isfinite(SumOfSquares(p.grad.data<float>(), p.grad.numel()))) {
         first = "the gradient of '" + p.name + "' is not finite";
         break;
@@ -158,19 +180,15 @@ StepStats Trainer::Step() {
     o << "; no update was made (lower train.learning_rate or set train.clip_grad_norm, and "
          "resume from the last checkpoint)";
     st.problem = o.str();
-    return st;
+    return false;
   }
-  optimizer_->Step(step_, ClipCoefficient(st.grad_norm, tc.clip_grad_norm()));
-  for (MoeLayer* layer : model_->moe_layers()) {
-    st.moe.push_back(layer->metrics());
-    st.moe_losses.push_back(layer->losses());
-  }
+  optimizer_->Step(step_, ClipCoefficient(st.grad_norm, config_.train().clip_grad_norm()));
   ++step_;
-  return st;
+  return true;
 }
 
 std::string Trainer::FirstNonFiniteParameter() {
-  for (Param& p : model_->params()) {
+  for (Param& p : params()) {
     if (!std::isfinite(SumOfSquares(p.value.data<float>(), p.value.numel()))) return p.name;
   }
   return "";
@@ -178,7 +196,7 @@ std::string Trainer::FirstNonFiniteParameter() {
 
 std::vector<CheckpointSlice> Trainer::StateSlices(bool optimizer) {
   std::vector<CheckpointSlice> out;
-  std::vector<Param>& params = model_->params();
+  std::vector<Param>& params = this->params();
   for (Param& p : params) out.push_back({p.name, p.value.shape(), 0, -1, p.value});
   if (optimizer) {
     auto& m = optimizer_->first_moments();
@@ -246,6 +264,13 @@ Status CheckSameModel(const CheckpointManifest& manifest, const Config& current)
   auto structure = [](const ModelConfig& m) {
     ModelConfig s = m;
     s.clear_name();
+    if (m.has_modsquad()) {
+      ModSquadConfig& ms = *s.mutable_modsquad();
+      for (const char* f :
+           {"mi_weight", "mi_per_rank", "capacity_factor", "group_images", "bpr", "multiple_of"}) {
+        ms.GetReflection()->ClearField(&ms, ModSquadConfig::descriptor()->FindFieldByName(f));
+      }
+    }
     if (m.has_moe()) {
       MoeConfig& e = *s.mutable_moe();
       e.Clear();
@@ -288,6 +313,7 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
 
 EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
                             const RoutingOverride& routing) {
+  if (modsquad_) return EvaluateMultiTask(data, global_batch, routing);
   const int p = world_->size();
   // Each rank's micro-batch holds whole routing groups (the last batch is padded).
   const int64_t step_images = GroupStepImages(config_.model());

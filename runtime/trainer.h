@@ -12,12 +12,21 @@
 
 #include "comm/communicator.h"
 #include "data/dataset.h"
+#include "data/multitask.h"
+#include "model/modsquad.h"
 #include "model/vit.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.pb.h"
 #include "runtime/optimizer.h"
 
 namespace moerun {
+
+// One task of a multi-task (Mod-Squad) model, global over the batch or the eval set.
+struct TaskStat {
+  std::string name;
+  std::string metric;  // "accuracy", "miou" or "l1"
+  double loss = 0, value = 0;
+};
 
 struct StepStats {
   int64_t step = 0;  // the step just taken (0-based)
@@ -32,12 +41,14 @@ struct StepStats {
   std::string problem;
   std::vector<MoeMetrics> moe;  // per MoE layer
   std::vector<MoeLosses> moe_losses;
+  std::vector<TaskStat> tasks;  // multi-task models: per task (loss: the task's own)
 };
 
 struct EvalStats {
   double loss = 0, accuracy = 0;
   int64_t examples = 0;
   std::vector<double> dropped_fraction;  // mean over MoE layers, per choice rank
+  std::vector<TaskStat> tasks;           // multi-task models
 };
 
 // Routing at inference: < 0 / -1 keeps the trained setting.
@@ -80,7 +91,17 @@ class Trainer {
   // The first parameter (of this rank) that is not finite; "" when all are.
   std::string FirstNonFiniteParameter();
 
-  VitModel& model() { return *model_; }
+  // The V-MoE model (CHECK: not a multi-task run) or the Mod-Squad model (multitask()).
+  VitModel& model() {
+    CHECK(model_ != nullptr) << "not a V-MoE run";
+    return *model_;
+  }
+  ModSquadModel& modsquad() {
+    CHECK(modsquad_ != nullptr) << "not a Mod-Squad run";
+    return *modsquad_;
+  }
+  bool multitask() const { return modsquad_ != nullptr; }
+  std::vector<Param>& params() { return modsquad_ ? modsquad_->params() : model_->params(); }
   AdamW& optimizer() { return *optimizer_; }
   int64_t step() const { return step_; }
   void set_step(int64_t step) { step_ = step; }
@@ -90,12 +111,32 @@ class Trainer {
  private:
   Trainer() = default;
   double GlobalGradNorm();
+  // With st's loss and gradient norm: the AdamW update and the next step, or (not finite)
+  // no update, st->finite false and st->problem naming the first non-finite gradient.
+  bool UpdateIfFinite(StepStats* st);
+  Status CreateVit();
+  Status CreateModSquad();
+  StepStats MultiTaskStep();
+  EvalStats EvaluateMultiTask(const Dataset& data, int64_t global_batch,
+                              const RoutingOverride& routing);
+  // The multi-task targets of `base` (derived once per dataset).
+  const MultiTaskDataset& MultiTask(const Dataset& base);
+  // The labels / targets of the config's tasks for dataset examples `indices` into the
+  // step buffers, and their pointers in `batch`.
+  void GatherTasks(const MultiTaskDataset& data, const std::vector<int64_t>& indices,
+                   MultiTaskBatch* batch);
 
   Config config_;
   Communicator* world_ = nullptr;
   const Dataset* train_ = nullptr;
   std::shared_ptr<MoeGroups> groups_;
   std::unique_ptr<VitModel> model_;
+  std::unique_ptr<ModSquadModel> modsquad_;
+  std::shared_ptr<MoeGroups> attention_groups_;
+  std::vector<int> data_task_;  // per config task: its FashionMnistTasks() index
+  std::vector<std::pair<const Dataset*, std::unique_ptr<MultiTaskDataset>>> multitask_;
+  std::vector<std::vector<int32_t>> task_labels_;
+  std::vector<std::vector<float>> task_targets_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<BatchSampler> sampler_;
   int64_t step_ = 0, local_batch_ = 0;
