@@ -13,6 +13,7 @@ packages=(
   libgoogle-glog-dev libgtest-dev      # logging, tests
   libopenblas-dev zlib1g-dev           # CPU GEMM, gzip
   nlohmann-json3-dev                   # JSON lines, safetensors headers
+  libcairo2-dev pkg-config fonts-dejavu-core  # Mod-Squad usage heatmaps (PNG)
   librandom123-dev                     # counter-based RNG (router noise)
   clang-format                         # style check in CI
   dataset-fashion-mnist                # the demo dataset

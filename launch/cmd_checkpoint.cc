@@ -13,6 +13,7 @@
 #include "runtime/config.h"
 #include "runtime/safetensors.h"
 #include "runtime/trainer.h"
+#include "runtime/usage.h"
 
 namespace moerun {
 namespace {
@@ -54,6 +55,7 @@ StatusOr<std::map<std::string, std::vector<int>>> Holders(const ModelConfig& mod
   for (const ParamSpec& p : ParamSpecs(model)) {
     out[p.name] = p.expert < 0 ? all : ExpertHolders(p.num_experts, ranks, p.expert);
   }
+  for (const ParamSpec& b : BufferSpecs(model)) out[b.name] = all;
   return out;
 }
 
@@ -68,8 +70,9 @@ std::string ParameterOf(const std::string& name) {
 
 void SetPlacement(const ModelConfig& model, int ranks, CheckpointManifest* m) {
   m->set_world_size(ranks);
-  if (model.has_moe()) {
-    const int e = model.moe().num_experts();
+  const std::vector<int> counts = ExpertCounts(model);
+  if (!counts.empty()) {
+    const int e = counts.back();  // Mod-Squad: the MLP layers' experts
     m->set_expert_parallel_size(std::min(ranks, e));
     m->set_expert_replicas(ranks > e ? ranks / e : 1);
   } else {
@@ -298,6 +301,220 @@ int Reshard(const std::string& in, int ranks, const std::string& out) {
   return kExitOk;
 }
 
+// The Mod-Squad checkpoint `o` (an error naming what it holds otherwise).
+Status RequireModSquad(const Opened& o, const std::string& what) {
+  const ModelConfig& m = o.config.model();
+  if (!m.has_modsquad()) {
+    return Status::Error(o.dir + " holds a " + (m.has_moe() ? "V-MoE" : "dense ViT") + " model (" +
+                         m.name() + "); " + what +
+                         " needs a Mod-Squad checkpoint (model.modsquad)");
+  }
+  if (!m.modsquad().moe()) {
+    return Status::Error(o.dir + " holds the dense multi-task baseline (modsquad.moe: false): it " +
+                         "has no experts; " + what + " needs a Mod-Squad model with MoE layers");
+  }
+  return Status::Ok();
+}
+
+// The usage EMAs of a Mod-Squad checkpoint, in BufferSpecs order.
+StatusOr<std::vector<std::pair<std::string, Tensor>>> LoadUsage(const Opened& o) {
+  std::vector<std::pair<std::string, Tensor>> ema;
+  for (const ParamSpec& b : BufferSpecs(o.config.model())) {
+    auto t = LoadTensor(o.dir, o.manifest, b.name);
+    if (!t.ok()) {
+      return Status::Error(t.status().message() +
+                           " (the checkpoint has no usage statistics: was it written by a moerun "
+                           "that records them?)");
+    }
+    ema.push_back({b.name, *t});
+  }
+  return ema;
+}
+
+int Usage(const std::string& in, std::string out) {
+  const std::string cmd = "moerun usage";
+  auto o = Open(in);
+  if (!o.ok()) return Fail(cmd, o.status().message(), kExitFailure);
+  Status s = RequireModSquad(*o, "usage");
+  if (!s.ok()) return Fail(cmd, s.message(), kExitUsage);
+  auto ema = LoadUsage(*o);
+  if (!ema.ok()) return Fail(cmd, ema.status().message(), kExitFailure);
+  if (out.empty()) out = o->dir + "/usage";
+  const std::vector<LayerUsage> layers = UsageFromBuffers(o->config.model(), *ema);
+  std::vector<std::string> written;
+  s = WriteUsageReport(o->config.model(), layers, out, &written);
+  if (!s.ok()) return Fail(cmd, s.message(), kExitFailure);
+  nlohmann::json entropy = nlohmann::json::object();
+  for (const LayerUsage& l : layers) entropy[l.layer] = MeanTaskEntropy({l});
+  PrintJsonLine({{"event", "usage"},
+                 {"checkpoint", o->dir},
+                 {"out", out},
+                 {"files", written},
+                 {"mean_task_entropy_bits", MeanTaskEntropy(layers)},
+                 {"layer_entropy_bits", entropy}});
+  return kExitOk;
+}
+
+// shared/specs/modsquad.md, "Extracting a single-task model".
+int Extract(const std::string& in, const std::string& task_arg, const std::string& out,
+            double thresh) {
+  const std::string cmd = "moerun extract";
+  auto o = Open(in);
+  if (!o.ok()) return Fail(cmd, o.status().message(), kExitFailure);
+  Status s = RequireModSquad(*o, "extract");
+  if (!s.ok()) return Fail(cmd, s.message(), kExitUsage);
+  const ModelConfig& full = o->config.model();
+  const ModSquadConfig& ms = full.modsquad();
+  // The task: by name, or by id.
+  int task = -1;
+  std::string names;
+  for (int t = 0; t < ms.tasks_size(); ++t) {
+    names += (t ? ", " : "") + ms.tasks(t).name();
+    if (ms.tasks(t).name() == task_arg) task = t;
+  }
+  if (task < 0 && !task_arg.empty() &&
+      task_arg.find_first_not_of("0123456789") == std::string::npos) {
+    const long id = std::strtol(task_arg.c_str(), nullptr, 10);
+    if (id >= ms.tasks_size()) {
+      return Fail(cmd,
+                  "task id " + task_arg + " is out of range: the model has " +
+                      std::to_string(ms.tasks_size()) + " tasks (0.." +
+                      std::to_string(ms.tasks_size() - 1) + ": " + names + ")",
+                  kExitUsage);
+    }
+    task = static_cast<int>(id);
+  }
+  if (task < 0) {
+    return Fail(cmd, "unknown task '" + task_arg + "'; the model's tasks are " + names, kExitUsage);
+  }
+  if (!(thresh >= 0)) return Fail(cmd, "--thresh must be >= 0", kExitUsage);
+  std::error_code ec;
+  if (std::filesystem::exists(out, ec)) {
+    return Fail(cmd, "--out " + out + " exists; choose a new directory", kExitUsage);
+  }
+  auto ema = LoadUsage(*o);
+  if (!ema.ok()) return Fail(cmd, ema.status().message(), kExitFailure);
+  const std::vector<LayerUsage> usage = UsageFromBuffers(full, *ema);
+  // Kept experts per block: u[t,e] > thresh / k, at least the k most used.
+  std::vector<std::vector<int>> kept(full.num_layers());
+  for (int b = 0; b < full.num_layers(); ++b) {
+    const LayerUsage& l = usage[b];
+    const double* u = l.percent.data() + task * l.experts;
+    double total = 0;
+    for (int e = 0; e < l.experts; ++e) total += u[e];
+    if (total <= 0) {
+      return Fail(cmd,
+                  "task '" + ms.tasks(task).name() + "' has no recorded expert usage in " +
+                      l.layer + " (was the model trained?)",
+                  kExitFailure);
+    }
+    for (int e = 0; e < l.experts; ++e) {
+      if (u[e] > thresh / l.k) kept[b].push_back(e);
+    }
+    if (static_cast<int>(kept[b].size()) < l.k) {
+      std::vector<int> order(l.experts);
+      for (int e = 0; e < l.experts; ++e) order[e] = e;
+      std::stable_sort(order.begin(), order.end(), [&](int a, int c) { return u[a] > u[c]; });
+      kept[b].assign(order.begin(), order.begin() + l.k);
+      std::sort(kept[b].begin(), kept[b].end());
+    }
+  }
+  // The single-task config.
+  Config config = o->config;
+  ModelConfig* m = config.mutable_model();
+  m->set_name(full.name() + "_" + ms.tasks(task).name());
+  ModSquadConfig* xs = m->mutable_modsquad();
+  xs->clear_tasks();
+  *xs->add_tasks() = ms.tasks(task);
+  xs->clear_layer_experts();
+  for (const auto& k : kept) xs->add_layer_experts(static_cast<int>(k.size()));
+  // Where each new tensor comes from.
+  auto source = [&](const std::string& name) -> StatusOr<Tensor> {
+    auto take_rows = [&](const std::string& old_name, const std::vector<int>& rows,
+                         int64_t row_size, int64_t first) -> StatusOr<Tensor> {
+      auto t = LoadTensor(o->dir, o->manifest, old_name);
+      if (!t.ok()) return t.status();
+      Shape shape = t->shape();
+      shape[0] = 1;
+      if (shape.size() >= 2 && !rows.empty()) shape[1] = static_cast<int64_t>(rows.size());
+      Tensor r = Tensor::Empty(shape, DType::kF32);
+      const float* src = t->data<float>() + first;
+      if (rows.empty()) {
+        std::copy_n(src, r.numel(), r.data<float>());
+      } else {
+        for (size_t j = 0; j < rows.size(); ++j) {
+          std::copy_n(src + rows[j] * row_size, row_size, r.data<float>() + j * row_size);
+        }
+      }
+      return r;
+    };
+    const int64_t d = full.hidden_size();
+    if (name == "task_embedding") return take_rows(name, {}, d, task * d);
+    if (name == "loss.task_uncertainty") return take_rows(name, {}, 1, task);
+    const size_t dot = name.find('.', 7);
+    if (name.rfind("blocks.", 0) == 0 && dot != std::string::npos) {
+      const int b = std::stoi(name.substr(7, dot - 7));
+      const int e_full = usage[b].experts;
+      const std::string pre = name.substr(0, dot + 1);
+      for (const char* kind : {"attn.", "mlp."}) {
+        const std::string router = pre + kind + "router.weight";
+        if (name == router) return take_rows(name, kept[b], d, int64_t{task} * e_full * d);
+        if (name == pre + kind + "usage")
+          return take_rows(name, kept[b], 1, int64_t{task} * e_full);
+        const std::string experts = pre + kind + "experts.";
+        if (name.rfind(experts, 0) == 0) {
+          const size_t end = name.find('.', experts.size());
+          const int j = std::stoi(name.substr(experts.size(), end - experts.size()));
+          return LoadTensor(o->dir, o->manifest,
+                            experts + std::to_string(kept[b][j]) + name.substr(end));
+        }
+      }
+    }
+    return LoadTensor(o->dir, o->manifest, name);
+  };
+  std::vector<std::pair<std::string, std::pair<Shape, DType>>> tensors;
+  for (const ParamSpec& p : ParamSpecs(*m))
+    tensors.push_back({p.name, {Shape(p.shape.begin(), p.shape.end()), DType::kF32}});
+  for (const ParamSpec& p : BufferSpecs(*m))
+    tensors.push_back({p.name, {Shape(p.shape.begin(), p.shape.end()), DType::kF32}});
+  CheckpointManifest state = o->manifest;
+  state.clear_files();
+  state.clear_tensors();
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(config, &text);
+  state.set_config(text);
+  state.set_optimizer_state(false);
+  SaveResult r;
+  s = WriteAsRanks(out, state, *m, 1, tensors, source, &r);
+  if (!s.ok()) return Fail(cmd, s.message(), kExitFailure);
+  s = WriteFileAtomically(out + "/config.pbtxt", "# Extracted by moerun extract from " + o->dir +
+                                                     ", task '" + ms.tasks(task).name() + "'.\n" +
+                                                     text);
+  if (!s.ok()) return Fail(cmd, s.message(), kExitFailure);
+  const int64_t params = CountParameters(*m).total, full_params = CountParameters(full).total;
+  nlohmann::json experts = nlohmann::json::array();
+  for (int b = 0; b < full.num_layers(); ++b) {
+    experts.push_back({{"layer", usage[b].layer}, {"kept", kept[b]}, {"of", usage[b].experts}});
+  }
+  PrintJsonLine({{"event", "extract"},
+                 {"checkpoint", o->dir},
+                 {"task", ms.tasks(task).name()},
+                 {"out", r.path},
+                 {"config", out + "/config.pbtxt"},
+                 {"parameters", params},
+                 {"full_parameters", full_params},
+                 {"fraction", static_cast<double>(params) / full_params},
+                 {"thresh", thresh},
+                 {"experts", experts}});
+  std::fprintf(stderr,
+               "moerun extract: task '%s': %lld parameters (the full model: %lld, %.1f%%); "
+               "evaluate with: moerun eval --config %s/config.pbtxt --model %s\n",
+               ms.tasks(task).name().c_str(), static_cast<long long>(params),
+               static_cast<long long>(full_params), 100.0 * params / full_params, out.c_str(),
+               r.path.c_str());
+  return kExitOk;
+}
+
 }  // namespace
 
 int RunCheckpointCommand(const std::string& command, const std::vector<std::string>& args,
@@ -306,7 +523,8 @@ int RunCheckpointCommand(const std::string& command, const std::vector<std::stri
   po::options_description desc("Options");
   po::positional_options_description positional;
   po::variables_map vm;
-  std::string path, in, out, config_path, action;
+  std::string path, in, out, config_path, action, task;
+  double thresh = 3.0;
   std::vector<std::string> overrides;
   int ranks = 1;
   bool show_config = false, with_optimizer = false, force = false;
@@ -344,6 +562,29 @@ int RunCheckpointCommand(const std::string& command, const std::vector<std::stri
     about =
         "Makes a checkpoint (step 0, fresh optimizer) from a safetensors file, to train or\n"
         "fine-tune from with 'moerun train --resume D'.";
+  } else if (command == "usage") {
+    desc.add_options()                                                                            //
+        ("checkpoint", po::value(&in)->required(), "checkpoint directory (or root with LATEST)")  //
+        ("out", po::value(&out), "directory for the report (default <checkpoint>/usage)");
+    synopsis = "moerun usage --checkpoint D [--out DIR]";
+    about =
+        "Mod-Squad expert usage from a checkpoint's usage statistics: per MoE layer a heatmap\n"
+        "PNG (tasks x experts, percent) and a CSV, the task-similarity matrix (PNG, CSV), and\n"
+        "one JSON line with the mean per-task usage entropy (bits; lower: sharper).";
+  } else if (command == "extract") {
+    desc.add_options()                                                                            //
+        ("checkpoint", po::value(&in)->required(), "checkpoint directory (or root with LATEST)")  //
+        ("task", po::value(&task)->required(), "the task's name (or its index)")                  //
+        ("out", po::value(&out)->required(), "checkpoint directory to write (must not exist)")    //
+        ("thresh", po::value(&thresh)->default_value(3.0),
+         "keep expert e when its usage u[t,e] (percent) > thresh / k");
+    synopsis = "moerun extract --checkpoint D --task T --out D2 [--thresh 3]";
+    about =
+        "Cuts a standalone single-task model out of a Mod-Squad checkpoint\n"
+        "(shared/specs/modsquad.md): per MoE layer the experts the task uses (at least k),\n"
+        "the task's router rows for them, its task embedding and head, all dense weights.\n"
+        "Writes a 1-rank checkpoint and D2/config.pbtxt; evaluate it with\n"
+        "'moerun eval --config D2/config.pbtxt --model D2'.";
   } else {
     desc.add_options()                                                                        //
         ("in", po::value(&in)->required(), "checkpoint directory (or root with LATEST)")      //
@@ -365,6 +606,8 @@ int RunCheckpointCommand(const std::string& command, const std::vector<std::stri
     return Fail(cmd, "unknown action '" + action + "'; use info or verify", kExitUsage);
   }
   if (command == "export") return Export(in, out, with_optimizer, force);
+  if (command == "usage") return Usage(in, out);
+  if (command == "extract") return Extract(in, task, out, thresh);
   if (ranks < 1) return Fail(cmd, "--ranks must be at least 1", kExitUsage);
   if (command == "import") return Import(in, config_path, overrides, out, ranks);
   return Reshard(in, ranks, out);

@@ -122,6 +122,8 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
                           {"examples", e.examples},
                           {"dropped_fraction", e.dropped_fraction}};
       if (cf >= 0) j["capacity_factor"] = cf;
+      j["parameters"] = CountParameters(config.model()).total;
+      if (!e.tasks.empty()) j["tasks"] = TasksJson(e.tasks);
       if (exact_capacity) j["exact_capacity"] = true;
       PrintJsonLine(j);
     }

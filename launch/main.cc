@@ -39,6 +39,12 @@ int Import(const std::vector<std::string>& a, ProgramArgs p) {
 int Reshard(const std::vector<std::string>& a, ProgramArgs p) {
   return moerun::RunCheckpointCommand("reshard", a, p);
 }
+int Usage(const std::vector<std::string>& a, moerun::ProgramArgs p) {
+  return moerun::RunCheckpointCommand("usage", a, p);
+}
+int Extract(const std::vector<std::string>& a, moerun::ProgramArgs p) {
+  return moerun::RunCheckpointCommand("extract", a, p);
+}
 
 const CommandEntry kCommands[] = {
     {"env", "show world size, ranks, hosts, threads, BLAS, MPI and CUDA of this job",
@@ -54,6 +60,8 @@ const CommandEntry kCommands[] = {
     {"export", "write a checkpoint's parameters as one safetensors file (global names)", Export},
     {"import", "make a checkpoint (step 0, fresh optimizer) from a safetensors file", Import},
     {"reshard", "rewrite a checkpoint as another rank count would have written it", Reshard},
+    {"usage", "Mod-Squad expert usage heatmaps and task similarity of a checkpoint", Usage},
+    {"extract", "cut a standalone single-task model out of a Mod-Squad checkpoint", Extract},
 };
 
 const CommandEntry kBenchTargets[] = {

@@ -81,18 +81,23 @@ Tensor ModSquadModel::AddDense(const std::string& name, const Shape& shape, bool
   return p.value;
 }
 
-StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
-    const ModelConfig& c, Communicator* world, std::shared_ptr<MoeGroups> attention_groups,
-    std::shared_ptr<MoeGroups> mlp_groups) {
+std::shared_ptr<MoeGroups> ModSquadModel::groups(int experts) const {
+  auto it = groups_.find(experts);
+  return it == groups_.end() ? nullptr : it->second;
+}
+
+StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig& c,
+                                                               Communicator* world) {
   const ModSquadConfig& ms = c.modsquad();
-  if (ms.moe() && (attention_groups == nullptr || mlp_groups == nullptr)) {
-    return Status::Error("a Mod-Squad model with MoE layers needs MoE groups");
-  }
+  MOERUN_RETURN_IF_ERROR(CheckPlacement(c, world->size()));
   std::unique_ptr<ModSquadModel> m(new ModSquadModel());
   m->config_ = c;
   m->world_ = world;
-  m->attention_groups_ = attention_groups;
-  m->mlp_groups_ = mlp_groups;
+  for (int experts : ExpertCounts(c)) {
+    auto g = MoeGroups::Create(world, experts);
+    if (!g.ok()) return g.status();
+    m->groups_[experts] = *g;
+  }
   const int64_t d = c.hidden_size(), p = c.patch_size(), grid = c.image_size() / p;
   m->d_ = d;
   m->heads_ = c.num_heads();
@@ -138,12 +143,12 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
       MoeAttentionConfig ac;
       ac.d = static_cast<int>(d);
       ac.head_dim = ms.head_dim();
-      ac.num_experts = ms.attention_experts();
+      ac.num_experts = static_cast<int>(s.shape[1]);
       ac.k = ms.attention_k();
       ac.tasks = tasks;
       ac.capacity = rule;
       ac.aux = aux;
-      m->moe_attention_.push_back(std::make_unique<MoeAttention>(ac, attention_groups));
+      m->moe_attention_.push_back(std::make_unique<MoeAttention>(ac, m->groups_[ac.num_experts]));
       attn = m->moe_attention_.back().get();
       m->params_.push_back(
           {s.name, attn->params().router_weight, attn->grads().router_weight, false, true});
@@ -156,7 +161,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
       MoeLayerConfig lc;
       lc.d = static_cast<int>(d);
       lc.m = static_cast<int>(hidden);
-      lc.num_experts = ms.mlp_experts();
+      lc.num_experts = static_cast<int>(s.shape[1]);
       lc.k = ms.mlp_k();
       lc.capacity_factor = rule.capacity_factor;
       lc.multiple_of = rule.multiple_of;
@@ -169,13 +174,13 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
       lc.load_weight = 0;
       lc.mi_weight = aux.mi;
       lc.mi_per_rank = aux.mi_per_rank;
-      m->moe_mlp_.push_back(std::make_unique<MoeLayer>(lc, mlp_groups));
+      m->moe_mlp_.push_back(std::make_unique<MoeLayer>(lc, m->groups_[lc.num_experts]));
       mlp = m->moe_mlp_.back().get();
       m->params_.push_back(
           {s.name, mlp->params().router_weight, mlp->grads().router_weight, false, true});
     } else if (s.expert >= 0) {
       const bool in_attention = s.name.find(".attn.experts.") != std::string::npos;
-      const MoeGroups& g = in_attention ? *attention_groups : *mlp_groups;
+      const MoeGroups& g = *m->groups_[s.num_experts];
       const int local = s.expert - g.first_local_expert();
       if (local < 0 || local >= g.local_experts()) continue;
       Tensor *value = nullptr, *grad = nullptr;
@@ -196,7 +201,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
         }
       }
       m->params_.push_back(
-          {s.name, expert_view(*value, local), expert_view(*grad, local), true, s.decay});
+          {s.name, expert_view(*value, local), expert_view(*grad, local), true, s.decay, &g});
     } else {
       m->AddDense(s.name, shape, s.decay);
       by_name[s.name] = {m->params_.back().value, m->params_.back().grad};
@@ -256,6 +261,16 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(
     get(hp + "fc.weight", &h.fc_w, &h.g_fc_w);
     get(hp + "fc.bias", &h.fc_b, &h.g_fc_b);
     m->heads_p_.push_back(h);
+  }
+  for (const ParamSpec& s : BufferSpecs(c)) {
+    const int block = std::stoi(s.name.substr(7));
+    Block& b = *m->blocks_[block];
+    Param buf;
+    buf.name = s.name;
+    buf.value = b.attn_layer != nullptr && EndsWith(s.name, ".attn.usage") ? b.attn_layer->usage()
+                                                                           : b.mlp_layer->usage();
+    buf.decay = false;
+    m->buffers_.push_back(buf);
   }
   m->dense_grad_flat_ = Tensor::OnStorage(
       m->dense_grad_storage_, 0, {static_cast<int64_t>(m->dense_offset_ / 4)}, DType::kF32);

@@ -12,6 +12,7 @@
 #ifndef MOERUN_MODEL_MODSQUAD_H_
 #define MOERUN_MODEL_MODSQUAD_H_
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,19 +60,22 @@ double TaskMetric(const TaskHeadConfig& head, const std::vector<double>& sums);
 
 class ModSquadModel {
  public:
-  // groups: the MoE communicators of the attention and of the MLP layers (null for the
-  // dense baseline); world: the data-parallel ranks (losses are global means).
-  static StatusOr<std::unique_ptr<ModSquadModel>> Create(
-      const ModelConfig& config, Communicator* world, std::shared_ptr<MoeGroups> attention_groups,
-      std::shared_ptr<MoeGroups> mlp_groups);
+  // world: the ranks (data-parallel dense parameters, expert-parallel MoE layers; losses
+  // are global means). Fails (naming the block) when an expert count does not fit them.
+  static StatusOr<std::unique_ptr<ModSquadModel>> Create(const ModelConfig& config,
+                                                         Communicator* world);
   ~ModSquadModel();
 
   const ModelConfig& config() const { return config_; }
   int tasks() const { return config_.modsquad().tasks_size(); }
   std::vector<Param>& params() { return params_; }
+  // BufferSpecs (vit_spec.h): the usage EMAs of the MoE layers (value only, no gradient).
+  std::vector<Param>& buffers() { return buffers_; }
   Tensor& dense_grads() { return dense_grad_flat_; }
   std::vector<MoeAttention*> moe_attention_layers();
   std::vector<MoeLayer*> moe_mlp_layers();
+  // The MoE communicators of layers with `experts` experts (null when there are none).
+  std::shared_ptr<MoeGroups> groups(int experts) const;
 
   void Init(uint64_t seed);
   void ZeroGrads();
@@ -95,9 +99,9 @@ class ModSquadModel {
 
   ModelConfig config_;
   Communicator* world_ = nullptr;
-  std::shared_ptr<MoeGroups> attention_groups_, mlp_groups_;
+  std::map<int, std::shared_ptr<MoeGroups>> groups_;  // by expert count
   int64_t tokens_ = 0, patches_ = 0, d_ = 0, heads_ = 0, head_dim_ = 0, mlp_ = 0;
-  std::vector<Param> params_;
+  std::vector<Param> params_, buffers_;
   std::vector<std::unique_ptr<Block>> blocks_;
   std::vector<std::unique_ptr<MoeAttention>> moe_attention_;
   std::vector<std::unique_ptr<MoeLayer>> moe_mlp_;

@@ -21,6 +21,7 @@ MoeAttention::MoeAttention(const MoeAttentionConfig& config, std::shared_ptr<Moe
   CHECK_EQ(config_.num_experts, groups_->num_experts()) << "MoE attention and groups disagree on E";
   CHECK(config_.k >= 1 && config_.k <= config_.num_experts) << "k " << config_.k;
   const int64_t el = groups_->local_experts(), d = config_.d, dh = config_.head_dim;
+  aux_.InitUsage(config_.tasks, config_.num_experts);
   params_.router_weight = router_.weight();
   grads_.router_weight = router_.grad();
   for (MoeAttentionParams* p : {&params_, &grads_}) {
@@ -64,6 +65,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     PlanRouting(router_.gates(), config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
                 &plan_);
     aux_.Compute(router_, plan_, groups_->world());
+    if (args.training) aux_.UpdateUsage();
   }
   // Shared keys and values.
   EnsureTensor(&kv_, {t, 2 * dh});

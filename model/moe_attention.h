@@ -66,6 +66,8 @@ class MoeAttention {
   // dropped choices).
   const Tensor& queries() const { return q_tok_; }
   const Tensor& head_outputs() const { return a_tok_; }
+  // The usage EMA [tasks, E] (moe_aux.h), updated by training forwards.
+  Tensor& usage() { return aux_.usage(); }
   MoeTimers& timers() { return timers_; }
 
  private:

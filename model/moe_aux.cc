@@ -81,7 +81,9 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
   // gates, [tasks x E gate sums, E selections] (all-reduced MI) or [local MI] (per rank).
   const size_t base = 4 + e_count + k;
   const size_t mi_size = !task_gate ? 0 : weights_.mi_per_rank ? 1 : tasks * e_count + e_count;
-  std::vector<double> totals(base + mi_size, 0.0);
+  // Task gates: then [tasks x E] selections per task (usage statistics), always global.
+  const size_t usage_at = base + mi_size, usage_size = task_gate ? tasks * e_count : 0;
+  std::vector<double> totals(base + mi_size + usage_size, 0.0);
   std::copy(local, local + 4, totals.begin());
   const int32_t* idx = plan_.expert_index.data<int32_t>();
   const int32_t* sl = plan_.slot.data<int32_t>();
@@ -100,7 +102,10 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
       double* row = task_gate_sums_.data() + task[tok] * e_count;
       for (int64_t j = 0; j < e_count; ++j) row[j] += p[tok * e_count + j];
     }
-    for (int64_t i = 0; i < t * k; ++i) selection_counts_[idx[i]] += 1;
+    for (int64_t i = 0; i < t * k; ++i) {
+      selection_counts_[idx[i]] += 1;
+      totals[usage_at + task[i / k] * e_count + idx[i]] += 1;
+    }
     if (weights_.mi_per_rank) {
       mi_grad_.assign(tasks * e_count, 0.0);
       totals[base] = MutualInformationLoss(task_gate_sums_.data(), selection_counts_.data(), tasks,
@@ -128,12 +133,14 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
     } else {
       std::copy(totals.begin() + base, totals.begin() + base + tasks * e_count,
                 task_gate_sums_.begin());
-      std::copy(totals.begin() + base + tasks * e_count, totals.end(), selection_counts_.begin());
+      std::copy(totals.begin() + base + tasks * e_count, totals.begin() + usage_at,
+                selection_counts_.begin());
       mi_grad_.assign(tasks * e_count, 0.0);
       mi = MutualInformationLoss(task_gate_sums_.data(), selection_counts_.data(), tasks, e, kk,
                                  mi_grad_.data());
     }
     add("mi", weights_.mi, mi, tasks > 2);
+    task_selections_.assign(totals.begin() + usage_at, totals.end());
   }
   losses_.aux_total = 0;
   for (const AuxTerm& term : losses_.terms) {
@@ -151,6 +158,15 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
   for (int64_t j = 0; j < k; ++j)
     metrics_.dropped_fraction[j] = totals[4 + e_count + j] / tokens_total;
   metrics_.capacity_used = kept / (static_cast<double>(e_count) * plan_.capacity * g_total);
+}
+
+void MoeAuxLosses::UpdateUsage() {
+  if (task_selections_.empty() || !usage_.defined()) return;
+  CHECK_EQ(usage_.numel(), static_cast<int64_t>(task_selections_.size()));
+  float* u = usage_.data<float>();
+  for (size_t i = 0; i < task_selections_.size(); ++i) {
+    u[i] = static_cast<float>(0.95 * u[i] + 0.05 * task_selections_[i]);
+  }
 }
 
 void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const float* d_weight,

@@ -68,12 +68,22 @@ class MoeAuxLosses {
   // (mi_per_rank) or all ranks'.
   const std::vector<double>& task_gate_sums() const { return task_gate_sums_; }
   const std::vector<double>& selection_counts() const { return selection_counts_; }
+  // Task gates: [tasks, E] selections of each task's tokens (all k choices), all ranks.
+  const std::vector<double>& task_selections() const { return task_selections_; }
+
+  // Mod-Squad's expert usage (shared/specs/modsquad.md): per task an exponential moving
+  // average of the selections per expert, usage = 0.95 usage + 0.05 task_selections(),
+  // never reset. [tasks, E], the same on every rank; training forwards call UpdateUsage.
+  Tensor& usage() { return usage_; }
+  void InitUsage(int tasks, int num_experts) { usage_ = Tensor::Zeros({tasks, num_experts}); }
+  void UpdateUsage();
 
  private:
   AuxWeights weights_;
   MoeLosses losses_;
   MoeMetrics metrics_;
-  std::vector<double> task_gate_sums_, selection_counts_, mi_grad_;
+  std::vector<double> task_gate_sums_, selection_counts_, mi_grad_, task_selections_;
+  Tensor usage_;
 };
 
 }  // namespace moerun

@@ -84,6 +84,7 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, std::shared_ptr<MoeGroups> grou
       aux_(config.aux_weights()) {
   CHECK_EQ(config_.num_experts, groups_->num_experts()) << "MoE layer and groups disagree on E";
   CHECK(config_.k >= 1 && config_.k <= config_.num_experts) << "k " << config_.k;
+  if (config_.gate == GateKind::kTaskSoftmax) aux_.InitUsage(config_.tasks, config_.num_experts);
   params_ = {router_.weight(), experts_.params().fc1_weight, experts_.params().fc1_bias,
              experts_.params().fc2_weight, experts_.params().fc2_bias};
   grads_ = {router_.grad(), experts_.grads().fc1_weight, experts_.grads().fc1_bias,
@@ -121,6 +122,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     PlanRouting(router_.gates(), config_.capacity_rule(), config_.k, s, *fixed, groups_->world(),
                 &plan_);
     aux_.Compute(router_, plan_, groups_->world());
+    if (args.training) aux_.UpdateUsage();
   }
   // 3. Pack kept tokens into [E, G*cap, D], send them to the experts' ranks, run the
   // experts, bring the results back.

@@ -24,6 +24,9 @@ struct Param {
   Tensor value, grad;
   bool expert = false;  // part of this rank's expert shard; else replicated on every rank
   bool decay = true;    // weight decay applies (not to biases, norms, embeddings)
+  // Expert parameters: the communicators of their layer (replicas sum their gradients);
+  // null: the model's only MoE groups.
+  const MoeGroups* groups = nullptr;
 };
 
 struct VitBatch {

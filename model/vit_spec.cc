@@ -150,26 +150,41 @@ int64_t GroupStepImages(const ModelConfig& m) {
   return g > 0 ? g / std::gcd(g, TokensPerImage(m)) : 1;
 }
 
+int ModSquadLayerExperts(const ModelConfig& m, int block) {
+  const ModSquadConfig& ms = m.modsquad();
+  if (block < ms.layer_experts_size()) return ms.layer_experts(block);
+  return block % 2 == 0 ? ms.attention_experts() : ms.mlp_experts();
+}
+
 std::vector<int> ExpertCounts(const ModelConfig& m) {
+  std::vector<int> counts;
   if (m.has_modsquad()) {
-    if (!m.modsquad().moe()) return {};
-    return {m.modsquad().attention_experts(), m.modsquad().mlp_experts()};
+    if (!m.modsquad().moe()) return counts;
+    for (int b = 0; b < m.num_layers(); ++b) counts.push_back(ModSquadLayerExperts(m, b));
+  } else if (m.has_moe()) {
+    counts.push_back(m.moe().num_experts());
   }
-  if (m.has_moe()) return {m.moe().num_experts()};
-  return {};
+  std::sort(counts.begin(), counts.end());
+  counts.erase(std::unique(counts.begin(), counts.end()), counts.end());
+  return counts;
 }
 
 Status CheckPlacement(const ModelConfig& m, int ranks) {
-  const std::vector<int> counts = ExpertCounts(m);
-  for (size_t i = 0; i < counts.size(); ++i) {
-    auto placed = PlaceExperts(counts[i], ranks);
-    if (!placed.ok()) {
-      if (!m.has_modsquad()) return placed.status();
-      return Status::Error(std::string(i == 0
-                                           ? "the MoE attention layers (modsquad.attention_experts)"
-                                           : "the MoE MLP layers (modsquad.mlp_experts)") +
-                           ": " + placed.status().message());
+  if (m.has_modsquad()) {
+    if (!m.modsquad().moe()) return Status::Ok();
+    for (int b = 0; b < m.num_layers(); ++b) {
+      auto placed = PlaceExperts(ModSquadLayerExperts(m, b), ranks);
+      if (!placed.ok()) {
+        return Status::Error("block " + std::to_string(b) + "'s MoE " +
+                             (b % 2 == 0 ? "attention" : "MLP") +
+                             " layer: " + placed.status().message());
+      }
     }
+    return Status::Ok();
+  }
+  for (int count : ExpertCounts(m)) {
+    auto placed = PlaceExperts(count, ranks);
+    if (!placed.ok()) return placed.status();
   }
   return Status::Ok();
 }
@@ -247,7 +262,7 @@ std::vector<ParamSpec> ModSquadParamSpecs(const ModelConfig& c) {
     add(pre + "norm1.weight", {d}, false);
     add(pre + "norm1.bias", {d}, false);
     if (moe_attention) {
-      const int e_count = ms.attention_experts();
+      const int e_count = ModSquadLayerExperts(c, i);
       add(pre + "attn.router.weight", {tasks, e_count, d}, true);
       add(pre + "attn.kv.weight", {2 * dh, d}, true);
       add(pre + "attn.kv.bias", {2 * dh}, false);
@@ -265,7 +280,7 @@ std::vector<ParamSpec> ModSquadParamSpecs(const ModelConfig& c) {
     add(pre + "norm2.weight", {d}, false);
     add(pre + "norm2.bias", {d}, false);
     if (moe_mlp) {
-      const int e_count = ms.mlp_experts();
+      const int e_count = ModSquadLayerExperts(c, i);
       add(pre + "mlp.router.weight", {tasks, e_count, d}, true);
       for (int e = 0; e < e_count; ++e) {
         const std::string ep = pre + "mlp.experts." + std::to_string(e) + ".";
@@ -298,6 +313,19 @@ std::vector<ParamSpec> ModSquadParamSpecs(const ModelConfig& c) {
     }
   }
   if (ms.uncertainty_weighting()) add("loss.task_uncertainty", {tasks}, false);
+  return out;
+}
+
+std::vector<ParamSpec> BufferSpecs(const ModelConfig& c) {
+  std::vector<ParamSpec> out;
+  if (!c.has_modsquad() || !c.modsquad().moe()) return out;
+  const ModSquadConfig& ms = c.modsquad();
+  for (int i = 0; i < c.num_layers(); ++i) {
+    const bool attention = i % 2 == 0;
+    out.push_back({"blocks." + std::to_string(i) + (attention ? ".attn.usage" : ".mlp.usage"),
+                   {ms.tasks_size(), ModSquadLayerExperts(c, i)},
+                   false});
+  }
   return out;
 }
 

@@ -66,8 +66,15 @@ std::vector<ParamSpec> ParamSpecs(const ModelConfig& model);
 // (classification); per task heads.<name>.{norm, fc} or heads.<name>.fc; and, with
 // uncertainty weighting, loss.task_uncertainty [tasks].
 std::vector<ParamSpec> ModSquadParamSpecs(const ModelConfig& model);
-// The expert counts a model's MoE layers use (one for V-MoE; attention and MLP counts for
-// Mod-Squad; empty for a dense model).
+// State saved with the parameters but not trained: Mod-Squad's expert usage EMAs
+// "blocks.B.attn.usage" (even blocks) and "blocks.B.mlp.usage" (odd blocks), [tasks, E],
+// replicated (empty for V-MoE and for the dense multi-task baseline).
+std::vector<ParamSpec> BufferSpecs(const ModelConfig& model);
+// Experts of Mod-Squad block `block`'s MoE layer (modsquad.layer_experts, else
+// attention_experts in even and mlp_experts in odd blocks).
+int ModSquadLayerExperts(const ModelConfig& model, int block);
+// The distinct expert counts of a model's MoE layers, ascending (one for V-MoE; empty for
+// a dense model).
 std::vector<int> ExpertCounts(const ModelConfig& model);
 // Every expert count of the model placed on `ranks` ranks (the first error, naming the
 // layer kind, otherwise OK).

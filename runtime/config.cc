@@ -191,6 +191,17 @@ void ValidateModSquad(const ModelConfig& m, Validator* v) {
              "must be >= 0 (0: a rank's whole micro-batch of one task pass)");
   v->Require(ms.multiple_of() >= 0, "model.modsquad.multiple_of", "must be >= 0 (0: no rounding)");
   v->Require(ms.mi_weight() >= 0, "model.modsquad.mi_weight", "must be >= 0");
+  v->Require(ms.layer_experts_size() == 0 || ms.layer_experts_size() == m.num_layers(),
+             "model.modsquad.layer_experts",
+             "gives " + Str(ms.layer_experts_size()) + " counts; give one per block (" +
+                 Str(m.num_layers()) + ") or none");
+  for (int b = 0; b < ms.layer_experts_size(); ++b) {
+    const int k = b % 2 == 0 ? ms.attention_k() : ms.mlp_k();
+    v->Require(
+        ms.layer_experts(b) >= k && ms.layer_experts(b) <= (1 << 16),
+        "model.modsquad.layer_experts[" + Str(b) + "]",
+        Str(ms.layer_experts(b)) + " must be between the layer's k (" + Str(k) + ") and 65536");
+  }
 }
 
 void ValidateModel(const ModelConfig& m, Validator* v) {

@@ -18,6 +18,7 @@
 #include "runtime/checkpoint.h"
 #include "runtime/kernels.h"
 #include "runtime/trainer.h"
+#include "runtime/usage.h"
 
 namespace moerun {
 namespace fs = std::filesystem;
@@ -84,13 +85,6 @@ nlohmann::json MoeJson(const ModelConfig& m, const StepStats& st) {
   return layers;
 }
 
-// {"class": {"loss": .., "accuracy": ..}, ...} of a multi-task model.
-nlohmann::json TasksJson(const std::vector<TaskStat>& tasks) {
-  nlohmann::json j = nlohmann::json::object();
-  for (const TaskStat& t : tasks) j[t.name] = {{"loss", t.loss}, {t.metric, t.value}};
-  return j;
-}
-
 // "class 81.2%  segmentation mIoU 0.812  edges L1 0.0841".
 std::string TasksLine(const std::vector<TaskStat>& tasks) {
   std::ostringstream o;
@@ -146,6 +140,21 @@ void InstallStopSignalHandlers() {
 }
 int StopSignal() { return g_stop_signal; }
 void RequestStop(int signal) { g_stop_signal = signal; }
+
+nlohmann::json TasksJson(const std::vector<TaskStat>& tasks) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const TaskStat& t : tasks) j[t.name] = {{"loss", t.loss}, {t.metric, t.value}};
+  return j;
+}
+
+Status WriteTrainerUsageReport(Trainer& trainer, const std::string& dir, double* entropy) {
+  ModSquadModel& model = trainer.modsquad();
+  std::vector<std::pair<std::string, Tensor>> ema;
+  for (Param& b : model.buffers()) ema.push_back({b.name, b.value});
+  const std::vector<LayerUsage> layers = UsageFromBuffers(model.config(), ema);
+  *entropy = MeanTaskEntropy(layers);
+  return WriteUsageReport(model.config(), layers, dir, nullptr);
+}
 
 StatusOr<Dataset> LoadRunData(const Config& c, bool train) {
   const DataConfig& d = c.data();
@@ -515,6 +524,17 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
                        {"metrics", metrics_path}};
   if (resumed_step >= 0) result.final_line["resumed_from_step"] = resumed_step;
   if (!last_eval.tasks.empty()) result.final_line["tasks"] = TasksJson(last_eval.tasks);
+  if (trainer.multitask() && !trainer.modsquad().buffers().empty() && root) {
+    double entropy = 0;
+    const std::string usage_dir = out_dir + "/usage";
+    const Status u = WriteTrainerUsageReport(trainer, usage_dir, &entropy);
+    if (u.ok()) {
+      result.final_line["usage"] = usage_dir;
+      result.final_line["usage_entropy_bits"] = entropy;
+    } else {
+      LOG(WARNING) << "usage report: " << u.message();
+    }
+  }
   if (stopped_by) result.final_line["signal"] = SignalName(stopped_by);
   emit(result.final_line);
   if (root && last_eval.tasks.empty()) {

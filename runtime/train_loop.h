@@ -11,6 +11,7 @@
 #include "data/dataset.h"
 #include "runtime/config.pb.h"
 #include "runtime/status.h"
+#include "runtime/trainer.h"
 
 namespace moerun {
 
@@ -44,6 +45,13 @@ struct TrainLoopResult {
 
 // Trains `config` over `world`. Collective. Progress goes to the log (rank 0), metrics to
 // the JSON lines file, checkpoints under RunCheckpointDir.
+// {"class": {"loss": .., "accuracy": ..}, ...}: a multi-task model's per-task figures.
+nlohmann::json TasksJson(const std::vector<TaskStat>& tasks);
+
+// Mod-Squad: writes the usage report (runtime/usage.h) of the trainer's model into `dir`;
+// the mean per-task usage entropy in bits through `entropy`. Local (call on one rank).
+Status WriteTrainerUsageReport(Trainer& trainer, const std::string& dir, double* entropy);
+
 TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
                                 const TrainLoopOptions& options);
 

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <numeric>
+#include <set>
 #include <sstream>
 
 #include "model/vit_spec.h"
@@ -92,15 +93,15 @@ double Trainer::GlobalGradNorm() {
   // Dense gradients are equal on every rank after the all-reduce: count them once (here,
   // locally). Expert gradients: each expert once, from its first replica.
   double dense = 0, expert = 0;
-  auto first_replica = [](const std::shared_ptr<MoeGroups>& g) {
+  auto first_replica = [&](const Param& p) {
+    const MoeGroups* g = p.groups != nullptr ? p.groups : groups_.get();
     return g == nullptr || g->replicas() == nullptr || g->replicas()->rank() == 0;
   };
-  const bool first = first_replica(groups_), first_attention = first_replica(attention_groups_);
   for (Param& p : params()) {
     const double s = SumOfSquares(p.grad.data<float>(), p.grad.numel());
     if (!p.expert) {
       dense += s;
-    } else if (p.name.find(".attn.experts.") != std::string::npos ? first_attention : first) {
+    } else if (first_replica(p)) {
       expert += s;
     }
   }
@@ -198,6 +199,9 @@ std::vector<CheckpointSlice> Trainer::StateSlices(bool optimizer) {
   std::vector<CheckpointSlice> out;
   std::vector<Param>& params = this->params();
   for (Param& p : params) out.push_back({p.name, p.value.shape(), 0, -1, p.value});
+  if (modsquad_) {
+    for (Param& b : modsquad_->buffers()) out.push_back({b.name, b.value.shape(), 0, -1, b.value});
+  }
   if (optimizer) {
     auto& m = optimizer_->first_moments();
     auto& v = optimizer_->second_moments();
@@ -302,6 +306,24 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
   MOERUN_RETURN_IF_ERROR(CheckSameModel(manifest, config_));
   const bool moments = manifest.optimizer_state() && !parameters_only;
   std::vector<CheckpointSlice> slices = StateSlices(moments);
+  if (modsquad_) {
+    // Usage statistics: restored when the checkpoint has them (else they restart at zero).
+    std::set<std::string> stored;
+    for (const CheckpointTensor& t : manifest.tensors()) stored.insert(t.name());
+    std::vector<CheckpointSlice> kept;
+    for (CheckpointSlice& sl : slices) {
+      const bool buffer =
+          sl.name.size() > 6 && sl.name.compare(sl.name.size() - 6, 6, ".usage") == 0;
+      if (!buffer) {
+        kept.push_back(sl);
+      } else if (stored.count(sl.name)) {
+        kept.push_back(sl);
+      } else {
+        sl.local.SetZero();
+      }
+    }
+    slices = std::move(kept);
+  }
   MOERUN_RETURN_IF_ERROR(LoadSlices(dir, manifest, &slices));
   if (!moments) {
     for (auto& m : optimizer_->first_moments()) std::fill(m.begin(), m.end(), 0.0f);

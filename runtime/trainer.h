@@ -132,7 +132,6 @@ class Trainer {
   std::shared_ptr<MoeGroups> groups_;
   std::unique_ptr<VitModel> model_;
   std::unique_ptr<ModSquadModel> modsquad_;
-  std::shared_ptr<MoeGroups> attention_groups_;
   std::vector<int> data_task_;  // per config task: its FashionMnistTasks() index
   std::vector<std::pair<const Dataset*, std::unique_ptr<MultiTaskDataset>>> multitask_;
   std::vector<std::vector<int32_t>> task_labels_;

@@ -83,18 +83,12 @@ Status Trainer::CreateModSquad() {
                          " over " + std::to_string(world_->size()) +
                          " ranks); groups may not straddle task passes");
   }
-  if (ms.moe()) {
-    MOERUN_RETURN_IF_ERROR(CheckPlacement(m, world_->size()));
-    auto attention = MoeGroups::Create(world_, ms.attention_experts());
-    if (!attention.ok()) return attention.status();
-    auto mlp = MoeGroups::Create(world_, ms.mlp_experts());
-    if (!mlp.ok()) return mlp.status();
-    attention_groups_ = *attention;
-    groups_ = *mlp;
-  }
-  auto model = ModSquadModel::Create(m, world_, attention_groups_, groups_);
+  auto model = ModSquadModel::Create(m, world_);
   if (!model.ok()) return model.status();
   modsquad_ = std::move(*model);
+  // The manifest records the placement of the largest expert count.
+  const std::vector<int> counts = ExpertCounts(m);
+  if (!counts.empty()) groups_ = modsquad_->groups(counts.back());
   modsquad_->Init(tc.seed());
   return Status::Ok();
 }

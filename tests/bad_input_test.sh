@@ -178,6 +178,11 @@ else
   echo "skip rows that need Python safetensors/numpy"
 fi
 
+# --- usage / extract (a V-MoE checkpoint; tests/modsquad_cli_test.sh has the rest) ----------
+row 2 "holds a V-MoE model \(tiny_test\); extract needs a Mod-Squad checkpoint" "$m" extract --checkpoint "$ck" --task class --out "$tmp/x"
+row 2 "the option '--task' is required" "$m" extract --checkpoint "$ck" --out "$tmp/x"
+row 1 "no such checkpoint directory|does not exist|cannot" "$m" usage --checkpoint "$tmp/nowhere"
+
 # --- bench ----------------------------------------------------------------------------------
 row 2 "--k 9 is larger than the expert count 8" "$m" bench moe-layer --k 9 --experts 8
 row 2 "--tokens must be at most 16M" "$m" bench moe-layer --tokens 100000000
@@ -197,10 +202,10 @@ row 1 "cannot write the results to standard output" bash -c "'$m' env >/dev/full
 row 1 "cannot write the results to standard output" bash -c "'$m' checkpoint info '$ck' >/dev/full"
 
 # --- --help lists every command; every command has --help -----------------------------------
-for c in env bench replay-moe train eval plan checkpoint export import reshard; do
+for c in env bench replay-moe train eval plan checkpoint export import reshard usage extract; do
   row 0 "^  $c " "$m" --help
 done
-for c in train eval plan checkpoint export import reshard replay-moe env; do
+for c in train eval plan checkpoint export import reshard replay-moe env usage extract; do
   row 0 "Usage: .*moerun $c" "$m" $c --help
 done
 for t in comm gemm moe-layer train checkpoint soak; do

@@ -14,6 +14,7 @@
 #include "model/vit_spec.h"
 #include "runtime/config.h"
 #include "runtime/gradcheck.h"
+#include "runtime/usage.h"
 #include "tests/mpi_test_main.h"
 
 namespace moerun {
@@ -93,13 +94,11 @@ struct Built {
 
 Built Build(const ModelConfig& m, Communicator* comm) {
   Built b;
-  if (m.modsquad().moe()) {
-    b.attention = *MoeGroups::Create(comm, m.modsquad().attention_experts());
-    b.mlp = *MoeGroups::Create(comm, m.modsquad().mlp_experts());
-  }
-  auto created = ModSquadModel::Create(m, comm, b.attention, b.mlp);
+  auto created = ModSquadModel::Create(m, comm);
   EXPECT_TRUE(created.ok()) << created.status().message();
   b.model = std::move(*created);
+  b.attention = b.model->groups(m.modsquad().attention_experts());
+  b.mlp = b.model->groups(m.modsquad().mlp_experts());
   return b;
 }
 
@@ -230,6 +229,60 @@ TEST(ModSquadTest, MetricsFromSums) {
   EXPECT_NEAR(TaskMetric(seg, {1, 2, 3, 4, 0, 0}), 5.0 / 12, 1e-12);
   TaskHeadConfig cls;
   EXPECT_NEAR(TaskMetric(cls, {3, 4, 0, 0}), 0.75, 1e-12);
+}
+
+// The usage EMA after one training step: 0.05 x the selections, so each task's row sums to
+// 0.05 x its tokens (all ranks) x k.
+TEST(ModSquadTest, UsageEmaAfterOneStep) {
+  const ModelConfig m = TinyModSquad();
+  Built b = Build(m, &World());
+  b.model->Init(11);
+  const Data data = MakeData(4, 12);
+  const int64_t local = 4 / World().size();
+  MultiTaskOutput out;
+  MultiTaskBatch batch = Slice(data, World().rank() * local, local);
+  ASSERT_TRUE(b.model->Forward(batch, &out).ok());
+  ASSERT_EQ(b.model->buffers().size(), 2u);
+  for (Param& u : b.model->buffers()) {
+    ASSERT_EQ(u.value.shape(), (Shape{3, 4})) << u.name;
+    for (int t = 0; t < 3; ++t) {
+      double sum = 0;
+      for (int e = 0; e < 4; ++e) sum += u.value.data<float>()[t * 4 + e];
+      EXPECT_NEAR(sum, 0.05 * 4 * 5 * 2, 1e-4)
+          << u.name << " task " << t;  // 4 images x 5 tokens x k 2
+    }
+  }
+  // Evaluation does not move it.
+  const std::vector<float> before(b.model->buffers()[0].value.data<float>(),
+                                  b.model->buffers()[0].value.data<float>() + 12);
+  batch.training = false;
+  ASSERT_TRUE(b.model->Forward(batch, &out).ok());
+  for (int i = 0; i < 12; ++i) EXPECT_EQ(b.model->buffers()[0].value.data<float>()[i], before[i]);
+}
+
+// Hand-computed: percentages, task similarity, entropy (shared/specs/modsquad.md).
+TEST(UsageTest, PercentSimilarityEntropy) {
+  ModelConfig m = TinyModSquad();
+  Tensor a = Tensor::Zeros({2, 3}), c = Tensor::Zeros({2, 3});
+  const float ea[] = {1, 1, 2, 0, 0, 0}, ec[] = {2, 2, 0, 0, 3, 3};
+  std::copy(ea, ea + 6, a.data<float>());
+  std::copy(ec, ec + 6, c.data<float>());
+  const std::vector<LayerUsage> layers =
+      UsageFromBuffers(m, {{"blocks.0.attn.usage", a}, {"blocks.1.mlp.usage", c}});
+  ASSERT_EQ(layers.size(), 2u);
+  EXPECT_EQ(layers[0].layer, "blocks.0.attn");
+  EXPECT_EQ(layers[0].percent, (std::vector<double>{25, 25, 50, 0, 0, 0}));
+  EXPECT_EQ(layers[1].percent, (std::vector<double>{50, 50, 0, 0, 50, 50}));
+  // S = sum over layers of u_i . u_j: layer 0 gives [.375 0; 0 0], layer 1 [.5 .25; .25 .5].
+  const std::vector<double> s = TaskSimilarity(layers);
+  ASSERT_EQ(s.size(), 4u);
+  EXPECT_NEAR(s[0], 0.875, 1e-12);
+  EXPECT_NEAR(s[1], 0.25, 1e-12);
+  EXPECT_NEAR(s[2], 0.25, 1e-12);
+  EXPECT_NEAR(s[3], 0.5, 1e-12);
+  EXPECT_NEAR(UsageEntropy(layers[0], 0), 1.5, 1e-12);
+  EXPECT_NEAR(UsageEntropy(layers[1], 1), 1.0, 1e-12);
+  EXPECT_NEAR(MeanTaskEntropy(layers), (1.5 + 0 + 1 + 1) / 4, 1e-12);
 }
 
 }  // namespace
