@@ -58,7 +58,6 @@ print("| usage entropy (bits, mean per task and layer) | | " +
       " | - |")
 print("| parameters | | " + " | ".join(str(load(f"{out}/{v}.extract.{tasks[0]}.json")["full_parameters"])
                              for v in ("modsquad", "no_mi")) + " | |")
-print("| wall (s) | | " + " | ".join(f"{rows[v]['wall_s']:.0f}" for v in ("modsquad", "no_mi", "dense")) + " |")
 print()
 print("| task | variant | full model | extracted | difference | parameters (extracted / full) |")
 print("|---|---|---|---|---|---|")

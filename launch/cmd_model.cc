@@ -36,7 +36,13 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
   const ModelConfig& m = config.model();
   const ParameterCounts c = CountParameters(m);
   ExpertPlacement placement{0, 0};
-  if (m.has_moe()) {
+  if (m.has_modsquad()) {
+    const Status placed = CheckPlacement(m, o.ranks);
+    if (!placed.ok()) {
+      PrintError("moerun plan", "--ranks " + std::to_string(o.ranks) + ": " + placed.message());
+      return kExitUsage;
+    }
+  } else if (m.has_moe()) {
     auto placed = PlaceExperts(m.moe().num_experts(), o.ranks);
     if (!placed.ok()) {
       PrintError("moerun plan",
@@ -54,7 +60,7 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
   nlohmann::json fits = nlohmann::json::array();
   const double limit = o.device_gib * 1073741824.0;
   for (int p = 1; p <= 4096; p *= 2) {
-    if (m.has_moe() && !PlaceExperts(m.moe().num_experts(), p).ok()) continue;
+    if (!CheckPlacement(m, p).ok()) continue;
     const TrainingFootprint g = EstimateFootprint(m, p, micro, bf16);
     fits.push_back(
         {{"ranks", p}, {"bytes_per_rank", g.bytes_per_rank}, {"fits", g.bytes_per_rank <= limit}});
@@ -88,7 +94,10 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
             << "  experts         " << WithCommas(c.expert) << " (" << c.moe_layers
             << " MoE layers)\n"
             << "ranks             " << o.ranks;
-  if (m.has_moe()) {
+  if (m.has_modsquad()) {
+    std::cout << " (Mod-Squad: " << m.modsquad().tasks_size()
+              << " tasks, every image passed once per task)";
+  } else if (m.has_moe()) {
     std::cout << " (" << placement.experts_per_rank << " expert(s) per rank per layer, "
               << placement.replicas << " replica(s) of each)";
   }

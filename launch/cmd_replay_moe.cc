@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <set>
 
+#include "launch/case_file.h"
 #include "launch/commands.h"
 #include "model/moe_layer.h"
 #include "model/vit_spec.h"
@@ -13,64 +14,6 @@
 
 namespace moerun {
 namespace {
-
-// Strict parsing of the case's string metadata.
-class Metadata {
- public:
-  explicit Metadata(const std::map<std::string, std::string>& m) : m_(m) {}
-  bool Has(const std::string& key) const { return m_.count(key) > 0; }
-  Status Int(const std::string& key, int64_t fallback, int64_t* out) const {
-    auto it = m_.find(key);
-    if (it == m_.end()) {
-      *out = fallback;
-      return Status::Ok();
-    }
-    char* end = nullptr;
-    const long long v = std::strtoll(it->second.c_str(), &end, 10);
-    if (it->second.empty() || *end != '\0') {
-      return Status::Error("metadata '" + key + "' = '" + it->second + "' is not an integer");
-    }
-    *out = v;
-    return Status::Ok();
-  }
-  Status Double(const std::string& key, double fallback, double* out) const {
-    auto it = m_.find(key);
-    if (it == m_.end()) {
-      *out = fallback;
-      return Status::Ok();
-    }
-    char* end = nullptr;
-    const double v = std::strtod(it->second.c_str(), &end);
-    if (it->second.empty() || *end != '\0' || !std::isfinite(v)) {
-      return Status::Error("metadata '" + key + "' = '" + it->second + "' is not a finite number");
-    }
-    *out = v;
-    return Status::Ok();
-  }
-  Status Bool(const std::string& key, bool fallback, bool* out) const {
-    auto it = m_.find(key);
-    if (it == m_.end()) {
-      *out = fallback;
-      return Status::Ok();
-    }
-    const std::string& v = it->second;
-    if (v == "1" || v == "true" || v == "True") {
-      *out = true;
-    } else if (v == "0" || v == "false" || v == "False") {
-      *out = false;
-    } else {
-      return Status::Error("metadata '" + key + "' = '" + v + "' is not 1/0/true/false");
-    }
-    return Status::Ok();
-  }
-  std::string Str(const std::string& key, const std::string& fallback) const {
-    auto it = m_.find(key);
-    return it == m_.end() ? fallback : it->second;
-  }
-
- private:
-  const std::map<std::string, std::string>& m_;
-};
 
 struct ReplayCase {
   MoeLayerConfig config;
@@ -197,26 +140,6 @@ StatusOr<ReplayCase> LoadCase(const std::string& path, int ranks) {
   return c;
 }
 
-// Rows [first, first + rows) of a [T, ...] tensor, as a contiguous copy.
-Tensor Rows(const Tensor& t, int64_t first, int64_t rows) {
-  return t.Slice(0, first, first + rows).Contiguous();
-}
-
-template <typename T>
-Tensor GatherRows(Communicator& comm, const Tensor& local) {
-  Shape shape = local.shape();
-  shape[0] *= comm.size();
-  Tensor all = Tensor::Empty(shape, local.dtype());
-  comm.AllGather(local.raw_data(), local.numel(), all.raw_data(), local.dtype());
-  return all;
-}
-
-Tensor Scalar(double v) {
-  Tensor t = Tensor::Empty({});
-  t.data<float>()[0] = static_cast<float>(v);
-  return t;
-}
-
 }  // namespace
 
 int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
@@ -283,15 +206,15 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
 
   // Assemble on every rank (equal slices), write on rank 0.
   SafetensorsWriter out;
-  out.Add("y", GatherRows<float>(world, y));
-  out.Add("grad.x", GatherRows<float>(world, dx));
-  out.Add("expert_index", GatherRows<int32_t>(world, layer.expert_index()));
-  out.Add("slot", GatherRows<int32_t>(world, layer.slot()));
-  out.Add("combine_weight", GatherRows<float>(world, layer.combine_weight()));
+  out.Add("y", GatherRows(world, y));
+  out.Add("grad.x", GatherRows(world, dx));
+  out.Add("expert_index", GatherRows(world, layer.expert_index()));
+  out.Add("slot", GatherRows(world, layer.slot()));
+  out.Add("combine_weight", GatherRows(world, layer.combine_weight()));
   out.Add("grad.router.weight", g.router_weight);
   // Experts in rank order; with replicas the first E ranks hold experts 0..E-1.
   auto experts = [&](const Tensor& grad) {
-    Tensor all = GatherRows<float>(world, grad);
+    Tensor all = GatherRows(world, grad);
     return all.Slice(0, 0, c.config.num_experts).Contiguous();
   };
   out.Add("grad.experts.fc1.weight", experts(g.fc1_weight));

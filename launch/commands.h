@@ -16,6 +16,7 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program);
 int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program);
+int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program);
 // train / eval / plan: load and validate the config, then run the command.
 int RunModelCommand(const std::string& command, const std::vector<std::string>& args,
                     ProgramArgs program);

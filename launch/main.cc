@@ -52,6 +52,8 @@ const CommandEntry kCommands[] = {
     {"bench", "benchmarks printing JSON lines: 'bench comm', 'bench gemm'", nullptr},
     {"replay-moe", "run one MoE layer on a case file and write outputs and gradients",
      moerun::RunReplayMoe},
+    {"replay-modsquad", "run one Mod-Squad MoE layer over one multi-task step from a case file",
+     moerun::RunReplayModSquad},
     {"train", "train a model from a config (configs/*.pbtxt)", Train},
     {"eval", "evaluate a trained model, with routing overrides", Eval},
     {"plan", "parameter count, per-rank memory and communication of a config", Plan},

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "runtime/hash.h"
@@ -35,6 +36,28 @@ void InitParam(const std::string& name, Tensor* t, InitKind kind, uint64_t seed,
       return;
     }
   }
+}
+
+DenseParamStore::DenseParamStore(int64_t numel, int64_t tensors)
+    : bytes_((numel + tensors * (kTensorAlignment / sizeof(float))) * sizeof(float)) {
+  values_ = Storage::Allocate(bytes_);
+  grads_ = Storage::Allocate(bytes_);
+  std::memset(values_->data(), 0, bytes_);
+  std::memset(grads_->data(), 0, bytes_);
+}
+
+void DenseParamStore::Add(const std::string& name, const Shape& shape, Tensor* value,
+                          Tensor* grad) {
+  const size_t bytes = NumElements(shape) * sizeof(float);
+  const size_t offset = offset_;
+  offset_ = (offset + bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+  CHECK_LE(offset_, bytes_) << "dense parameter space exhausted at " << name;
+  *value = Tensor::OnStorage(values_, offset, shape, DType::kF32);
+  *grad = Tensor::OnStorage(grads_, offset, shape, DType::kF32);
+}
+
+Tensor DenseParamStore::flat_grads() const {
+  return Tensor::OnStorage(grads_, 0, {static_cast<int64_t>(offset_ / sizeof(float))}, DType::kF32);
 }
 
 }  // namespace moerun

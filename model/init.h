@@ -1,8 +1,10 @@
-// Parameter initialisation shared by the models: every tensor is filled from (seed, its
-// global name) alone, so a model is the same for any rank count.
+// What the models share about their parameters: initialisation (every tensor is filled
+// from (seed, its global name) alone, so a model is the same for any rank count) and the
+// flat storage of the replicated parameters.
 #ifndef MOERUN_MODEL_INIT_H_
 #define MOERUN_MODEL_INIT_H_
 
+#include <memory>
 #include <string>
 
 #include "runtime/tensor.h"
@@ -15,6 +17,22 @@ enum class InitKind { kZeros, kOnes, kNormal, kLecunNormal, kXavierUniform };
 // (seed, name). kNormal uses `std`; kLecunNormal std sqrt(1/fan_in); kXavierUniform limit
 // sqrt(6/(fan_in+fan_out)).
 void InitParam(const std::string& name, Tensor* t, InitKind kind, uint64_t seed, float std = 0);
+
+// The replicated (dense) parameters of a model, values and gradients each in one zeroed flat
+// buffer, every tensor 64-byte aligned, so one all-reduce covers all gradients.
+class DenseParamStore {
+ public:
+  // Room for `numel` floats plus `tensors` tensors' alignment padding.
+  DenseParamStore(int64_t numel, int64_t tensors);
+  // Views of the next tensor's value and gradient (CHECK: room left).
+  void Add(const std::string& name, const Shape& shape, Tensor* value, Tensor* grad);
+  // Every gradient added so far, as one flat tensor.
+  Tensor flat_grads() const;
+
+ private:
+  std::shared_ptr<Storage> values_, grads_;
+  size_t offset_ = 0, bytes_ = 0;
+};
 
 }  // namespace moerun
 

@@ -181,4 +181,42 @@ void ExtractPatches(const float* images, float* patches, int64_t batch, int64_t 
   }
 }
 
+void DenseMlpForward(const DenseMlpWeights& w, const float* x, float* hidden, float* act, float* y,
+                     int64_t rows, int64_t d, int64_t m, bool gelu_tanh) {
+  LinearForward(x, w.fc1_w.data<float>(), w.fc1_b.data<float>(), hidden, rows, d, m);
+  (gelu_tanh ? GeluTanhForward : GeluForward)(hidden, act, rows * m);
+  LinearForward(act, w.fc2_w.data<float>(), w.fc2_b.data<float>(), y, rows, m, d);
+}
+
+void DenseMlpBackward(const DenseMlpWeights& w, const float* x, const float* hidden,
+                      const float* act, const float* dy, float* d_act, float* dx, int64_t rows,
+                      int64_t d, int64_t m, bool gelu_tanh) {
+  LinearBackward(act, w.fc2_w.data<float>(), dy, d_act, w.g_fc2_w.data<float>(),
+                 w.g_fc2_b.data<float>(), rows, m, d);
+  (gelu_tanh ? GeluTanhBackward : GeluBackward)(hidden, d_act, d_act, rows * m);
+  LinearBackward(x, w.fc1_w.data<float>(), d_act, dx, w.g_fc1_w.data<float>(),
+                 w.g_fc1_b.data<float>(), rows, d, m);
+}
+
+void DenseAttentionForward(const DenseAttentionWeights& w, const float* x, float* qkv, float* probs,
+                           float* att, float* y, int64_t seqs, int64_t tokens, int64_t d,
+                           int64_t heads, int64_t head_dim) {
+  const int64_t rows = seqs * tokens, hd = heads * head_dim;
+  LinearForward(x, w.qkv_w.data<float>(), w.qkv_b.data<float>(), qkv, rows, d, 3 * hd);
+  AttentionForward(qkv, att, probs, seqs, tokens, heads, head_dim);
+  LinearForward(att, w.proj_w.data<float>(), w.proj_b.data<float>(), y, rows, hd, d);
+}
+
+void DenseAttentionBackward(const DenseAttentionWeights& w, const float* x, const float* qkv,
+                            const float* probs, const float* att, const float* dy, float* d_att,
+                            float* d_qkv, float* dx, int64_t seqs, int64_t tokens, int64_t d,
+                            int64_t heads, int64_t head_dim) {
+  const int64_t rows = seqs * tokens, hd = heads * head_dim;
+  LinearBackward(att, w.proj_w.data<float>(), dy, d_att, w.g_proj_w.data<float>(),
+                 w.g_proj_b.data<float>(), rows, hd, d);
+  AttentionBackward(qkv, probs, d_att, d_qkv, seqs, tokens, heads, head_dim);
+  LinearBackward(x, w.qkv_w.data<float>(), d_qkv, dx, w.g_qkv_w.data<float>(),
+                 w.g_qkv_b.data<float>(), rows, d, 3 * hd);
+}
+
 }  // namespace moerun

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "runtime/tensor.h"
+
 namespace moerun {
 
 // y[rows, out] = x[rows, in] W^T + b (b may be null).
@@ -31,6 +33,37 @@ void AttentionBackward(const float* qkv, const float* probs, const float* dout, 
 // order, each flattened (c, py, px) like a [D, C, P, P] convolution weight.
 void ExtractPatches(const float* images, float* patches, int64_t batch, int64_t channels,
                     int64_t size, int64_t patch);
+
+// The dense sub-layers both models' blocks use, with their parameters as views (value and
+// gradient) into the model's flat storage.
+struct DenseMlpWeights {
+  Tensor fc1_w, fc1_b, fc2_w, fc2_b;          // [M, D], [M], [D, M], [D]
+  Tensor g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b;  // their gradients
+};
+// y = fc2(GELU(fc1(x))) over rows of width d (hidden width m); hidden and act [rows, m] are
+// kept for the backward.
+void DenseMlpForward(const DenseMlpWeights& w, const float* x, float* hidden, float* act, float* y,
+                     int64_t rows, int64_t d, int64_t m, bool gelu_tanh);
+// dx (overwritten) from dy; d_act [rows, m] is scratch; weight gradients accumulate.
+void DenseMlpBackward(const DenseMlpWeights& w, const float* x, const float* hidden,
+                      const float* act, const float* dy, float* d_act, float* dx, int64_t rows,
+                      int64_t d, int64_t m, bool gelu_tanh);
+
+struct DenseAttentionWeights {
+  Tensor qkv_w, qkv_b, proj_w, proj_b;          // [3 H dh, D], [3 H dh], [D, H dh], [D]
+  Tensor g_qkv_w, g_qkv_b, g_proj_w, g_proj_b;  // their gradients
+};
+// Multi-head self-attention with its output projection over `seqs` sequences of `tokens`:
+// y = proj(attention(qkv(x))); qkv [rows, 3 H dh], probs [seqs, H, tokens, tokens] and att
+// [rows, H dh] are kept for the backward.
+void DenseAttentionForward(const DenseAttentionWeights& w, const float* x, float* qkv, float* probs,
+                           float* att, float* y, int64_t seqs, int64_t tokens, int64_t d,
+                           int64_t heads, int64_t head_dim);
+// dx (overwritten) from dy; d_att [rows, H dh] and d_qkv [rows, 3 H dh] are scratch.
+void DenseAttentionBackward(const DenseAttentionWeights& w, const float* x, const float* qkv,
+                            const float* probs, const float* att, const float* dy, float* d_att,
+                            float* d_qkv, float* dx, int64_t seqs, int64_t tokens, int64_t d,
+                            int64_t heads, int64_t head_dim);
 
 }  // namespace moerun
 

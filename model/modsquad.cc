@@ -24,9 +24,9 @@ struct ModSquadModel::Block {
   int index = 0;
   MoeAttention* attn_layer = nullptr;
   MoeLayer* mlp_layer = nullptr;
-  Tensor n1_w, n1_b, qkv_w, qkv_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b;
-  Tensor g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b,
-      g_fc2_w, g_fc2_b;
+  Tensor n1_w, n1_b, n2_w, n2_b, g_n1_w, g_n1_b, g_n2_w, g_n2_b;
+  DenseAttentionWeights aw;
+  DenseMlpWeights mw;
   // Activations.
   Tensor hin, ln1, mean1, rstd1, qkv, probs, att, attn_out, mid, ln2, mean2, rstd2, hidden, act,
       out;
@@ -68,15 +68,10 @@ double TaskMetric(const TaskHeadConfig& head, const std::vector<double>& s) {
 ModSquadModel::~ModSquadModel() = default;
 
 Tensor ModSquadModel::AddDense(const std::string& name, const Shape& shape, bool decay) {
-  const size_t bytes = NumElements(shape) * sizeof(float);
-  const size_t offset = dense_offset_;
-  dense_offset_ = (offset + bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
-  CHECK_LE(dense_offset_, dense_bytes_) << "dense parameter space exhausted at " << name;
   Param p;
   p.name = name;
-  p.value = Tensor::OnStorage(dense_value_storage_, offset, shape, DType::kF32);
-  p.grad = Tensor::OnStorage(dense_grad_storage_, offset, shape, DType::kF32);
   p.decay = decay;
+  dense_->Add(name, shape, &p.value, &p.grad);
   params_.push_back(p);
   return p.value;
 }
@@ -106,15 +101,11 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
   m->patches_ = grid * grid;
   m->tokens_ = m->patches_ + 1;
   const std::vector<ParamSpec> specs = ModSquadParamSpecs(c);
-  int64_t dense_numel = 0;
+  int64_t dense_numel = 0, dense_tensors = 0;
   for (const ParamSpec& s : specs) {
-    if (s.expert < 0) dense_numel += NumElements(s.shape) + 16;
+    if (s.expert < 0) dense_numel += NumElements(s.shape), ++dense_tensors;
   }
-  m->dense_bytes_ = dense_numel * sizeof(float);
-  m->dense_value_storage_ = Storage::Allocate(m->dense_bytes_);
-  m->dense_grad_storage_ = Storage::Allocate(m->dense_bytes_);
-  std::memset(m->dense_value_storage_->data(), 0, m->dense_bytes_);
-  std::memset(m->dense_grad_storage_->data(), 0, m->dense_bytes_);
+  m->dense_ = std::make_unique<DenseParamStore>(dense_numel, dense_tensors);
 
   const int tasks = ms.tasks_size();
   const int64_t hidden = ms.expert_hidden() > 0 ? ms.expert_hidden() : c.mlp_dim() / ms.mlp_k();
@@ -236,18 +227,18 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
     if (ms.moe() && i % 2 == 0) {
       b->attn_layer = m->moe_attention_[attn_i++].get();
     } else {
-      get(pre + "attn.qkv.weight", &b->qkv_w, &b->g_qkv_w);
-      get(pre + "attn.qkv.bias", &b->qkv_b, &b->g_qkv_b);
-      get(pre + "attn.proj.weight", &b->proj_w, &b->g_proj_w);
-      get(pre + "attn.proj.bias", &b->proj_b, &b->g_proj_b);
+      get(pre + "attn.qkv.weight", &b->aw.qkv_w, &b->aw.g_qkv_w);
+      get(pre + "attn.qkv.bias", &b->aw.qkv_b, &b->aw.g_qkv_b);
+      get(pre + "attn.proj.weight", &b->aw.proj_w, &b->aw.g_proj_w);
+      get(pre + "attn.proj.bias", &b->aw.proj_b, &b->aw.g_proj_b);
     }
     if (ms.moe() && i % 2 == 1) {
       b->mlp_layer = m->moe_mlp_[mlp_i++].get();
     } else {
-      get(pre + "mlp.fc1.weight", &b->fc1_w, &b->g_fc1_w);
-      get(pre + "mlp.fc1.bias", &b->fc1_b, &b->g_fc1_b);
-      get(pre + "mlp.fc2.weight", &b->fc2_w, &b->g_fc2_w);
-      get(pre + "mlp.fc2.bias", &b->fc2_b, &b->g_fc2_b);
+      get(pre + "mlp.fc1.weight", &b->mw.fc1_w, &b->mw.g_fc1_w);
+      get(pre + "mlp.fc1.bias", &b->mw.fc1_b, &b->mw.g_fc1_b);
+      get(pre + "mlp.fc2.weight", &b->mw.fc2_w, &b->mw.g_fc2_w);
+      get(pre + "mlp.fc2.bias", &b->mw.fc2_b, &b->mw.g_fc2_b);
     }
     m->blocks_.push_back(std::move(b));
   }
@@ -272,8 +263,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
     buf.decay = false;
     m->buffers_.push_back(buf);
   }
-  m->dense_grad_flat_ = Tensor::OnStorage(
-      m->dense_grad_storage_, 0, {static_cast<int64_t>(m->dense_offset_ / 4)}, DType::kF32);
+  m->dense_grad_flat_ = m->dense_->flat_grads();
   return m;
 }
 
@@ -390,14 +380,11 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       out->aux_loss += k.attn_layer->losses().aux_total;
     } else {
       k.qkv = arena_.Allocate({rows, 3 * hd});
-      LinearForward(k.ln1.data<float>(), k.qkv_w.data<float>(), k.qkv_b.data<float>(),
-                    k.qkv.data<float>(), rows, d, 3 * hd);
       k.probs = arena_.Allocate({seqs, heads_, n, n});
       k.att = arena_.Allocate({rows, hd});
-      AttentionForward(k.qkv.data<float>(), k.att.data<float>(), k.probs.data<float>(), seqs, n,
-                       heads_, head_dim_);
-      LinearForward(k.att.data<float>(), k.proj_w.data<float>(), k.proj_b.data<float>(),
-                    k.attn_out.data<float>(), rows, hd, d);
+      DenseAttentionForward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
+                            k.att.data<float>(), k.attn_out.data<float>(), seqs, n, d, heads_,
+                            head_dim_);
     }
     k.mid = arena_.Allocate({rows, d});
     Add(k.attn_out.data<float>(), k.hin.data<float>(), k.mid.data<float>(), rows * d);
@@ -413,12 +400,8 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     } else {
       k.hidden = arena_.Allocate({rows, mlp_});
       k.act = arena_.Allocate({rows, mlp_});
-      LinearForward(k.ln2.data<float>(), k.fc1_w.data<float>(), k.fc1_b.data<float>(),
-                    k.hidden.data<float>(), rows, d, mlp_);
-      (c.gelu() == ModelConfig::TANH ? GeluTanhForward : GeluForward)(
-          k.hidden.data<float>(), k.act.data<float>(), rows * mlp_);
-      LinearForward(k.act.data<float>(), k.fc2_w.data<float>(), k.fc2_b.data<float>(),
-                    k.out.data<float>(), rows, mlp_, d);
+      DenseMlpForward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
+                      k.out.data<float>(), rows, d, mlp_, c.gelu() == ModelConfig::TANH);
     }
     Add(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
     h = k.out;
@@ -672,14 +655,9 @@ void ModSquadModel::Backward() {
       k.mlp_layer->Backward(dh, &d_ln);
     } else {
       Tensor d_act = arena_.Allocate({rows, mlp_});
-      LinearBackward(k.act.data<float>(), k.fc2_w.data<float>(), dh.data<float>(),
-                     d_act.data<float>(), k.g_fc2_w.data<float>(), k.g_fc2_b.data<float>(), rows,
-                     mlp_, d);
-      (c.gelu() == ModelConfig::TANH ? GeluTanhBackward : GeluBackward)(
-          k.hidden.data<float>(), d_act.data<float>(), d_act.data<float>(), rows * mlp_);
-      LinearBackward(k.ln2.data<float>(), k.fc1_w.data<float>(), d_act.data<float>(),
-                     d_ln.data<float>(), k.g_fc1_w.data<float>(), k.g_fc1_b.data<float>(), rows, d,
-                     mlp_);
+      DenseMlpBackward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
+                       dh.data<float>(), d_act.data<float>(), d_ln.data<float>(), rows, d, mlp_,
+                       c.gelu() == ModelConfig::TANH);
     }
     LayerNormBackward(k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(),
                       k.rstd2.data<float>(), d_ln.data<float>(), d_mid.data<float>(),
@@ -690,14 +668,10 @@ void ModSquadModel::Backward() {
     } else {
       Tensor d_att = arena_.Allocate({rows, hd});
       Tensor d_qkv = arena_.Allocate({rows, 3 * hd});
-      LinearBackward(k.att.data<float>(), k.proj_w.data<float>(), d_mid.data<float>(),
-                     d_att.data<float>(), k.g_proj_w.data<float>(), k.g_proj_b.data<float>(), rows,
-                     hd, d);
-      AttentionBackward(k.qkv.data<float>(), k.probs.data<float>(), d_att.data<float>(),
-                        d_qkv.data<float>(), seqs, n, heads_, head_dim_);
-      LinearBackward(k.ln1.data<float>(), k.qkv_w.data<float>(), d_qkv.data<float>(),
-                     d_ln.data<float>(), k.g_qkv_w.data<float>(), k.g_qkv_b.data<float>(), rows, d,
-                     3 * hd);
+      DenseAttentionBackward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
+                             k.att.data<float>(), d_mid.data<float>(), d_att.data<float>(),
+                             d_qkv.data<float>(), d_ln.data<float>(), seqs, n, d, heads_,
+                             head_dim_);
     }
     LayerNormBackward(k.hin.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(),
                       k.rstd1.data<float>(), d_ln.data<float>(), d_tmp.data<float>(),

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "model/init.h"
 #include "model/moe_attention.h"
 #include "model/moe_layer.h"
 #include "model/vit.h"
@@ -105,9 +106,8 @@ class ModSquadModel {
   std::vector<std::unique_ptr<Block>> blocks_;
   std::vector<std::unique_ptr<MoeAttention>> moe_attention_;
   std::vector<std::unique_ptr<MoeLayer>> moe_mlp_;
-  std::shared_ptr<Storage> dense_value_storage_, dense_grad_storage_;
+  std::unique_ptr<DenseParamStore> dense_;
   Tensor dense_grad_flat_;
-  size_t dense_offset_ = 0, dense_bytes_ = 0;
   Tensor patch_w_, patch_b_, cls_, pos_, task_emb_, norm_w_, norm_b_, fc_norm_w_, fc_norm_b_;
   Tensor patch_gw_, patch_gb_, cls_g_, pos_g_, task_emb_g_, norm_gw_, norm_gb_, fc_norm_gw_,
       fc_norm_gb_;

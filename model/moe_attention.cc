@@ -58,6 +58,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     RouterInputs in;
     in.training = args.training;
     in.task = args.task;
+    in.noise = args.noise;
     MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
   }
   {

@@ -130,6 +130,7 @@ class MoeLayer {
   // selection counts, over this rank's tokens (mi_per_rank) or all ranks'.
   const std::vector<double>& task_gate_sums() const { return aux_.task_gate_sums(); }
   const std::vector<double>& selection_counts() const { return aux_.selection_counts(); }
+  const std::vector<double>& task_selections() const { return aux_.task_selections(); }
   // kTaskSoftmax: the usage EMA [tasks, E] (moe_aux.h), updated by training forwards.
   Tensor& usage() { return aux_.usage(); }
   MoeTimers& timers() { return timers_; }

@@ -64,7 +64,18 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
                          logits_.data<float>() + first * e_count, count, e_count, d);
     });
     Ensure(&clean_gates_, {t, e_count});
-    SoftmaxForward(logits_.data<float>(), clean_gates_.data<float>(), t, e_count);
+    if (in.noise != nullptr) {
+      // Explicit noise (replay cases): added to the logits before the softmax.
+      MOERUN_CHECK_SHAPE(*in.noise, {t, e_count});
+      Ensure(&noisy_logits_, {t, e_count});
+      const float* z = logits_.data<float>();
+      const float* n = in.noise->data<float>();
+      float* zn = noisy_logits_.data<float>();
+      for (int64_t i = 0; i < t * e_count; ++i) zn[i] = z[i] + n[i];
+      SoftmaxForward(zn, clean_gates_.data<float>(), t, e_count);
+    } else {
+      SoftmaxForward(logits_.data<float>(), clean_gates_.data<float>(), t, e_count);
+    }
     const float* p = clean_gates_.data<float>();
     float* g = gates_.data<float>();
     for (int64_t i = 0; i < t * e_count; ++i) g[i] = p[i] + kTaskGateEpsilon;

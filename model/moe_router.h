@@ -4,7 +4,8 @@
 //    W [E, D]; when training, z + sigma * noise (sigma = noise_std / E); gates =
 //    softmax of the noisy (or clean) logits; the clean softmax is kept for the losses.
 //  - kTaskSoftmax (Mod-Squad, shared/specs/modsquad.md): one router per task, W [tasks, E,
-//    D]; token s of task t gets gates p = softmax(x_s W_t^T) + 1e-4. No noise.
+//    D]; token s of task t gets gates p = softmax(x_s W_t^T) + 1e-4. No noise (an explicit
+//    noise tensor, for replay cases, is added to the logits before the softmax).
 // Top-k selects on the gates and the raw gate is the combine weight (routing plan).
 #ifndef MOERUN_MODEL_MOE_ROUTER_H_
 #define MOERUN_MODEL_MOE_ROUTER_H_

@@ -24,9 +24,9 @@ struct VitModel::Block {
   bool moe = false;
   MoeLayer* moe_layer = nullptr;
   int index = 0;
-  Tensor n1_w, n1_b, qkv_w, qkv_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b;
-  Tensor g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b,
-      g_fc2_w, g_fc2_b;
+  Tensor n1_w, n1_b, n2_w, n2_b, g_n1_w, g_n1_b, g_n2_w, g_n2_b;
+  DenseAttentionWeights aw;
+  DenseMlpWeights mw;
   // Activations.
   Tensor ln1, mean1, rstd1, qkv, probs, attn, mid, ln2, mean2, rstd2, hidden, act, out;
 };
@@ -34,15 +34,10 @@ struct VitModel::Block {
 VitModel::~VitModel() = default;
 
 Tensor VitModel::AddDense(const std::string& name, const Shape& shape, bool decay) {
-  const size_t bytes = NumElements(shape) * sizeof(float);
-  const size_t offset = dense_offset_;
-  dense_offset_ = (offset + bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
-  CHECK_LE(dense_offset_, dense_bytes_) << "dense parameter space exhausted at " << name;
   Param p;
   p.name = name;
-  p.value = Tensor::OnStorage(dense_value_storage_, offset, shape, DType::kF32);
-  p.grad = Tensor::OnStorage(dense_grad_storage_, offset, shape, DType::kF32);
   p.decay = decay;
+  dense_->Add(name, shape, &p.value, &p.grad);
   params_.push_back(p);
   return p.value;
 }
@@ -62,11 +57,7 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
   if (c.has_moe() && groups == nullptr) return Status::Error("MoE model without MoE groups");
   const ParameterCounts counts = CountParameters(c);
   const int64_t tensors = 16 * (c.num_layers() + 2);
-  m->dense_bytes_ = (counts.dense + tensors * 16) * sizeof(float);
-  m->dense_value_storage_ = Storage::Allocate(m->dense_bytes_);
-  m->dense_grad_storage_ = Storage::Allocate(m->dense_bytes_);
-  std::memset(m->dense_value_storage_->data(), 0, m->dense_bytes_);
-  std::memset(m->dense_grad_storage_->data(), 0, m->dense_bytes_);
+  m->dense_ = std::make_unique<DenseParamStore>(counts.dense, tensors);
 
   // The gradient of the parameter AddDense just made.
   auto last_grad = [&] { return m->params_.back().grad; };
@@ -86,14 +77,14 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
     b->g_n1_w = last_grad();
     b->n1_b = m->AddDense(pre + "norm1.bias", {d}, false);
     b->g_n1_b = last_grad();
-    b->qkv_w = m->AddDense(pre + "attn.qkv.weight", {3 * d, d}, true);
-    b->g_qkv_w = last_grad();
-    b->qkv_b = m->AddDense(pre + "attn.qkv.bias", {3 * d}, false);
-    b->g_qkv_b = last_grad();
-    b->proj_w = m->AddDense(pre + "attn.proj.weight", {d, d}, true);
-    b->g_proj_w = last_grad();
-    b->proj_b = m->AddDense(pre + "attn.proj.bias", {d}, false);
-    b->g_proj_b = last_grad();
+    b->aw.qkv_w = m->AddDense(pre + "attn.qkv.weight", {3 * d, d}, true);
+    b->aw.g_qkv_w = last_grad();
+    b->aw.qkv_b = m->AddDense(pre + "attn.qkv.bias", {3 * d}, false);
+    b->aw.g_qkv_b = last_grad();
+    b->aw.proj_w = m->AddDense(pre + "attn.proj.weight", {d, d}, true);
+    b->aw.g_proj_w = last_grad();
+    b->aw.proj_b = m->AddDense(pre + "attn.proj.bias", {d}, false);
+    b->aw.g_proj_b = last_grad();
     b->n2_w = m->AddDense(pre + "norm2.weight", {d}, false);
     b->g_n2_w = last_grad();
     b->n2_b = m->AddDense(pre + "norm2.bias", {d}, false);
@@ -127,14 +118,14 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
       b->moe_layer = layer.get();
       m->moe_.push_back(std::move(layer));
     } else {
-      b->fc1_w = m->AddDense(pre + "mlp.fc1.weight", {c.mlp_dim(), d}, true);
-      b->g_fc1_w = last_grad();
-      b->fc1_b = m->AddDense(pre + "mlp.fc1.bias", {c.mlp_dim()}, false);
-      b->g_fc1_b = last_grad();
-      b->fc2_w = m->AddDense(pre + "mlp.fc2.weight", {d, c.mlp_dim()}, true);
-      b->g_fc2_w = last_grad();
-      b->fc2_b = m->AddDense(pre + "mlp.fc2.bias", {d}, false);
-      b->g_fc2_b = last_grad();
+      b->mw.fc1_w = m->AddDense(pre + "mlp.fc1.weight", {c.mlp_dim(), d}, true);
+      b->mw.g_fc1_w = last_grad();
+      b->mw.fc1_b = m->AddDense(pre + "mlp.fc1.bias", {c.mlp_dim()}, false);
+      b->mw.g_fc1_b = last_grad();
+      b->mw.fc2_w = m->AddDense(pre + "mlp.fc2.weight", {d, c.mlp_dim()}, true);
+      b->mw.g_fc2_w = last_grad();
+      b->mw.fc2_b = m->AddDense(pre + "mlp.fc2.bias", {d}, false);
+      b->mw.g_fc2_b = last_grad();
     }
     m->blocks_.push_back(std::move(b));
   }
@@ -154,8 +145,7 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
   m->head_gw_ = last_grad();
   m->head_b_ = m->AddDense("head.bias", {c.num_classes()}, false);
   m->head_gb_ = last_grad();
-  m->dense_grad_flat_ = Tensor::OnStorage(
-      m->dense_grad_storage_, 0, {static_cast<int64_t>(m->dense_offset_ / 4)}, DType::kF32);
+  m->dense_grad_flat_ = m->dense_->flat_grads();
   return m;
 }
 
@@ -233,15 +223,11 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
     LayerNormForward(h.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(),
                      k.ln1.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(), rows, d);
     k.qkv = arena_.Allocate({rows, 3 * d});
-    LinearForward(k.ln1.data<float>(), k.qkv_w.data<float>(), k.qkv_b.data<float>(),
-                  k.qkv.data<float>(), rows, d, 3 * d);
     k.probs = arena_.Allocate({b, heads_, n, n});
     k.attn = arena_.Allocate({rows, d});
-    AttentionForward(k.qkv.data<float>(), k.attn.data<float>(), k.probs.data<float>(), b, n, heads_,
-                     head_dim_);
     k.mid = arena_.Allocate({rows, d});
-    LinearForward(k.attn.data<float>(), k.proj_w.data<float>(), k.proj_b.data<float>(),
-                  k.mid.data<float>(), rows, d, d);
+    DenseAttentionForward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
+                          k.attn.data<float>(), k.mid.data<float>(), b, n, d, heads_, head_dim_);
     Add(k.mid.data<float>(), h.data<float>(), k.mid.data<float>(), rows * d);
     k.ln2 = arena_.Allocate({rows, d});
     k.mean2 = arena_.Allocate({rows});
@@ -259,12 +245,8 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
     } else {
       k.hidden = arena_.Allocate({rows, mlp_});
       k.act = arena_.Allocate({rows, mlp_});
-      LinearForward(k.ln2.data<float>(), k.fc1_w.data<float>(), k.fc1_b.data<float>(),
-                    k.hidden.data<float>(), rows, d, mlp_);
-      (config_.gelu() == ModelConfig::TANH ? GeluTanhForward : GeluForward)(
-          k.hidden.data<float>(), k.act.data<float>(), rows * mlp_);
-      LinearForward(k.act.data<float>(), k.fc2_w.data<float>(), k.fc2_b.data<float>(),
-                    k.out.data<float>(), rows, mlp_, d);
+      DenseMlpForward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
+                      k.out.data<float>(), rows, d, mlp_, config_.gelu() == ModelConfig::TANH);
     }
     Add(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
     h = k.out;
@@ -361,28 +343,18 @@ void VitModel::Backward() {
       k.moe_layer->Backward(dx, &d_ln);
     } else {
       Tensor d_act = arena_.Allocate({rows, mlp_});
-      LinearBackward(k.act.data<float>(), k.fc2_w.data<float>(), dx.data<float>(),
-                     d_act.data<float>(), k.g_fc2_w.data<float>(), k.g_fc2_b.data<float>(), rows,
-                     mlp_, d);
-      (config_.gelu() == ModelConfig::TANH ? GeluTanhBackward : GeluBackward)(
-          k.hidden.data<float>(), d_act.data<float>(), d_act.data<float>(), rows * mlp_);
-      LinearBackward(k.ln2.data<float>(), k.fc1_w.data<float>(), d_act.data<float>(),
-                     d_ln.data<float>(), k.g_fc1_w.data<float>(), k.g_fc1_b.data<float>(), rows, d,
-                     mlp_);
+      DenseMlpBackward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
+                       dx.data<float>(), d_act.data<float>(), d_ln.data<float>(), rows, d, mlp_,
+                       config_.gelu() == ModelConfig::TANH);
     }
     LayerNormBackward(k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(),
                       k.rstd2.data<float>(), d_ln.data<float>(), d_mid.data<float>(),
                       k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows, d);
     Add(d_mid.data<float>(), dx.data<float>(), d_mid.data<float>(), rows * d);
     // Attention: mid = input + proj(attn(ln1(input))).
-    LinearBackward(k.attn.data<float>(), k.proj_w.data<float>(), d_mid.data<float>(),
-                   d_attn.data<float>(), k.g_proj_w.data<float>(), k.g_proj_b.data<float>(), rows,
-                   d, d);
-    AttentionBackward(k.qkv.data<float>(), k.probs.data<float>(), d_attn.data<float>(),
-                      d_qkv.data<float>(), b, n, heads_, head_dim_);
-    LinearBackward(k.ln1.data<float>(), k.qkv_w.data<float>(), d_qkv.data<float>(),
-                   d_ln.data<float>(), k.g_qkv_w.data<float>(), k.g_qkv_b.data<float>(), rows, d,
-                   3 * d);
+    DenseAttentionBackward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
+                           k.attn.data<float>(), d_mid.data<float>(), d_attn.data<float>(),
+                           d_qkv.data<float>(), d_ln.data<float>(), b, n, d, heads_, head_dim_);
     LayerNormBackward(input.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(),
                       k.rstd1.data<float>(), d_ln.data<float>(), d_tmp.data<float>(),
                       k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows, d);

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "model/init.h"
 #include "model/moe_layer.h"
 #include "runtime/config.pb.h"
 #include "runtime/tensor.h"
@@ -82,9 +83,8 @@ class VitModel {
   std::vector<Param> params_;
   std::vector<std::unique_ptr<Block>> blocks_;
   std::vector<std::unique_ptr<MoeLayer>> moe_;
-  std::shared_ptr<Storage> dense_value_storage_, dense_grad_storage_;
+  std::unique_ptr<DenseParamStore> dense_;
   Tensor dense_grad_flat_;
-  size_t dense_offset_ = 0, dense_bytes_ = 0;
   // Parameters (views into the flat storage or the MoE layers).
   Tensor patch_w_, patch_b_, cls_, pos_, norm_w_, norm_b_, pre_w_, pre_b_, head_w_, head_b_;
   Tensor patch_gw_, patch_gb_, cls_g_, pos_g_, norm_gw_, norm_gb_, pre_gw_, pre_gb_, head_gw_,

@@ -85,7 +85,74 @@ StatusOr<ExpertPlacement> PlaceExperts(int num_experts, int ranks) {
                        works + ", ...");
 }
 
+namespace {
+
+// Mod-Squad: every image is passed once per task; parameters of rank 0 exactly (its
+// experts of every layer), activations and FLOPs estimated per token as for V-MoE.
+TrainingFootprint ModSquadFootprint(const ModelConfig& m, int ranks, int64_t micro, bool bf16) {
+  TrainingFootprint f;
+  const ModSquadConfig& ms = m.modsquad();
+  for (const ParamSpec& p : ModSquadParamSpecs(m)) {
+    int64_t n = 1;
+    for (int64_t x : p.shape) n *= x;
+    if (p.expert < 0) {
+      f.params_per_rank += n;
+    } else if (PlaceExperts(p.num_experts, ranks).ok()) {
+      const std::vector<int> holders = ExpertHolders(p.num_experts, ranks, p.expert);
+      if (std::find(holders.begin(), holders.end(), 0) != holders.end()) f.params_per_rank += n;
+    }
+  }
+  f.param_bytes = f.params_per_rank * (bf16 ? 2 + 4 : 4);
+  f.grad_bytes = f.params_per_rank * (bf16 ? 2 : 4);
+  f.optimizer_bytes = f.params_per_rank * 8;
+  const double d = m.hidden_size(), mlp = m.mlp_dim(), heads = m.num_heads(), dh = ms.head_dim();
+  const double grid = m.image_size() / m.patch_size(), n = grid * grid + 1;
+  const double hidden = ms.expert_hidden() > 0 ? ms.expert_hidden() : mlp / ms.mlp_k();
+  const double tasks = ms.tasks_size(), cf = std::max(1.0, ms.capacity_factor());
+  const int64_t act = bf16 ? 2 : 4;
+  double per_token = 0, macs = 0, a2a_per_token = 0;
+  for (int b = 0; b < m.num_layers(); ++b) {
+    const double e = ms.moe() ? ModSquadLayerExperts(m, b) : 0;
+    per_token += 6 * d;  // LN1, LN2, residuals, outputs
+    if (ms.moe() && b % 2 == 0) {
+      const double k = ms.attention_k();
+      // Router, shared K/V, per-choice queries, probabilities and outputs, dispatch buffers.
+      per_token += 2 * e + 2 * dh + k * (3 * dh + n) + k * cf * (2 * d + 2 * dh);
+      macs += n * (d * e + 2 * dh * d + 2 * k * dh * d + 2 * k * n * dh);
+      a2a_per_token += k * cf * (2 * d + 2 * dh);
+    } else {
+      per_token += 3 * heads * dh + heads * n;
+      macs += n * (4 * heads * dh * d + 2 * n * heads * dh);
+    }
+    if (ms.moe() && b % 2 == 1) {
+      const double k = ms.mlp_k();
+      per_token += 2 * e + k * cf * (5 * d + 2 * hidden);
+      macs += n * (d * e + 2 * k * d * hidden);
+      a2a_per_token += k * cf * 2 * d;
+    } else {
+      per_token += 2 * mlp;
+      macs += n * 2 * d * mlp;
+    }
+  }
+  macs +=
+      grid * grid * m.channels() * m.patch_size() * m.patch_size() * d / tasks;  // once per image
+  f.activation_bytes = static_cast<int64_t>(per_token * n * tasks * micro * act);
+  f.bytes_per_rank = f.param_bytes + f.grad_bytes + f.optimizer_bytes + f.activation_bytes;
+  f.flops_per_image = 3.0 * 2.0 * macs * tasks;
+  const std::vector<int> counts = ExpertCounts(m);
+  const double ep = counts.empty() ? 1 : std::min<double>(ranks, counts.back());
+  if (ep > 1) {
+    // Forward and backward, each sending (P_ep - 1) / P_ep of this rank's rows.
+    f.a2a_bytes_per_step =
+        static_cast<int64_t>(2.0 * a2a_per_token * n * tasks * micro * act * (ep - 1) / ep);
+  }
+  return f;
+}
+
+}  // namespace
+
 TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t micro, bool bf16) {
+  if (m.has_modsquad()) return ModSquadFootprint(m, ranks, micro, bf16);
   const ParameterCounts c = CountParameters(m);
   TrainingFootprint f;
   const int64_t d = m.hidden_size(), mlp = m.mlp_dim(), grid = m.image_size() / m.patch_size();

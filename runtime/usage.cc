@@ -100,8 +100,7 @@ Status WriteHeatmap(const std::string& path, const std::string& title,
       cairo_fill(cr);
       char buf[32];
       std::snprintf(buf, sizeof(buf), format, v);
-      text(left + (c + 0.5) * cell, top + (r + 0.5) * cell, buf, 11, 0.5,
-           x > 0.55 ? 1.0 : 0.0);
+      text(left + (c + 0.5) * cell, top + (r + 0.5) * cell, buf, 11, 0.5, x > 0.55 ? 1.0 : 0.0);
     }
   }
   cairo_set_source_rgb(cr, 0.6, 0.6, 0.6);
@@ -228,10 +227,10 @@ Status WriteUsageReport(const ModelConfig& m, const std::vector<LayerUsage>& lay
     done(base + ".csv");
     std::ostringstream title;
     title << std::fixed << std::setprecision(2) << m.name() << "  " << l.layer
-          << ": expert usage (%), top-" << l.k << ", mean entropy "
-          << MeanTaskEntropy({l}) << " bits";
-    MOERUN_RETURN_IF_ERROR(
-        WriteHeatmap(base + ".png", title.str(), tasks, experts, l.percent, 0, vmax, "%.0f", "expert"));
+          << ": expert usage (%), top-" << l.k << ", mean entropy " << MeanTaskEntropy({l})
+          << " bits";
+    MOERUN_RETURN_IF_ERROR(WriteHeatmap(base + ".png", title.str(), tasks, experts, l.percent, 0,
+                                        vmax, "%.0f", "expert"));
     done(base + ".png");
   }
   const std::vector<double> s = TaskSimilarity(layers);

@@ -133,6 +133,24 @@ TEST(ModSquadTest, ReleasedBuildersTotals) {
   }
 }
 
+// configs/modsquad_fashion_mnist.pbtxt counted by hand (D 64, patch 7: 16 patches + CLS, 5
+// tasks, 4 blocks, dense attention 4 x 16, 8 experts per MoE layer, expert hidden 128 / 2):
+//   embeddings  49*64+64 + 64 + 17*64 + 5*64                         =   4,672
+//   even block  LN 128, router 5*8*64 = 2,560, kv 64*32+32 = 2,080, experts 8*(16*64+64*16)
+//               = 16,384, LN 128, MLP 64*128+128+128*64+64 = 16,576  =  37,856  (x2)
+//   odd block   LN 128, qkv 64*192+192 = 12,480, proj 64*64+64 = 4,160, LN 128, router 2,560,
+//               experts 8*(64*64+64+64*64+64) = 66,560               =  86,016  (x2)
+//   norm + fc_norm                                                   =     256
+//   heads       class 128+650, coarse 128+260, rotation 128+260, segmentation 49*2*64+98,
+//               edges 49*64+49                                       =  11,109
+//   uncertainty weights                                              =       5
+TEST(ModSquadTest, FashionMnistConfigCountedByHand) {
+  auto c = LoadConfig(std::string(MOERUN_SOURCE_DIR) + "/configs/modsquad_fashion_mnist.pbtxt", {});
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_EQ(CountParameters(c->model()).total,
+            4672 + 2 * 37856 + 2 * 86016 + 256 + 11109 + 5);  // 263,786
+}
+
 // Total loss of the tiny model on one rank, as a function of its parameters.
 void CheckGradients(bool moe) {
   auto self = World().Split(World().rank(), 0, "self");
