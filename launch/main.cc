@@ -1,4 +1,5 @@
 // moerun: entry point and subcommand dispatch.
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <iostream>
@@ -83,9 +84,11 @@ const CommandEntry kBenchTargets[] = {
 template <size_t N>
 void PrintTable(const char* title, const CommandEntry (&entries)[N]) {
   std::cout << title << "\n";
+  size_t width = 0;
+  for (const CommandEntry& c : entries) width = std::max(width, std::strlen(c.name));
   for (const CommandEntry& c : entries) {
     std::string name = c.name;
-    name.resize(12, ' ');
+    name.resize(width + 2, ' ');
     std::cout << "  " << name << c.summary << "\n";
   }
 }

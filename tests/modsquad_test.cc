@@ -151,6 +151,27 @@ TEST(ModSquadTest, FashionMnistConfigCountedByHand) {
             4672 + 2 * 37856 + 2 * 86016 + 256 + 11109 + 5);  // 263,786
 }
 
+// configs/modsquad_small_taskonomy.pbtxt counted by hand (ViT-S: D 384, 12 blocks, 6 heads of
+// 128, 224 px / 16 = 196 patches + CLS, 13 tasks; MoE attention 15 experts, MoE MLP 16 of
+// hidden 384, dense MLP 1536):
+//   embeddings  16*16*3*384+384 + 384 + 197*384 + 13*384                    =    376,320
+//   even block  LN 768, router 13*15*384 = 74,880, kv 384*256+256 = 98,560, experts
+//               15*2*128*384 = 1,474,560, LN 768, MLP 2*384*1536+1536+384 = 1,181,568
+//                                                                          =  2,831,104 (x6)
+//   odd block   LN 768, qkv 384*2304+2304 = 887,040, proj 768*384+384 = 295,296, LN 768,
+//               router 13*16*384 = 79,872, experts 16*(2*384*384+384+384) = 4,730,880
+//                                                                          =  5,994,624 (x6)
+//   norm + fc_norm                                                         =      1,536
+//   heads       LN + 384*1000+1000, LN + 384*365+365, 11 dense heads with 16 channels in
+//               all: 384*256*16 + 256*16                                   =  2,104,021
+TEST(ModSquadTest, SmallTaskonomyCountedByHand) {
+  auto c =
+      LoadConfig(std::string(MOERUN_SOURCE_DIR) + "/configs/modsquad_small_taskonomy.pbtxt", {});
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_EQ(CountParameters(c->model()).total,
+            376320 + 6 * 2831104 + 6 * 5994624 + 1536 + 2104021);  // 55,436,245
+}
+
 // Total loss of the tiny model on one rank, as a function of its parameters.
 void CheckGradients(bool moe) {
   auto self = World().Split(World().rank(), 0, "self");
