@@ -52,18 +52,31 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
     placement = *placed;
   }
   const bool bf16 = o.precision == "bf16";
-  const int64_t micro = o.micro_batch > 0
-                            ? o.micro_batch
-                            : std::max<int64_t>(1, config.train().global_batch() / o.ranks);
+  // The micro-batch: fixed by --micro-batch, else the global batch split over the ranks
+  // (which must split evenly), for --ranks and for every candidate of the fit list alike.
+  const int64_t global = config.train().global_batch();
+  const bool fixed_micro = o.micro_batch > 0;
+  if (!fixed_micro && global % o.ranks != 0) {
+    PrintError("moerun plan", "train.global_batch " + std::to_string(global) +
+                                  " does not split over --ranks " + std::to_string(o.ranks) +
+                                  "; use a rank count that divides it, or give --micro-batch");
+    return kExitUsage;
+  }
+  const int64_t micro = fixed_micro ? o.micro_batch : global / o.ranks;
   const TrainingFootprint f = EstimateFootprint(m, o.ranks, micro, bf16);
-  // Rank counts that hold the experts and fit the device memory.
+  // Rank counts (powers of two) that hold the experts, split the global batch (unless the
+  // micro-batch is fixed) and fit the device memory.
   nlohmann::json fits = nlohmann::json::array();
   const double limit = o.device_gib * 1073741824.0;
   for (int p = 1; p <= 4096; p *= 2) {
     if (!CheckPlacement(m, p).ok()) continue;
-    const TrainingFootprint g = EstimateFootprint(m, p, micro, bf16);
-    fits.push_back(
-        {{"ranks", p}, {"bytes_per_rank", g.bytes_per_rank}, {"fits", g.bytes_per_rank <= limit}});
+    if (!fixed_micro && global % p != 0) continue;
+    const int64_t micro_p = fixed_micro ? o.micro_batch : global / p;
+    const TrainingFootprint g = EstimateFootprint(m, p, micro_p, bf16);
+    fits.push_back({{"ranks", p},
+                    {"micro_batch", micro_p},
+                    {"bytes_per_rank", g.bytes_per_rank},
+                    {"fits", g.bytes_per_rank <= limit}});
   }
   if (o.json) {
     PrintJsonLine({{"config", config_path},
@@ -85,6 +98,7 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
                    {"train_flops_per_image", f.flops_per_image},
                    {"a2a_bytes_per_step_per_rank", f.a2a_bytes_per_step},
                    {"device_gib", o.device_gib},
+                   {"micro_batch_fixed", fixed_micro},
                    {"ranks_that_fit", fits}});
     return kExitOk;
   }
@@ -112,10 +126,15 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
             << " per image (forward + backward)\n"
             << "all-to-all        " << GiB(f.a2a_bytes_per_step) << " sent per rank per step\n"
             << "fits " << std::fixed << std::setprecision(0) << o.device_gib << " GiB at ranks:";
+  const char* basis = fixed_micro ? " (micro-batch fixed at --micro-batch)"
+                                  : " (global batch fixed: micro-batch = global / ranks)";
+  bool any = false;
   for (const auto& e : fits) {
-    if (e["fits"].get<bool>()) std::cout << " " << e["ranks"].get<int>();
+    if (!e["fits"].get<bool>()) continue;
+    std::cout << " " << e["ranks"].get<int>();
+    any = true;
   }
-  std::cout << "\n" << std::flush;
+  std::cout << (any ? "" : " none") << basis << "\n" << std::flush;
   return kExitOk;
 }
 

@@ -99,6 +99,7 @@ row 2 "the config has no field 'modle'" "$m" plan "$cfg" -o modle.k=1
 row 2 "--ranks must be at least 1" "$m" plan "$cfg" --ranks 0
 row 2 "--ranks 3: 3 expert-parallel ranks cannot hold 4 experts" "$m" plan "$cfg" --ranks 3
 row 2 "--precision fp32 or bf16" "$m" plan "$cfg" --precision fp8
+row 2 "train.global_batch 6 does not split over --ranks 4; use a rank count that divides it, or give --micro-batch" "$m" plan "$cfg" --ranks 4 -o train.global_batch=6
 row 2 "--device-memory > 0" "$m" plan "$cfg" --device-memory -1
 row 2 "the option '--config' is required" "$m" plan
 

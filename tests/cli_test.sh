@@ -96,6 +96,15 @@ expect 2 "--ranks 3: 3 expert-parallel ranks cannot hold 4 experts" "${np2[@]}" 
   "$src/configs/tiny_test.pbtxt" --ranks 3
 expect 0 '"activation_bytes_per_rank".*"train_flops_per_image"' "$moerun" plan \
   "$src/configs/vmoe_15b_every2.pbtxt" --ranks 64 --precision bf16 --micro-batch 8 --json
+# The fit list holds the global batch fixed: the same list whatever --ranks is asked about.
+fits() { "$moerun" plan "$src/configs/vmoe_15b_every2.pbtxt" --precision bf16 --ranks "$1" --json |
+  python3 -c "import json,sys; print(json.load(sys.stdin)['ranks_that_fit'])"; }
+if [ "$(fits 4)" = "$(fits 32)" ] && [ "$(fits 32)" = "$(fits 128)" ]; then
+  passed=$((passed + 1))
+else
+  echo "FAIL: plan's fit list depends on --ranks:"; fits 4; fits 32
+  failed=$((failed + 1))
+fi
 # Under mpirun a bad config is reported once (by rank 0), and every rank exits non-zero.
 out=$("${np2[@]}" "$moerun" plan "$tmp/bad.pbtxt" 2>&1)
 if [ "$(grep -c 'invalid config' <<<"$out")" -ne 1 ]; then
