@@ -1,5 +1,8 @@
 // moerun env: what this job looks like from every rank.
+#include <sched.h>
+
 #include <iostream>
+#include <string>
 
 #include "launch/commands.h"
 #include "runtime/kernels.h"
@@ -60,7 +63,25 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
   Session session(program.argc, program.argv, global);
   const ProcessInfo& p = Process();
   int devices = 0;
+  // The CPUs this rank may run on (the launcher's binding): "0-1", "0", ...
+  std::string cpus;
+  int cpu_count = 0;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (!CPU_ISSET(c, &set)) continue;
+      int end = c;
+      while (end + 1 < CPU_SETSIZE && CPU_ISSET(end + 1, &set)) ++end;
+      cpus += (cpus.empty() ? "" : ",") + std::to_string(c) +
+              (end > c ? "-" + std::to_string(end) : "");
+      cpu_count += end - c + 1;
+      c = end;
+    }
+  }
   nlohmann::json j = {{"rank", p.rank},
+                      {"cpus", cpus},
+                      {"cpu_count", cpu_count},
                       {"world_size", p.world_size},
                       {"local_rank", p.local_rank},
                       {"local_size", p.local_size},
@@ -97,7 +118,8 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
     }
     std::cout << "rank " << r << "       host " << e["host"].get<std::string>() << ", local rank "
               << e["local_rank"] << " of " << e["local_size"] << ", " << e["threads"]
-              << " thread(s), " << e["cuda_devices"] << " CUDA device(s)\n";
+              << " thread(s) on CPUs " << e["cpus"].get<std::string>() << " ("
+              << e["cpu_count"] << "), " << e["cuda_devices"] << " CUDA device(s)\n";
   }
   std::cout << std::flush;
   return kExitOk;

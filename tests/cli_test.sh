@@ -96,6 +96,17 @@ expect 2 "--ranks 3: 3 expert-parallel ranks cannot hold 4 experts" "${np2[@]}" 
   "$src/configs/tiny_test.pbtxt" --ranks 3
 expect 0 '"activation_bytes_per_rank".*"train_flops_per_image"' "$moerun" plan \
   "$src/configs/vmoe_15b_every2.pbtxt" --ranks 64 --precision bf16 --micro-batch 8 --json
+# cluster/mpirun-local binds each rank to its own cores / ranks cores (Open MPI alone binds a
+# 1-rank job to one core, halving a 2-thread rank); `moerun env` reports the CPUs.
+cores=$(nproc)
+cpus_of() { "$src/cluster/mpirun-local" -np "$1" "$moerun" env --json 2>/dev/null |
+  python3 -c "import json,sys; print(' '.join(str(json.loads(l)['cpu_count']) for l in sys.stdin))"; }
+if [ "$(cpus_of 1)" = "$cores" ] && { [ "$cores" -lt 2 ] || [ "$(cpus_of 2)" = "$((cores / 2)) $((cores / 2))" ]; }; then
+  passed=$((passed + 1))
+else
+  echo "FAIL: mpirun-local binding: -np 1 -> $(cpus_of 1), -np 2 -> $(cpus_of 2) CPUs (host $cores)"
+  failed=$((failed + 1))
+fi
 # The fit list holds the global batch fixed: the same list whatever --ranks is asked about.
 fits() { "$moerun" plan "$src/configs/vmoe_15b_every2.pbtxt" --precision bf16 --ranks "$1" --json |
   python3 -c "import json,sys; print(json.load(sys.stdin)['ranks_that_fit'])"; }
