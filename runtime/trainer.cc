@@ -5,14 +5,56 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include <cmath>
+#include <fstream>
+#include <iomanip>
 #include <numeric>
 #include <set>
 #include <sstream>
 
 #include "model/vit_spec.h"
 #include "runtime/kernels.h"
+#include "runtime/process.h"
 
 namespace moerun {
+
+namespace {
+
+// Bytes of memory this host can still give (MemAvailable), or -1 when unknown.
+int64_t AvailableHostBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return -1;
+}
+
+std::string GiB(double bytes) {
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(2) << bytes / 1073741824.0 << " GiB";
+  return o.str();
+}
+
+}  // namespace
+
+Status CheckHostMemory(const ModelConfig& model, int ranks, int64_t micro_batch) {
+  const int64_t available = AvailableHostBytes();
+  if (available < 0) return Status::Ok();
+  const TrainingFootprint f = EstimateFootprint(model, ranks, micro_batch, false);
+  const int local = std::max(1, Process().local_size);
+  const double need = static_cast<double>(f.bytes_per_rank) * local;
+  if (need <= static_cast<double>(available)) return Status::Ok();
+  return Status::Error(
+      "the plan needs " + GiB(f.bytes_per_rank) + " per rank (weights " + GiB(f.param_bytes) +
+      ", gradients " + GiB(f.grad_bytes) + ", AdamW moments " + GiB(f.optimizer_bytes) +
+      ", activations " + GiB(f.activation_bytes) + ", micro-batch " + std::to_string(micro_batch) +
+      ") x " + std::to_string(local) + " rank(s) on this host = " + GiB(need) +
+      ", but the host has " + GiB(static_cast<double>(available)) +
+      " available; use more ranks (on more hosts), a smaller train.global_batch or a smaller "
+      "model (`moerun plan` prints the figures)");
+}
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,
                                                    const Dataset* train) {
@@ -32,6 +74,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
                          " is larger than the dataset (" + std::to_string(train->size) + ")");
   }
   t->local_batch_ = tc.global_batch() / p;
+  MOERUN_RETURN_IF_ERROR(CheckHostMemory(config.model(), p, t->local_batch_));
   MOERUN_RETURN_IF_ERROR(config.model().has_modsquad() ? t->CreateModSquad() : t->CreateVit());
   OptimizerConfig oc;
   oc.learning_rate = tc.learning_rate();

@@ -65,6 +65,10 @@ struct RoutingOverride {
 // field but the name and the routing settings); else an error listing the fields.
 Status CheckSameModel(const CheckpointManifest& manifest, const Config& current);
 
+// OK when this host's available memory (MemAvailable) holds the plan's footprint
+// (EstimateFootprint, fp32) of every rank on it; else an error with the plan's figures.
+Status CheckHostMemory(const ModelConfig& model, int ranks, int64_t micro_batch);
+
 class Trainer {
  public:
   // Fails (with a message naming the setting) when the global batch does not split over

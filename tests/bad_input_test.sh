@@ -113,6 +113,7 @@ cp "$cfg" "$tmp/self.pbtxt"
 row 2 "is the config file itself" "$m" train "$tmp/self.pbtxt" -o train.metrics_path="$tmp/self.pbtxt"
 row 1 "cannot write metrics file '/dev/full'" "$m" train "$cfg" -o train.out_dir="$tmp/df" -o train.metrics_path=/dev/full
 row 1 "cannot create checkpoint directory /proc/moerun" "$m" train "$cfg" "${run[@]}" --checkpoint-dir /proc/moerun
+row 2 "the plan needs [0-9.]+ GiB per rank \(weights .*activations .*\) x 1 rank\(s\) on this host = .*, but the host has .* available" "$m" train "$src/configs/vmoe_15b_every2.pbtxt" "${run[@]}"
 row 2 "--until-step must be >= 0" "$m" train "$cfg" "${run[@]}" --until-step -1
 row 2 "/nonexistent/ck: no such checkpoint directory" "$m" train "$cfg" "${run[@]}" --resume /nonexistent/ck
 row 2 "the argument \('x'\) for option '--checkpoint-every' is invalid" "$m" train "$cfg" --checkpoint-every x
