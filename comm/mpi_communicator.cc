@@ -3,10 +3,15 @@
 
 #include <glog/logging.h>
 
+#include <array>
+#include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 #include "comm/watchdog.h"
 #include "runtime/process.h"
@@ -31,6 +36,110 @@ void AbortAllRanks(int exit_code) {
 
 // Exit code of a job the watchdog ended.
 constexpr int kWatchdogExitCode = 75;
+
+// The watchdog's peer service over a communicator of its own (a duplicate of the world made
+// at start-up): tag 1 asks "where are you?", tag 2 answers with the state, encoded as
+// "in|<op>|<comm>|<seq>|<seconds>" or "out|<op>|<comm>|<seq>|<seconds>".
+MPI_Comm g_watchdog_comm = MPI_COMM_NULL;
+constexpr int kAskTag = 1, kAnswerTag = 2, kAnswerBytes = 512;
+
+std::string Encode(const WatchdogState& s) {
+  std::ostringstream o;
+  o << (s.in_collective ? "in" : "out") << "|" << s.op << "|" << s.comm << "|" << s.seq << "|"
+    << s.seconds;
+  return o.str();
+}
+
+WatchdogState Decode(const std::string& text) {
+  WatchdogState s;
+  std::vector<std::string> f;
+  std::stringstream in(text);
+  for (std::string part; std::getline(in, part, '|');) f.push_back(part);
+  if (f.size() != 5) return s;
+  s.in_collective = f[0] == "in";
+  s.op = f[1];
+  s.comm = f[2];
+  s.seq = std::strtoll(f[3].c_str(), nullptr, 10);
+  s.seconds = std::strtod(f[4].c_str(), nullptr);
+  return s;
+}
+
+class MpiPeerService : public PeerService {
+ public:
+  void Serve(const WatchdogState& mine) override {
+    const std::string answer = Encode(mine);
+    for (;;) {
+      int flag = 0;
+      MPI_Status status;
+      if (MPI_Iprobe(MPI_ANY_SOURCE, kAskTag, g_watchdog_comm, &flag, &status) != MPI_SUCCESS ||
+          !flag) {
+        return;
+      }
+      int ask = 0;
+      MPI_Recv(&ask, 1, MPI_INT, status.MPI_SOURCE, kAskTag, g_watchdog_comm, MPI_STATUS_IGNORE);
+      char buf[kAnswerBytes] = {};
+      std::snprintf(buf, sizeof(buf), "%s", answer.c_str());
+      MPI_Send(buf, kAnswerBytes, MPI_CHAR, status.MPI_SOURCE, kAnswerTag, g_watchdog_comm);
+    }
+  }
+
+  std::string AskPeers(const WatchdogState& mine, double grace_s) override {
+    int me = 0, size = 1;
+    MPI_Comm_rank(g_watchdog_comm, &me);
+    MPI_Comm_size(g_watchdog_comm, &size);
+    std::vector<MPI_Request> sends(size, MPI_REQUEST_NULL), recvs(size, MPI_REQUEST_NULL);
+    std::vector<std::array<char, kAnswerBytes>> answers(size);
+    std::vector<int> asks(size, 1);
+    std::vector<bool> got(size, false);
+    for (int p = 0; p < size; ++p) {
+      if (p == me) continue;
+      MPI_Irecv(answers[p].data(), kAnswerBytes, MPI_CHAR, p, kAnswerTag, g_watchdog_comm,
+                &recvs[p]);
+      MPI_Isend(&asks[p], 1, MPI_INT, p, kAskTag, g_watchdog_comm, &sends[p]);
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace_s);
+    int pending = size - 1;
+    while (pending > 0 && std::chrono::steady_clock::now() < deadline) {
+      Serve(mine);  // peers that time out too ask us
+      for (int p = 0; p < size; ++p) {
+        if (p == me || got[p]) continue;
+        int done = 0;
+        MPI_Test(&recvs[p], &done, MPI_STATUS_IGNORE);
+        if (done) {
+          got[p] = true;
+          --pending;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::ostringstream o;
+    std::string missing;
+    o << "Asked every rank where it is: ";
+    for (int p = 0; p < size; ++p) {
+      if (p == me) continue;
+      o << "rank " << p << ": ";
+      bool arrived = false;
+      if (!got[p]) {
+        o << "did not answer within " << grace_s << " s (stopped, dead, or hung outside MPI)";
+      } else {
+        const WatchdogState s = Decode(std::string(answers[p].data()));
+        o << DescribeState(s);
+        arrived = s.in_collective && s.seq == mine.seq && s.op == mine.op;
+        if (s.in_collective && !arrived)
+          o << " (another collective than this rank's #" << mine.seq << ")";
+      }
+      if (!arrived) missing += (missing.empty() ? "" : ", ") + std::to_string(p);
+      o << "; ";
+    }
+    if (missing.empty()) {
+      o << "every rank is in this collective (a communication failure?).";
+    } else {
+      o << "did not arrive: rank" << (missing.find(',') != std::string::npos ? "s " : " ")
+        << missing << ".";
+    }
+    return o.str();
+  }
+};
 
 void OnWatchdogTimeout(const std::string& message) {
   LOG(ERROR) << message;
@@ -119,18 +228,28 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv, const MpiOptions& options) {
     std::atexit(&AbortIfExitingWithMpiActive);
     exit_hook_installed = true;
   }
+  // Collective, once, at start-up: the watchdog's own communicator.
+  MOERUN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &g_watchdog_comm));
+  MPI_Comm_set_errhandler(g_watchdog_comm, MPI_ERRORS_RETURN);
   SetWatchdogTimeout(options.watchdog_timeout_s);
 }
 
 MpiRuntime::~MpiRuntime() {
   g_watchdog.reset();
+  if (g_watchdog_comm != MPI_COMM_NULL && MpiActive()) MPI_Comm_free(&g_watchdog_comm);
+  g_watchdog_comm = MPI_COMM_NULL;
   if (MpiActive()) MPI_Finalize();
   SetFatalHandler(nullptr);
 }
 
 void MpiRuntime::SetWatchdogTimeout(double timeout_s) {
   g_watchdog.reset();
-  if (timeout_s > 0) g_watchdog = std::make_unique<Watchdog>(timeout_s, &OnWatchdogTimeout);
+  if (timeout_s <= 0) return;
+  std::unique_ptr<PeerService> peers;
+  if (g_watchdog_comm != MPI_COMM_NULL && thread_level_ == MPI_THREAD_MULTIPLE) {
+    peers = std::make_unique<MpiPeerService>();
+  }
+  g_watchdog = std::make_unique<Watchdog>(timeout_s, &OnWatchdogTimeout, std::move(peers));
 }
 
 std::unique_ptr<Communicator> MpiRuntime::World() {

@@ -4,6 +4,12 @@
 //   fault_probe mpi-error  an MPI call with a bad root on every rank
 //   fault_probe check      rank 1 fails a CHECK while rank 0 waits in a barrier
 //   fault_probe exit       rank 1 exits with code 3 while rank 0 waits in a barrier
+// Under mpirun -np 4, with a 3 s watchdog, rank 2 fails while the others wait in an
+// all-reduce after one good one:
+//   fault_probe loop       rank 2 spins in an endless loop
+//   fault_probe stop       rank 2 stops itself (SIGSTOP)
+//   fault_probe kill       rank 2 kills itself (SIGKILL)
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -21,7 +27,11 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   moerun::SetProcess(moerun::DiscoverProcessFromEnvironment());
   moerun::InitLogging(argv[0], {});
-  moerun::MpiRuntime mpi(&argc, &argv, {/*watchdog_timeout_s=*/mode == "watchdog" ? 1.0 : 0.0});
+  const bool stalls = mode == "loop" || mode == "stop" || mode == "kill";
+  moerun::MpiRuntime mpi(&argc, &argv,
+                         {/*watchdog_timeout_s=*/mode == "watchdog" ? 1.0
+                          : stalls                                  ? 3.0
+                                                                    : 0.0});
   auto world = mpi.World();
   const int rank = world->rank();
   if (mode == "watchdog") {
@@ -33,6 +43,16 @@ int main(int argc, char** argv) {
   } else if (mode == "check") {
     if (rank == 1) CHECK(false) << "injected failure";
     world->Barrier();
+  } else if (stalls) {
+    double x = 1;
+    world->AllReduce(&x, 1, moerun::DType::kF64, moerun::ReduceOp::kSum);
+    if (rank == 2) {
+      if (mode == "stop") raise(SIGSTOP);
+      if (mode == "kill") raise(SIGKILL);
+      volatile double spin = 0;
+      for (;;) spin = spin + 1;  // the endless loop
+    }
+    world->AllReduce(&x, 1, moerun::DType::kF64, moerun::ReduceOp::kSum);
   } else if (mode == "exit") {
     if (rank == 1) std::exit(3);
     world->Barrier();
