@@ -118,8 +118,8 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
     }
     std::cout << "rank " << r << "       host " << e["host"].get<std::string>() << ", local rank "
               << e["local_rank"] << " of " << e["local_size"] << ", " << e["threads"]
-              << " thread(s) on CPUs " << e["cpus"].get<std::string>() << " ("
-              << e["cpu_count"] << "), " << e["cuda_devices"] << " CUDA device(s)\n";
+              << " thread(s) on CPUs " << e["cpus"].get<std::string>() << " (" << e["cpu_count"]
+              << "), " << e["cuda_devices"] << " CUDA device(s)\n";
   }
   std::cout << std::flush;
   return kExitOk;

@@ -64,7 +64,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   {
     ScopedTimer timer(&timers_.routing);
     PlanRouting(router_.gates(), config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
-                &plan_);
+                &plan_, args.routed);
     aux_.Compute(router_, plan_, groups_->world());
     if (args.training) aux_.UpdateUsage();
   }

@@ -83,11 +83,17 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
   const size_t mi_size = !task_gate ? 0 : weights_.mi_per_rank ? 1 : tasks * e_count + e_count;
   // Task gates: then [tasks x E] selections per task (usage statistics), always global.
   const size_t usage_at = base + mi_size, usage_size = task_gate ? tasks * e_count : 0;
-  std::vector<double> totals(base + mi_size + usage_size, 0.0);
+  // Last: the routed (not padding) tokens.
+  std::vector<double> totals(base + mi_size + usage_size + 1, 0.0);
+  totals.back() = static_cast<double>(t);
   std::copy(local, local + 4, totals.begin());
   const int32_t* idx = plan_.expert_index.data<int32_t>();
   const int32_t* sl = plan_.slot.data<int32_t>();
   for (int64_t i = 0; i < t * k; ++i) {
+    if (plan_.routed != nullptr && !plan_.routed[i / k]) {
+      if (i % k == 0) totals.back() -= 1;
+      continue;  // padding
+    }
     if (sl[i] < plan_.capacity)
       totals[4 + idx[i]] += 1;
     else
@@ -140,7 +146,7 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
                                  mi_grad_.data());
     }
     add("mi", weights_.mi, mi, tasks > 2);
-    task_selections_.assign(totals.begin() + usage_at, totals.end());
+    task_selections_.assign(totals.begin() + usage_at, totals.end() - 1);
   }
   losses_.aux_total = 0;
   for (const AuxTerm& term : losses_.terms) {
@@ -153,7 +159,7 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
     metrics_.tokens_per_expert[j] = static_cast<int64_t>(totals[4 + j]);
     kept += totals[4 + j];
   }
-  const double tokens_total = g_total * s;
+  const double tokens_total = totals.back();
   metrics_.dropped_fraction.assign(k, 0.0);
   for (int64_t j = 0; j < k; ++j)
     metrics_.dropped_fraction[j] = totals[4 + e_count + j] / tokens_total;

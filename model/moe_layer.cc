@@ -120,7 +120,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   {
     ScopedTimer timer(&timers_.routing);
     PlanRouting(router_.gates(), config_.capacity_rule(), config_.k, s, *fixed, groups_->world(),
-                &plan_);
+                &plan_, args.routed);
     aux_.Compute(router_, plan_, groups_->world());
     if (args.training) aux_.UpdateUsage();
   }

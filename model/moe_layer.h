@@ -94,6 +94,9 @@ struct MoeForwardArgs {
   int64_t first_token = 0;        // global index of this rank's first token
   const Tensor* noise = nullptr;  // optional [T, E], already scaled, replaces the generator
   const int32_t* task = nullptr;  // [T] task of every token (kTaskSoftmax)
+  // [T] or null: tokens with 0 are padding (evaluation's last batch): routed nowhere, they
+  // take no expert capacity and their output is 0.
+  const uint8_t* routed = nullptr;
 };
 
 class MoeLayer {

@@ -30,7 +30,8 @@ StatusOr<int64_t> CheckGroupsAndCapacity(const CapacityRule& rule, int64_t t, in
 }
 
 void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t s,
-                 int64_t fixed_capacity, Communicator& world, RoutingPlan* plan) {
+                 int64_t fixed_capacity, Communicator& world, RoutingPlan* plan,
+                 const uint8_t* routed) {
   const int64_t t = gates.dim(0), e_count = gates.dim(1);
   RoutingPlan& p = *plan;
   p.tokens = t;
@@ -38,6 +39,7 @@ void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t s
   p.num_experts = e_count;
   p.group_size = s;
   p.groups = t / s;
+  p.routed = routed;
   Ensure(&p.expert_index, {t, k}, DType::kI32);
   Ensure(&p.slot, {t, k}, DType::kI32);
   Ensure(&p.weight, {t, k}, DType::kF32);
@@ -49,7 +51,7 @@ void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t s
          p.expert_index.data<int32_t>() + off * k, p.weight.data<float>() + off * k);
     AssignSlots(p.expert_index.data<int32_t>() + off * k, p.weight.data<float>() + off * k, s,
                 static_cast<int>(e_count), k, rule.bpr, p.slot.data<int32_t>() + off * k,
-                p.load.data() + g * e_count, &order);
+                p.load.data() + g * e_count, &order, routed != nullptr ? routed + off : nullptr);
   }
   if (fixed_capacity > 0) {
     p.capacity = fixed_capacity;

@@ -33,6 +33,7 @@ struct RoutingPlan {
   Tensor weight;                       // [T, K] raw gate of each choice
   Tensor row;                          // [T, K] int32: row in [E, groups * capacity], -1 dropped
   std::vector<int32_t> load;           // [groups, E] visits before capacity
+  const uint8_t* routed = nullptr;     // [T] or null: tokens with 0 are padding (never routed)
 
   int64_t rows_per_expert() const { return groups * capacity; }
 };
@@ -45,8 +46,11 @@ StatusOr<int64_t> CheckGroupsAndCapacity(const CapacityRule& rule, int64_t token
 
 // Builds the plan from gates [T, E]. Dropless plans all-reduce the largest load over
 // `world` (every rank must call it).
+// routed (optional, [T]): padding tokens (0) take no slot and are dropped (evaluation pads
+// its last batch with them).
 void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t group_size,
-                 int64_t fixed_capacity, Communicator& world, RoutingPlan* plan);
+                 int64_t fixed_capacity, Communicator& world, RoutingPlan* plan,
+                 const uint8_t* routed = nullptr);
 
 }  // namespace moerun
 

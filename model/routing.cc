@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 
@@ -48,17 +49,27 @@ void TopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* e
 }
 
 void AssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens, int num_experts,
-                 int k, bool bpr, int32_t* slot, int32_t* load, std::vector<int32_t>* order) {
+                 int k, bool bpr, int32_t* slot, int32_t* load, std::vector<int32_t>* order,
+                 const uint8_t* routed) {
   order->resize(tokens);
   std::iota(order->begin(), order->end(), 0);
+  if (routed != nullptr) {
+    order->erase(
+        std::remove_if(order->begin(), order->end(), [&](int32_t s) { return !routed[s]; }),
+        order->end());
+    for (int64_t s = 0; s < tokens; ++s) {
+      if (!routed[s]) std::fill_n(slot + s * k, k, std::numeric_limits<int32_t>::max());
+    }
+  }
   if (bpr) {
     std::stable_sort(order->begin(), order->end(), [&](int32_t a, int32_t b) {
       return weight[static_cast<int64_t>(a) * k] > weight[static_cast<int64_t>(b) * k];
     });
   }
   std::fill_n(load, num_experts, 0);
+  const int64_t visited = static_cast<int64_t>(order->size());
   for (int j = 0; j < k; ++j) {
-    for (int64_t i = 0; i < tokens; ++i) {
+    for (int64_t i = 0; i < visited; ++i) {
       const int64_t s = (*order)[i];
       const int32_t e = expert_index[s * k + j];
       slot[s * k + j] = load[e]++;

@@ -26,8 +26,11 @@ void TopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* e
 // weight[s*K]); a visit of expert e takes slot load[e] and increments it, kept or not.
 // Writes slot [S, K] (raw: >= capacity means dropped) and load[e] = visits of e (all
 // choices, before capacity). `order` is scratch (resized to S).
+// routed (optional, [S]): tokens with 0 are padding: they take no slot (slot INT32_MAX,
+// dropped) and do not count in load or in the priority order.
 void AssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens, int num_experts,
-                 int k, bool bpr, int32_t* slot, int32_t* load, std::vector<int32_t>* order);
+                 int k, bool bpr, int32_t* slot, int32_t* load, std::vector<int32_t>* order,
+                 const uint8_t* routed = nullptr);
 
 }  // namespace moerun
 

@@ -240,6 +240,11 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
       args.training = batch.training;
       args.first_token = batch.first_image * n;
       args.noise_key = {batch.seed, batch.step, static_cast<uint32_t>(k.index)};
+      if (batch.routed_images >= 0 && batch.routed_images < b) {
+        routed_.assign(rows, 0);
+        std::fill_n(routed_.begin(), batch.routed_images * n, 1);
+        args.routed = routed_.data();
+      }
       MOERUN_RETURN_IF_ERROR(k.moe_layer->Forward(k.ln2, args, &k.out));
       out->aux_loss += k.moe_layer->losses().aux_total;
     } else {

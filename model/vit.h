@@ -37,6 +37,9 @@ struct VitBatch {
   int64_t global_batch = 0;         // images over all ranks (the loss is their mean)
   int64_t first_image = 0;          // global index of this rank's first image (noise keys)
   bool training = true;
+  // Images [routed_images, batch) are padding (evaluation's last batch): their tokens take
+  // no expert capacity. -1: none.
+  int64_t routed_images = -1;
   uint32_t step = 0;
   uint64_t seed = 0;
 };
@@ -95,6 +98,7 @@ class VitModel {
   Tensor patches_in_, x0_, cls_rows_, cls_norm_, norm_mean_, norm_rstd_, pre_out_, logits_, probs_;
   std::vector<Tensor> block_inputs_;
   const int32_t* labels_ = nullptr;
+  std::vector<uint8_t> routed_;
 };
 
 }  // namespace moerun

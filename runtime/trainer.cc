@@ -417,6 +417,7 @@ EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
     batch.global_batch = count;
     batch.first_image = static_cast<int64_t>(world_->rank()) * b;
     batch.training = false;
+    batch.routed_images = real;
     VitOutput out;
     const Status s = model_->Forward(batch, &out);
     CHECK(s.ok()) << s.message();

@@ -350,6 +350,48 @@ TEST(MoeLayerTest, BadGroupSizeIsAnErrorNotACrash) {
   EXPECT_NE(s.message().find("group_size 3 does not divide the 8 tokens"), std::string::npos);
 }
 
+// Padding tokens (evaluation's last batch) take no capacity: 4 real tokens followed by 4
+// copies of token 0 marked as padding route exactly as the 4 real tokens alone, and the
+// padding's output is 0.
+TEST(MoeLayerTest, PaddingTokensTakeNoCapacity) {
+  auto self = World().Split(World().rank(), 0, "self");
+  Case c = MakeCase(41, 4, 6, 8, 4, 2);
+  c.config.capacity = 1;
+  c.config.capacity_factor = 0;
+  c.config.bpr = true;
+  c.config.noise_std = 0;
+  auto groups = MoeGroups::Create(self.get(), 4);
+  ASSERT_TRUE(groups.ok());
+  auto run = [&](int64_t tokens, const uint8_t* routed, std::vector<int32_t>* slots) {
+    MoeLayerConfig cfg = c.config;
+    cfg.group_size = tokens;
+    MoeLayer layer(cfg, *groups);
+    MoeParams& p = layer.params();
+    std::copy(c.router.begin(), c.router.end(), p.router_weight.data<float>());
+    std::copy(c.fc1_w.begin(), c.fc1_w.end(), p.fc1_weight.data<float>());
+    std::copy(c.fc1_b.begin(), c.fc1_b.end(), p.fc1_bias.data<float>());
+    std::copy(c.fc2_w.begin(), c.fc2_w.end(), p.fc2_weight.data<float>());
+    std::copy(c.fc2_b.begin(), c.fc2_b.end(), p.fc2_bias.data<float>());
+    Tensor x = Tensor::Empty({tokens, 6}), y = Tensor::Empty({tokens, 6});
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::copy_n(c.x.data() + (t < 4 ? t : 0) * 6, 6, x.data<float>() + t * 6);
+    }
+    MoeForwardArgs args;
+    args.training = false;
+    args.routed = routed;
+    EXPECT_TRUE(layer.Forward(x, args, &y).ok());
+    slots->assign(layer.slot().data<int32_t>(), layer.slot().data<int32_t>() + tokens * 2);
+    return std::vector<float>(y.data<float>(), y.data<float>() + tokens * 6);
+  };
+  std::vector<int32_t> alone_slots, padded_slots;
+  const std::vector<float> alone = run(4, nullptr, &alone_slots);
+  const uint8_t routed[8] = {1, 1, 1, 1, 0, 0, 0, 0};
+  const std::vector<float> padded = run(8, routed, &padded_slots);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(padded_slots[i], alone_slots[i]) << i;
+  for (int i = 0; i < 24; ++i) EXPECT_EQ(padded[i], alone[i]) << i;
+  for (int i = 24; i < 48; ++i) EXPECT_EQ(padded[i], 0.0f) << i;
+}
+
 // Mod-Squad task gates through the same dispatch: the gates are softmax + 1e-4 of the
 // token's own task router, and results (the all-reduced MI loss included) do not depend
 // on the rank count, dropless or under a capacity with BPR.
