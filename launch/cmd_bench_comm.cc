@@ -211,6 +211,16 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
   o.max_bytes = *hi;
   o.check = !no_check;
   Session session(program.argc, program.argv, global);
+  // Send and receive buffers of max-bytes per peer, and as much again for the raw MPI
+  // comparison and the check, on every rank of this host.
+  const Status fits = RequireHostBytes(
+      4.0 * o.max_bytes * session.size() * std::max(1, Process().local_size),
+      "--max-bytes " + max_bytes + " per peer over " + std::to_string(session.size()) + " rank(s)",
+      "use a smaller --max-bytes");
+  if (!fits.ok()) {
+    if (session.is_root()) PrintError("moerun bench comm", fits.message());
+    return kExitUsage;
+  }
   if (session.is_root()) {
     LOG(INFO) << "bench comm: " << session.size() << " ranks, " << o.min_bytes << " to "
               << o.max_bytes << " bytes per peer";

@@ -95,6 +95,22 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);
+  // The largest GEMM's three matrices, on every rank of this host.
+  double largest = 0;
+  for (int64_t t : *rows) {
+    for (auto [d, m] : *shapes) {
+      largest = std::max(largest, 4.0 * (static_cast<double>(t) * d + static_cast<double>(d) * m +
+                                         static_cast<double>(t) * m));
+    }
+  }
+  for (int64_t n : *peak_sizes) largest = std::max(largest, 12.0 * n * n);
+  const Status fits = RequireHostBytes(largest * std::max(1, Process().local_size),
+                                       "the largest GEMM of --rows x --shapes (or --peak-sizes)",
+                                       "use smaller --rows, --shapes or --peak-sizes");
+  if (!fits.ok()) {
+    if (session.is_root()) PrintError("moerun bench gemm", fits.message());
+    return kExitUsage;
+  }
   const int threads = NumThreads();
   double peak = 0;
   for (int64_t n : *peak_sizes) {

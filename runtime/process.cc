@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iomanip>
 #include <mutex>
 
@@ -77,6 +78,25 @@ void AbortJob(int exit_code) {
     if (g_fatal_handler != nullptr) g_fatal_handler(exit_code);
   });
   std::_Exit(exit_code);
+}
+
+int64_t AvailableHostBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  int64_t kib = 0;
+  while (in >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return -1;
+}
+
+Status RequireHostBytes(double bytes, const std::string& what, const std::string& advice) {
+  const int64_t available = AvailableHostBytes();
+  if (available < 0 || bytes <= static_cast<double>(available)) return Status::Ok();
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), " needs %.2f GiB but this host has %.2f GiB available; ",
+                bytes / 1073741824.0, available / 1073741824.0);
+  return Status::Error(what + buf + advice);
 }
 
 void InitLogging(const char* argv0, const LoggingOptions& options) {

@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "runtime/status.h"
+
 namespace moerun {
 
 struct ProcessInfo {
@@ -35,6 +37,12 @@ std::string RankTag();
 using FatalHandler = void (*)(int exit_code);
 void SetFatalHandler(FatalHandler handler);
 [[noreturn]] void AbortJob(int exit_code);
+
+// Bytes this host can still give (MemAvailable of /proc/meminfo), or -1 when unknown.
+int64_t AvailableHostBytes();
+// OK unless `bytes` is more than the host has available; the error names `what`, both
+// sizes and `advice`.
+Status RequireHostBytes(double bytes, const std::string& what, const std::string& advice);
 
 struct LoggingOptions {
   bool all_ranks = false;  // INFO from every rank, not only rank 0

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <sstream>
 
+#include "runtime/process.h"
+
 namespace moerun {
 
 const char* DTypeName(DType t) {
@@ -33,7 +35,15 @@ std::shared_ptr<Storage> Storage::Allocate(size_t bytes) {
   const size_t rounded =
       (std::max<size_t>(bytes, 1) + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
   void* p = std::aligned_alloc(kTensorAlignment, rounded);
-  CHECK(p != nullptr) << "out of host memory allocating " << bytes << " bytes";
+  if (p == nullptr) {
+    const int64_t available = AvailableHostBytes();
+    LOG(ERROR) << RankTag() << ": out of host memory allocating " << bytes << " bytes ("
+               << bytes / 1073741824.0 << " GiB; this host has "
+               << (available >= 0 ? std::to_string(available / 1073741824.0) + " GiB" : "?")
+               << " available). `moerun plan --config C --ranks P` shows what a rank needs; "
+                  "use more ranks, a smaller batch or a smaller model.";
+    AbortJob(1);
+  }
   return std::shared_ptr<Storage>(new Storage(p, bytes, Device::kCPU, /*owning=*/true));
 }
 

@@ -19,18 +19,6 @@ namespace moerun {
 
 namespace {
 
-// Bytes of memory this host can still give (MemAvailable), or -1 when unknown.
-int64_t AvailableHostBytes() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  int64_t kib = 0;
-  std::string unit;
-  while (in >> key >> kib >> unit) {
-    if (key == "MemAvailable:") return kib * 1024;
-  }
-  return -1;
-}
-
 std::string GiB(double bytes) {
   std::ostringstream o;
   o << std::fixed << std::setprecision(2) << bytes / 1073741824.0 << " GiB";

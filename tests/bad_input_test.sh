@@ -194,6 +194,8 @@ row 2 "--experts: each count must be between 1 and 4096" "$m" bench moe-layer --
 row 2 "--batch and --steps must be positive" "$m" bench train --config "$cfg" --batch 0
 row 2 "--rounds, --steps and --every must be positive" "$m" bench checkpoint --config "$cfg" --rounds 0
 row 2 "larger than --max-bytes" "$m" bench comm --min-bytes 1M --max-bytes 4K
+row 2 "--max-bytes 100G per peer over 1 rank\(s\) needs 400.00 GiB but this host has .* available" "$m" bench comm --max-bytes 100G
+row 2 "the largest GEMM of --rows x --shapes \(or --peak-sizes\) needs .* GiB but this host has" "$m" bench gemm --rows 100000000 --shapes 512x2048
 row 2 "unknown target 'nope'" "$m" bench nope
 row 2 "--minutes must be in \(0, 10080\]" "$m" bench soak --config "$cfg" --minutes nan
 row 2 "--minutes must be in \(0, 10080\]" "$m" bench soak --config "$cfg" --report-every -1
