@@ -38,6 +38,27 @@ void InitParam(const std::string& name, Tensor* t, InitKind kind, uint64_t seed,
   }
 }
 
+void InitByRole(const std::string& n, Tensor* t, uint64_t seed) {
+  auto ends = [&](const std::string& s) {
+    return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
+  };
+  if (n.find("norm") != std::string::npos) {
+    InitParam(n, t, ends(".weight") ? InitKind::kOnes : InitKind::kZeros, seed);
+  } else if (n == "patch_embed.proj.weight") {
+    // fan_in = C*P*P: view as [D, C*P*P].
+    Tensor flat = t->Reshape({t->dim(0), -1});
+    InitParam(n, &flat, InitKind::kLecunNormal, seed);
+  } else if (ends("router.weight")) {
+    InitParam(n, t, InitKind::kLecunNormal, seed);
+  } else if (ends(".weight")) {
+    InitParam(n, t, InitKind::kXavierUniform, seed);
+  } else if (n.find("mlp.") != std::string::npos) {
+    InitParam(n, t, InitKind::kNormal, seed, 1e-6f);
+  } else {
+    InitParam(n, t, InitKind::kZeros, seed);
+  }
+}
+
 DenseParamStore::DenseParamStore(int64_t numel, int64_t tensors)
     : bytes_((numel + tensors * (kTensorAlignment / sizeof(float))) * sizeof(float)) {
   values_ = Storage::Allocate(bytes_);

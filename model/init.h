@@ -18,6 +18,11 @@ enum class InitKind { kZeros, kOnes, kNormal, kLecunNormal, kXavierUniform };
 // sqrt(6/(fan_in+fan_out)).
 void InitParam(const std::string& name, Tensor* t, InitKind kind, uint64_t seed, float std = 0);
 
+// The scheme both models share, by the parameter's role in its name: norms 1 (weight) / 0
+// (bias); the patch embedding lecun-normal over fan_in C*P*P; routers lecun-normal; other
+// kernels xavier-uniform; MLP and expert biases normal(1e-6); everything else 0.
+void InitByRole(const std::string& name, Tensor* t, uint64_t seed);
+
 // The replicated (dense) parameters of a model, values and gradients each in one zeroed flat
 // buffer, every tensor 64-byte aligned, so one all-reduce covers all gradients.
 class DenseParamStore {

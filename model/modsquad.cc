@@ -288,19 +288,8 @@ void ModSquadModel::Init(uint64_t seed) {
       InitParam(n, &p.value, InitKind::kOnes, seed);
     } else if (n == "pos_embed" || n == "task_embedding") {
       InitParam(n, &p.value, InitKind::kNormal, seed, 0.02f);
-    } else if (n.find("norm") != std::string::npos) {
-      InitParam(n, &p.value, EndsWith(n, ".weight") ? InitKind::kOnes : InitKind::kZeros, seed);
-    } else if (n == "patch_embed.proj.weight") {
-      Tensor flat = p.value.Reshape({p.value.dim(0), -1});
-      InitParam(n, &flat, InitKind::kLecunNormal, seed);
-    } else if (EndsWith(n, "router.weight")) {
-      InitParam(n, &p.value, InitKind::kLecunNormal, seed);
-    } else if (EndsWith(n, ".weight")) {
-      InitParam(n, &p.value, InitKind::kXavierUniform, seed);
-    } else if (n.find("mlp.") != std::string::npos) {
-      InitParam(n, &p.value, InitKind::kNormal, seed, 1e-6f);
     } else {
-      InitParam(n, &p.value, InitKind::kZeros, seed);
+      InitByRole(n, &p.value, seed);
     }
   }
 }

@@ -160,27 +160,14 @@ std::vector<int> VitModel::moe_blocks() const { return MoeBlocks(config_); }
 void VitModel::Init(uint64_t seed) {
   for (Param& p : params_) {
     const std::string& n = p.name;
-    auto ends = [&](const std::string& s) {
-      return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
-    };
     if (n == "cls_token" || n.rfind("head.", 0) == 0) {
       InitParam(n, &p.value, InitKind::kZeros, seed);
     } else if (n == "pos_embed") {
       InitParam(n, &p.value, InitKind::kNormal, seed, 0.02f);
-    } else if (n.find("norm") != std::string::npos) {
-      InitParam(n, &p.value, ends(".weight") ? InitKind::kOnes : InitKind::kZeros, seed);
-    } else if (n == "patch_embed.proj.weight") {
-      // fan_in = C*P*P: view as [D, C*P*P].
-      Tensor flat = p.value.Reshape({p.value.dim(0), -1});
-      InitParam(n, &flat, InitKind::kLecunNormal, seed);
-    } else if (ends("router.weight") || n == "pre_logits.fc.weight") {
+    } else if (n == "pre_logits.fc.weight") {
       InitParam(n, &p.value, InitKind::kLecunNormal, seed);
-    } else if (ends(".weight")) {
-      InitParam(n, &p.value, InitKind::kXavierUniform, seed);
-    } else if (n.find("mlp.") != std::string::npos) {
-      InitParam(n, &p.value, InitKind::kNormal, seed, 1e-6f);
     } else {
-      InitParam(n, &p.value, InitKind::kZeros, seed);
+      InitByRole(n, &p.value, seed);
     }
   }
 }
