@@ -250,7 +250,6 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
   };
   std::unique_ptr<MoeLayer> mlp;
   std::unique_ptr<MoeAttention> attn;
-  const MoeAuxLosses* aux = nullptr;
   if (c.attention) {
     MoeAttentionConfig ac;
     ac.d = static_cast<int>(d);
@@ -269,7 +268,6 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
     p.kv_bias.CopyFrom(c.tensors.at("kv.bias"));
     if (c.tensors.count("usage")) attn->usage().CopyFrom(c.tensors.at("usage"));
     agreed = AgreeOnStatus(world, attn->Forward(x, c.seq_len, fwd, &y));
-    aux = &attn->aux();
   } else {
     MoeLayerConfig lc;
     lc.d = static_cast<int>(d);
@@ -309,9 +307,9 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
   const Tensor gates = router.gates().Contiguous(), index = plan.expert_index.Contiguous();
   const Tensor slot = plan.slot.Contiguous(), weight = plan.weight.Contiguous();
   const MoeLosses losses = c.attention ? attn->losses() : mlp->losses();
-  const std::vector<double> gate_sums = aux ? aux->task_gate_sums() : mlp->task_gate_sums();
-  const std::vector<double> counts = aux ? aux->selection_counts() : mlp->selection_counts();
-  const std::vector<double> task_sel = aux ? aux->task_selections() : mlp->task_selections();
+  const MoeAuxLosses& aux = c.attention ? attn->aux() : mlp->aux();
+  const std::vector<double> gate_sums = aux.task_gate_sums(), counts = aux.selection_counts();
+  const std::vector<double> task_sel = aux.task_selections();
   const Tensor usage = (c.attention ? attn->usage() : mlp->usage()).Contiguous();
   Tensor queries, head_outputs;
   if (c.attention) {

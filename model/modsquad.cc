@@ -396,17 +396,7 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     h = k.out;
   }
   // Heads.
-  head_in_.assign(t_count, {});
-  head_mean_.assign(t_count, {});
-  head_rstd_.assign(t_count, {});
-  head_norm_.assign(t_count, {});
-  head_mean2_.assign(t_count, {});
-  head_rstd2_.assign(t_count, {});
-  head_norm2_.assign(t_count, {});
-  head_out_.assign(t_count, {});
-  head_probs_.assign(t_count, {});
-  head_labels_.assign(t_count, {});
-  head_targets_.assign(t_count, {});
+  heads_a_.assign(t_count, {});
   std::vector<std::vector<double>> sums(t_count);
   const int64_t counted = batch.counted;
   for (int64_t t = 0; t < t_count; ++t) {
@@ -416,41 +406,41 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     const int64_t outs = head.outputs();
     if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
       // Mean of the patch tokens -> fc_norm -> LN -> Dense.
-      head_in_[t] = arena_.AllocateZeros({b, d});
-      float* pooled = head_in_[t].data<float>();
+      heads_a_[t].in = arena_.AllocateZeros({b, d});
+      float* pooled = heads_a_[t].in.data<float>();
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j)
           Axpy(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
       }
-      head_norm_[t] = arena_.Allocate({b, d});
-      head_mean_[t] = arena_.Allocate({b});
-      head_rstd_[t] = arena_.Allocate({b});
+      heads_a_[t].norm = arena_.Allocate({b, d});
+      heads_a_[t].mean = arena_.Allocate({b});
+      heads_a_[t].rstd = arena_.Allocate({b});
       LayerNormForward(pooled, fc_norm_w_.data<float>(), fc_norm_b_.data<float>(),
-                       head_norm_[t].data<float>(), head_mean_[t].data<float>(),
-                       head_rstd_[t].data<float>(), b, d);
-      head_norm2_[t] = arena_.Allocate({b, d});
-      head_mean2_[t] = arena_.Allocate({b});
-      head_rstd2_[t] = arena_.Allocate({b});
-      LayerNormForward(head_norm_[t].data<float>(), hp.norm_w.data<float>(),
-                       hp.norm_b.data<float>(), head_norm2_[t].data<float>(),
-                       head_mean2_[t].data<float>(), head_rstd2_[t].data<float>(), b, d);
-      head_out_[t] = arena_.Allocate({b, outs});
-      LinearForward(head_norm2_[t].data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
-                    head_out_[t].data<float>(), b, d, outs);
-      head_labels_[t] = arena_.Allocate({b}, DType::kI32);
-      int32_t* lab = head_labels_[t].data<int32_t>();
+                       heads_a_[t].norm.data<float>(), heads_a_[t].mean.data<float>(),
+                       heads_a_[t].rstd.data<float>(), b, d);
+      heads_a_[t].norm2 = arena_.Allocate({b, d});
+      heads_a_[t].mean2 = arena_.Allocate({b});
+      heads_a_[t].rstd2 = arena_.Allocate({b});
+      LayerNormForward(heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(),
+                       hp.norm_b.data<float>(), heads_a_[t].norm2.data<float>(),
+                       heads_a_[t].mean2.data<float>(), heads_a_[t].rstd2.data<float>(), b, d);
+      heads_a_[t].out = arena_.Allocate({b, outs});
+      LinearForward(heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
+                    heads_a_[t].out.data<float>(), b, d, outs);
+      heads_a_[t].labels = arena_.Allocate({b}, DType::kI32);
+      int32_t* lab = heads_a_[t].labels.data<int32_t>();
       for (int64_t i = 0; i < b; ++i) {
         lab[i] = i < counted && batch.labels[t] != nullptr ? batch.labels[t][i] : -1;
         if (lab[i] >= outs) return Status::Error("label out of range for task " + head.name());
       }
-      head_probs_[t] = arena_.Allocate({b, outs});
+      heads_a_[t].probs = arena_.Allocate({b, outs});
       int64_t valid = 0;
-      const float mean = CrossEntropyForward(head_out_[t].data<float>(), lab,
-                                             head_probs_[t].data<float>(), b, outs, &valid);
+      const float mean = CrossEntropyForward(heads_a_[t].out.data<float>(), lab,
+                                             heads_a_[t].probs.data<float>(), b, outs, &valid);
       double correct = 0;
       for (int64_t i = 0; i < b; ++i) {
         if (lab[i] < 0) continue;
-        const float* l = head_out_[t].data<float>() + i * outs;
+        const float* l = heads_a_[t].out.data<float>() + i * outs;
         correct += (std::max_element(l, l + outs) - l) == lab[i];
       }
       sums[t] = {correct, static_cast<double>(valid), static_cast<double>(mean) * valid,
@@ -459,25 +449,26 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     }
     // Dense: norm over the patch tokens -> per token Dense(D -> P*P*outs).
     const int64_t prow = b * patches_, width = p * p * outs;
-    head_in_[t] = arena_.Allocate({prow, d});
+    heads_a_[t].in = arena_.Allocate({prow, d});
     for (int64_t i = 0; i < b; ++i) {
-      std::copy_n(ht + (i * n + 1) * d, patches_ * d, head_in_[t].data<float>() + i * patches_ * d);
+      std::copy_n(ht + (i * n + 1) * d, patches_ * d,
+                  heads_a_[t].in.data<float>() + i * patches_ * d);
     }
-    head_norm_[t] = arena_.Allocate({prow, d});
-    head_mean_[t] = arena_.Allocate({prow});
-    head_rstd_[t] = arena_.Allocate({prow});
-    LayerNormForward(head_in_[t].data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
-                     head_norm_[t].data<float>(), head_mean_[t].data<float>(),
-                     head_rstd_[t].data<float>(), prow, d);
-    head_out_[t] = arena_.Allocate({prow, width});
-    LinearForward(head_norm_[t].data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
-                  head_out_[t].data<float>(), prow, d, width);
-    const float* o = head_out_[t].data<float>();
+    heads_a_[t].norm = arena_.Allocate({prow, d});
+    heads_a_[t].mean = arena_.Allocate({prow});
+    heads_a_[t].rstd = arena_.Allocate({prow});
+    LayerNormForward(heads_a_[t].in.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
+                     heads_a_[t].norm.data<float>(), heads_a_[t].mean.data<float>(),
+                     heads_a_[t].rstd.data<float>(), prow, d);
+    heads_a_[t].out = arena_.Allocate({prow, width});
+    LinearForward(heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
+                  heads_a_[t].out.data<float>(), prow, d, width);
+    const float* o = heads_a_[t].out.data<float>();
     if (head.kind() == TaskHeadConfig::SEGMENTATION) {
       // Labels in the head's (patch, j, k) order; padding images -1.
       const int64_t cells = prow * p * p;
-      head_labels_[t] = arena_.Allocate({cells}, DType::kI32);
-      int32_t* lab = head_labels_[t].data<int32_t>();
+      heads_a_[t].labels = arena_.Allocate({cells}, DType::kI32);
+      int32_t* lab = heads_a_[t].labels.data<int32_t>();
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t q = 0; q < patches_; ++q) {
           for (int64_t jk = 0; jk < p * p; ++jk) {
@@ -489,10 +480,10 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
           }
         }
       }
-      head_probs_[t] = arena_.Allocate({cells, outs});
+      heads_a_[t].probs = arena_.Allocate({cells, outs});
       int64_t valid = 0;
       const float mean =
-          CrossEntropyForward(o, lab, head_probs_[t].data<float>(), cells, outs, &valid);
+          CrossEntropyForward(o, lab, heads_a_[t].probs.data<float>(), cells, outs, &valid);
       std::vector<double> s(2 * outs + 2, 0.0);
       for (int64_t cell = 0; cell < cells; ++cell) {
         if (lab[cell] < 0) continue;
@@ -512,8 +503,8 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       continue;
     }
     // Regression: L1 against the targets in the head's order.
-    head_targets_[t] = arena_.Allocate({prow, width});
-    float* tg = head_targets_[t].data<float>();
+    heads_a_[t].targets = arena_.Allocate({prow, width});
+    float* tg = heads_a_[t].targets.data<float>();
     double abs_sum = 0, values = 0;
     for (int64_t i = 0; i < b; ++i) {
       for (int64_t q = 0; q < patches_; ++q) {
@@ -575,21 +566,21 @@ void ModSquadModel::Backward() {
     const float w = static_cast<float>(task_weight_[t]);
     if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
       Tensor dlogits = arena_.Allocate({b, outs});
-      CrossEntropyBackward(head_probs_[t].data<float>(), head_labels_[t].data<int32_t>(),
+      CrossEntropyBackward(heads_a_[t].probs.data<float>(), heads_a_[t].labels.data<int32_t>(),
                            dlogits.data<float>(), b, outs, static_cast<float>(w / global));
       Tensor d2 = arena_.Allocate({b, d}), d1 = arena_.Allocate({b, d}),
              dp = arena_.Allocate({b, d});
-      LinearBackward(head_norm2_[t].data<float>(), hp.fc_w.data<float>(), dlogits.data<float>(),
+      LinearBackward(heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(), dlogits.data<float>(),
                      d2.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), b, d,
                      outs);
-      LayerNormBackward(head_norm_[t].data<float>(), hp.norm_w.data<float>(),
-                        head_mean2_[t].data<float>(), head_rstd2_[t].data<float>(),
+      LayerNormBackward(heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(),
+                        heads_a_[t].mean2.data<float>(), heads_a_[t].rstd2.data<float>(),
                         d2.data<float>(), d1.data<float>(), hp.g_norm_w.data<float>(),
                         hp.g_norm_b.data<float>(), b, d);
-      LayerNormBackward(head_in_[t].data<float>(), fc_norm_w_.data<float>(),
-                        head_mean_[t].data<float>(), head_rstd_[t].data<float>(), d1.data<float>(),
-                        dp.data<float>(), fc_norm_gw_.data<float>(), fc_norm_gb_.data<float>(), b,
-                        d);
+      LayerNormBackward(heads_a_[t].in.data<float>(), fc_norm_w_.data<float>(),
+                        heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(),
+                        d1.data<float>(), dp.data<float>(), fc_norm_gw_.data<float>(),
+                        fc_norm_gb_.data<float>(), b, d);
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j) {
           Axpy(1.0f / patches_, dp.data<float>() + i * d, dht + (i * n + j) * d, d);
@@ -600,12 +591,12 @@ void ModSquadModel::Backward() {
     const int64_t prow = b * patches_, width = p * p * outs;
     Tensor dout = arena_.Allocate({prow, width});
     if (head.kind() == TaskHeadConfig::SEGMENTATION) {
-      CrossEntropyBackward(head_probs_[t].data<float>(), head_labels_[t].data<int32_t>(),
+      CrossEntropyBackward(heads_a_[t].probs.data<float>(), heads_a_[t].labels.data<int32_t>(),
                            dout.data<float>(), prow * p * p, outs,
                            static_cast<float>(w / (global * pixels)));
     } else {
-      const float* o = head_out_[t].data<float>();
-      const float* tg = head_targets_[t].data<float>();
+      const float* o = heads_a_[t].out.data<float>();
+      const float* tg = heads_a_[t].targets.data<float>();
       float* g = dout.data<float>();
       const float scale = static_cast<float>(w / (global * pixels * outs));
       for (int64_t i = 0; i < prow * width; ++i) {
@@ -614,12 +605,13 @@ void ModSquadModel::Backward() {
       }
     }
     Tensor dn = arena_.Allocate({prow, d}), din = arena_.Allocate({prow, d});
-    LinearBackward(head_norm_[t].data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
+    LinearBackward(heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
                    dn.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), prow, d,
                    width);
-    LayerNormBackward(head_in_[t].data<float>(), norm_w_.data<float>(), head_mean_[t].data<float>(),
-                      head_rstd_[t].data<float>(), dn.data<float>(), din.data<float>(),
-                      norm_gw_.data<float>(), norm_gb_.data<float>(), prow, d);
+    LayerNormBackward(heads_a_[t].in.data<float>(), norm_w_.data<float>(),
+                      heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(),
+                      dn.data<float>(), din.data<float>(), norm_gw_.data<float>(),
+                      norm_gb_.data<float>(), prow, d);
     for (int64_t i = 0; i < b; ++i) {
       Axpy(1.0f, din.data<float>() + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
     }

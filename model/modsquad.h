@@ -91,7 +91,7 @@ class ModSquadModel {
   void Backward();
 
   // Of the last forward: [T * batch, outputs] logits of classification task t's images.
-  const Tensor& task_logits(int t) const { return head_out_[t]; }
+  const Tensor& task_logits(int t) const { return heads_a_[t].out; }
 
  private:
   ModSquadModel() = default;
@@ -121,8 +121,14 @@ class ModSquadModel {
   MultiTaskBatch batch_;
   std::vector<int32_t> token_task_;
   Tensor patches_in_, x0_;
-  std::vector<Tensor> head_in_, head_mean_, head_rstd_, head_norm_, head_mean2_, head_rstd2_,
-      head_norm2_, head_out_, head_probs_, head_labels_, head_targets_;
+  // One task head's activations of the last forward.
+  struct HeadActivations {
+    Tensor in, mean, rstd, norm;  // pooled (classification) or patch rows; the first norm
+    Tensor mean2, rstd2, norm2;   // classification: the head's own LN
+    Tensor out, probs;            // logits / predictions, softmax
+    Tensor labels, targets;       // in the head's layout
+  };
+  std::vector<HeadActivations> heads_a_;
   std::vector<double> task_loss_, task_weight_;
 };
 

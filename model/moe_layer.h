@@ -129,11 +129,8 @@ class MoeLayer {
   const Tensor& expert_index() const { return plan_.expert_index; }
   const Tensor& slot() const { return plan_.slot; }
   const Tensor& combine_weight() const { return plan_.weight; }
-  // Of the last forward (kTaskSoftmax): [tasks, E] sums of the gates per task and [E]
-  // selection counts, over this rank's tokens (mi_per_rank) or all ranks'.
-  const std::vector<double>& task_gate_sums() const { return aux_.task_gate_sums(); }
-  const std::vector<double>& selection_counts() const { return aux_.selection_counts(); }
-  const std::vector<double>& task_selections() const { return aux_.task_selections(); }
+  // The auxiliary losses and, for task gates, the step's task x expert statistics.
+  const MoeAuxLosses& aux() const { return aux_; }
   // kTaskSoftmax: the usage EMA [tasks, E] (moe_aux.h), updated by training forwards.
   Tensor& usage() { return aux_.usage(); }
   MoeTimers& timers() { return timers_; }
