@@ -17,6 +17,7 @@
 #include "model/layers.h"
 #include "model/vit_spec.h"
 #include "runtime/kernels.h"
+#include "runtime/process.h"
 
 namespace moerun {
 
@@ -105,7 +106,11 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
   for (const ParamSpec& s : specs) {
     if (s.expert < 0) dense_numel += NumElements(s.shape), ++dense_tensors;
   }
-  m->dense_ = std::make_unique<DenseParamStore>(dense_numel, dense_tensors);
+  {
+    AllocationLabel label("dense parameters and their gradients (" + std::to_string(dense_numel) +
+                          " floats each)");
+    m->dense_ = std::make_unique<DenseParamStore>(dense_numel, dense_tensors);
+  }
 
   const int tasks = ms.tasks_size();
   const int64_t hidden = ms.expert_hidden() > 0 ? ms.expert_hidden() : c.mlp_dim() / ms.mlp_k();
@@ -139,6 +144,8 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
       ac.tasks = tasks;
       ac.capacity = rule;
       ac.aux = aux;
+      AllocationLabel label(s.name.substr(0, s.name.rfind(".attn.") + 5) +
+                            " (this rank's experts)");
       m->moe_attention_.push_back(std::make_unique<MoeAttention>(ac, m->groups_[ac.num_experts]));
       attn = m->moe_attention_.back().get();
       m->params_.push_back(
@@ -165,6 +172,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
       lc.load_weight = 0;
       lc.mi_weight = aux.mi;
       lc.mi_per_rank = aux.mi_per_rank;
+      AllocationLabel label(s.name.substr(0, s.name.rfind(".mlp.") + 4) + " (this rank's experts)");
       m->moe_mlp_.push_back(std::make_unique<MoeLayer>(lc, m->groups_[lc.num_experts]));
       mlp = m->moe_mlp_.back().get();
       m->params_.push_back(

@@ -17,6 +17,7 @@
 #include "model/vit_spec.h"
 #include "runtime/hash.h"
 #include "runtime/kernels.h"
+#include "runtime/process.h"
 
 namespace moerun {
 
@@ -57,7 +58,11 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
   if (c.has_moe() && groups == nullptr) return Status::Error("MoE model without MoE groups");
   const ParameterCounts counts = CountParameters(c);
   const int64_t tensors = 16 * (c.num_layers() + 2);
-  m->dense_ = std::make_unique<DenseParamStore>(counts.dense, tensors);
+  {
+    AllocationLabel label("dense parameters and their gradients (" + std::to_string(counts.dense) +
+                          " floats each)");
+    m->dense_ = std::make_unique<DenseParamStore>(counts.dense, tensors);
+  }
 
   // The gradient of the parameter AddDense just made.
   auto last_grad = [&] { return m->params_.back().grad; };
@@ -91,6 +96,8 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
     b->g_n2_b = last_grad();
     b->moe = IsMoeBlock(c, i);
     if (b->moe) {
+      AllocationLabel label(pre + "mlp (the " + std::to_string(groups->local_experts()) +
+                            " experts of this rank, their gradients and buffers)");
       auto layer = std::make_unique<MoeLayer>(
           MoeLayerConfig::FromProto(c.moe(), static_cast<int>(d), c.mlp_dim(), m->tokens_,
                                     c.gelu() == ModelConfig::TANH),

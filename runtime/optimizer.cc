@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "runtime/process.h"
+
 namespace moerun {
 
 double LearningRate(const OptimizerConfig& c, int64_t step) {
@@ -17,6 +19,8 @@ double LearningRate(const OptimizerConfig& c, int64_t step) {
 
 AdamW::AdamW(const OptimizerConfig& config, std::vector<OptimizerParam> params)
     : config_(config), params_(std::move(params)) {
+  AllocationLabel label("AdamW moments (2 x " + std::to_string(params_.size()) +
+                        " parameter tensors)");
   for (const OptimizerParam& p : params_) {
     m_.emplace_back(p.size, 0.0f);
     v_.emplace_back(p.size, 0.0f);

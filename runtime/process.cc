@@ -9,6 +9,8 @@
 #include <fstream>
 #include <iomanip>
 #include <mutex>
+#include <new>
+#include <vector>
 
 namespace moerun {
 namespace {
@@ -97,6 +99,73 @@ Status RequireHostBytes(double bytes, const std::string& what, const std::string
   std::snprintf(buf, sizeof(buf), " needs %.2f GiB but this host has %.2f GiB available; ",
                 bytes / 1073741824.0, available / 1073741824.0);
   return Status::Error(what + buf + advice);
+}
+
+namespace {
+thread_local std::vector<std::string>* t_labels = nullptr;
+std::mutex g_plan_mutex;
+std::string g_memory_plan;
+}  // namespace
+
+AllocationLabel::AllocationLabel(std::string what) {
+  if (t_labels == nullptr) t_labels = new std::vector<std::string>();
+  t_labels->push_back(std::move(what));
+}
+
+AllocationLabel::~AllocationLabel() { t_labels->pop_back(); }
+
+std::string AllocationContext() {
+  std::string s;
+  if (t_labels == nullptr) return s;
+  for (const std::string& l : *t_labels) s += (s.empty() ? "" : " / ") + l;
+  return s;
+}
+
+void SetMemoryPlan(const std::string& summary) {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  g_memory_plan = summary;
+}
+
+void OutOfHostMemory(size_t bytes, const std::string& detail) {
+  // Builds the message in a fixed buffer: the heap is what just ran out.
+  static char buf[4096];
+  const int64_t available = AvailableHostBytes();
+  std::string context;
+  try {
+    context = AllocationContext();
+  } catch (...) {
+  }
+  int n = std::snprintf(buf, sizeof(buf), "%s: out of host memory allocating ", RankTag().c_str());
+  if (bytes > 0) {
+    n += std::snprintf(buf + n, sizeof(buf) - n, "%zu bytes (%.2f GiB)", bytes,
+                       bytes / 1073741824.0);
+  } else {
+    n += std::snprintf(buf + n, sizeof(buf) - n, "memory");
+  }
+  if (!detail.empty()) n += std::snprintf(buf + n, sizeof(buf) - n, " for a %s", detail.c_str());
+  n += std::snprintf(buf + n, sizeof(buf) - n, " in %s",
+                     context.empty() ? "(no label)" : context.c_str());
+  if (available >= 0) {
+    n += std::snprintf(buf + n, sizeof(buf) - n, "; this host has %.2f GiB available",
+                       available / 1073741824.0);
+  }
+  {
+    std::lock_guard<std::mutex> lock(g_plan_mutex);
+    if (!g_memory_plan.empty()) {
+      n += std::snprintf(buf + n, sizeof(buf) - n, "; the plan: %s", g_memory_plan.c_str());
+    }
+  }
+  std::snprintf(buf + n, sizeof(buf) - n,
+                ". `moerun plan --config C --ranks P` shows what a rank needs; use more ranks, "
+                "a smaller batch or a smaller model (a ulimit -v or cgroup limit below the "
+                "host's memory also ends here).");
+  std::fprintf(stderr, "%s\n", buf);
+  std::fflush(stderr);
+  AbortJob(1);
+}
+
+void InstallOutOfMemoryHandler() {
+  std::set_new_handler([] { OutOfHostMemory(0, ""); });
 }
 
 void InitLogging(const char* argv0, const LoggingOptions& options) {

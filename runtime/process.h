@@ -44,6 +44,27 @@ int64_t AvailableHostBytes();
 // sizes and `advice`.
 Status RequireHostBytes(double bytes, const std::string& what, const std::string& advice);
 
+// What this thread is allocating for, named in the out-of-memory message ("parameters of
+// blocks.3.mlp", "AdamW moments"). Labels nest; the message names the innermost ones.
+class AllocationLabel {
+ public:
+  explicit AllocationLabel(std::string what);
+  ~AllocationLabel();
+  AllocationLabel(const AllocationLabel&) = delete;
+  AllocationLabel& operator=(const AllocationLabel&) = delete;
+};
+// The labels in force on this thread, outermost first, joined by " / "; "" when none.
+std::string AllocationContext();
+// The plan's memory figures for this job (set once the trainer has computed them); the
+// out-of-memory message quotes them.
+void SetMemoryPlan(const std::string& summary);
+// Ends the job (exit 1) after a message naming `bytes` (0: unknown), `detail` (the tensor's
+// shape and type, or ""), the allocation context, what the host has and the plan.
+[[noreturn]] void OutOfHostMemory(size_t bytes, const std::string& detail);
+// Makes a failed operator new (std::vector, std::string, ...) end the job through
+// OutOfHostMemory instead of an uncaught std::bad_alloc.
+void InstallOutOfMemoryHandler();
+
 struct LoggingOptions {
   bool all_ranks = false;  // INFO from every rank, not only rank 0
   int verbosity = 0;       // glog VLOG level

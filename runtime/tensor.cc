@@ -31,19 +31,11 @@ const char* DTypeName(DType t) {
 const char* DeviceName(Device d) { return d == Device::kCPU ? "cpu" : "cuda"; }
 
 // ---------------------------------------------------------------------------------------
-std::shared_ptr<Storage> Storage::Allocate(size_t bytes) {
+std::shared_ptr<Storage> Storage::Allocate(size_t bytes, const std::string& detail) {
   const size_t rounded =
       (std::max<size_t>(bytes, 1) + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
   void* p = std::aligned_alloc(kTensorAlignment, rounded);
-  if (p == nullptr) {
-    const int64_t available = AvailableHostBytes();
-    LOG(ERROR) << RankTag() << ": out of host memory allocating " << bytes << " bytes ("
-               << bytes / 1073741824.0 << " GiB; this host has "
-               << (available >= 0 ? std::to_string(available / 1073741824.0) + " GiB" : "?")
-               << " available). `moerun plan --config C --ranks P` shows what a rank needs; "
-                  "use more ranks, a smaller batch or a smaller model.";
-    AbortJob(1);
-  }
+  if (p == nullptr) OutOfHostMemory(bytes, detail);
   return std::shared_ptr<Storage>(new Storage(p, bytes, Device::kCPU, /*owning=*/true));
 }
 
@@ -84,7 +76,10 @@ int64_t NumElements(const Shape& shape) {
 }
 
 Tensor Tensor::Empty(const Shape& shape, DType dtype) {
-  return OnStorage(Storage::Allocate(NumElements(shape) * DTypeSize(dtype)), 0, shape, dtype);
+  const size_t bytes = NumElements(shape) * DTypeSize(dtype);
+  return OnStorage(
+      Storage::Allocate(bytes, std::string(DTypeName(dtype)) + " tensor " + ShapeToString(shape)),
+      0, shape, dtype);
 }
 
 Tensor Tensor::Zeros(const Shape& shape, DType dtype) {
@@ -294,7 +289,8 @@ std::string Tensor::ShapeString() const {
 
 // ---------------------------------------------------------------------------------------
 Arena::Arena(size_t initial_bytes) {
-  if (initial_bytes > 0) blocks_.push_back({Storage::Allocate(initial_bytes), 0});
+  if (initial_bytes > 0)
+    blocks_.push_back({Storage::Allocate(initial_bytes, "activation arena block"), 0});
 }
 
 size_t Arena::capacity_bytes() const {
@@ -310,7 +306,7 @@ Tensor Arena::Allocate(const Shape& shape, DType dtype) {
   if (block == nullptr || block->used + padded > block->storage->bytes()) {
     // Grow: at least double, so a step needs O(log) new blocks the first time only.
     const size_t size = std::max(padded, std::max<size_t>(capacity_bytes(), 1 << 20));
-    blocks_.push_back({Storage::Allocate(size), 0});
+    blocks_.push_back({Storage::Allocate(size, "activation arena block"), 0});
     block = &blocks_.back();
   }
   Tensor t = Tensor::OnStorage(block->storage, block->used, shape, dtype);
@@ -329,7 +325,7 @@ Tensor Arena::AllocateZeros(const Shape& shape, DType dtype) {
 void Arena::Reset() {
   if (blocks_.size() > 1) {
     blocks_.clear();
-    blocks_.push_back({Storage::Allocate(high_water_), 0});
+    blocks_.push_back({Storage::Allocate(high_water_, "activation arena block"), 0});
   }
   for (Block& b : blocks_) b.used = 0;
   used_total_ = 0;

@@ -23,7 +23,9 @@ constexpr size_t kTensorAlignment = 64;
 class Storage {
  public:
   // Allocates `bytes` (64-byte aligned, uninitialised) on the CPU.
-  static std::shared_ptr<Storage> Allocate(size_t bytes);
+  // When the host cannot give it, ends the job naming `detail` (what is allocated), the
+  // current AllocationLabel and the plan (OutOfHostMemory), exit 1.
+  static std::shared_ptr<Storage> Allocate(size_t bytes, const std::string& detail = "");
   // Refers to memory owned elsewhere; the caller keeps it alive while tensors use it.
   static std::shared_ptr<Storage> Borrow(void* data, size_t bytes, Device device);
   ~Storage();

@@ -17,6 +17,7 @@
 #include "model/vit_spec.h"
 #include "runtime/checkpoint.h"
 #include "runtime/kernels.h"
+#include "runtime/process.h"
 #include "runtime/trainer.h"
 #include "runtime/usage.h"
 
@@ -158,6 +159,8 @@ Status WriteTrainerUsageReport(Trainer& trainer, const std::string& dir, double*
 
 StatusOr<Dataset> LoadRunData(const Config& c, bool train) {
   const DataConfig& d = c.data();
+  AllocationLabel label(std::string("the ") + (train ? "training" : "test") + " data (" +
+                        d.dataset() + ")");
   if (d.dataset() == "synthetic") {
     // One synthetic set (the same class templates) cut into train and test examples.
     const ModelConfig& m = c.model();

@@ -28,11 +28,15 @@ std::string GiB(double bytes) {
 }  // namespace
 
 Status CheckHostMemory(const ModelConfig& model, int ranks, int64_t micro_batch) {
-  const int64_t available = AvailableHostBytes();
-  if (available < 0) return Status::Ok();
   const TrainingFootprint f = EstimateFootprint(model, ranks, micro_batch, false);
   const int local = std::max(1, Process().local_size);
   const double need = static_cast<double>(f.bytes_per_rank) * local;
+  SetMemoryPlan(GiB(f.bytes_per_rank) + " per rank (weights " + GiB(f.param_bytes) +
+                ", gradients " + GiB(f.grad_bytes) + ", AdamW moments " + GiB(f.optimizer_bytes) +
+                ", activations " + GiB(f.activation_bytes) + ", micro-batch " +
+                std::to_string(micro_batch) + ")");
+  const int64_t available = AvailableHostBytes();
+  if (available < 0) return Status::Ok();
   if (need <= static_cast<double>(available)) return Status::Ok();
   return Status::Error(
       "the plan needs " + GiB(f.bytes_per_rank) + " per rank (weights " + GiB(f.param_bytes) +
