@@ -20,6 +20,7 @@ packages=(
   slurm-wlm munge                      # Slurm (tests/slurm_test.sh starts a local cluster)
   tmux                                 # a terminal for the Ctrl-C test (tests/checkpoint_test.sh)
   python3-pip                          # for the Python test references below
+  python3-matplotlib                   # moerun sweep plots (launch/sweep_plots.py)
 )
 missing=()
 for p in "${packages[@]}"; do

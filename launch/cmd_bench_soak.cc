@@ -10,22 +10,11 @@
 #include "launch/commands.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
+#include "runtime/process.h"
 #include "runtime/train_loop.h"
 #include "runtime/trainer.h"
 
 namespace moerun {
-namespace {
-
-// This process's resident set (VmRSS) in MiB.
-double ResidentMiB() {
-  std::ifstream in("/proc/self/status");
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-  }
-  return 0;
-}
-
-}  // namespace
 
 int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
@@ -122,7 +111,7 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
     int32_t flags[2] = {now - window_start >= every_s ? 1 : 0, now - start >= 60 * minutes};
     world.Broadcast(flags, 2, DType::kI32, 0);
     if (!flags[0] && !flags[1]) continue;
-    double rss = ResidentMiB();
+    double rss = ProcessMemoryBytes("VmRSS") / 1048576.0;
     world.AllReduce(&rss, 1, DType::kF64, ReduceOp::kMax);
     const double ms = 1000 * (now - window_start) / std::max<int64_t>(1, window_steps);
     if (first_rss < 0) {

@@ -24,7 +24,27 @@ struct PlanOptions {
   std::string precision = "fp32";
   double device_gib = 80;
   bool json = false;
+  // The projection's assumed rates: achieved TFLOP/s per GPU, effective all-to-all GB/s per
+  // GPU per named class, ring all-reduce bus GB/s.
+  double tflops = 400;
+  std::string a2a_gbps = "nccl=25,deepep=45";
+  double allreduce_gbps = 40;
 };
+
+// "name=gbps,name=gbps" -> pairs; empty on a malformed list.
+std::vector<std::pair<std::string, double>> ParseBandwidths(const std::string& text) {
+  std::vector<std::pair<std::string, double>> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos || eq == 0) return {};
+    char* end = nullptr;
+    const double v = std::strtod(item.c_str() + eq + 1, &end);
+    if (*end != '\0' || !std::isfinite(v) || v <= 0 || v > 1e6) return {};
+    out.push_back({item.substr(0, eq), v});
+  }
+  return out;
+}
 
 std::string GiB(int64_t bytes) {
   std::ostringstream o;
@@ -63,7 +83,8 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
     return kExitUsage;
   }
   const int64_t micro = fixed_micro ? o.micro_batch : global / o.ranks;
-  const TrainingFootprint f = EstimateFootprint(m, o.ranks, micro, bf16);
+  const bool bf16_moments = config.train().optimizer_moments() == TrainConfig::BF16;
+  const TrainingFootprint f = EstimateFootprint(m, o.ranks, micro, bf16, bf16_moments);
   // Rank counts (powers of two) that hold the experts, split the global batch (unless the
   // micro-batch is fixed) and fit the device memory.
   nlohmann::json fits = nlohmann::json::array();
@@ -72,11 +93,37 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
     if (!CheckPlacement(m, p).ok()) continue;
     if (!fixed_micro && global % p != 0) continue;
     const int64_t micro_p = fixed_micro ? o.micro_batch : global / p;
-    const TrainingFootprint g = EstimateFootprint(m, p, micro_p, bf16);
+    const TrainingFootprint g = EstimateFootprint(m, p, micro_p, bf16, bf16_moments);
     fits.push_back({{"ranks", p},
                     {"micro_batch", micro_p},
                     {"bytes_per_rank", g.bytes_per_rank},
                     {"fits", g.bytes_per_rank <= limit}});
+  }
+  // A projection of one step on GPUs from the plan's FLOPs and bytes and assumed rates.
+  const auto classes = ParseBandwidths(o.a2a_gbps);
+  const double grad_elem = bf16 ? 2 : 4;
+  double reduce_bytes = 0;
+  if (o.ranks > 1) {
+    reduce_bytes = 2.0 * (o.ranks - 1) / o.ranks * c.dense * grad_elem;
+    if (placement.replicas > 1) {
+      reduce_bytes += 2.0 * (placement.replicas - 1) / placement.replicas * grad_elem *
+                      c.moe_layers * placement.experts_per_rank * c.per_expert;
+    }
+  }
+  const double compute_ms = f.flops_per_image * micro / (o.tflops * 1e12) * 1e3;
+  const double reduce_ms = reduce_bytes / (o.allreduce_gbps * 1e9) * 1e3;
+  nlohmann::json projection = {{"note", "a projection from assumed rates, not a measurement"},
+                               {"tflops_assumed", o.tflops},
+                               {"allreduce_gbps_assumed", o.allreduce_gbps},
+                               {"compute_ms", compute_ms},
+                               {"allreduce_bytes", reduce_bytes},
+                               {"allreduce_ms", reduce_ms}};
+  for (const auto& [name, gbps] : classes) {
+    const double a2a_ms = f.a2a_bytes_per_step / (gbps * 1e9) * 1e3;
+    projection["a2a"][name] = {{"gbps_assumed", gbps},
+                               {"a2a_ms", a2a_ms},
+                               {"step_ms_serial", compute_ms + a2a_ms + reduce_ms},
+                               {"step_ms_overlapped", std::max(compute_ms, a2a_ms + reduce_ms)}};
   }
   if (o.json) {
     PrintJsonLine({{"config", config_path},
@@ -99,7 +146,8 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
                    {"a2a_bytes_per_step_per_rank", f.a2a_bytes_per_step},
                    {"device_gib", o.device_gib},
                    {"micro_batch_fixed", fixed_micro},
-                   {"ranks_that_fit", fits}});
+                   {"ranks_that_fit", fits},
+                   {"projection", projection}});
     return kExitOk;
   }
   std::cout << "config            " << config_path << " (" << m.name() << ")\n"
@@ -119,7 +167,8 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
             << o.precision << ", micro-batch " << micro << " images\n"
             << "  weights         " << GiB(f.param_bytes) << "\n"
             << "  gradients       " << GiB(f.grad_bytes) << "\n"
-            << "  AdamW moments   " << GiB(f.optimizer_bytes) << "\n"
+            << "  AdamW moments   " << GiB(f.optimizer_bytes) << (bf16_moments ? " (bf16)" : "")
+            << "\n"
             << "  activations     " << GiB(f.activation_bytes) << "\n"
             << "  total           " << GiB(f.bytes_per_rank) << "\n"
             << "train FLOPs       " << std::scientific << std::setprecision(3) << f.flops_per_image
@@ -134,7 +183,32 @@ int Plan(const Config& config, const std::string& config_path, const PlanOptions
     std::cout << " " << e["ranks"].get<int>();
     any = true;
   }
-  std::cout << (any ? "" : " none") << basis << "\n" << std::flush;
+  std::cout << (any ? "" : " none") << basis << "\n";
+  std::cout << std::fixed << std::setprecision(1)
+            << "projection        NOT A MEASUREMENT: one step on " << o.ranks
+            << " GPUs, micro-batch " << micro << ", " << o.precision
+            << ", from the figures above and assumed rates\n"
+            << "  compute         " << std::scientific << std::setprecision(3)
+            << f.flops_per_image * micro << " FLOP at " << std::fixed << std::setprecision(0)
+            << o.tflops << " TFLOP/s achieved (--tflops) = " << std::setprecision(1) << compute_ms
+            << " ms\n"
+            << "  all-to-all      " << GiB(f.a2a_bytes_per_step) << ":";
+  for (const auto& [name, gbps] : classes) {
+    std::cout << " " << projection["a2a"][name]["a2a_ms"].get<double>() << " ms at "
+              << std::setprecision(0) << gbps << " GB/s (" << name << ")" << std::setprecision(1)
+              << ";";
+  }
+  std::cout << " (--a2a-gbps)\n"
+            << "  grad all-reduce " << GiB(static_cast<int64_t>(reduce_bytes)) << " at "
+            << std::setprecision(0) << o.allreduce_gbps
+            << " GB/s (--allreduce-gbps) = " << std::setprecision(1) << reduce_ms << " ms\n"
+            << "  step            ";
+  for (size_t i = 0; i < classes.size(); ++i) {
+    const nlohmann::json& a = projection["a2a"][classes[i].first];
+    std::cout << (i ? "; " : "") << classes[i].first << " " << a["step_ms_serial"].get<double>()
+              << " ms serial, " << a["step_ms_overlapped"].get<double>() << " ms overlapped";
+  }
+  std::cout << "\n" << std::flush;
   return kExitOk;
 }
 
@@ -198,8 +272,16 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
          "images per rank (0: train.global_batch / ranks)")                               //
         ("precision", po::value(&plan.precision)->default_value("fp32"), "fp32 or bf16")  //
         ("device-memory", po::value(&plan.device_gib)->default_value(80),
-         "GiB per accelerator, for the list of rank counts that fit")  //
-        ("json", po::bool_switch(&plan.json), "print one JSON object");
+         "GiB per accelerator, for the list of rank counts that fit")   //
+        ("json", po::bool_switch(&plan.json), "print one JSON object")  //
+        ("tflops", po::value(&plan.tflops)->default_value(400),
+         "projection: achieved TFLOP/s per GPU (400: about 40% of an H100's dense bf16 peak; "
+         "measure yours with `moerun bench train` on the GPU)")  //
+        ("a2a-gbps", po::value(&plan.a2a_gbps)->default_value("nccl=25,deepep=45"),
+         "projection: effective all-to-all GB/s per GPU, name=GB/s,... (NCCL-class: about "
+         "half of a 400 Gb/s NIC; DeepEP-class: its reported internode RDMA rates)")  //
+        ("allreduce-gbps", po::value(&plan.allreduce_gbps)->default_value(40),
+         "projection: gradient all-reduce bus bandwidth, GB/s");
   }
   AddGlobalOptions(&desc, &global);
   po::positional_options_description positional;
@@ -224,7 +306,8 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
           ? "Evaluates a trained model, with routing overrides."
           : "Exact parameter counts of a config, and per rank: parameter, gradient,\n"
             "optimizer-state and activation memory, training FLOPs per image,\n"
-            "all-to-all bytes per step, and the rank counts that fit a device.";
+            "all-to-all bytes per step, the rank counts that fit a device, and a\n"
+            "projection (from assumed GPU and network rates) of the step time.";
   if (auto done = ParseArgs(path, synopsis, about, args, desc, &positional, &vm)) return *done;
   // Checkpoint flags are overrides of their train.* fields (applied after -o ones).
   if (vm.count("checkpoint-dir")) overrides.push_back("train.checkpoint_dir=" + checkpoint_dir);
@@ -245,6 +328,17 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
     return kExitUsage;
   }
   if (command == "plan") {
+    if (ParseBandwidths(plan.a2a_gbps).empty()) {
+      PrintError(path, "--a2a-gbps '" + plan.a2a_gbps +
+                           "': give name=GB/s pairs, e.g. nccl=25,deepep=45 (each > 0)");
+      return kExitUsage;
+    }
+    if (!std::isfinite(plan.tflops) || plan.tflops <= 0 || plan.tflops > 1e6 ||
+        !std::isfinite(plan.allreduce_gbps) || plan.allreduce_gbps <= 0 ||
+        plan.allreduce_gbps > 1e6) {
+      PrintError(path, "--tflops and --allreduce-gbps must be positive finite numbers");
+      return kExitUsage;
+    }
     if (plan.ranks < 1 || plan.micro_batch < 0 || plan.device_gib <= 0 ||
         (plan.precision != "fp32" && plan.precision != "bf16")) {
       PrintError(path,

@@ -26,6 +26,8 @@ int RunCheckpointCommand(const std::string& command, const std::vector<std::stri
                          ProgramArgs program);
 int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program);
 int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program);
+int RunSweep(const std::vector<std::string>& args, ProgramArgs program);
+int RunDryRun(const std::vector<std::string>& args, ProgramArgs program);
 
 // The best fp32 GFLOP/s of square GEMMs of these sizes with this rank's threads.
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);

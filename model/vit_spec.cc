@@ -5,6 +5,8 @@
 #include <numeric>
 #include <string>
 
+#include "model/routing.h"
+
 namespace moerun {
 
 bool IsMoeBlock(const ModelConfig& model, int block) {
@@ -89,7 +91,8 @@ namespace {
 
 // Mod-Squad: every image is passed once per task; parameters of rank 0 exactly (its
 // experts of every layer), activations and FLOPs estimated per token as for V-MoE.
-TrainingFootprint ModSquadFootprint(const ModelConfig& m, int ranks, int64_t micro, bool bf16) {
+TrainingFootprint ModSquadFootprint(const ModelConfig& m, int ranks, int64_t micro, bool bf16,
+                                    bool bf16_moments) {
   TrainingFootprint f;
   const ModSquadConfig& ms = m.modsquad();
   for (const ParamSpec& p : ModSquadParamSpecs(m)) {
@@ -104,7 +107,7 @@ TrainingFootprint ModSquadFootprint(const ModelConfig& m, int ranks, int64_t mic
   }
   f.param_bytes = f.params_per_rank * (bf16 ? 2 + 4 : 4);
   f.grad_bytes = f.params_per_rank * (bf16 ? 2 : 4);
-  f.optimizer_bytes = f.params_per_rank * 8;
+  f.optimizer_bytes = f.params_per_rank * (bf16_moments ? 4 : 8);
   const double d = m.hidden_size(), mlp = m.mlp_dim(), heads = m.num_heads(), dh = ms.head_dim();
   const double grid = m.image_size() / m.patch_size(), n = grid * grid + 1;
   const double hidden = ms.expert_hidden() > 0 ? ms.expert_hidden() : mlp / ms.mlp_k();
@@ -151,8 +154,9 @@ TrainingFootprint ModSquadFootprint(const ModelConfig& m, int ranks, int64_t mic
 
 }  // namespace
 
-TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t micro, bool bf16) {
-  if (m.has_modsquad()) return ModSquadFootprint(m, ranks, micro, bf16);
+TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t micro, bool bf16,
+                                    bool bf16_moments) {
+  if (m.has_modsquad()) return ModSquadFootprint(m, ranks, micro, bf16, bf16_moments);
   const ParameterCounts c = CountParameters(m);
   TrainingFootprint f;
   const int64_t d = m.hidden_size(), mlp = m.mlp_dim(), grid = m.image_size() / m.patch_size();
@@ -169,11 +173,25 @@ TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t mic
   // master weights and moments.
   f.param_bytes = f.params_per_rank * (bf16 ? 2 + 4 : 4);
   f.grad_bytes = f.params_per_rank * (bf16 ? 2 : 4);
-  f.optimizer_bytes = f.params_per_rank * 8;
+  f.optimizer_bytes = f.params_per_rank * (bf16_moments ? 4 : 8);
   const int64_t act = bf16 ? 2 : 4;
   const double k = m.has_moe() ? m.moe().k() : 0;
-  const double cf = m.has_moe() ? std::max(1.0, m.moe().capacity_factor()) : 0;
   const double e = m.has_moe() ? m.moe().num_experts() : 0;
+  // Rows of the dispatch buffers per image and MoE layer: E x capacity per group, with the
+  // runtime's capacity formula (rounding and multiple_of included), or k per token when
+  // dropless. Per-token buffers hold k rows per token at least.
+  double rows = n * k;
+  if (m.has_moe() && (m.moe().capacity_factor() > 0 || m.moe().capacity() > 0)) {
+    const int64_t g = GroupTokens(m) > 0 ? GroupTokens(m) : micro * n;
+    int64_t cap = m.moe().capacity();
+    if (cap <= 0) {
+      auto c = ComputeCapacity(g, m.moe().num_experts(), m.moe().k(), m.moe().capacity_factor(),
+                               m.moe().rounding() == MoeConfig::ROUND, m.moe().multiple_of());
+      cap = c.ok() ? *c : 0;
+    }
+    rows = e * cap * static_cast<double>(n) / g;
+  }
+  const double buffer_rows = std::max(rows, n * k);
   double per_image = 0, macs = grid * grid * m.channels() * m.patch_size() * m.patch_size() * d;
   for (int b = 0; b < layers; ++b) {
     // Saved for the backward: LN1, qkv, probabilities, attention out, residual, LN2, out.
@@ -181,7 +199,7 @@ TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t mic
     macs += 4.0 * n * d * d + 2.0 * n * n * d;
     if (IsMoeBlock(m, b)) {
       // Dispatch / receive / expert in / out / combine buffers, hidden and GELU, router.
-      per_image += n * k * cf * (5.0 * d + 2.0 * mlp) + 4.0 * n * e;
+      per_image += buffer_rows * (5.0 * d + 2.0 * mlp) + 4.0 * n * e;
       macs += n * d * e + 2.0 * n * k * d * mlp;
     } else {
       per_image += 2.0 * n * mlp;
@@ -195,7 +213,7 @@ TrainingFootprint EstimateFootprint(const ModelConfig& m, int ranks, int64_t mic
   // Four all-to-alls per MoE layer and step (dispatch, combine, and their gradients), each
   // sending (P_ep - 1) / P_ep of this rank's dispatched rows.
   if (ep_ranks > 1) {
-    f.a2a_bytes_per_step = static_cast<int64_t>(4.0 * c.moe_layers * micro * n * k * cf * d * act *
+    f.a2a_bytes_per_step = static_cast<int64_t>(4.0 * c.moe_layers * micro * rows * d * act *
                                                 (ep_ranks - 1) / ep_ranks);
   }
   return f;

@@ -94,8 +94,10 @@ struct TrainingFootprint {
   double flops_per_image = 0;      // forward + backward (3x the forward's 2*MACs)
   int64_t a2a_bytes_per_step = 0;  // sent by one rank, all MoE layers, forward + backward
 };
+// bf16_moments: AdamW moments stored in bf16 (train.optimizer_moments: BF16), 4 bytes per
+// parameter instead of 8.
 TrainingFootprint EstimateFootprint(const ModelConfig& model, int ranks, int64_t micro_batch,
-                                    bool bf16);
+                                    bool bf16, bool bf16_moments = false);
 
 }  // namespace moerun
 

@@ -21,10 +21,17 @@ AdamW::AdamW(const OptimizerConfig& config, std::vector<OptimizerParam> params)
     : config_(config), params_(std::move(params)) {
   AllocationLabel label("AdamW moments (2 x " + std::to_string(params_.size()) +
                         " parameter tensors)");
+  const bool bf16 = config_.moments == DType::kBF16;
   for (const OptimizerParam& p : params_) {
-    m_.emplace_back(p.size, 0.0f);
-    v_.emplace_back(p.size, 0.0f);
+    const size_t words = bf16 ? (p.size + 1) / 2 : p.size;
+    m_.emplace_back(words, 0u);
+    v_.emplace_back(words, 0u);
   }
+}
+
+void AdamW::ZeroMoments() {
+  for (auto& m : m_) std::fill(m.begin(), m.end(), 0u);
+  for (auto& v : v_) std::fill(v.begin(), v.end(), 0u);
 }
 
 void AdamW::Step(int64_t step, float grad_scale) {
@@ -34,11 +41,27 @@ void AdamW::Step(int64_t step, float grad_scale) {
   const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta2, t)));
   const float b1 = static_cast<float>(config_.beta1), b2 = static_cast<float>(config_.beta2);
   const float eps = static_cast<float>(config_.eps), flr = static_cast<float>(lr);
+  const bool bf16 = config_.moments == DType::kBF16;
   for (size_t i = 0; i < params_.size(); ++i) {
     const OptimizerParam& p = params_[i];
     const float wd = p.decay ? static_cast<float>(config_.weight_decay) : 0.0f;
-    float* m = m_[i].data();
-    float* v = v_[i].data();
+    if (bf16) {
+      BF16* m = reinterpret_cast<BF16*>(m_[i].data());
+      BF16* v = reinterpret_cast<BF16*>(v_[i].data());
+#pragma omp parallel for simd schedule(static) if (p.size > 65536)
+      for (int64_t j = 0; j < p.size; ++j) {
+        const float g = p.grad[j] * grad_scale;
+        const float mj = b1 * BF16ToFloat(m[j]) + (1.0f - b1) * g;
+        const float vj = b2 * BF16ToFloat(v[j]) + (1.0f - b2) * g * g;
+        m[j] = FloatToBF16(mj);
+        v[j] = FloatToBF16(vj);
+        const float update = (mj * c1) / (std::sqrt(vj * c2) + eps);
+        p.value[j] -= flr * (update + wd * p.value[j]);
+      }
+      continue;
+    }
+    float* m = reinterpret_cast<float*>(m_[i].data());
+    float* v = reinterpret_cast<float*>(v_[i].data());
 #pragma omp parallel for simd schedule(static) if (p.size > 65536)
     for (int64_t j = 0; j < p.size; ++j) {
       const float g = p.grad[j] * grad_scale;

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "runtime/dtype.h"
+
 namespace moerun {
 
 struct OptimizerConfig {
@@ -18,6 +20,9 @@ struct OptimizerConfig {
   int64_t warmup_steps = 0;
   int64_t total_steps = 1;
   std::string schedule = "cosine";  // or "linear"
+  // Storage of the two moments: kF32, or kBF16 (half the optimizer memory; each update is
+  // computed in fp32 and rounded to nearest even when stored).
+  DType moments = DType::kF32;
 };
 
 // Learning rate at 0-based `step`: lr * (step + 1) / warmup during warmup, then decayed to
@@ -40,14 +45,18 @@ class AdamW {
   // + wd p) with bias-corrected m^, v^ (t = step + 1).
   void Step(int64_t step, float grad_scale);
   const OptimizerConfig& config() const { return config_; }
-  std::vector<std::vector<float>>& first_moments() { return m_; }
-  std::vector<std::vector<float>>& second_moments() { return v_; }
   const std::vector<OptimizerParam>& params() const { return params_; }
+  // Parameter i's first / second moment storage (params()[i].size elements of
+  // config().moments), for checkpointing.
+  void* first_moment(size_t i) { return m_[i].data(); }
+  void* second_moment(size_t i) { return v_[i].data(); }
+  void ZeroMoments();
 
  private:
   OptimizerConfig config_;
   std::vector<OptimizerParam> params_;
-  std::vector<std::vector<float>> m_, v_;
+  // Raw storage, 4-byte words: one float, or two bf16 values, per word.
+  std::vector<std::vector<uint32_t>> m_, v_;
 };
 
 // min(1, max_norm / norm); 1 when max_norm <= 0 (no clipping).

@@ -82,6 +82,15 @@ void AbortJob(int exit_code) {
   std::_Exit(exit_code);
 }
 
+double ProcessMemoryBytes(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  const std::string key = field + ":";
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(key, 0) == 0) return std::stod(line.substr(key.size())) * 1024.0;
+  }
+  return 0;
+}
+
 int64_t AvailableHostBytes() {
   std::ifstream in("/proc/meminfo");
   std::string key, unit;

@@ -38,6 +38,10 @@ using FatalHandler = void (*)(int exit_code);
 void SetFatalHandler(FatalHandler handler);
 [[noreturn]] void AbortJob(int exit_code);
 
+// A byte figure of /proc/self/status: "VmRSS" (resident now), "VmHWM" (peak resident);
+// 0 when unknown.
+double ProcessMemoryBytes(const std::string& field);
+
 // Bytes this host can still give (MemAvailable of /proc/meminfo), or -1 when unknown.
 int64_t AvailableHostBytes();
 // OK unless `bytes` is more than the host has available; the error names `what`, both

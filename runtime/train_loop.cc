@@ -400,6 +400,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   const double start = Now();
   double window_start = start;
   int64_t window_images = 0, steps_run = 0;
+  double dropped_sum = 0;  // per step: the mean over MoE layers and choices
   EvalStats last_eval;
   int stopped_by = 0;
   const int64_t steps_per_epoch = trainer.sampler().steps_per_epoch();
@@ -438,6 +439,11 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
     }
     ++steps_run;
     window_images += tc.global_batch();
+    for (const MoeMetrics& mm : st.moe) {
+      for (double f : mm.dropped_fraction) {
+        dropped_sum += f / (mm.dropped_fraction.size() * st.moe.size());
+      }
+    }
     const int64_t done = trainer.step();
     if (done % tc.log_every() == 0 || done == last_step) {
       const double now = Now();
@@ -511,20 +517,40 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   if (metrics_failed) return fail(1, "cannot write metrics file '" + metrics_path + "'");
   last_eval = trainer.Evaluate(*test, tc.eval_batch(), {});
   const double wall = Now() - start;
-  result.final_line = {{"event", "final"},
-                       {"steps", trainer.step()},
-                       {"steps_this_run", steps_run},
-                       {"interrupted", stopped_by != 0},
-                       {"test_accuracy", last_eval.accuracy},
-                       {"test_loss", last_eval.loss},
-                       {"wall_s", wall},
-                       {"train_s", train_wall},
-                       {"images_per_s", steps_run * tc.global_batch() / std::max(1e-9, train_wall)},
-                       {"ranks", world.size()},
-                       {"checkpoint", last_checkpoint},
-                       {"checkpoints_saved", saves},
-                       {"checkpoint_stall_s", save_stall_s},
-                       {"metrics", metrics_path}};
+  // Where the step time went (per step, mean over ranks) and the peak resident memory
+  // (max over ranks).
+  const StepTimeSplit& ts = trainer.time_split();
+  double split[11] = {ts.data,         ts.forward, ts.backward, ts.reduce,  ts.optimizer, ts.router,
+                      ts.dispatch_a2a, ts.experts, ts.combine,  ts.dense(), ts.total()};
+  world.AllReduce(split, 11, DType::kF64, ReduceOp::kSum);
+  const double per = 1000.0 / (world.size() * std::max<int64_t>(1, ts.steps));
+  nlohmann::json step_ms = nlohmann::json::object();
+  const char* split_names[11] = {"data",      "forward", "backward",     "grad_reduce",
+                                 "optimizer", "router",  "dispatch_a2a", "experts",
+                                 "combine",   "dense",   "total"};
+  for (int i = 0; i < 11; ++i) step_ms[split_names[i]] = split[i] * per;
+  double peak_rss = ProcessMemoryBytes("VmHWM");
+  world.AllReduce(&peak_rss, 1, DType::kF64, ReduceOp::kMax);
+  const double tokens = static_cast<double>(TokensPerImage(config.model()));
+  result.final_line = {
+      {"event", "final"},
+      {"steps", trainer.step()},
+      {"steps_this_run", steps_run},
+      {"interrupted", stopped_by != 0},
+      {"test_accuracy", last_eval.accuracy},
+      {"test_loss", last_eval.loss},
+      {"wall_s", wall},
+      {"train_s", train_wall},
+      {"images_per_s", steps_run * tc.global_batch() / std::max(1e-9, train_wall)},
+      {"tokens_per_s", tokens * steps_run * tc.global_batch() / std::max(1e-9, train_wall)},
+      {"step_ms", step_ms},
+      {"dropped_fraction", dropped_sum / std::max<int64_t>(1, steps_run)},
+      {"peak_rss_mib", peak_rss / 1048576.0},
+      {"ranks", world.size()},
+      {"checkpoint", last_checkpoint},
+      {"checkpoints_saved", saves},
+      {"checkpoint_stall_s", save_stall_s},
+      {"metrics", metrics_path}};
   if (resumed_step >= 0) result.final_line["resumed_from_step"] = resumed_step;
   if (!last_eval.tasks.empty()) result.final_line["tasks"] = TasksJson(last_eval.tasks);
   if (trainer.multitask() && !trainer.modsquad().buffers().empty() && root) {

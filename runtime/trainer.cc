@@ -27,8 +27,10 @@ std::string GiB(double bytes) {
 
 }  // namespace
 
-Status CheckHostMemory(const ModelConfig& model, int ranks, int64_t micro_batch) {
-  const TrainingFootprint f = EstimateFootprint(model, ranks, micro_batch, false);
+Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch) {
+  const TrainingFootprint f =
+      EstimateFootprint(config.model(), ranks, micro_batch, false,
+                        config.train().optimizer_moments() == TrainConfig::BF16);
   const int local = std::max(1, Process().local_size);
   const double need = static_cast<double>(f.bytes_per_rank) * local;
   SetMemoryPlan(GiB(f.bytes_per_rank) + " per rank (weights " + GiB(f.param_bytes) +
@@ -66,7 +68,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
                          " is larger than the dataset (" + std::to_string(train->size) + ")");
   }
   t->local_batch_ = tc.global_batch() / p;
-  MOERUN_RETURN_IF_ERROR(CheckHostMemory(config.model(), p, t->local_batch_));
+  MOERUN_RETURN_IF_ERROR(CheckHostMemory(config, p, t->local_batch_));
   MOERUN_RETURN_IF_ERROR(config.model().has_modsquad() ? t->CreateModSquad() : t->CreateVit());
   OptimizerConfig oc;
   oc.learning_rate = tc.learning_rate();
@@ -74,6 +76,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   oc.warmup_steps = tc.warmup_steps();
   oc.total_steps = tc.steps();
   oc.schedule = tc.schedule();
+  oc.moments = tc.optimizer_moments() == TrainConfig::BF16 ? DType::kBF16 : DType::kF32;
   std::vector<OptimizerParam> params;
   for (Param& p : t->params()) {
     params.push_back(
@@ -148,12 +151,15 @@ StepStats Trainer::Step() {
   if (modsquad_) return MultiTaskStep();
   const TrainConfig& tc = config_.train();
   const int64_t b = local_batch_, numel = train_->image_numel();
-  images_.resize(b * numel);
-  labels_.resize(b);
-  sampler_->RankSlice(step_, world_->rank(), world_->size(), &indices_);
-  GatherBatch(*train_, indices_, images_.data(), labels_.data());
-  if (config_.data().augment()) {
-    Augment(*train_, indices_, tc.seed(), step_, images_.data());
+  {
+    ScopedTimer timer(&time_split_.data);
+    images_.resize(b * numel);
+    labels_.resize(b);
+    sampler_->RankSlice(step_, world_->rank(), world_->size(), &indices_);
+    GatherBatch(*train_, indices_, images_.data(), labels_.data());
+    if (config_.data().augment()) {
+      Augment(*train_, indices_, tc.seed(), step_, images_.data());
+    }
   }
   VitBatch batch;
   batch.images = images_.data();
@@ -165,34 +171,74 @@ StepStats Trainer::Step() {
   batch.step = static_cast<uint32_t>(step_);
   batch.seed = tc.seed();
   VitOutput out;
-  model_->ZeroGrads();
-  const Status s = model_->Forward(batch, &out);
-  CHECK(s.ok()) << s.message();  // shapes were validated in Create
-  model_->Backward();
-  // Data-parallel dense gradients; expert replicas.
-  Tensor& dense = model_->dense_grads();
-  world_->AllReduce(dense.raw_data(), dense.numel(), DType::kF32, ReduceOp::kSum);
-  for (MoeLayer* layer : model_->moe_layers()) {
-    Tensor& g = layer->grads().router_weight;
-    world_->AllReduce(g.raw_data(), g.numel(), DType::kF32, ReduceOp::kSum);
-    layer->ReduceReplicaGradients();
+  const StepTimeSplit moe_before = MoeTimes();
+  {
+    ScopedTimer timer(&time_split_.forward);
+    model_->ZeroGrads();
+    const Status s = model_->Forward(batch, &out);
+    CHECK(s.ok()) << s.message();  // shapes were validated in Create
   }
+  {
+    ScopedTimer timer(&time_split_.backward);
+    model_->Backward();
+  }
+  AddMoeTimes(moe_before);
   StepStats st;
-  st.step = step_;
-  st.grad_norm = GlobalGradNorm();
-  st.learning_rate = LearningRate(optimizer_->config(), step_);
-  double sums[3] = {out.loss_sum, static_cast<double>(out.correct),
-                    static_cast<double>(out.counted)};
-  world_->AllReduce(sums, 3, DType::kF64, ReduceOp::kSum);
-  st.loss = sums[0] / sums[2];
-  st.accuracy = sums[1] / sums[2];
-  st.aux_loss = out.aux_loss;
+  {
+    // Data-parallel dense gradients; expert replicas.
+    ScopedTimer timer(&time_split_.reduce);
+    Tensor& dense = model_->dense_grads();
+    world_->AllReduce(dense.raw_data(), dense.numel(), DType::kF32, ReduceOp::kSum);
+    for (MoeLayer* layer : model_->moe_layers()) {
+      Tensor& g = layer->grads().router_weight;
+      world_->AllReduce(g.raw_data(), g.numel(), DType::kF32, ReduceOp::kSum);
+      layer->ReduceReplicaGradients();
+    }
+    st.step = step_;
+    st.grad_norm = GlobalGradNorm();
+    st.learning_rate = LearningRate(optimizer_->config(), step_);
+    double sums[3] = {out.loss_sum, static_cast<double>(out.correct),
+                      static_cast<double>(out.counted)};
+    world_->AllReduce(sums, 3, DType::kF64, ReduceOp::kSum);
+    st.loss = sums[0] / sums[2];
+    st.accuracy = sums[1] / sums[2];
+    st.aux_loss = out.aux_loss;
+  }
   if (!UpdateIfFinite(&st)) return st;
   for (MoeLayer* layer : model_->moe_layers()) {
     st.moe.push_back(layer->metrics());
     st.moe_losses.push_back(layer->losses());
   }
   return st;
+}
+
+namespace {
+void AddTimers(const MoeTimers& t, StepTimeSplit* s) {
+  s->router += t.router + t.routing + t.bwd_router;
+  s->dispatch_a2a += t.all_to_all + t.bwd_all_to_all;
+  s->experts += t.expert + t.expert_act + t.bwd_expert + t.bwd_expert_act;
+  s->combine += t.pack + t.combine + t.bwd_combine + t.bwd_pack + t.bwd_dispatch;
+}
+}  // namespace
+
+StepTimeSplit Trainer::MoeTimes() {
+  StepTimeSplit s;
+  if (model_) {
+    for (MoeLayer* layer : model_->moe_layers()) AddTimers(layer->timers(), &s);
+  }
+  if (modsquad_) {
+    for (MoeAttention* layer : modsquad_->moe_attention_layers()) AddTimers(layer->timers(), &s);
+    for (MoeLayer* layer : modsquad_->moe_mlp_layers()) AddTimers(layer->timers(), &s);
+  }
+  return s;
+}
+
+void Trainer::AddMoeTimes(const StepTimeSplit& before) {
+  const StepTimeSplit now = MoeTimes();
+  time_split_.router += now.router - before.router;
+  time_split_.dispatch_a2a += now.dispatch_a2a - before.dispatch_a2a;
+  time_split_.experts += now.experts - before.experts;
+  time_split_.combine += now.combine - before.combine;
 }
 
 bool Trainer::UpdateIfFinite(StepStats* stats) {
@@ -218,7 +264,11 @@ bool Trainer::UpdateIfFinite(StepStats* stats) {
     st.problem = o.str();
     return false;
   }
-  optimizer_->Step(step_, ClipCoefficient(st.grad_norm, config_.train().clip_grad_norm()));
+  {
+    ScopedTimer timer(&time_split_.optimizer);
+    optimizer_->Step(step_, ClipCoefficient(st.grad_norm, config_.train().clip_grad_norm()));
+  }
+  ++time_split_.steps;
   ++step_;
   return true;
 }
@@ -238,14 +288,13 @@ std::vector<CheckpointSlice> Trainer::StateSlices(bool optimizer) {
     for (Param& b : modsquad_->buffers()) out.push_back({b.name, b.value.shape(), 0, -1, b.value});
   }
   if (optimizer) {
-    auto& m = optimizer_->first_moments();
-    auto& v = optimizer_->second_moments();
+    const DType dt = optimizer_->config().moments;
     for (size_t i = 0; i < params.size(); ++i) {
       const Shape& shape = params[i].value.shape();
       out.push_back({"optimizer.m." + params[i].name, shape, 0, -1,
-                     Tensor::Wrap(m[i].data(), shape, DType::kF32)});
+                     Tensor::Wrap(optimizer_->first_moment(i), shape, dt)});
       out.push_back({"optimizer.v." + params[i].name, shape, 0, -1,
-                     Tensor::Wrap(v[i].data(), shape, DType::kF32)});
+                     Tensor::Wrap(optimizer_->second_moment(i), shape, dt)});
     }
   }
   return out;
@@ -361,8 +410,7 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
   }
   MOERUN_RETURN_IF_ERROR(LoadSlices(dir, manifest, &slices));
   if (!moments) {
-    for (auto& m : optimizer_->first_moments()) std::fill(m.begin(), m.end(), 0.0f);
-    for (auto& v : optimizer_->second_moments()) std::fill(v.begin(), v.end(), 0.0f);
+    optimizer_->ZeroMoments();
   }
   step_ = parameters_only ? 0 : manifest.step();
   return Status::Ok();

@@ -44,6 +44,20 @@ struct StepStats {
   std::vector<TaskStat> tasks;  // multi-task models: per task (loss: the task's own)
 };
 
+// Seconds spent in each part of the training steps taken by this trainer (this rank):
+// trainer phases, and the MoE layers' parts (forward + backward) inside forward/backward.
+struct StepTimeSplit {
+  int64_t steps = 0;
+  double data = 0, forward = 0, backward = 0, reduce = 0, optimizer = 0;
+  double router = 0;        // router GEMM, softmax/top-k, capacity and slots, router backward
+  double dispatch_a2a = 0;  // the all-to-alls (dispatch, combine and their gradients)
+  double experts = 0;       // expert GEMMs, bias and activation, forward and backward
+  double combine = 0;       // pack, unpack, combine and their backward
+  // Forward + backward outside the MoE layers (attention, dense MLPs, norms, head, loss).
+  double dense() const { return forward + backward - router - dispatch_a2a - experts - combine; }
+  double total() const { return data + forward + backward + reduce + optimizer; }
+};
+
 struct EvalStats {
   double loss = 0, accuracy = 0;
   int64_t examples = 0;
@@ -67,7 +81,7 @@ Status CheckSameModel(const CheckpointManifest& manifest, const Config& current)
 
 // OK when this host's available memory (MemAvailable) holds the plan's footprint
 // (EstimateFootprint, fp32) of every rank on it; else an error with the plan's figures.
-Status CheckHostMemory(const ModelConfig& model, int ranks, int64_t micro_batch);
+Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch);
 
 class Trainer {
  public:
@@ -77,6 +91,8 @@ class Trainer {
                                                    const Dataset* train);
 
   StepStats Step();
+  // Where the time of the steps taken so far went (this rank).
+  const StepTimeSplit& time_split() const { return time_split_; }
   EvalStats Evaluate(const Dataset& data, int64_t global_batch, const RoutingOverride& routing);
 
   // The run's whole state as named global tensors: every parameter under its global name
@@ -121,6 +137,10 @@ class Trainer {
   Status CreateVit();
   Status CreateModSquad();
   StepStats MultiTaskStep();
+  // The MoE layers' timers summed into the four MoE parts of a StepTimeSplit.
+  StepTimeSplit MoeTimes();
+  // Adds the MoE time since `before` (a MoeTimes() result) to time_split_.
+  void AddMoeTimes(const StepTimeSplit& before);
   EvalStats EvaluateMultiTask(const Dataset& data, int64_t global_batch,
                               const RoutingOverride& routing);
   // The multi-task targets of `base` (derived once per dataset).
@@ -143,6 +163,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<BatchSampler> sampler_;
   int64_t step_ = 0, local_batch_ = 0;
+  StepTimeSplit time_split_;
   std::vector<float> images_;
   std::vector<int32_t> labels_;
   std::vector<int64_t> indices_;

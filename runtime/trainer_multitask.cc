@@ -163,25 +163,39 @@ StepStats Trainer::MultiTaskStep() {
   const TrainConfig& tc = config_.train();
   const MultiTaskDataset& data = MultiTask(*train_);
   const int64_t b = local_batch_, numel = train_->image_numel();
-  images_.resize(b * numel);
-  sampler_->RankSlice(step_, world_->rank(), world_->size(), &indices_);
-  GatherBatch(data.base, indices_, images_.data(), nullptr);
   MultiTaskBatch batch;
-  GatherTasks(data, indices_, &batch);
+  {
+    ScopedTimer timer(&time_split_.data);
+    images_.resize(b * numel);
+    sampler_->RankSlice(step_, world_->rank(), world_->size(), &indices_);
+    GatherBatch(data.base, indices_, images_.data(), nullptr);
+    GatherTasks(data, indices_, &batch);
+  }
   batch.images = images_.data();
   batch.batch = b;
   batch.counted = b;
   batch.global_counted = tc.global_batch();
   batch.training = true;
   MultiTaskOutput out;
-  modsquad_->ZeroGrads();
-  const Status s = modsquad_->Forward(batch, &out);
-  CHECK(s.ok()) << s.message();  // shapes were validated in Create
-  modsquad_->Backward();
-  modsquad_->ReduceGradients();
+  const StepTimeSplit moe_before = MoeTimes();
+  {
+    ScopedTimer timer(&time_split_.forward);
+    modsquad_->ZeroGrads();
+    const Status s = modsquad_->Forward(batch, &out);
+    CHECK(s.ok()) << s.message();  // shapes were validated in Create
+  }
+  {
+    ScopedTimer timer(&time_split_.backward);
+    modsquad_->Backward();
+  }
+  AddMoeTimes(moe_before);
   StepStats st;
+  {
+    ScopedTimer timer(&time_split_.reduce);
+    modsquad_->ReduceGradients();
+    st.grad_norm = GlobalGradNorm();
+  }
   st.step = step_;
-  st.grad_norm = GlobalGradNorm();
   st.learning_rate = LearningRate(optimizer_->config(), step_);
   st.loss = out.task_loss;
   st.aux_loss = out.aux_loss;

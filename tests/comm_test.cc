@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "comm/communicator.h"
+#include "comm/loopback_communicator.h"
 #include "tests/mpi_test_main.h"
 
 namespace moerun {
@@ -164,4 +165,35 @@ TEST(CommTest, AgreeOnStatusReportsLowestFailingRank) {
 }
 
 }  // namespace
+// The simulated peers of dry-run: each sends what this rank sends itself.
+TEST(LoopbackTest, PeersMirrorThisRank) {
+  LoopbackCommunicator c(2, 4);
+  EXPECT_EQ(c.rank(), 2);
+  EXPECT_EQ(c.size(), 4);
+  // This rank sends 1, 2, 3, 2 elements to ranks 0..3 and expects 2, 1, 3, 5 back.
+  const std::vector<float> send = {10, 20, 21, 30, 31, 32, 40, 41};
+  const std::vector<int64_t> sc = {1, 2, 3, 2}, rc = {2, 1, 3, 5};
+  std::vector<float> recv(11, -1);
+  c.AllToAllV(send.data(), sc, PrefixDisplacements(sc), recv.data(), rc, PrefixDisplacements(rc),
+              DType::kF32);
+  // Self block {30, 31, 32}, repeated or cut to each peer's count.
+  const std::vector<float> want = {30, 31, 30, 30, 31, 32, 30, 31, 32, 30, 31};
+  EXPECT_EQ(recv, want);
+  EXPECT_EQ(c.all_to_all_bytes_sent(), (1 + 2 + 2) * 4);
+  EXPECT_EQ(c.all_to_all_bytes_received(), (2 + 1 + 5) * 4);
+  double sum[2] = {1.5, -2}, mx[1] = {7};
+  c.AllReduce(sum, 2, DType::kF64, ReduceOp::kSum);
+  c.AllReduce(mx, 1, DType::kF64, ReduceOp::kMax);
+  EXPECT_EQ(sum[0], 6.0);
+  EXPECT_EQ(sum[1], -8.0);
+  EXPECT_EQ(mx[0], 7.0);
+  int32_t own = 9, all[4] = {0, 0, 0, 0};
+  c.AllGather(&own, 1, all, DType::kI32);
+  for (int v : all) EXPECT_EQ(v, 9);
+  EXPECT_TRUE(AgreeOnStatus(c, Status::Ok()).ok());
+  const Status failed = AgreeOnStatus(c, Status::Error("boom"));
+  EXPECT_FALSE(failed.ok());
+  EXPECT_EQ(failed.message(), "rank 2: boom");
+}
+
 }  // namespace moerun
