@@ -389,6 +389,18 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
                         bool parameters_only) {
   MOERUN_RETURN_IF_ERROR(CheckSameModel(manifest, config_));
   const bool moments = manifest.optimizer_state() && !parameters_only;
+  if (moments) {
+    // The moments are stored as the run that saved them kept them.
+    const std::string want = optimizer_->config().moments == DType::kBF16 ? "BF16" : "F32";
+    for (const CheckpointTensor& t : manifest.tensors()) {
+      if (t.name().rfind("optimizer.m.", 0) == 0 && t.dtype() != want) {
+        return Status::Error(dir + " holds the AdamW moments as " + t.dtype() +
+                             ", this run keeps them as " + want +
+                             ": set train.optimizer_moments to " +
+                             (t.dtype() == "BF16" ? "BF16" : "FP32") + " to resume it");
+      }
+    }
+  }
   std::vector<CheckpointSlice> slices = StateSlices(moments);
   if (modsquad_) {
     // Usage statistics: restored when the checkpoint has them (else they restart at zero).

@@ -139,6 +139,26 @@ expect 2 "Mod-Squad config" "$moerun" dry-run "$src/configs/tiny_modsquad.pbtxt"
 expect 0 '"optimizer_moments":"bf16".*"plan_optimizer_bytes":([0-9]+)' \
   "$moerun" dry-run "$cfg" --ranks 2 -o train.optimizer_moments=BF16 --steps 1
 
+# bf16 moments: stop at 10 + resume to 20 equals 20 straight, bit for bit; a run that keeps
+# fp32 moments is told how to resume such a checkpoint.
+b16=(-o train.steps=20 -o train.optimizer_moments=BF16)
+"$moerun" train "$cfg" "${b16[@]}" -o train.out_dir="$tmp/b1" >/dev/null 2>&1
+"$moerun" train "$cfg" "${b16[@]}" -o train.out_dir="$tmp/b2" --until-step 10 >/dev/null 2>&1
+"$moerun" train "$cfg" "${b16[@]}" -o train.out_dir="$tmp/b2" >/dev/null 2>&1
+check "bf16-moment resume is bitwise" cmp -s "$tmp/b1/checkpoints/step_00000020/shard-00000-of-00001.safetensors" \
+  "$tmp/b2/checkpoints/step_00000020/shard-00000-of-00001.safetensors"
+check "moments stored as BF16, parameters as F32" "$py" -c "
+import json, struct
+f = open('$tmp/b1/checkpoints/step_00000020/shard-00000-of-00001.safetensors', 'rb')
+n = struct.unpack('<Q', f.read(8))[0]
+h = json.loads(f.read(n))
+m = [v['dtype'] for k, v in h.items() if k.startswith('optimizer.')]
+p = [v['dtype'] for k, v in h.items() if k != '__metadata__' and not k.startswith('optimizer.')]
+assert m and set(m) == {'BF16'} and set(p) == {'F32'}, (set(m), set(p))
+"
+expect 2 "holds the AdamW moments as BF16, this run keeps them as F32: set train.optimizer_moments to BF16" \
+  "$moerun" train "$cfg" -o train.steps=30 -o train.out_dir="$tmp/b1"
+
 # --- the plan's projection ----------------------------------------------------------------------
 out=$("$moerun" plan "$src/configs/vmoe_15b_every2.pbtxt" --ranks 32 --precision bf16 --json \
   --tflops 500 --a2a-gbps slow=10,fast=100 --allreduce-gbps 20)
