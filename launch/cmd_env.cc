@@ -1,6 +1,7 @@
 // moerun env: what this job looks like from every rank.
 #include <sched.h>
 
+#include <cstdlib>
 #include <iostream>
 #include <string>
 
@@ -88,6 +89,9 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
                       {"host", p.host},
                       {"launcher", p.launcher},
                       {"threads", NumThreads()},
+                      {"omp_wait_policy", std::getenv("OMP_WAIT_POLICY") != nullptr
+                                              ? std::string(std::getenv("OMP_WAIT_POLICY"))
+                                              : std::string("unset")},
                       {"blas", BlasDescription()},
                       {"mpi", MpiRuntime::LibraryVersion()},
                       {"mpi_thread_multiple", session.mpi().thread_level() == MPI_THREAD_MULTIPLE},
@@ -119,7 +123,8 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
     std::cout << "rank " << r << "       host " << e["host"].get<std::string>() << ", local rank "
               << e["local_rank"] << " of " << e["local_size"] << ", " << e["threads"]
               << " thread(s) on CPUs " << e["cpus"].get<std::string>() << " (" << e["cpu_count"]
-              << "), " << e["cuda_devices"] << " CUDA device(s)\n";
+              << "), OMP_WAIT_POLICY " << e["omp_wait_policy"].get<std::string>() << ", "
+              << e["cuda_devices"] << " CUDA device(s)\n";
   }
   std::cout << std::flush;
   return kExitOk;

@@ -107,6 +107,10 @@ else
   echo "FAIL: mpirun-local binding: -np 1 -> $(cpus_of 1), -np 2 -> $(cpus_of 2) CPUs (host $cores)"
   failed=$((failed + 1))
 fi
+# ... and lets idle OpenMP threads sleep (they share the cores with OpenBLAS's pool), unless
+# the user chose a policy.
+expect 0 '"omp_wait_policy":"PASSIVE"' "$src/cluster/mpirun-local" -np 1 "$moerun" env --json
+expect 0 '"omp_wait_policy":"ACTIVE"' env OMP_WAIT_POLICY=ACTIVE "$src/cluster/mpirun-local" -np 1 -x OMP_WAIT_POLICY "$moerun" env --json
 # The fit list holds the global batch fixed: the same list whatever --ranks is asked about.
 fits() { "$moerun" plan "$src/configs/vmoe_15b_every2.pbtxt" --precision bf16 --ranks "$1" --json |
   python3 -c "import json,sys; print(json.load(sys.stdin)['ranks_that_fit'])"; }
