@@ -18,16 +18,6 @@
 #include "runtime/trainer.h"
 
 namespace moerun {
-namespace {
-
-std::string Gib(double bytes) {
-  std::ostringstream o;
-  o << std::fixed << std::setprecision(2) << bytes / 1073741824.0 << " GiB";
-  return o.str();
-}
-
-}  // namespace
-
 int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
   std::string config_path;
@@ -128,7 +118,7 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
   const TrainingFootprint plan = EstimateFootprint(m, ranks, micro, false, bf16_moments);
   LOG(INFO) << "dry-run: rank " << rank << " of " << ranks << ", micro-batch " << micro
             << ", AdamW moments " << (bf16_moments ? "bf16" : "fp32")
-            << "; the plan: " << Gib(plan.bytes_per_rank) << " for " << plan.params_per_rank
+            << "; the plan: " << GiBString(plan.bytes_per_rank) << " for " << plan.params_per_rank
             << " parameters" << (group_note.empty() ? "" : "; " + group_note);
   const double rss_start = ProcessMemoryBytes("VmRSS");
   const Dataset data =
@@ -160,7 +150,7 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
     step_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     LOG(INFO) << "dry-run: step " << i + 1 << "/" << steps << ": " << std::setprecision(2)
               << step_s.back() << " s, loss " << std::setprecision(4) << st.loss << ", "
-              << Gib(static_cast<double>(world.all_to_all_bytes_sent() - a2a_before))
+              << GiBString(static_cast<double>(world.all_to_all_bytes_sent() - a2a_before))
               << " sent by all-to-all";
     if (!st.finite) {
       PrintError(cmd, st.problem);
@@ -208,8 +198,8 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
                  {"peak_over_plan", ratio},
                  {"within_10_percent", std::fabs(ratio - 1) <= 0.10},
                  {"note", group_note}});
-  LOG(INFO) << "dry-run: peak resident " << Gib(peak) << " vs the plan's "
-            << Gib(plan.bytes_per_rank) << " (" << std::setprecision(1) << 100 * (ratio - 1)
+  LOG(INFO) << "dry-run: peak resident " << GiBString(peak) << " vs the plan's "
+            << GiBString(plan.bytes_per_rank) << " (" << std::setprecision(1) << 100 * (ratio - 1)
             << "%); parameters " << (params == plan.params_per_rank ? "equal to" : "DIFFERENT FROM")
             << " the plan's";
   if (params != plan.params_per_rank) {

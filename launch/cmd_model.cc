@@ -8,6 +8,7 @@
 #include "launch/commands.h"
 #include "model/vit_spec.h"
 #include "runtime/config.h"
+#include "runtime/process.h"
 
 namespace moerun {
 namespace {
@@ -46,11 +47,7 @@ std::vector<std::pair<std::string, double>> ParseBandwidths(const std::string& t
   return out;
 }
 
-std::string GiB(int64_t bytes) {
-  std::ostringstream o;
-  o << std::fixed << std::setprecision(2) << bytes / 1073741824.0 << " GiB";
-  return o.str();
-}
+std::string GiB(int64_t bytes) { return GiBString(static_cast<double>(bytes)); }
 
 int Plan(const Config& config, const std::string& config_path, const PlanOptions& o) {
   const ModelConfig& m = config.model();

@@ -82,6 +82,12 @@ void AbortJob(int exit_code) {
   std::_Exit(exit_code);
 }
 
+std::string GiBString(double bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.2f GiB", bytes / 1073741824.0);
+  return buf;
+}
+
 double ProcessMemoryBytes(const std::string& field) {
   std::ifstream in("/proc/self/status");
   const std::string key = field + ":";

@@ -42,6 +42,9 @@ void SetFatalHandler(FatalHandler handler);
 // 0 when unknown.
 double ProcessMemoryBytes(const std::string& field);
 
+// "1.23 GiB": how messages and tables print a byte count.
+std::string GiBString(double bytes);
+
 // Bytes this host can still give (MemAvailable of /proc/meminfo), or -1 when unknown.
 int64_t AvailableHostBytes();
 // OK unless `bytes` is more than the host has available; the error names `what`, both

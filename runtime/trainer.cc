@@ -18,13 +18,7 @@
 namespace moerun {
 
 namespace {
-
-std::string GiB(double bytes) {
-  std::ostringstream o;
-  o << std::fixed << std::setprecision(2) << bytes / 1073741824.0 << " GiB";
-  return o.str();
-}
-
+std::string GiB(double bytes) { return GiBString(bytes); }
 }  // namespace
 
 Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch) {

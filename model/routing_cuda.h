@@ -1,0 +1,32 @@
+// The routing steps on a CUDA device: model/routing_thrust.h compiled by nvcc
+// (model/routing_cuda.cu). Built when CMake finds the CUDA toolkit (MOERUN_WITH_CUDA);
+// pointers are device pointers, semantics are model/routing.h's bit for bit.
+#ifndef MOERUN_MODEL_ROUTING_CUDA_H_
+#define MOERUN_MODEL_ROUTING_CUDA_H_
+
+#include <cstdint>
+#include <memory>
+
+namespace moerun {
+
+// Device scratch reused across calls (order, sort keys, ranks).
+class CudaRoutingScratch {
+ public:
+  CudaRoutingScratch();
+  ~CudaRoutingScratch();
+  struct Impl;
+  Impl* impl() { return impl_.get(); }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+void CudaTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
+              float* weight);
+void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
+                     int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
+                     const uint8_t* routed, CudaRoutingScratch* scratch);
+
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_ROUTING_CUDA_H_

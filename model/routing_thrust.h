@@ -1,0 +1,170 @@
+// The routing steps (top-k of the gates, capacity slots in vanilla or Batch Priority order)
+// as Thrust algorithms with MOERUN_HD functors, for the GPU backend. The same
+// source compiles with nvcc for a CUDA device and with the host compiler against the CCCL
+// headers (THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP or _OMP), where
+// tests/device_ops_test.cc checks it bit for bit against model/routing.h, the CPU
+// reference. Semantics are routing.h's exactly:
+//   TopK: per token the k largest gates in descending order, ties to the lower expert.
+//   AssignSlots: round j = 0..k-1 visits every routed token's j-th choice in priority order
+//     (token order, or with BPR a stable sort on descending top-1 gate); a visit of expert e
+//     takes slot load[e] and increments it. Padding tokens (routed[s] == 0) take no slot
+//     (INT32_MAX) and do not count. load[e] = visits of e.
+// Arguments are pointers in the policy's memory space (device pointers on a GPU); the
+// vectors are scratch of that space (thrust::device_vector), reused across calls.
+#ifndef MOERUN_MODEL_ROUTING_THRUST_H_
+#define MOERUN_MODEL_ROUTING_THRUST_H_
+
+#include <thrust/adjacent_difference.h>
+#include <thrust/binary_search.h>
+#include <thrust/copy.h>
+#include <thrust/device_vector.h>
+#include <thrust/fill.h>
+#include <thrust/for_each.h>
+#include <thrust/functional.h>
+#include <thrust/gather.h>
+#include <thrust/iterator/constant_iterator.h>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/iterator/transform_iterator.h>
+#include <thrust/scan.h>
+#include <thrust/scatter.h>
+#include <thrust/sequence.h>
+#include <thrust/sort.h>
+#include <thrust/transform.h>
+
+#include <cstdint>
+
+// Functors run on the device under nvcc and on the host otherwise.
+#if defined(__CUDACC__)
+#define MOERUN_HD __host__ __device__
+#else
+#define MOERUN_HD
+#endif
+
+namespace moerun {
+namespace thrust_routing {
+
+// One token's k largest gates by insertion (k is small: 1-8).
+struct TopKFunctor {
+  const float* gates;
+  int num_experts, k;
+  int32_t* expert_index;
+  float* weight;
+  MOERUN_HD void operator()(int64_t s) const {
+    const float* g = gates + s * num_experts;
+    int32_t* idx = expert_index + s * k;
+    float* w = weight + s * k;
+    int filled = 0;
+    for (int e = 0; e < num_experts; ++e) {
+      const float v = g[e];
+      // Strictly greater moves ahead: an equal gate stays behind the lower expert index.
+      int pos = filled < k ? filled : k;
+      while (pos > 0 && v > w[pos - 1]) --pos;
+      if (pos >= k) continue;
+      const int last = filled < k ? filled : k - 1;
+      for (int q = last; q > pos; --q) {
+        w[q] = w[q - 1];
+        idx[q] = idx[q - 1];
+      }
+      w[pos] = v;
+      idx[pos] = e;
+      if (filled < k) ++filled;
+    }
+  }
+};
+
+template <typename Policy>
+void TopK(const Policy& policy, const float* gates, int64_t tokens, int num_experts, int k,
+          int32_t* expert_index, float* weight) {
+  thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
+                   thrust::counting_iterator<int64_t>(tokens),
+                   TopKFunctor{gates, num_experts, k, expert_index, weight});
+}
+
+struct Top1Key {
+  const float* weight;
+  int k;
+  MOERUN_HD float operator()(int32_t s) const { return weight[static_cast<int64_t>(s) * k]; }
+};
+
+// Visit v = j * n + i (round j, i-th token in priority order): its expert.
+struct VisitExpert {
+  const int32_t* order;
+  const int32_t* expert_index;
+  int64_t n;
+  int k;
+  MOERUN_HD int32_t operator()(int64_t v) const {
+    const int64_t j = v / n, s = order[v % n];
+    return expert_index[s * k + j];
+  }
+};
+
+// Visit v -> its place in the [S, K] slot array.
+struct VisitSlotIndex {
+  const int32_t* order;
+  int64_t n;
+  int k;
+  MOERUN_HD int64_t operator()(int64_t v) const {
+    return static_cast<int64_t>(order[v % n]) * k + v / n;
+  }
+};
+
+struct IsRouted {
+  const uint8_t* routed;
+  MOERUN_HD bool operator()(int32_t s) const { return routed[s] != 0; }
+};
+
+template <typename Policy, typename Vec32, typename Vec64, typename VecF>
+void AssignSlots(const Policy& policy, const int32_t* expert_index, const float* weight,
+                 int64_t tokens, int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
+                 const uint8_t* routed, Vec32& order, Vec32& keys_e, Vec32& rank, Vec64& visit,
+                 VecF& keys_w, Vec32& cumulative) {
+  // The routed tokens in token order.
+  order.resize(tokens);
+  int64_t n = tokens;
+  if (routed != nullptr) {
+    thrust::fill(policy, slot, slot + tokens * k, INT32_MAX);
+    auto end = thrust::copy_if(policy, thrust::counting_iterator<int32_t>(0),
+                               thrust::counting_iterator<int32_t>(static_cast<int32_t>(tokens)),
+                               order.begin(), IsRouted{routed});
+    n = end - order.begin();
+  } else {
+    thrust::sequence(policy, order.begin(), order.end());
+  }
+  thrust::fill(policy, load, load + num_experts, 0);
+  if (n == 0) return;
+  int32_t* ord = thrust::raw_pointer_cast(order.data());
+  if (bpr) {
+    // Stable sort on descending top-1 gate: equal gates keep token order.
+    keys_w.resize(n);
+    thrust::transform(policy, order.begin(), order.begin() + n, keys_w.begin(), Top1Key{weight, k});
+    thrust::stable_sort_by_key(policy, keys_w.begin(), keys_w.begin() + n, order.begin(),
+                               thrust::greater<float>());
+  }
+  // Visits in round-major priority order, stably grouped by expert: a visit's slot is its
+  // rank within its expert's group.
+  const int64_t visits = n * k;
+  keys_e.resize(visits);
+  visit.resize(visits);
+  rank.resize(visits);
+  thrust::transform(policy, thrust::counting_iterator<int64_t>(0),
+                    thrust::counting_iterator<int64_t>(visits), keys_e.begin(),
+                    VisitExpert{ord, expert_index, n, k});
+  thrust::sequence(policy, visit.begin(), visit.end());
+  thrust::stable_sort_by_key(policy, keys_e.begin(), keys_e.end(), visit.begin());
+  thrust::exclusive_scan_by_key(policy, keys_e.begin(), keys_e.end(),
+                                thrust::make_constant_iterator<int32_t>(1), rank.begin());
+  // slot[order[v % n] * k + v / n] = rank.
+  thrust::scatter(policy, rank.begin(), rank.end(),
+                  thrust::make_transform_iterator(visit.begin(), VisitSlotIndex{ord, n, k}), slot);
+  // load[e] = the number of visits of e: differences of the upper bounds of 0..E-1 in the
+  // sorted experts.
+  cumulative.resize(num_experts);
+  thrust::upper_bound(policy, keys_e.begin(), keys_e.end(), thrust::counting_iterator<int32_t>(0),
+                      thrust::counting_iterator<int32_t>(num_experts), cumulative.begin());
+  thrust::adjacent_difference(policy, cumulative.begin(), cumulative.end(), load);
+}
+
+}  // namespace thrust_routing
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_ROUTING_THRUST_H_
