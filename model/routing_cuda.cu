@@ -30,4 +30,20 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
                               s.cumulative);
 }
 
+void CudaPlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
+                  int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row) {
+  thrust_routing::PlanRows(thrust::device, expert_index, slot, tokens, k, group_size, capacity,
+                           rows_per_expert, row);
+}
+
+void CudaPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
+                  float* buf) {
+  thrust_routing::PackRows(thrust::device, row, x, tokens, k, w, buf);
+}
+
+void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
+                        int64_t k, int64_t w, float* out) {
+  thrust_routing::GatherKeptRows(thrust::device, buf, row, weight, tokens, k, w, out);
+}
+
 }  // namespace moerun

@@ -27,6 +27,14 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
                      int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
                      const uint8_t* routed, CudaRoutingScratch* scratch);
 
+void CudaPlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
+                  int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row);
+// buf must be zeroed by the caller.
+void CudaPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
+                  float* buf);
+void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
+                        int64_t k, int64_t w, float* out);
+
 }  // namespace moerun
 
 #endif  // MOERUN_MODEL_ROUTING_CUDA_H_

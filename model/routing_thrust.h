@@ -1,7 +1,7 @@
-// The routing steps (top-k of the gates, capacity slots in vanilla or Batch Priority order)
-// as Thrust algorithms with MOERUN_HD functors, for the GPU backend. The same
-// source compiles with nvcc for a CUDA device and with the host compiler against the CCCL
-// headers (THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP or _OMP), where
+// The routing steps (top-k of the gates, capacity slots in vanilla or Batch Priority order,
+// plan rows) and the pack / combine of token rows as Thrust algorithms with MOERUN_HD functors, for
+// the GPU backend. The same source compiles with nvcc for a CUDA device and with the host compiler
+// against the CCCL headers (THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP or _OMP), where
 // tests/device_ops_test.cc checks it bit for bit against model/routing.h, the CPU
 // reference. Semantics are routing.h's exactly:
 //   TopK: per token the k largest gates in descending order, ties to the lower expert.
@@ -162,6 +162,81 @@ void AssignSlots(const Policy& policy, const int32_t* expert_index, const float*
   thrust::upper_bound(policy, keys_e.begin(), keys_e.end(), thrust::counting_iterator<int32_t>(0),
                       thrust::counting_iterator<int32_t>(num_experts), cumulative.begin());
   thrust::adjacent_difference(policy, cumulative.begin(), cumulative.end(), load);
+}
+
+// Plan rows: row[i] = e * rows_per_expert + group * capacity + slot for a kept choice i of
+// token i / k (group = token / group_size), -1 when slot >= capacity (moe_plan.cc).
+struct RowFunctor {
+  const int32_t* expert_index;
+  const int32_t* slot;
+  int64_t k, group_size, capacity, rows_per_expert;
+  int32_t* row;
+  MOERUN_HD void operator()(int64_t i) const {
+    const int64_t g = (i / k) / group_size;
+    row[i] = slot[i] >= capacity
+                 ? -1
+                 : static_cast<int32_t>(expert_index[i] * rows_per_expert + g * capacity + slot[i]);
+  }
+};
+
+template <typename Policy>
+void PlanRows(const Policy& policy, const int32_t* expert_index, const int32_t* slot,
+              int64_t tokens, int64_t k, int64_t group_size, int64_t capacity,
+              int64_t rows_per_expert, int32_t* row) {
+  thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
+                   thrust::counting_iterator<int64_t>(tokens * k),
+                   RowFunctor{expert_index, slot, k, group_size, capacity, rows_per_expert, row});
+}
+
+// Pack: buf row row[i] = x[i / k] for every kept choice (the caller zeroes buf first).
+// One work item per (choice, column).
+struct PackFunctor {
+  const int32_t* row;
+  const float* x;
+  int64_t k, w;
+  float* buf;
+  MOERUN_HD void operator()(int64_t e) const {
+    const int64_t i = e / w, c = e % w;
+    const int32_t r = row[i];
+    if (r >= 0) buf[static_cast<int64_t>(r) * w + c] = x[(i / k) * w + c];
+  }
+};
+
+template <typename Policy>
+void PackRows(const Policy& policy, const int32_t* row, const float* x, int64_t tokens, int64_t k,
+              int64_t w, float* buf) {
+  thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
+                   thrust::counting_iterator<int64_t>(tokens * k * w),
+                   PackFunctor{row, x, k, w, buf});
+}
+
+// Combine: out[t, c] = sum over kept choices j (in order) of weight[t, j] * buf[row[t, j], c]
+// (weight null: 1); 0 for a token with no kept choice. One work item per (token, column).
+struct CombineFunctor {
+  const float* buf;
+  const int32_t* row;
+  const float* weight;
+  int64_t k, w;
+  float* out;
+  MOERUN_HD void operator()(int64_t e) const {
+    const int64_t t = e / w, c = e % w;
+    float acc = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = t * k + j;
+      if (row[i] < 0) continue;
+      const float g = weight != nullptr ? weight[i] : 1.0f;
+      acc += g * buf[static_cast<int64_t>(row[i]) * w + c];
+    }
+    out[e] = acc;
+  }
+};
+
+template <typename Policy>
+void GatherKeptRows(const Policy& policy, const float* buf, const int32_t* row, const float* weight,
+                    int64_t tokens, int64_t k, int64_t w, float* out) {
+  thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
+                   thrust::counting_iterator<int64_t>(tokens * w),
+                   CombineFunctor{buf, row, weight, k, w, out});
 }
 
 }  // namespace thrust_routing

@@ -5,10 +5,15 @@
 
 #include <cmath>
 #include <random>
+#include <type_traits>
 #include <vector>
 
+#include "comm/loopback_communicator.h"
+#include "model/moe_dispatch.h"
+#include "model/moe_plan.h"
 #include "model/routing.h"
 #include "model/routing_cuda.h"
+#include "runtime/tensor.h"
 
 namespace moerun {
 namespace {
@@ -84,6 +89,64 @@ TEST(CudaRouting, TopKAndSlotsMatchTheCpuReference) {
           static_cast<void*>(d_slot), static_cast<void*>(d_load), static_cast<void*>(d_routed)}) {
       cudaFree(p);
     }
+  }
+}
+
+TEST(CudaRouting, RowsPackAndCombineMatchTheCpuReference) {
+  if (!HaveGpu()) {
+    std::printf("skipped: no GPU\n");
+    GTEST_SKIP() << "skipped: no GPU";
+  }
+  const int64_t tokens = 2056, group = 257, w = 384;
+  const int experts = 32, k = 2;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  Tensor gates = Tensor::Empty({tokens, experts});
+  for (int64_t i = 0; i < gates.numel(); ++i) gates.data<float>()[i] = u(rng);
+  CapacityRule rule;
+  rule.capacity_factor = 1.05;
+  rule.group_size = group;
+  int64_t g = 0;
+  StatusOr<int64_t> cap = CheckGroupsAndCapacity(rule, tokens, experts, k, &g);
+  ASSERT_TRUE(cap.ok());
+  LoopbackCommunicator one(0, 1);
+  RoutingPlan plan;
+  PlanRouting(gates, rule, k, g, *cap, one, &plan);
+  const int64_t tk = tokens * k;
+  auto vec = [](const Tensor& t, auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return std::vector<T>(t.data<T>(), t.data<T>() + t.numel());
+  };
+  const std::vector<int32_t> idx = vec(plan.expert_index, static_cast<int32_t*>(nullptr));
+  const std::vector<int32_t> sl = vec(plan.slot, static_cast<int32_t*>(nullptr));
+  const std::vector<int32_t> row = vec(plan.row, static_cast<int32_t*>(nullptr));
+  const std::vector<float> weight = vec(plan.weight, static_cast<float*>(nullptr));
+  std::vector<float> x(tokens * w);
+  for (float& v : x) v = u(rng);
+  Tensor buf;
+  PackRows(plan, x.data(), w, &buf);
+  std::vector<float> out(tokens * w);
+  GatherKeptRows(buf.data<float>(), row.data(), weight.data(), tokens, k, w, out.data());
+  int32_t* d_idx = ToDevice(idx);
+  int32_t* d_sl = ToDevice(sl);
+  int32_t* d_row = ToDevice(std::vector<int32_t>(tk));
+  float* d_x = ToDevice(x);
+  float* d_w = ToDevice(weight);
+  float* d_buf = ToDevice(std::vector<float>(buf.numel(), 0.0f));
+  float* d_out = ToDevice(std::vector<float>(out.size()));
+  CudaPlanRows(d_idx, d_sl, tokens, k, plan.group_size, plan.capacity, plan.rows_per_expert(),
+               d_row);
+  CudaPackRows(d_row, d_x, tokens, k, w, d_buf);
+  CudaGatherKeptRows(d_buf, d_row, d_w, tokens, k, w, d_out);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(ToHost(d_row, row.size()), row);
+  EXPECT_EQ(ToHost(d_buf, buf.numel()),
+            std::vector<float>(buf.data<float>(), buf.data<float>() + buf.numel()));
+  EXPECT_EQ(ToHost(d_out, out.size()), out);
+  for (void* p : {static_cast<void*>(d_idx), static_cast<void*>(d_sl), static_cast<void*>(d_row),
+                  static_cast<void*>(d_x), static_cast<void*>(d_w), static_cast<void*>(d_buf),
+                  static_cast<void*>(d_out)}) {
+    cudaFree(p);
   }
 }
 
