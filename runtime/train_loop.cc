@@ -519,16 +519,13 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   const double wall = Now() - start;
   // Where the step time went (per step, mean over ranks) and the peak resident memory
   // (max over ranks).
-  const StepTimeSplit& ts = trainer.time_split();
-  double split[11] = {ts.data,         ts.forward, ts.backward, ts.reduce,  ts.optimizer, ts.router,
-                      ts.dispatch_a2a, ts.experts, ts.combine,  ts.dense(), ts.total()};
-  world.AllReduce(split, 11, DType::kF64, ReduceOp::kSum);
-  const double per = 1000.0 / (world.size() * std::max<int64_t>(1, ts.steps));
+  const auto named = trainer.time_split().Named();
+  std::vector<double> split;
+  for (const auto& [name, seconds] : named) split.push_back(seconds);
+  world.AllReduce(split.data(), static_cast<int64_t>(split.size()), DType::kF64, ReduceOp::kSum);
+  const double per = 1000.0 / (world.size() * std::max<int64_t>(1, trainer.time_split().steps));
   nlohmann::json step_ms = nlohmann::json::object();
-  const char* split_names[11] = {"data",      "forward", "backward",     "grad_reduce",
-                                 "optimizer", "router",  "dispatch_a2a", "experts",
-                                 "combine",   "dense",   "total"};
-  for (int i = 0; i < 11; ++i) step_ms[split_names[i]] = split[i] * per;
+  for (size_t i = 0; i < named.size(); ++i) step_ms[named[i].first] = split[i] * per;
   double peak_rss = ProcessMemoryBytes("VmHWM");
   world.AllReduce(&peak_rss, 1, DType::kF64, ReduceOp::kMax);
   const double tokens = static_cast<double>(TokensPerImage(config.model()));

@@ -17,31 +17,25 @@
 
 namespace moerun {
 
-namespace {
-std::string GiB(double bytes) { return GiBString(bytes); }
-}  // namespace
-
 Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch) {
   const TrainingFootprint f =
       EstimateFootprint(config.model(), ranks, micro_batch, false,
                         config.train().optimizer_moments() == TrainConfig::BF16);
   const int local = std::max(1, Process().local_size);
   const double need = static_cast<double>(f.bytes_per_rank) * local;
-  SetMemoryPlan(GiB(f.bytes_per_rank) + " per rank (weights " + GiB(f.param_bytes) +
-                ", gradients " + GiB(f.grad_bytes) + ", AdamW moments " + GiB(f.optimizer_bytes) +
-                ", activations " + GiB(f.activation_bytes) + ", micro-batch " +
-                std::to_string(micro_batch) + ")");
+  const std::string plan = GiBString(f.bytes_per_rank) + " per rank (weights " +
+                           GiBString(f.param_bytes) + ", gradients " + GiBString(f.grad_bytes) +
+                           ", AdamW moments " + GiBString(f.optimizer_bytes) + ", activations " +
+                           GiBString(f.activation_bytes) + ", micro-batch " +
+                           std::to_string(micro_batch) + ")";
+  SetMemoryPlan(plan);
   const int64_t available = AvailableHostBytes();
-  if (available < 0) return Status::Ok();
-  if (need <= static_cast<double>(available)) return Status::Ok();
-  return Status::Error(
-      "the plan needs " + GiB(f.bytes_per_rank) + " per rank (weights " + GiB(f.param_bytes) +
-      ", gradients " + GiB(f.grad_bytes) + ", AdamW moments " + GiB(f.optimizer_bytes) +
-      ", activations " + GiB(f.activation_bytes) + ", micro-batch " + std::to_string(micro_batch) +
-      ") x " + std::to_string(local) + " rank(s) on this host = " + GiB(need) +
-      ", but the host has " + GiB(static_cast<double>(available)) +
-      " available; use more ranks (on more hosts), a smaller train.global_batch or a smaller "
-      "model (`moerun plan` prints the figures)");
+  if (available < 0 || need <= static_cast<double>(available)) return Status::Ok();
+  return Status::Error("the plan needs " + plan + " x " + std::to_string(local) +
+                       " rank(s) on this host = " + GiBString(need) + ", but the host has " +
+                       GiBString(static_cast<double>(available)) +
+                       " available; use more ranks (on more hosts), a smaller "
+                       "train.global_batch or a smaller model (`moerun plan` prints the figures)");
 }
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,

@@ -8,6 +8,7 @@
 #define MOERUN_RUNTIME_TRAINER_H_
 
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -56,6 +57,21 @@ struct StepTimeSplit {
   // Forward + backward outside the MoE layers (attention, dense MLPs, norms, head, loss).
   double dense() const { return forward + backward - router - dispatch_a2a - experts - combine; }
   double total() const { return data + forward + backward + reduce + optimizer; }
+  // Every figure under the name JSON lines give it (grad_reduce = reduce), dense and total
+  // included.
+  std::vector<std::pair<const char*, double>> Named() const {
+    return {{"data", data},
+            {"forward", forward},
+            {"backward", backward},
+            {"grad_reduce", reduce},
+            {"optimizer", optimizer},
+            {"router", router},
+            {"dispatch_a2a", dispatch_a2a},
+            {"experts", experts},
+            {"combine", combine},
+            {"dense", dense()},
+            {"total", total()}};
+  }
 };
 
 struct EvalStats {
