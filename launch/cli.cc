@@ -7,6 +7,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "runtime/backend.h"
 #include "runtime/kernels.h"
 #include "runtime/process.h"
 
@@ -34,6 +35,12 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
        "(default: the config's comm.watchdog_timeout_s, 300; 0 disables)")  //
       ("verbose,v", po::value<int>(&o->verbosity)->default_value(0),
        "glog verbosity (VLOG level)")  //
+      ("device",
+       po::value<std::string>(&o->device)->default_value("cpu")->notifier([](const std::string& v) {
+         if (v != "cpu" && v != "cuda") throw po::error("--device " + v + ": use cpu or cuda");
+       }),
+       "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
+       "backend built and a visible GPU)")  //
       ("help,h", "show this help");
 }
 
@@ -79,6 +86,19 @@ std::optional<int> ParseArgs(const std::string& command_path, const std::string&
 }
 
 Session::Session(int* argc, char*** argv, const GlobalOptions& options) : options_(options) {
+  // The device first: a job that cannot run where it was asked to stops before MPI is up,
+  // on every rank, with exit 3.
+  auto device = ParseDevice(options.device);
+  if (device.ok() && *device == Device::kCUDA && !options.cuda_supported) {
+    device = Status::Error(
+        "--device cuda: this command runs on the CPU backend only in this version (the CUDA "
+        "backend runs `moerun bench moe-layer --device cuda`); use --device cpu");
+  }
+  if (!device.ok()) {
+    PrintError("moerun", device.status().message());
+    std::exit(kExitUnavailable);
+  }
+  device_ = *device;
   MpiOptions mpi_options;
   mpi_options.watchdog_timeout_s =
       options.watchdog_timeout_s >= 0 ? options.watchdog_timeout_s : 300.0;
@@ -91,6 +111,17 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
   const int threads =
       options.threads > 0 ? options.threads : DefaultThreadsPerRank(Process().local_size);
   SetNumThreads(threads);
+  if (device_ == Device::kCUDA) {
+    // One GPU per local rank; the local rank is MPI's (MPI_Comm_split_type), which must
+    // agree with the launcher's (OMPI_COMM_WORLD_LOCAL_RANK / SLURM_LOCALID) or two ranks
+    // could share a GPU.
+    const Status agree = CheckLocalRank(Process(), DiscoverProcessFromEnvironment());
+    if (!agree.ok()) LOG(WARNING) << agree.message();
+    const Status bound = BindCudaDevice(Process().local_rank);
+    CHECK(bound.ok()) << "--device cuda: " << bound.message();
+    LOG(INFO) << "local rank " << Process().local_rank << " of " << Process().local_size << " on "
+              << RequireBackend(Device::kCUDA).Describe();
+  }
 }
 
 Session::~Session() {

@@ -29,6 +29,9 @@ struct GlobalOptions {
   bool log_all_ranks = false;
   double watchdog_timeout_s = -1;  // < 0: the config's (or the default 300 s)
   int verbosity = 0;
+  std::string device = "cpu";  // --device: cpu or cuda
+  // Set by commands that have a CUDA path; the others refuse --device cuda (exit 3).
+  bool cuda_supported = false;
 };
 
 // Options every subcommand accepts.
@@ -63,9 +66,13 @@ class Session {
   bool is_root() const { return world_->rank() == 0; }
   // Applies a config's watchdog timeout unless --watchdog-timeout was given.
   void ApplyConfigWatchdog(double config_timeout_s);
+  // --device, checked: kCUDA only when the command supports it and a GPU is visible (else
+  // the constructor ended the job with exit 3). On kCUDA this rank's GPU is bound.
+  Device device() const { return device_; }
 
  private:
   GlobalOptions options_;
+  Device device_ = Device::kCPU;
   std::unique_ptr<MpiRuntime> mpi_;
   std::unique_ptr<Communicator> world_;
 };

@@ -6,36 +6,15 @@
 #include <string>
 
 #include "launch/commands.h"
+#include "runtime/backend.h"
 #include "runtime/kernels.h"
 #include "runtime/process.h"
 
-#ifdef MOERUN_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 #ifdef MOERUN_WITH_NCCL
 #include <nccl.h>
 #endif
 
 namespace moerun {
-
-std::string CudaAvailability(int* device_count) {
-  *device_count = 0;
-#ifdef MOERUN_WITH_CUDA
-  int n = 0;
-  // Without a GPU (or driver) this returns an error: that is zero devices, not a failure.
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    n = 0;
-  }
-  *device_count = n;
-  int runtime = 0;
-  cudaRuntimeGetVersion(&runtime);
-  return "built (CUDA runtime " + std::to_string(runtime / 1000) + "." +
-         std::to_string(runtime % 1000 / 10) + "), " + std::to_string(n) + " device(s)";
-#else
-  return "not built (configure with the CUDA toolkit present, MOERUN_CUDA=AUTO/ON)";
-#endif
-}
 
 std::string NcclAvailability() {
 #ifdef MOERUN_WITH_NCCL
@@ -47,6 +26,14 @@ std::string NcclAvailability() {
   return "not built";
 #endif
 }
+
+namespace {
+std::string JoinNames(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+}  // namespace
 
 int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
@@ -63,7 +50,6 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
     return *done;
   Session session(program.argc, program.argv, global);
   const ProcessInfo& p = Process();
-  int devices = 0;
   // The CPUs this rank may run on (the launcher's binding): "0-1", "0", ...
   std::string cpus;
   int cpu_count = 0;
@@ -95,8 +81,10 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
                       {"blas", BlasDescription()},
                       {"mpi", MpiRuntime::LibraryVersion()},
                       {"mpi_thread_multiple", session.mpi().thread_level() == MPI_THREAD_MULTIPLE},
-                      {"cuda", CudaAvailability(&devices)},
-                      {"cuda_devices", devices},
+                      {"backends", BuiltBackends()},
+                      {"cuda", CudaBackendSummary()},
+                      {"cuda_devices", CudaDeviceCount()},
+                      {"cuda_device", CudaDeviceDescription(p.local_rank)},
                       {"nccl", NcclAvailability()}};
   // Gather every rank's line to rank 0 in fixed-size slots.
   constexpr int kSlot = 1024;
@@ -117,6 +105,8 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
                 << "MPI          " << e["mpi"].get<std::string>()
                 << (e["mpi_thread_multiple"].get<bool>() ? " (MPI_THREAD_MULTIPLE)" : "") << "\n"
                 << "BLAS         " << e["blas"].get<std::string>() << "\n"
+                << "backends     " << JoinNames(e["backends"].get<std::vector<std::string>>())
+                << " (--device cpu" << (e["cuda_devices"].get<int>() > 0 ? " or cuda" : "") << ")\n"
                 << "CUDA         " << e["cuda"].get<std::string>() << "\n"
                 << "NCCL         " << e["nccl"].get<std::string>() << "\n";
     }
@@ -124,7 +114,11 @@ int RunEnv(const std::vector<std::string>& args, ProgramArgs program) {
               << e["local_rank"] << " of " << e["local_size"] << ", " << e["threads"]
               << " thread(s) on CPUs " << e["cpus"].get<std::string>() << " (" << e["cpu_count"]
               << "), OMP_WAIT_POLICY " << e["omp_wait_policy"].get<std::string>() << ", "
-              << e["cuda_devices"] << " CUDA device(s)\n";
+              << e["cuda_devices"] << " CUDA device(s)"
+              << (e["cuda_device"].get<std::string>().empty()
+                      ? std::string()
+                      : ", binds " + e["cuda_device"].get<std::string>())
+              << "\n";
   }
   std::cout << std::flush;
   return kExitOk;

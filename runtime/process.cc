@@ -66,6 +66,20 @@ ProcessInfo DiscoverProcessFromEnvironment() {
 }
 
 const ProcessInfo& Process() { return g_process; }
+
+Status CheckLocalRank(const ProcessInfo& mpi, const ProcessInfo& launcher) {
+  if (launcher.launcher != "mpirun" && launcher.launcher != "slurm") return Status::Ok();
+  // Only the rank: launchers report the ranks per node in forms MPI does not (Slurm's
+  // "2(x3)"), and the rank is what picks the GPU.
+  if (mpi.local_rank == launcher.local_rank) return Status::Ok();
+  return Status::Error(
+      "rank " + std::to_string(mpi.rank) + ": MPI places this rank at local rank " +
+      std::to_string(mpi.local_rank) + " of " + std::to_string(mpi.local_size) + " on " + mpi.host +
+      ", the launcher (" + launcher.launcher + ") at " + std::to_string(launcher.local_rank) +
+      " of " + std::to_string(launcher.local_size) +
+      "; GPUs are bound by MPI's local rank, so check the launcher's placement (ranks per node, "
+      "--ntasks-per-node) or two ranks may share a GPU");
+}
 void SetProcess(const ProcessInfo& info) { g_process = info; }
 
 std::string RankTag() {

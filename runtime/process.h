@@ -26,6 +26,10 @@ ProcessInfo DiscoverProcessFromEnvironment();
 // The process identity used by log prefixes and error messages. Set once at start-up,
 // refined after MPI is up.
 const ProcessInfo& Process();
+// Compares MPI's local rank (`mpi`, from MPI_Comm_split_type) with the launcher's
+// (`launcher`, from OMPI_COMM_WORLD_LOCAL_RANK / SLURM_LOCALID); OK when they agree or the
+// launcher sets none, else an error naming both and the consequence (GPU sharing).
+Status CheckLocalRank(const ProcessInfo& mpi, const ProcessInfo& launcher);
 void SetProcess(const ProcessInfo& info);
 
 // "rank 3 (host node7)": how every message names this process.

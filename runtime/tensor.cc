@@ -6,6 +6,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "runtime/backend.h"
 #include "runtime/process.h"
 
 namespace moerun {
@@ -31,12 +32,18 @@ const char* DTypeName(DType t) {
 const char* DeviceName(Device d) { return d == Device::kCPU ? "cpu" : "cuda"; }
 
 // ---------------------------------------------------------------------------------------
-std::shared_ptr<Storage> Storage::Allocate(size_t bytes, const std::string& detail) {
-  const size_t rounded =
-      (std::max<size_t>(bytes, 1) + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
-  void* p = std::aligned_alloc(kTensorAlignment, rounded);
-  if (p == nullptr) OutOfHostMemory(bytes, detail);
-  return std::shared_ptr<Storage>(new Storage(p, bytes, Device::kCPU, /*owning=*/true));
+std::shared_ptr<Storage> Storage::Allocate(size_t bytes, const std::string& detail, Device device) {
+  Backend& backend = RequireBackend(device);
+  void* p = backend.Allocate(bytes);
+  if (p == nullptr) {
+    if (device == Device::kCPU) OutOfHostMemory(bytes, detail);
+    LOG(FATAL) << "out of " << backend.Describe() << " memory allocating " << bytes << " bytes ("
+               << GiBString(static_cast<double>(bytes)) << ")"
+               << (detail.empty() ? "" : " for " + detail) << AllocationContext() << "; "
+               << GiBString(static_cast<double>(backend.allocated_bytes()))
+               << " already allocated on the device: lower train.micro_batch or use more ranks";
+  }
+  return std::shared_ptr<Storage>(new Storage(p, bytes, device, /*owning=*/true));
 }
 
 std::shared_ptr<Storage> Storage::Borrow(void* data, size_t bytes, Device device) {
@@ -44,7 +51,7 @@ std::shared_ptr<Storage> Storage::Borrow(void* data, size_t bytes, Device device
 }
 
 Storage::~Storage() {
-  if (owning_) std::free(data_);
+  if (owning_) BackendFor(device_)->Free(data_, bytes_);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -75,16 +82,17 @@ int64_t NumElements(const Shape& shape) {
   return n;
 }
 
-Tensor Tensor::Empty(const Shape& shape, DType dtype) {
+Tensor Tensor::Empty(const Shape& shape, DType dtype, Device device) {
   const size_t bytes = NumElements(shape) * DTypeSize(dtype);
   return OnStorage(
-      Storage::Allocate(bytes, std::string(DTypeName(dtype)) + " tensor " + ShapeToString(shape)),
+      Storage::Allocate(bytes, std::string(DTypeName(dtype)) + " tensor " + ShapeToString(shape),
+                        device),
       0, shape, dtype);
 }
 
-Tensor Tensor::Zeros(const Shape& shape, DType dtype) {
-  Tensor t = Empty(shape, dtype);
-  std::memset(t.raw_data(), 0, t.nbytes());
+Tensor Tensor::Zeros(const Shape& shape, DType dtype, Device device) {
+  Tensor t = Empty(shape, dtype, device);
+  t.SetZero();
   return t;
 }
 
@@ -203,7 +211,20 @@ void ForEachStrided(const Shape& shape, const std::vector<int64_t>& strides, Fn 
 void Tensor::CopyFrom(const Tensor& src) {
   CHECK(shape_ == src.shape_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();
   CHECK(dtype_ == src.dtype_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();
-  CHECK(device() == Device::kCPU && src.device() == Device::kCPU) << "CopyFrom on CPU only";
+  if (device() != Device::kCPU || src.device() != Device::kCPU) {
+    CHECK(is_contiguous() && src.is_contiguous())
+        << "CopyFrom " << src.ShapeString() << " into " << ShapeString()
+        << ": copies to, from or on a device need contiguous tensors (Contiguous() first)";
+    if (device() == src.device()) {
+      BackendFor(device())->CopyWithin(raw_data(), src.raw_data(), nbytes());
+    } else if (src.device() == Device::kCPU) {
+      BackendFor(device())->CopyFromHost(raw_data(), src.raw_data(), nbytes());
+    } else {
+      CHECK(device() == Device::kCPU) << "CopyFrom between two different devices";
+      BackendFor(src.device())->CopyToHost(raw_data(), src.raw_data(), nbytes());
+    }
+    return;
+  }
   const size_t es = DTypeSize(dtype_);
   if (is_contiguous() && src.is_contiguous()) {
     std::memmove(raw_data(), src.raw_data(), nbytes());
@@ -216,10 +237,18 @@ void Tensor::CopyFrom(const Tensor& src) {
                  [&](int64_t di, int64_t si) { std::memcpy(d + di * es, s + si * es, es); });
 }
 
+Tensor Tensor::To(Device to) const {
+  CHECK(defined()) << "To() of an undefined tensor";
+  if (device() == to) return *this;
+  Tensor t = Empty(shape_, dtype_, to);
+  t.CopyFrom(device() == Device::kCPU ? Contiguous() : *this);
+  return t;
+}
+
 Tensor Tensor::Contiguous() const { return is_contiguous() ? *this : Clone(); }
 
 Tensor Tensor::Clone() const {
-  Tensor t = Empty(shape_, dtype_);
+  Tensor t = Empty(shape_, dtype_, device());
   t.CopyFrom(*this);
   return t;
 }
@@ -262,6 +291,12 @@ Tensor Tensor::Cast(DType to) const {
 
 void Tensor::Fill(float value) {
   CHECK(is_contiguous()) << "Fill of a strided tensor";
+  if (device() != Device::kCPU) {  // filled on the host, then copied: not for hot loops
+    Tensor host = Empty(shape_, dtype_);
+    host.Fill(value);
+    CopyFrom(host);
+    return;
+  }
   const int64_t n = numel();
   switch (dtype_) {
     case DType::kF32:
@@ -280,11 +315,13 @@ void Tensor::Fill(float value) {
 
 void Tensor::SetZero() {
   CHECK(is_contiguous()) << "SetZero of a strided tensor";
-  std::memset(raw_data(), 0, nbytes());
+  BackendFor(device())->SetZero(raw_data(), nbytes());
 }
 
 std::string Tensor::ShapeString() const {
-  return defined() ? ShapeToString(shape_) + " " + DTypeName(dtype_) : "[undefined]";
+  if (!defined()) return "[undefined]";
+  return ShapeToString(shape_) + " " + DTypeName(dtype_) +
+         (device() == Device::kCPU ? "" : std::string(" ") + DeviceName(device()));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ constexpr size_t kTensorAlignment = 64;
 // A block of memory. Owning storage frees it when the last Tensor referring to it goes.
 class Storage {
  public:
-  // Allocates `bytes` (64-byte aligned, uninitialised) on the CPU.
-  // When the host cannot give it, ends the job naming `detail` (what is allocated), the
-  // current AllocationLabel and the plan (OutOfHostMemory), exit 1.
-  static std::shared_ptr<Storage> Allocate(size_t bytes, const std::string& detail = "");
+  // Allocates `bytes` (aligned, uninitialised) on `device` through its Backend.
+  // When the device cannot give it, ends the job naming `detail` (what is allocated), the
+  // current AllocationLabel and, on the host, the plan (OutOfHostMemory), exit 1.
+  static std::shared_ptr<Storage> Allocate(size_t bytes, const std::string& detail = "",
+                                           Device device = Device::kCPU);
   // Refers to memory owned elsewhere; the caller keeps it alive while tensors use it.
   static std::shared_ptr<Storage> Borrow(void* data, size_t bytes, Device device);
   ~Storage();
@@ -50,9 +51,9 @@ class Tensor {
  public:
   Tensor() = default;  // undefined: no storage, no shape
 
-  // New owning, contiguous, 64-byte aligned tensors.
-  static Tensor Empty(const Shape& shape, DType dtype = DType::kF32);
-  static Tensor Zeros(const Shape& shape, DType dtype = DType::kF32);
+  // New owning, contiguous, aligned tensors on `device` (its Backend allocates).
+  static Tensor Empty(const Shape& shape, DType dtype = DType::kF32, Device device = Device::kCPU);
+  static Tensor Zeros(const Shape& shape, DType dtype = DType::kF32, Device device = Device::kCPU);
   static Tensor Full(const Shape& shape, float value);  // fp32
   // A contiguous view of external memory; `data` must outlive every use of the view.
   static Tensor Wrap(void* data, const Shape& shape, DType dtype, Device device = Device::kCPU);
@@ -73,12 +74,29 @@ class Tensor {
   // True when this tensor's storage is its own (not borrowed external memory).
   bool owns_storage() const { return storage_ && storage_->owning(); }
 
+  // The first element's address on the tensor's own device (for kernels, copies and
+  // collectives of that device).
   void* raw_data() const;
+  // Typed host access: fails loudly on a tensor that is not in host memory.
   template <typename T>
   T* data() const {
     CHECK(defined()) << "data() of an undefined tensor";
     CHECK(dtype_ == DTypeOf<T>::value)
         << "tensor holds " << DTypeName(dtype_) << ", asked for " << DTypeName(DTypeOf<T>::value);
+    CHECK(device() == Device::kCPU)
+        << "data() of " << ShapeString() << " on " << DeviceName(device())
+        << ": host code cannot read device memory; use device_data() in a kernel of that "
+           "device or copy it with To(Device::kCPU)";
+    return static_cast<T*>(raw_data());
+  }
+  // Typed access for a kernel of `on`: fails loudly when the tensor lives elsewhere.
+  template <typename T>
+  T* device_data(Device on) const {
+    CHECK(defined()) << "device_data() of an undefined tensor";
+    CHECK(dtype_ == DTypeOf<T>::value)
+        << "tensor holds " << DTypeName(dtype_) << ", asked for " << DTypeName(DTypeOf<T>::value);
+    CHECK(device() == on) << "a " << DeviceName(on) << " kernel was given " << ShapeString()
+                          << " on " << DeviceName(device());
     return static_cast<T*>(raw_data());
   }
 
@@ -88,15 +106,20 @@ class Tensor {
   Tensor Transpose(int dim_a, int dim_b) const;             // strided view
 
   // Copies.
-  Tensor Contiguous() const;         // this tensor if already contiguous, else a packed copy
-  Tensor Clone() const;              // always a new owning contiguous copy
-  Tensor Cast(DType dtype) const;    // fp32 <-> bf16 <-> f64 (new owning tensor)
-  void CopyFrom(const Tensor& src);  // same shape and dtype; any strides
+  // A new owning contiguous copy on `device` (this tensor when already there). The only way
+  // bytes cross between host and device, besides CopyFrom.
+  Tensor To(Device device) const;
+  Tensor Contiguous() const;       // this tensor if already contiguous, else a packed copy
+  Tensor Clone() const;            // always a new owning contiguous copy
+  Tensor Cast(DType dtype) const;  // fp32 <-> bf16 <-> f64 (new owning tensor)
+  // Same shape and dtype. Host to host: any strides; across devices or on a device: both
+  // contiguous.
+  void CopyFrom(const Tensor& src);
 
   void Fill(float value);  // fp32, bf16 or f64 tensors
   void SetZero();
 
-  std::string ShapeString() const;  // "[4, 197, 768] F32"
+  std::string ShapeString() const;  // "[4, 197, 768] F32", "[4, 197, 768] BF16 cuda"
 
  private:
   std::shared_ptr<Storage> storage_;

@@ -39,6 +39,17 @@ expect 2 "--shapes: '512by2048' is not DxM" "$moerun" bench gemm --shapes 512by2
 expect 2 "--ops: unknown collective 'gather'" "$moerun" bench comm --ops gather
 expect 0 'world size   1' "$moerun" env
 expect 0 '"world_size":2' "${np2[@]}" "$moerun" env --json
+# Devices: the backends built and the GPUs seen; --device cuda without a GPU is exit 3 on
+# every rank, naming what is missing; an unknown device is a usage error.
+expect 0 '"backends":\["cpu"' "$moerun" env --json
+expect 0 'backends     cpu' "$moerun" env
+if "$moerun" env --json | grep -q '"cuda_devices":0'; then
+  expect 3 'no CUDA device is visible to this process.*or use --device cpu|built without the CUDA backend' \
+    "$moerun" bench moe-layer --device cuda --steps 1
+  expect 3 'no CUDA device is visible|built without the CUDA backend' "${np2[@]}" "$moerun" train --config \
+    "$src/configs/fashion_mnist_demo.pbtxt" --device cuda
+fi
+expect 2 '--device tpu: use cpu or cuda' "$moerun" bench moe-layer --device tpu
 expect 2 "the option '--config' is required" "$moerun" plan
 expect 2 "cannot read config '$tmp/missing.pbtxt'" "$moerun" plan "$tmp/missing.pbtxt"
 expect 0 '"params_total":296895347' "$moerun" plan "$src/configs/vmoe_s32_every2.pbtxt" --json
@@ -85,7 +96,7 @@ fi
 expect 0 '"bpr":1,"capacity_factor":0.5.*"test_accuracy"' "${np2[@]}" "$moerun" eval \
   "$src/configs/tiny_test.pbtxt" --model "$tmp/run/checkpoints" --capacity-factor 0.5,1.0 \
   --bpr 0,1
-expect 2 "train.global_batch 9 does not split over 2 ranks" "${np2[@]}" "$moerun" train \
+expect 2 "train.global_batch 9 does not split over 2 ranks" "${np2[@]}" "$moerun" train --config \
   "$src/configs/tiny_test.pbtxt" -o train.global_batch=9 -o train.out_dir="$tmp/run2"
 expect 1 "install it with: apt-get install dataset-fashion-mnist" "$moerun" train \
   "$src/configs/tiny_test.pbtxt" -o data.dataset=fashion_mnist -o data.dir="$tmp/nowhere" \

@@ -3,9 +3,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "runtime/backend.h"
+#include "runtime/process.h"
 
 namespace moerun {
 namespace {
@@ -67,6 +71,95 @@ TEST(TensorTest, WrapBorrowsExternalMemory) {
 TEST(TensorTest, WrongDtypeAccessDies) {
   Tensor t = Tensor::Empty({2}, DType::kI32);
   EXPECT_DEATH(t.data<float>(), "tensor holds I32");
+}
+
+// --- The device seam -------------------------------------------------------------------
+// A tensor that claims to live on the GPU (the pointer is never dereferenced).
+Tensor FakeCudaTensor(float* backing) {
+  return Tensor::Wrap(backing, {2, 3}, DType::kF32, Device::kCUDA);
+}
+
+TEST(DeviceSeamTest, HostAccessToDeviceMemoryDies) {
+  float backing[6];
+  Tensor t = FakeCudaTensor(backing);
+  EXPECT_EQ(t.device(), Device::kCUDA);
+  EXPECT_EQ(t.ShapeString(), "[2, 3] F32 cuda");
+  EXPECT_DEATH(t.data<float>(), "on cuda: host code cannot read device memory");
+  EXPECT_EQ(t.device_data<float>(Device::kCUDA), backing);
+  Tensor host = Tensor::Zeros({2, 3});
+  EXPECT_DEATH(host.device_data<float>(Device::kCUDA),
+               "a cuda kernel was given \\[2, 3\\] F32 on cpu");
+  EXPECT_EQ(host.device_data<float>(Device::kCPU), host.data<float>());
+  // Strided copies never cross devices implicitly.
+  EXPECT_DEATH(t.CopyFrom(Tensor::Zeros({3, 2}).Transpose(0, 1)), "need contiguous tensors");
+}
+
+TEST(DeviceSeamTest, CpuBackendAllocatesThroughStorageAndCounts) {
+  Backend& cpu = RequireBackend(Device::kCPU);
+  EXPECT_EQ(cpu.device(), Device::kCPU);
+  const size_t before = cpu.allocated_bytes();
+  {
+    Tensor t = Tensor::Zeros({1000}, DType::kF32, Device::kCPU);
+    EXPECT_GE(cpu.allocated_bytes(), before + 4000);
+    EXPECT_GE(cpu.peak_allocated_bytes(), before + 4000);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t.raw_data()) % 64, 0u);
+    for (int i = 0; i < 1000; ++i) ASSERT_EQ(t.data<float>()[i], 0.0f);
+    // To() the device it is on is the tensor itself; Clone() is a copy on the same device.
+    EXPECT_EQ(t.To(Device::kCPU).raw_data(), t.raw_data());
+  }
+  EXPECT_EQ(cpu.allocated_bytes(), before);
+}
+
+TEST(DeviceSeamTest, ParseDeviceNamesWhatIsMissing) {
+  auto cpu = ParseDevice("cpu");
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_EQ(*cpu, Device::kCPU);
+  auto tpu = ParseDevice("tpu");
+  ASSERT_FALSE(tpu.ok());
+  EXPECT_NE(tpu.status().message().find("use cpu or cuda"), std::string::npos);
+  auto cuda = ParseDevice("cuda");
+  if (CudaDeviceCount() > 0) {
+    EXPECT_TRUE(cuda.ok());
+    return;
+  }
+  ASSERT_FALSE(cuda.ok());
+  const std::string& m = cuda.status().message();
+  const bool built =
+      std::find(BuiltBackends().begin(), BuiltBackends().end(), "cuda") != BuiltBackends().end();
+  EXPECT_NE(m.find(built ? "no CUDA device is visible" : "built without the CUDA backend"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("--device cpu"), std::string::npos) << m;
+  EXPECT_EQ(BackendFor(Device::kCUDA), nullptr);
+  EXPECT_DEATH(Tensor::Empty({4}, DType::kF32, Device::kCUDA), "no cuda backend in this process");
+  EXPECT_FALSE(BindCudaDevice(0).ok());
+}
+
+TEST(DeviceSeamTest, LocalRankMustAgreeWithTheLauncher) {
+  ProcessInfo mpi, env;
+  mpi.rank = 5;
+  mpi.host = "node7";
+  mpi.local_rank = 1;
+  mpi.local_size = 4;
+  env.launcher = "single";  // no launcher variables: nothing to compare
+  EXPECT_TRUE(CheckLocalRank(mpi, env).ok());
+  env.launcher = "slurm";
+  env.local_rank = 1;
+  env.local_size = 4;
+  EXPECT_TRUE(CheckLocalRank(mpi, env).ok());
+  env.local_rank = 2;
+  const Status s = CheckLocalRank(mpi, env);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("rank 5: MPI places this rank at local rank 1 of 4 on node7, the "
+                             "launcher (slurm) at 2 of 4"),
+            std::string::npos)
+      << s.message();
+  env.launcher = "mpirun";
+  env.local_rank = 1;
+  env.local_size = 2;  // sizes are not compared (Slurm writes them as "2(x3)")
+  EXPECT_TRUE(CheckLocalRank(mpi, env).ok());
+  env.local_rank = 0;
+  EXPECT_FALSE(CheckLocalRank(mpi, env).ok());
 }
 
 TEST(BF16Test, RoundsToNearestEven) {

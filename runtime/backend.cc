@@ -1,0 +1,111 @@
+// The CPU backend and the registry of backends.
+#include "runtime/backend.h"
+
+#include <glog/logging.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "runtime/cuda_backend.h"
+
+namespace moerun {
+namespace {
+
+constexpr size_t kHostAlignment = 64;
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::kCPU; }
+  std::string Describe() const override { return "cpu"; }
+  void* Allocate(size_t bytes) override {
+    const size_t rounded =
+        (std::max<size_t>(bytes, 1) + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
+    void* p = std::aligned_alloc(kHostAlignment, rounded);
+    if (p != nullptr) {
+      const size_t now = allocated_.fetch_add(rounded) + rounded;
+      size_t peak = peak_.load();
+      while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+      }
+    }
+    return p;
+  }
+  void Free(void* p, size_t bytes) override {
+    if (p == nullptr) return;
+    std::free(p);
+    allocated_.fetch_sub((std::max<size_t>(bytes, 1) + kHostAlignment - 1) / kHostAlignment *
+                         kHostAlignment);
+  }
+  void SetZero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
+  void CopyFromHost(void* dst, const void* src, size_t bytes) override {
+    std::memmove(dst, src, bytes);
+  }
+  void CopyToHost(void* dst, const void* src, size_t bytes) override {
+    std::memmove(dst, src, bytes);
+  }
+  void CopyWithin(void* dst, const void* src, size_t bytes) override {
+    std::memmove(dst, src, bytes);
+  }
+  void Synchronize() override {}
+  void* stream() const override { return nullptr; }
+  size_t allocated_bytes() const override { return allocated_.load(); }
+  size_t peak_allocated_bytes() const override { return peak_.load(); }
+
+ private:
+  std::atomic<size_t> allocated_{0}, peak_{0};
+};
+
+CpuBackend& Cpu() {
+  static CpuBackend* cpu = new CpuBackend();  // never destroyed: tensors may outlive main
+  return *cpu;
+}
+
+}  // namespace
+
+Backend* BackendFor(Device device) {
+  switch (device) {
+    case Device::kCPU:
+      return &Cpu();
+    case Device::kCUDA:
+      return CudaBackendOrNull();
+  }
+  return nullptr;
+}
+
+Backend& RequireBackend(Device device) {
+  Backend* b = BackendFor(device);
+  if (b == nullptr) {
+    auto parsed = ParseDevice(DeviceName(device));
+    LOG(FATAL) << "no " << DeviceName(device) << " backend in this process: "
+               << (parsed.ok() ? std::string("not initialised") : parsed.status().message());
+  }
+  return *b;
+}
+
+std::vector<std::string> BuiltBackends() {
+  std::vector<std::string> v = {"cpu"};
+  if (CudaBackendBuilt()) v.push_back("cuda");
+  return v;
+}
+
+StatusOr<Device> ParseDevice(const std::string& text) {
+  if (text == "cpu") return Device::kCPU;
+  if (text != "cuda") {
+    return Status::Error("unknown device '" + text + "': use cpu or cuda");
+  }
+  if (!CudaBackendBuilt()) {
+    return Status::Error(
+        "device cuda: this moerun was built without the CUDA backend; rebuild with the CUDA "
+        "toolkit present (bash cluster/setup.sh -DMOERUN_CUDA=ON), or use --device cpu");
+  }
+  if (CudaDeviceCount() == 0) {
+    return Status::Error("device cuda: no CUDA device is visible to this process (" +
+                         CudaBackendSummary() +
+                         "); run on a GPU node (check nvidia-smi and CUDA_VISIBLE_DEVICES), "
+                         "or use --device cpu");
+  }
+  return Device::kCUDA;
+}
+
+}  // namespace moerun

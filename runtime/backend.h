@@ -1,0 +1,68 @@
+// Device backends: where a tensor's memory lives and how bytes move to, from and within it.
+// One backend per Device kind, in the spirit of ggml's backend vtable: the CPU backend is
+// always there (64-byte aligned host memory); the CUDA backend exists when moerun was built
+// with the CUDA toolkit (MOERUN_WITH_CUDA) and a GPU is visible. Storage allocates through
+// the backend of its device; Tensor::To and CopyFrom copy between devices explicitly.
+#ifndef MOERUN_RUNTIME_BACKEND_H_
+#define MOERUN_RUNTIME_BACKEND_H_
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "runtime/dtype.h"
+#include "runtime/status.h"
+
+namespace moerun {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  // "cpu", "cuda:0 (NVIDIA H200, 139.8 GiB)"
+  virtual std::string Describe() const = 0;
+
+  // Uninitialised, 64-byte aligned (CUDA: 256); nullptr when the device has no room.
+  virtual void* Allocate(size_t bytes) = 0;
+  // `bytes` as passed to Allocate.
+  virtual void Free(void* p, size_t bytes) = 0;
+  virtual void SetZero(void* p, size_t bytes) = 0;
+  // Copies on this backend's stream; CopyToHost returns when the bytes are on the host.
+  virtual void CopyFromHost(void* device_dst, const void* host_src, size_t bytes) = 0;
+  virtual void CopyToHost(void* host_dst, const void* device_src, size_t bytes) = 0;
+  virtual void CopyWithin(void* dst, const void* src, size_t bytes) = 0;
+  // Waits for all work queued on this backend's stream.
+  virtual void Synchronize() = 0;
+  // The stream work on this device is ordered on (cudaStream_t for CUDA, nullptr for CPU).
+  virtual void* stream() const = 0;
+  // Bytes allocated and not yet freed, and the high-water mark, through this backend.
+  virtual size_t allocated_bytes() const = 0;
+  virtual size_t peak_allocated_bytes() const = 0;
+};
+
+// The backend of `device`; nullptr when it was not built or no such device is visible.
+Backend* BackendFor(Device device);
+// Like BackendFor, but ends the job (LOG(FATAL)) naming why the device is unavailable.
+Backend& RequireBackend(Device device);
+
+// Backends compiled into this binary ("cpu", "cuda"); CUDA devices this process sees (0 when
+// CUDA was not built, or when cudaGetDeviceCount fails: no driver, no GPU).
+std::vector<std::string> BuiltBackends();
+int CudaDeviceCount();
+// "built (CUDA runtime 13.0), 0 device(s)" or "not built (...)".
+std::string CudaBackendSummary();
+// The GPU local rank `local_rank` binds to (local_rank % devices): "cuda:1 (NVIDIA H200,
+// 139 GiB, sm_90)"; empty when there is none.
+std::string CudaDeviceDescription(int local_rank);
+
+// Parses a --device / train.device value: "cpu" or "cuda". Checks that the device can be
+// used here: "cuda" needs the CUDA backend built and at least one visible GPU; the error
+// names what is missing and what to do instead (callers exit 3, kExitUnavailable).
+StatusOr<Device> ParseDevice(const std::string& text);
+// Selects the GPU of this local rank (local_rank % devices) for this process's CUDA
+// backend; call once before the first CUDA allocation. Errors when CUDA is unavailable.
+Status BindCudaDevice(int local_rank);
+
+}  // namespace moerun
+
+#endif  // MOERUN_RUNTIME_BACKEND_H_

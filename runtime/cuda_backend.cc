@@ -1,0 +1,168 @@
+// The CUDA backend: device memory from the stream-ordered allocator (cudaMallocAsync on the
+// device's default memory pool, kept cached: the pool's release threshold is raised so freed
+// blocks are reused instead of returned to the driver), copies on one non-blocking stream.
+#include "runtime/cuda_backend.h"
+
+#include <glog/logging.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <string>
+
+#include "runtime/backend.h"
+
+#ifdef MOERUN_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#endif
+
+namespace moerun {
+
+#ifdef MOERUN_WITH_CUDA
+namespace {
+
+#define MOERUN_CUDA_CHECK(call)                                                          \
+  do {                                                                                   \
+    const cudaError_t err_ = (call);                                                     \
+    CHECK(err_ == cudaSuccess) << #call << " failed: " << cudaGetErrorName(err_) << " (" \
+                               << cudaGetErrorString(err_) << ")";                       \
+  } while (0)
+
+std::atomic<int> bound_device{-1};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    MOERUN_CUDA_CHECK(cudaSetDevice(device_));
+    MOERUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    cudaMemPool_t pool;
+    MOERUN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
+    uint64_t keep = UINT64_MAX;  // a caching pool: never hand freed memory back mid-run
+    MOERUN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    description_ = DescribeDevice(device_);
+  }
+  static std::string DescribeDevice(int device) {
+    cudaDeviceProp prop;
+    MOERUN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    return "cuda:" + std::to_string(device) + " (" + prop.name + ", " +
+           std::to_string(prop.totalGlobalMem >> 30) + " GiB, sm_" + std::to_string(prop.major) +
+           std::to_string(prop.minor) + ")";
+  }
+  Device device() const override { return Device::kCUDA; }
+  std::string Describe() const override { return description_; }
+  void* Allocate(size_t bytes) override {
+    void* p = nullptr;
+    if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky error: out of memory is reported by the caller
+      return nullptr;
+    }
+    const size_t now = allocated_.fetch_add(bytes) + bytes;
+    size_t peak = peak_.load();
+    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+    }
+    return p;
+  }
+  void Free(void* p, size_t bytes) override {
+    if (p == nullptr) return;
+    MOERUN_CUDA_CHECK(cudaFreeAsync(p, stream_));
+    allocated_.fetch_sub(bytes);
+  }
+  void SetZero(void* p, size_t bytes) override {
+    MOERUN_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+  }
+  void CopyFromHost(void* dst, const void* src, size_t bytes) override {
+    MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    // The host buffer may be pageable and reused at once: wait for the copy.
+    MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void CopyToHost(void* dst, const void* src, size_t bytes) override {
+    MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void CopyWithin(void* dst, const void* src, size_t bytes) override {
+    MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+  void Synchronize() override { MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void* stream() const override { return stream_; }
+  size_t allocated_bytes() const override { return allocated_.load(); }
+  size_t peak_allocated_bytes() const override { return peak_.load(); }
+
+ private:
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  std::string description_;
+  std::atomic<size_t> allocated_{0}, peak_{0};
+};
+
+}  // namespace
+
+bool CudaBackendBuilt() { return true; }
+
+int CudaDeviceCount() {
+  int n = 0;
+  // Without a GPU (or driver) this returns an error: that is zero devices, not a failure.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  return n;
+}
+
+std::string CudaBackendSummary() {
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  return "built (CUDA runtime " + std::to_string(runtime / 1000) + "." +
+         std::to_string(runtime % 1000 / 10) + "), " + std::to_string(CudaDeviceCount()) +
+         " device(s)";
+}
+
+std::string CudaDeviceDescription(int local_rank) {
+  const int n = CudaDeviceCount();
+  return n == 0 ? std::string() : CudaBackend::DescribeDevice(local_rank % n);
+}
+
+Status BindCudaDevice(int local_rank) {
+  const int n = CudaDeviceCount();
+  if (n == 0) return Status::Error("no CUDA device is visible to this process");
+  const int device = local_rank % n;
+  int expected = -1;
+  if (!bound_device.compare_exchange_strong(expected, device) && expected != device) {
+    return Status::Error("the CUDA backend is already bound to device " + std::to_string(expected));
+  }
+  if (cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return Status::Error("cudaSetDevice(" + std::to_string(device) + ") failed");
+  }
+  return Status::Ok();
+}
+
+Backend* CudaBackendOrNull() {
+  static std::once_flag once;
+  static CudaBackend* backend = nullptr;
+  std::call_once(once, [] {
+    if (CudaDeviceCount() == 0) return;
+    int device = bound_device.load();
+    if (device < 0) device = 0;
+    backend = new CudaBackend(device);  // never destroyed: tensors may outlive main
+  });
+  return backend;
+}
+
+#else  // !MOERUN_WITH_CUDA
+
+bool CudaBackendBuilt() { return false; }
+int CudaDeviceCount() { return 0; }
+std::string CudaBackendSummary() {
+  return "not built (configure with the CUDA toolkit present, MOERUN_CUDA=AUTO/ON)";
+}
+std::string CudaDeviceDescription(int) { return ""; }
+Status BindCudaDevice(int) {
+  return Status::Error("this moerun was built without the CUDA backend");
+}
+Backend* CudaBackendOrNull() { return nullptr; }
+
+#endif
+
+}  // namespace moerun
