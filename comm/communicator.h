@@ -30,6 +30,19 @@ class Communicator {
   // A name for messages: "world", "expert_parallel", ...
   virtual const std::string& name() const = 0;
 
+  // Ordering. Host backends (MPI, loopback) complete every collective before returning;
+  // their buffers are host memory. A device backend (NCCL) takes buffers in its device's
+  // memory and only queues each collective on its stream: later work on that stream sees
+  // the result, the host sees it after Synchronize(). Code written for both calls
+  // Synchronize() before the host reads a received buffer.
+  virtual Device device() const { return Device::kCPU; }
+  // The stream collectives are queued on (cudaStream_t), nullptr for host backends.
+  virtual void* stream() const { return nullptr; }
+  virtual void SetStream(void* stream) {}
+  // Waits until every queued collective has completed; never hangs silently (the watchdog
+  // timeout applies).
+  virtual void Synchronize() {}
+
   // Rank r sends send_counts[p] elements starting at send + send_displs[p] to each peer p,
   // and receives recv_counts[p] elements from p at recv + recv_displs[p]. Any count may
   // be zero; recv_counts[p] must equal what p sends to this rank. Vectors have size().

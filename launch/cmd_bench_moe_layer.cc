@@ -4,9 +4,12 @@
 #include <mpi.h>
 
 #include <cmath>
+#include <cstdio>
+#include <filesystem>
 #include <random>
 #include <sstream>
 
+#include "launch/bench_moe_layer.h"
 #include "launch/commands.h"
 #include "model/moe_layer.h"
 #include "runtime/kernels.h"
@@ -43,8 +46,44 @@ double RawAllToAllGbps(int64_t floats_per_peer, int p, int iters) {
 
 }  // namespace
 
+#ifndef MOERUN_WITH_CUDA_KERNELS
+bool CudaMoeBenchBuilt() { return false; }
+int RunBenchMoeLayerCuda(const MoeLayerBenchSpec&, Session&) {
+  PrintError("moerun bench moe-layer",
+             "--device cuda: this moerun was built without the CUDA kernels (nvcc was not found "
+             "at configure time); use --device cpu");
+  return kExitUnavailable;
+}
+#endif
+
+std::string RunTorchPeer(const MoeLayerBenchSpec& spec, int64_t d, int64_t m, int64_t e,
+                         int64_t capacity) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  const fs::path script = self.parent_path().parent_path() / "launch" / "moe_layer_torch.py";
+  if (ec || !fs::exists(script)) return "";
+  const char* py = std::getenv("MOERUN_PYTHON");
+  const std::string cmd =
+      std::string(py != nullptr ? py : "python3") + " '" + script.string() + "' --tokens " +
+      std::to_string(spec.tokens) + " --d " + std::to_string(d) + " --m " + std::to_string(m) +
+      " --e " + std::to_string(e) + " --k " + std::to_string(spec.k) + " --capacity " +
+      std::to_string(capacity) + " --steps " + std::to_string(std::max(spec.steps, 3)) + " 2>&1";
+  std::string out;
+  if (FILE* f = popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
+    if (pclose(f) != 0) {
+      out = nlohmann::json({{"bench", "moe-layer-torch"}, {"failed", out}}).dump() + "\n";
+    }
+  }
+  return out;
+}
+
 int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
+  global.cuda_supported = true;
   std::string shapes_text, experts_text, bpr_text;
   int64_t tokens = 4096;
   int k = 2, steps = 3;
@@ -106,6 +145,17 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);
+  if (session.device() == Device::kCUDA) {
+    MoeLayerBenchSpec spec;
+    spec.tokens = tokens;
+    spec.shapes = *shapes;
+    spec.experts = *experts;
+    spec.bprs = bprs;
+    spec.k = k;
+    spec.steps = steps;
+    spec.capacity_factor = capacity_factor;
+    return RunBenchMoeLayerCuda(spec, session);
+  }
   Communicator& world = session.world();
   const double peak = MeasureGemmPeakGflops({1024, 2048}, 0.3);
   for (const auto& [shape_d, shape_m] : *shapes) {

@@ -1,0 +1,220 @@
+// The NCCL Communicator (see nccl_communicator.h).
+#include "comm/nccl_communicator.h"
+
+#include <glog/logging.h>
+
+#include "runtime/backend.h"
+#include "runtime/process.h"
+
+#ifdef MOERUN_WITH_NCCL
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <thread>
+#endif
+
+namespace moerun {
+
+#ifdef MOERUN_WITH_NCCL
+namespace {
+
+ncclDataType_t ToNcclType(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return ncclFloat32;
+    case DType::kBF16:
+      return ncclBfloat16;
+    case DType::kF64:
+      return ncclFloat64;
+    case DType::kI32:
+      return ncclInt32;
+    case DType::kI64:
+      return ncclInt64;
+    case DType::kU8:
+      return ncclUint8;
+  }
+  return ncclUint8;
+}
+
+ncclRedOp_t ToNcclOp(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
+  }
+  return ncclSum;
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(std::unique_ptr<Communicator> mpi, ncclComm_t comm, cudaStream_t stream,
+                   std::string name, double timeout_s)
+      : mpi_(std::move(mpi)),
+        comm_(comm),
+        stream_(stream),
+        name_(std::move(name)),
+        timeout_s_(timeout_s) {}
+  ~NcclCommunicator() override {
+    if (comm_ != nullptr) ncclCommDestroy(comm_);
+  }
+
+  int rank() const override { return mpi_->rank(); }
+  int size() const override { return mpi_->size(); }
+  const std::string& name() const override { return name_; }
+  Device device() const override { return Device::kCUDA; }
+  void* stream() const override { return stream_; }
+  void SetStream(void* stream) override { stream_ = static_cast<cudaStream_t>(stream); }
+
+  void AllToAllV(const void* send, const std::vector<int64_t>& send_counts,
+                 const std::vector<int64_t>& send_displs, void* recv,
+                 const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
+                 DType dtype) override {
+    const int p = size();
+    CHECK(static_cast<int>(send_counts.size()) == p && static_cast<int>(send_displs.size()) == p &&
+          static_cast<int>(recv_counts.size()) == p && static_cast<int>(recv_displs.size()) == p)
+        << "all_to_all_v on '" << name_ << "' needs " << p << " counts and displacements";
+    const size_t es = DTypeSize(dtype);
+    const ncclDataType_t type = ToNcclType(dtype);
+    // One group of point-to-point calls: NCCL schedules them together, no deadlock whatever
+    // the order (the all-to-all of NCCL's own examples and of DeepSpeed / Tutel).
+    Check(ncclGroupStart(), "ncclGroupStart");
+    for (int peer = 0; peer < p; ++peer) {
+      if (send_counts[peer] > 0) {
+        Check(ncclSend(static_cast<const char*>(send) + send_displs[peer] * es,
+                       static_cast<size_t>(send_counts[peer]), type, peer, comm_, stream_),
+              "ncclSend");
+      }
+      if (recv_counts[peer] > 0) {
+        Check(ncclRecv(static_cast<char*>(recv) + recv_displs[peer] * es,
+                       static_cast<size_t>(recv_counts[peer]), type, peer, comm_, stream_),
+              "ncclRecv");
+      }
+    }
+    Check(ncclGroupEnd(), "ncclGroupEnd (all_to_all_v)");
+  }
+  void AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) override {
+    Check(ncclAllReduce(buffer, buffer, static_cast<size_t>(count), ToNcclType(dtype), ToNcclOp(op),
+                        comm_, stream_),
+          "ncclAllReduce");
+  }
+  void Broadcast(void* buffer, int64_t count, DType dtype, int root) override {
+    Check(ncclBroadcast(buffer, buffer, static_cast<size_t>(count), ToNcclType(dtype), root, comm_,
+                        stream_),
+          "ncclBroadcast");
+  }
+  void AllGather(const void* send, int64_t count, void* recv, DType dtype) override {
+    Check(ncclAllGather(send, recv, static_cast<size_t>(count), ToNcclType(dtype), comm_, stream_),
+          "ncclAllGather");
+  }
+  void Barrier() override {
+    Synchronize();
+    mpi_->Barrier();
+  }
+  std::unique_ptr<Communicator> Split(int color, int key, const std::string& name) override {
+    Synchronize();
+    std::unique_ptr<Communicator> sub = mpi_->Split(color, key, name);
+    auto* sub_mpi = dynamic_cast<MpiCommunicator*>(sub.get());
+    CHECK(sub_mpi != nullptr) << "NCCL split of '" << name_ << "': bootstrap is not MPI";
+    auto nccl = CreateNcclCommunicator(*sub_mpi, name, stream_, timeout_s_);
+    CHECK(nccl.ok()) << nccl.status().message();
+    return std::move(*nccl);
+  }
+
+  // Polls the stream instead of blocking in cudaStreamSynchronize, so that a peer's failure
+  // (NCCL's asynchronous error) or a peer that never comes (the timeout) ends the job.
+  void Synchronize() override {
+    const auto start = std::chrono::steady_clock::now();
+    int spins = 0;
+    while (true) {
+      const cudaError_t q = cudaStreamQuery(stream_);
+      if (q == cudaSuccess) return;
+      CHECK(q == cudaErrorNotReady) << RankTag() << ": CUDA error while waiting for NCCL on '"
+                                    << name_ << "': " << cudaGetErrorString(q);
+      ncclResult_t async = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &async);
+      if (async != ncclSuccess && async != ncclInProgress) {
+        ncclCommAbort(comm_);
+        comm_ = nullptr;
+        LOG(FATAL) << RankTag() << ": NCCL failed on communicator '" << name_
+                   << "': " << ncclGetErrorString(async);
+      }
+      const double waited =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (timeout_s_ > 0 && waited > timeout_s_) {
+        ncclCommAbort(comm_);
+        comm_ = nullptr;
+        LOG(FATAL) << RankTag() << ": NCCL collectives on '" << name_ << "' (" << size()
+                   << " ranks) made no progress for " << waited
+                   << " s: a peer rank failed or never reached the same collective "
+                      "(--watchdog-timeout)";
+      }
+      if (++spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+ private:
+  void Check(ncclResult_t r, const char* call) {
+    CHECK(r == ncclSuccess || r == ncclInProgress)
+        << RankTag() << ": " << call << " on '" << name_ << "' failed: " << ncclGetErrorString(r)
+        << (r == ncclSystemError || r == ncclRemoteError ? " (a peer or the network failed)" : "");
+  }
+
+  std::unique_ptr<Communicator> mpi_;
+  ncclComm_t comm_;
+  cudaStream_t stream_;
+  std::string name_;
+  double timeout_s_;
+};
+
+}  // namespace
+
+bool NcclBuilt() { return true; }
+
+StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunicator& bootstrap,
+                                                               std::string name, void* stream,
+                                                               double watchdog_timeout_s) {
+  Backend* cuda = BackendFor(Device::kCUDA);
+  if (cuda == nullptr) {
+    return Status::Error("NCCL communicator '" + name + "': " + RankTag() +
+                         " has no CUDA device (" + CudaBackendSummary() + ")");
+  }
+  MPI_Comm dup;
+  MOERUN_MPI_CHECK(MPI_Comm_dup(bootstrap.mpi_comm(), &dup));
+  MOERUN_MPI_CHECK(MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN));
+  auto mpi = std::make_unique<MpiCommunicator>(dup, name + "/bootstrap");
+  ncclUniqueId id;
+  if (mpi->rank() == 0) {
+    const ncclResult_t r = ncclGetUniqueId(&id);
+    CHECK(r == ncclSuccess) << RankTag() << ": ncclGetUniqueId: " << ncclGetErrorString(r);
+  }
+  mpi->Broadcast(&id, sizeof(id), DType::kU8, 0);
+  ncclComm_t comm = nullptr;
+  const ncclResult_t r = ncclCommInitRank(&comm, mpi->size(), id, mpi->rank());
+  if (r != ncclSuccess) {
+    return Status::Error(RankTag() + ": ncclCommInitRank for '" + name +
+                         "' failed: " + ncclGetErrorString(r) +
+                         " (one GPU per rank: check CUDA_VISIBLE_DEVICES and ranks per node)");
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream != nullptr ? stream : cuda->stream());
+  return std::unique_ptr<Communicator>(
+      new NcclCommunicator(std::move(mpi), comm, s, std::move(name), watchdog_timeout_s));
+}
+
+#else  // !MOERUN_WITH_NCCL
+
+bool NcclBuilt() { return false; }
+
+StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunicator&,
+                                                               std::string name, void*, double) {
+  return Status::Error("NCCL communicator '" + name +
+                       "': this moerun was built without NCCL (needs the CUDA toolkit and NCCL "
+                       "at configure time)");
+}
+
+#endif
+
+}  // namespace moerun

@@ -1,0 +1,36 @@
+// The NCCL backend of the Communicator: collectives between GPUs, bootstrapped over MPI
+// (rank 0's ncclUniqueId is broadcast on the MPI communicator), one GPU per rank (the
+// Session binds each local rank to its GPU first). Built when CMake finds NCCL
+// (MOERUN_WITH_NCCL); runs only where every rank has a GPU.
+//
+// Buffers are device memory of the rank's GPU. Collectives are queued on the
+// communicator's stream and return at once (see Communicator's ordering notes);
+// Synchronize() waits for them while polling NCCL's asynchronous error and the watchdog
+// timeout, so a peer that fails or never arrives ends the job with a message naming this
+// rank, the collective and the communicator instead of hanging.
+#ifndef MOERUN_COMM_NCCL_COMMUNICATOR_H_
+#define MOERUN_COMM_NCCL_COMMUNICATOR_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/mpi_communicator.h"
+
+namespace moerun {
+
+// True when this binary was built with NCCL.
+bool NcclBuilt();
+
+// Creates an NCCL communicator over the ranks of `bootstrap` (collective over it), ordered
+// on `stream` (a cudaStream_t; nullptr: the CUDA backend's stream). The MPI communicator
+// is duplicated and kept for Split. Fails when NCCL was not built or this rank has no GPU.
+StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunicator& bootstrap,
+                                                               std::string name,
+                                                               void* stream = nullptr,
+                                                               double watchdog_timeout_s = 300);
+
+}  // namespace moerun
+
+#endif  // MOERUN_COMM_NCCL_COMMUNICATOR_H_

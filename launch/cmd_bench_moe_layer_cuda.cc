@@ -1,0 +1,221 @@
+// moerun bench moe-layer --device cuda: one MoE layer on this rank's GPU. Routing (top-k,
+// vanilla/BPR slots, rows), pack, bf16 cast, the expert MLP's cuBLAS GEMMs forward and
+// backward, and combine, each timed with CUDA events; expert GEMM TFLOP/s beside the bf16
+// cuBLAS peak measured in the same run (a large square GEMM), and, when PyTorch with CUDA
+// is importable, a PyTorch index-dispatch layer of the same shape on the same GPU.
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+#include "launch/bench_moe_layer.h"
+#include "launch/commands.h"
+#include "model/expert_kernels_cuda.h"
+#include "model/moe_experts_cuda.h"
+#include "model/moe_plan.h"
+#include "model/routing_cuda.h"
+#include "runtime/backend.h"
+
+namespace moerun {
+namespace {
+
+class EventTimer {
+ public:
+  explicit EventTimer(cudaStream_t s) : s_(s) {
+    cudaEventCreate(&a_);
+    cudaEventCreate(&b_);
+  }
+  ~EventTimer() {
+    cudaEventDestroy(a_);
+    cudaEventDestroy(b_);
+  }
+  void Start() { cudaEventRecord(a_, s_); }
+  // Milliseconds since Start (waits for the stream).
+  double Stop() {
+    cudaEventRecord(b_, s_);
+    cudaEventSynchronize(b_);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a_, b_);
+    return ms;
+  }
+
+ private:
+  cudaStream_t s_;
+  cudaEvent_t a_, b_;
+};
+
+// bf16 GEMM TFLOP/s of cuBLAS at n x n x n (fp32 accumulation), the limit beside which the
+// expert GEMMs are reported.
+double CublasPeakTflops(cudaStream_t stream, int64_t n) {
+  Tensor a = Tensor::Zeros({n, n}, DType::kBF16, Device::kCUDA);
+  Tensor b = Tensor::Zeros({n, n}, DType::kBF16, Device::kCUDA);
+  Tensor c = Tensor::Zeros({n, n}, DType::kF32, Device::kCUDA);
+  a.Fill(0.5f);
+  b.Fill(0.25f);
+  cublasHandle_t h;
+  cublasCreate(&h);
+  cublasSetStream(h, stream);
+  const float alpha = 1, beta = 0;
+  auto gemm = [&] {
+    cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(n),
+                 static_cast<int>(n), &alpha, a.raw_data(), CUDA_R_16BF, static_cast<int>(n),
+                 b.raw_data(), CUDA_R_16BF, static_cast<int>(n), &beta, c.raw_data(), CUDA_R_32F,
+                 static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  };
+  for (int i = 0; i < 3; ++i) gemm();
+  EventTimer t(stream);
+  const int iters = 10;
+  t.Start();
+  for (int i = 0; i < iters; ++i) gemm();
+  const double ms = t.Stop();
+  cublasDestroy(h);
+  return 2.0 * n * n * n * iters / (ms * 1e-3) / 1e12;
+}
+
+void FillNormalHost(Tensor* t, float scale, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  float* p = t->data<float>();
+  for (int64_t i = 0; i < t->numel(); ++i) p[i] = scale * n01(rng);
+}
+
+}  // namespace
+
+bool CudaMoeBenchBuilt() { return true; }
+
+int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
+  if (session.size() != 1) {
+    PrintError("moerun bench moe-layer",
+               "--device cuda runs one rank (one GPU) in this version; run it without mpirun "
+               "or with -np 1");
+    return kExitUnavailable;
+  }
+  Backend& cuda = RequireBackend(Device::kCUDA);
+  auto stream = static_cast<cudaStream_t>(cuda.stream());
+  const double peak = CublasPeakTflops(stream, 8192);
+  const int64_t t = spec.tokens;
+  for (const auto& [d, m] : spec.shapes) {
+    for (int64_t e : spec.experts) {
+      for (bool bpr : spec.bprs) {
+        CapacityRule rule;
+        rule.capacity_factor = spec.capacity_factor;
+        rule.bpr = bpr;
+        int64_t group = 0;
+        auto cap_or = CheckGroupsAndCapacity(rule, t, static_cast<int>(e), spec.k, &group);
+        if (!cap_or.ok()) {
+          PrintError("moerun bench moe-layer", cap_or.status().message());
+          return kExitUsage;
+        }
+        const int64_t cap = *cap_or, k = spec.k;
+        // Inputs on the device: gates (a softmax-like positive table), tokens, gradients.
+        Tensor gates_h = Tensor::Empty({t, e}), x_h = Tensor::Empty({t, d});
+        FillNormalHost(&gates_h, 1.0f, 1);
+        for (int64_t i = 0; i < gates_h.numel(); ++i) {
+          gates_h.data<float>()[i] = std::fabs(gates_h.data<float>()[i]) / e;
+        }
+        FillNormalHost(&x_h, 1.0f, 2);
+        Tensor gates = gates_h.To(Device::kCUDA), x = x_h.To(Device::kCUDA);
+        Tensor idx = Tensor::Empty({t, k}, DType::kI32, Device::kCUDA);
+        Tensor w = Tensor::Empty({t, k}, DType::kF32, Device::kCUDA);
+        Tensor slot = Tensor::Empty({t, k}, DType::kI32, Device::kCUDA);
+        Tensor row = Tensor::Empty({t, k}, DType::kI32, Device::kCUDA);
+        Tensor load = Tensor::Empty({e}, DType::kI32, Device::kCUDA);
+        Tensor packed = Tensor::Empty({e, cap, d}, DType::kF32, Device::kCUDA);
+        Tensor packed_bf16 = Tensor::Empty({e, cap, d}, DType::kBF16, Device::kCUDA);
+        Tensor y = Tensor::Empty({t, d}, DType::kF32, Device::kCUDA);
+        Tensor dy = Tensor::Empty({e, cap, d}, DType::kF32, Device::kCUDA);
+        dy.Fill(0.01f);
+        CudaRoutingScratch scratch;
+        CudaExpertMlp experts(e, d, m, /*gelu_tanh=*/true);
+        ExpertMlpParams host;
+        host.fc1_weight = Tensor::Empty({e, m, d});
+        host.fc1_bias = Tensor::Zeros({e, m});
+        host.fc2_weight = Tensor::Empty({e, d, m});
+        host.fc2_bias = Tensor::Zeros({e, d});
+        FillNormalHost(&host.fc1_weight, 1.0f / std::sqrt(static_cast<float>(d)), 3);
+        FillNormalHost(&host.fc2_weight, 1.0f / std::sqrt(static_cast<float>(m)), 4);
+        experts.LoadParams(host);
+        Tensor out, d_in;
+        EventTimer timer(stream);
+        double routing_ms = 0, pack_ms = 0, expert_ms = 0, bwd_expert_ms = 0, combine_ms = 0;
+        auto step = [&](bool timed) {
+          timer.Start();
+          CudaTopK(gates.device_data<float>(Device::kCUDA), t, static_cast<int>(e),
+                   static_cast<int>(k), idx.device_data<int32_t>(Device::kCUDA),
+                   w.device_data<float>(Device::kCUDA));
+          CudaAssignSlots(idx.device_data<int32_t>(Device::kCUDA),
+                          w.device_data<float>(Device::kCUDA), t, static_cast<int>(e),
+                          static_cast<int>(k), bpr, slot.device_data<int32_t>(Device::kCUDA),
+                          load.device_data<int32_t>(Device::kCUDA), nullptr, &scratch);
+          CudaPlanRows(idx.device_data<int32_t>(Device::kCUDA),
+                       slot.device_data<int32_t>(Device::kCUDA), t, k, group, cap, cap,
+                       row.device_data<int32_t>(Device::kCUDA));
+          const double r_ms = timer.Stop();
+          timer.Start();
+          packed.SetZero();
+          CudaPackRows(row.device_data<int32_t>(Device::kCUDA), x.device_data<float>(Device::kCUDA),
+                       t, k, d, packed.device_data<float>(Device::kCUDA));
+          CudaCastToBF16(packed.device_data<float>(Device::kCUDA),
+                         reinterpret_cast<uint16_t*>(packed_bf16.device_data<BF16>(Device::kCUDA)),
+                         packed.numel(), stream);
+          const double p_ms = timer.Stop();
+          timer.Start();
+          experts.Forward(packed_bf16, &out);
+          const double e_ms = timer.Stop();
+          timer.Start();
+          CudaGatherKeptRows(
+              out.device_data<float>(Device::kCUDA), row.device_data<int32_t>(Device::kCUDA),
+              w.device_data<float>(Device::kCUDA), t, k, d, y.device_data<float>(Device::kCUDA));
+          const double c_ms = timer.Stop();
+          timer.Start();
+          experts.Backward(dy, &d_in);
+          const double b_ms = timer.Stop();
+          if (!timed) return;
+          routing_ms += r_ms;
+          pack_ms += p_ms;
+          expert_ms += e_ms;
+          combine_ms += c_ms;
+          bwd_expert_ms += b_ms;
+        };
+        step(false);
+        for (int i = 0; i < spec.steps; ++i) step(true);
+        const double n = spec.steps;
+        const double step_ms = (routing_ms + pack_ms + expert_ms + combine_ms + bwd_expert_ms) / n;
+        const double gemm_tflops =
+            experts.FlopsPerStep(cap) / ((expert_ms + bwd_expert_ms) / n * 1e-3) / 1e12;
+        nlohmann::json line = {{"bench", "moe-layer"},
+                               {"device", cuda.Describe()},
+                               {"d", d},
+                               {"m", m},
+                               {"e", e},
+                               {"k", k},
+                               {"bpr", bpr},
+                               {"capacity", cap},
+                               {"tokens_per_rank", t},
+                               {"precision", "bf16 GEMMs, fp32 accumulation and master weights"},
+                               {"step_ms", step_ms},
+                               {"tokens_per_s", t / (step_ms * 1e-3)},
+                               {"expert_gemm_tflops", gemm_tflops},
+                               {"cublas_bf16_peak_tflops", peak},
+                               {"expert_gemm_fraction_of_peak", gemm_tflops / peak},
+                               {"ms",
+                                {{"routing", routing_ms / n},
+                                 {"pack", pack_ms / n},
+                                 {"expert", expert_ms / n},
+                                 {"combine", combine_ms / n},
+                                 {"bwd_expert", bwd_expert_ms / n}}},
+                               {"note",
+                                "router GEMM, combine backward and router backward are not "
+                                "in this layer's GPU path yet"}};
+        PrintJsonLine(line);
+        const std::string torch = RunTorchPeer(spec, d, m, e, cap);
+        if (!torch.empty()) std::printf("%s", torch.c_str());
+      }
+    }
+  }
+  return kExitOk;
+}
+
+}  // namespace moerun

@@ -1,0 +1,174 @@
+// The CUDA backend on a GPU: device tensors and copies, the cuBLAS bf16 expert MLP against
+// the CPU ExpertMlp, its grouped (dropless) forward against the fixed-capacity one, and the
+// NCCL communicator (one rank: NCCL refuses two ranks on one GPU). Runs under mpirun;
+// without a GPU every test prints "skipped: no GPU" and is skipped.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+#include "comm/mpi_communicator.h"
+#include "comm/nccl_communicator.h"
+#include "model/moe_dispatch.h"
+#include "model/moe_experts.h"
+#include "model/moe_experts_cuda.h"
+#include "runtime/backend.h"
+#include "runtime/tensor.h"
+#include "tests/mpi_test_main.h"
+
+namespace moerun {
+namespace {
+
+#define SKIP_WITHOUT_GPU()             \
+  if (CudaDeviceCount() == 0) {        \
+    std::printf("skipped: no GPU\n");  \
+    GTEST_SKIP() << "skipped: no GPU"; \
+  }
+
+// Values exactly representable in bf16, so host and device see the same inputs.
+void FillBF16Exact(Tensor* t, float scale, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  float* p = t->data<float>();
+  for (int64_t i = 0; i < t->numel(); ++i) p[i] = BF16ToFloat(FloatToBF16(scale * n01(rng)));
+}
+
+// max |a - b| / max |b|
+double RelativeError(const Tensor& a, const Tensor& b) {
+  const float* x = a.data<float>();
+  const float* y = b.data<float>();
+  double worst = 0, scale = 1e-30;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::fabs(x[i] - y[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(y[i])));
+  }
+  return worst / scale;
+}
+
+TEST(CudaBackend, TensorsRoundTripThroughTheDevice) {
+  SKIP_WITHOUT_GPU();
+  Backend& cuda = RequireBackend(Device::kCUDA);
+  const size_t before = cuda.allocated_bytes();
+  Tensor host = Tensor::Empty({3, 5});
+  for (int i = 0; i < 15; ++i) host.data<float>()[i] = 0.5f * i - 3;
+  Tensor dev = host.To(Device::kCUDA);
+  EXPECT_EQ(dev.device(), Device::kCUDA);
+  EXPECT_GE(cuda.allocated_bytes(), before + 60);
+  EXPECT_DEATH(dev.data<float>(), "host code cannot read device memory");
+  Tensor back = dev.Clone().To(Device::kCPU);
+  for (int i = 0; i < 15; ++i) EXPECT_EQ(back.data<float>()[i], 0.5f * i - 3);
+  dev.Fill(2.5f);
+  back = dev.To(Device::kCPU);
+  for (int i = 0; i < 15; ++i) EXPECT_EQ(back.data<float>()[i], 2.5f);
+  dev.SetZero();
+  back = dev.To(Device::kCPU);
+  for (int i = 0; i < 15; ++i) EXPECT_EQ(back.data<float>()[i], 0.0f);
+}
+
+struct ExpertCase {
+  int64_t el, r, d, m;
+  bool gelu_tanh;
+};
+
+TEST(CudaExperts, ForwardAndBackwardMatchTheCpuExpertsUpToBF16) {
+  SKIP_WITHOUT_GPU();
+  for (const ExpertCase& c : {ExpertCase{2, 48, 64, 256, false}, ExpertCase{4, 130, 96, 384, true},
+                              ExpertCase{1, 8, 512, 2048, true}}) {
+    SCOPED_TRACE("E_l " + std::to_string(c.el) + " R " + std::to_string(c.r));
+    ExpertMlp cpu(c.el, c.d, c.m, c.gelu_tanh);
+    FillBF16Exact(&cpu.params().fc1_weight, 1.0f / std::sqrt(c.d), 1);
+    FillBF16Exact(&cpu.params().fc1_bias, 0.1f, 2);
+    FillBF16Exact(&cpu.params().fc2_weight, 1.0f / std::sqrt(c.m), 3);
+    FillBF16Exact(&cpu.params().fc2_bias, 0.1f, 4);
+    Tensor x = Tensor::Empty({c.el, c.r, c.d}), dy = Tensor::Empty({c.el, c.r, c.d});
+    FillBF16Exact(&x, 1.0f, 5);
+    FillBF16Exact(&dy, 1.0f, 6);
+    MoeTimers timers;
+    Tensor y_cpu, dx_cpu;
+    cpu.Forward(x, &y_cpu, &timers);
+    cpu.Backward(dy, &dx_cpu, &timers);
+
+    CudaExpertMlp gpu(c.el, c.d, c.m, c.gelu_tanh);
+    gpu.LoadParams(cpu.params());
+    Tensor y_dev, dx_dev;
+    gpu.Forward(x.Cast(DType::kBF16).To(Device::kCUDA), &y_dev);
+    gpu.Backward(dy.To(Device::kCUDA), &dx_dev);
+    ExpertMlpParams g;
+    g.fc1_weight = Tensor::Empty({c.el, c.m, c.d});
+    g.fc1_bias = Tensor::Empty({c.el, c.m});
+    g.fc2_weight = Tensor::Empty({c.el, c.d, c.m});
+    g.fc2_bias = Tensor::Empty({c.el, c.d});
+    gpu.StoreGrads(&g);
+    // The GPU rounds the activation and the incoming gradients to bf16 (8 bits of
+    // mantissa): errors of a few 2^-8 relative to the largest value.
+    EXPECT_LT(RelativeError(y_dev.To(Device::kCPU), y_cpu), 2e-2);
+    EXPECT_LT(RelativeError(dx_dev.To(Device::kCPU), dx_cpu), 2e-2);
+    EXPECT_LT(RelativeError(g.fc1_weight, cpu.grads().fc1_weight), 2e-2);
+    EXPECT_LT(RelativeError(g.fc1_bias, cpu.grads().fc1_bias), 2e-2);
+    EXPECT_LT(RelativeError(g.fc2_weight, cpu.grads().fc2_weight), 2e-2);
+    EXPECT_LT(RelativeError(g.fc2_bias, cpu.grads().fc2_bias), 1e-5);  // sums of exact fp32
+  }
+}
+
+TEST(CudaExperts, GroupedDroplessForwardEqualsTheFixedCapacityRows) {
+  SKIP_WITHOUT_GPU();
+  const int64_t el = 3, r = 40, d = 64, m = 128;
+  ExpertMlp cpu(el, d, m, true);
+  FillBF16Exact(&cpu.params().fc1_weight, 0.125f, 1);
+  FillBF16Exact(&cpu.params().fc1_bias, 0.1f, 2);
+  FillBF16Exact(&cpu.params().fc2_weight, 0.09f, 3);
+  FillBF16Exact(&cpu.params().fc2_bias, 0.1f, 4);
+  Tensor x = Tensor::Empty({el, r, d});
+  FillBF16Exact(&x, 1.0f, 5);
+  CudaExpertMlp gpu(el, d, m, true);
+  gpu.LoadParams(cpu.params());
+  Tensor y_fixed;
+  gpu.Forward(x.Cast(DType::kBF16).To(Device::kCUDA), &y_fixed);
+  Tensor fixed = y_fixed.To(Device::kCPU);
+  // Expert e keeps its first rows[e] rows, packed one after another.
+  const std::vector<int64_t> rows = {40, 0, 17};
+  Tensor packed = Tensor::Empty({57, d});
+  int64_t at = 0;
+  for (int64_t e = 0; e < el; ++e) {
+    std::copy_n(x.data<float>() + e * r * d, rows[e] * d, packed.data<float>() + at * d);
+    at += rows[e];
+  }
+  Tensor y_grouped;
+  gpu.ForwardGrouped(packed.Cast(DType::kBF16).To(Device::kCUDA), rows, &y_grouped);
+  Tensor grouped = y_grouped.To(Device::kCPU);
+  at = 0;
+  double worst = 0;
+  for (int64_t e = 0; e < el; ++e) {
+    for (int64_t i = 0; i < rows[e] * d; ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(grouped.data<float>()[at * d + i] -
+                                                            fixed.data<float>()[e * r * d + i])));
+    }
+    at += rows[e];
+  }
+  EXPECT_LT(worst, 1e-3);
+}
+
+TEST(NcclCommunicator, OneRankCollectivesOnDeviceBuffers) {
+  SKIP_WITHOUT_GPU();
+  auto* world = dynamic_cast<MpiCommunicator*>(&testing::World());
+  ASSERT_NE(world, nullptr);
+  if (world->size() != 1) GTEST_SKIP() << "one GPU: NCCL runs one rank per GPU";
+  auto nccl = CreateNcclCommunicator(*world, "nccl_test");
+  ASSERT_TRUE(nccl.ok()) << nccl.status().message();
+  Communicator& c = **nccl;
+  EXPECT_EQ(c.device(), Device::kCUDA);
+  Tensor host = Tensor::Empty({8});
+  for (int i = 0; i < 8; ++i) host.data<float>()[i] = static_cast<float>(i + 1);
+  Tensor send = host.To(Device::kCUDA), recv = Tensor::Zeros({8}, DType::kF32, Device::kCUDA);
+  c.AllToAllV(send.raw_data(), {8}, {0}, recv.raw_data(), {8}, {0}, DType::kF32);
+  c.AllReduce(recv.raw_data(), 8, DType::kF32, ReduceOp::kSum);
+  c.Synchronize();
+  Tensor back = recv.To(Device::kCPU);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(back.data<float>()[i], i + 1.0f);
+  c.Barrier();
+}
+
+}  // namespace
+}  // namespace moerun
