@@ -1,12 +1,16 @@
 // moerun: entry point and subcommand dispatch.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "launch/commands.h"
+#include "runtime/kernels.h"
 #include "runtime/process.h"
 
 namespace {
@@ -129,6 +133,20 @@ int Finish(int code) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // OpenBLAS fell back to a slow generic core on a CPU it does not recognise: run again with
+  // the core the CPU supports (once; the variable stays set). A user's OPENBLAS_CORETYPE
+  // wins.
+  if (std::getenv("OPENBLAS_CORETYPE") == nullptr) {
+    const std::string core = moerun::BlasCoreToRequest();
+    if (!core.empty()) {
+      setenv("MOERUN_BLAS_DETECTED_CORE", moerun::BlasDetectedCore().c_str(), 1);
+      setenv("OPENBLAS_CORETYPE", core.c_str(), 1);
+      execv("/proc/self/exe", argv);
+      // exec failed (no /proc): carry on with the slow kernels.
+      unsetenv("OPENBLAS_CORETYPE");
+      unsetenv("MOERUN_BLAS_DETECTED_CORE");
+    }
+  }
   moerun::SetProcess(moerun::DiscoverProcessFromEnvironment());
   moerun::InitLogging(argv[0], {});
   moerun::InstallOutOfMemoryHandler();

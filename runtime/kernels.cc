@@ -6,7 +6,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -46,7 +48,34 @@ std::string BlasDescription() {
   s += " (core ";
   s += openblas_get_corename();
   s += ", " + std::to_string(openblas_get_num_threads()) + " threads)";
+  // Set by main() when it re-executed moerun to replace OpenBLAS's fallback core.
+  if (const char* was = std::getenv("MOERUN_BLAS_DETECTED_CORE")) {
+    s += std::string(" [OpenBLAS detected ") + was + " on this CPU; moerun set OPENBLAS_CORETYPE=" +
+         (std::getenv("OPENBLAS_CORETYPE") ? std::getenv("OPENBLAS_CORETYPE") : "?") + "]";
+  }
   return s;
+}
+
+std::string BlasDetectedCore() { return openblas_get_corename(); }
+
+std::string BlasCoreToRequest() {
+  std::string core = openblas_get_corename();
+  std::transform(core.begin(), core.end(), core.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  static const char* const kFallbacks[] = {"prescott",  "core2",      "penryn", "dunnington",
+                                           "nehalem",   "atom",       "katmai", "coppermine",
+                                           "northwood", "sandybridge"};
+  bool fallback = false;
+  for (const char* f : kFallbacks) fallback = fallback || core == f;
+  if (!fallback) return "";
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512cd")) {
+    return "SkylakeX";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+  return "";
 }
 
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,

@@ -19,6 +19,15 @@ int NumThreads();
 int DefaultThreadsPerRank(int local_ranks);
 // "OpenBLAS 0.3.21 ... (core Haswell, 2 threads)"
 std::string BlasDescription();
+// OpenBLAS (DYNAMIC_ARCH) picks its kernels from the CPU model when it loads; on CPUs it
+// does not know (virtual machines reporting a generic model) it falls back to an SSE3-era
+// core (Prescott), 5-8x slower than the AVX2 / AVX-512 kernels the CPU can run. Returns the
+// OPENBLAS_CORETYPE this CPU should get ("SkylakeX", "Haswell") when the loaded core is
+// such a fallback, else "". The core can only be chosen before OpenBLAS loads: main()
+// re-executes moerun once with OPENBLAS_CORETYPE set.
+std::string BlasCoreToRequest();
+// The core OpenBLAS loaded ("Prescott", "SkylakeX").
+std::string BlasDetectedCore();
 
 // C[m,n] = alpha * op(A) op(B) + beta * C, all row-major; op(A) is [m,k], op(B) is [k,n].
 // lda/ldb/ldc are the row strides of the matrices as stored.
