@@ -21,6 +21,17 @@ namespace moerun {
 
 enum class ReduceOp { kSum, kMax, kMin };
 
+// A collective started by a Start* call. Until Wait() returns, its buffers and count
+// vectors belong to the collective. Test() drives progress (host backends progress only
+// inside MPI calls) and says whether it has completed; Wait() completes it (the watchdog
+// timeout applies). Destroying a pending collective waits for it.
+class PendingCollective {
+ public:
+  virtual ~PendingCollective() = default;
+  virtual bool Test() = 0;
+  virtual void Wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -50,6 +61,13 @@ class Communicator {
                          const std::vector<int64_t>& send_displs, void* recv,
                          const std::vector<int64_t>& recv_counts,
                          const std::vector<int64_t>& recv_displs, DType dtype) = 0;
+  // AllToAllV that returns at once; the transfer proceeds while the caller computes (see
+  // PendingCollective). The default runs AllToAllV and returns a completed collective.
+  // Every rank starts the same collectives in the same order.
+  virtual std::unique_ptr<PendingCollective> StartAllToAllV(
+      const void* send, const std::vector<int64_t>& send_counts,
+      const std::vector<int64_t>& send_displs, void* recv, const std::vector<int64_t>& recv_counts,
+      const std::vector<int64_t>& recv_displs, DType dtype);
   // In place over `count` elements.
   virtual void AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) = 0;
   virtual void Broadcast(void* buffer, int64_t count, DType dtype, int root) = 0;

@@ -304,6 +304,64 @@ void MpiCommunicator::AllToAllV(const void* send, const std::vector<int64_t>& se
                                  recv_counts_.data(), recv_displs_.data(), type, comm_));
 }
 
+namespace {
+
+class PendingMpiAllToAllV final : public PendingCollective {
+ public:
+  PendingMpiAllToAllV(const std::string* name, int size) : name_(name), size_(size) {}
+  ~PendingMpiAllToAllV() override { Wait(); }
+  bool Test() override {
+    if (done_) return true;
+    int flag = 0;
+    MOERUN_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+    done_ = flag != 0;
+    return done_;
+  }
+  void Wait() override {
+    if (done_) return;
+    WatchdogScope watch(g_watchdog.get(), "all_to_all_v (started earlier)", name_, size_);
+    MOERUN_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
+    done_ = true;
+  }
+
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  std::vector<int> send_counts, send_displs, recv_counts, recv_displs;  // live until done
+
+ private:
+  const std::string* name_;
+  int size_;
+  bool done_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<PendingCollective> MpiCommunicator::StartAllToAllV(
+    const void* send, const std::vector<int64_t>& send_counts,
+    const std::vector<int64_t>& send_displs, void* recv, const std::vector<int64_t>& recv_counts,
+    const std::vector<int64_t>& recv_displs, DType dtype) {
+  CHECK(static_cast<int>(send_counts.size()) == size_ &&
+        static_cast<int>(send_displs.size()) == size_ &&
+        static_cast<int>(recv_counts.size()) == size_ &&
+        static_cast<int>(recv_displs.size()) == size_)
+      << "all_to_all_v on '" << name_ << "' needs " << size_ << " counts and displacements";
+  auto pending = std::make_unique<PendingMpiAllToAllV>(&name_, size_);
+  for (auto* v : {&pending->send_counts, &pending->send_displs, &pending->recv_counts,
+                  &pending->recv_displs}) {
+    v->resize(size_);
+  }
+  for (int p = 0; p < size_; ++p) {
+    pending->send_counts[p] = ToInt(send_counts[p], "send count", name_);
+    pending->send_displs[p] = ToInt(send_displs[p], "send displacement", name_);
+    pending->recv_counts[p] = ToInt(recv_counts[p], "recv count", name_);
+    pending->recv_displs[p] = ToInt(recv_displs[p], "recv displacement", name_);
+  }
+  const MPI_Datatype type = ToMpiType(dtype);
+  MOERUN_MPI_CHECK(MPI_Ialltoallv(send, pending->send_counts.data(), pending->send_displs.data(),
+                                  type, recv, pending->recv_counts.data(),
+                                  pending->recv_displs.data(), type, comm_, &pending->request_));
+  return pending;
+}
+
 void MpiCommunicator::AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) {
   CHECK(dtype != DType::kBF16) << "all_reduce of bf16 is not supported on the MPI backend";
   const int n = ToInt(count, "all_reduce count", name_);

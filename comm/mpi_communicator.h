@@ -63,6 +63,11 @@ class MpiCommunicator : public Communicator {
                  const std::vector<int64_t>& send_displs, void* recv,
                  const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
                  DType dtype) override;
+  // MPI_Ialltoallv; progress happens in the collective's Test() and Wait().
+  std::unique_ptr<PendingCollective> StartAllToAllV(
+      const void* send, const std::vector<int64_t>& send_counts,
+      const std::vector<int64_t>& send_displs, void* recv, const std::vector<int64_t>& recv_counts,
+      const std::vector<int64_t>& recv_displs, DType dtype) override;
   void AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) override;
   void Broadcast(void* buffer, int64_t count, DType dtype, int root) override;
   void AllGather(const void* send, int64_t count, void* recv, DType dtype) override;

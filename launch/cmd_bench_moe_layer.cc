@@ -84,7 +84,7 @@ std::string RunTorchPeer(const MoeLayerBenchSpec& spec, int64_t d, int64_t m, in
 int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
   global.cuda_supported = true;
-  std::string shapes_text, experts_text, bpr_text;
+  std::string shapes_text, experts_text, bpr_text, overlap_text;
   int64_t tokens = 4096;
   int k = 2, steps = 3;
   double capacity_factor = 1.05;
@@ -97,6 +97,9 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
       ("k", po::value(&k)->default_value(2), "experts per token")                                 //
       ("capacity-factor", po::value(&capacity_factor)->default_value(1.05), "capacity factor c")  //
       ("bpr", po::value(&bpr_text)->default_value("0,1"), "routing: 0 vanilla, 1 BPR, or both")   //
+      ("overlap", po::value(&overlap_text)->default_value("0"),
+       "overlap the dispatch all-to-alls with the experts (moe.overlap_dispatch): 0, 1, or 0,1 "
+       "(both, and the gain of 1 over 0)")  //
       ("steps", po::value(&steps)->default_value(3), "timed forward+backward steps per case");
   AddGlobalOptions(&desc, &global);
   po::variables_map vm;
@@ -117,6 +120,10 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
   if (bpr_text == "0" || bpr_text == "0,1") bprs.push_back(false);
   if (bpr_text == "1" || bpr_text == "0,1") bprs.push_back(true);
   if (bprs.empty()) problem = "--bpr must be 0, 1 or 0,1";
+  std::vector<bool> overlaps;
+  if (overlap_text == "0" || overlap_text == "0,1") overlaps.push_back(false);
+  if (overlap_text == "1" || overlap_text == "0,1") overlaps.push_back(true);
+  if (overlaps.empty()) problem = "--overlap must be 0, 1 or 0,1";
   if (tokens < 1 || steps < 1 || k < 1 || !(capacity_factor > 0) ||
       !std::isfinite(capacity_factor)) {
     problem = "--tokens, --steps, --k and --capacity-factor must be positive (and finite)";
@@ -168,90 +175,105 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
         return kExitUsage;
       }
       for (bool bpr : bprs) {
-        MoeLayerConfig cfg;
-        cfg.d = static_cast<int>(shape.d);
-        cfg.m = static_cast<int>(shape.m);
-        cfg.num_experts = static_cast<int>(e);
-        cfg.k = k;
-        cfg.capacity_factor = capacity_factor;
-        cfg.bpr = bpr;
-        MoeLayer layer(cfg, *groups);
-        MoeParams& p = layer.params();
-        FillNormal(&p.router_weight, 1.0f / std::sqrt(static_cast<float>(shape.d)), 1);
-        FillNormal(&p.fc1_weight, 1.0f / std::sqrt(static_cast<float>(shape.d)), 2 + world.rank());
-        FillNormal(&p.fc2_weight, 1.0f / std::sqrt(static_cast<float>(shape.m)), 3 + world.rank());
-        Tensor x = Tensor::Empty({tokens, shape.d}), y = Tensor::Empty({tokens, shape.d});
-        Tensor dy = Tensor::Empty({tokens, shape.d}), dx = Tensor::Empty({tokens, shape.d});
-        FillNormal(&x, 1.0f, 10 + world.rank());
-        FillNormal(&dy, 1.0f, 20 + world.rank());
-        MoeForwardArgs fwd;
-        fwd.first_token = world.rank() * tokens;
-        auto step = [&](int i) {
-          fwd.noise_key.step = static_cast<uint32_t>(i);
-          const Status s = layer.Forward(x, fwd, &y);
-          CHECK(s.ok()) << s.message();
-          layer.Backward(dy, &dx);
-          layer.ReduceReplicaGradients();
-        };
-        step(0);  // warm-up: allocates the buffers
-        layer.timers() = MoeTimers();
-        world.Barrier();
-        const double t0 = MPI_Wtime();
-        for (int i = 1; i <= steps; ++i) step(i);
-        double wall = (MPI_Wtime() - t0) / steps;
-        world.AllReduce(&wall, 1, DType::kF64, ReduceOp::kMax);
-        const MoeTimers& tm = layer.timers();
-        auto per_step = [&](double v) { return v / steps; };
-        const double expert_s = per_step(tm.expert + tm.bwd_expert);
-        const double a2a_s = per_step(tm.all_to_all + tm.bwd_all_to_all);
-        const double other_s =
-            per_step(tm.router + tm.routing + tm.pack + tm.combine + tm.bwd_combine + tm.bwd_pack +
-                     tm.bwd_dispatch + tm.bwd_router);
-        const int64_t el = (*groups)->local_experts(), pe = (*groups)->expert().size();
-        const int64_t cap = layer.metrics().capacity, rows = pe * cap;  // one group per rank
-        const double expert_flops = 12.0 * rows * shape.d * shape.m * el;
-        // Four all-to-alls per step, each moving E_local*cap*D floats to every peer.
-        const int64_t floats_per_peer = el * cap * shape.d;
-        const double a2a_bytes = 4.0 * 4.0 * floats_per_peer * (pe - 1);
-        const double raw = pe > 1 && pe == world.size()
-                               ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
-                               : 0.0;
-        if (!session.is_root()) continue;
-        PrintJsonLine({{"bench", "moe-layer"},
-                       {"d", shape.d},
-                       {"m", shape.m},
-                       {"e", e},
-                       {"k", k},
-                       {"bpr", bpr},
-                       {"capacity_factor", capacity_factor},
-                       {"capacity", cap},
-                       {"ranks", world.size()},
-                       {"tokens_per_rank", tokens},
-                       {"threads", NumThreads()},
-                       {"step_ms", wall * 1e3},
-                       {"tokens_per_s", tokens * world.size() / wall},
-                       {"expert_gemm_gflops", expert_flops / expert_s / 1e9},
-                       {"gemm_peak_gflops", peak},
-                       {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
-                       {"raw_a2a_gbps", raw},
-                       {"ms",
-                        {{"router", per_step(tm.router) * 1e3},
-                         {"routing", per_step(tm.routing) * 1e3},
-                         {"pack", per_step(tm.pack) * 1e3},
-                         {"all_to_all", per_step(tm.all_to_all) * 1e3},
-                         {"expert", per_step(tm.expert) * 1e3},
-                         {"expert_act", per_step(tm.expert_act) * 1e3},
-                         {"combine", per_step(tm.combine) * 1e3},
-                         {"bwd_combine", per_step(tm.bwd_combine) * 1e3},
-                         {"bwd_pack", per_step(tm.bwd_pack) * 1e3},
-                         {"bwd_all_to_all", per_step(tm.bwd_all_to_all) * 1e3},
-                         {"bwd_expert", per_step(tm.bwd_expert) * 1e3},
-                         {"bwd_expert_act", per_step(tm.bwd_expert_act) * 1e3},
-                         {"bwd_dispatch", per_step(tm.bwd_dispatch) * 1e3},
-                         {"bwd_router", per_step(tm.bwd_router) * 1e3}}},
-                       {"expert_fraction", expert_s / wall},
-                       {"a2a_fraction", a2a_s / wall},
-                       {"other_fraction", other_s / wall}});
+        double step_without_overlap = 0;
+        for (bool overlap : overlaps) {
+          MoeLayerConfig cfg;
+          cfg.d = static_cast<int>(shape.d);
+          cfg.m = static_cast<int>(shape.m);
+          cfg.num_experts = static_cast<int>(e);
+          cfg.k = k;
+          cfg.capacity_factor = capacity_factor;
+          cfg.bpr = bpr;
+          cfg.overlap_dispatch = overlap;
+          MoeLayer layer(cfg, *groups);
+          MoeParams& p = layer.params();
+          FillNormal(&p.router_weight, 1.0f / std::sqrt(static_cast<float>(shape.d)), 1);
+          FillNormal(&p.fc1_weight, 1.0f / std::sqrt(static_cast<float>(shape.d)),
+                     2 + world.rank());
+          FillNormal(&p.fc2_weight, 1.0f / std::sqrt(static_cast<float>(shape.m)),
+                     3 + world.rank());
+          Tensor x = Tensor::Empty({tokens, shape.d}), y = Tensor::Empty({tokens, shape.d});
+          Tensor dy = Tensor::Empty({tokens, shape.d}), dx = Tensor::Empty({tokens, shape.d});
+          FillNormal(&x, 1.0f, 10 + world.rank());
+          FillNormal(&dy, 1.0f, 20 + world.rank());
+          MoeForwardArgs fwd;
+          fwd.first_token = world.rank() * tokens;
+          auto step = [&](int i) {
+            fwd.noise_key.step = static_cast<uint32_t>(i);
+            const Status s = layer.Forward(x, fwd, &y);
+            CHECK(s.ok()) << s.message();
+            layer.Backward(dy, &dx);
+            layer.ReduceReplicaGradients();
+          };
+          step(0);  // warm-up: allocates the buffers
+          layer.timers() = MoeTimers();
+          world.Barrier();
+          const double t0 = MPI_Wtime();
+          for (int i = 1; i <= steps; ++i) step(i);
+          double wall = (MPI_Wtime() - t0) / steps;
+          world.AllReduce(&wall, 1, DType::kF64, ReduceOp::kMax);
+          const MoeTimers& tm = layer.timers();
+          auto per_step = [&](double v) { return v / steps; };
+          const double expert_s = per_step(tm.expert + tm.bwd_expert);
+          const double a2a_s = per_step(tm.all_to_all + tm.bwd_all_to_all);
+          const double other_s =
+              per_step(tm.router + tm.routing + tm.pack + tm.combine + tm.bwd_combine +
+                       tm.bwd_pack + tm.bwd_dispatch + tm.bwd_router);
+          const int64_t el = (*groups)->local_experts(), pe = (*groups)->expert().size();
+          const int64_t cap = layer.metrics().capacity, rows = pe * cap;  // one group per rank
+          const double expert_flops = 12.0 * rows * shape.d * shape.m * el;
+          // Four all-to-alls per step, each moving E_local*cap*D floats to every peer.
+          const int64_t floats_per_peer = el * cap * shape.d;
+          const double a2a_bytes = 4.0 * 4.0 * floats_per_peer * (pe - 1);
+          const double raw = pe > 1 && pe == world.size()
+                                 ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
+                                 : 0.0;
+          if (!overlap) step_without_overlap = wall;
+          if (!session.is_root()) continue;
+          nlohmann::json line = {{"bench", "moe-layer"},
+                                 {"d", shape.d},
+                                 {"m", shape.m},
+                                 {"e", e},
+                                 {"k", k},
+                                 {"bpr", bpr},
+                                 {"overlap", overlap},
+                                 {"capacity_factor", capacity_factor},
+                                 {"capacity", cap},
+                                 {"ranks", world.size()},
+                                 {"tokens_per_rank", tokens},
+                                 {"threads", NumThreads()},
+                                 {"step_ms", wall * 1e3},
+                                 {"tokens_per_s", tokens * world.size() / wall},
+                                 {"expert_gemm_gflops", expert_flops / expert_s / 1e9},
+                                 {"gemm_peak_gflops", peak},
+                                 // The whole layer's step against the GEMM limit: the expert FLOPs
+                                 // over the step's wall time, as a fraction of the measured peak.
+                                 {"layer_fraction_of_gemm_limit", expert_flops / wall / 1e9 / peak},
+                                 {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
+                                 {"raw_a2a_gbps", raw},
+                                 {"ms",
+                                  {{"router", per_step(tm.router) * 1e3},
+                                   {"routing", per_step(tm.routing) * 1e3},
+                                   {"pack", per_step(tm.pack) * 1e3},
+                                   {"all_to_all", per_step(tm.all_to_all) * 1e3},
+                                   {"expert", per_step(tm.expert) * 1e3},
+                                   {"expert_act", per_step(tm.expert_act) * 1e3},
+                                   {"combine", per_step(tm.combine) * 1e3},
+                                   {"bwd_combine", per_step(tm.bwd_combine) * 1e3},
+                                   {"bwd_pack", per_step(tm.bwd_pack) * 1e3},
+                                   {"bwd_all_to_all", per_step(tm.bwd_all_to_all) * 1e3},
+                                   {"bwd_expert", per_step(tm.bwd_expert) * 1e3},
+                                   {"bwd_expert_act", per_step(tm.bwd_expert_act) * 1e3},
+                                   {"bwd_dispatch", per_step(tm.bwd_dispatch) * 1e3},
+                                   {"bwd_router", per_step(tm.bwd_router) * 1e3}}},
+                                 {"expert_fraction", expert_s / wall},
+                                 {"a2a_fraction", a2a_s / wall},
+                                 {"other_fraction", other_s / wall}};
+          if (overlap && step_without_overlap > 0) {
+            line["overlap_gain"] = step_without_overlap / wall - 1.0;
+          }
+          PrintJsonLine(line);
+        }
       }
     }
   }

@@ -155,4 +155,54 @@ void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, doub
   AllToAll(staging_, recv);
 }
 
+void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
+                                     const std::function<void(int64_t, int64_t)>& compute,
+                                     double* a2a, double* pack, int pieces) {
+  Communicator& ep = groups_->expert();
+  const int64_t pe = ep.size(), el = groups_->local_experts(), me = ep.rank();
+  const int64_t r = send.dim(1), w = send.dim(2), block = el * r * w;
+  EnsureTensor(&staging_, {pe, el, r, w});
+  EnsureTensor(recv, {el, pe * r, w});
+  std::vector<int64_t> counts(pe, block), displs = PrefixDisplacements(counts);
+  counts[me] = 0;  // the own block is copied below, not sent
+  std::unique_ptr<PendingCollective> pending;
+  {
+    ScopedTimer timer(a2a);
+    pending = ep.StartAllToAllV(send.raw_data(), counts, displs, staging_.raw_data(), counts,
+                                displs, DType::kF32);
+  }
+  const float* src = send.data<float>();
+  float* dst = recv->data<float>();
+  {
+    ScopedTimer timer(pack);
+#pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < el; ++e) {
+      std::memcpy(dst + (e * pe + me) * r * w, src + (me * el + e) * r * w, r * w * sizeof(float));
+    }
+  }
+  const int64_t piece = std::max<int64_t>(1, (r + pieces - 1) / pieces);
+  for (int64_t b = 0; b < r; b += piece) {
+    compute(me * r + b, std::min(piece, r - b));
+    ScopedTimer timer(a2a);
+    pending->Test();
+  }
+  {
+    ScopedTimer timer(a2a);
+    pending->Wait();
+  }
+  {
+    ScopedTimer timer(pack);
+    const float* st = staging_.data<float>();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t q = 0; q < pe; ++q) {
+      for (int64_t e = 0; e < el; ++e) {
+        if (q == me) continue;
+        std::memcpy(dst + (e * pe + q) * r * w, st + (q * el + e) * r * w, r * w * sizeof(float));
+      }
+    }
+  }
+  if (me > 0) compute(0, me * r);
+  if (me + 1 < pe) compute((me + 1) * r, (pe - 1 - me) * r);
+}
+
 }  // namespace moerun

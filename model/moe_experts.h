@@ -40,11 +40,22 @@ class ExpertMlp {
   // d_out [El, R, D] -> d_in [El, R, D]; parameter gradients accumulate.
   void Backward(const Tensor& d_out, Tensor* d_in, MoeTimers* timers);
 
+  // The same in pieces, for overlapping the all-to-all: Prepare* binds the tensors (they
+  // must stay alive and keep their shapes), then *Rows computes rows [begin, begin + count)
+  // of every expert's block; every row computed once gives Forward's / Backward's result
+  // (the weight gradients summed in row pieces).
+  void PrepareForward(const Tensor& in, Tensor* out);
+  void ForwardRows(int64_t begin, int64_t count, MoeTimers* timers);
+  void PrepareBackward(const Tensor& d_out, Tensor* d_in);
+  void BackwardRows(int64_t begin, int64_t count, MoeTimers* timers);
+
  private:
   int64_t d_, m_;
   bool gelu_tanh_;
   ExpertMlpParams params_, grads_;
-  Tensor in_, hidden_, act_, d_act_;
+  Tensor in_, hidden_, act_, d_act_, d_out_;
+  Tensor* out_ = nullptr;
+  Tensor* d_in_ = nullptr;
 };
 
 }  // namespace moerun

@@ -46,6 +46,7 @@ MoeLayerConfig MoeLayerConfig::FromProto(const MoeConfig& moe, int d, int m,
   c.multiple_of = moe.multiple_of();
   c.round = moe.rounding() == MoeConfig::ROUND;
   c.bpr = moe.bpr();
+  c.overlap_dispatch = moe.overlap_dispatch();
   c.group_size = moe.group_size() > 0 ? moe.group_size() : moe.group_images() * tokens_per_image;
   c.gelu_tanh = gelu_tanh;
   c.noise_std = moe.noise_std();
@@ -130,8 +131,20 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     ScopedTimer timer(&timers_.pack);
     PackRows(plan_, x.data<float>(), d, &dispatch_);
   }
-  dispatcher_.ToExperts(dispatch_, &expert_in_, &timers_.all_to_all, &timers_.pack);
-  experts_.Forward(expert_in_, &expert_out_, &timers_);
+  if (overlapped()) {
+    bool prepared = false;
+    dispatcher_.ToExpertsOverlapped(
+        dispatch_, &expert_in_,
+        [&](int64_t begin, int64_t count) {
+          if (!prepared) experts_.PrepareForward(expert_in_, &expert_out_);
+          prepared = true;
+          experts_.ForwardRows(begin, count, &timers_);
+        },
+        &timers_.all_to_all, &timers_.pack);
+  } else {
+    dispatcher_.ToExperts(dispatch_, &expert_in_, &timers_.all_to_all, &timers_.pack);
+    experts_.Forward(expert_in_, &expert_out_, &timers_);
+  }
   dispatcher_.FromExperts(expert_out_, &combine_in_, &timers_.all_to_all, &timers_.pack);
   // 4. Combine: y[s] = sum over kept choices of gate * expert output.
   ScopedTimer timer(&timers_.combine);
@@ -154,8 +167,20 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
     GatherKeptRowsBackward(combine_in_.data<float>(), row, plan_.weight.data<float>(),
                            dy.data<float>(), t, k, d, &dispatch_, d_weight.data());
   }
-  dispatcher_.ToExperts(dispatch_, &d_expert_out_, &timers_.bwd_all_to_all, &timers_.bwd_pack);
-  experts_.Backward(d_expert_out_, &d_expert_in_, &timers_);
+  if (overlapped()) {
+    bool prepared = false;
+    dispatcher_.ToExpertsOverlapped(
+        dispatch_, &d_expert_out_,
+        [&](int64_t begin, int64_t count) {
+          if (!prepared) experts_.PrepareBackward(d_expert_out_, &d_expert_in_);
+          prepared = true;
+          experts_.BackwardRows(begin, count, &timers_);
+        },
+        &timers_.bwd_all_to_all, &timers_.bwd_pack);
+  } else {
+    dispatcher_.ToExperts(dispatch_, &d_expert_out_, &timers_.bwd_all_to_all, &timers_.bwd_pack);
+    experts_.Backward(d_expert_out_, &d_expert_in_, &timers_);
+  }
   dispatcher_.FromExperts(d_expert_in_, &dispatch_, &timers_.bwd_all_to_all, &timers_.bwd_pack);
 
   // 2. Dispatch backward: dx[s] = sum over kept choices of d(dispatched row).
@@ -167,6 +192,10 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
   ScopedTimer timer(&timers_.bwd_router);
   aux_.RouterBackward(&router_, plan_, d_weight.data(), groups_->world().size(), dx->data<float>());
+}
+
+bool MoeLayer::overlapped() const {
+  return config_.overlap_dispatch && groups_->expert().size() > 1;
 }
 
 void MoeLayer::ReduceReplicaGradients() {

@@ -38,6 +38,10 @@ struct MoeLayerConfig {
   int multiple_of = 4;
   bool round = false;  // round() instead of ceil() in the capacity
   bool bpr = true;
+  // Overlap the dispatch all-to-alls (forward and backward) with the experts' work on the
+  // rows already here (Dispatcher::ToExpertsOverlapped); off: one all-to-all, then the
+  // experts. Changes only the summation order of the expert weight gradients.
+  bool overlap_dispatch = false;
   int64_t group_size = 0;  // 0: all local tokens form one group
   bool gelu_tanh = false;  // the tanh approximation of GELU (V-MoE) instead of exact erf
   GateKind gate = GateKind::kNoisyTopK;
@@ -136,6 +140,8 @@ class MoeLayer {
   MoeTimers& timers() { return timers_; }
 
  private:
+  bool overlapped() const;  // overlap_dispatch and more than one expert-parallel rank
+
   MoeLayerConfig config_;
   std::shared_ptr<MoeGroups> groups_;
   Router router_;

@@ -209,6 +209,23 @@ TEST(MoeLayerTest, ExpertParallelInvarianceVanillaAndBpr) {
   }
 }
 
+// The overlapped dispatch (moe.overlap_dispatch) computes each expert's rows in pieces while
+// the all-to-all runs: the same results as the single-rank layer, on any rank count
+// (including replicas, where the expert-parallel group is smaller than the world).
+TEST(MoeLayerTest, OverlappedDispatchGivesTheSameResults) {
+  for (int e : {ExpertsFor(8), 2}) {
+    if (e % World().size() != 0 && World().size() % e != 0) continue;
+    Case c = MakeCase(23, 96, 12, 20, e, 2);
+    c.config.capacity_factor = 1.0;
+    c.config.group_size = 8;
+    const Result want = RunSingleRank(c);
+    c.config.overlap_dispatch = true;
+    const Result got = RunLayer(World(), c);
+    SCOPED_TRACE("E " + std::to_string(e));
+    ExpectSameResults(got, want);
+  }
+}
+
 TEST(MoeLayerTest, InvarianceWithGeneratedNoise) {
   // No noise tensor: the counter-based generator keyed by the global token index.
   Case c = MakeCase(12, 32, 8, 8, ExpertsFor(4), 2);
