@@ -12,7 +12,6 @@
 
 #include "launch/bench_moe_layer.h"
 #include "launch/commands.h"
-#include "model/expert_kernels_cuda.h"
 #include "model/moe_experts_cuda.h"
 #include "model/moe_plan.h"
 #include "model/routing_cuda.h"
@@ -159,7 +158,7 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
                        t, k, d, packed.device_data<float>(Device::kCUDA));
           CudaCastToBF16(packed.device_data<float>(Device::kCUDA),
                          reinterpret_cast<uint16_t*>(packed_bf16.device_data<BF16>(Device::kCUDA)),
-                         packed.numel(), stream);
+                         packed.numel());
           const double p_ms = timer.Stop();
           timer.Start();
           experts.Forward(packed_bf16, &out);

@@ -27,7 +27,7 @@ class CudaExpertMlp {
   // Host fp32 parameters (ExpertMlp's layout) -> device masters, and their bf16 copies.
   void LoadParams(const ExpertMlpParams& host);
   // Device fp32 gradients -> host tensors of ExpertMlp's layout (overwritten).
-  void StoreGrads(ExpertMlpParams* host) const;
+  void StoreGrads(ExpertMlpParams* host);
   // Re-makes the bf16 weight copies from the fp32 masters (after an optimizer step).
   void CastWeights();
   void ZeroGradients();
@@ -42,23 +42,15 @@ class CudaExpertMlp {
 
   // FLOPs of one Forward + Backward at R rows per expert (2 GEMMs forward, 4 backward).
   double FlopsPerStep(int64_t rows) const { return 12.0 * el_ * rows * d_ * m_; }
-  void* stream() const;
-
-  const ExpertMlpParams& master() const { return master_; }
 
  private:
-  struct Blas;
+  struct Impl;
   int64_t el_, d_, m_;
-  bool gelu_tanh_;
-  std::unique_ptr<Blas> blas_;
-  ExpertMlpParams master_, grads_;  // fp32, device
-  Tensor fc1_bf16_, fc2_bf16_;      // bf16 weight copies, device
-  // Saved by Forward for Backward (device): the input, fc1 output + bias (pre-GELU, fp32),
-  // the bf16 activation.
-  Tensor in_, hidden_, act_bf16_;
-  Tensor d_out_bf16_, d_act_, d_hidden_bf16_;
-  int64_t rows_ = 0;
+  std::unique_ptr<Impl> impl_;
 };
+
+// dst = bf16(src) on the CUDA backend's stream (rounded to nearest even, as FloatToBF16).
+void CudaCastToBF16(const float* src, uint16_t* dst, int64_t n);
 
 }  // namespace moerun
 

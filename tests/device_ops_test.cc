@@ -1,6 +1,11 @@
-// The GPU backend's Thrust routing kernels (model/routing_thrust.h) against the CPU
-// reference (model/routing.h), bit for bit. On CI the Thrust source runs on the host
-// (THRUST_DEVICE_SYSTEM_CPP); with nvcc the same table runs on a CUDA device.
+// The GPU backend's device code run on the host against the CPU reference: the Thrust
+// routing kernels (model/routing_thrust.h) against model/routing.h bit for bit, the
+// expert MLP's Thrust kernels (model/expert_kernels_thrust.h) against runtime/kernels.h,
+// and the device expert MLP itself (model/expert_mlp_device.h, the code the CUDA backend
+// runs over cuBLAS) over an OpenBLAS column-major GEMM against the CPU ExpertMlp. On CI the
+// Thrust source runs on the host (THRUST_DEVICE_SYSTEM_CPP); with nvcc the routing table
+// runs on a CUDA device (device_ops_cuda_test.cc) and the experts in cuda_backend_test.cc.
+#include <cblas.h>
 #include <gtest/gtest.h>
 #include <thrust/device_vector.h>
 #include <thrust/execution_policy.h>
@@ -11,10 +16,12 @@
 #include <vector>
 
 #include "comm/loopback_communicator.h"
+#include "model/expert_mlp_device.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_plan.h"
 #include "model/routing.h"
 #include "model/routing_thrust.h"
+#include "runtime/kernels.h"
 #include "runtime/tensor.h"
 
 namespace moerun {
@@ -160,6 +167,213 @@ TEST(ThrustRouting, RowsPackAndCombineMatchTheCpuReference) {
       const thrust::host_vector<float> h_out = d_out;
       EXPECT_EQ(std::vector<float>(h_out.begin(), h_out.end()), out) << "weighted " << weighted;
     }
+  }
+}
+
+// --- The expert MLP's kernels and the device expert MLP ------------------------------
+
+std::vector<float> Normal(int64_t n, float scale, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  std::vector<float> v(n);
+  for (float& x : v) x = scale * n01(rng);
+  return v;
+}
+
+float Bf16(uint16_t bits) { return BF16ToFloat(BF16{bits}); }
+
+TEST(ThrustExperts, KernelsMatchTheCpuKernels) {
+  for (bool tanh_form : {false, true}) {
+    SCOPED_TRACE(tanh_form ? "tanh GELU" : "erf GELU");
+    const int64_t el = 3, rows = 37, cols = 50, n = el * rows * cols;
+    std::vector<float> x = Normal(n, 2.0f, 1), bias = Normal(el * cols, 0.5f, 2);
+    x[5] = 0.0f;
+    x[6] = -9.0f;
+    x[7] = 9.0f;
+    // fp32 -> bf16: FloatToBF16's bits exactly, NaN included.
+    x[8] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<uint16_t> bits(n);
+    thrust_experts::CastToBF16(thrust::device, x.data(), bits.data(), n);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(bits[i], FloatToBF16(x[i]).bits) << i;
+    x[8] = 0.25f;
+    // Bias + GELU: the pre-activation exactly as AddBias, the activation within bf16
+    // rounding of GeluForward / GeluTanhForward.
+    std::vector<float> h = x, want_h = x, want_act(n);
+    std::vector<uint16_t> act(n);
+    thrust_experts::BiasGeluForward(thrust::device, h.data(), bias.data(), el, rows, cols,
+                                    tanh_form, act.data());
+    for (int64_t e = 0; e < el; ++e) {
+      AddBias(want_h.data() + e * rows * cols, bias.data() + e * cols, rows, cols);
+    }
+    (tanh_form ? GeluTanhForward : GeluForward)(want_h.data(), want_act.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      ASSERT_EQ(h[i], want_h[i]) << i;
+      ASSERT_NEAR(Bf16(act[i]), want_act[i], 1e-5f + std::fabs(want_act[i]) * (1.0f / 256)) << i;
+    }
+    // GELU backward: within 1e-5 of GeluBackward / GeluTanhBackward.
+    std::vector<float> dy = Normal(n, 1.0f, 3), d = dy, want_d(n);
+    std::vector<uint16_t> d_bits(n);
+    thrust_experts::GeluBackward(thrust::device, want_h.data(), d.data(), n, tanh_form,
+                                 d_bits.data());
+    (tanh_form ? GeluTanhBackward : GeluBackward)(want_h.data(), dy.data(), want_d.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      ASSERT_NEAR(d[i], want_d[i], 1e-5f * (1.0f + std::fabs(want_d[i]))) << i;
+      ASSERT_EQ(d_bits[i], FloatToBF16(d[i]).bits) << i;
+    }
+    // Bias gradients accumulate like BiasBackward.
+    std::vector<float> db(el * cols, 1.0f), want_db(el * cols, 1.0f);
+    thrust_experts::BiasGrad(thrust::device, dy.data(), db.data(), el, rows, cols);
+    for (int64_t e = 0; e < el; ++e) {
+      BiasBackward(dy.data() + e * rows * cols, want_db.data() + e * cols, rows, cols);
+    }
+    for (int64_t i = 0; i < el * cols; ++i) ASSERT_NEAR(db[i], want_db[i], 1e-4f) << i;
+    std::vector<float> y = x, want_y = x;
+    thrust_experts::AddBias(thrust::device, y.data(), bias.data(), el, rows, cols);
+    for (int64_t e = 0; e < el; ++e) {
+      AddBias(want_y.data() + e * rows * cols, bias.data() + e * cols, rows, cols);
+    }
+    EXPECT_EQ(y, want_y);
+  }
+}
+
+// The cuBLAS stand-in: the column-major bf16 GEMM of a ColMajorGemm through OpenBLAS in fp32
+// (bf16 inputs are exact in fp32), on host tensors, with Thrust's host policy.
+struct HostBlasOps {
+  static constexpr Device kDevice = Device::kCPU;
+  int gemms = 0, grouped_calls = 0;
+
+  static std::vector<float> Widen(const void* p, int64_t rows, int64_t cols, int64_t ld) {
+    const auto* bits = static_cast<const uint16_t*>(p);
+    std::vector<float> out((cols - 1) * ld + rows);
+    for (size_t i = 0; i < out.size(); ++i) out[i] = Bf16(bits[i]);
+    return out;
+  }
+  void Gemm(const ColMajorGemm& g) {
+    ++gemms;
+    for (int64_t b = 0; b < g.batch; ++b) {
+      // Stored dims of A and B (column-major): op(A) is m x k, op(B) is k x n.
+      const std::vector<float> a = Widen(static_cast<const uint16_t*>(g.a) + b * g.stride_a,
+                                         g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda);
+      const std::vector<float> bb = Widen(static_cast<const uint16_t*>(g.b) + b * g.stride_b,
+                                          g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb);
+      cblas_sgemm(CblasColMajor, g.trans_a ? CblasTrans : CblasNoTrans,
+                  g.trans_b ? CblasTrans : CblasNoTrans, g.m, g.n, g.k, 1.0f, a.data(), g.lda,
+                  bb.data(), g.ldb, g.beta, g.c + b * g.stride_c, g.ldc);
+    }
+  }
+  void GroupedGemm(const std::vector<ColMajorGemm>& groups) {
+    ++grouped_calls;
+    for (const ColMajorGemm& g : groups) Gemm(g);
+  }
+  auto policy() const { return thrust::device; }
+  void Synchronize() {}
+};
+
+double RelErr(const Tensor& a, const Tensor& b) {
+  double worst = 0, scale = 1e-30;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    worst =
+        std::max(worst, static_cast<double>(std::fabs(a.data<float>()[i] - b.data<float>()[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(b.data<float>()[i])));
+  }
+  return worst / scale;
+}
+
+void FillExact(Tensor* t, float scale, uint32_t seed) {
+  std::vector<float> v = Normal(t->numel(), scale, seed);
+  for (int64_t i = 0; i < t->numel(); ++i) t->data<float>()[i] = BF16ToFloat(FloatToBF16(v[i]));
+}
+
+ExpertMlpParams HostParams(int64_t el, int64_t d, int64_t m) {
+  ExpertMlpParams p;
+  p.fc1_weight = Tensor::Empty({el, m, d});
+  p.fc1_bias = Tensor::Empty({el, m});
+  p.fc2_weight = Tensor::Empty({el, d, m});
+  p.fc2_bias = Tensor::Empty({el, d});
+  return p;
+}
+
+// The CUDA backend's expert MLP code, with OpenBLAS for cuBLAS: the GEMM operand mapping
+// (row-major tensors, column-major BLAS), the bias/GELU kernels and the gradient
+// accumulation against the fp32 CPU experts. Shapes are all different (E_l, R, D, M), so a
+// swapped operand or transpose cannot pass.
+TEST(DeviceExperts, ForwardAndBackwardMatchTheCpuExpertsUpToBF16) {
+  struct Shape4 {
+    int64_t el, r, d, m;
+    bool tanh_form;
+  };
+  for (const Shape4& c :
+       {Shape4{2, 48, 24, 40, false}, Shape4{3, 17, 64, 96, true}, Shape4{1, 130, 32, 20, true}}) {
+    SCOPED_TRACE("E_l " + std::to_string(c.el) + " R " + std::to_string(c.r) + " D " +
+                 std::to_string(c.d) + " M " + std::to_string(c.m));
+    ExpertMlp cpu(c.el, c.d, c.m, c.tanh_form);
+    FillExact(&cpu.params().fc1_weight, 1.0f / std::sqrt(static_cast<float>(c.d)), 1);
+    FillExact(&cpu.params().fc1_bias, 0.1f, 2);
+    FillExact(&cpu.params().fc2_weight, 1.0f / std::sqrt(static_cast<float>(c.m)), 3);
+    FillExact(&cpu.params().fc2_bias, 0.1f, 4);
+    Tensor x = Tensor::Empty({c.el, c.r, c.d}), dy = Tensor::Empty({c.el, c.r, c.d});
+    FillExact(&x, 1.0f, 5);
+    FillExact(&dy, 1.0f, 6);
+    MoeTimers timers;
+    Tensor y_cpu, dx_cpu;
+    cpu.ZeroGradients();
+    cpu.Forward(x, &y_cpu, &timers);
+    cpu.Backward(dy, &dx_cpu, &timers);
+
+    DeviceExpertMlp<HostBlasOps> dev(HostBlasOps{}, c.el, c.d, c.m, c.tanh_form);
+    dev.LoadParams(cpu.params());
+    Tensor y, dx;
+    // Two backward calls accumulate twice the gradients.
+    dev.Forward(x.Cast(DType::kBF16), &y);
+    dev.Backward(dy, &dx);
+    dev.Backward(dy, &dx);
+    EXPECT_EQ(dev.ops().gemms, 2 + 4 + 4);
+    ExpertMlpParams g = HostParams(c.el, c.d, c.m);
+    dev.StoreGrads(&g);
+    for (Tensor* t : {&g.fc1_weight, &g.fc1_bias, &g.fc2_weight, &g.fc2_bias})
+      Scale(t->data<float>(), 0.5f, t->numel());
+    // bf16 activations and incoming gradients: a few 2^-8 of the largest value.
+    EXPECT_LT(RelErr(y, y_cpu), 2e-2);
+    EXPECT_LT(RelErr(dx, dx_cpu), 2e-2);
+    EXPECT_LT(RelErr(g.fc1_weight, cpu.grads().fc1_weight), 2e-2);
+    EXPECT_LT(RelErr(g.fc1_bias, cpu.grads().fc1_bias), 2e-2);
+    EXPECT_LT(RelErr(g.fc2_weight, cpu.grads().fc2_weight), 2e-2);
+    EXPECT_LT(RelErr(g.fc2_bias, cpu.grads().fc2_bias), 1e-5);  // sums of the same fp32 rows
+    // Not vacuous: a gradient is far from zero and from the forward's scale mix-ups.
+    EXPECT_GT(RelErr(g.fc1_weight, Tensor::Zeros(g.fc1_weight.shape())), 0.5);
+  }
+}
+
+TEST(DeviceExperts, GroupedDroplessForwardEqualsTheFixedCapacityRows) {
+  const int64_t el = 3, r = 20, d = 24, m = 40;
+  ExpertMlpParams p = HostParams(el, d, m);
+  FillExact(&p.fc1_weight, 0.2f, 1);
+  FillExact(&p.fc1_bias, 0.1f, 2);
+  FillExact(&p.fc2_weight, 0.15f, 3);
+  FillExact(&p.fc2_bias, 0.1f, 4);
+  Tensor x = Tensor::Empty({el, r, d});
+  FillExact(&x, 1.0f, 5);
+  DeviceExpertMlp<HostBlasOps> dev(HostBlasOps{}, el, d, m, true);
+  dev.LoadParams(p);
+  Tensor fixed;
+  dev.Forward(x.Cast(DType::kBF16), &fixed);
+  const std::vector<int64_t> rows = {20, 0, 7};  // expert e keeps its first rows[e] rows
+  Tensor packed = Tensor::Empty({27, d});
+  int64_t at = 0;
+  for (int64_t e = 0; e < el; ++e) {
+    std::copy_n(x.data<float>() + e * r * d, rows[e] * d, packed.data<float>() + at * d);
+    at += rows[e];
+  }
+  Tensor grouped;
+  dev.ForwardGrouped(packed.Cast(DType::kBF16), rows, &grouped);
+  EXPECT_EQ(dev.ops().grouped_calls, 2);
+  at = 0;
+  for (int64_t e = 0; e < el; ++e) {
+    for (int64_t i = 0; i < rows[e] * d; ++i) {
+      ASSERT_NEAR(grouped.data<float>()[at * d + i], fixed.data<float>()[e * r * d + i], 1e-5)
+          << "expert " << e << " element " << i;
+    }
+    at += rows[e];
   }
 }
 

@@ -1,0 +1,146 @@
+// The elementwise and reduction steps of the device expert MLP (model/expert_mlp_device.h)
+// as Thrust algorithms with MOERUN_HD functors: bias + GELU (kept pre-activation, bf16
+// activation), bias add, GELU backward (fp32 and bf16 copies), bias gradients, fp32 ->
+// bf16. Like model/routing_thrust.h the same source compiles with nvcc for a CUDA device
+// and with the host compiler against the CCCL headers, where tests/device_ops_test.cc
+// checks it against the CPU kernels (runtime/kernels.h). bf16 values are uint16 bit
+// patterns, rounded to nearest even as FloatToBF16.
+#ifndef MOERUN_MODEL_EXPERT_KERNELS_THRUST_H_
+#define MOERUN_MODEL_EXPERT_KERNELS_THRUST_H_
+
+#include <thrust/for_each.h>
+#include <thrust/iterator/counting_iterator.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "model/routing_thrust.h"  // MOERUN_HD
+
+namespace moerun {
+namespace thrust_experts {
+
+MOERUN_HD inline uint16_t ToBF16Bits(float f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+#endif
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) {
+    return static_cast<uint16_t>((u >> 16) | 0x0040u);  // NaN stays a quiet NaN
+  }
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) or 0.5 x (1 + erf(x / sqrt 2)).
+MOERUN_HD inline float Gelu(float x, bool tanh_form) {
+  if (tanh_form) {
+    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+  }
+  return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+}
+
+MOERUN_HD inline float GeluGrad(float x, bool tanh_form) {
+  if (tanh_form) {
+    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const float t = tanhf(u);
+    const float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+  }
+  const float cdf = 0.5f * (1.0f + erff(x * 0.7071067811865476f));
+  return cdf + x * 0.3989422804014327f * expf(-0.5f * x * x);
+}
+
+struct CastFunctor {
+  const float* src;
+  uint16_t* dst;
+  MOERUN_HD void operator()(int64_t i) const { dst[i] = ToBF16Bits(src[i]); }
+};
+
+// Element i of [experts, rows, cols]: h += bias[expert, col]; act = bf16(gelu(h)).
+struct BiasGeluFunctor {
+  float* h;
+  const float* bias;
+  int64_t rows, cols;
+  bool tanh_form;
+  uint16_t* act;
+  MOERUN_HD void operator()(int64_t i) const {
+    const float v = h[i] + bias[(i / (rows * cols)) * cols + i % cols];
+    h[i] = v;
+    act[i] = ToBF16Bits(Gelu(v, tanh_form));
+  }
+};
+
+struct AddBiasFunctor {
+  float* y;
+  const float* bias;
+  int64_t rows, cols;
+  MOERUN_HD void operator()(int64_t i) const {
+    y[i] += bias[(i / (rows * cols)) * cols + i % cols];
+  }
+};
+
+struct GeluBackwardFunctor {
+  const float* h;
+  float* d;
+  bool tanh_form;
+  uint16_t* d_bf16;
+  MOERUN_HD void operator()(int64_t i) const {
+    const float g = d[i] * GeluGrad(h[i], tanh_form);
+    d[i] = g;
+    d_bf16[i] = ToBF16Bits(g);
+  }
+};
+
+// One (expert, column): its rows summed in row order, added to dbias.
+struct BiasGradFunctor {
+  const float* dy;
+  float* dbias;
+  int64_t rows, cols;
+  MOERUN_HD void operator()(int64_t i) const {
+    const int64_t e = i / cols, c = i % cols;
+    const float* p = dy + e * rows * cols + c;
+    float sum = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) sum += p[r * cols];
+    dbias[i] += sum;
+  }
+};
+
+template <typename Policy, typename F>
+void ForIndices(const Policy& policy, int64_t n, F f) {
+  if (n <= 0) return;
+  thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
+                   thrust::counting_iterator<int64_t>(n), f);
+}
+
+template <typename Policy>
+void CastToBF16(const Policy& p, const float* src, uint16_t* dst, int64_t n) {
+  ForIndices(p, n, CastFunctor{src, dst});
+}
+template <typename Policy>
+void BiasGeluForward(const Policy& p, float* h, const float* bias, int64_t experts, int64_t rows,
+                     int64_t cols, bool tanh_form, uint16_t* act) {
+  ForIndices(p, experts * rows * cols, BiasGeluFunctor{h, bias, rows, cols, tanh_form, act});
+}
+template <typename Policy>
+void AddBias(const Policy& p, float* y, const float* bias, int64_t experts, int64_t rows,
+             int64_t cols) {
+  ForIndices(p, experts * rows * cols, AddBiasFunctor{y, bias, rows, cols});
+}
+template <typename Policy>
+void GeluBackward(const Policy& p, const float* h, float* d, int64_t n, bool tanh_form,
+                  uint16_t* d_bf16) {
+  ForIndices(p, n, GeluBackwardFunctor{h, d, tanh_form, d_bf16});
+}
+template <typename Policy>
+void BiasGrad(const Policy& p, const float* dy, float* dbias, int64_t experts, int64_t rows,
+              int64_t cols) {
+  if (rows > 0) ForIndices(p, experts * cols, BiasGradFunctor{dy, dbias, rows, cols});
+}
+
+}  // namespace thrust_experts
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_EXPERT_KERNELS_THRUST_H_
