@@ -215,7 +215,7 @@ TEST(MoeLayerTest, ExpertParallelInvarianceVanillaAndBpr) {
 TEST(MoeLayerTest, OverlappedDispatchGivesTheSameResults) {
   for (int e : {ExpertsFor(8), 2}) {
     if (e % World().size() != 0 && World().size() % e != 0) continue;
-    Case c = MakeCase(23, 96, 12, 20, e, 2);
+    Case c = MakeCase(23, 128, 12, 20, e, 2);
     c.config.capacity_factor = 1.0;
     c.config.group_size = 8;
     const Result want = RunSingleRank(c);
