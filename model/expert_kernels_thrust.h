@@ -15,23 +15,10 @@
 #include <cstdint>
 #include <cstring>
 
-#include "model/routing_thrust.h"  // MOERUN_HD
+#include "runtime/device_math.h"
 
 namespace moerun {
 namespace thrust_experts {
-
-MOERUN_HD inline uint16_t ToBF16Bits(float f) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t u = __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-#endif
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) {
-    return static_cast<uint16_t>((u >> 16) | 0x0040u);  // NaN stays a quiet NaN
-  }
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) or 0.5 x (1 + erf(x / sqrt 2)).
 MOERUN_HD inline float Gelu(float x, bool tanh_form) {

@@ -33,12 +33,7 @@
 
 #include <cstdint>
 
-// Functors run on the device under nvcc and on the host otherwise.
-#if defined(__CUDACC__)
-#define MOERUN_HD __host__ __device__
-#else
-#define MOERUN_HD
-#endif
+#include "runtime/device_math.h"  // MOERUN_HD: functors for the device under nvcc
 
 namespace moerun {
 namespace thrust_routing {

@@ -34,13 +34,23 @@ void AdamW::ZeroMoments() {
   for (auto& v : v_) std::fill(v.begin(), v.end(), 0u);
 }
 
-void AdamW::Step(int64_t step, float grad_scale) {
-  const double lr = LearningRate(config_, step);
+AdamWScalars AdamW::Scalars(int64_t step, float grad_scale) const {
   const double t = static_cast<double>(step + 1);
-  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta1, t)));
-  const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta2, t)));
-  const float b1 = static_cast<float>(config_.beta1), b2 = static_cast<float>(config_.beta2);
-  const float eps = static_cast<float>(config_.eps), flr = static_cast<float>(lr);
+  AdamWScalars s;
+  s.b1 = static_cast<float>(config_.beta1);
+  s.b2 = static_cast<float>(config_.beta2);
+  s.c1 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta1, t)));
+  s.c2 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta2, t)));
+  s.eps = static_cast<float>(config_.eps);
+  s.lr = static_cast<float>(LearningRate(config_, step));
+  s.weight_decay = static_cast<float>(config_.weight_decay);
+  s.grad_scale = grad_scale;
+  return s;
+}
+
+void AdamW::Step(int64_t step, float grad_scale) {
+  const AdamWScalars s = Scalars(step, grad_scale);
+  const float c1 = s.c1, c2 = s.c2, b1 = s.b1, b2 = s.b2, eps = s.eps, flr = s.lr;
   const bool bf16 = config_.moments == DType::kBF16;
   for (size_t i = 0; i < params_.size(); ++i) {
     const OptimizerParam& p = params_[i];

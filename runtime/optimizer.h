@@ -37,6 +37,13 @@ struct OptimizerParam {
   bool decay;  // apply weight decay
 };
 
+// The per-step constants of an AdamW update (what a device kernel needs besides the
+// buffers): bias corrections c1 = 1 / (1 - b1^t), c2 = 1 / (1 - b2^t), the step's learning
+// rate; weight decay is per parameter (0 for undecayed ones).
+struct AdamWScalars {
+  float b1, b2, c1, c2, eps, lr, weight_decay, grad_scale;
+};
+
 class AdamW {
  public:
   AdamW(const OptimizerConfig& config, std::vector<OptimizerParam> params);
@@ -44,6 +51,8 @@ class AdamW {
   // coefficient): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (m^ / (sqrt(v^) + eps)
   // + wd p) with bias-corrected m^, v^ (t = step + 1).
   void Step(int64_t step, float grad_scale);
+  // Step's constants at `step` (weight_decay: the config's; use 0 for undecayed params).
+  AdamWScalars Scalars(int64_t step, float grad_scale) const;
   const OptimizerConfig& config() const { return config_; }
   const std::vector<OptimizerParam>& params() const { return params_; }
   // Parameter i's first / second moment storage (params()[i].size elements of

@@ -21,7 +21,9 @@
 #include "model/moe_plan.h"
 #include "model/routing.h"
 #include "model/routing_thrust.h"
+#include "runtime/adamw_thrust.h"
 #include "runtime/kernels.h"
+#include "runtime/optimizer.h"
 #include "runtime/tensor.h"
 
 namespace moerun {
@@ -374,6 +376,46 @@ TEST(DeviceExperts, GroupedDroplessForwardEqualsTheFixedCapacityRows) {
           << "expert " << e << " element " << i;
     }
     at += rows[e];
+  }
+}
+
+// The device AdamW update against AdamW::Step, bit for bit, with fp32 and bf16 moments,
+// decayed and undecayed parameters, warmup, clipping scales and sign changes of the grads.
+TEST(ThrustOptimizer, AdamWMatchesTheCpuOptimizerBitForBit) {
+  for (DType moments : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(moments));
+    OptimizerConfig cfg;
+    cfg.learning_rate = 3e-3;
+    cfg.weight_decay = 0.1;
+    cfg.warmup_steps = 2;
+    cfg.total_steps = 10;
+    cfg.moments = moments;
+    const int64_t n0 = 1000, n1 = 77;
+    std::vector<float> w0 = Normal(n0, 1.0f, 1), w1 = Normal(n1, 0.5f, 2);
+    std::vector<float> g0(n0), g1(n1);
+    AdamW cpu(cfg,
+              {{"w0", w0.data(), g0.data(), n0, true}, {"w1", w1.data(), g1.data(), n1, false}});
+    std::vector<float> d0 = w0, d1 = w1;  // the device side's copies
+    const size_t word = moments == DType::kBF16 ? 2 : 4;
+    std::vector<uint8_t> m0(n0 * word, 0), v0(n0 * word, 0), m1(n1 * word, 0), v1(n1 * word, 0);
+    for (int64_t step = 0; step < 6; ++step) {
+      const std::vector<float> a = Normal(n0, step % 2 ? -1.0f : 1.0f, 10 + step);
+      const std::vector<float> b = Normal(n1, 0.01f, 20 + step);
+      std::copy(a.begin(), a.end(), g0.begin());
+      std::copy(b.begin(), b.end(), g1.begin());
+      const float scale = step == 3 ? 0.25f : 1.0f;
+      cpu.Step(step, scale);
+      const AdamWScalars s = cpu.Scalars(step, scale);
+      thrust_optim::AdamWStep(thrust::device, s, true, d0.data(), g0.data(), m0.data(), v0.data(),
+                              n0, moments == DType::kBF16);
+      thrust_optim::AdamWStep(thrust::device, s, false, d1.data(), g1.data(), m1.data(), v1.data(),
+                              n1, moments == DType::kBF16);
+      ASSERT_EQ(0, std::memcmp(d0.data(), w0.data(), n0 * 4)) << "step " << step;
+      ASSERT_EQ(0, std::memcmp(d1.data(), w1.data(), n1 * 4)) << "step " << step;
+      ASSERT_EQ(0, std::memcmp(m0.data(), cpu.first_moment(0), n0 * word)) << "step " << step;
+      ASSERT_EQ(0, std::memcmp(v1.data(), cpu.second_moment(1), n1 * word)) << "step " << step;
+    }
+    EXPECT_NE(d0, Normal(n0, 1.0f, 1)) << "the parameters moved";
   }
 }
 

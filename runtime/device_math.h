@@ -1,0 +1,45 @@
+// What host and device code share: MOERUN_HD (functions for both under nvcc, plain host
+// functions otherwise) and bf16 conversion usable in device code, bit for bit as
+// FloatToBF16 / BF16ToFloat (runtime/dtype.h).
+#ifndef MOERUN_RUNTIME_DEVICE_MATH_H_
+#define MOERUN_RUNTIME_DEVICE_MATH_H_
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define MOERUN_HD __host__ __device__
+#else
+#define MOERUN_HD
+#endif
+
+namespace moerun {
+
+// Round to nearest even; NaN stays a quiet NaN.
+MOERUN_HD inline uint16_t ToBF16Bits(float f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+#endif
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) {
+    return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  }
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+MOERUN_HD inline float FromBF16Bits(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+}  // namespace moerun
+
+#endif  // MOERUN_RUNTIME_DEVICE_MATH_H_
