@@ -26,6 +26,18 @@ void SwapBlockAxes(const float* src, float* dst, int64_t a_count, int64_t b_coun
   }
 }
 
+// dst = src (same element count), copied in parallel.
+void CopyRows(const Tensor& src, Tensor* dst) {
+  const int64_t n = src.numel();
+  const float* s = src.data<float>();
+  float* d = dst->data<float>();
+  constexpr int64_t kChunk = 1 << 16;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; i += kChunk) {
+    std::memcpy(d + i, s + i, std::min(kChunk, n - i) * sizeof(float));
+  }
+}
+
 }  // namespace
 
 ScopedTimer::ScopedTimer(double* slot) : slot_(slot), start_(Now()) {}
@@ -132,6 +144,12 @@ void Dispatcher::AllToAll(const Tensor& send, Tensor* recv) {
 void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack) {
   const int64_t pe = groups_->expert().size(), el = groups_->local_experts();
   const int64_t r = send.dim(1), w = send.dim(2);
+  if (pe == 1) {  // [E, R, w] is already [E_local, 1 * R, w]: one copy, no staging
+    ScopedTimer timer(pack);
+    EnsureTensor(recv, {el, r, w});
+    CopyRows(send, recv);
+    return;
+  }
   {
     ScopedTimer timer(a2a);
     EnsureTensor(&staging_, {pe, el, r, w});
@@ -145,6 +163,12 @@ void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double
 void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack) {
   const int64_t pe = groups_->expert().size(), el = groups_->local_experts();
   const int64_t r = send.dim(1) / pe, w = send.dim(2);
+  if (pe == 1) {
+    ScopedTimer timer(pack);
+    EnsureTensor(recv, {groups_->num_experts(), r, w});
+    CopyRows(send, recv);
+    return;
+  }
   {
     ScopedTimer timer(pack);
     EnsureTensor(&staging_, {pe, el, r, w});
