@@ -8,6 +8,9 @@
 #include <sstream>
 
 #include "runtime/backend.h"
+#ifdef MOERUN_WITH_CUDA_KERNELS
+#include "model/routing_cuda.h"
+#endif
 #include "runtime/kernels.h"
 #include "runtime/process.h"
 
@@ -119,6 +122,9 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
     if (!agree.ok()) LOG(WARNING) << agree.message();
     const Status bound = BindCudaDevice(Process().local_rank);
     CHECK(bound.ok()) << "--device cuda: " << bound.message();
+#ifdef MOERUN_WITH_CUDA_KERNELS
+    RegisterCudaMoeOps();
+#endif
     LOG(INFO) << "local rank " << Process().local_rank << " of " << Process().local_size << " on "
               << RequireBackend(Device::kCUDA).Describe();
   }

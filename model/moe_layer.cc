@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "model/moe_losses.h"
+#include "model/moe_ops.h"
 #include "model/routing.h"
 #include "model/vit_spec.h"
 #include "runtime/kernels.h"
@@ -129,7 +130,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   // experts, bring the results back.
   {
     ScopedTimer timer(&timers_.pack);
-    PackRows(plan_, x.data<float>(), d, &dispatch_);
+    ops::PackRows(plan_, plan_.row, x, &dispatch_);
   }
   if (overlapped()) {
     bool prepared = false;
@@ -148,24 +149,19 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   dispatcher_.FromExperts(expert_out_, &combine_in_, &timers_.all_to_all, &timers_.pack);
   // 4. Combine: y[s] = sum over kept choices of gate * expert output.
   ScopedTimer timer(&timers_.combine);
-  GatherKeptRows(combine_in_.data<float>(), plan_.row.data<int32_t>(), plan_.weight.data<float>(),
-                 t, config_.k, d, y->data<float>());
+  ops::CombineRows(combine_in_, plan_.row, plan_.weight, y);
   return Status::Ok();
 }
 
 void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
-  const int64_t t = plan_.tokens, d = config_.d, k = config_.k;
+  const int64_t t = plan_.tokens, d = config_.d;
   MOERUN_CHECK_SHAPE(dy, {t, d});
   MOERUN_CHECK_SHAPE(*dx, {t, d});
-  const int32_t* row = plan_.row.data<int32_t>();
-  std::vector<float> d_weight(t * k, 0.0f);
-
   // 1. Combine backward: d gate = <dy, expert out>; d expert out = gate * dy (into
   // dispatch_, free now).
   {
     ScopedTimer timer(&timers_.bwd_combine);
-    GatherKeptRowsBackward(combine_in_.data<float>(), row, plan_.weight.data<float>(),
-                           dy.data<float>(), t, k, d, &dispatch_, d_weight.data());
+    ops::CombineRowsBackward(combine_in_, plan_.row, plan_.weight, dy, &dispatch_, &d_weight_);
   }
   if (overlapped()) {
     bool prepared = false;
@@ -186,12 +182,13 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   // 2. Dispatch backward: dx[s] = sum over kept choices of d(dispatched row).
   {
     ScopedTimer timer(&timers_.bwd_dispatch);
-    GatherKeptRows(dispatch_.data<float>(), row, nullptr, t, k, d, dx->data<float>());
+    ops::CombineRows(dispatch_, plan_.row, Tensor(), dx);
   }
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
   ScopedTimer timer(&timers_.bwd_router);
-  aux_.RouterBackward(&router_, plan_, d_weight.data(), groups_->world().size(), dx->data<float>());
+  aux_.RouterBackward(&router_, plan_, d_weight_.data<float>(), groups_->world().size(),
+                      dx->data<float>());
 }
 
 bool MoeLayer::overlapped() const {

@@ -158,6 +158,7 @@ class MoeLayer {
   Tensor expert_out_;  // [E_local, R, D]
   Tensor combine_in_;  // [E, G*cap, D]
   Tensor d_expert_out_, d_expert_in_;
+  Tensor d_weight_;  // [T, K] d(combine weight), from the combine backward
 };
 
 }  // namespace moerun

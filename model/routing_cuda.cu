@@ -2,8 +2,11 @@
 #include <thrust/device_vector.h>
 #include <thrust/execution_policy.h>
 
+#include "model/adamw_cuda.h"
+#include "model/moe_ops.h"
 #include "model/routing_cuda.h"
 #include "model/routing_thrust.h"
+#include "runtime/backend.h"
 
 namespace moerun {
 
@@ -45,5 +48,21 @@ void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weigh
                         int64_t k, int64_t w, float* out) {
   thrust_routing::GatherKeptRows(thrust::device, buf, row, weight, tokens, k, w, out);
 }
+
+namespace {
+
+void CudaPackRowsZeroed(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
+                        float* buf, int64_t buf_rows) {
+  RequireBackend(Device::kCUDA).SetZero(buf, buf_rows * w * sizeof(float));
+  CudaPackRows(row, x, tokens, k, w, buf);
+}
+
+// Not yet on CUDA: the combine backward (null entry: the op says so).
+const MoeOpsTable kCudaOps = {"cuda", &CudaPackRowsZeroed, &CudaGatherKeptRows, nullptr,
+                              &CudaAdamWStep};
+
+}  // namespace
+
+void RegisterCudaMoeOps() { RegisterMoeOps(Device::kCUDA, &kCudaOps); }
 
 }  // namespace moerun

@@ -35,6 +35,9 @@ void CudaPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k,
 void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
                         int64_t k, int64_t w, float* out);
 
+// Installs the CUDA implementations of model/moe_ops.h's ops (pack, combine, AdamW).
+void RegisterCudaMoeOps();
+
 }  // namespace moerun
 
 #endif  // MOERUN_MODEL_ROUTING_CUDA_H_

@@ -48,38 +48,44 @@ AdamWScalars AdamW::Scalars(int64_t step, float grad_scale) const {
   return s;
 }
 
+void AdamWUpdate(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m_raw,
+                 void* v_raw, int64_t n, bool bf16_moments) {
+  const float c1 = s.c1, c2 = s.c2, b1 = s.b1, b2 = s.b2, eps = s.eps, flr = s.lr;
+  const float grad_scale = s.grad_scale;
+  const float wd = decay ? s.weight_decay : 0.0f;
+  if (bf16_moments) {
+    BF16* m = static_cast<BF16*>(m_raw);
+    BF16* v = static_cast<BF16*>(v_raw);
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t j = 0; j < n; ++j) {
+      const float g = grad[j] * grad_scale;
+      const float mj = b1 * BF16ToFloat(m[j]) + (1.0f - b1) * g;
+      const float vj = b2 * BF16ToFloat(v[j]) + (1.0f - b2) * g * g;
+      m[j] = FloatToBF16(mj);
+      v[j] = FloatToBF16(vj);
+      const float update = (mj * c1) / (std::sqrt(vj * c2) + eps);
+      value[j] -= flr * (update + wd * value[j]);
+    }
+    return;
+  }
+  float* m = static_cast<float*>(m_raw);
+  float* v = static_cast<float*>(v_raw);
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (int64_t j = 0; j < n; ++j) {
+    const float g = grad[j] * grad_scale;
+    m[j] = b1 * m[j] + (1.0f - b1) * g;
+    v[j] = b2 * v[j] + (1.0f - b2) * g * g;
+    const float update = (m[j] * c1) / (std::sqrt(v[j] * c2) + eps);
+    value[j] -= flr * (update + wd * value[j]);
+  }
+}
+
 void AdamW::Step(int64_t step, float grad_scale) {
   const AdamWScalars s = Scalars(step, grad_scale);
-  const float c1 = s.c1, c2 = s.c2, b1 = s.b1, b2 = s.b2, eps = s.eps, flr = s.lr;
   const bool bf16 = config_.moments == DType::kBF16;
   for (size_t i = 0; i < params_.size(); ++i) {
     const OptimizerParam& p = params_[i];
-    const float wd = p.decay ? static_cast<float>(config_.weight_decay) : 0.0f;
-    if (bf16) {
-      BF16* m = reinterpret_cast<BF16*>(m_[i].data());
-      BF16* v = reinterpret_cast<BF16*>(v_[i].data());
-#pragma omp parallel for simd schedule(static) if (p.size > 65536)
-      for (int64_t j = 0; j < p.size; ++j) {
-        const float g = p.grad[j] * grad_scale;
-        const float mj = b1 * BF16ToFloat(m[j]) + (1.0f - b1) * g;
-        const float vj = b2 * BF16ToFloat(v[j]) + (1.0f - b2) * g * g;
-        m[j] = FloatToBF16(mj);
-        v[j] = FloatToBF16(vj);
-        const float update = (mj * c1) / (std::sqrt(vj * c2) + eps);
-        p.value[j] -= flr * (update + wd * p.value[j]);
-      }
-      continue;
-    }
-    float* m = reinterpret_cast<float*>(m_[i].data());
-    float* v = reinterpret_cast<float*>(v_[i].data());
-#pragma omp parallel for simd schedule(static) if (p.size > 65536)
-    for (int64_t j = 0; j < p.size; ++j) {
-      const float g = p.grad[j] * grad_scale;
-      m[j] = b1 * m[j] + (1.0f - b1) * g;
-      v[j] = b2 * v[j] + (1.0f - b2) * g * g;
-      const float update = (m[j] * c1) / (std::sqrt(v[j] * c2) + eps);
-      p.value[j] -= flr * (update + wd * p.value[j]);
-    }
+    AdamWUpdate(s, p.decay, p.value, p.grad, m_[i].data(), v_[i].data(), p.size, bf16);
   }
 }
 

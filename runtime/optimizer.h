@@ -44,6 +44,11 @@ struct AdamWScalars {
   float b1, b2, c1, c2, eps, lr, weight_decay, grad_scale;
 };
 
+// The update of one parameter's n elements with the step's constants (AdamW::Step's loop;
+// the CPU implementation of ops::AdamWStep). m and v hold fp32, or bf16 when bf16_moments.
+void AdamWUpdate(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
+                 void* v, int64_t n, bool bf16_moments);
+
 class AdamW {
  public:
   AdamW(const OptimizerConfig& config, std::vector<OptimizerParam> params);

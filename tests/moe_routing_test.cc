@@ -4,13 +4,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
+#include "model/moe_dispatch.h"
 #include "model/moe_losses.h"
+#include "model/moe_ops.h"
 #include "model/router_noise.h"
 #include "model/routing.h"
 #include "runtime/gradcheck.h"
+#include "runtime/optimizer.h"
 
 namespace moerun {
 namespace {
@@ -212,6 +216,112 @@ TEST(RouterNoiseTest, DependsOnlyOnTheGlobalTokenIndex) {
   var /= many.size();
   EXPECT_NEAR(mean, 0.0, 0.02);
   EXPECT_NEAR(var, 1.0, 0.03);
+}
+
+}  // namespace
+}  // namespace moerun
+
+// --- model/moe_ops.h: one dispatch point per op -----------------------------------------
+namespace moerun {
+namespace {
+
+// A plan of 5 tokens, k 2, over 3 experts x 3 rows, with dropped choices and unused rows
+// (6, 7, 8).
+RoutingPlan SmallPlan() {
+  RoutingPlan p;
+  p.tokens = 5;
+  p.k = 2;
+  p.num_experts = 3;
+  p.groups = 1;
+  p.capacity = 3;
+  p.row = Tensor::Empty({5, 2}, DType::kI32);
+  const int32_t rows[10] = {0, 2, 1, -1, 4, 3, -1, 5, -1, -1};
+  std::copy(rows, rows + 10, p.row.data<int32_t>());
+  p.weight = Tensor::Empty({5, 2});
+  for (int i = 0; i < 10; ++i) p.weight.data<float>()[i] = 0.1f * (i + 1);
+  return p;
+}
+
+Tensor Iota(const Shape& s, float scale) {
+  Tensor t = Tensor::Empty(s);
+  for (int64_t i = 0; i < t.numel(); ++i)
+    t.data<float>()[i] = scale * static_cast<float>(i % 13) - 1;
+  return t;
+}
+
+TEST(MoeOps, CpuOpsAreTheCpuLoops) {
+  const RoutingPlan plan = SmallPlan();
+  const int64_t w = 4;
+  Tensor x = Iota({5, w}, 0.5f), buf, want;
+  ops::PackRows(plan, plan.row, x, &buf);
+  PackRows(plan, x.data<float>(), w, &want);
+  ASSERT_EQ(buf.shape(), want.shape());
+  EXPECT_EQ(0, std::memcmp(buf.raw_data(), want.raw_data(), want.nbytes()));
+  EXPECT_EQ(buf.data<float>()[2 * w], x.data<float>()[0]) << "token 0's second choice, row 2";
+  Tensor y = Tensor::Empty({5, w}), y_want = Tensor::Empty({5, w});
+  ops::CombineRows(buf, plan.row, plan.weight, &y);
+  GatherKeptRows(buf.data<float>(), plan.row.data<int32_t>(), plan.weight.data<float>(), 5, 2, w,
+                 y_want.data<float>());
+  EXPECT_EQ(0, std::memcmp(y.raw_data(), y_want.raw_data(), y.nbytes()));
+  Tensor dy = Iota({5, w}, 0.25f), d_buf, d_weight, d_buf_want = Tensor::Empty(buf.shape());
+  std::vector<float> d_weight_want(10);
+  ops::CombineRowsBackward(buf, plan.row, plan.weight, dy, &d_buf, &d_weight);
+  GatherKeptRowsBackward(buf.data<float>(), plan.row.data<int32_t>(), plan.weight.data<float>(),
+                         dy.data<float>(), 5, 2, w, &d_buf_want, d_weight_want.data());
+  EXPECT_EQ(0, std::memcmp(d_buf.raw_data(), d_buf_want.raw_data(), d_buf.nbytes()));
+  EXPECT_EQ(0, std::memcmp(d_weight.raw_data(), d_weight_want.data(), 40));
+  EXPECT_EQ(d_weight.data<float>()[3], 0.0f) << "a dropped choice has no gate gradient";
+}
+
+TEST(MoeOps, AdamWOpIsTheOptimizersUpdate) {
+  OptimizerConfig cfg;
+  cfg.weight_decay = 0.05;
+  std::vector<float> value(300), grad(300);
+  for (int i = 0; i < 300; ++i) {
+    value[i] = 0.01f * i - 1;
+    grad[i] = std::sin(0.3f * i);
+  }
+  std::vector<float> mine = value;
+  AdamW adam(cfg, {{"w", value.data(), grad.data(), 300, true}});
+  Tensor m = Tensor::Zeros({300}), v = Tensor::Zeros({300});
+  for (int64_t step = 0; step < 3; ++step) {
+    adam.Step(step, 0.5f);
+    ops::AdamWStep(adam.Scalars(step, 0.5f), true, Tensor::Wrap(mine.data(), {300}, DType::kF32),
+                   Tensor::Wrap(grad.data(), {300}, DType::kF32), m, v);
+    ASSERT_EQ(mine, value) << "step " << step;
+  }
+}
+
+// A stand-in device table (host memory tagged as CUDA) to see the dispatch itself.
+int g_fake_packs = 0;
+void FakePack(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w, float* buf,
+              int64_t buf_rows) {
+  ++g_fake_packs;
+  MoeOpsFor(Device::kCPU)->pack_rows(row, x, tokens, k, w, buf, buf_rows);
+}
+const MoeOpsTable kFake = {"fake-cuda", &FakePack, nullptr, nullptr, nullptr};
+
+TEST(MoeOps, EachOpRunsItsDevicesImplementationOrSaysWhatIsMissing) {
+  const MoeOpsTable* before = MoeOpsFor(Device::kCUDA);
+  RoutingPlan plan = SmallPlan();
+  std::vector<float> xs(5 * 4, 1.0f), bufs(3 * 3 * 4, 7.0f), ys(5 * 4);
+  std::vector<int32_t> rows(plan.row.data<int32_t>(), plan.row.data<int32_t>() + 10);
+  Tensor x = Tensor::Wrap(xs.data(), {5, 4}, DType::kF32, Device::kCUDA);
+  Tensor row = Tensor::Wrap(rows.data(), {5, 2}, DType::kI32, Device::kCUDA);
+  Tensor buf = Tensor::Wrap(bufs.data(), {3, 3, 4}, DType::kF32, Device::kCUDA);
+  Tensor y = Tensor::Wrap(ys.data(), {5, 4}, DType::kF32, Device::kCUDA);
+  RegisterMoeOps(Device::kCUDA, &kFake);
+  ops::PackRows(plan, row, x, &buf);
+  EXPECT_EQ(g_fake_packs, 1);
+  EXPECT_EQ(buf.raw_data(), bufs.data()) << "a buffer of the right shape and device is reused";
+  EXPECT_EQ(bufs[0], 1.0f);
+  EXPECT_EQ(bufs[6 * 4], 0.0f) << "rows no choice landed on are zeroed";
+  EXPECT_DEATH(ops::CombineRows(buf, row, Tensor(), &y),
+               "CombineRows is not implemented on fake-cuda yet");
+  EXPECT_DEATH(ops::PackRows(plan, plan.row, x, &buf), "operands on different devices");
+  RegisterMoeOps(Device::kCUDA, nullptr);
+  EXPECT_DEATH(ops::PackRows(plan, row, x, &buf), "no cuda implementations are registered");
+  RegisterMoeOps(Device::kCUDA, before);
 }
 
 }  // namespace
