@@ -49,7 +49,21 @@ void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weigh
   thrust_routing::GatherKeptRows(thrust::device, buf, row, weight, tokens, k, w, out);
 }
 
+void CudaGatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
+                                const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
+                                float* d_weight) {
+  thrust_routing::GatherKeptRowsBackward(thrust::device, buf, row, weight, dy, tokens, k, w, d_buf,
+                                         d_weight);
+}
+
 namespace {
+
+void CudaCombineRowsBackwardZeroed(const float* buf, const int32_t* row, const float* weight,
+                                   const float* dy, int64_t tokens, int64_t k, int64_t w,
+                                   float* d_buf, int64_t buf_rows, float* d_weight) {
+  RequireBackend(Device::kCUDA).SetZero(d_buf, buf_rows * w * sizeof(float));
+  CudaGatherKeptRowsBackward(buf, row, weight, dy, tokens, k, w, d_buf, d_weight);
+}
 
 void CudaPackRowsZeroed(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
                         float* buf, int64_t buf_rows) {
@@ -57,9 +71,8 @@ void CudaPackRowsZeroed(const int32_t* row, const float* x, int64_t tokens, int6
   CudaPackRows(row, x, tokens, k, w, buf);
 }
 
-// Not yet on CUDA: the combine backward (null entry: the op says so).
-const MoeOpsTable kCudaOps = {"cuda", &CudaPackRowsZeroed, &CudaGatherKeptRows, nullptr,
-                              &CudaAdamWStep};
+const MoeOpsTable kCudaOps = {"cuda", &CudaPackRowsZeroed, &CudaGatherKeptRows,
+                              &CudaCombineRowsBackwardZeroed, &CudaAdamWStep};
 
 }  // namespace
 

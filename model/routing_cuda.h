@@ -35,7 +35,13 @@ void CudaPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k,
 void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
                         int64_t k, int64_t w, float* out);
 
-// Installs the CUDA implementations of model/moe_ops.h's ops (pack, combine, AdamW).
+// d_buf must be zeroed by the caller (see thrust_routing::GatherKeptRowsBackward).
+void CudaGatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
+                                const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
+                                float* d_weight);
+
+// Installs the CUDA implementations of model/moe_ops.h's ops (pack, combine and its
+// backward, AdamW).
 void RegisterCudaMoeOps();
 
 }  // namespace moerun

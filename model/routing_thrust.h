@@ -234,6 +234,42 @@ void GatherKeptRows(const Policy& policy, const float* buf, const int32_t* row, 
                    CombineFunctor{buf, row, weight, k, w, out});
 }
 
+// Combine backward (the caller zeroes d_buf first): per kept choice i = (t, j),
+// d_weight[i] = <dy[t], buf[row[i]]> summed in double in column order, and
+// d_buf[row[i]] = weight[i] * dy[t]; d_weight[i] = 0 for a dropped choice. One work item
+// per choice: kept rows are distinct, so no two items write the same d_buf row.
+struct CombineBackwardFunctor {
+  const float* buf;
+  const int32_t* row;
+  const float* weight;
+  const float* dy;
+  int64_t k, w;
+  float* d_buf;
+  float* d_weight;
+  MOERUN_HD void operator()(int64_t i) const {
+    d_weight[i] = 0.0f;
+    if (row[i] < 0) return;
+    const float* dyt = dy + (i / k) * w;
+    const float* o = buf + static_cast<int64_t>(row[i]) * w;
+    float* dst = d_buf + static_cast<int64_t>(row[i]) * w;
+    double dot = 0;
+    for (int64_t c = 0; c < w; ++c) {
+      dot += static_cast<double>(dyt[c]) * o[c];
+      dst[c] = weight[i] * dyt[c];
+    }
+    d_weight[i] = static_cast<float>(dot);
+  }
+};
+
+template <typename Policy>
+void GatherKeptRowsBackward(const Policy& policy, const float* buf, const int32_t* row,
+                            const float* weight, const float* dy, int64_t tokens, int64_t k,
+                            int64_t w, float* d_buf, float* d_weight) {
+  thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
+                   thrust::counting_iterator<int64_t>(tokens * k),
+                   CombineBackwardFunctor{buf, row, weight, dy, k, w, d_buf, d_weight});
+}
+
 }  // namespace thrust_routing
 }  // namespace moerun
 

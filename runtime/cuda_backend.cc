@@ -1,6 +1,7 @@
 // The CUDA backend: device memory from the stream-ordered allocator (cudaMallocAsync on the
 // device's default memory pool, kept cached: the pool's release threshold is raised so freed
-// blocks are reused instead of returned to the driver), copies on one non-blocking stream.
+// blocks are reused instead of returned to the driver), copies on one stream (blocking: ordered
+// with the legacy default stream).
 #include "runtime/cuda_backend.h"
 
 #include <glog/logging.h>
@@ -36,7 +37,9 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
     MOERUN_CUDA_CHECK(cudaSetDevice(device_));
-    MOERUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    // A blocking stream: it orders with the legacy default stream, which Thrust's
+    // thrust::device and plain cudaMemcpy use, so work queued either way stays in order.
+    MOERUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
     cudaMemPool_t pool;
     MOERUN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
     uint64_t keep = UINT64_MAX;  // a caching pool: never hand freed memory back mid-run

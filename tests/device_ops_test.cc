@@ -95,7 +95,7 @@ TEST(ThrustRouting, TopKAndSlotsMatchTheCpuReference) {
   }
 }
 
-// Plan rows, pack and combine against the CPU plan and dispatch (moe_plan.cc,
+// Plan rows, pack, combine and its backward against the CPU plan and dispatch (moe_plan.cc,
 // moe_dispatch.cc): groups, capacity drops, BPR, with and without combine weights.
 TEST(ThrustRouting, RowsPackAndCombineMatchTheCpuReference) {
   struct Shape {
@@ -169,6 +169,24 @@ TEST(ThrustRouting, RowsPackAndCombineMatchTheCpuReference) {
       const thrust::host_vector<float> h_out = d_out;
       EXPECT_EQ(std::vector<float>(h_out.begin(), h_out.end()), out) << "weighted " << weighted;
     }
+    // Combine backward: d expert rows and d gates, bit for bit.
+    std::vector<float> dy(sh.tokens * sh.w), d_weight(tk, -1);
+    for (float& v : dy) v = u(rng);
+    Tensor d_buf_cpu = Tensor::Empty(buf.shape());
+    GatherKeptRowsBackward(y.data(), row, plan.weight.data<float>(), dy.data(), sh.tokens, sh.k,
+                           sh.w, &d_buf_cpu, d_weight.data());
+    thrust::device_vector<float> d_dy(dy.begin(), dy.end()), d_dbuf(buf.numel(), 0.0f),
+        d_dweight(tk, -3);
+    thrust_routing::GatherKeptRowsBackward(
+        thrust::device, thrust::raw_pointer_cast(d_y.data()),
+        thrust::raw_pointer_cast(d_row.data()), thrust::raw_pointer_cast(d_w.data()),
+        thrust::raw_pointer_cast(d_dy.data()), sh.tokens, sh.k, sh.w,
+        thrust::raw_pointer_cast(d_dbuf.data()), thrust::raw_pointer_cast(d_dweight.data()));
+    const thrust::host_vector<float> h_dbuf = d_dbuf, h_dweight = d_dweight;
+    EXPECT_EQ(
+        std::vector<float>(h_dbuf.begin(), h_dbuf.end()),
+        std::vector<float>(d_buf_cpu.data<float>(), d_buf_cpu.data<float>() + d_buf_cpu.numel()));
+    EXPECT_EQ(std::vector<float>(h_dweight.begin(), h_dweight.end()), d_weight);
   }
 }
 
