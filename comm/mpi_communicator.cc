@@ -283,21 +283,32 @@ MpiCommunicator::~MpiCommunicator() {
   if (MpiActive() && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
 
-void MpiCommunicator::AllToAllV(const void* send, const std::vector<int64_t>& send_counts,
-                                const std::vector<int64_t>& send_displs, void* recv,
-                                const std::vector<int64_t>& recv_counts,
-                                const std::vector<int64_t>& recv_displs, DType dtype) {
+void MpiCommunicator::ToIntCounts(const std::vector<int64_t>& send_counts,
+                                  const std::vector<int64_t>& send_displs,
+                                  const std::vector<int64_t>& recv_counts,
+                                  const std::vector<int64_t>& recv_displs, std::vector<int>* sc,
+                                  std::vector<int>* sd, std::vector<int>* rc,
+                                  std::vector<int>* rd) const {
   CHECK(static_cast<int>(send_counts.size()) == size_ &&
         static_cast<int>(send_displs.size()) == size_ &&
         static_cast<int>(recv_counts.size()) == size_ &&
         static_cast<int>(recv_displs.size()) == size_)
       << "all_to_all_v on '" << name_ << "' needs " << size_ << " counts and displacements";
+  for (std::vector<int>* v : {sc, sd, rc, rd}) v->resize(size_);
   for (int p = 0; p < size_; ++p) {
-    send_counts_[p] = ToInt(send_counts[p], "send count", name_);
-    send_displs_[p] = ToInt(send_displs[p], "send displacement", name_);
-    recv_counts_[p] = ToInt(recv_counts[p], "recv count", name_);
-    recv_displs_[p] = ToInt(recv_displs[p], "recv displacement", name_);
+    (*sc)[p] = ToInt(send_counts[p], "send count", name_);
+    (*sd)[p] = ToInt(send_displs[p], "send displacement", name_);
+    (*rc)[p] = ToInt(recv_counts[p], "recv count", name_);
+    (*rd)[p] = ToInt(recv_displs[p], "recv displacement", name_);
   }
+}
+
+void MpiCommunicator::AllToAllV(const void* send, const std::vector<int64_t>& send_counts,
+                                const std::vector<int64_t>& send_displs, void* recv,
+                                const std::vector<int64_t>& recv_counts,
+                                const std::vector<int64_t>& recv_displs, DType dtype) {
+  ToIntCounts(send_counts, send_displs, recv_counts, recv_displs, &send_counts_, &send_displs_,
+              &recv_counts_, &recv_displs_);
   const MPI_Datatype type = ToMpiType(dtype);
   WatchdogScope watch(g_watchdog.get(), "all_to_all_v", &name_, size_);
   MOERUN_MPI_CHECK(MPI_Alltoallv(send, send_counts_.data(), send_displs_.data(), type, recv,
@@ -339,22 +350,9 @@ std::unique_ptr<PendingCollective> MpiCommunicator::StartAllToAllV(
     const void* send, const std::vector<int64_t>& send_counts,
     const std::vector<int64_t>& send_displs, void* recv, const std::vector<int64_t>& recv_counts,
     const std::vector<int64_t>& recv_displs, DType dtype) {
-  CHECK(static_cast<int>(send_counts.size()) == size_ &&
-        static_cast<int>(send_displs.size()) == size_ &&
-        static_cast<int>(recv_counts.size()) == size_ &&
-        static_cast<int>(recv_displs.size()) == size_)
-      << "all_to_all_v on '" << name_ << "' needs " << size_ << " counts and displacements";
   auto pending = std::make_unique<PendingMpiAllToAllV>(&name_, size_);
-  for (auto* v : {&pending->send_counts, &pending->send_displs, &pending->recv_counts,
-                  &pending->recv_displs}) {
-    v->resize(size_);
-  }
-  for (int p = 0; p < size_; ++p) {
-    pending->send_counts[p] = ToInt(send_counts[p], "send count", name_);
-    pending->send_displs[p] = ToInt(send_displs[p], "send displacement", name_);
-    pending->recv_counts[p] = ToInt(recv_counts[p], "recv count", name_);
-    pending->recv_displs[p] = ToInt(recv_displs[p], "recv displacement", name_);
-  }
+  ToIntCounts(send_counts, send_displs, recv_counts, recv_displs, &pending->send_counts,
+              &pending->send_displs, &pending->recv_counts, &pending->recv_displs);
   const MPI_Datatype type = ToMpiType(dtype);
   MOERUN_MPI_CHECK(MPI_Ialltoallv(send, pending->send_counts.data(), pending->send_displs.data(),
                                   type, recv, pending->recv_counts.data(),

@@ -75,6 +75,12 @@ class MpiCommunicator : public Communicator {
   std::unique_ptr<Communicator> Split(int color, int key, const std::string& name) override;
 
  private:
+  // Checks the four vectors have size() entries and narrows them to MPI's int.
+  void ToIntCounts(const std::vector<int64_t>& send_counts, const std::vector<int64_t>& send_displs,
+                   const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
+                   std::vector<int>* sc, std::vector<int>* sd, std::vector<int>* rc,
+                   std::vector<int>* rd) const;
+
   MPI_Comm comm_;
   std::string name_;
   int rank_ = 0;
