@@ -50,6 +50,21 @@ if "$moerun" env --json | grep -q '"cuda_devices":0'; then
     "$src/configs/fashion_mnist_demo.pbtxt" --device cuda
 fi
 expect 2 '--device tpu: use cpu or cuda' "$moerun" bench moe-layer --device tpu
+# bench moe-layer at a tiny shape, without and with the overlapped dispatch: the layer's
+# fraction of the GEMM limit, and the gain of the overlap on its second line.
+out=$("${np2[@]}" "$moerun" bench moe-layer --shapes 32x64 --experts 4 --tokens 256 --steps 1 \
+  --bpr 1 --overlap 0,1 2>/dev/null)
+if [ "$(grep -c '"bench":"moe-layer"' <<<"$out")" -eq 2 ] &&
+  grep -q '"overlap":false.*' <<<"$(head -n 1 <<<"$out")" &&
+  grep -q '"overlap_gain"' <<<"$(tail -n 1 <<<"$out")" &&
+  grep -q '"layer_fraction_of_gemm_limit"' <<<"$out"; then
+  passed=$((passed + 1))
+else
+  echo "FAIL: bench moe-layer --overlap 0,1 should print two lines, the second with overlap_gain:"
+  echo "$out" | head -5
+  failed=$((failed + 1))
+fi
+expect 2 '--overlap must be 0, 1 or 0,1' "$moerun" bench moe-layer --overlap 2
 expect 2 "the option '--config' is required" "$moerun" plan
 expect 2 "cannot read config '$tmp/missing.pbtxt'" "$moerun" plan "$tmp/missing.pbtxt"
 expect 0 '"params_total":296895347' "$moerun" plan "$src/configs/vmoe_s32_every2.pbtxt" --json
