@@ -1,5 +1,7 @@
 // The Communicator: the only way model and runtime code talk to other ranks. Collectives
-// are blocking and must be called by every rank of the communicator in the same order.
+// must be called by every rank of the communicator in the same order; on host backends
+// they complete before returning, on device backends they are queued on a stream (see
+// "Ordering" below), and Start* forms return at once with a PendingCollective.
 // Counts and displacements are in elements of `dtype`. Nothing here knows about models.
 //
 // Failure contract: a failed call or a peer that never arrives never hangs silently and

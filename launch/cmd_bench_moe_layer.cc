@@ -231,7 +231,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                                  ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
                                  : 0.0;
           peak = std::max(peak, MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3));
-        if (!overlap) step_without_overlap = wall;
+          if (!overlap) step_without_overlap = wall;
           if (!session.is_root()) continue;
           nlohmann::json line = {{"bench", "moe-layer"},
                                  {"d", shape.d},
