@@ -179,6 +179,11 @@ void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, doub
   AllToAll(staging_, recv);
 }
 
+void Dispatcher::PrepareExpertRows(const Tensor& send, Tensor* recv) const {
+  EnsureTensor(recv,
+               {groups_->local_experts(), groups_->expert().size() * send.dim(1), send.dim(2)});
+}
+
 void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
                                      const std::function<void(int64_t, int64_t)>& compute,
                                      double* a2a, double* pack, int pieces) {
@@ -186,7 +191,7 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
   const int64_t pe = ep.size(), el = groups_->local_experts(), me = ep.rank();
   const int64_t r = send.dim(1), w = send.dim(2), block = el * r * w;
   EnsureTensor(&staging_, {pe, el, r, w});
-  EnsureTensor(recv, {el, pe * r, w});
+  MOERUN_CHECK_SHAPE(*recv, {el, pe * r, w});
   std::vector<int64_t> counts(pe, block), displs = PrefixDisplacements(counts);
   counts[me] = 0;  // the own block is copied below, not sent
   std::unique_ptr<PendingCollective> pending;

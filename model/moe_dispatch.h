@@ -65,11 +65,13 @@ class Dispatcher {
   void ToExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack);
   // send [E_local, P_ep * R, w] -> recv [E, R, w].
   void FromExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack);
+  // Allocates recv as ToExperts would: [E_local, P_ep * R, w] for send [E, R, w].
+  void PrepareExpertRows(const Tensor& send, Tensor* recv) const;
   // ToExperts overlapped with the experts' work on what arrives: the rows this rank sends
   // itself are copied at once and `compute(begin, count)` runs over them in `pieces` row
   // pieces (driving the transfer between pieces) while the other peers' blocks travel;
-  // then the other peers' rows. compute's rows index recv's second dim; recv is allocated
-  // before the first call. Every row is computed exactly once.
+  // then the other peers' rows. compute's rows index recv's second dim; recv must have
+  // been prepared (PrepareExpertRows). Every row is computed exactly once.
   void ToExpertsOverlapped(const Tensor& send, Tensor* recv,
                            const std::function<void(int64_t, int64_t)>& compute, double* a2a,
                            double* pack, int pieces = 4);

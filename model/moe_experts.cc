@@ -100,10 +100,12 @@ void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                     &timers->expert, &timers->expert_act);
   {
     ScopedTimer timer(&timers->expert_act);
-    for (int64_t e = 0; e < el; ++e) {
+    // Whole blocks are one contiguous run; a row range is one run per expert.
+    const bool whole = count == r;
+    for (int64_t e = 0; e < (whole ? 1 : el); ++e) {
       const int64_t at = (e * r + begin) * m_;
-      (gelu_tanh_ ? GeluTanhForward : GeluForward)(hidden_.data<float>() + at,
-                                                   act_.data<float>() + at, count * m_);
+      (gelu_tanh_ ? GeluTanhForward : GeluForward)(
+          hidden_.data<float>() + at, act_.data<float>() + at, (whole ? el * r : count) * m_);
     }
   }
   LinearForwardRows(act_, params_.fc2_weight, &params_.fc2_bias, out_, begin, count,
@@ -130,11 +132,12 @@ void ExpertMlp::BackwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                      &d_act_, begin, count, &timers->bwd_expert, &timers->bwd_expert_act);
   {
     ScopedTimer timer(&timers->bwd_expert_act);
-    for (int64_t e = 0; e < el; ++e) {
+    const bool whole = count == r;
+    for (int64_t e = 0; e < (whole ? 1 : el); ++e) {
       const int64_t at = (e * r + begin) * m_;
-      (gelu_tanh_ ? GeluTanhBackward : GeluBackward)(hidden_.data<float>() + at,
-                                                     d_act_.data<float>() + at,
-                                                     d_act_.data<float>() + at, count * m_);
+      (gelu_tanh_ ? GeluTanhBackward : GeluBackward)(
+          hidden_.data<float>() + at, d_act_.data<float>() + at, d_act_.data<float>() + at,
+          (whole ? el * r : count) * m_);
     }
   }
   LinearBackwardRows(in_, params_.fc1_weight, d_act_, &grads_.fc1_weight, &grads_.fc1_bias, d_in_,

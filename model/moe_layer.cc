@@ -130,17 +130,14 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   // experts, bring the results back.
   {
     ScopedTimer timer(&timers_.pack);
-    ops::PackRows(plan_, plan_.row, x, &dispatch_);
+    ops::PackRows(plan_, x, &dispatch_);
   }
   if (overlapped()) {
-    bool prepared = false;
+    dispatcher_.PrepareExpertRows(dispatch_, &expert_in_);
+    experts_.PrepareForward(expert_in_, &expert_out_);
     dispatcher_.ToExpertsOverlapped(
         dispatch_, &expert_in_,
-        [&](int64_t begin, int64_t count) {
-          if (!prepared) experts_.PrepareForward(expert_in_, &expert_out_);
-          prepared = true;
-          experts_.ForwardRows(begin, count, &timers_);
-        },
+        [&](int64_t begin, int64_t count) { experts_.ForwardRows(begin, count, &timers_); },
         &timers_.all_to_all, &timers_.pack);
   } else {
     dispatcher_.ToExperts(dispatch_, &expert_in_, &timers_.all_to_all, &timers_.pack);
@@ -164,14 +161,11 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
     ops::CombineRowsBackward(combine_in_, plan_.row, plan_.weight, dy, &dispatch_, &d_weight_);
   }
   if (overlapped()) {
-    bool prepared = false;
+    dispatcher_.PrepareExpertRows(dispatch_, &d_expert_out_);
+    experts_.PrepareBackward(d_expert_out_, &d_expert_in_);
     dispatcher_.ToExpertsOverlapped(
         dispatch_, &d_expert_out_,
-        [&](int64_t begin, int64_t count) {
-          if (!prepared) experts_.PrepareBackward(d_expert_out_, &d_expert_in_);
-          prepared = true;
-          experts_.BackwardRows(begin, count, &timers_);
-        },
+        [&](int64_t begin, int64_t count) { experts_.BackwardRows(begin, count, &timers_); },
         &timers_.bwd_all_to_all, &timers_.bwd_pack);
   } else {
     dispatcher_.ToExperts(dispatch_, &d_expert_out_, &timers_.bwd_all_to_all, &timers_.bwd_pack);

@@ -86,7 +86,8 @@ const MoeOpsTable* MoeOpsFor(Device device) { return Tables()[static_cast<size_t
 
 namespace ops {
 
-void PackRows(const RoutingPlan& plan, const Tensor& row, const Tensor& x, Tensor* buf) {
+void PackRows(const RoutingPlan& plan, const Tensor& x, Tensor* buf) {
+  const Tensor& row = plan.row;
   const Device device = OneDevice("PackRows", {&row, &x});
   const int64_t w = x.dim(1), rows = plan.num_experts * plan.rows_per_expert();
   MOERUN_CHECK_SHAPE(row, {plan.tokens, plan.k});

@@ -44,7 +44,7 @@ namespace ops {
 
 // buf [E, rows_per_expert, w] on x's device (allocated if needed) <- x [T, w] per the plan.
 // plan.row must be on x's device.
-void PackRows(const RoutingPlan& plan, const Tensor& row, const Tensor& x, Tensor* buf);
+void PackRows(const RoutingPlan& plan, const Tensor& x, Tensor* buf);
 // out [T, w] <- the weighted sum of each token's kept rows of buf (weight undefined: 1).
 void CombineRows(const Tensor& buf, const Tensor& row, const Tensor& weight, Tensor* out);
 // d_buf [like buf] and d_weight [T, k] from dy [T, w].

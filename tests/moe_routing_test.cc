@@ -253,7 +253,7 @@ TEST(MoeOps, CpuOpsAreTheCpuLoops) {
   const RoutingPlan plan = SmallPlan();
   const int64_t w = 4;
   Tensor x = Iota({5, w}, 0.5f), buf, want;
-  ops::PackRows(plan, plan.row, x, &buf);
+  ops::PackRows(plan, x, &buf);
   PackRows(plan, x.data<float>(), w, &want);
   ASSERT_EQ(buf.shape(), want.shape());
   EXPECT_EQ(0, std::memcmp(buf.raw_data(), want.raw_data(), want.nbytes()));
@@ -310,17 +310,19 @@ TEST(MoeOps, EachOpRunsItsDevicesImplementationOrSaysWhatIsMissing) {
   Tensor row = Tensor::Wrap(rows.data(), {5, 2}, DType::kI32, Device::kCUDA);
   Tensor buf = Tensor::Wrap(bufs.data(), {3, 3, 4}, DType::kF32, Device::kCUDA);
   Tensor y = Tensor::Wrap(ys.data(), {5, 4}, DType::kF32, Device::kCUDA);
+  RoutingPlan on_device = plan;
+  on_device.row = row;
   RegisterMoeOps(Device::kCUDA, &kFake);
-  ops::PackRows(plan, row, x, &buf);
+  ops::PackRows(on_device, x, &buf);
   EXPECT_EQ(g_fake_packs, 1);
   EXPECT_EQ(buf.raw_data(), bufs.data()) << "a buffer of the right shape and device is reused";
   EXPECT_EQ(bufs[0], 1.0f);
   EXPECT_EQ(bufs[6 * 4], 0.0f) << "rows no choice landed on are zeroed";
   EXPECT_DEATH(ops::CombineRows(buf, row, Tensor(), &y),
                "CombineRows is not implemented on fake-cuda yet");
-  EXPECT_DEATH(ops::PackRows(plan, plan.row, x, &buf), "operands on different devices");
+  EXPECT_DEATH(ops::PackRows(plan, x, &buf), "operands on different devices");
   RegisterMoeOps(Device::kCUDA, nullptr);
-  EXPECT_DEATH(ops::PackRows(plan, row, x, &buf), "no cuda implementations are registered");
+  EXPECT_DEATH(ops::PackRows(on_device, x, &buf), "no cuda implementations are registered");
   RegisterMoeOps(Device::kCUDA, before);
 }
 
