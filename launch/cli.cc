@@ -9,7 +9,7 @@
 
 #include "runtime/backend.h"
 #ifdef MOERUN_WITH_CUDA_KERNELS
-#include "model/routing_cuda.h"
+#include "model/ops_cuda.h"
 #endif
 #include "runtime/kernels.h"
 #include "runtime/process.h"
@@ -123,7 +123,7 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
     const Status bound = BindCudaDevice(Process().local_rank);
     CHECK(bound.ok()) << "--device cuda: " << bound.message();
 #ifdef MOERUN_WITH_CUDA_KERNELS
-    RegisterCudaMoeOps();
+    RegisterCudaOps();
 #endif
     LOG(INFO) << "local rank " << Process().local_rank << " of " << Process().local_size << " on "
               << RequireBackend(Device::kCUDA).Describe();

@@ -9,17 +9,18 @@
 
 namespace moerun {
 
-void LinearForward(const float* x, const float* w, const float* b, float* y, int64_t rows,
-                   int64_t in, int64_t out) {
-  Gemm(false, true, rows, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
-  if (b != nullptr) AddBias(y, b, rows, out);
+void LinearForward(const OpsTable& ops, const float* x, const float* w, const float* b, float* y,
+                   int64_t rows, int64_t in, int64_t out) {
+  MOERUN_OP(ops, gemm)(false, true, rows, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+  if (b != nullptr) MOERUN_OP(ops, add_bias)(y, b, rows, out);
 }
 
-void LinearBackward(const float* x, const float* w, const float* dy, float* dx, float* dw,
-                    float* db, int64_t rows, int64_t in, int64_t out) {
-  if (dx != nullptr) Gemm(false, false, rows, in, out, 1.0f, dy, out, w, in, 0.0f, dx, in);
-  Gemm(true, false, out, in, rows, 1.0f, dy, out, x, in, 1.0f, dw, in);
-  if (db != nullptr) BiasBackward(dy, db, rows, out);
+void LinearBackward(const OpsTable& ops, const float* x, const float* w, const float* dy, float* dx,
+                    float* dw, float* db, int64_t rows, int64_t in, int64_t out) {
+  auto gemm = MOERUN_OP(ops, gemm);
+  if (dx != nullptr) gemm(false, false, rows, in, out, 1.0f, dy, out, w, in, 0.0f, dx, in);
+  gemm(true, false, out, in, rows, 1.0f, dy, out, x, in, 1.0f, dw, in);
+  if (db != nullptr) MOERUN_OP(ops, bias_backward)(dy, db, rows, out);
 }
 
 namespace {
@@ -183,28 +184,38 @@ void ExtractPatches(const float* images, float* patches, int64_t batch, int64_t 
 
 void DenseMlpForward(const DenseMlpWeights& w, const float* x, float* hidden, float* act, float* y,
                      int64_t rows, int64_t d, int64_t m, bool gelu_tanh) {
-  LinearForward(x, w.fc1_w.data<float>(), w.fc1_b.data<float>(), hidden, rows, d, m);
-  (gelu_tanh ? GeluTanhForward : GeluForward)(hidden, act, rows * m);
-  LinearForward(act, w.fc2_w.data<float>(), w.fc2_b.data<float>(), y, rows, m, d);
+  const Device dev = w.fc1_w.device();
+  const OpsTable& ops = Ops(dev);
+  LinearForward(ops, x, w.fc1_w.device_data<float>(dev), w.fc1_b.device_data<float>(dev), hidden,
+                rows, d, m);
+  MOERUN_OP(ops, gelu_forward)(hidden, act, rows * m, gelu_tanh);
+  LinearForward(ops, act, w.fc2_w.device_data<float>(dev), w.fc2_b.device_data<float>(dev), y, rows,
+                m, d);
 }
 
 void DenseMlpBackward(const DenseMlpWeights& w, const float* x, const float* hidden,
                       const float* act, const float* dy, float* d_act, float* dx, int64_t rows,
                       int64_t d, int64_t m, bool gelu_tanh) {
-  LinearBackward(act, w.fc2_w.data<float>(), dy, d_act, w.g_fc2_w.data<float>(),
-                 w.g_fc2_b.data<float>(), rows, m, d);
-  (gelu_tanh ? GeluTanhBackward : GeluBackward)(hidden, d_act, d_act, rows * m);
-  LinearBackward(x, w.fc1_w.data<float>(), d_act, dx, w.g_fc1_w.data<float>(),
-                 w.g_fc1_b.data<float>(), rows, d, m);
+  const Device dev = w.fc1_w.device();
+  const OpsTable& ops = Ops(dev);
+  LinearBackward(ops, act, w.fc2_w.device_data<float>(dev), dy, d_act,
+                 w.g_fc2_w.device_data<float>(dev), w.g_fc2_b.device_data<float>(dev), rows, m, d);
+  MOERUN_OP(ops, gelu_backward)(hidden, d_act, d_act, rows * m, gelu_tanh);
+  LinearBackward(ops, x, w.fc1_w.device_data<float>(dev), d_act, dx,
+                 w.g_fc1_w.device_data<float>(dev), w.g_fc1_b.device_data<float>(dev), rows, d, m);
 }
 
 void DenseAttentionForward(const DenseAttentionWeights& w, const float* x, float* qkv, float* probs,
                            float* att, float* y, int64_t seqs, int64_t tokens, int64_t d,
                            int64_t heads, int64_t head_dim) {
   const int64_t rows = seqs * tokens, hd = heads * head_dim;
-  LinearForward(x, w.qkv_w.data<float>(), w.qkv_b.data<float>(), qkv, rows, d, 3 * hd);
-  AttentionForward(qkv, att, probs, seqs, tokens, heads, head_dim);
-  LinearForward(att, w.proj_w.data<float>(), w.proj_b.data<float>(), y, rows, hd, d);
+  const Device dev = w.qkv_w.device();
+  const OpsTable& ops = Ops(dev);
+  LinearForward(ops, x, w.qkv_w.device_data<float>(dev), w.qkv_b.device_data<float>(dev), qkv, rows,
+                d, 3 * hd);
+  MOERUN_OP(ops, attention_forward)(qkv, att, probs, seqs, tokens, heads, head_dim);
+  LinearForward(ops, att, w.proj_w.device_data<float>(dev), w.proj_b.device_data<float>(dev), y,
+                rows, hd, d);
 }
 
 void DenseAttentionBackward(const DenseAttentionWeights& w, const float* x, const float* qkv,
@@ -212,11 +223,15 @@ void DenseAttentionBackward(const DenseAttentionWeights& w, const float* x, cons
                             float* d_qkv, float* dx, int64_t seqs, int64_t tokens, int64_t d,
                             int64_t heads, int64_t head_dim) {
   const int64_t rows = seqs * tokens, hd = heads * head_dim;
-  LinearBackward(att, w.proj_w.data<float>(), dy, d_att, w.g_proj_w.data<float>(),
-                 w.g_proj_b.data<float>(), rows, hd, d);
-  AttentionBackward(qkv, probs, d_att, d_qkv, seqs, tokens, heads, head_dim);
-  LinearBackward(x, w.qkv_w.data<float>(), d_qkv, dx, w.g_qkv_w.data<float>(),
-                 w.g_qkv_b.data<float>(), rows, d, 3 * hd);
+  const Device dev = w.qkv_w.device();
+  const OpsTable& ops = Ops(dev);
+  LinearBackward(ops, att, w.proj_w.device_data<float>(dev), dy, d_att,
+                 w.g_proj_w.device_data<float>(dev), w.g_proj_b.device_data<float>(dev), rows, hd,
+                 d);
+  MOERUN_OP(ops, attention_backward)(qkv, probs, d_att, d_qkv, seqs, tokens, heads, head_dim);
+  LinearBackward(ops, x, w.qkv_w.device_data<float>(dev), d_qkv, dx,
+                 w.g_qkv_w.device_data<float>(dev), w.g_qkv_b.device_data<float>(dev), rows, d,
+                 3 * hd);
 }
 
 }  // namespace moerun

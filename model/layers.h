@@ -7,22 +7,27 @@
 
 #include <cstdint>
 
+#include "model/ops.h"
 #include "runtime/tensor.h"
 
 namespace moerun {
 
-// y[rows, out] = x[rows, in] W^T + b (b may be null).
-void LinearForward(const float* x, const float* w, const float* b, float* y, int64_t rows,
-                   int64_t in, int64_t out);
-// dx = dy W (overwritten; skipped when dx is null), dW += dy^T x, db += sum_rows dy.
-void LinearBackward(const float* x, const float* w, const float* dy, float* dx, float* dw,
-                    float* db, int64_t rows, int64_t in, int64_t out);
+// The linear and dense sub-layers run on `ops` (model/ops.h): the table of the device their
+// buffers live on; the dense sub-layers take it from their weights' device.
 
-// Self-attention over `batch` sequences of `tokens`, `heads` heads of width `head_dim`
-// (D = heads * head_dim). qkv: [batch * tokens, 3D] laid out [q | k | v], head h in
-// columns h*head_dim.. of each. out: [batch * tokens, D] = softmax(q k^T / sqrt(dh)) v per
-// head (before the output projection). probs: [batch, heads, tokens, tokens], saved for
-// the backward.
+// y[rows, out] = x[rows, in] W^T + b (b may be null).
+void LinearForward(const OpsTable& ops, const float* x, const float* w, const float* b, float* y,
+                   int64_t rows, int64_t in, int64_t out);
+// dx = dy W (overwritten; skipped when dx is null), dW += dy^T x, db += sum_rows dy.
+void LinearBackward(const OpsTable& ops, const float* x, const float* w, const float* dy, float* dx,
+                    float* dw, float* db, int64_t rows, int64_t in, int64_t out);
+
+// The CPU kernels of the self-attention op (the CPU table's entries; other devices have
+// their own or the composed form, model/ops.h). Self-attention over `batch` sequences of `tokens`,
+// `heads` heads of width `head_dim` (D = heads * head_dim). qkv: [batch * tokens, 3D] laid out [q |
+// k | v], head h in columns h*head_dim.. of each. out: [batch * tokens, D] = softmax(q k^T /
+// sqrt(dh)) v per head (before the output projection). probs: [batch, heads, tokens, tokens], saved
+// for the backward.
 void AttentionForward(const float* qkv, float* out, float* probs, int64_t batch, int64_t tokens,
                       int64_t heads, int64_t head_dim);
 // dqkv (overwritten) from dout.

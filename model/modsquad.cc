@@ -344,14 +344,15 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   patches_in_ = arena_.Allocate({b * patches_, patch_in});
   ExtractPatches(batch.images, patches_in_.data<float>(), b, c.channels(), c.image_size(), p);
   Tensor emb = arena_.Allocate({b * patches_, d});
-  LinearForward(patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
+  LinearForward(*ops_, patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
                 emb.data<float>(), b * patches_, patch_in, d);
   x0_ = arena_.Allocate({rows, d});
   const float* pos = pos_.data<float>();
   for (int64_t q = 0; q < seqs; ++q) {
     float* xq = x0_.data<float>() + q * n * d;
     for (int64_t j = 0; j < d; ++j) xq[j] = cls_.data<float>()[j] + pos[j];
-    Add(emb.data<float>() + (q % b) * patches_ * d, pos + d, xq + d, patches_ * d);
+    MOERUN_OP(*ops_, add)
+    (emb.data<float>() + (q % b) * patches_ * d, pos + d, xq + d, patches_ * d);
   }
   MoeForwardArgs args;
   args.training = batch.training;
@@ -363,14 +364,16 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     Block& k = *blk;
     k.hin = arena_.Allocate({rows, d});
     for (int64_t r = 0; r < rows; ++r) {
-      Add(h.data<float>() + r * d, task_emb_.data<float>() + token_task_[r] * d,
-          k.hin.data<float>() + r * d, d);
+      MOERUN_OP(*ops_, add)
+      (h.data<float>() + r * d, task_emb_.data<float>() + token_task_[r] * d,
+       k.hin.data<float>() + r * d, d);
     }
     k.ln1 = arena_.Allocate({rows, d});
     k.mean1 = arena_.Allocate({rows});
     k.rstd1 = arena_.Allocate({rows});
-    LayerNormForward(k.hin.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(),
-                     k.ln1.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(), rows, d);
+    MOERUN_OP(*ops_, layer_norm_forward)
+    (k.hin.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(), k.ln1.data<float>(),
+     k.mean1.data<float>(), k.rstd1.data<float>(), rows, d, kLayerNormEps);
     k.attn_out = arena_.Allocate({rows, d});
     if (k.attn_layer != nullptr) {
       MOERUN_RETURN_IF_ERROR(k.attn_layer->Forward(k.ln1, n, args, &k.attn_out));
@@ -384,12 +387,14 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
                             head_dim_);
     }
     k.mid = arena_.Allocate({rows, d});
-    Add(k.attn_out.data<float>(), k.hin.data<float>(), k.mid.data<float>(), rows * d);
+    MOERUN_OP(*ops_, add)
+    (k.attn_out.data<float>(), k.hin.data<float>(), k.mid.data<float>(), rows * d);
     k.ln2 = arena_.Allocate({rows, d});
     k.mean2 = arena_.Allocate({rows});
     k.rstd2 = arena_.Allocate({rows});
-    LayerNormForward(k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(),
-                     k.ln2.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(), rows, d);
+    MOERUN_OP(*ops_, layer_norm_forward)
+    (k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(), k.ln2.data<float>(),
+     k.mean2.data<float>(), k.rstd2.data<float>(), rows, d, kLayerNormEps);
     k.out = arena_.Allocate({rows, d});
     if (k.mlp_layer != nullptr) {
       MOERUN_RETURN_IF_ERROR(k.mlp_layer->Forward(k.ln2, args, &k.out));
@@ -400,7 +405,7 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       DenseMlpForward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
                       k.out.data<float>(), rows, d, mlp_, c.gelu() == ModelConfig::TANH);
     }
-    Add(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
+    MOERUN_OP(*ops_, add)(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
     h = k.out;
   }
   // Heads.
@@ -418,23 +423,24 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       float* pooled = heads_a_[t].in.data<float>();
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j)
-          Axpy(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
+          MOERUN_OP(*ops_, axpy)(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
       }
       heads_a_[t].norm = arena_.Allocate({b, d});
       heads_a_[t].mean = arena_.Allocate({b});
       heads_a_[t].rstd = arena_.Allocate({b});
-      LayerNormForward(pooled, fc_norm_w_.data<float>(), fc_norm_b_.data<float>(),
-                       heads_a_[t].norm.data<float>(), heads_a_[t].mean.data<float>(),
-                       heads_a_[t].rstd.data<float>(), b, d);
+      MOERUN_OP(*ops_, layer_norm_forward)
+      (pooled, fc_norm_w_.data<float>(), fc_norm_b_.data<float>(), heads_a_[t].norm.data<float>(),
+       heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(), b, d, kLayerNormEps);
       heads_a_[t].norm2 = arena_.Allocate({b, d});
       heads_a_[t].mean2 = arena_.Allocate({b});
       heads_a_[t].rstd2 = arena_.Allocate({b});
-      LayerNormForward(heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(),
-                       hp.norm_b.data<float>(), heads_a_[t].norm2.data<float>(),
-                       heads_a_[t].mean2.data<float>(), heads_a_[t].rstd2.data<float>(), b, d);
+      MOERUN_OP(*ops_, layer_norm_forward)
+      (heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(), hp.norm_b.data<float>(),
+       heads_a_[t].norm2.data<float>(), heads_a_[t].mean2.data<float>(),
+       heads_a_[t].rstd2.data<float>(), b, d, kLayerNormEps);
       heads_a_[t].out = arena_.Allocate({b, outs});
-      LinearForward(heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
-                    heads_a_[t].out.data<float>(), b, d, outs);
+      LinearForward(*ops_, heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
+                    hp.fc_b.data<float>(), heads_a_[t].out.data<float>(), b, d, outs);
       heads_a_[t].labels = arena_.Allocate({b}, DType::kI32);
       int32_t* lab = heads_a_[t].labels.data<int32_t>();
       for (int64_t i = 0; i < b; ++i) {
@@ -465,12 +471,13 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     heads_a_[t].norm = arena_.Allocate({prow, d});
     heads_a_[t].mean = arena_.Allocate({prow});
     heads_a_[t].rstd = arena_.Allocate({prow});
-    LayerNormForward(heads_a_[t].in.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
-                     heads_a_[t].norm.data<float>(), heads_a_[t].mean.data<float>(),
-                     heads_a_[t].rstd.data<float>(), prow, d);
+    MOERUN_OP(*ops_, layer_norm_forward)
+    (heads_a_[t].in.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
+     heads_a_[t].norm.data<float>(), heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(),
+     prow, d, kLayerNormEps);
     heads_a_[t].out = arena_.Allocate({prow, width});
-    LinearForward(heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), hp.fc_b.data<float>(),
-                  heads_a_[t].out.data<float>(), prow, d, width);
+    LinearForward(*ops_, heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(),
+                  hp.fc_b.data<float>(), heads_a_[t].out.data<float>(), prow, d, width);
     const float* o = heads_a_[t].out.data<float>();
     if (head.kind() == TaskHeadConfig::SEGMENTATION) {
       // Labels in the head's (patch, j, k) order; padding images -1.
@@ -578,20 +585,21 @@ void ModSquadModel::Backward() {
                            dlogits.data<float>(), b, outs, static_cast<float>(w / global));
       Tensor d2 = arena_.Allocate({b, d}), d1 = arena_.Allocate({b, d}),
              dp = arena_.Allocate({b, d});
-      LinearBackward(heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(), dlogits.data<float>(),
-                     d2.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), b, d,
-                     outs);
-      LayerNormBackward(heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(),
-                        heads_a_[t].mean2.data<float>(), heads_a_[t].rstd2.data<float>(),
-                        d2.data<float>(), d1.data<float>(), hp.g_norm_w.data<float>(),
-                        hp.g_norm_b.data<float>(), b, d);
-      LayerNormBackward(heads_a_[t].in.data<float>(), fc_norm_w_.data<float>(),
-                        heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(),
-                        d1.data<float>(), dp.data<float>(), fc_norm_gw_.data<float>(),
-                        fc_norm_gb_.data<float>(), b, d);
+      LinearBackward(*ops_, heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
+                     dlogits.data<float>(), d2.data<float>(), hp.g_fc_w.data<float>(),
+                     hp.g_fc_b.data<float>(), b, d, outs);
+      MOERUN_OP(*ops_, layer_norm_backward)
+      (heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(), heads_a_[t].mean2.data<float>(),
+       heads_a_[t].rstd2.data<float>(), d2.data<float>(), d1.data<float>(),
+       hp.g_norm_w.data<float>(), hp.g_norm_b.data<float>(), b, d);
+      MOERUN_OP(*ops_, layer_norm_backward)
+      (heads_a_[t].in.data<float>(), fc_norm_w_.data<float>(), heads_a_[t].mean.data<float>(),
+       heads_a_[t].rstd.data<float>(), d1.data<float>(), dp.data<float>(),
+       fc_norm_gw_.data<float>(), fc_norm_gb_.data<float>(), b, d);
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j) {
-          Axpy(1.0f / patches_, dp.data<float>() + i * d, dht + (i * n + j) * d, d);
+          MOERUN_OP(*ops_, axpy)
+          (1.0f / patches_, dp.data<float>() + i * d, dht + (i * n + j) * d, d);
         }
       }
       continue;
@@ -613,15 +621,16 @@ void ModSquadModel::Backward() {
       }
     }
     Tensor dn = arena_.Allocate({prow, d}), din = arena_.Allocate({prow, d});
-    LinearBackward(heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
+    LinearBackward(*ops_, heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
                    dn.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), prow, d,
                    width);
-    LayerNormBackward(heads_a_[t].in.data<float>(), norm_w_.data<float>(),
-                      heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(),
-                      dn.data<float>(), din.data<float>(), norm_gw_.data<float>(),
-                      norm_gb_.data<float>(), prow, d);
+    MOERUN_OP(*ops_, layer_norm_backward)
+    (heads_a_[t].in.data<float>(), norm_w_.data<float>(), heads_a_[t].mean.data<float>(),
+     heads_a_[t].rstd.data<float>(), dn.data<float>(), din.data<float>(), norm_gw_.data<float>(),
+     norm_gb_.data<float>(), prow, d);
     for (int64_t i = 0; i < b; ++i) {
-      Axpy(1.0f, din.data<float>() + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
+      MOERUN_OP(*ops_, axpy)
+      (1.0f, din.data<float>() + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
     }
   }
   // Uncertainty weights: d/ds (0.5 / s^2 L + log(1 + s^2)), this rank's share.
@@ -648,10 +657,11 @@ void ModSquadModel::Backward() {
                        dh.data<float>(), d_act.data<float>(), d_ln.data<float>(), rows, d, mlp_,
                        c.gelu() == ModelConfig::TANH);
     }
-    LayerNormBackward(k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(),
-                      k.rstd2.data<float>(), d_ln.data<float>(), d_mid.data<float>(),
-                      k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows, d);
-    Add(d_mid.data<float>(), dh.data<float>(), d_mid.data<float>(), rows * d);
+    MOERUN_OP(*ops_, layer_norm_backward)
+    (k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(),
+     d_ln.data<float>(), d_mid.data<float>(), k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows,
+     d);
+    MOERUN_OP(*ops_, add)(d_mid.data<float>(), dh.data<float>(), d_mid.data<float>(), rows * d);
     if (k.attn_layer != nullptr) {
       k.attn_layer->Backward(d_mid, &d_ln);
     } else {
@@ -662,26 +672,29 @@ void ModSquadModel::Backward() {
                              d_qkv.data<float>(), d_ln.data<float>(), seqs, n, d, heads_,
                              head_dim_);
     }
-    LayerNormBackward(k.hin.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(),
-                      k.rstd1.data<float>(), d_ln.data<float>(), d_tmp.data<float>(),
-                      k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows, d);
-    Add(d_tmp.data<float>(), d_mid.data<float>(), dh.data<float>(), rows * d);
+    MOERUN_OP(*ops_, layer_norm_backward)
+    (k.hin.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(),
+     d_ln.data<float>(), d_tmp.data<float>(), k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows,
+     d);
+    MOERUN_OP(*ops_, add)(d_tmp.data<float>(), d_mid.data<float>(), dh.data<float>(), rows * d);
     // hin = h + task embedding of the row's task.
     for (int64_t r = 0; r < rows; ++r) {
-      Axpy(1.0f, dh.data<float>() + r * d, task_emb_g_.data<float>() + token_task_[r] * d, d);
+      MOERUN_OP(*ops_, axpy)
+      (1.0f, dh.data<float>() + r * d, task_emb_g_.data<float>() + token_task_[r] * d, d);
     }
   }
   // Embeddings: x0 = [cls; patches W^T + b] + pos, the same for every task.
   Tensor d_emb = arena_.AllocateZeros({b * patches_, d});
   for (int64_t q = 0; q < seqs; ++q) {
     const float* g = dh.data<float>() + q * n * d;
-    Axpy(1.0f, g, pos_g_.data<float>(), n * d);
-    Axpy(1.0f, g, cls_g_.data<float>(), d);
-    Axpy(1.0f, g + d, d_emb.data<float>() + (q % b) * patches_ * d, patches_ * d);
+    MOERUN_OP(*ops_, axpy)(1.0f, g, pos_g_.data<float>(), n * d);
+    MOERUN_OP(*ops_, axpy)(1.0f, g, cls_g_.data<float>(), d);
+    MOERUN_OP(*ops_, axpy)(1.0f, g + d, d_emb.data<float>() + (q % b) * patches_ * d, patches_ * d);
   }
   const int64_t patch_in = c.channels() * p * p;
-  LinearBackward(patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(), nullptr,
-                 patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in, d);
+  LinearBackward(*ops_, patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(),
+                 nullptr, patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in,
+                 d);
 }
 
 }  // namespace moerun

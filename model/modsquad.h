@@ -20,6 +20,7 @@
 #include "model/init.h"
 #include "model/moe_attention.h"
 #include "model/moe_layer.h"
+#include "model/ops.h"
 #include "model/vit.h"
 #include "runtime/config.pb.h"
 #include "runtime/tensor.h"
@@ -117,6 +118,9 @@ class ModSquadModel {
   };
   std::vector<Head> heads_p_;
   // Activations of the last forward.
+  // The ops table of the device the model's tensors live on (the CPU: the model's own
+  // glue between the ops reads host memory).
+  const OpsTable* ops_ = &Ops(Device::kCPU);
   Arena arena_;
   MultiTaskBatch batch_;
   std::vector<int32_t> token_task_;

@@ -1,13 +1,12 @@
 // Mixture of attention heads: forward and backward.
 #include "model/moe_attention.h"
 
-#include <algorithm>
-#include <cmath>
 #include <string>
 #include <vector>
 
 #include "model/layers.h"
 #include "model/moe_experts.h"
+#include "model/ops.h"
 #include "runtime/kernels.h"
 
 namespace moerun {
@@ -69,9 +68,10 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     if (args.training) aux_.UpdateUsage();
   }
   // Shared keys and values.
+  const OpsTable& ops = Ops(params_.kv_weight.device());
   EnsureTensor(&kv_, {t, 2 * dh});
-  LinearForward(x.data<float>(), params_.kv_weight.data<float>(), params_.kv_bias.data<float>(),
-                kv_.data<float>(), t, d, 2 * dh);
+  LinearForward(ops, x.data<float>(), params_.kv_weight.data<float>(),
+                params_.kv_bias.data<float>(), kv_.data<float>(), t, d, 2 * dh);
   // Round trip 1: x to the experts, queries back.
   {
     ScopedTimer timer(&timers_.pack);
@@ -88,35 +88,9 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     ScopedTimer timer(&timers_.combine);
     EnsureTensor(&probs_, {t, k, seq_len});
     EnsureTensor(&a_tok_, {t, k, dh});
-    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-    const float* kv = kv_.data<float>();
-    const int32_t* row = plan_.row.data<int32_t>();
-#pragma omp parallel for schedule(static)
-    for (int64_t tok = 0; tok < t; ++tok) {
-      const int64_t first = tok / seq_len * seq_len;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = tok * k + j;
-        float* p = probs_.data<float>() + i * seq_len;
-        float* a = a_tok_.data<float>() + i * dh;
-        std::fill_n(a, dh, 0.0f);
-        if (row[i] < 0) {
-          std::fill_n(p, seq_len, 0.0f);
-          continue;
-        }
-        const float* q = q_tok_.data<float>() + i * dh;
-        for (int64_t l = 0; l < seq_len; ++l) {
-          const float* key = kv + (first + l) * 2 * dh;
-          float dot = 0;
-          for (int64_t c = 0; c < dh; ++c) dot += q[c] * key[c];
-          p[l] = dot * scale;
-        }
-        SoftmaxForward(p, p, 1, seq_len);
-        for (int64_t l = 0; l < seq_len; ++l) {
-          const float* v = kv + (first + l) * 2 * dh + dh;
-          for (int64_t c = 0; c < dh; ++c) a[c] += p[l] * v[c];
-        }
-      }
-    }
+    MOERUN_OP(ops, choice_attention_forward)
+    (q_tok_.data<float>(), kv_.data<float>(), plan_.row.data<int32_t>(), t, k, dh, seq_len,
+     probs_.data<float>(), a_tok_.data<float>());
   }
   // Round trip 2: head outputs to the experts, projected outputs back; combine.
   {
@@ -155,51 +129,14 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
   Tensor d_a = Tensor::Empty({t, k, dh});
   GatherChoiceRows(plan_, d_buf, dh, d_a.data<float>());
   // Attention backward: d queries per choice; d keys / values per sequence.
+  const OpsTable& ops = Ops(params_.kv_weight.device());
   Tensor d_q = Tensor::Empty({t, k, dh});
-  Tensor d_kv = Tensor::Zeros({t, 2 * dh});
+  Tensor d_kv = Tensor::Empty({t, 2 * dh});
   {
     ScopedTimer timer(&timers_.bwd_combine);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-    const float* kv = kv_.data<float>();
-    const int64_t sequences = t / seq_len;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < sequences; ++b) {
-      std::vector<float> dp(seq_len);
-      const int64_t first = b * seq_len;
-      float* dkv = d_kv.data<float>();
-      for (int64_t tok = first; tok < first + seq_len; ++tok) {
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t i = tok * k + j;
-          float* dq = d_q.data<float>() + i * dh;
-          std::fill_n(dq, dh, 0.0f);
-          if (row[i] < 0) continue;
-          const float* p = probs_.data<float>() + i * seq_len;
-          const float* da = d_a.data<float>() + i * dh;
-          const float* q = q_tok_.data<float>() + i * dh;
-          double sum = 0;
-          for (int64_t l = 0; l < seq_len; ++l) {
-            const float* v = kv + (first + l) * 2 * dh + dh;
-            float* dv = dkv + (first + l) * 2 * dh + dh;
-            float dot = 0;
-            for (int64_t c = 0; c < dh; ++c) {
-              dot += da[c] * v[c];
-              dv[c] += p[l] * da[c];
-            }
-            dp[l] = dot;
-            sum += static_cast<double>(p[l]) * dot;
-          }
-          for (int64_t l = 0; l < seq_len; ++l) {
-            const float ds = p[l] * (dp[l] - static_cast<float>(sum)) * scale;
-            const float* key = kv + (first + l) * 2 * dh;
-            float* dkey = dkv + (first + l) * 2 * dh;
-            for (int64_t c = 0; c < dh; ++c) {
-              dq[c] += ds * key[c];
-              dkey[c] += ds * q[c];
-            }
-          }
-        }
-      }
-    }
+    MOERUN_OP(ops, choice_attention_backward)
+    (q_tok_.data<float>(), kv_.data<float>(), row, probs_.data<float>(), d_a.data<float>(), t, k,
+     dh, seq_len, d_q.data<float>(), d_kv.data<float>());
   }
   // Round trip 1 backward: d queries to the experts, d x back.
   {
@@ -216,10 +153,10 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
   }
   // Shared key / value projection.
   Tensor dx_kv = Tensor::Empty({t, d});
-  LinearBackward(x_.data<float>(), params_.kv_weight.data<float>(), d_kv.data<float>(),
+  LinearBackward(ops, x_.data<float>(), params_.kv_weight.data<float>(), d_kv.data<float>(),
                  dx_kv.data<float>(), grads_.kv_weight.data<float>(), grads_.kv_bias.data<float>(),
                  t, d, 2 * dh);
-  Axpy(1.0f, dx_kv.data<float>(), dx->data<float>(), t * d);
+  MOERUN_OP(ops, axpy)(1.0f, dx_kv.data<float>(), dx->data<float>(), t * d);
   ScopedTimer timer(&timers_.bwd_router);
   aux_.RouterBackward(&router_, plan_, d_weight.data(), groups_->world().size(), dx->data<float>());
 }

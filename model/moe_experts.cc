@@ -1,8 +1,8 @@
-// Expert GEMMs.
+// Expert GEMMs, bias and GELU through the ops of the weights' device (model/ops.h).
 #include "model/moe_experts.h"
 
 #include "model/moe_dispatch.h"
-#include "runtime/kernels.h"
+#include "model/ops.h"
 
 namespace moerun {
 
@@ -13,16 +13,21 @@ void LinearForwardRows(const Tensor& x, const Tensor& w, const Tensor* b, Tensor
                        int64_t count, double* gemm, double* act) {
   const int64_t el = x.dim(0), r = x.dim(1), in = x.dim(2), out = w.dim(1);
   if (count == 0) return;
+  const Device dev = w.device();
+  const OpsTable& ops = Ops(dev);
   {
     ScopedTimer timer(gemm);
-    GemmStridedBatched(false, true, count, out, in, 1.0f, x.data<float>() + begin * in, in, r * in,
-                       w.data<float>(), in, out * in, 0.0f, y->data<float>() + begin * out, out,
-                       r * out, el);
+    MOERUN_OP(ops, gemm_strided_batched)
+    (false, true, count, out, in, 1.0f, x.device_data<float>(dev) + begin * in, in, r * in,
+     w.device_data<float>(dev), in, out * in, 0.0f, y->device_data<float>(dev) + begin * out, out,
+     r * out, el);
   }
   if (b == nullptr) return;
   ScopedTimer timer(act);
   for (int64_t e = 0; e < el; ++e) {
-    AddBias(y->data<float>() + (e * r + begin) * out, b->data<float>() + e * out, count, out);
+    MOERUN_OP(ops, add_bias)
+    (y->device_data<float>(dev) + (e * r + begin) * out, b->device_data<float>(dev) + e * out,
+     count, out);
   }
 }
 
@@ -31,22 +36,28 @@ void LinearBackwardRows(const Tensor& x, const Tensor& w, const Tensor& dy, Tens
                         Tensor* dx, int64_t begin, int64_t count, double* gemm, double* act) {
   const int64_t el = x.dim(0), r = x.dim(1), in = x.dim(2), out = w.dim(1);
   if (count == 0) return;
+  const Device dev = w.device();
+  const OpsTable& ops = Ops(dev);
   if (db != nullptr) {
     ScopedTimer timer(act);
     for (int64_t e = 0; e < el; ++e) {
-      BiasBackward(dy.data<float>() + (e * r + begin) * out, db->data<float>() + e * out, count,
-                   out);
+      MOERUN_OP(ops, bias_backward)
+      (dy.device_data<float>(dev) + (e * r + begin) * out, db->device_data<float>(dev) + e * out,
+       count, out);
     }
   }
   ScopedTimer timer(gemm);
   for (int64_t e = 0; e < el; ++e) {
-    Gemm(true, false, out, in, count, 1.0f, dy.data<float>() + (e * r + begin) * out, out,
-         x.data<float>() + (e * r + begin) * in, in, 1.0f, dw->data<float>() + e * out * in, in);
+    MOERUN_OP(ops, gemm)
+    (true, false, out, in, count, 1.0f, dy.device_data<float>(dev) + (e * r + begin) * out, out,
+     x.device_data<float>(dev) + (e * r + begin) * in, in, 1.0f,
+     dw->device_data<float>(dev) + e * out * in, in);
   }
   if (dx == nullptr) return;
-  GemmStridedBatched(false, false, count, in, out, 1.0f, dy.data<float>() + begin * out, out,
-                     r * out, w.data<float>(), in, out * in, 0.0f, dx->data<float>() + begin * in,
-                     in, r * in, el);
+  MOERUN_OP(ops, gemm_strided_batched)
+  (false, false, count, in, out, 1.0f, dy.device_data<float>(dev) + begin * out, out, r * out,
+   w.device_data<float>(dev), in, out * in, 0.0f, dx->device_data<float>(dev) + begin * in, in,
+   r * in, el);
 }
 
 }  // namespace
@@ -100,12 +111,15 @@ void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                     &timers->expert, &timers->expert_act);
   {
     ScopedTimer timer(&timers->expert_act);
+    const Device dev = hidden_.device();
+    const OpsTable& ops = Ops(dev);
     // Whole blocks are one contiguous run; a row range is one run per expert.
     const bool whole = count == r;
     for (int64_t e = 0; e < (whole ? 1 : el); ++e) {
       const int64_t at = (e * r + begin) * m_;
-      (gelu_tanh_ ? GeluTanhForward : GeluForward)(
-          hidden_.data<float>() + at, act_.data<float>() + at, (whole ? el * r : count) * m_);
+      MOERUN_OP(ops, gelu_forward)
+      (hidden_.device_data<float>(dev) + at, act_.device_data<float>(dev) + at,
+       (whole ? el * r : count) * m_, gelu_tanh_);
     }
   }
   LinearForwardRows(act_, params_.fc2_weight, &params_.fc2_bias, out_, begin, count,
@@ -132,12 +146,14 @@ void ExpertMlp::BackwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                      &d_act_, begin, count, &timers->bwd_expert, &timers->bwd_expert_act);
   {
     ScopedTimer timer(&timers->bwd_expert_act);
+    const Device dev = hidden_.device();
+    const OpsTable& ops = Ops(dev);
     const bool whole = count == r;
     for (int64_t e = 0; e < (whole ? 1 : el); ++e) {
       const int64_t at = (e * r + begin) * m_;
-      (gelu_tanh_ ? GeluTanhBackward : GeluBackward)(
-          hidden_.data<float>() + at, d_act_.data<float>() + at, d_act_.data<float>() + at,
-          (whole ? el * r : count) * m_);
+      MOERUN_OP(ops, gelu_backward)
+      (hidden_.device_data<float>(dev) + at, d_act_.device_data<float>(dev) + at,
+       d_act_.device_data<float>(dev) + at, (whole ? el * r : count) * m_, gelu_tanh_);
     }
   }
   LinearBackwardRows(in_, params_.fc1_weight, d_act_, &grads_.fc1_weight, &grads_.fc1_bias, d_in_,

@@ -6,7 +6,7 @@
 #include <cstring>
 
 #include "model/moe_losses.h"
-#include "model/moe_ops.h"
+#include "model/ops.h"
 #include "model/routing.h"
 #include "model/vit_spec.h"
 #include "runtime/kernels.h"

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "model/ops.h"
 #include "runtime/kernels.h"
 
 namespace moerun {
@@ -40,6 +41,7 @@ Router::Router(GateKind kind, int tasks, int num_experts, int d, double noise_st
 }
 
 Status Router::Forward(const Tensor& x, const RouterInputs& in) {
+  const OpsTable& ops = Ops(weight_.device());
   const int64_t t = x.dim(0), e_count = num_experts_, d = d_;
   x_ = x;
   tokens_ = t;
@@ -60,8 +62,9 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
     sigma_ = 0;
     // Row-invariant: a token's gates are bitwise the same for any number of ranks.
     ForEachTaskRun(in.task, t, [&](int32_t task, int64_t first, int64_t count) {
-      RowInvariantGemmNT(x.data<float>() + first * d, weight_.data<float>() + task * e_count * d,
-                         logits_.data<float>() + first * e_count, count, e_count, d);
+      MOERUN_OP(ops, router_gemm)
+      (x.data<float>() + first * d, weight_.data<float>() + task * e_count * d,
+       logits_.data<float>() + first * e_count, count, e_count, d);
     });
     Ensure(&clean_gates_, {t, e_count});
     if (in.noise != nullptr) {
@@ -72,9 +75,10 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
       const float* n = in.noise->data<float>();
       float* zn = noisy_logits_.data<float>();
       for (int64_t i = 0; i < t * e_count; ++i) zn[i] = z[i] + n[i];
-      SoftmaxForward(zn, clean_gates_.data<float>(), t, e_count);
+      MOERUN_OP(ops, softmax_forward)(zn, clean_gates_.data<float>(), t, e_count);
     } else {
-      SoftmaxForward(logits_.data<float>(), clean_gates_.data<float>(), t, e_count);
+      MOERUN_OP(ops, softmax_forward)
+      (logits_.data<float>(), clean_gates_.data<float>(), t, e_count);
     }
     const float* p = clean_gates_.data<float>();
     float* g = gates_.data<float>();
@@ -85,7 +89,8 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
   sigma_ = noise_std_ / e_count;
   // Row-invariant: a token's logits (hence its routing) are bitwise the same for any
   // number of ranks.
-  RowInvariantGemmNT(x.data<float>(), weight_.data<float>(), logits_.data<float>(), t, e_count, d);
+  MOERUN_OP(ops, router_gemm)
+  (x.data<float>(), weight_.data<float>(), logits_.data<float>(), t, e_count, d);
   if (noisy_) {
     Ensure(&noisy_logits_, {t, e_count});
     float* zn = noisy_logits_.data<float>();
@@ -98,11 +103,11 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
       StandardNormalNoise(in.noise_key, in.first_token, t, static_cast<int>(e_count), zn);
       for (int64_t i = 0; i < t * e_count; ++i) zn[i] = z[i] + static_cast<float>(sigma_) * zn[i];
     }
-    SoftmaxForward(zn, gates_.data<float>(), t, e_count);
+    MOERUN_OP(ops, softmax_forward)(zn, gates_.data<float>(), t, e_count);
     Ensure(&clean_gates_, {t, e_count});
-    SoftmaxForward(z, clean_gates_.data<float>(), t, e_count);
+    MOERUN_OP(ops, softmax_forward)(z, clean_gates_.data<float>(), t, e_count);
   } else {
-    SoftmaxForward(logits_.data<float>(), gates_.data<float>(), t, e_count);
+    MOERUN_OP(ops, softmax_forward)(logits_.data<float>(), gates_.data<float>(), t, e_count);
     clean_gates_ = gates_;
   }
   return Status::Ok();
@@ -122,37 +127,44 @@ void Router::BeginBackward(float** d_gates, float** d_clean_gates) {
 }
 
 float* Router::GatesToLogits() {
+  const OpsTable& ops = Ops(weight_.device());
   const int64_t t = tokens_, e_count = num_experts_;
   Ensure(&d_logits_, {t, e_count});
   float* dz = d_logits_.data<float>();
   if (noisy_) {
-    SoftmaxBackward(gates_.data<float>(), d_gates_.data<float>(), dz, t, e_count);
+    MOERUN_OP(ops, softmax_backward)(gates_.data<float>(), d_gates_.data<float>(), dz, t, e_count);
     // The clean softmax's gradient adds to the same logits.
     float* dclean = d_clean_gates_.data<float>();
-    SoftmaxBackward(clean_gates_.data<float>(), dclean, dclean, t, e_count);
-    Axpy(1.0f, dclean, dz, t * e_count);
+    MOERUN_OP(ops, softmax_backward)(clean_gates_.data<float>(), dclean, dclean, t, e_count);
+    MOERUN_OP(ops, axpy)(1.0f, dclean, dz, t * e_count);
   } else {
-    SoftmaxBackward(clean_gates_.data<float>(), d_gates_.data<float>(), dz, t, e_count);
+    MOERUN_OP(ops, softmax_backward)
+    (clean_gates_.data<float>(), d_gates_.data<float>(), dz, t, e_count);
   }
   return dz;
 }
 
 void Router::LogitsToInputs(float* dx) {
+  const OpsTable& ops = Ops(weight_.device());
   const int64_t t = tokens_, e_count = num_experts_, d = d_;
   const float* dz = d_logits_.data<float>();
   if (kind_ == GateKind::kNoisyTopK) {
     // dW_r += dz^T x; dx += dz W_r.
-    Gemm(true, false, e_count, d, t, 1.0f, dz, e_count, x_.data<float>(), d, 1.0f,
-         grad_.data<float>(), d);
-    Gemm(false, false, t, d, e_count, 1.0f, dz, e_count, weight_.data<float>(), d, 1.0f, dx, d);
+    MOERUN_OP(ops, gemm)
+    (true, false, e_count, d, t, 1.0f, dz, e_count, x_.data<float>(), d, 1.0f, grad_.data<float>(),
+     d);
+    MOERUN_OP(ops, gemm)
+    (false, false, t, d, e_count, 1.0f, dz, e_count, weight_.data<float>(), d, 1.0f, dx, d);
     return;
   }
   ForEachTaskRun(task_, t, [&](int32_t task, int64_t first, int64_t count) {
     const int64_t w_off = static_cast<int64_t>(task) * e_count * d;
-    Gemm(true, false, e_count, d, count, 1.0f, dz + first * e_count, e_count,
-         x_.data<float>() + first * d, d, 1.0f, grad_.data<float>() + w_off, d);
-    Gemm(false, false, count, d, e_count, 1.0f, dz + first * e_count, e_count,
-         weight_.data<float>() + w_off, d, 1.0f, dx + first * d, d);
+    MOERUN_OP(ops, gemm)
+    (true, false, e_count, d, count, 1.0f, dz + first * e_count, e_count,
+     x_.data<float>() + first * d, d, 1.0f, grad_.data<float>() + w_off, d);
+    MOERUN_OP(ops, gemm)
+    (false, false, count, d, e_count, 1.0f, dz + first * e_count, e_count,
+     weight_.data<float>() + w_off, d, 1.0f, dx + first * d, d);
   });
 }
 

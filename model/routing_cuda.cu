@@ -2,8 +2,6 @@
 #include <thrust/device_vector.h>
 #include <thrust/execution_policy.h>
 
-#include "model/adamw_cuda.h"
-#include "model/moe_ops.h"
 #include "model/routing_cuda.h"
 #include "model/routing_thrust.h"
 #include "runtime/backend.h"
@@ -55,27 +53,5 @@ void CudaGatherKeptRowsBackward(const float* buf, const int32_t* row, const floa
   thrust_routing::GatherKeptRowsBackward(thrust::device, buf, row, weight, dy, tokens, k, w, d_buf,
                                          d_weight);
 }
-
-namespace {
-
-void CudaCombineRowsBackwardZeroed(const float* buf, const int32_t* row, const float* weight,
-                                   const float* dy, int64_t tokens, int64_t k, int64_t w,
-                                   float* d_buf, int64_t buf_rows, float* d_weight) {
-  RequireBackend(Device::kCUDA).SetZero(d_buf, buf_rows * w * sizeof(float));
-  CudaGatherKeptRowsBackward(buf, row, weight, dy, tokens, k, w, d_buf, d_weight);
-}
-
-void CudaPackRowsZeroed(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
-                        float* buf, int64_t buf_rows) {
-  RequireBackend(Device::kCUDA).SetZero(buf, buf_rows * w * sizeof(float));
-  CudaPackRows(row, x, tokens, k, w, buf);
-}
-
-const MoeOpsTable kCudaOps = {"cuda", &CudaPackRowsZeroed, &CudaGatherKeptRows,
-                              &CudaCombineRowsBackwardZeroed, &CudaAdamWStep};
-
-}  // namespace
-
-void RegisterCudaMoeOps() { RegisterMoeOps(Device::kCUDA, &kCudaOps); }
 
 }  // namespace moerun

@@ -40,10 +40,6 @@ void CudaGatherKeptRowsBackward(const float* buf, const int32_t* row, const floa
                                 const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
                                 float* d_weight);
 
-// Installs the CUDA implementations of model/moe_ops.h's ops (pack, combine and its
-// backward, AdamW).
-void RegisterCudaMoeOps();
-
 }  // namespace moerun
 
 #endif  // MOERUN_MODEL_ROUTING_CUDA_H_

@@ -15,6 +15,7 @@
 
 #include "model/init.h"
 #include "model/moe_layer.h"
+#include "model/ops.h"
 #include "runtime/config.pb.h"
 #include "runtime/tensor.h"
 
@@ -93,6 +94,9 @@ class VitModel {
   Tensor patch_gw_, patch_gb_, cls_g_, pos_g_, norm_gw_, norm_gb_, pre_gw_, pre_gb_, head_gw_,
       head_gb_;
   // Activations of the last forward.
+  // The ops table of the device the model's tensors live on (the CPU: the model's own
+  // glue between the ops reads host memory).
+  const OpsTable* ops_ = &Ops(Device::kCPU);
   Arena arena_;
   VitBatch batch_;
   Tensor patches_in_, x0_, cls_rows_, cls_norm_, norm_mean_, norm_rstd_, pre_out_, logits_, probs_;

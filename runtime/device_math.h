@@ -29,6 +29,22 @@ MOERUN_HD inline uint16_t ToBF16Bits(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// sum_i a[i] b[i] over 16 fixed lanes of partial sums, then the lanes in order: the
+// summation order runtime/kernels.h's RowInvariantGemmNT promises, shared with its Thrust
+// form so host and device follow one order.
+MOERUN_HD inline float RowInvariantDot(const float* a, const float* b, int64_t k) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  for (int l = 0; i < k; ++i, ++l) acc[l] += a[i] * b[i];
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  return sum;
+}
+
 MOERUN_HD inline float FromBF16Bits(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
 #if defined(__CUDA_ARCH__)

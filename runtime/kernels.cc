@@ -12,6 +12,8 @@
 #include <cstring>
 #include <thread>
 
+#include "runtime/device_math.h"
+
 namespace moerun {
 namespace {
 
@@ -133,22 +135,9 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
 
 void RowInvariantGemmNT(const float* a, const float* b, float* c, int64_t rows, int64_t n,
                         int64_t k) {
-  constexpr int kLanes = 16;  // fixed partial sums: the summation order is part of the contract
 #pragma omp parallel for schedule(static) if (rows * n * k > 262144)
   for (int64_t t = 0; t < rows; ++t) {
-    const float* at = a + t * k;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* bj = b + j * k;
-      float acc[kLanes] = {0};
-      int64_t i = 0;
-      for (; i + kLanes <= k; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) acc[l] += at[i + l] * bj[i + l];
-      }
-      for (int l = 0; i < k; ++i, ++l) acc[l] += at[i] * bj[i];
-      float sum = 0.0f;
-      for (int l = 0; l < kLanes; ++l) sum += acc[l];
-      c[t * n + j] = sum;
-    }
+    for (int64_t j = 0; j < n; ++j) c[t * n + j] = RowInvariantDot(a + t * k, b + j * k, k);
   }
 }
 

@@ -77,10 +77,12 @@ void GeluTanhForward(const float* x, float* y, int64_t n);
 // dx = dy * d/dx of the above; dx may alias dy.
 void GeluTanhBackward(const float* x, const float* dy, float* dx, int64_t n);
 
+// ViT's (and Flax's nn.LayerNorm default) epsilon.
+constexpr float kLayerNormEps = 1e-6f;
 // y = (x - mean) * rstd * gamma + beta per row of `cols`; writes mean and rstd per row
 // (needed by the backward).
 void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y, float* mean,
-                      float* rstd, int64_t rows, int64_t cols, float eps = 1e-6f);
+                      float* rstd, int64_t rows, int64_t cols, float eps = kLayerNormEps);
 // Writes dx; accumulates dgamma and dbeta.
 void LayerNormBackward(const float* x, const float* gamma, const float* mean, const float* rstd,
                        const float* dy, float* dx, float* dgamma, float* dbeta, int64_t rows,

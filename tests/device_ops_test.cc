@@ -11,14 +11,22 @@
 #include <thrust/execution_policy.h>
 #include <thrust/host_vector.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "comm/loopback_communicator.h"
+#include "model/dense_kernels_thrust.h"
 #include "model/expert_mlp_device.h"
+#include "model/layers.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_plan.h"
+#include "model/ops.h"
 #include "model/routing.h"
 #include "model/routing_thrust.h"
 #include "runtime/adamw_thrust.h"
@@ -434,6 +442,194 @@ TEST(ThrustOptimizer, AdamWMatchesTheCpuOptimizerBitForBit) {
       ASSERT_EQ(0, std::memcmp(v1.data(), cpu.second_moment(1), n1 * word)) << "step " << step;
     }
     EXPECT_NE(d0, Normal(n0, 1.0f, 1)) << "the parameters moved";
+  }
+}
+
+// --- model/ops.h's table: every entry of the Thrust table (the CUDA table's kernels, run
+// on the host) against the CPU table, like ggml's test-backend-ops. Each case runs one op
+// on fresh copies of the same inputs through both tables and compares every output:
+// bitwise (tolerance 0) where both follow one order with one libm, else within `tol`
+// relative to the output's largest magnitude.
+struct OpCase {
+  std::string name;
+  float tol;
+  // Runs the op through `t`; returns its outputs, concatenated.
+  std::function<std::vector<float>(const OpsTable& t)> run;
+};
+
+std::vector<float> Cat(std::initializer_list<const std::vector<float>*> parts) {
+  std::vector<float> all;
+  for (const std::vector<float>* p : parts) all.insert(all.end(), p->begin(), p->end());
+  return all;
+}
+
+std::vector<float> AsFloats(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }
+
+std::vector<OpCase> OpCases() {
+  std::vector<OpCase> cases;
+  const int64_t rows = 37, cols = 70, n = rows * cols;
+  cases.push_back({"router_gemm", 0, [=](const OpsTable& t) {
+                     std::vector<float> a = Normal(rows * 45, 1, 1), b = Normal(7 * 45, 1, 2),
+                                        c(rows * 7);
+                     t.router_gemm(a.data(), b.data(), c.data(), rows, 7, 45);
+                     return c;
+                   }});
+  cases.push_back({"add_bias", 0, [=](const OpsTable& t) {
+                     std::vector<float> y = Normal(n, 1, 3), b = Normal(cols, 1, 4);
+                     t.add_bias(y.data(), b.data(), rows, cols);
+                     return y;
+                   }});
+  cases.push_back({"bias_backward", 0, [=](const OpsTable& t) {
+                     std::vector<float> dy = Normal(n, 1, 5), db(cols, 0.0f);
+                     t.bias_backward(dy.data(), db.data(), rows, cols);
+                     return db;
+                   }});
+  cases.push_back({"add", 0, [=](const OpsTable& t) {
+                     std::vector<float> a = Normal(n, 1, 6), b = Normal(n, 1, 7), y(n);
+                     t.add(a.data(), b.data(), y.data(), n);
+                     return y;
+                   }});
+  cases.push_back({"axpy", 0, [=](const OpsTable& t) {
+                     std::vector<float> x = Normal(n, 1, 8), y = Normal(n, 1, 9);
+                     t.axpy(-0.375f, x.data(), y.data(), n);
+                     return y;
+                   }});
+  cases.push_back({"softmax_forward/backward", 0, [=](const OpsTable& t) {
+                     std::vector<float> x = Normal(n, 4, 10), y(n), dy = Normal(n, 1, 11), dx(n);
+                     t.softmax_forward(x.data(), y.data(), rows, cols);
+                     t.softmax_backward(y.data(), dy.data(), dx.data(), rows, cols);
+                     return Cat({&y, &dx});
+                   }});
+  cases.push_back({"layer_norm_forward/backward", 0, [=](const OpsTable& t) {
+                     std::vector<float> x = Normal(n, 3, 12), g = Normal(cols, 1, 13),
+                                        b = Normal(cols, 1, 14), y(n), mean(rows), rstd(rows);
+                     t.layer_norm_forward(x.data(), g.data(), b.data(), y.data(), mean.data(),
+                                          rstd.data(), rows, cols, 1e-6f);
+                     std::vector<float> dy = Normal(n, 1, 15), dx(n), dg = Normal(cols, 1, 16),
+                                        dbeta = Normal(cols, 1, 17);
+                     t.layer_norm_backward(x.data(), g.data(), mean.data(), rstd.data(), dy.data(),
+                                           dx.data(), dg.data(), dbeta.data(), rows, cols);
+                     return Cat({&y, &mean, &rstd, &dx, &dg, &dbeta});
+                   }});
+  for (bool tanh_form : {false, true}) {
+    // The CPU GELUs use vectorised exp / erf approximations (runtime/kernels.h).
+    cases.push_back({tanh_form ? "gelu tanh" : "gelu erf", 2e-6f, [=](const OpsTable& t) {
+                       std::vector<float> x = Normal(n, 3, 18), y(n), dy = Normal(n, 1, 19);
+                       t.gelu_forward(x.data(), y.data(), n, tanh_form);
+                       t.gelu_backward(x.data(), dy.data(), dy.data(), n, tanh_form);
+                       return Cat({&y, &dy});
+                     }});
+  }
+  // Mod-Squad's attention heads: 3 sequences of 9 tokens, k = 2, some choices dropped.
+  cases.push_back({"choice_attention_forward/backward", 0, [](const OpsTable& t) {
+                     const int64_t tokens = 27, k = 2, dh = 8, seq = 9;
+                     std::vector<float> q = Normal(tokens * k * dh, 1, 20),
+                                        kv = Normal(tokens * 2 * dh, 1, 21),
+                                        probs(tokens * k * seq, -1.0f), out(tokens * k * dh, -1.0f);
+                     std::vector<int32_t> row(tokens * k);
+                     for (int64_t i = 0; i < tokens * k; ++i) row[i] = i % 5 == 3 ? -1 : i;
+                     t.choice_attention_forward(q.data(), kv.data(), row.data(), tokens, k, dh, seq,
+                                                probs.data(), out.data());
+                     std::vector<float> d_out = Normal(tokens * k * dh, 1, 22),
+                                        d_q(tokens * k * dh, -1.0f), d_kv(tokens * 2 * dh, -1.0f);
+                     t.choice_attention_backward(q.data(), kv.data(), row.data(), probs.data(),
+                                                 d_out.data(), tokens, k, dh, seq, d_q.data(),
+                                                 d_kv.data());
+                     return Cat({&probs, &out, &d_q, &d_kv});
+                   }});
+  cases.push_back({"top_k", 0, [](const OpsTable& t) {
+                     const int64_t tokens = 50;
+                     std::vector<float> g = Normal(tokens * 8, 1, 23), w(tokens * 2);
+                     for (int64_t i = 0; i < tokens * 8; i += 3) g[i] = 0.5f;  // ties
+                     std::vector<int32_t> idx(tokens * 2);
+                     t.top_k(g.data(), tokens, 8, 2, idx.data(), w.data());
+                     std::vector<float> i = AsFloats(idx);
+                     return Cat({&i, &w});
+                   }});
+  cases.push_back({"pack_rows/combine_rows/combine_rows_backward", 0, [](const OpsTable& t) {
+                     const int64_t tokens = 20, k = 2, w = 6, buf_rows = 48;
+                     std::vector<int32_t> row(tokens * k);  // distinct rows, some dropped
+                     for (int64_t i = 0; i < tokens * k; ++i) row[i] = i % 7 == 2 ? -1 : i + 3;
+                     std::vector<float> x = Normal(tokens * w, 1, 24), buf(buf_rows * w, 9.0f);
+                     t.pack_rows(row.data(), x.data(), tokens, k, w, buf.data(), buf_rows);
+                     std::vector<float> weight = Normal(tokens * k, 1, 25), out(tokens * w);
+                     t.combine_rows(buf.data(), row.data(), weight.data(), tokens, k, w,
+                                    out.data());
+                     std::vector<float> dy = Normal(tokens * w, 1, 26), d_buf(buf_rows * w, 9.0f),
+                                        d_weight(tokens * k);
+                     t.combine_rows_backward(buf.data(), row.data(), weight.data(), dy.data(),
+                                             tokens, k, w, d_buf.data(), buf_rows, d_weight.data());
+                     return Cat({&buf, &out, &d_buf, &d_weight});
+                   }});
+  return cases;
+}
+
+float MaxAbs(const std::vector<float>& v) {
+  float m = 0;
+  for (float x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+void ExpectClose(const std::vector<float>& want, const std::vector<float>& got, float tol) {
+  ASSERT_EQ(want.size(), got.size());
+  if (tol == 0) {
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(0, std::memcmp(&want[i], &got[i], sizeof(float)))
+          << "not bit for bit at element " << i << " of " << want.size() << ": " << want[i]
+          << " vs " << got[i];
+    }
+    return;
+  }
+  const float bound = tol * std::max(1.0f, MaxAbs(want));
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_NEAR(want[i], got[i], bound) << "element " << i;
+  }
+}
+
+OpsTable HostThrustTable() {
+  OpsTable t = thrust_dense::ThrustOps<std::decay_t<decltype(thrust::device)>>::Table("thrust");
+  t.gemm = &Gemm;  // cuBLAS on a GPU; OpenBLAS here
+  t.gemm_strided_batched = &GemmStridedBatched;
+  return t;
+}
+
+TEST(OpsTable, EveryThrustEntryMatchesTheCpuTable) {
+  const OpsTable& cpu = Ops(Device::kCPU);
+  const OpsTable thrust_table = HostThrustTable();
+  for (const OpCase& c : OpCases()) {
+    SCOPED_TRACE(c.name);
+    const std::vector<float> want = c.run(cpu);
+    EXPECT_GT(MaxAbs(want), 0.0f);
+    ExpectClose(want, c.run(thrust_table), c.tol);
+  }
+  // Every entry the CUDA table takes from ThrustOps is covered by a case above.
+  const OpsTable bare = thrust_dense::ThrustOps<std::decay_t<decltype(thrust::device)>>::Table("x");
+  EXPECT_EQ(bare.gemm, nullptr);
+  EXPECT_EQ(bare.attention_forward, nullptr);
+  EXPECT_NE(bare.adamw_step, nullptr);  // ThrustOptimizer.AdamWMatchesTheCpuOptimizerBitForBit
+}
+
+// The self-attention the CUDA table runs (batched GEMMs + softmax, ops.h's composed form)
+// against the CPU attention kernel, over the CPU table and over the Thrust table.
+TEST(OpsTable, ComposedAttentionMatchesTheCpuAttentionKernel) {
+  const int64_t batch = 3, tokens = 17, heads = 4, dh = 8, d = heads * dh;
+  const std::vector<float> qkv = Normal(batch * tokens * 3 * d, 1.5f, 30);
+  const std::vector<float> dout = Normal(batch * tokens * d, 1.0f, 31);
+  std::vector<float> out(batch * tokens * d), probs(batch * heads * tokens * tokens),
+      dqkv(qkv.size());
+  AttentionForward(qkv.data(), out.data(), probs.data(), batch, tokens, heads, dh);
+  AttentionBackward(qkv.data(), probs.data(), dout.data(), dqkv.data(), batch, tokens, heads, dh);
+  const OpsTable thrust_table = HostThrustTable();
+  for (const OpsTable* t : {&Ops(Device::kCPU), &thrust_table}) {
+    SCOPED_TRACE(t->name);
+    std::vector<float> o(out.size(), -1.0f), p(probs.size(), -1.0f), dq(dqkv.size(), -1.0f),
+        scratch(heads * tokens * tokens);
+    ComposedAttentionForward(*t, qkv.data(), o.data(), p.data(), batch, tokens, heads, dh);
+    ComposedAttentionBackward(*t, qkv.data(), p.data(), dout.data(), dq.data(), scratch.data(),
+                              batch, tokens, heads, dh);
+    ExpectClose(out, o, 2e-5f);
+    ExpectClose(probs, p, 2e-5f);
+    ExpectClose(dqkv, dq, 2e-5f);
   }
 }
 

@@ -245,7 +245,9 @@ TEST(ModSquadTest, ExpertParallelInvariance) {
     const auto [got, got_grads] = run(&World());
     SCOPED_TRACE("capacity_factor " + std::to_string(capacity_factor));
     EXPECT_NEAR(got.task_loss, want.task_loss, 1e-6);
-    EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-9);
+    // The dense GEMMs (OpenBLAS) round a row differently for other row counts, so the
+    // gates differ in their last bits: float-level agreement, not bitwise.
+    EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-7);
     for (size_t t = 0; t < want.tasks.size(); ++t) {
       EXPECT_NEAR(got.tasks[t].loss, want.tasks[t].loss, 1e-6) << t;
       EXPECT_NEAR(got.tasks[t].metric, want.tasks[t].metric, 1e-9) << t;

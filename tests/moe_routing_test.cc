@@ -10,7 +10,7 @@
 
 #include "model/moe_dispatch.h"
 #include "model/moe_losses.h"
-#include "model/moe_ops.h"
+#include "model/ops.h"
 #include "model/router_noise.h"
 #include "model/routing.h"
 #include "runtime/gradcheck.h"
@@ -221,7 +221,7 @@ TEST(RouterNoiseTest, DependsOnlyOnTheGlobalTokenIndex) {
 }  // namespace
 }  // namespace moerun
 
-// --- model/moe_ops.h: one dispatch point per op -----------------------------------------
+// --- model/ops.h: one dispatch point per op -----------------------------------------
 namespace moerun {
 namespace {
 
@@ -297,12 +297,18 @@ int g_fake_packs = 0;
 void FakePack(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w, float* buf,
               int64_t buf_rows) {
   ++g_fake_packs;
-  MoeOpsFor(Device::kCPU)->pack_rows(row, x, tokens, k, w, buf, buf_rows);
+  OpsFor(Device::kCPU)->pack_rows(row, x, tokens, k, w, buf, buf_rows);
 }
-const MoeOpsTable kFake = {"fake-cuda", &FakePack, nullptr, nullptr, nullptr};
+OpsTable MakeFake() {
+  OpsTable t{};
+  t.name = "fake-cuda";
+  t.pack_rows = &FakePack;
+  return t;
+}
+const OpsTable kFake = MakeFake();
 
 TEST(MoeOps, EachOpRunsItsDevicesImplementationOrSaysWhatIsMissing) {
-  const MoeOpsTable* before = MoeOpsFor(Device::kCUDA);
+  const OpsTable* before = OpsFor(Device::kCUDA);
   RoutingPlan plan = SmallPlan();
   std::vector<float> xs(5 * 4, 1.0f), bufs(3 * 3 * 4, 7.0f), ys(5 * 4);
   std::vector<int32_t> rows(plan.row.data<int32_t>(), plan.row.data<int32_t>() + 10);
@@ -312,7 +318,7 @@ TEST(MoeOps, EachOpRunsItsDevicesImplementationOrSaysWhatIsMissing) {
   Tensor y = Tensor::Wrap(ys.data(), {5, 4}, DType::kF32, Device::kCUDA);
   RoutingPlan on_device = plan;
   on_device.row = row;
-  RegisterMoeOps(Device::kCUDA, &kFake);
+  RegisterOps(Device::kCUDA, &kFake);
   ops::PackRows(on_device, x, &buf);
   EXPECT_EQ(g_fake_packs, 1);
   EXPECT_EQ(buf.raw_data(), bufs.data()) << "a buffer of the right shape and device is reused";
@@ -321,9 +327,9 @@ TEST(MoeOps, EachOpRunsItsDevicesImplementationOrSaysWhatIsMissing) {
   EXPECT_DEATH(ops::CombineRows(buf, row, Tensor(), &y),
                "CombineRows is not implemented on fake-cuda yet");
   EXPECT_DEATH(ops::PackRows(plan, x, &buf), "operands on different devices");
-  RegisterMoeOps(Device::kCUDA, nullptr);
+  RegisterOps(Device::kCUDA, nullptr);
   EXPECT_DEATH(ops::PackRows(on_device, x, &buf), "no cuda implementations are registered");
-  RegisterMoeOps(Device::kCUDA, before);
+  RegisterOps(Device::kCUDA, before);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "model/layers.h"
+#include "model/ops.h"
 #include "model/vit_spec.h"
 #include "runtime/config.h"
 #include "runtime/gradcheck.h"
@@ -166,6 +167,85 @@ TEST(VitGradientTest, MoeModelWithTanhGelu) {
   m.set_gelu(ModelConfig::TANH);
   CheckModelGradients(m);
 }
+
+// A CPU table whose entries count their calls and forward to the real CPU table: the
+// model's arithmetic must go through the table of its device, not kernels of its own.
+const OpsTable* g_real_cpu = nullptr;
+template <typename Fn, Fn OpsTable::*Entry>
+struct Counted;
+template <typename... A, void (*OpsTable::*Entry)(A...)>
+struct Counted<void (*)(A...), Entry> {
+  static int calls;
+  static void Call(A... a) {
+    ++calls;
+    (g_real_cpu->*Entry)(a...);
+  }
+};
+template <typename... A, void (*OpsTable::*Entry)(A...)>
+int Counted<void (*)(A...), Entry>::calls = 0;
+#define MOERUN_COUNTED(entry) Counted<decltype(OpsTable::entry), &OpsTable::entry>
+#define MOERUN_CALLS(entry) (MOERUN_COUNTED(entry)::calls)
+
+TEST(VitModel, ComputesThroughTheOpsTableOfItsDevice) {
+  g_real_cpu = &Ops(Device::kCPU);
+  OpsTable counting = *g_real_cpu;
+  counting.name = "counting-cpu";
+#define MOERUN_COUNT(entry) counting.entry = &MOERUN_COUNTED(entry)::Call
+  MOERUN_COUNT(gemm);
+  MOERUN_COUNT(gemm_strided_batched);
+  MOERUN_COUNT(router_gemm);
+  MOERUN_COUNT(add_bias);
+  MOERUN_COUNT(bias_backward);
+  MOERUN_COUNT(add);
+  MOERUN_COUNT(softmax_forward);
+  MOERUN_COUNT(softmax_backward);
+  MOERUN_COUNT(layer_norm_forward);
+  MOERUN_COUNT(layer_norm_backward);
+  MOERUN_COUNT(gelu_forward);
+  MOERUN_COUNT(gelu_backward);
+  MOERUN_COUNT(attention_forward);
+  MOERUN_COUNT(attention_backward);
+#undef MOERUN_COUNT
+  RegisterOps(Device::kCPU, &counting);
+  auto self = World().Split(World().rank(), 0, "self");
+  const ModelConfig m = TinyModel(true, true);
+  auto groups = *MoeGroups::Create(self.get(), m.moe().num_experts());
+  auto created = VitModel::Create(m, groups);
+  ASSERT_TRUE(created.ok()) << created.status().message();
+  VitModel& model = **created;
+  model.Init(3);
+  const int64_t b = 2, numel = m.channels() * m.image_size() * m.image_size();
+  std::vector<float> images(b * numel, 0.25f);
+  std::vector<int32_t> labels = {1, 3};
+  VitBatch batch;
+  batch.images = images.data();
+  batch.labels = labels.data();
+  batch.batch = b;
+  batch.global_batch = b;
+  VitOutput out;
+  ASSERT_TRUE(model.Forward(batch, &out).ok());
+  model.ZeroGrads();
+  model.Backward();
+  RegisterOps(Device::kCPU, g_real_cpu);
+  // 2 blocks (1 dense, 1 MoE): patch embedding, qkv, projection, dense MLP, pre-logits,
+  // head; the experts' batched GEMMs; the router's GEMM and softmax; the norms.
+  EXPECT_GE(MOERUN_CALLS(gemm), 8);
+  EXPECT_GE(MOERUN_CALLS(gemm_strided_batched), 4);
+  EXPECT_GE(MOERUN_CALLS(router_gemm), 1);
+  EXPECT_GE(MOERUN_CALLS(add_bias), 6);
+  EXPECT_GE(MOERUN_CALLS(bias_backward), 6);
+  EXPECT_GE(MOERUN_CALLS(add), 4);
+  EXPECT_GE(MOERUN_CALLS(softmax_forward), 1);
+  EXPECT_GE(MOERUN_CALLS(softmax_backward), 1);
+  EXPECT_EQ(MOERUN_CALLS(layer_norm_forward), 5);  // 2 per block + the final norm
+  EXPECT_EQ(MOERUN_CALLS(layer_norm_backward), 5);
+  EXPECT_EQ(MOERUN_CALLS(attention_forward), 2);
+  EXPECT_EQ(MOERUN_CALLS(attention_backward), 2);
+  EXPECT_EQ(MOERUN_CALLS(gelu_forward), 2);  // the dense MLP and the experts
+  EXPECT_EQ(MOERUN_CALLS(gelu_backward), 2);
+}
+#undef MOERUN_CALLS
+#undef MOERUN_COUNTED
 
 TEST(VitModelTest, ParameterNamesAndInitIgnoreTheRankCount) {
   // Parameter values depend on (seed, name) alone: rank r's experts equal the experts of

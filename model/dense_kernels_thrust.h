@@ -1,0 +1,304 @@
+// The dense ops of model/ops.h as Thrust algorithms with MOERUN_HD functors (the router's
+// row-invariant GEMM, softmax and its backward, layer norm and its backward, GELU, bias,
+// add, axpy, the MoE attention's per-choice attention), and ThrustOps<Policy>: those
+// kernels, model/routing_thrust.h's top-k / pack / combine and runtime/adamw_thrust.h's
+// AdamW as OpsTable entries. Like routing_thrust.h the same source compiles with nvcc for a
+// CUDA device (the CUDA table, model/ops_cuda.cu) and with the host compiler against the
+// CCCL headers, where tests/device_ops_test.cc runs every entry against the CPU table. Row
+// reductions run one row per thread in the CPU kernels' order (double sums), so the host
+// build matches runtime/kernels.h bit for bit wherever both use the same libm function.
+#ifndef MOERUN_MODEL_DENSE_KERNELS_THRUST_H_
+#define MOERUN_MODEL_DENSE_KERNELS_THRUST_H_
+
+#include <thrust/fill.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "model/choice_attention.h"
+#include "model/expert_kernels_thrust.h"
+#include "model/ops.h"
+#include "model/routing_thrust.h"
+#include "runtime/adamw_thrust.h"
+#include "runtime/device_math.h"
+
+namespace moerun {
+namespace thrust_dense {
+
+struct SoftmaxRowFunctor {
+  const float* x;
+  float* y;
+  int64_t cols;
+  MOERUN_HD void operator()(int64_t r) const {
+    const float* xr = x + r * cols;
+    float* yr = y + r * cols;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < cols; ++j) mx = mx < xr[j] ? xr[j] : mx;
+    double sum = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      yr[j] = expf(xr[j] - mx);
+      sum += yr[j];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t j = 0; j < cols; ++j) yr[j] *= inv;
+  }
+};
+
+struct SoftmaxBackwardRowFunctor {
+  const float* y;
+  const float* dy;
+  float* dx;
+  int64_t cols;
+  MOERUN_HD void operator()(int64_t r) const {
+    const float* yr = y + r * cols;
+    const float* dyr = dy + r * cols;
+    float* dxr = dx + r * cols;
+    double dot = 0.0;
+    for (int64_t j = 0; j < cols; ++j) dot += static_cast<double>(yr[j]) * dyr[j];
+    const float d = static_cast<float>(dot);
+    for (int64_t j = 0; j < cols; ++j) dxr[j] = yr[j] * (dyr[j] - d);
+  }
+};
+
+struct LayerNormRowFunctor {
+  const float *x, *gamma, *beta;
+  float *y, *mean, *rstd;
+  int64_t cols;
+  float eps;
+  MOERUN_HD void operator()(int64_t r) const {
+    const float* xr = x + r * cols;
+    double s = 0.0;
+    for (int64_t j = 0; j < cols; ++j) s += xr[j];
+    const double mu = s / cols;
+    double v = 0.0;
+    for (int64_t j = 0; j < cols; ++j) v += (xr[j] - mu) * (xr[j] - mu);
+    const float rs = static_cast<float>(1.0 / sqrt(v / cols + eps));
+    const float m = static_cast<float>(mu);
+    float* yr = y + r * cols;
+    for (int64_t j = 0; j < cols; ++j) yr[j] = (xr[j] - m) * rs * gamma[j] + beta[j];
+    mean[r] = m;
+    rstd[r] = rs;
+  }
+};
+
+struct LayerNormBackwardRowFunctor {
+  const float *x, *gamma, *mean, *rstd, *dy;
+  float* dx;
+  int64_t cols;
+  MOERUN_HD void operator()(int64_t r) const {
+    const float* xr = x + r * cols;
+    const float* dyr = dy + r * cols;
+    double sum_g = 0.0, sum_gx = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float xhat = (xr[j] - mean[r]) * rstd[r];
+      const float g = dyr[j] * gamma[j];
+      sum_g += g;
+      sum_gx += static_cast<double>(g) * xhat;
+    }
+    const float mg = static_cast<float>(sum_g / cols), mgx = static_cast<float>(sum_gx / cols);
+    float* dxr = dx + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float xhat = (xr[j] - mean[r]) * rstd[r];
+      dxr[j] = rstd[r] * (dyr[j] * gamma[j] - mg - xhat * mgx);
+    }
+  }
+};
+
+// Column j of dgamma and dbeta, its rows summed in row order (as the CPU kernel).
+struct LayerNormParamGradFunctor {
+  const float *x, *mean, *rstd, *dy;
+  float *dgamma, *dbeta;
+  int64_t rows, cols;
+  MOERUN_HD void operator()(int64_t j) const {
+    float g = dgamma[j], b = dbeta[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float d = dy[r * cols + j];
+      g += d * (x[r * cols + j] - mean[r]) * rstd[r];
+      b += d;
+    }
+    dgamma[j] = g;
+    dbeta[j] = b;
+  }
+};
+
+struct GeluFunctor {
+  const float* x;
+  float* y;
+  bool tanh_form;
+  MOERUN_HD void operator()(int64_t i) const { y[i] = thrust_experts::Gelu(x[i], tanh_form); }
+};
+
+struct GeluGradFunctor {
+  const float *x, *dy;
+  float* dx;
+  bool tanh_form;
+  MOERUN_HD void operator()(int64_t i) const {
+    dx[i] = dy[i] * thrust_experts::GeluGrad(x[i], tanh_form);
+  }
+};
+
+struct RouterGemmFunctor {
+  const float *a, *b;
+  float* c;
+  int64_t n, k;
+  MOERUN_HD void operator()(int64_t i) const {
+    c[i] = RowInvariantDot(a + (i / n) * k, b + (i % n) * k, k);
+  }
+};
+
+struct AddFunctor {
+  const float *a, *b;
+  float* y;
+  MOERUN_HD void operator()(int64_t i) const { y[i] = a[i] + b[i]; }
+};
+
+struct AxpyFunctor {
+  float alpha;
+  const float* x;
+  float* y;
+  MOERUN_HD void operator()(int64_t i) const { y[i] += alpha * x[i]; }
+};
+
+struct ChoiceAttentionForwardFunctor {
+  choice_attention::Shape shape;
+  const float *q, *kv;
+  const int32_t* row;
+  float *probs, *out;
+  MOERUN_HD void operator()(int64_t i) const {
+    choice_attention::ForwardOne(shape, q, kv, row, probs, out, i);
+  }
+};
+
+struct ChoiceAttentionBackwardFunctor {
+  choice_attention::Shape shape;
+  const float *q, *kv;
+  const int32_t* row;
+  const float *probs, *d_out;
+  float *d_q, *d_kv;
+  MOERUN_HD void operator()(int64_t b) const {
+    choice_attention::BackwardSequence(shape, q, kv, row, probs, d_out, d_q, d_kv, b);
+  }
+};
+
+inline choice_attention::Shape ChoiceShape(int64_t tokens, int64_t k, int64_t head_dim,
+                                           int64_t seq_len) {
+  return {tokens, k, head_dim, seq_len, 1.0f / std::sqrt(static_cast<float>(head_dim))};
+}
+
+using thrust_experts::ForIndices;
+
+// OpsTable entries over `Policy` (thrust::device's type: the CUDA device under nvcc, the
+// host under THRUST_DEVICE_SYSTEM_CPP). GEMMs and self-attention are not here: the CUDA
+// table takes cuBLAS and the composed attention (ops.h), the host tests OpenBLAS.
+template <typename Policy>
+struct ThrustOps {
+  static void RouterGemm(const float* a, const float* b, float* c, int64_t rows, int64_t n,
+                         int64_t k) {
+    ForIndices(Policy(), rows * n, RouterGemmFunctor{a, b, c, n, k});
+  }
+  static void AddBias(float* y, const float* bias, int64_t rows, int64_t cols) {
+    thrust_experts::AddBias(Policy(), y, bias, 1, rows, cols);
+  }
+  static void BiasBackward(const float* dy, float* dbias, int64_t rows, int64_t cols) {
+    thrust_experts::BiasGrad(Policy(), dy, dbias, 1, rows, cols);
+  }
+  static void Add(const float* a, const float* b, float* y, int64_t n) {
+    ForIndices(Policy(), n, AddFunctor{a, b, y});
+  }
+  static void Axpy(float alpha, const float* x, float* y, int64_t n) {
+    ForIndices(Policy(), n, AxpyFunctor{alpha, x, y});
+  }
+  static void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
+    ForIndices(Policy(), rows, SoftmaxRowFunctor{x, y, cols});
+  }
+  static void SoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows,
+                              int64_t cols) {
+    ForIndices(Policy(), rows, SoftmaxBackwardRowFunctor{y, dy, dx, cols});
+  }
+  static void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
+                               float* mean, float* rstd, int64_t rows, int64_t cols, float eps) {
+    ForIndices(Policy(), rows, LayerNormRowFunctor{x, gamma, beta, y, mean, rstd, cols, eps});
+  }
+  static void LayerNormBackward(const float* x, const float* gamma, const float* mean,
+                                const float* rstd, const float* dy, float* dx, float* dgamma,
+                                float* dbeta, int64_t rows, int64_t cols) {
+    ForIndices(Policy(), rows, LayerNormBackwardRowFunctor{x, gamma, mean, rstd, dy, dx, cols});
+    ForIndices(Policy(), cols,
+               LayerNormParamGradFunctor{x, mean, rstd, dy, dgamma, dbeta, rows, cols});
+  }
+  static void GeluForward(const float* x, float* y, int64_t n, bool tanh_form) {
+    ForIndices(Policy(), n, GeluFunctor{x, y, tanh_form});
+  }
+  static void GeluBackward(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form) {
+    ForIndices(Policy(), n, GeluGradFunctor{x, dy, dx, tanh_form});
+  }
+  static void ChoiceAttentionForward(const float* q, const float* kv, const int32_t* row,
+                                     int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len,
+                                     float* probs, float* out) {
+    ForIndices(Policy(), tokens * k,
+               ChoiceAttentionForwardFunctor{ChoiceShape(tokens, k, head_dim, seq_len), q, kv, row,
+                                             probs, out});
+  }
+  static void ChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
+                                      const float* probs, const float* d_out, int64_t tokens,
+                                      int64_t k, int64_t head_dim, int64_t seq_len, float* d_q,
+                                      float* d_kv) {
+    ForIndices(Policy(), tokens / seq_len,
+               ChoiceAttentionBackwardFunctor{ChoiceShape(tokens, k, head_dim, seq_len), q, kv, row,
+                                              probs, d_out, d_q, d_kv});
+  }
+  static void TopK(const float* gates, int64_t tokens, int num_experts, int k,
+                   int32_t* expert_index, float* weight) {
+    thrust_routing::TopK(Policy(), gates, tokens, num_experts, k, expert_index, weight);
+  }
+  static void PackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
+                       float* buf, int64_t buf_rows) {
+    thrust::fill_n(Policy(), buf, buf_rows * w, 0.0f);
+    thrust_routing::PackRows(Policy(), row, x, tokens, k, w, buf);
+  }
+  static void CombineRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
+                          int64_t k, int64_t w, float* out) {
+    thrust_routing::GatherKeptRows(Policy(), buf, row, weight, tokens, k, w, out);
+  }
+  static void CombineRowsBackward(const float* buf, const int32_t* row, const float* weight,
+                                  const float* dy, int64_t tokens, int64_t k, int64_t w,
+                                  float* d_buf, int64_t buf_rows, float* d_weight) {
+    thrust::fill_n(Policy(), d_buf, buf_rows * w, 0.0f);
+    thrust_routing::GatherKeptRowsBackward(Policy(), buf, row, weight, dy, tokens, k, w, d_buf,
+                                           d_weight);
+  }
+  static void AdamW(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
+                    void* v, int64_t n, bool bf16_moments) {
+    thrust_optim::AdamWStep(Policy(), s, decay, value, grad, m, v, n, bf16_moments);
+  }
+
+  // A table of these entries named `name`, without GEMMs or self-attention.
+  static OpsTable Table(const char* name) {
+    OpsTable t{};
+    t.name = name;
+    t.router_gemm = &RouterGemm;
+    t.add_bias = &AddBias;
+    t.bias_backward = &BiasBackward;
+    t.add = &Add;
+    t.axpy = &Axpy;
+    t.softmax_forward = &SoftmaxForward;
+    t.softmax_backward = &SoftmaxBackward;
+    t.layer_norm_forward = &LayerNormForward;
+    t.layer_norm_backward = &LayerNormBackward;
+    t.gelu_forward = &GeluForward;
+    t.gelu_backward = &GeluBackward;
+    t.choice_attention_forward = &ChoiceAttentionForward;
+    t.choice_attention_backward = &ChoiceAttentionBackward;
+    t.top_k = &TopK;
+    t.pack_rows = &PackRows;
+    t.combine_rows = &CombineRows;
+    t.combine_rows_backward = &CombineRowsBackward;
+    t.adamw_step = &AdamW;
+    return t;
+  }
+};
+
+}  // namespace thrust_dense
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_DENSE_KERNELS_THRUST_H_

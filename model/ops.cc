@@ -1,0 +1,257 @@
+// The dispatch points of ops.h, the CPU table and the composed attention.
+#include "model/ops.h"
+
+#include <glog/logging.h>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+
+#include "model/choice_attention.h"
+#include "model/layers.h"
+#include "model/moe_dispatch.h"
+#include "model/routing.h"
+#include "runtime/kernels.h"
+
+namespace moerun {
+namespace {
+
+void CpuPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
+                 float* buf, int64_t buf_rows) {
+  std::memset(buf, 0, buf_rows * w * sizeof(float));
+#pragma omp parallel for schedule(static)
+  for (int64_t tok = 0; tok < tokens; ++tok) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t r = row[tok * k + j];
+      if (r >= 0) std::memcpy(buf + static_cast<int64_t>(r) * w, x + tok * w, w * sizeof(float));
+    }
+  }
+}
+
+void CpuCombineRowsBackward(const float* buf, const int32_t* row, const float* weight,
+                            const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
+                            int64_t buf_rows, float* d_weight) {
+  Tensor view = Tensor::Wrap(d_buf, {buf_rows, w}, DType::kF32);
+  GatherKeptRowsBackward(buf, row, weight, dy, tokens, k, w, &view, d_weight);
+}
+
+void CpuLayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
+                         float* mean, float* rstd, int64_t rows, int64_t cols, float eps) {
+  LayerNormForward(x, gamma, beta, y, mean, rstd, rows, cols, eps);
+}
+
+void CpuGeluForward(const float* x, float* y, int64_t n, bool tanh_form) {
+  (tanh_form ? GeluTanhForward : GeluForward)(x, y, n);
+}
+
+void CpuGeluBackward(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form) {
+  (tanh_form ? GeluTanhBackward : GeluBackward)(x, dy, dx, n);
+}
+
+void CpuChoiceAttentionForward(const float* q, const float* kv, const int32_t* row, int64_t tokens,
+                               int64_t k, int64_t head_dim, int64_t seq_len, float* probs,
+                               float* out) {
+  const choice_attention::Shape shape{tokens, k, head_dim, seq_len,
+                                      1.0f / std::sqrt(static_cast<float>(head_dim))};
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < tokens * k; ++i) {
+    choice_attention::ForwardOne(shape, q, kv, row, probs, out, i);
+  }
+}
+
+void CpuChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
+                                const float* probs, const float* d_out, int64_t tokens, int64_t k,
+                                int64_t head_dim, int64_t seq_len, float* d_q, float* d_kv) {
+  const choice_attention::Shape shape{tokens, k, head_dim, seq_len,
+                                      1.0f / std::sqrt(static_cast<float>(head_dim))};
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < tokens / seq_len; ++b) {
+    choice_attention::BackwardSequence(shape, q, kv, row, probs, d_out, d_q, d_kv, b);
+  }
+}
+
+void CpuTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
+             float* weight) {
+  TopK(gates, tokens, num_experts, k, expert_index, weight);
+}
+
+OpsTable MakeCpuOps() {
+  OpsTable t{};
+  t.name = "cpu";
+  t.gemm = &Gemm;
+  t.gemm_strided_batched = &GemmStridedBatched;
+  t.router_gemm = &RowInvariantGemmNT;
+  t.add_bias = &AddBias;
+  t.bias_backward = &BiasBackward;
+  t.add = &Add;
+  t.axpy = &Axpy;
+  t.softmax_forward = &SoftmaxForward;
+  t.softmax_backward = &SoftmaxBackward;
+  t.layer_norm_forward = &CpuLayerNormForward;
+  t.layer_norm_backward = &LayerNormBackward;
+  t.gelu_forward = &CpuGeluForward;
+  t.gelu_backward = &CpuGeluBackward;
+  t.attention_forward = &AttentionForward;
+  t.attention_backward = &AttentionBackward;
+  t.choice_attention_forward = &CpuChoiceAttentionForward;
+  t.choice_attention_backward = &CpuChoiceAttentionBackward;
+  t.top_k = &CpuTopK;
+  t.pack_rows = &CpuPackRows;
+  t.combine_rows = &GatherKeptRows;
+  t.combine_rows_backward = &CpuCombineRowsBackward;
+  t.adamw_step = &AdamWUpdate;
+  return t;
+}
+
+const OpsTable kCpuOps = MakeCpuOps();
+
+std::array<const OpsTable*, 2>& Tables() {
+  static std::array<const OpsTable*, 2> tables = {&kCpuOps, nullptr};
+  return tables;
+}
+
+// The one device of an op's tensors (undefined ones skipped); dies naming a mismatch.
+Device OneDevice(const char* op, std::initializer_list<const Tensor*> tensors) {
+  const Tensor* first = nullptr;
+  for (const Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    if (first == nullptr) {
+      first = t;
+    } else {
+      CHECK(t->device() == first->device())
+          << "ops::" << op << ": operands on different devices: " << first->ShapeString() << " ("
+          << DeviceName(first->device()) << ") and " << t->ShapeString() << " ("
+          << DeviceName(t->device()) << "); copy them to one device with To()";
+    }
+  }
+  CHECK(first != nullptr) << "ops::" << op << " without tensors";
+  return first->device();
+}
+
+// The implementation `entry` of `device`'s table; dies naming what is missing.
+template <typename Fn>
+Fn Impl(const char* op, Device device, Fn OpsTable::*entry) {
+  const OpsTable* table = OpsFor(device);
+  CHECK(table != nullptr) << "ops::" << op << ": no " << DeviceName(device)
+                          << " implementations are registered in this process (run with "
+                             "--device "
+                          << DeviceName(device) << " in a build with its kernels)";
+  CHECK(table->*entry != nullptr) << "ops::" << op << " is not implemented on " << table->name
+                                  << " yet";
+  return table->*entry;
+}
+
+void EnsureOn(Tensor* t, const Shape& shape, Device device) {
+  if (!t->defined() || t->shape() != shape || t->dtype() != DType::kF32 || t->device() != device) {
+    *t = Tensor::Empty(shape, DType::kF32, device);
+  }
+}
+
+}  // namespace
+
+void RegisterOps(Device device, const OpsTable* table) {
+  Tables()[static_cast<size_t>(device)] = table;
+}
+
+const OpsTable* OpsFor(Device device) { return Tables()[static_cast<size_t>(device)]; }
+
+const OpsTable& Ops(Device device) {
+  const OpsTable* table = OpsFor(device);
+  CHECK(table != nullptr) << "no " << DeviceName(device)
+                          << " ops are registered in this process (run with --device "
+                          << DeviceName(device) << " in a build with its kernels)";
+  return *table;
+}
+
+void ComposedAttentionForward(const OpsTable& ops, const float* qkv, float* out, float* probs,
+                              int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
+  const int64_t n = tokens, w = head_dim, d = heads * w, ld = 3 * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(w));
+  auto gemm = MOERUN_OP(ops, gemm_strided_batched);
+  auto softmax = MOERUN_OP(ops, softmax_forward);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* q = qkv + b * n * ld;
+    float* p = probs + b * heads * n * n;
+    // S_h = scale q_h k_h^T for every head h (heads w columns apart in qkv's rows).
+    gemm(false, true, n, n, w, scale, q, ld, w, q + d, ld, w, 0.0f, p, n, n * n, heads);
+    softmax(p, p, heads * n, n);
+    // out_h = P_h v_h, into the head's columns of the sequence's rows.
+    gemm(false, false, n, w, n, 1.0f, p, n, n * n, q + 2 * d, ld, w, 0.0f, out + b * n * d, d, w,
+         heads);
+  }
+}
+
+void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const float* probs,
+                               const float* dout, float* dqkv, float* scratch, int64_t batch,
+                               int64_t tokens, int64_t heads, int64_t head_dim) {
+  const int64_t n = tokens, w = head_dim, d = heads * w, ld = 3 * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(w));
+  auto gemm = MOERUN_OP(ops, gemm_strided_batched);
+  auto softmax_backward = MOERUN_OP(ops, softmax_backward);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* q = qkv + b * n * ld;
+    const float* p = probs + b * heads * n * n;
+    const float* dO = dout + b * n * d;
+    float* dq = dqkv + b * n * ld;
+    // dP_h = dO_h v_h^T (into scratch), dv_h = P_h^T dO_h.
+    gemm(false, true, n, n, w, 1.0f, dO, d, w, q + 2 * d, ld, w, 0.0f, scratch, n, n * n, heads);
+    gemm(true, false, n, w, n, 1.0f, p, n, n * n, dO, d, w, 0.0f, dq + 2 * d, ld, w, heads);
+    // dS = P (dP - rowsum(P dP)); dq_h = scale dS_h k_h, dk_h = scale dS_h^T q_h.
+    softmax_backward(p, scratch, scratch, heads * n, n);
+    gemm(false, false, n, w, n, scale, scratch, n, n * n, q + d, ld, w, 0.0f, dq, ld, w, heads);
+    gemm(true, false, n, w, n, scale, scratch, n, n * n, q, ld, w, 0.0f, dq + d, ld, w, heads);
+  }
+}
+
+namespace ops {
+
+void PackRows(const RoutingPlan& plan, const Tensor& x, Tensor* buf) {
+  const Tensor& row = plan.row;
+  const Device device = OneDevice("PackRows", {&row, &x});
+  const int64_t w = x.dim(1), rows = plan.num_experts * plan.rows_per_expert();
+  MOERUN_CHECK_SHAPE(row, {plan.tokens, plan.k});
+  EnsureOn(buf, {plan.num_experts, plan.rows_per_expert(), w}, device);
+  Impl("PackRows", device, &OpsTable::pack_rows)(row.device_data<int32_t>(device),
+                                                 x.device_data<float>(device), plan.tokens, plan.k,
+                                                 w, buf->device_data<float>(device), rows);
+}
+
+void CombineRows(const Tensor& buf, const Tensor& row, const Tensor& weight, Tensor* out) {
+  const Device device = OneDevice("CombineRows", {&buf, &row, &weight, out});
+  const int64_t tokens = row.dim(0), k = row.dim(1), w = buf.dim(-1);
+  MOERUN_CHECK_SHAPE(*out, {tokens, w});
+  Impl("CombineRows", device, &OpsTable::combine_rows)(
+      buf.device_data<float>(device), row.device_data<int32_t>(device),
+      weight.defined() ? weight.device_data<float>(device) : nullptr, tokens, k, w,
+      out->device_data<float>(device));
+}
+
+void CombineRowsBackward(const Tensor& buf, const Tensor& row, const Tensor& weight,
+                         const Tensor& dy, Tensor* d_buf, Tensor* d_weight) {
+  const Device device = OneDevice("CombineRowsBackward", {&buf, &row, &weight, &dy});
+  const int64_t tokens = row.dim(0), k = row.dim(1), w = buf.dim(-1);
+  MOERUN_CHECK_SHAPE(dy, {tokens, w});
+  EnsureOn(d_buf, buf.shape(), device);
+  EnsureOn(d_weight, {tokens, k}, device);
+  Impl("CombineRowsBackward", device, &OpsTable::combine_rows_backward)(
+      buf.device_data<float>(device), row.device_data<int32_t>(device),
+      weight.device_data<float>(device), dy.device_data<float>(device), tokens, k, w,
+      d_buf->device_data<float>(device), buf.numel() / w, d_weight->device_data<float>(device));
+}
+
+void AdamWStep(const AdamWScalars& s, bool decay, const Tensor& value, const Tensor& grad,
+               const Tensor& m, const Tensor& v) {
+  const Device device = OneDevice("AdamWStep", {&value, &grad, &m, &v});
+  CHECK(m.dtype() == v.dtype() && (m.dtype() == DType::kF32 || m.dtype() == DType::kBF16))
+      << "ops::AdamWStep: moments must both be F32 or BF16, got " << m.ShapeString() << " and "
+      << v.ShapeString();
+  CHECK(grad.numel() == value.numel() && m.numel() == value.numel() && v.numel() == value.numel())
+      << "ops::AdamWStep: sizes differ";
+  Impl("AdamWStep", device, &OpsTable::adamw_step)(
+      s, decay, value.device_data<float>(device), grad.device_data<float>(device), m.raw_data(),
+      v.raw_data(), value.numel(), m.dtype() == DType::kBF16);
+}
+
+}  // namespace ops
+}  // namespace moerun

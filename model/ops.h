@@ -1,0 +1,130 @@
+// The model's device-dependent steps behind one dispatch point each, in the spirit of
+// ggml's backend ops: a table of raw-pointer implementations per device (GEMM, batched
+// GEMM, bias, softmax, layer norm, GELU, self-attention, the MoE attention's per-choice
+// attention, top-k, pack / combine, AdamW). Model code takes the table of the device its
+// tensors live on (OpsFor) and calls its entries; ops:: below adds the Tensor form that
+// checks shapes and devices. The CPU table (runtime/kernels.h, moe_dispatch.h's loops,
+// AdamW's update) is always there; a device backend registers its own (the CUDA build does,
+// RegisterCudaOps in model/ops_cuda.cu, when a job runs with --device cuda). An op on
+// a device without a table, or whose table lacks the op, ends the job naming both.
+#ifndef MOERUN_MODEL_OPS_H_
+#define MOERUN_MODEL_OPS_H_
+
+#include <glog/logging.h>
+
+#include <cstdint>
+
+#include "model/moe_plan.h"
+#include "runtime/optimizer.h"
+#include "runtime/tensor.h"
+
+namespace moerun {
+
+// Raw-pointer implementations of one device; pointers are in that device's memory, all
+// matrices row-major. An entry may be null (not implemented on that device yet).
+struct OpsTable {
+  const char* name;  // "cpu", "cuda"
+  // --- dense math, runtime/kernels.h's semantics ---
+  // C[m,n] = alpha op(A) op(B) + beta C (lda/ldb/ldc: row strides as stored).
+  void (*gemm)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+               int64_t ldc);
+  // `batch` GEMMs, matrix i at a + i * stride_a (etc.).
+  void (*gemm_strided_batched)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                               float alpha, const float* a, int64_t lda, int64_t stride_a,
+                               const float* b, int64_t ldb, int64_t stride_b, float beta, float* c,
+                               int64_t ldc, int64_t stride_c, int64_t batch);
+  // c[t, j] = <a[t], b[j]> in RowInvariantDot's fixed order (the router's logits: a row's
+  // result does not depend on how rows are split over ranks).
+  void (*router_gemm)(const float* a, const float* b, float* c, int64_t rows, int64_t n, int64_t k);
+  void (*add_bias)(float* y, const float* bias, int64_t rows, int64_t cols);         // y[r] += b
+  void (*bias_backward)(const float* dy, float* dbias, int64_t rows, int64_t cols);  // db += Σ dy
+  void (*add)(const float* a, const float* b, float* y, int64_t n);                  // y = a + b
+  void (*axpy)(float alpha, const float* x, float* y, int64_t n);                    // y += alpha x
+  void (*softmax_forward)(const float* x, float* y, int64_t rows, int64_t cols);
+  void (*softmax_backward)(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols);
+  void (*layer_norm_forward)(const float* x, const float* gamma, const float* beta, float* y,
+                             float* mean, float* rstd, int64_t rows, int64_t cols, float eps);
+  void (*layer_norm_backward)(const float* x, const float* gamma, const float* mean,
+                              const float* rstd, const float* dy, float* dx, float* dgamma,
+                              float* dbeta, int64_t rows, int64_t cols);
+  // Exact (erf) or tanh GELU; dx may alias dy.
+  void (*gelu_forward)(const float* x, float* y, int64_t n, bool tanh_form);
+  void (*gelu_backward)(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form);
+  // Multi-head self-attention core (model/layers.h's AttentionForward / Backward).
+  void (*attention_forward)(const float* qkv, float* out, float* probs, int64_t batch,
+                            int64_t tokens, int64_t heads, int64_t head_dim);
+  void (*attention_backward)(const float* qkv, const float* probs, const float* dout, float* dqkv,
+                             int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim);
+  // The MoE attention's per-choice attention (model/choice_attention.h).
+  void (*choice_attention_forward)(const float* q, const float* kv, const int32_t* row,
+                                   int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len,
+                                   float* probs, float* out);
+  void (*choice_attention_backward)(const float* q, const float* kv, const int32_t* row,
+                                    const float* probs, const float* d_out, int64_t tokens,
+                                    int64_t k, int64_t head_dim, int64_t seq_len, float* d_q,
+                                    float* d_kv);
+  // The k largest gates of each token, ties to the lower expert (model/routing.h's TopK).
+  void (*top_k)(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
+                float* weight);
+  // --- the MoE layer's rows ---
+  // buf [E*R, w] zeroed, then row r of x [T, w] copied to every kept choice's plan row.
+  void (*pack_rows)(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
+                    float* buf, int64_t buf_rows);
+  // out[t] = sum over kept choices of weight[t, j] * buf[row[t, j]] (weight null: 1).
+  void (*combine_rows)(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
+                       int64_t k, int64_t w, float* out);
+  // d_buf zeroed, then weight * dy at every kept row; d_weight[t, j] = <dy[t], buf[row]>.
+  void (*combine_rows_backward)(const float* buf, const int32_t* row, const float* weight,
+                                const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
+                                int64_t buf_rows, float* d_weight);
+  // One AdamW update of n elements (runtime/optimizer.h's semantics).
+  void (*adamw_step)(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
+                     void* v, int64_t n, bool bf16_moments);
+};
+
+// Self-attention composed from a table's batched GEMM and softmax entries (per sequence:
+// S = (q k^T) / sqrt(dh) for all heads in one batched GEMM, softmax, out = P v), the form a
+// device without its own attention kernel uses; the backward takes a [heads, tokens,
+// tokens] scratch on the table's device. Tested on CI over the CPU table.
+void ComposedAttentionForward(const OpsTable& ops, const float* qkv, float* out, float* probs,
+                              int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim);
+void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const float* probs,
+                               const float* dout, float* dqkv, float* scratch, int64_t batch,
+                               int64_t tokens, int64_t heads, int64_t head_dim);
+
+// Installs `table` for `device` (kept by pointer; lives for the process). Replaces an
+// earlier table of that device.
+void RegisterOps(Device device, const OpsTable* table);
+// The table of `device`, or nullptr.
+const OpsTable* OpsFor(Device device);
+// The table of `device`; dies naming the device when none is registered.
+const OpsTable& Ops(Device device);
+// `table`'s entry `entry`; dies naming the op and the table when it is null.
+template <typename Fn>
+Fn OpEntry(const OpsTable& table, Fn OpsTable::*entry, const char* op) {
+  CHECK(table.*entry != nullptr) << "op " << op << " is not implemented on " << table.name
+                                 << " yet";
+  return table.*entry;
+}
+// MOERUN_OP(ops, gemm)(...): the checked call of one entry.
+#define MOERUN_OP(table, entry) ::moerun::OpEntry((table), &::moerun::OpsTable::entry, #entry)
+
+namespace ops {
+
+// buf [E, rows_per_expert, w] on x's device (allocated if needed) <- x [T, w] per the plan.
+// plan.row must be on x's device.
+void PackRows(const RoutingPlan& plan, const Tensor& x, Tensor* buf);
+// out [T, w] <- the weighted sum of each token's kept rows of buf (weight undefined: 1).
+void CombineRows(const Tensor& buf, const Tensor& row, const Tensor& weight, Tensor* out);
+// d_buf [like buf] and d_weight [T, k] from dy [T, w].
+void CombineRowsBackward(const Tensor& buf, const Tensor& row, const Tensor& weight,
+                         const Tensor& dy, Tensor* d_buf, Tensor* d_weight);
+// AdamW on one parameter (value, grad, m, v on one device; m and v of `moments` dtype).
+void AdamWStep(const AdamWScalars& s, bool decay, const Tensor& value, const Tensor& grad,
+               const Tensor& m, const Tensor& v);
+
+}  // namespace ops
+}  // namespace moerun
+
+#endif  // MOERUN_MODEL_OPS_H_
