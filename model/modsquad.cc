@@ -344,14 +344,14 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   patches_in_ = arena_.Allocate({b * patches_, patch_in});
   ExtractPatches(batch.images, patches_in_.data<float>(), b, c.channels(), c.image_size(), p);
   Tensor emb = arena_.Allocate({b * patches_, d});
-  LinearForward(*ops_, patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
+  LinearForward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
                 emb.data<float>(), b * patches_, patch_in, d);
   x0_ = arena_.Allocate({rows, d});
   const float* pos = pos_.data<float>();
   for (int64_t q = 0; q < seqs; ++q) {
     float* xq = x0_.data<float>() + q * n * d;
     for (int64_t j = 0; j < d; ++j) xq[j] = cls_.data<float>()[j] + pos[j];
-    MOERUN_OP(*ops_, add)
+    MOERUN_OP(ops(), add)
     (emb.data<float>() + (q % b) * patches_ * d, pos + d, xq + d, patches_ * d);
   }
   MoeForwardArgs args;
@@ -364,14 +364,14 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     Block& k = *blk;
     k.hin = arena_.Allocate({rows, d});
     for (int64_t r = 0; r < rows; ++r) {
-      MOERUN_OP(*ops_, add)
+      MOERUN_OP(ops(), add)
       (h.data<float>() + r * d, task_emb_.data<float>() + token_task_[r] * d,
        k.hin.data<float>() + r * d, d);
     }
     k.ln1 = arena_.Allocate({rows, d});
     k.mean1 = arena_.Allocate({rows});
     k.rstd1 = arena_.Allocate({rows});
-    MOERUN_OP(*ops_, layer_norm_forward)
+    MOERUN_OP(ops(), layer_norm_forward)
     (k.hin.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(), k.ln1.data<float>(),
      k.mean1.data<float>(), k.rstd1.data<float>(), rows, d, kLayerNormEps);
     k.attn_out = arena_.Allocate({rows, d});
@@ -387,12 +387,12 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
                             head_dim_);
     }
     k.mid = arena_.Allocate({rows, d});
-    MOERUN_OP(*ops_, add)
+    MOERUN_OP(ops(), add)
     (k.attn_out.data<float>(), k.hin.data<float>(), k.mid.data<float>(), rows * d);
     k.ln2 = arena_.Allocate({rows, d});
     k.mean2 = arena_.Allocate({rows});
     k.rstd2 = arena_.Allocate({rows});
-    MOERUN_OP(*ops_, layer_norm_forward)
+    MOERUN_OP(ops(), layer_norm_forward)
     (k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(), k.ln2.data<float>(),
      k.mean2.data<float>(), k.rstd2.data<float>(), rows, d, kLayerNormEps);
     k.out = arena_.Allocate({rows, d});
@@ -405,7 +405,7 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       DenseMlpForward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
                       k.out.data<float>(), rows, d, mlp_, c.gelu() == ModelConfig::TANH);
     }
-    MOERUN_OP(*ops_, add)(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
     h = k.out;
   }
   // Heads.
@@ -423,23 +423,23 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       float* pooled = heads_a_[t].in.data<float>();
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j)
-          MOERUN_OP(*ops_, axpy)(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
+          MOERUN_OP(ops(), axpy)(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
       }
       heads_a_[t].norm = arena_.Allocate({b, d});
       heads_a_[t].mean = arena_.Allocate({b});
       heads_a_[t].rstd = arena_.Allocate({b});
-      MOERUN_OP(*ops_, layer_norm_forward)
+      MOERUN_OP(ops(), layer_norm_forward)
       (pooled, fc_norm_w_.data<float>(), fc_norm_b_.data<float>(), heads_a_[t].norm.data<float>(),
        heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(), b, d, kLayerNormEps);
       heads_a_[t].norm2 = arena_.Allocate({b, d});
       heads_a_[t].mean2 = arena_.Allocate({b});
       heads_a_[t].rstd2 = arena_.Allocate({b});
-      MOERUN_OP(*ops_, layer_norm_forward)
+      MOERUN_OP(ops(), layer_norm_forward)
       (heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(), hp.norm_b.data<float>(),
        heads_a_[t].norm2.data<float>(), heads_a_[t].mean2.data<float>(),
        heads_a_[t].rstd2.data<float>(), b, d, kLayerNormEps);
       heads_a_[t].out = arena_.Allocate({b, outs});
-      LinearForward(*ops_, heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
+      LinearForward(ops(), heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
                     hp.fc_b.data<float>(), heads_a_[t].out.data<float>(), b, d, outs);
       heads_a_[t].labels = arena_.Allocate({b}, DType::kI32);
       int32_t* lab = heads_a_[t].labels.data<int32_t>();
@@ -471,12 +471,12 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     heads_a_[t].norm = arena_.Allocate({prow, d});
     heads_a_[t].mean = arena_.Allocate({prow});
     heads_a_[t].rstd = arena_.Allocate({prow});
-    MOERUN_OP(*ops_, layer_norm_forward)
+    MOERUN_OP(ops(), layer_norm_forward)
     (heads_a_[t].in.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
      heads_a_[t].norm.data<float>(), heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(),
      prow, d, kLayerNormEps);
     heads_a_[t].out = arena_.Allocate({prow, width});
-    LinearForward(*ops_, heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(),
+    LinearForward(ops(), heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(),
                   hp.fc_b.data<float>(), heads_a_[t].out.data<float>(), prow, d, width);
     const float* o = heads_a_[t].out.data<float>();
     if (head.kind() == TaskHeadConfig::SEGMENTATION) {
@@ -585,20 +585,20 @@ void ModSquadModel::Backward() {
                            dlogits.data<float>(), b, outs, static_cast<float>(w / global));
       Tensor d2 = arena_.Allocate({b, d}), d1 = arena_.Allocate({b, d}),
              dp = arena_.Allocate({b, d});
-      LinearBackward(*ops_, heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
+      LinearBackward(ops(), heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
                      dlogits.data<float>(), d2.data<float>(), hp.g_fc_w.data<float>(),
                      hp.g_fc_b.data<float>(), b, d, outs);
-      MOERUN_OP(*ops_, layer_norm_backward)
+      MOERUN_OP(ops(), layer_norm_backward)
       (heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(), heads_a_[t].mean2.data<float>(),
        heads_a_[t].rstd2.data<float>(), d2.data<float>(), d1.data<float>(),
        hp.g_norm_w.data<float>(), hp.g_norm_b.data<float>(), b, d);
-      MOERUN_OP(*ops_, layer_norm_backward)
+      MOERUN_OP(ops(), layer_norm_backward)
       (heads_a_[t].in.data<float>(), fc_norm_w_.data<float>(), heads_a_[t].mean.data<float>(),
        heads_a_[t].rstd.data<float>(), d1.data<float>(), dp.data<float>(),
        fc_norm_gw_.data<float>(), fc_norm_gb_.data<float>(), b, d);
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j) {
-          MOERUN_OP(*ops_, axpy)
+          MOERUN_OP(ops(), axpy)
           (1.0f / patches_, dp.data<float>() + i * d, dht + (i * n + j) * d, d);
         }
       }
@@ -621,15 +621,15 @@ void ModSquadModel::Backward() {
       }
     }
     Tensor dn = arena_.Allocate({prow, d}), din = arena_.Allocate({prow, d});
-    LinearBackward(*ops_, heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
+    LinearBackward(ops(), heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
                    dn.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), prow, d,
                    width);
-    MOERUN_OP(*ops_, layer_norm_backward)
+    MOERUN_OP(ops(), layer_norm_backward)
     (heads_a_[t].in.data<float>(), norm_w_.data<float>(), heads_a_[t].mean.data<float>(),
      heads_a_[t].rstd.data<float>(), dn.data<float>(), din.data<float>(), norm_gw_.data<float>(),
      norm_gb_.data<float>(), prow, d);
     for (int64_t i = 0; i < b; ++i) {
-      MOERUN_OP(*ops_, axpy)
+      MOERUN_OP(ops(), axpy)
       (1.0f, din.data<float>() + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
     }
   }
@@ -657,11 +657,11 @@ void ModSquadModel::Backward() {
                        dh.data<float>(), d_act.data<float>(), d_ln.data<float>(), rows, d, mlp_,
                        c.gelu() == ModelConfig::TANH);
     }
-    MOERUN_OP(*ops_, layer_norm_backward)
+    MOERUN_OP(ops(), layer_norm_backward)
     (k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(),
      d_ln.data<float>(), d_mid.data<float>(), k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows,
      d);
-    MOERUN_OP(*ops_, add)(d_mid.data<float>(), dh.data<float>(), d_mid.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(d_mid.data<float>(), dh.data<float>(), d_mid.data<float>(), rows * d);
     if (k.attn_layer != nullptr) {
       k.attn_layer->Backward(d_mid, &d_ln);
     } else {
@@ -672,14 +672,14 @@ void ModSquadModel::Backward() {
                              d_qkv.data<float>(), d_ln.data<float>(), seqs, n, d, heads_,
                              head_dim_);
     }
-    MOERUN_OP(*ops_, layer_norm_backward)
+    MOERUN_OP(ops(), layer_norm_backward)
     (k.hin.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(),
      d_ln.data<float>(), d_tmp.data<float>(), k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows,
      d);
-    MOERUN_OP(*ops_, add)(d_tmp.data<float>(), d_mid.data<float>(), dh.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(d_tmp.data<float>(), d_mid.data<float>(), dh.data<float>(), rows * d);
     // hin = h + task embedding of the row's task.
     for (int64_t r = 0; r < rows; ++r) {
-      MOERUN_OP(*ops_, axpy)
+      MOERUN_OP(ops(), axpy)
       (1.0f, dh.data<float>() + r * d, task_emb_g_.data<float>() + token_task_[r] * d, d);
     }
   }
@@ -687,12 +687,12 @@ void ModSquadModel::Backward() {
   Tensor d_emb = arena_.AllocateZeros({b * patches_, d});
   for (int64_t q = 0; q < seqs; ++q) {
     const float* g = dh.data<float>() + q * n * d;
-    MOERUN_OP(*ops_, axpy)(1.0f, g, pos_g_.data<float>(), n * d);
-    MOERUN_OP(*ops_, axpy)(1.0f, g, cls_g_.data<float>(), d);
-    MOERUN_OP(*ops_, axpy)(1.0f, g + d, d_emb.data<float>() + (q % b) * patches_ * d, patches_ * d);
+    MOERUN_OP(ops(), axpy)(1.0f, g, pos_g_.data<float>(), n * d);
+    MOERUN_OP(ops(), axpy)(1.0f, g, cls_g_.data<float>(), d);
+    MOERUN_OP(ops(), axpy)(1.0f, g + d, d_emb.data<float>() + (q % b) * patches_ * d, patches_ * d);
   }
   const int64_t patch_in = c.channels() * p * p;
-  LinearBackward(*ops_, patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(),
+  LinearBackward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(),
                  nullptr, patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in,
                  d);
 }

@@ -119,8 +119,9 @@ class ModSquadModel {
   std::vector<Head> heads_p_;
   // Activations of the last forward.
   // The ops table of the device the model's tensors live on (the CPU: the model's own
-  // glue between the ops reads host memory).
-  const OpsTable* ops_ = &Ops(Device::kCPU);
+  // glue between the ops reads host memory), looked up per call (train.precision can
+  // switch the CPU's GEMMs to bf16).
+  static const OpsTable& ops() { return Ops(Device::kCPU); }
   Arena arena_;
   MultiTaskBatch batch_;
   std::vector<int32_t> token_task_;

@@ -7,11 +7,13 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <vector>
 
 #include "model/choice_attention.h"
 #include "model/layers.h"
 #include "model/moe_dispatch.h"
 #include "model/routing.h"
+#include "runtime/dtype.h"
 #include "runtime/kernels.h"
 
 namespace moerun {
@@ -106,6 +108,59 @@ OpsTable MakeCpuOps() {
 
 const OpsTable kCpuOps = MakeCpuOps();
 
+// dst [rows, cols] packed <- bf16-rounded src [rows, cols] with rows `ld` apart.
+void RoundedCopy(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c)
+      dst[r * cols + c] = BF16ToFloat(FloatToBF16(src[r * ld + c]));
+  }
+}
+
+// `batch` matrices (stride 0: one shared) rounded into `buf`; returns the packed stride.
+int64_t RoundedBatch(const float* src, int64_t rows, int64_t cols, int64_t ld, int64_t stride,
+                     int64_t batch, std::vector<float>* buf) {
+  const int64_t count = stride == 0 ? 1 : batch;
+  buf->resize(static_cast<size_t>(count * rows * cols));
+  for (int64_t i = 0; i < count; ++i) {
+    RoundedCopy(src + i * stride, rows, cols, ld, buf->data() + i * rows * cols);
+  }
+  return stride == 0 ? 0 : rows * cols;
+}
+
+void CpuBf16GemmStridedBatched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                               float alpha, const float* a, int64_t lda, int64_t stride_a,
+                               const float* b, int64_t ldb, int64_t stride_b, float beta, float* c,
+                               int64_t ldc, int64_t stride_c, int64_t batch) {
+  thread_local std::vector<float> ra, rb;
+  const int64_t a_rows = trans_a ? k : m, a_cols = trans_a ? m : k;
+  const int64_t b_rows = trans_b ? n : k, b_cols = trans_b ? k : n;
+  const int64_t sa = RoundedBatch(a, a_rows, a_cols, lda, stride_a, batch, &ra);
+  const int64_t sb = RoundedBatch(b, b_rows, b_cols, ldb, stride_b, batch, &rb);
+  GemmStridedBatched(trans_a, trans_b, m, n, k, alpha, ra.data(), a_cols, sa, rb.data(), b_cols, sb,
+                     beta, c, ldc, stride_c, batch);
+}
+
+void CpuBf16Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                 int64_t ldc) {
+  CpuBf16GemmStridedBatched(trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0,
+                            1);
+}
+
+OpsTable MakeCpuBf16Ops() {
+  OpsTable t = kCpuOps;
+  t.name = "cpu-bf16";
+  t.gemm = &CpuBf16Gemm;
+  t.gemm_strided_batched = &CpuBf16GemmStridedBatched;
+  return t;
+}
+
+bool& Bf16Gemms() {
+  static bool on = false;
+  return on;
+}
+
 std::array<const OpsTable*, 2>& Tables() {
   static std::array<const OpsTable*, 2> tables = {&kCpuOps, nullptr};
   return tables;
@@ -156,7 +211,21 @@ void RegisterOps(Device device, const OpsTable* table) {
 
 const OpsTable* OpsFor(Device device) { return Tables()[static_cast<size_t>(device)]; }
 
+const OpsTable& CpuBf16GemmOps() {
+  static const OpsTable table = MakeCpuBf16Ops();
+  return table;
+}
+
+bool SetBf16Gemms(bool on) {
+  const bool before = Bf16Gemms();
+  Bf16Gemms() = on;
+  return before;
+}
+
 const OpsTable& Ops(Device device) {
+  if (device == Device::kCPU && Bf16Gemms() && OpsFor(device) == &kCpuOps) {
+    return CpuBf16GemmOps();
+  }
   const OpsTable* table = OpsFor(device);
   CHECK(table != nullptr) << "no " << DeviceName(device)
                           << " ops are registered in this process (run with --device "

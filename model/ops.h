@@ -98,8 +98,17 @@ void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const floa
 void RegisterOps(Device device, const OpsTable* table);
 // The table of `device`, or nullptr.
 const OpsTable* OpsFor(Device device);
-// The table of `device`; dies naming the device when none is registered.
+// The table of `device`; dies naming the device when none is registered. Under bf16 GEMMs
+// (SetBf16Gemms) the CPU's table is its bf16 variant (CpuBf16GemmOps).
 const OpsTable& Ops(Device device);
+
+// train.precision BF16: from now on, Ops(kCPU)'s GEMM entries round both operands to bf16
+// (nearest even) and multiply the rounded copies in fp32 (fp32 sums and outputs); every
+// other entry is the CPU table's. Process-wide (a process trains one model); the Trainer
+// sets it for its lifetime. Returns the previous setting.
+bool SetBf16Gemms(bool on);
+// The CPU table with bf16-operand GEMMs (what Ops(kCPU) is under SetBf16Gemms(true)).
+const OpsTable& CpuBf16GemmOps();
 // `table`'s entry `entry`; dies naming the op and the table when it is null.
 template <typename Fn>
 Fn OpEntry(const OpsTable& table, Fn OpsTable::*entry, const char* op) {

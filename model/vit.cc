@@ -196,7 +196,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   ExtractPatches(batch.images, patches_in_.data<float>(), b, c.channels(), c.image_size(),
                  c.patch_size());
   Tensor emb = arena_.Allocate({b * patches_, d});
-  LinearForward(*ops_, patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
+  LinearForward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
                 emb.data<float>(), b * patches_, patch_in, d);
   x0_ = arena_.Allocate({rows, d});
   float* x = x0_.data<float>();
@@ -204,7 +204,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   for (int64_t i = 0; i < b; ++i) {
     float* xi = x + i * n * d;
     for (int64_t j = 0; j < d; ++j) xi[j] = cls_.data<float>()[j] + pos[j];
-    MOERUN_OP(*ops_, add)(emb.data<float>() + i * patches_ * d, pos + d, xi + d, patches_ * d);
+    MOERUN_OP(ops(), add)(emb.data<float>() + i * patches_ * d, pos + d, xi + d, patches_ * d);
   }
   // Blocks.
   Tensor h = x0_;
@@ -214,7 +214,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
     k.ln1 = arena_.Allocate({rows, d});
     k.mean1 = arena_.Allocate({rows});
     k.rstd1 = arena_.Allocate({rows});
-    MOERUN_OP(*ops_, layer_norm_forward)
+    MOERUN_OP(ops(), layer_norm_forward)
     (h.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(), k.ln1.data<float>(),
      k.mean1.data<float>(), k.rstd1.data<float>(), rows, d, kLayerNormEps);
     k.qkv = arena_.Allocate({rows, 3 * d});
@@ -223,11 +223,11 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
     k.mid = arena_.Allocate({rows, d});
     DenseAttentionForward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
                           k.attn.data<float>(), k.mid.data<float>(), b, n, d, heads_, head_dim_);
-    MOERUN_OP(*ops_, add)(k.mid.data<float>(), h.data<float>(), k.mid.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(k.mid.data<float>(), h.data<float>(), k.mid.data<float>(), rows * d);
     k.ln2 = arena_.Allocate({rows, d});
     k.mean2 = arena_.Allocate({rows});
     k.rstd2 = arena_.Allocate({rows});
-    MOERUN_OP(*ops_, layer_norm_forward)
+    MOERUN_OP(ops(), layer_norm_forward)
     (k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(), k.ln2.data<float>(),
      k.mean2.data<float>(), k.rstd2.data<float>(), rows, d, kLayerNormEps);
     k.out = arena_.Allocate({rows, d});
@@ -249,7 +249,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
       DenseMlpForward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
                       k.out.data<float>(), rows, d, mlp_, config_.gelu() == ModelConfig::TANH);
     }
-    MOERUN_OP(*ops_, add)(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
     h = k.out;
   }
   // Final norm on the CLS rows only (the only rows the head reads), pre-logits, head.
@@ -260,7 +260,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   cls_norm_ = arena_.Allocate({b, d});
   norm_mean_ = arena_.Allocate({b});
   norm_rstd_ = arena_.Allocate({b});
-  MOERUN_OP(*ops_, layer_norm_forward)
+  MOERUN_OP(ops(), layer_norm_forward)
   (cls_rows_.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(), cls_norm_.data<float>(),
    norm_mean_.data<float>(), norm_rstd_.data<float>(), b, d, kLayerNormEps);
   Tensor head_in = cls_norm_;
@@ -268,14 +268,14 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   if (c.pre_logits_size() > 0) {
     head_dim = c.pre_logits_size();
     pre_out_ = arena_.Allocate({b, head_dim});
-    LinearForward(*ops_, cls_norm_.data<float>(), pre_w_.data<float>(), pre_b_.data<float>(),
+    LinearForward(ops(), cls_norm_.data<float>(), pre_w_.data<float>(), pre_b_.data<float>(),
                   pre_out_.data<float>(), b, d, head_dim);
     float* po = pre_out_.data<float>();
     for (int64_t i = 0; i < b * head_dim; ++i) po[i] = std::tanh(po[i]);
     head_in = pre_out_;
   }
   logits_ = arena_.Allocate({b, c.num_classes()});
-  LinearForward(*ops_, head_in.data<float>(), head_w_.data<float>(), head_b_.data<float>(),
+  LinearForward(ops(), head_in.data<float>(), head_w_.data<float>(), head_b_.data<float>(),
                 logits_.data<float>(), b, head_dim, c.num_classes());
   probs_ = arena_.Allocate({b, c.num_classes()});
   out->loss_sum = 0;
@@ -309,22 +309,22 @@ void VitModel::Backward() {
   if (c.pre_logits_size() > 0) {
     const int64_t pd = c.pre_logits_size();
     d_head_in = arena_.Allocate({b, pd});
-    LinearBackward(*ops_, pre_out_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
+    LinearBackward(ops(), pre_out_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
                    d_head_in.data<float>(), head_gw_.data<float>(), head_gb_.data<float>(), b, pd,
                    classes);
     float* dh = d_head_in.data<float>();
     const float* t = pre_out_.data<float>();
     for (int64_t i = 0; i < b * pd; ++i) dh[i] *= 1.0f - t[i] * t[i];
-    LinearBackward(*ops_, cls_norm_.data<float>(), pre_w_.data<float>(), dh,
+    LinearBackward(ops(), cls_norm_.data<float>(), pre_w_.data<float>(), dh,
                    d_cls_norm.data<float>(), pre_gw_.data<float>(), pre_gb_.data<float>(), b, d,
                    pd);
   } else {
-    LinearBackward(*ops_, cls_norm_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
+    LinearBackward(ops(), cls_norm_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
                    d_cls_norm.data<float>(), head_gw_.data<float>(), head_gb_.data<float>(), b, d,
                    classes);
   }
   Tensor d_cls = arena_.Allocate({b, d});
-  MOERUN_OP(*ops_, layer_norm_backward)
+  MOERUN_OP(ops(), layer_norm_backward)
   (cls_rows_.data<float>(), norm_w_.data<float>(), norm_mean_.data<float>(),
    norm_rstd_.data<float>(), d_cls_norm.data<float>(), d_cls.data<float>(), norm_gw_.data<float>(),
    norm_gb_.data<float>(), b, d);
@@ -350,20 +350,20 @@ void VitModel::Backward() {
                        dx.data<float>(), d_act.data<float>(), d_ln.data<float>(), rows, d, mlp_,
                        config_.gelu() == ModelConfig::TANH);
     }
-    MOERUN_OP(*ops_, layer_norm_backward)
+    MOERUN_OP(ops(), layer_norm_backward)
     (k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(),
      d_ln.data<float>(), d_mid.data<float>(), k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows,
      d);
-    MOERUN_OP(*ops_, add)(d_mid.data<float>(), dx.data<float>(), d_mid.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(d_mid.data<float>(), dx.data<float>(), d_mid.data<float>(), rows * d);
     // Attention: mid = input + proj(attn(ln1(input))).
     DenseAttentionBackward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
                            k.attn.data<float>(), d_mid.data<float>(), d_attn.data<float>(),
                            d_qkv.data<float>(), d_ln.data<float>(), b, n, d, heads_, head_dim_);
-    MOERUN_OP(*ops_, layer_norm_backward)
+    MOERUN_OP(ops(), layer_norm_backward)
     (input.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(),
      d_ln.data<float>(), d_tmp.data<float>(), k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows,
      d);
-    MOERUN_OP(*ops_, add)(d_tmp.data<float>(), d_mid.data<float>(), dx.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(d_tmp.data<float>(), d_mid.data<float>(), dx.data<float>(), rows * d);
   }
   // Embeddings: x0 = [cls; patches W^T + b] + pos.
   const float* g = dx.data<float>();
@@ -372,12 +372,12 @@ void VitModel::Backward() {
   Tensor d_emb = arena_.Allocate({b * patches_, d});
   for (int64_t i = 0; i < b; ++i) {
     const float* gi = g + i * n * d;
-    MOERUN_OP(*ops_, axpy)(1.0f, gi, gpos, n * d);
-    MOERUN_OP(*ops_, axpy)(1.0f, gi, gcls, d);
+    MOERUN_OP(ops(), axpy)(1.0f, gi, gpos, n * d);
+    MOERUN_OP(ops(), axpy)(1.0f, gi, gcls, d);
     std::copy_n(gi + d, patches_ * d, d_emb.data<float>() + i * patches_ * d);
   }
   const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();
-  LinearBackward(*ops_, patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(),
+  LinearBackward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(),
                  nullptr, patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in,
                  d);
 }

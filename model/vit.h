@@ -95,8 +95,9 @@ class VitModel {
       head_gb_;
   // Activations of the last forward.
   // The ops table of the device the model's tensors live on (the CPU: the model's own
-  // glue between the ops reads host memory).
-  const OpsTable* ops_ = &Ops(Device::kCPU);
+  // glue between the ops reads host memory), looked up per call (train.precision can
+  // switch the CPU's GEMMs to bf16).
+  static const OpsTable& ops() { return Ops(Device::kCPU); }
   Arena arena_;
   VitBatch batch_;
   Tensor patches_in_, x0_, cls_rows_, cls_norm_, norm_mean_, norm_rstd_, pre_out_, logits_, probs_;

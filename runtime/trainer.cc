@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "model/ops.h"
 #include "model/vit_spec.h"
 #include "runtime/kernels.h"
 #include "runtime/process.h"
@@ -42,6 +43,8 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
                                                    const Dataset* train) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->config_ = config;
+  // train.precision: the dense layers' and experts' GEMMs take bf16-rounded operands.
+  t->bf16_gemms_before_ = SetBf16Gemms(config.train().precision() == TrainConfig::BF16);
   t->world_ = world;
   t->train_ = train;
   const int p = world->size();
@@ -74,6 +77,8 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   t->sampler_ = std::make_unique<BatchSampler>(train->size, tc.global_batch(), tc.seed());
   return t;
 }
+
+Trainer::~Trainer() { SetBf16Gemms(bf16_gemms_before_); }
 
 Status Trainer::CreateVit() {
   const TrainConfig& tc = config_.train();

@@ -105,6 +105,8 @@ class Trainer {
   // the ranks or the experts do not fit the rank count.
   static StatusOr<std::unique_ptr<Trainer>> Create(const Config& config, Communicator* world,
                                                    const Dataset* train);
+  // Restores the GEMM precision that was in force before Create (train.precision).
+  ~Trainer();
 
   StepStats Step();
   // Where the time of the steps taken so far went (this rank).
@@ -167,6 +169,7 @@ class Trainer {
                    MultiTaskBatch* batch);
 
   Config config_;
+  bool bf16_gemms_before_ = false;  // the process's GEMM precision before this Trainer
   Communicator* world_ = nullptr;
   const Dataset* train_ = nullptr;
   std::shared_ptr<MoeGroups> groups_;

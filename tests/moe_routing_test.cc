@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "model/moe_dispatch.h"
@@ -13,7 +14,9 @@
 #include "model/ops.h"
 #include "model/router_noise.h"
 #include "model/routing.h"
+#include "runtime/dtype.h"
 #include "runtime/gradcheck.h"
+#include "runtime/kernels.h"
 #include "runtime/optimizer.h"
 
 namespace moerun {
@@ -290,6 +293,47 @@ TEST(MoeOps, AdamWOpIsTheOptimizersUpdate) {
                    Tensor::Wrap(grad.data(), {300}, DType::kF32), m, v);
     ASSERT_EQ(mine, value) << "step " << step;
   }
+}
+
+// train.precision BF16's GEMMs: the operands rounded to bf16 (nearest even), multiplied in
+// fp32: bit for bit the fp32 GEMM of pre-rounded copies, for every transpose, row strides
+// wider than the matrix, and a batch sharing one B (stride 0).
+TEST(MoeOps, Bf16GemmsMultiplyTheRoundedOperandsInFp32) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> n01;
+  const int64_t m = 5, n = 7, k = 9, ld = 12, batch = 3, stride = 12 * 12;
+  std::vector<float> a(batch * stride), b(stride), c0(batch * m * ld), c1(batch * m * ld);
+  for (float& v : a) v = n01(rng);
+  for (float& v : b) v = n01(rng);
+  auto rounded = [](std::vector<float> v) {
+    for (float& x : v) x = BF16ToFloat(FloatToBF16(x));
+    return v;
+  };
+  const std::vector<float> ra = rounded(a), rb = rounded(b);
+  const OpsTable& bf16 = CpuBf16GemmOps();
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      SCOPED_TRACE(std::string(ta ? "A^T" : "A") + (tb ? " B^T" : " B"));
+      std::fill(c0.begin(), c0.end(), 0.5f);
+      std::fill(c1.begin(), c1.end(), 0.5f);
+      bf16.gemm_strided_batched(ta, tb, m, n, k, 0.75f, a.data(), ld, stride, b.data(), ld, 0, 1.0f,
+                                c0.data(), ld, m * ld, batch);
+      GemmStridedBatched(ta, tb, m, n, k, 0.75f, ra.data(), ld, stride, rb.data(), ld, 0, 1.0f,
+                         c1.data(), ld, m * ld, batch);
+      EXPECT_EQ(0, std::memcmp(c0.data(), c1.data(), c0.size() * sizeof(float)));
+      std::fill(c1.begin(), c1.end(), 0.5f);
+      bf16.gemm(ta, tb, m, n, k, 1.0f, a.data(), ld, b.data(), ld, 0.0f, c0.data(), ld);
+      Gemm(ta, tb, m, n, k, 1.0f, ra.data(), ld, rb.data(), ld, 0.0f, c1.data(), ld);
+      EXPECT_EQ(0, std::memcmp(c0.data(), c1.data(), m * ld * sizeof(float)));
+      Gemm(ta, tb, m, n, k, 1.0f, a.data(), ld, b.data(), ld, 0.0f, c1.data(), ld);
+      EXPECT_NE(0, std::memcmp(c0.data(), c1.data(), m * ld * sizeof(float)))
+          << "the unrounded product is not the bf16 one";
+    }
+  }
+  const bool before = SetBf16Gemms(true);
+  EXPECT_EQ(&Ops(Device::kCPU), &bf16);
+  SetBf16Gemms(before);
+  EXPECT_STREQ(Ops(Device::kCPU).name, "cpu");
 }
 
 // A stand-in device table (host memory tagged as CUDA) to see the dispatch itself.

@@ -340,6 +340,35 @@ TEST(VitTrainingTest, ExpertParallelInvariance) {
   EXPECT_LT(got.losses.back(), got.losses.front());
 }
 
+// train.precision BF16: the run's GEMMs take bf16-rounded operands (the table is swapped
+// for the Trainer's lifetime); it trains, repeats exactly, and differs from fp32 only by
+// bf16 rounding.
+TEST(VitTrainingTest, Bf16PrecisionRoundsTheGemmOperands) {
+  auto self = World().Split(World().rank(), 0, "self");
+  const Config fp32 = TrainingConfig(5);
+  Config bf16 = fp32;
+  bf16.mutable_train()->set_precision(TrainConfig::BF16);
+  const TrainRun want = Train(*self, fp32);
+  EXPECT_STREQ(Ops(Device::kCPU).name, "cpu");
+  const TrainRun got = Train(*self, bf16);
+  EXPECT_STREQ(Ops(Device::kCPU).name, "cpu") << "the Trainer restores fp32 GEMMs";
+  const TrainRun again = Train(*self, bf16);
+  EXPECT_EQ(got.losses, again.losses) << "bf16 runs are deterministic";
+  EXPECT_NE(got.losses, want.losses) << "bf16 rounding changed nothing";
+  for (int s = 0; s < 5; ++s) {
+    EXPECT_TRUE(std::isfinite(got.losses[s]));
+    EXPECT_NEAR(got.losses[s], want.losses[s], 0.02 * want.losses[s]) << s;
+  }
+  EXPECT_LT(got.losses.back(), got.losses.front());
+  {
+    const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+    auto trainer = Trainer::Create(bf16, self.get(), &data);
+    ASSERT_TRUE(trainer.ok());
+    EXPECT_STREQ(Ops(Device::kCPU).name, "cpu-bf16");
+  }
+  EXPECT_STREQ(Ops(Device::kCPU).name, "cpu");
+}
+
 TEST(VitTrainingTest, OverfitsASmallBatch) {
   Config config = TrainingConfig(150);
   config.mutable_data()->set_synthetic_train_size(8);  // every step sees the same 8 images
