@@ -8,6 +8,11 @@
 //   static constexpr Device kDevice;             where its tensors live
 //   void Gemm(const ColMajorGemm& g);            bf16 A, B; fp32 C; fp32 accumulation
 //   void GroupedGemm(const std::vector<ColMajorGemm>& groups);  each batch 1, one call
+//   bool GemmBiasGelu(const ColMajorGemm& g, const float* bias, int64_t bias_stride,
+//                     bool tanh_form, void* act);
+//       optional fusion: g's fp32 C gets g's product + bias (bias[b * bias_stride + row],
+//       broadcast over the columns) and bf16 act (laid out as C) gets gelu of it; false
+//       when not fused (the caller then runs the GEMM and the Thrust bias + GELU)
 //   auto policy();                               Thrust execution policy of its stream
 //   void Synchronize();
 #ifndef MOERUN_MODEL_EXPERT_MLP_DEVICE_H_
@@ -122,11 +127,16 @@ class DeviceExpertMlp {
     Ensure(&hidden_, {el_, r, m_}, DType::kF32);
     Ensure(&act_bf16_, {el_, r, m_}, DType::kBF16);
     Ensure(out, {el_, r, d_}, DType::kF32);
-    // hidden = in fc1^T ([r, d] x [d, m]) + bias; act = bf16(gelu(hidden)).
-    ops_.Gemm(RowMajorGemm(false, true, r, m_, d_, in.raw_data(), d_, r * d_, fc1_bf16_.raw_data(),
-                           d_, m_ * d_, 0.0f, F(hidden_), m_, r * m_, el_));
-    thrust_experts::BiasGeluForward(ops_.policy(), F(hidden_), F(master_.fc1_bias), el_, r, m_,
-                                    gelu_tanh_, Bits(act_bf16_));
+    // hidden = in fc1^T ([r, d] x [d, m]) + bias; act = bf16(gelu(hidden)): one fused GEMM
+    // where the backend has the epilogue (cuBLASLt's GELU_AUX_BIAS), else GEMM + kernel.
+    const ColMajorGemm fc1 =
+        RowMajorGemm(false, true, r, m_, d_, in.raw_data(), d_, r * d_, fc1_bf16_.raw_data(), d_,
+                     m_ * d_, 0.0f, F(hidden_), m_, r * m_, el_);
+    if (!ops_.GemmBiasGelu(fc1, F(master_.fc1_bias), m_, gelu_tanh_, act_bf16_.raw_data())) {
+      ops_.Gemm(fc1);
+      thrust_experts::BiasGeluForward(ops_.policy(), F(hidden_), F(master_.fc1_bias), el_, r, m_,
+                                      gelu_tanh_, Bits(act_bf16_));
+    }
     // out = act fc2^T ([r, m] x [m, d]) + bias.
     ops_.Gemm(RowMajorGemm(false, true, r, d_, m_, act_bf16_.raw_data(), m_, r * m_,
                            fc2_bf16_.raw_data(), m_, d_ * m_, 0.0f, F(*out), d_, r * d_, el_));

@@ -1,4 +1,5 @@
 // DeviceExpertMlp (model/expert_mlp_device.h) over cuBLAS on the CUDA backend's stream.
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <thrust/execution_policy.h>
@@ -77,6 +78,89 @@ struct CublasOps {
         CUDA_R_32F, ldc.data(), n, size.data(), CUBLAS_COMPUTE_32F));
     Synchronize();  // ptrs is freed on return
   }
+  // fc1 with cuBLASLt's GELU_AUX_BIAS epilogue: D = bf16 act = gelu(A B + bias), the aux
+  // output (g.c, fp32) = A B + bias, the pre-activation the backward needs. cuBLASLt's GELU
+  // is the tanh form, so the erf form is never fused. The first time cuBLASLt has no
+  // algorithm for the shapes or refuses the call, fusion is switched off for this MLP
+  // (logged once) and the caller's unfused GEMM + kernel run instead.
+  cublasLtHandle_t lt = nullptr;
+  bool lt_disabled = false;
+  Tensor lt_workspace;
+  static constexpr size_t kLtWorkspaceBytes = 32u << 20;
+
+  bool GemmBiasGelu(const ColMajorGemm& g, const float* bias, int64_t bias_stride, bool tanh_form,
+                    void* act) {
+    if (!tanh_form || lt_disabled || lt == nullptr) return false;
+    if (!lt_workspace.defined()) {
+      lt_workspace =
+          Tensor::Empty({static_cast<int64_t>(kLtWorkspaceBytes)}, DType::kU8, Device::kCUDA);
+    }
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    bool ok =
+        cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
+    auto set = [&](cublasLtMatmulDescAttributes_t attr, const auto& value) {
+      ok = ok && cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)) ==
+                     CUBLAS_STATUS_SUCCESS;
+    };
+    const cublasOperation_t ta = Op(g.trans_a), tb = Op(g.trans_b);
+    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    const int32_t f32 = CUDA_R_32F;
+    set(CUBLASLT_MATMUL_DESC_TRANSA, ta);
+    set(CUBLASLT_MATMUL_DESC_TRANSB, tb);
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
+    set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+    set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, f32);
+    set(CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, bias_stride);
+    void* aux = g.c;
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, f32);
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.ldc);
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE, g.stride_c);
+    // Column-major layouts as stored: A is m x k (k x m transposed), B k x n (n x k).
+    auto layout = [&](cublasLtMatrixLayout_t* l, uint64_t rows, uint64_t cols, int64_t lead,
+                      int64_t stride) {
+      ok = ok &&
+           cublasLtMatrixLayoutCreate(l, CUDA_R_16BF, rows, cols, lead) == CUBLAS_STATUS_SUCCESS;
+      const int32_t batch = I(g.batch);
+      ok = ok &&
+           cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch,
+                                            sizeof(batch)) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutSetAttribute(*l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                            &stride, sizeof(stride)) == CUBLAS_STATUS_SUCCESS;
+    };
+    layout(&la, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda, g.stride_a);
+    layout(&lb, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb, g.stride_b);
+    layout(&ld, g.m, g.n, g.ldc, g.stride_c);
+    cublasLtMatmulHeuristicResult_t heuristic{};
+    int found = 0;
+    const size_t workspace = kLtWorkspaceBytes;
+    ok = ok && cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                              &workspace,
+                                              sizeof(workspace)) == CUBLAS_STATUS_SUCCESS &&
+         cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 1, &heuristic, &found) ==
+             CUBLAS_STATUS_SUCCESS &&
+         found > 0;
+    cublasStatus_t st = CUBLAS_STATUS_NOT_SUPPORTED;
+    if (ok) {
+      const float alpha = 1.0f, beta = 0.0f;
+      st = cublasLtMatmul(lt, desc, &alpha, g.a, la, g.b, lb, &beta, act, ld, act, ld,
+                          &heuristic.algo, lt_workspace.raw_data(), workspace, stream);
+    }
+    if (pref != nullptr) cublasLtMatmulPreferenceDestroy(pref);
+    for (cublasLtMatrixLayout_t l : {la, lb, ld}) {
+      if (l != nullptr) cublasLtMatrixLayoutDestroy(l);
+    }
+    if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
+    if (st == CUBLAS_STATUS_SUCCESS) return true;
+    LOG(WARNING) << "cuBLASLt GELU_AUX_BIAS epilogue unavailable for the expert fc1 ("
+                 << (ok ? cublasGetStatusString(st) : "no algorithm or attribute refused")
+                 << "); using the GEMM + bias/GELU kernel";
+    lt_disabled = true;
+    return false;
+  }
   auto policy() const { return thrust::cuda::par.on(stream); }
   void Synchronize() { CHECK(cudaStreamSynchronize(stream) == cudaSuccess); }
 };
@@ -86,6 +170,7 @@ CublasOps MakeCublasOps() {
   ops.stream = BackendStream();
   MOERUN_CUBLAS_CHECK(cublasCreate(&ops.handle));
   MOERUN_CUBLAS_CHECK(cublasSetStream(ops.handle, ops.stream));
+  if (cublasLtCreate(&ops.lt) != CUBLAS_STATUS_SUCCESS) ops.lt = nullptr;  // then unfused
   return ops;
 }
 
@@ -94,7 +179,10 @@ CublasOps MakeCublasOps() {
 struct CudaExpertMlp::Impl {
   Impl(int64_t el, int64_t d, int64_t m, bool gelu_tanh)
       : mlp(MakeCublasOps(), el, d, m, gelu_tanh) {}
-  ~Impl() { cublasDestroy(mlp.ops().handle); }
+  ~Impl() {
+    cublasDestroy(mlp.ops().handle);
+    if (mlp.ops().lt != nullptr) cublasLtDestroy(mlp.ops().lt);
+  }
   DeviceExpertMlp<CublasOps> mlp;
 };
 

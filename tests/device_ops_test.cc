@@ -289,6 +289,25 @@ struct HostBlasOps {
                   bb.data(), g.ldb, g.beta, g.c + b * g.stride_c, g.ldc);
     }
   }
+  // The epilogue's contract (what cuBLASLt's GELU_AUX_BIAS must compute), when `fuse`.
+  bool fuse = false;
+  int fused = 0;
+  bool GemmBiasGelu(const ColMajorGemm& g, const float* bias, int64_t bias_stride, bool tanh_form,
+                    void* act) {
+    if (!fuse) return false;
+    ++fused;
+    Gemm(g);
+    for (int64_t b = 0; b < g.batch; ++b) {
+      for (int64_t j = 0; j < g.n; ++j) {
+        for (int64_t i = 0; i < g.m; ++i) {
+          const int64_t at = b * g.stride_c + j * g.ldc + i;
+          g.c[at] += bias[b * bias_stride + i];
+          static_cast<uint16_t*>(act)[at] = ToBF16Bits(thrust_experts::Gelu(g.c[at], tanh_form));
+        }
+      }
+    }
+    return true;
+  }
   void GroupedGemm(const std::vector<ColMajorGemm>& groups) {
     ++grouped_calls;
     for (const ColMajorGemm& g : groups) Gemm(g);
@@ -369,6 +388,18 @@ TEST(DeviceExperts, ForwardAndBackwardMatchTheCpuExpertsUpToBF16) {
     EXPECT_LT(RelErr(g.fc2_bias, cpu.grads().fc2_bias), 1e-5);  // sums of the same fp32 rows
     // Not vacuous: a gradient is far from zero and from the forward's scale mix-ups.
     EXPECT_GT(RelErr(g.fc1_weight, Tensor::Zeros(g.fc1_weight.shape())), 0.5);
+    // The fused fc1 (GEMM with a bias + GELU epilogue) gives the same numbers.
+    HostBlasOps fused_ops;
+    fused_ops.fuse = true;
+    DeviceExpertMlp<HostBlasOps> fused(fused_ops, c.el, c.d, c.m, c.tanh_form);
+    fused.LoadParams(cpu.params());
+    Tensor y2, dx2;
+    fused.Forward(x.Cast(DType::kBF16), &y2);
+    fused.Backward(dy, &dx2);
+    EXPECT_EQ(fused.ops().fused, 1);
+    EXPECT_EQ(fused.ops().gemms, 2 + 4);
+    EXPECT_EQ(0, std::memcmp(y2.data<float>(), y.data<float>(), y.nbytes()));
+    EXPECT_EQ(0, std::memcmp(dx2.data<float>(), dx.data<float>(), dx.nbytes()));
   }
 }
 
