@@ -43,8 +43,10 @@ void CopyRows(const Tensor& src, Tensor* dst) {
 ScopedTimer::ScopedTimer(double* slot) : slot_(slot), start_(Now()) {}
 ScopedTimer::~ScopedTimer() { *slot_ += Now() - start_; }
 
-void EnsureTensor(Tensor* t, const Shape& shape, DType dtype) {
-  if (!t->defined() || t->shape() != shape || t->dtype() != dtype) *t = Tensor::Empty(shape, dtype);
+void EnsureTensor(Tensor* t, const Shape& shape, DType dtype, Device device) {
+  if (!t->defined() || t->shape() != shape || t->dtype() != dtype || t->device() != device) {
+    *t = Tensor::Empty(shape, dtype, device);
+  }
 }
 
 void PackRows(const RoutingPlan& plan, const float* x, int64_t w, Tensor* buf) {

@@ -38,8 +38,9 @@ class ScopedTimer {
   double start_;
 };
 
-// Reallocates `t` when its shape or dtype differs (buffers persist across steps).
-void EnsureTensor(Tensor* t, const Shape& shape, DType dtype = DType::kF32);
+// Reallocates `t` when its shape, dtype or device differs (buffers persist across steps).
+void EnsureTensor(Tensor* t, const Shape& shape, DType dtype = DType::kF32,
+                  Device device = Device::kCPU);
 
 // buf [E, R, w] (zeroed first) gets row r of x [T, w] at every kept choice's plan row.
 void PackRows(const RoutingPlan& plan, const float* x, int64_t w, Tensor* buf);

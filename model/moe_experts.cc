@@ -64,23 +64,23 @@ void LinearBackwardRows(const Tensor& x, const Tensor& w, const Tensor& dy, Tens
 
 void BatchedLinearForward(const Tensor& x, const Tensor& w, const Tensor* b, Tensor* y,
                           double* gemm, double* act) {
-  EnsureTensor(y, {x.dim(0), x.dim(1), w.dim(1)});
+  EnsureTensor(y, {x.dim(0), x.dim(1), w.dim(1)}, DType::kF32, x.device());
   LinearForwardRows(x, w, b, y, 0, x.dim(1), gemm, act);
 }
 
 void BatchedLinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw,
                            Tensor* db, Tensor* dx, double* gemm, double* act) {
-  if (dx != nullptr) EnsureTensor(dx, {x.dim(0), x.dim(1), x.dim(2)});
+  if (dx != nullptr) EnsureTensor(dx, {x.dim(0), x.dim(1), x.dim(2)}, DType::kF32, x.device());
   LinearBackwardRows(x, w, dy, dw, db, dx, 0, x.dim(1), gemm, act);
 }
 
-ExpertMlp::ExpertMlp(int64_t el, int64_t d, int64_t m, bool gelu_tanh)
-    : d_(d), m_(m), gelu_tanh_(gelu_tanh) {
+ExpertMlp::ExpertMlp(int64_t el, int64_t d, int64_t m, bool gelu_tanh, Device device)
+    : d_(d), m_(m), gelu_tanh_(gelu_tanh), device_(device) {
   for (ExpertMlpParams* p : {&params_, &grads_}) {
-    p->fc1_weight = Tensor::Zeros({el, m, d});
-    p->fc1_bias = Tensor::Zeros({el, m});
-    p->fc2_weight = Tensor::Zeros({el, d, m});
-    p->fc2_bias = Tensor::Zeros({el, d});
+    p->fc1_weight = Tensor::Zeros({el, m, d}, DType::kF32, device);
+    p->fc1_bias = Tensor::Zeros({el, m}, DType::kF32, device);
+    p->fc2_weight = Tensor::Zeros({el, d, m}, DType::kF32, device);
+    p->fc2_bias = Tensor::Zeros({el, d}, DType::kF32, device);
   }
 }
 
@@ -97,11 +97,13 @@ void ExpertMlp::Forward(const Tensor& in, Tensor* out, MoeTimers* timers) {
 
 void ExpertMlp::PrepareForward(const Tensor& in, Tensor* out) {
   const int64_t el = in.dim(0), r = in.dim(1);
+  CHECK(in.device() == device_) << "experts on " << DeviceName(device_) << " got rows "
+                                << in.ShapeString();
   in_ = in;
   out_ = out;
-  EnsureTensor(&hidden_, {el, r, m_});
-  EnsureTensor(&act_, {el, r, m_});
-  EnsureTensor(out, {el, r, d_});
+  EnsureTensor(&hidden_, {el, r, m_}, DType::kF32, device_);
+  EnsureTensor(&act_, {el, r, m_}, DType::kF32, device_);
+  EnsureTensor(out, {el, r, d_}, DType::kF32, device_);
 }
 
 void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
@@ -135,8 +137,8 @@ void ExpertMlp::PrepareBackward(const Tensor& d_out, Tensor* d_in) {
   MOERUN_CHECK_SHAPE(d_out, {in_.dim(0), in_.dim(1), d_});
   d_out_ = d_out;
   d_in_ = d_in;
-  EnsureTensor(&d_act_, hidden_.shape());
-  EnsureTensor(d_in, in_.shape());
+  EnsureTensor(&d_act_, hidden_.shape(), DType::kF32, device_);
+  EnsureTensor(d_in, in_.shape(), DType::kF32, device_);
 }
 
 void ExpertMlp::BackwardRows(int64_t begin, int64_t count, MoeTimers* timers) {

@@ -31,7 +31,10 @@ struct ExpertMlpParams {
 
 class ExpertMlp {
  public:
-  ExpertMlp(int64_t local_experts, int64_t d, int64_t m, bool gelu_tanh);
+  // Parameters, gradients and buffers on `device`; the arithmetic runs on its ops table
+  // (model/ops.h), fp32 throughout (the CUDA backend's bf16 experts: moe_experts_cuda.h).
+  ExpertMlp(int64_t local_experts, int64_t d, int64_t m, bool gelu_tanh,
+            Device device = Device::kCPU);
   ExpertMlpParams& params() { return params_; }
   ExpertMlpParams& grads() { return grads_; }
   void ZeroGradients();
@@ -52,6 +55,7 @@ class ExpertMlp {
  private:
   int64_t d_, m_;
   bool gelu_tanh_;
+  Device device_;
   ExpertMlpParams params_, grads_;
   Tensor in_, hidden_, act_, d_act_, d_out_;
   Tensor* out_ = nullptr;

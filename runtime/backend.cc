@@ -4,6 +4,7 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -17,8 +18,12 @@ constexpr size_t kHostAlignment = 64;
 
 class CpuBackend final : public Backend {
  public:
-  Device device() const override { return Device::kCPU; }
-  std::string Describe() const override { return "cpu"; }
+  // `as`: the device it reports (kCPU, or another for a host stand-in).
+  explicit CpuBackend(Device as = Device::kCPU) : as_(as) {}
+  Device device() const override { return as_; }
+  std::string Describe() const override {
+    return as_ == Device::kCPU ? "cpu" : std::string("host stand-in for ") + DeviceName(as_);
+  }
   void* Allocate(size_t bytes) override {
     const size_t rounded =
         (std::max<size_t>(bytes, 1) + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
@@ -53,6 +58,7 @@ class CpuBackend final : public Backend {
   size_t peak_allocated_bytes() const override { return peak_.load(); }
 
  private:
+  Device as_;
   std::atomic<size_t> allocated_{0}, peak_{0};
 };
 
@@ -61,9 +67,26 @@ CpuBackend& Cpu() {
   return *cpu;
 }
 
+std::array<Backend*, 2>& TestOverrides() {
+  static std::array<Backend*, 2> overrides = {nullptr, nullptr};
+  return overrides;
+}
+
 }  // namespace
 
+Backend* SetBackendForTesting(Device device, Backend* backend) {
+  Backend*& slot = TestOverrides()[static_cast<size_t>(device)];
+  Backend* before = slot;
+  slot = backend;
+  return before;
+}
+
+std::unique_ptr<Backend> NewHostStandInBackend(Device device) {
+  return std::make_unique<CpuBackend>(device);
+}
+
 Backend* BackendFor(Device device) {
+  if (Backend* b = TestOverrides()[static_cast<size_t>(device)]) return b;
   switch (device) {
     case Device::kCPU:
       return &Cpu();

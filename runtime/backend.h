@@ -7,6 +7,7 @@
 #define MOERUN_RUNTIME_BACKEND_H_
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,14 @@ class Backend {
 Backend* BackendFor(Device device);
 // Like BackendFor, but ends the job (LOG(FATAL)) naming why the device is unavailable.
 Backend& RequireBackend(Device device);
+
+// Tests: makes BackendFor(device) return `backend` (nullptr: back to the real one); returns
+// the previous override. With NewHostStandInBackend, code meant for a GPU runs in CI on host
+// memory that is still tagged with the device, so host code reading it (data<T>()) dies as
+// it would on a GPU.
+Backend* SetBackendForTesting(Device device, Backend* backend);
+// Host memory (64-byte aligned, memmove copies) that reports itself as `device`.
+std::unique_ptr<Backend> NewHostStandInBackend(Device device);
 
 // Backends compiled into this binary ("cpu", "cuda"); CUDA devices this process sees (0 when
 // CUDA was not built, or when cudaGetDeviceCount fails: no driver, no GPU).

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -30,6 +31,7 @@
 #include "model/routing.h"
 #include "model/routing_thrust.h"
 #include "runtime/adamw_thrust.h"
+#include "runtime/backend.h"
 #include "runtime/kernels.h"
 #include "runtime/optimizer.h"
 #include "runtime/tensor.h"
@@ -661,6 +663,165 @@ TEST(OpsTable, ComposedAttentionMatchesTheCpuAttentionKernel) {
     ExpectClose(out, o, 2e-5f);
     ExpectClose(probs, p, 2e-5f);
     ExpectClose(dqkv, dq, 2e-5f);
+  }
+}
+
+// --- A host stand-in for the GPU: host memory tagged as CUDA (runtime/backend.h) with the
+// Thrust table (its kernels compiled for the host) registered as the CUDA ops. Code that
+// is device-clean runs on it unchanged; host code reading its tensors (data<T>()) dies as
+// it would on a GPU. Each test installs it and restores the real (absent) CUDA backend.
+void StandInAttentionForward(const float* qkv, float* out, float* probs, int64_t batch,
+                             int64_t tokens, int64_t heads, int64_t head_dim) {
+  ComposedAttentionForward(Ops(Device::kCUDA), qkv, out, probs, batch, tokens, heads, head_dim);
+}
+void StandInAttentionBackward(const float* qkv, const float* probs, const float* dout, float* dqkv,
+                              int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
+  Tensor scratch = Tensor::Empty({heads, tokens, tokens}, DType::kF32, Device::kCUDA);
+  ComposedAttentionBackward(Ops(Device::kCUDA), qkv, probs, dout, dqkv,
+                            scratch.device_data<float>(Device::kCUDA), batch, tokens, heads,
+                            head_dim);
+}
+
+class StandInCuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    table_ = HostThrustTable();
+    table_.name = "stand-in cuda";
+    table_.attention_forward = &StandInAttentionForward;
+    table_.attention_backward = &StandInAttentionBackward;
+    backend_ = NewHostStandInBackend(Device::kCUDA);
+    before_backend_ = SetBackendForTesting(Device::kCUDA, backend_.get());
+    before_ops_ = OpsFor(Device::kCUDA);
+    RegisterOps(Device::kCUDA, &table_);
+  }
+  void TearDown() override {
+    RegisterOps(Device::kCUDA, before_ops_);
+    SetBackendForTesting(Device::kCUDA, before_backend_);
+  }
+  // A device copy of a host tensor, and a host copy of a device one.
+  static Tensor Dev(const Tensor& host) { return host.To(Device::kCUDA); }
+  static Tensor Host(const Tensor& dev) { return dev.To(Device::kCPU); }
+  static Tensor Random(const Shape& shape, float scale, uint32_t seed) {
+    Tensor t = Tensor::Empty(shape);
+    const std::vector<float> v = Normal(t.numel(), scale, seed);
+    std::copy(v.begin(), v.end(), t.data<float>());
+    return t;
+  }
+  static void ExpectNear(const Tensor& want, const Tensor& got_device, float tol) {
+    ASSERT_EQ(got_device.device(), Device::kCUDA);
+    const Tensor got = Host(got_device);
+    ExpectClose(std::vector<float>(want.data<float>(), want.data<float>() + want.numel()),
+                std::vector<float>(got.data<float>(), got.data<float>() + got.numel()), tol);
+  }
+
+  OpsTable table_;
+  std::unique_ptr<Backend> backend_;
+  Backend* before_backend_ = nullptr;
+  const OpsTable* before_ops_ = nullptr;
+};
+
+TEST_F(StandInCuda, TensorsAreDeviceTensorsThatHostCodeCannotRead) {
+  Tensor t = Tensor::Zeros({3, 4}, DType::kF32, Device::kCUDA);
+  EXPECT_EQ(t.device(), Device::kCUDA);
+  EXPECT_DEATH(t.data<float>(), "host code cannot read device memory");
+  EXPECT_STREQ(Ops(Device::kCUDA).name, "stand-in cuda");
+}
+
+// The ViT blocks' dense MLP and attention (model/layers.h) with weights and buffers on the
+// device: the same numbers as on the CPU (bit for bit but for GELU's and the composed
+// attention's rounding).
+TEST_F(StandInCuda, DenseLayersRunOnTheTableOfTheirWeightsDevice) {
+  const int64_t seqs = 2, tokens = 9, d = 16, m = 24, heads = 2, dh = 8, rows = seqs * tokens;
+  const bool tanh_form = true;
+  DenseMlpWeights cpu_mlp{Random({m, d}, 0.3f, 1), Random({m}, 0.1f, 2),  Random({d, m}, 0.3f, 3),
+                          Random({d}, 0.1f, 4),    Tensor::Zeros({m, d}), Tensor::Zeros({m}),
+                          Tensor::Zeros({d, m}),   Tensor::Zeros({d})};
+  DenseMlpWeights dev_mlp{Dev(cpu_mlp.fc1_w),   Dev(cpu_mlp.fc1_b),   Dev(cpu_mlp.fc2_w),
+                          Dev(cpu_mlp.fc2_b),   Dev(cpu_mlp.g_fc1_w), Dev(cpu_mlp.g_fc1_b),
+                          Dev(cpu_mlp.g_fc2_w), Dev(cpu_mlp.g_fc2_b)};
+  const Tensor x = Random({rows, d}, 1.0f, 5), dy = Random({rows, d}, 1.0f, 6);
+  Tensor hidden = Tensor::Empty({rows, m}), act = Tensor::Empty({rows, m}),
+         y = Tensor::Empty({rows, d}), d_act = Tensor::Empty({rows, m}),
+         dx = Tensor::Empty({rows, d});
+  DenseMlpForward(cpu_mlp, x.data<float>(), hidden.data<float>(), act.data<float>(),
+                  y.data<float>(), rows, d, m, tanh_form);
+  DenseMlpBackward(cpu_mlp, x.data<float>(), hidden.data<float>(), act.data<float>(),
+                   dy.data<float>(), d_act.data<float>(), dx.data<float>(), rows, d, m, tanh_form);
+  const Tensor x_d = Dev(x), dy_d = Dev(dy);
+  Tensor hidden_d = Tensor::Empty({rows, m}, DType::kF32, Device::kCUDA),
+         act_d = Tensor::Empty({rows, m}, DType::kF32, Device::kCUDA),
+         y_d = Tensor::Empty({rows, d}, DType::kF32, Device::kCUDA),
+         d_act_d = Tensor::Empty({rows, m}, DType::kF32, Device::kCUDA),
+         dx_d = Tensor::Empty({rows, d}, DType::kF32, Device::kCUDA);
+  auto D = [](const Tensor& t) { return t.device_data<float>(Device::kCUDA); };
+  DenseMlpForward(dev_mlp, D(x_d), D(hidden_d), D(act_d), D(y_d), rows, d, m, tanh_form);
+  DenseMlpBackward(dev_mlp, D(x_d), D(hidden_d), D(act_d), D(dy_d), D(d_act_d), D(dx_d), rows, d, m,
+                   tanh_form);
+  ExpectNear(y, y_d, 1e-5f);
+  ExpectNear(dx, dx_d, 1e-5f);
+  ExpectNear(cpu_mlp.g_fc1_w, dev_mlp.g_fc1_w, 1e-5f);
+  ExpectNear(cpu_mlp.g_fc2_b, dev_mlp.g_fc2_b, 0);  // sums of the same rows in one order
+
+  DenseAttentionWeights cpu_att{Random({3 * d, d}, 0.3f, 7), Random({3 * d}, 0.1f, 8),
+                                Random({d, d}, 0.3f, 9),     Random({d}, 0.1f, 10),
+                                Tensor::Zeros({3 * d, d}),   Tensor::Zeros({3 * d}),
+                                Tensor::Zeros({d, d}),       Tensor::Zeros({d})};
+  DenseAttentionWeights dev_att{Dev(cpu_att.qkv_w),    Dev(cpu_att.qkv_b),   Dev(cpu_att.proj_w),
+                                Dev(cpu_att.proj_b),   Dev(cpu_att.g_qkv_w), Dev(cpu_att.g_qkv_b),
+                                Dev(cpu_att.g_proj_w), Dev(cpu_att.g_proj_b)};
+  Tensor qkv = Tensor::Empty({rows, 3 * d}), probs = Tensor::Empty({seqs, heads, tokens, tokens}),
+         att = Tensor::Empty({rows, d}), d_att = Tensor::Empty({rows, d}),
+         d_qkv = Tensor::Empty({rows, 3 * d});
+  DenseAttentionForward(cpu_att, x.data<float>(), qkv.data<float>(), probs.data<float>(),
+                        att.data<float>(), y.data<float>(), seqs, tokens, d, heads, dh);
+  DenseAttentionBackward(cpu_att, x.data<float>(), qkv.data<float>(), probs.data<float>(),
+                         att.data<float>(), dy.data<float>(), d_att.data<float>(),
+                         d_qkv.data<float>(), dx.data<float>(), seqs, tokens, d, heads, dh);
+  auto E = [](const Shape& s) { return Tensor::Empty(s, DType::kF32, Device::kCUDA); };
+  Tensor qkv_d = E({rows, 3 * d}), probs_d = E({seqs, heads, tokens, tokens}), att_d = E({rows, d}),
+         d_att_d = E({rows, d}), d_qkv_d = E({rows, 3 * d});
+  DenseAttentionForward(dev_att, D(x_d), D(qkv_d), D(probs_d), D(att_d), D(y_d), seqs, tokens, d,
+                        heads, dh);
+  DenseAttentionBackward(dev_att, D(x_d), D(qkv_d), D(probs_d), D(att_d), D(dy_d), D(d_att_d),
+                         D(d_qkv_d), D(dx_d), seqs, tokens, d, heads, dh);
+  ExpectNear(y, y_d, 2e-5f);
+  ExpectNear(probs, probs_d, 2e-5f);
+  ExpectNear(dx, dx_d, 2e-5f);
+  ExpectNear(cpu_att.g_qkv_w, dev_att.g_qkv_w, 2e-5f);
+  ExpectNear(cpu_att.g_proj_b, dev_att.g_proj_b, 0);
+}
+
+// The fp32 expert MLP (model/moe_experts.h) with its parameters and buffers on the device.
+TEST_F(StandInCuda, ExpertMlpRunsOnTheDeviceOfItsParameters) {
+  const int64_t el = 3, r = 11, d = 16, m = 40;
+  for (bool tanh_form : {false, true}) {
+    SCOPED_TRACE(tanh_form ? "tanh GELU" : "erf GELU");
+    ExpertMlp cpu(el, d, m, tanh_form), dev(el, d, m, tanh_form, Device::kCUDA);
+    EXPECT_EQ(dev.params().fc1_weight.device(), Device::kCUDA);
+    uint32_t seed = 20;
+    ExpertMlpParams& p = cpu.params();
+    for (Tensor* t : {&p.fc1_weight, &p.fc1_bias, &p.fc2_weight, &p.fc2_bias}) {
+      *t = Random(t->shape(), 0.3f, seed++);
+    }
+    dev.params().fc1_weight.CopyFrom(p.fc1_weight);
+    dev.params().fc1_bias.CopyFrom(p.fc1_bias);
+    dev.params().fc2_weight.CopyFrom(p.fc2_weight);
+    dev.params().fc2_bias.CopyFrom(p.fc2_bias);
+    cpu.ZeroGradients();
+    dev.ZeroGradients();
+    const Tensor x = Random({el, r, d}, 1.0f, 30), dy = Random({el, r, d}, 1.0f, 31);
+    MoeTimers timers;
+    Tensor y, dx, y_d, dx_d;
+    cpu.Forward(x, &y, &timers);
+    cpu.Backward(dy, &dx, &timers);
+    dev.Forward(Dev(x), &y_d, &timers);
+    dev.Backward(Dev(dy), &dx_d, &timers);
+    ExpectNear(y, y_d, 1e-5f);
+    ExpectNear(dx, dx_d, 1e-5f);
+    ExpectNear(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-5f);
+    ExpectNear(cpu.grads().fc2_weight, dev.grads().fc2_weight, 1e-5f);
+    ExpectNear(cpu.grads().fc2_bias, dev.grads().fc2_bias, 0);
+    EXPECT_DEATH(dev.Forward(x, &y_d, &timers), "experts on cuda got rows");
   }
 }
 
