@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/moe_layer.h"
+#include "runtime/backend.h"
 
 namespace moerun {
 namespace {
@@ -15,8 +16,24 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// dst[b][a] = src[a][b] for blocks of `chunk` floats: [A][B][chunk] -> [B][A][chunk].
-void SwapBlockAxes(const float* src, float* dst, int64_t a_count, int64_t b_count, int64_t chunk) {
+// dst[b][a] = src[a][b] for blocks of `chunk` floats: [A][B][chunk] -> [B][A][chunk], on
+// the tensors' device (host: parallel memcpy; a device: its backend's copies).
+void SwapBlockAxes(const Tensor& src_t, Tensor* dst_t, int64_t a_count, int64_t b_count,
+                   int64_t chunk) {
+  const Device dev = src_t.device();
+  CHECK(dst_t->device() == dev) << "block swap across devices";
+  const float* src = src_t.device_data<float>(dev);
+  float* dst = dst_t->device_data<float>(dev);
+  if (dev != Device::kCPU) {
+    Backend& backend = RequireBackend(dev);
+    for (int64_t a = 0; a < a_count; ++a) {
+      for (int64_t b = 0; b < b_count; ++b) {
+        backend.CopyWithin(dst + (b * a_count + a) * chunk, src + (a * b_count + b) * chunk,
+                           chunk * sizeof(float));
+      }
+    }
+    return;
+  }
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t a = 0; a < a_count; ++a) {
     for (int64_t b = 0; b < b_count; ++b) {
@@ -26,9 +43,15 @@ void SwapBlockAxes(const float* src, float* dst, int64_t a_count, int64_t b_coun
   }
 }
 
-// dst = src (same element count), copied in parallel.
+// dst = src (same element count and device), copied in parallel on the host.
 void CopyRows(const Tensor& src, Tensor* dst) {
   const int64_t n = src.numel();
+  const Device dev = src.device();
+  CHECK(dst->device() == dev && dst->numel() == n) << "row copy across devices or sizes";
+  if (dev != Device::kCPU) {
+    RequireBackend(dev).CopyWithin(dst->raw_data(), src.raw_data(), n * sizeof(float));
+    return;
+  }
   const float* s = src.data<float>();
   float* d = dst->data<float>();
   constexpr int64_t kChunk = 1 << 16;
@@ -137,9 +160,13 @@ void Dispatcher::AllToAll(const Tensor& send, Tensor* recv) {
   const int64_t per_peer = send.numel() / pe;
   std::vector<int64_t> counts(pe, per_peer), displs = PrefixDisplacements(counts);
   if (pe == 1) {
-    std::memcpy(recv->raw_data(), send.raw_data(), send.nbytes());
+    CopyRows(send, recv);
     return;
   }
+  CHECK(ep.device() == send.device())
+      << "the expert-parallel communicator moves " << DeviceName(ep.device())
+      << " memory but the MoE rows are on " << DeviceName(send.device())
+      << " (a GPU layer needs the NCCL communicator)";
   ep.AllToAllV(send.raw_data(), counts, displs, recv->raw_data(), counts, displs, DType::kF32);
 }
 
@@ -148,18 +175,18 @@ void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double
   const int64_t r = send.dim(1), w = send.dim(2);
   if (pe == 1) {  // [E, R, w] is already [E_local, 1 * R, w]: one copy, no staging
     ScopedTimer timer(pack);
-    EnsureTensor(recv, {el, r, w});
+    EnsureTensor(recv, {el, r, w}, DType::kF32, send.device());
     CopyRows(send, recv);
     return;
   }
   {
     ScopedTimer timer(a2a);
-    EnsureTensor(&staging_, {pe, el, r, w});
+    EnsureTensor(&staging_, {pe, el, r, w}, DType::kF32, send.device());
     AllToAll(send, &staging_);
   }
   ScopedTimer timer(pack);
-  EnsureTensor(recv, {el, pe * r, w});
-  SwapBlockAxes(staging_.data<float>(), recv->data<float>(), pe, el, r * w);
+  EnsureTensor(recv, {el, pe * r, w}, DType::kF32, send.device());
+  SwapBlockAxes(staging_, recv, pe, el, r * w);
 }
 
 void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack) {
@@ -167,23 +194,24 @@ void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, doub
   const int64_t r = send.dim(1) / pe, w = send.dim(2);
   if (pe == 1) {
     ScopedTimer timer(pack);
-    EnsureTensor(recv, {groups_->num_experts(), r, w});
+    EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
     CopyRows(send, recv);
     return;
   }
   {
     ScopedTimer timer(pack);
-    EnsureTensor(&staging_, {pe, el, r, w});
-    SwapBlockAxes(send.data<float>(), staging_.data<float>(), el, pe, r * w);
+    EnsureTensor(&staging_, {pe, el, r, w}, DType::kF32, send.device());
+    SwapBlockAxes(send, &staging_, el, pe, r * w);
   }
   ScopedTimer timer(a2a);
-  EnsureTensor(recv, {groups_->num_experts(), r, w});
+  EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
   AllToAll(staging_, recv);
 }
 
 void Dispatcher::PrepareExpertRows(const Tensor& send, Tensor* recv) const {
   EnsureTensor(recv,
-               {groups_->local_experts(), groups_->expert().size() * send.dim(1), send.dim(2)});
+               {groups_->local_experts(), groups_->expert().size() * send.dim(1), send.dim(2)},
+               DType::kF32, send.device());
 }
 
 void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
@@ -192,6 +220,7 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
   Communicator& ep = groups_->expert();
   const int64_t pe = ep.size(), el = groups_->local_experts(), me = ep.rank();
   const int64_t r = send.dim(1), w = send.dim(2), block = el * r * w;
+  CHECK(send.device() == Device::kCPU) << "the overlapped dispatch runs on host rows";
   EnsureTensor(&staging_, {pe, el, r, w});
   MOERUN_CHECK_SHAPE(*recv, {el, pe * r, w});
   std::vector<int64_t> counts(pe, block), displs = PrefixDisplacements(counts);

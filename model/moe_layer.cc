@@ -82,7 +82,7 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, std::shared_ptr<MoeGroups> grou
       groups_(std::move(groups)),
       router_(config.gate, config.tasks, config.num_experts, config.d, config.noise_std),
       dispatcher_(groups_.get()),
-      experts_(groups_->local_experts(), config.d, config.m, config.gelu_tanh),
+      experts_(groups_->local_experts(), config.d, config.m, config.gelu_tanh, config.device),
       aux_(config.aux_weights()) {
   CHECK_EQ(config_.num_experts, groups_->num_experts()) << "MoE layer and groups disagree on E";
   CHECK(config_.k >= 1 && config_.k <= config_.num_experts) << "k " << config_.k;
@@ -102,6 +102,9 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   const int64_t t = x.dim(0), d = config_.d;
   MOERUN_CHECK_SHAPE(x, {t, d});
   MOERUN_CHECK_SHAPE(*y, {t, d});
+  const Device dev = config_.device;
+  CHECK(x.device() == dev && y->device() == dev) << "MoE layer on " << DeviceName(dev) << " got "
+                                                 << x.ShapeString() << " -> " << y->ShapeString();
   int64_t s = 0;
   auto fixed =
       CheckGroupsAndCapacity(config_.capacity_rule(), t, config_.num_experts, config_.k, &s);
@@ -116,7 +119,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     in.first_token = args.first_token;
     in.noise = args.noise;
     in.task = args.task;
-    MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
+    MOERUN_RETURN_IF_ERROR(router_.Forward(dev == Device::kCPU ? x : x.To(Device::kCPU), in));
   }
   // 2. Routing plan (per group: top-k, priority order, slots; capacity) and losses.
   {
@@ -125,12 +128,17 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
                 &plan_, args.routed);
     aux_.Compute(router_, plan_, groups_->world());
     if (args.training) aux_.UpdateUsage();
+    device_plan_ = plan_;
+    if (dev != Device::kCPU) {
+      device_plan_.row = plan_.row.To(dev);
+      device_plan_.weight = plan_.weight.To(dev);
+    }
   }
   // 3. Pack kept tokens into [E, G*cap, D], send them to the experts' ranks, run the
   // experts, bring the results back.
   {
     ScopedTimer timer(&timers_.pack);
-    ops::PackRows(plan_, x, &dispatch_);
+    ops::PackRows(device_plan_, x, &dispatch_);
   }
   if (overlapped()) {
     dispatcher_.PrepareExpertRows(dispatch_, &expert_in_);
@@ -146,7 +154,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   dispatcher_.FromExperts(expert_out_, &combine_in_, &timers_.all_to_all, &timers_.pack);
   // 4. Combine: y[s] = sum over kept choices of gate * expert output.
   ScopedTimer timer(&timers_.combine);
-  ops::CombineRows(combine_in_, plan_.row, plan_.weight, y);
+  ops::CombineRows(combine_in_, device_plan_.row, device_plan_.weight, y);
   return Status::Ok();
 }
 
@@ -158,7 +166,8 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   // dispatch_, free now).
   {
     ScopedTimer timer(&timers_.bwd_combine);
-    ops::CombineRowsBackward(combine_in_, plan_.row, plan_.weight, dy, &dispatch_, &d_weight_);
+    ops::CombineRowsBackward(combine_in_, device_plan_.row, device_plan_.weight, dy, &dispatch_,
+                             &d_weight_);
   }
   if (overlapped()) {
     dispatcher_.PrepareExpertRows(dispatch_, &d_expert_out_);
@@ -176,17 +185,28 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   // 2. Dispatch backward: dx[s] = sum over kept choices of d(dispatched row).
   {
     ScopedTimer timer(&timers_.bwd_dispatch);
-    ops::CombineRows(dispatch_, plan_.row, Tensor(), dx);
+    ops::CombineRows(dispatch_, device_plan_.row, Tensor(), dx);
   }
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
   ScopedTimer timer(&timers_.bwd_router);
-  aux_.RouterBackward(&router_, plan_, d_weight_.data<float>(), groups_->world().size(),
-                      dx->data<float>());
+  if (config_.device == Device::kCPU) {
+    aux_.RouterBackward(&router_, plan_, d_weight_.data<float>(), groups_->world().size(),
+                        dx->data<float>());
+    return;
+  }
+  // The router is on the host: its input gradient is computed there and added on the device.
+  const Tensor d_weight = d_weight_.To(Device::kCPU);
+  Tensor dx_router = Tensor::Zeros({t, d});
+  aux_.RouterBackward(&router_, plan_, d_weight.data<float>(), groups_->world().size(),
+                      dx_router.data<float>());
+  const Tensor add = dx_router.To(config_.device);
+  MOERUN_OP(Ops(config_.device), axpy)
+  (1.0f, add.device_data<float>(config_.device), dx->device_data<float>(config_.device), t * d);
 }
 
 bool MoeLayer::overlapped() const {
-  return config_.overlap_dispatch && groups_->expert().size() > 1;
+  return config_.overlap_dispatch && groups_->expert().size() > 1 && config_.device == Device::kCPU;
 }
 
 void MoeLayer::ReduceReplicaGradients() {

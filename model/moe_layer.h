@@ -42,6 +42,11 @@ struct MoeLayerConfig {
   // rows already here (Dispatcher::ToExpertsOverlapped); off: one all-to-all, then the
   // experts. Changes only the summation order of the expert weight gradients.
   bool overlap_dispatch = false;
+  // Where the layer's rows, experts and combine live. On a device the router, the routing
+  // plan and the auxiliary losses stay on the host (they read [T, E] gates and decide the
+  // routing; x is copied to the host for them and the router's input gradient back); the
+  // rows, the dispatch, the experts (fp32) and the combine run on the device's ops.
+  Device device = Device::kCPU;
   int64_t group_size = 0;  // 0: all local tokens form one group
   bool gelu_tanh = false;  // the tanh approximation of GELU (V-MoE) instead of exact erf
   GateKind gate = GateKind::kNoisyTopK;
@@ -153,10 +158,11 @@ class MoeLayer {
   MoeTimers timers_;
 
   // Saved by Forward for Backward.
-  Tensor dispatch_;    // [E, G*cap, D]; in the backward d(combine_in), then d(dispatch)
-  Tensor expert_in_;   // [E_local, R, D], R = P_ep*G*cap
-  Tensor expert_out_;  // [E_local, R, D]
-  Tensor combine_in_;  // [E, G*cap, D]
+  RoutingPlan device_plan_;  // on a device: plan_ with its rows and weights copied there
+  Tensor dispatch_;          // [E, G*cap, D]; in the backward d(combine_in), then d(dispatch)
+  Tensor expert_in_;         // [E_local, R, D], R = P_ep*G*cap
+  Tensor expert_out_;        // [E_local, R, D]
+  Tensor combine_in_;        // [E, G*cap, D]
   Tensor d_expert_out_, d_expert_in_;
   Tensor d_weight_;  // [T, K] d(combine weight), from the combine backward
 };

@@ -26,6 +26,7 @@
 #include "model/expert_mlp_device.h"
 #include "model/layers.h"
 #include "model/moe_dispatch.h"
+#include "model/moe_layer.h"
 #include "model/moe_plan.h"
 #include "model/ops.h"
 #include "model/routing.h"
@@ -823,6 +824,63 @@ TEST_F(StandInCuda, ExpertMlpRunsOnTheDeviceOfItsParameters) {
     ExpectNear(cpu.grads().fc2_bias, dev.grads().fc2_bias, 0);
     EXPECT_DEATH(dev.Forward(x, &y_d, &timers), "experts on cuda got rows");
   }
+}
+
+// The MoE layer with its rows, experts and combine on the device (router, plan and losses
+// on the host): the same outputs, input gradients and parameter gradients as on the CPU,
+// dropping by BPR at capacity factor 1, one expert-parallel rank.
+TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
+  LoopbackCommunicator one(0, 1);
+  auto groups = *MoeGroups::Create(&one, 4);
+  MoeLayerConfig cfg;
+  cfg.d = 16;
+  cfg.m = 24;
+  cfg.num_experts = 4;
+  cfg.k = 2;
+  cfg.capacity_factor = 1.0;
+  cfg.bpr = true;
+  cfg.gelu_tanh = true;
+  cfg.noise_std = 0;
+  MoeLayer cpu(cfg, groups);
+  cfg.device = Device::kCUDA;
+  MoeLayer dev(cfg, groups);
+  EXPECT_EQ(dev.params().fc1_weight.device(), Device::kCUDA);
+  uint32_t seed = 40;
+  MoeParams& p = cpu.params();
+  for (Tensor* t : {&p.router_weight, &p.fc1_weight, &p.fc1_bias, &p.fc2_weight, &p.fc2_bias}) {
+    const Tensor r = Random(t->shape(), 0.4f, seed++);
+    t->CopyFrom(r);
+  }
+  MoeParams& q = dev.params();
+  q.router_weight.CopyFrom(p.router_weight);
+  q.fc1_weight.CopyFrom(p.fc1_weight);
+  q.fc1_bias.CopyFrom(p.fc1_bias);
+  q.fc2_weight.CopyFrom(p.fc2_weight);
+  q.fc2_bias.CopyFrom(p.fc2_bias);
+  cpu.ZeroGradients();
+  dev.ZeroGradients();
+  const int64_t t = 40;
+  const Tensor x = Random({t, cfg.d}, 1.0f, 50), dy = Random({t, cfg.d}, 1.0f, 51);
+  MoeForwardArgs args;
+  Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
+  ASSERT_TRUE(cpu.Forward(x, args, &y).ok());
+  cpu.Backward(dy, &dx);
+  Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
+         dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
+  ASSERT_TRUE(dev.Forward(Dev(x), args, &y_d).ok());
+  dev.Backward(Dev(dy), &dx_d);
+  EXPECT_GT(cpu.metrics().dropped_fraction.back(), 0.0) << "capacity 1.0 with k = 2 drops";
+  EXPECT_EQ(cpu.metrics().dropped_fraction, dev.metrics().dropped_fraction);
+  EXPECT_EQ(cpu.losses().aux_total, dev.losses().aux_total);
+  ExpectNear(y, y_d, 1e-5f);
+  ExpectNear(dx, dx_d, 1e-5f);
+  ExpectNear(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-5f);
+  ExpectNear(cpu.grads().fc2_bias, dev.grads().fc2_bias, 1e-5f);
+  const Tensor& gr = dev.grads().router_weight;
+  ASSERT_EQ(gr.device(), Device::kCPU) << "the router stays on the host";
+  ExpectClose(std::vector<float>(cpu.grads().router_weight.data<float>(),
+                                 cpu.grads().router_weight.data<float>() + gr.numel()),
+              std::vector<float>(gr.data<float>(), gr.data<float>() + gr.numel()), 1e-5f);
 }
 
 }  // namespace
