@@ -59,12 +59,14 @@ void InitByRole(const std::string& n, Tensor* t, uint64_t seed) {
   }
 }
 
-DenseParamStore::DenseParamStore(int64_t numel, int64_t tensors)
+DenseParamStore::DenseParamStore(int64_t numel, int64_t tensors, Device device)
     : bytes_((numel + tensors * (kTensorAlignment / sizeof(float))) * sizeof(float)) {
-  values_ = Storage::Allocate(bytes_);
-  grads_ = Storage::Allocate(bytes_);
-  std::memset(values_->data(), 0, bytes_);
-  std::memset(grads_->data(), 0, bytes_);
+  values_ = Storage::Allocate(bytes_, "", device);
+  grads_ = Storage::Allocate(bytes_, "", device);
+  Tensor::OnStorage(values_, 0, {static_cast<int64_t>(bytes_ / sizeof(float))}, DType::kF32)
+      .SetZero();
+  Tensor::OnStorage(grads_, 0, {static_cast<int64_t>(bytes_ / sizeof(float))}, DType::kF32)
+      .SetZero();
 }
 
 void DenseParamStore::Add(const std::string& name, const Shape& shape, Tensor* value,

@@ -28,7 +28,7 @@ void InitByRole(const std::string& name, Tensor* t, uint64_t seed);
 class DenseParamStore {
  public:
   // Room for `numel` floats plus `tensors` tensors' alignment padding.
-  DenseParamStore(int64_t numel, int64_t tensors);
+  DenseParamStore(int64_t numel, int64_t tensors, Device device = Device::kCPU);
   // Views of the next tensor's value and gradient (CHECK: room left).
   void Add(const std::string& name, const Shape& shape, Tensor* value, Tensor* grad);
   // Every gradient added so far, as one flat tensor.

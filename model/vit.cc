@@ -10,11 +10,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <random>
 
 #include "model/init.h"
 #include "model/layers.h"
 #include "model/vit_spec.h"
+#include "runtime/backend.h"
 #include "runtime/hash.h"
 #include "runtime/kernels.h"
 #include "runtime/process.h"
@@ -34,6 +36,26 @@ struct VitModel::Block {
 
 VitModel::~VitModel() = default;
 
+float* VitModel::F(const Tensor& t) const { return t.device_data<float>(device_); }
+
+void VitModel::CopyFloats(float* dst, const float* src, int64_t n) const {
+  if (device_ == Device::kCPU) {
+    std::copy_n(src, n, dst);
+  } else {
+    RequireBackend(device_).CopyWithin(dst, src, n * sizeof(float));
+  }
+}
+
+void VitModel::OnHost(Tensor* t, bool read, const std::function<void(float*)>& f) const {
+  if (device_ == Device::kCPU) {
+    f(t->data<float>());
+    return;
+  }
+  Tensor host = read ? t->To(Device::kCPU) : Tensor::Empty(t->shape());
+  f(host.data<float>());
+  t->CopyFrom(host);
+}
+
 Tensor VitModel::AddDense(const std::string& name, const Shape& shape, bool decay) {
   Param p;
   p.name = name;
@@ -44,9 +66,12 @@ Tensor VitModel::AddDense(const std::string& name, const Shape& shape, bool deca
 }
 
 StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
-                                                     std::shared_ptr<MoeGroups> groups) {
+                                                     std::shared_ptr<MoeGroups> groups,
+                                                     Device device) {
   std::unique_ptr<VitModel> m(new VitModel());
   m->config_ = c;
+  m->device_ = device;
+  m->arena_ = Arena(0, device);
   m->groups_ = groups;
   const int64_t d = c.hidden_size(), p = c.patch_size(), grid = c.image_size() / p;
   m->d_ = d;
@@ -61,7 +86,7 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
   {
     AllocationLabel label("dense parameters and their gradients (" + std::to_string(counts.dense) +
                           " floats each)");
-    m->dense_ = std::make_unique<DenseParamStore>(counts.dense, tensors);
+    m->dense_ = std::make_unique<DenseParamStore>(counts.dense, tensors, device);
   }
 
   // The gradient of the parameter AddDense just made.
@@ -98,10 +123,10 @@ StatusOr<std::unique_ptr<VitModel>> VitModel::Create(const ModelConfig& c,
     if (b->moe) {
       AllocationLabel label(pre + "mlp (the " + std::to_string(groups->local_experts()) +
                             " experts of this rank, their gradients and buffers)");
-      auto layer = std::make_unique<MoeLayer>(
-          MoeLayerConfig::FromProto(c.moe(), static_cast<int>(d), c.mlp_dim(), m->tokens_,
-                                    c.gelu() == ModelConfig::TANH),
-          groups);
+      MoeLayerConfig lc = MoeLayerConfig::FromProto(c.moe(), static_cast<int>(d), c.mlp_dim(),
+                                                    m->tokens_, c.gelu() == ModelConfig::TANH);
+      lc.device = device;
+      auto layer = std::make_unique<MoeLayer>(lc, groups);
       MoeParams& lp = layer->params();
       MoeParams& lg = layer->grads();
       m->params_.push_back(
@@ -167,6 +192,12 @@ std::vector<int> VitModel::moe_blocks() const { return MoeBlocks(config_); }
 void VitModel::Init(uint64_t seed) {
   for (Param& p : params_) {
     const std::string& n = p.name;
+    // On a device: initialised on the host, then copied (the same numbers as on the CPU).
+    Tensor device_value;
+    if (p.value.device() != Device::kCPU) {
+      device_value = p.value;
+      p.value = Tensor::Empty(device_value.shape());
+    }
     if (n == "cls_token" || n.rfind("head.", 0) == 0) {
       InitParam(n, &p.value, InitKind::kZeros, seed);
     } else if (n == "pos_embed") {
@@ -175,6 +206,10 @@ void VitModel::Init(uint64_t seed) {
       InitParam(n, &p.value, InitKind::kLecunNormal, seed);
     } else {
       InitByRole(n, &p.value, seed);
+    }
+    if (device_value.defined()) {
+      device_value.CopyFrom(p.value);
+      p.value = device_value;
     }
   }
 }
@@ -193,18 +228,18 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   // Patch embedding, CLS, position embeddings.
   const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();
   patches_in_ = arena_.Allocate({b * patches_, patch_in});
-  ExtractPatches(batch.images, patches_in_.data<float>(), b, c.channels(), c.image_size(),
-                 c.patch_size());
+  OnHost(&patches_in_, false, [&](float* patches) {
+    ExtractPatches(batch.images, patches, b, c.channels(), c.image_size(), c.patch_size());
+  });
   Tensor emb = arena_.Allocate({b * patches_, d});
-  LinearForward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
-                emb.data<float>(), b * patches_, patch_in, d);
+  LinearForward(ops(), F(patches_in_), F(patch_w_), F(patch_b_), F(emb), b * patches_, patch_in, d);
   x0_ = arena_.Allocate({rows, d});
-  float* x = x0_.data<float>();
-  const float* pos = pos_.data<float>();
+  float* x = F(x0_);
+  const float* pos = F(pos_);
   for (int64_t i = 0; i < b; ++i) {
     float* xi = x + i * n * d;
-    for (int64_t j = 0; j < d; ++j) xi[j] = cls_.data<float>()[j] + pos[j];
-    MOERUN_OP(ops(), add)(emb.data<float>() + i * patches_ * d, pos + d, xi + d, patches_ * d);
+    MOERUN_OP(ops(), add)(F(cls_), pos, xi, d);
+    MOERUN_OP(ops(), add)(F(emb) + i * patches_ * d, pos + d, xi + d, patches_ * d);
   }
   // Blocks.
   Tensor h = x0_;
@@ -215,21 +250,19 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
     k.mean1 = arena_.Allocate({rows});
     k.rstd1 = arena_.Allocate({rows});
     MOERUN_OP(ops(), layer_norm_forward)
-    (h.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(), k.ln1.data<float>(),
-     k.mean1.data<float>(), k.rstd1.data<float>(), rows, d, kLayerNormEps);
+    (F(h), F(k.n1_w), F(k.n1_b), F(k.ln1), F(k.mean1), F(k.rstd1), rows, d, kLayerNormEps);
     k.qkv = arena_.Allocate({rows, 3 * d});
     k.probs = arena_.Allocate({b, heads_, n, n});
     k.attn = arena_.Allocate({rows, d});
     k.mid = arena_.Allocate({rows, d});
-    DenseAttentionForward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
-                          k.attn.data<float>(), k.mid.data<float>(), b, n, d, heads_, head_dim_);
-    MOERUN_OP(ops(), add)(k.mid.data<float>(), h.data<float>(), k.mid.data<float>(), rows * d);
+    DenseAttentionForward(k.aw, F(k.ln1), F(k.qkv), F(k.probs), F(k.attn), F(k.mid), b, n, d,
+                          heads_, head_dim_);
+    MOERUN_OP(ops(), add)(F(k.mid), F(h), F(k.mid), rows * d);
     k.ln2 = arena_.Allocate({rows, d});
     k.mean2 = arena_.Allocate({rows});
     k.rstd2 = arena_.Allocate({rows});
     MOERUN_OP(ops(), layer_norm_forward)
-    (k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(), k.ln2.data<float>(),
-     k.mean2.data<float>(), k.rstd2.data<float>(), rows, d, kLayerNormEps);
+    (F(k.mid), F(k.n2_w), F(k.n2_b), F(k.ln2), F(k.mean2), F(k.rstd2), rows, d, kLayerNormEps);
     k.out = arena_.Allocate({rows, d});
     if (k.moe) {
       MoeForwardArgs args;
@@ -246,50 +279,50 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
     } else {
       k.hidden = arena_.Allocate({rows, mlp_});
       k.act = arena_.Allocate({rows, mlp_});
-      DenseMlpForward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
-                      k.out.data<float>(), rows, d, mlp_, config_.gelu() == ModelConfig::TANH);
+      DenseMlpForward(k.mw, F(k.ln2), F(k.hidden), F(k.act), F(k.out), rows, d, mlp_,
+                      config_.gelu() == ModelConfig::TANH);
     }
-    MOERUN_OP(ops(), add)(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(F(k.out), F(k.mid), F(k.out), rows * d);
     h = k.out;
   }
   // Final norm on the CLS rows only (the only rows the head reads), pre-logits, head.
   cls_rows_ = arena_.Allocate({b, d});
-  for (int64_t i = 0; i < b; ++i) {
-    std::copy_n(h.data<float>() + i * n * d, d, cls_rows_.data<float>() + i * d);
-  }
+  for (int64_t i = 0; i < b; ++i) CopyFloats(F(cls_rows_) + i * d, F(h) + i * n * d, d);
   cls_norm_ = arena_.Allocate({b, d});
   norm_mean_ = arena_.Allocate({b});
   norm_rstd_ = arena_.Allocate({b});
   MOERUN_OP(ops(), layer_norm_forward)
-  (cls_rows_.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(), cls_norm_.data<float>(),
-   norm_mean_.data<float>(), norm_rstd_.data<float>(), b, d, kLayerNormEps);
+  (F(cls_rows_), F(norm_w_), F(norm_b_), F(cls_norm_), F(norm_mean_), F(norm_rstd_), b, d,
+   kLayerNormEps);
   Tensor head_in = cls_norm_;
   int64_t head_dim = d;
   if (c.pre_logits_size() > 0) {
     head_dim = c.pre_logits_size();
     pre_out_ = arena_.Allocate({b, head_dim});
-    LinearForward(ops(), cls_norm_.data<float>(), pre_w_.data<float>(), pre_b_.data<float>(),
-                  pre_out_.data<float>(), b, d, head_dim);
-    float* po = pre_out_.data<float>();
-    for (int64_t i = 0; i < b * head_dim; ++i) po[i] = std::tanh(po[i]);
+    LinearForward(ops(), F(cls_norm_), F(pre_w_), F(pre_b_), F(pre_out_), b, d, head_dim);
+    OnHost(&pre_out_, true, [&](float* po) {
+      for (int64_t i = 0; i < b * head_dim; ++i) po[i] = std::tanh(po[i]);
+    });
     head_in = pre_out_;
   }
   logits_ = arena_.Allocate({b, c.num_classes()});
-  LinearForward(ops(), head_in.data<float>(), head_w_.data<float>(), head_b_.data<float>(),
-                logits_.data<float>(), b, head_dim, c.num_classes());
-  probs_ = arena_.Allocate({b, c.num_classes()});
+  LinearForward(ops(), F(head_in), F(head_w_), F(head_b_), F(logits_), b, head_dim,
+                c.num_classes());
+  // The loss and accuracy on the host ([b, classes]: small).
+  const Tensor logits = device_ == Device::kCPU ? logits_ : logits_.To(Device::kCPU);
+  probs_ = Tensor::Empty({b, c.num_classes()});
   out->loss_sum = 0;
   out->correct = 0;
   out->counted = 0;
   if (batch.labels != nullptr) {
     int64_t valid = 0;
-    const float mean = CrossEntropyForward(logits_.data<float>(), batch.labels,
-                                           probs_.data<float>(), b, c.num_classes(), &valid);
+    const float mean = CrossEntropyForward(logits.data<float>(), batch.labels, probs_.data<float>(),
+                                           b, c.num_classes(), &valid);
     out->loss_sum = static_cast<double>(mean) * valid;
     out->counted = valid;
     for (int64_t i = 0; i < b; ++i) {
       if (batch.labels[i] < 0) continue;
-      const float* l = logits_.data<float>() + i * c.num_classes();
+      const float* l = logits.data<float>() + i * c.num_classes();
       out->correct += (std::max_element(l, l + c.num_classes()) - l) == batch.labels[i];
     }
   }
@@ -301,37 +334,36 @@ void VitModel::Backward() {
   const int64_t b = batch_.batch, n = tokens_, d = d_, rows = b * n, classes = c.num_classes();
   CHECK(labels_ != nullptr) << "Backward needs a labelled forward";
   Tensor dlogits = arena_.Allocate({b, classes});
-  CrossEntropyBackward(probs_.data<float>(), labels_, dlogits.data<float>(), b, classes,
-                       1.0f / static_cast<float>(batch_.global_batch));
+  OnHost(&dlogits, false, [&](float* dl) {
+    CrossEntropyBackward(probs_.data<float>(), labels_, dl, b, classes,
+                         1.0f / static_cast<float>(batch_.global_batch));
+  });
   // Head and pre-logits.
   Tensor d_head_in;
   Tensor d_cls_norm = arena_.Allocate({b, d});
   if (c.pre_logits_size() > 0) {
     const int64_t pd = c.pre_logits_size();
     d_head_in = arena_.Allocate({b, pd});
-    LinearBackward(ops(), pre_out_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
-                   d_head_in.data<float>(), head_gw_.data<float>(), head_gb_.data<float>(), b, pd,
-                   classes);
-    float* dh = d_head_in.data<float>();
-    const float* t = pre_out_.data<float>();
-    for (int64_t i = 0; i < b * pd; ++i) dh[i] *= 1.0f - t[i] * t[i];
-    LinearBackward(ops(), cls_norm_.data<float>(), pre_w_.data<float>(), dh,
-                   d_cls_norm.data<float>(), pre_gw_.data<float>(), pre_gb_.data<float>(), b, d,
+    LinearBackward(ops(), F(pre_out_), F(head_w_), F(dlogits), F(d_head_in), F(head_gw_),
+                   F(head_gb_), b, pd, classes);
+    const Tensor tanh_out = device_ == Device::kCPU ? pre_out_ : pre_out_.To(Device::kCPU);
+    OnHost(&d_head_in, true, [&](float* dh) {
+      const float* t = tanh_out.data<float>();
+      for (int64_t i = 0; i < b * pd; ++i) dh[i] *= 1.0f - t[i] * t[i];
+    });
+    float* dh = F(d_head_in);
+    LinearBackward(ops(), F(cls_norm_), F(pre_w_), dh, F(d_cls_norm), F(pre_gw_), F(pre_gb_), b, d,
                    pd);
   } else {
-    LinearBackward(ops(), cls_norm_.data<float>(), head_w_.data<float>(), dlogits.data<float>(),
-                   d_cls_norm.data<float>(), head_gw_.data<float>(), head_gb_.data<float>(), b, d,
-                   classes);
+    LinearBackward(ops(), F(cls_norm_), F(head_w_), F(dlogits), F(d_cls_norm), F(head_gw_),
+                   F(head_gb_), b, d, classes);
   }
   Tensor d_cls = arena_.Allocate({b, d});
   MOERUN_OP(ops(), layer_norm_backward)
-  (cls_rows_.data<float>(), norm_w_.data<float>(), norm_mean_.data<float>(),
-   norm_rstd_.data<float>(), d_cls_norm.data<float>(), d_cls.data<float>(), norm_gw_.data<float>(),
-   norm_gb_.data<float>(), b, d);
+  (F(cls_rows_), F(norm_w_), F(norm_mean_), F(norm_rstd_), F(d_cls_norm), F(d_cls), F(norm_gw_),
+   F(norm_gb_), b, d);
   Tensor dx = arena_.AllocateZeros({rows, d});
-  for (int64_t i = 0; i < b; ++i) {
-    std::copy_n(d_cls.data<float>() + i * d, d, dx.data<float>() + i * n * d);
-  }
+  for (int64_t i = 0; i < b; ++i) CopyFloats(F(dx) + i * n * d, F(d_cls) + i * d, d);
   // Blocks in reverse. dx: gradient of the block's output.
   Tensor d_ln = arena_.Allocate({rows, d});
   Tensor d_mid = arena_.Allocate({rows, d});
@@ -346,40 +378,35 @@ void VitModel::Backward() {
       k.moe_layer->Backward(dx, &d_ln);
     } else {
       Tensor d_act = arena_.Allocate({rows, mlp_});
-      DenseMlpBackward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
-                       dx.data<float>(), d_act.data<float>(), d_ln.data<float>(), rows, d, mlp_,
-                       config_.gelu() == ModelConfig::TANH);
+      DenseMlpBackward(k.mw, F(k.ln2), F(k.hidden), F(k.act), F(dx), F(d_act), F(d_ln), rows, d,
+                       mlp_, config_.gelu() == ModelConfig::TANH);
     }
     MOERUN_OP(ops(), layer_norm_backward)
-    (k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(),
-     d_ln.data<float>(), d_mid.data<float>(), k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows,
+    (F(k.mid), F(k.n2_w), F(k.mean2), F(k.rstd2), F(d_ln), F(d_mid), F(k.g_n2_w), F(k.g_n2_b), rows,
      d);
-    MOERUN_OP(ops(), add)(d_mid.data<float>(), dx.data<float>(), d_mid.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(F(d_mid), F(dx), F(d_mid), rows * d);
     // Attention: mid = input + proj(attn(ln1(input))).
-    DenseAttentionBackward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
-                           k.attn.data<float>(), d_mid.data<float>(), d_attn.data<float>(),
-                           d_qkv.data<float>(), d_ln.data<float>(), b, n, d, heads_, head_dim_);
+    DenseAttentionBackward(k.aw, F(k.ln1), F(k.qkv), F(k.probs), F(k.attn), F(d_mid), F(d_attn),
+                           F(d_qkv), F(d_ln), b, n, d, heads_, head_dim_);
     MOERUN_OP(ops(), layer_norm_backward)
-    (input.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(),
-     d_ln.data<float>(), d_tmp.data<float>(), k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows,
+    (F(input), F(k.n1_w), F(k.mean1), F(k.rstd1), F(d_ln), F(d_tmp), F(k.g_n1_w), F(k.g_n1_b), rows,
      d);
-    MOERUN_OP(ops(), add)(d_tmp.data<float>(), d_mid.data<float>(), dx.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(F(d_tmp), F(d_mid), F(dx), rows * d);
   }
   // Embeddings: x0 = [cls; patches W^T + b] + pos.
-  const float* g = dx.data<float>();
-  float* gpos = pos_g_.data<float>();
-  float* gcls = cls_g_.data<float>();
+  const float* g = F(dx);
+  float* gpos = F(pos_g_);
+  float* gcls = F(cls_g_);
   Tensor d_emb = arena_.Allocate({b * patches_, d});
   for (int64_t i = 0; i < b; ++i) {
     const float* gi = g + i * n * d;
     MOERUN_OP(ops(), axpy)(1.0f, gi, gpos, n * d);
     MOERUN_OP(ops(), axpy)(1.0f, gi, gcls, d);
-    std::copy_n(gi + d, patches_ * d, d_emb.data<float>() + i * patches_ * d);
+    CopyFloats(F(d_emb) + i * patches_ * d, gi + d, patches_ * d);
   }
   const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();
-  LinearBackward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(),
-                 nullptr, patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in,
-                 d);
+  LinearBackward(ops(), F(patches_in_), F(patch_w_), F(d_emb), nullptr, F(patch_gw_), F(patch_gb_),
+                 b * patches_, patch_in, d);
 }
 
 }  // namespace moerun

@@ -9,6 +9,7 @@
 #ifndef MOERUN_MODEL_VIT_H_
 #define MOERUN_MODEL_VIT_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -55,8 +56,13 @@ struct VitOutput {
 class VitModel {
  public:
   // groups: the MoE communicators (required when the config has MoE layers).
+  // device: where the parameters, gradients and activations live and the ops run (the
+  // MoE layers' routing stays on the host: moe_layer.h). The images, labels and the loss
+  // are host data; a device model copies the images over and the [batch, classes] logits
+  // back.
   static StatusOr<std::unique_ptr<VitModel>> Create(const ModelConfig& config,
-                                                    std::shared_ptr<MoeGroups> groups);
+                                                    std::shared_ptr<MoeGroups> groups,
+                                                    Device device = Device::kCPU);
 
   ~VitModel();
   const ModelConfig& config() const { return config_; }
@@ -94,10 +100,15 @@ class VitModel {
   Tensor patch_gw_, patch_gb_, cls_g_, pos_g_, norm_gw_, norm_gb_, pre_gw_, pre_gb_, head_gw_,
       head_gb_;
   // Activations of the last forward.
-  // The ops table of the device the model's tensors live on (the CPU: the model's own
-  // glue between the ops reads host memory), looked up per call (train.precision can
-  // switch the CPU's GEMMs to bf16).
-  static const OpsTable& ops() { return Ops(Device::kCPU); }
+  // The ops table of the model's device, looked up per call (train.precision can switch
+  // the CPU's GEMMs to bf16).
+  const OpsTable& ops() const { return Ops(device_); }
+  // A tensor's data on the model's device; n floats copied within it; f run over a host
+  // copy of t (read: with t's values) that is then copied back (t itself on the CPU).
+  float* F(const Tensor& t) const;
+  void CopyFloats(float* dst, const float* src, int64_t n) const;
+  void OnHost(Tensor* t, bool read, const std::function<void(float*)>& f) const;
+  Device device_ = Device::kCPU;
   Arena arena_;
   VitBatch batch_;
   Tensor patches_in_, x0_, cls_rows_, cls_norm_, norm_mean_, norm_rstd_, pre_out_, logits_, probs_;

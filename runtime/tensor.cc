@@ -325,9 +325,9 @@ std::string Tensor::ShapeString() const {
 }
 
 // ---------------------------------------------------------------------------------------
-Arena::Arena(size_t initial_bytes) {
+Arena::Arena(size_t initial_bytes, Device device) : device_(device) {
   if (initial_bytes > 0)
-    blocks_.push_back({Storage::Allocate(initial_bytes, "activation arena block"), 0});
+    blocks_.push_back({Storage::Allocate(initial_bytes, "activation arena block", device_), 0});
 }
 
 size_t Arena::capacity_bytes() const {
@@ -343,7 +343,7 @@ Tensor Arena::Allocate(const Shape& shape, DType dtype) {
   if (block == nullptr || block->used + padded > block->storage->bytes()) {
     // Grow: at least double, so a step needs O(log) new blocks the first time only.
     const size_t size = std::max(padded, std::max<size_t>(capacity_bytes(), 1 << 20));
-    blocks_.push_back({Storage::Allocate(size, "activation arena block"), 0});
+    blocks_.push_back({Storage::Allocate(size, "activation arena block", device_), 0});
     block = &blocks_.back();
   }
   Tensor t = Tensor::OnStorage(block->storage, block->used, shape, dtype);
@@ -362,7 +362,7 @@ Tensor Arena::AllocateZeros(const Shape& shape, DType dtype) {
 void Arena::Reset() {
   if (blocks_.size() > 1) {
     blocks_.clear();
-    blocks_.push_back({Storage::Allocate(high_water_, "activation arena block"), 0});
+    blocks_.push_back({Storage::Allocate(high_water_, "activation arena block", device_), 0});
   }
   for (Block& b : blocks_) b.used = 0;
   used_total_ = 0;

@@ -147,7 +147,8 @@ int64_t NumElements(const Shape& shape);
 // one block of the high-water size, so steady-state steps allocate nothing.
 class Arena {
  public:
-  explicit Arena(size_t initial_bytes = 0);
+  explicit Arena(size_t initial_bytes = 0, Device device = Device::kCPU);
+  Device device() const { return device_; }
   Tensor Allocate(const Shape& shape, DType dtype = DType::kF32);
   Tensor AllocateZeros(const Shape& shape, DType dtype = DType::kF32);
   void Reset();
@@ -162,6 +163,7 @@ class Arena {
     std::shared_ptr<Storage> storage;
     size_t used = 0;
   };
+  Device device_ = Device::kCPU;
   std::vector<Block> blocks_;
   size_t used_total_ = 0;
   size_t high_water_ = 0;

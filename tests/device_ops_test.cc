@@ -31,6 +31,7 @@
 #include "model/ops.h"
 #include "model/routing.h"
 #include "model/routing_thrust.h"
+#include "model/vit.h"
 #include "runtime/adamw_thrust.h"
 #include "runtime/backend.h"
 #include "runtime/kernels.h"
@@ -881,6 +882,66 @@ TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
   ExpectClose(std::vector<float>(cpu.grads().router_weight.data<float>(),
                                  cpu.grads().router_weight.data<float>() + gr.numel()),
               std::vector<float>(gr.data<float>(), gr.data<float>() + gr.numel()), 1e-5f);
+}
+
+// The whole V-MoE model (patch embedding, blocks with dense and MoE MLPs, pre-logits, head)
+// with its parameters, gradients and activations on the device: the CPU model's loss,
+// accuracy and gradients.
+TEST_F(StandInCuda, VitModelComputesOnItsDevice) {
+  ModelConfig m;
+  m.set_name("stand-in");
+  m.set_image_size(8);
+  m.set_channels(2);
+  m.set_patch_size(4);
+  m.set_hidden_size(8);
+  m.set_mlp_dim(12);
+  m.set_num_layers(2);
+  m.set_num_heads(2);
+  m.set_num_classes(5);
+  m.set_pre_logits_size(6);
+  m.set_gelu(ModelConfig::TANH);
+  MoeConfig* e = m.mutable_moe();
+  e->set_num_experts(4);
+  e->set_k(2);
+  e->set_capacity_factor(1.0);
+  e->set_group_images(0);
+  LoopbackCommunicator one(0, 1);
+  auto groups = *MoeGroups::Create(&one, 4);
+  auto cpu = VitModel::Create(m, groups);
+  auto dev = VitModel::Create(m, groups, Device::kCUDA);
+  ASSERT_TRUE(cpu.ok() && dev.ok());
+  (*cpu)->Init(3);
+  (*dev)->Init(3);
+  const int64_t b = 3;
+  const std::vector<float> images = Normal(b * 2 * 8 * 8, 1.0f, 60);
+  const std::vector<int32_t> labels = {1, 4, 0};
+  VitBatch batch;
+  batch.images = images.data();
+  batch.labels = labels.data();
+  batch.batch = b;
+  batch.global_batch = b;
+  VitOutput want, got;
+  ASSERT_TRUE((*cpu)->Forward(batch, &want).ok());
+  ASSERT_TRUE((*dev)->Forward(batch, &got).ok());
+  EXPECT_NEAR(got.loss_sum, want.loss_sum, 1e-5 * std::fabs(want.loss_sum));
+  EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-7);
+  EXPECT_EQ(got.correct, want.correct);
+  (*cpu)->ZeroGrads();
+  (*dev)->ZeroGrads();
+  (*cpu)->Backward();
+  (*dev)->Backward();
+  const std::vector<Param>& pc = (*cpu)->params();
+  const std::vector<Param>& pd = (*dev)->params();
+  ASSERT_EQ(pc.size(), pd.size());
+  int on_device = 0;
+  for (size_t i = 0; i < pc.size(); ++i) {
+    SCOPED_TRACE(pc[i].name);
+    on_device += pd[i].grad.device() == Device::kCUDA;
+    const Tensor g = pd[i].grad.To(Device::kCPU);
+    ExpectClose(std::vector<float>(pc[i].grad.data<float>(), pc[i].grad.data<float>() + g.numel()),
+                std::vector<float>(g.data<float>(), g.data<float>() + g.numel()), 1e-4f);
+  }
+  EXPECT_EQ(on_device, static_cast<int>(pc.size()) - 1) << "all but the router on the device";
 }
 
 }  // namespace
