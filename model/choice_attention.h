@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "runtime/device_math.h"
+#include "runtime/row_kernels.h"
 
 namespace moerun {
 namespace choice_attention {
@@ -35,22 +36,13 @@ MOERUN_HD inline void ForwardOne(const Shape& s, const float* q, const float* kv
     return;
   }
   const float* qi = q + i * dh;
-  float mx = -INFINITY;
   for (int64_t l = 0; l < n; ++l) {
     const float* key = kv + (first + l) * 2 * dh;
     float dot = 0;
     for (int64_t c = 0; c < dh; ++c) dot += qi[c] * key[c];
     p[l] = dot * s.scale;
-    mx = mx < p[l] ? p[l] : mx;
   }
-  // Softmax as runtime/kernels.h's SoftmaxForward (double sum, one reciprocal).
-  double sum = 0.0;
-  for (int64_t l = 0; l < n; ++l) {
-    p[l] = expf(p[l] - mx);
-    sum += p[l];
-  }
-  const float inv = static_cast<float>(1.0 / sum);
-  for (int64_t l = 0; l < n; ++l) p[l] *= inv;
+  rowwise::Softmax(p, p, n);
   for (int64_t l = 0; l < n; ++l) {
     const float* v = kv + (first + l) * 2 * dh + dh;
     for (int64_t c = 0; c < dh; ++c) a[c] += p[l] * v[c];

@@ -4,9 +4,10 @@
 // kernels, model/routing_thrust.h's top-k / pack / combine and runtime/adamw_thrust.h's
 // AdamW as OpsTable entries. Like routing_thrust.h the same source compiles with nvcc for a
 // CUDA device (the CUDA table, model/ops_cuda.cu) and with the host compiler against the
-// CCCL headers, where tests/device_ops_test.cc runs every entry against the CPU table. Row
-// reductions run one row per thread in the CPU kernels' order (double sums), so the host
-// build matches runtime/kernels.h bit for bit wherever both use the same libm function.
+// CCCL headers, where tests/device_ops_test.cc runs every entry against the CPU table. The
+// row kernels are runtime/row_kernels.h's, one row per thread (the CPU runs the same
+// functions over rows), so the host build matches runtime/kernels.h bit for bit wherever
+// both use the same libm function.
 #ifndef MOERUN_MODEL_DENSE_KERNELS_THRUST_H_
 #define MOERUN_MODEL_DENSE_KERNELS_THRUST_H_
 
@@ -21,6 +22,7 @@
 #include "model/routing_thrust.h"
 #include "runtime/adamw_thrust.h"
 #include "runtime/device_math.h"
+#include "runtime/row_kernels.h"
 
 namespace moerun {
 namespace thrust_dense {
@@ -29,19 +31,7 @@ struct SoftmaxRowFunctor {
   const float* x;
   float* y;
   int64_t cols;
-  MOERUN_HD void operator()(int64_t r) const {
-    const float* xr = x + r * cols;
-    float* yr = y + r * cols;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < cols; ++j) mx = mx < xr[j] ? xr[j] : mx;
-    double sum = 0.0;
-    for (int64_t j = 0; j < cols; ++j) {
-      yr[j] = expf(xr[j] - mx);
-      sum += yr[j];
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    for (int64_t j = 0; j < cols; ++j) yr[j] *= inv;
-  }
+  MOERUN_HD void operator()(int64_t r) const { rowwise::Softmax(x + r * cols, y + r * cols, cols); }
 };
 
 struct SoftmaxBackwardRowFunctor {
@@ -50,13 +40,7 @@ struct SoftmaxBackwardRowFunctor {
   float* dx;
   int64_t cols;
   MOERUN_HD void operator()(int64_t r) const {
-    const float* yr = y + r * cols;
-    const float* dyr = dy + r * cols;
-    float* dxr = dx + r * cols;
-    double dot = 0.0;
-    for (int64_t j = 0; j < cols; ++j) dot += static_cast<double>(yr[j]) * dyr[j];
-    const float d = static_cast<float>(dot);
-    for (int64_t j = 0; j < cols; ++j) dxr[j] = yr[j] * (dyr[j] - d);
+    rowwise::SoftmaxBackward(y + r * cols, dy + r * cols, dx + r * cols, cols);
   }
 };
 
@@ -66,18 +50,7 @@ struct LayerNormRowFunctor {
   int64_t cols;
   float eps;
   MOERUN_HD void operator()(int64_t r) const {
-    const float* xr = x + r * cols;
-    double s = 0.0;
-    for (int64_t j = 0; j < cols; ++j) s += xr[j];
-    const double mu = s / cols;
-    double v = 0.0;
-    for (int64_t j = 0; j < cols; ++j) v += (xr[j] - mu) * (xr[j] - mu);
-    const float rs = static_cast<float>(1.0 / sqrt(v / cols + eps));
-    const float m = static_cast<float>(mu);
-    float* yr = y + r * cols;
-    for (int64_t j = 0; j < cols; ++j) yr[j] = (xr[j] - m) * rs * gamma[j] + beta[j];
-    mean[r] = m;
-    rstd[r] = rs;
+    rowwise::LayerNorm(x + r * cols, gamma, beta, y + r * cols, mean + r, rstd + r, cols, eps);
   }
 };
 
@@ -86,21 +59,8 @@ struct LayerNormBackwardRowFunctor {
   float* dx;
   int64_t cols;
   MOERUN_HD void operator()(int64_t r) const {
-    const float* xr = x + r * cols;
-    const float* dyr = dy + r * cols;
-    double sum_g = 0.0, sum_gx = 0.0;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float xhat = (xr[j] - mean[r]) * rstd[r];
-      const float g = dyr[j] * gamma[j];
-      sum_g += g;
-      sum_gx += static_cast<double>(g) * xhat;
-    }
-    const float mg = static_cast<float>(sum_g / cols), mgx = static_cast<float>(sum_gx / cols);
-    float* dxr = dx + r * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float xhat = (xr[j] - mean[r]) * rstd[r];
-      dxr[j] = rstd[r] * (dyr[j] * gamma[j] - mg - xhat * mgx);
-    }
+    rowwise::LayerNormBackward(x + r * cols, gamma, mean[r], rstd[r], dy + r * cols, dx + r * cols,
+                               cols);
   }
 };
 

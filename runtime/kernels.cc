@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "runtime/device_math.h"
+#include "runtime/row_kernels.h"
 
 namespace moerun {
 namespace {
@@ -143,31 +144,13 @@ void RowInvariantGemmNT(const float* a, const float* b, float* c, int64_t rows, 
 
 void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * cols;
-    float* yr = y + r * cols;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, xr[j]);
-    double sum = 0.0;
-    for (int64_t j = 0; j < cols; ++j) {
-      yr[j] = std::exp(xr[j] - mx);
-      sum += yr[j];
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    for (int64_t j = 0; j < cols; ++j) yr[j] *= inv;
-  }
+  for (int64_t r = 0; r < rows; ++r) rowwise::Softmax(x + r * cols, y + r * cols, cols);
 }
 
 void SoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* yr = y + r * cols;
-    const float* dyr = dy + r * cols;
-    float* dxr = dx + r * cols;
-    double dot = 0.0;
-    for (int64_t j = 0; j < cols; ++j) dot += static_cast<double>(yr[j]) * dyr[j];
-    const float d = static_cast<float>(dot);
-    for (int64_t j = 0; j < cols; ++j) dxr[j] = yr[j] * (dyr[j] - d);
+    rowwise::SoftmaxBackward(y + r * cols, dy + r * cols, dx + r * cols, cols);
   }
 }
 
@@ -288,42 +271,17 @@ void LayerNormForward(const float* x, const float* gamma, const float* beta, flo
                       float* rstd, int64_t rows, int64_t cols, float eps) {
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * cols;
-    double s = 0.0;
-    for (int64_t j = 0; j < cols; ++j) s += xr[j];
-    const double mu = s / cols;
-    double v = 0.0;
-    for (int64_t j = 0; j < cols; ++j) v += (xr[j] - mu) * (xr[j] - mu);
-    const float rs = static_cast<float>(1.0 / std::sqrt(v / cols + eps));
-    const float m = static_cast<float>(mu);
-    float* yr = y + r * cols;
-    for (int64_t j = 0; j < cols; ++j) yr[j] = (xr[j] - m) * rs * gamma[j] + beta[j];
-    mean[r] = m;
-    rstd[r] = rs;
+    rowwise::LayerNorm(x + r * cols, gamma, beta, y + r * cols, mean + r, rstd + r, cols, eps);
   }
 }
 
 void LayerNormBackward(const float* x, const float* gamma, const float* mean, const float* rstd,
                        const float* dy, float* dx, float* dgamma, float* dbeta, int64_t rows,
                        int64_t cols) {
-  // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma.
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * cols;
-    const float* dyr = dy + r * cols;
-    double sum_g = 0.0, sum_gx = 0.0;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float xhat = (xr[j] - mean[r]) * rstd[r];
-      const float g = dyr[j] * gamma[j];
-      sum_g += g;
-      sum_gx += static_cast<double>(g) * xhat;
-    }
-    const float mg = static_cast<float>(sum_g / cols), mgx = static_cast<float>(sum_gx / cols);
-    float* dxr = dx + r * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float xhat = (xr[j] - mean[r]) * rstd[r];
-      dxr[j] = rstd[r] * (dyr[j] * gamma[j] - mg - xhat * mgx);
-    }
+    rowwise::LayerNormBackward(x + r * cols, gamma, mean[r], rstd[r], dy + r * cols, dx + r * cols,
+                               cols);
   }
   // Parameter gradients: a column reduction, kept serial over rows for a fixed summation
   // order (the same result for any thread count).
