@@ -12,6 +12,8 @@
 #define MOERUN_MODEL_DENSE_KERNELS_THRUST_H_
 
 #include <thrust/fill.h>
+#include <thrust/functional.h>
+#include <thrust/transform_reduce.h>
 
 #include <cmath>
 #include <cstdint>
@@ -112,6 +114,10 @@ struct AddFunctor {
   MOERUN_HD void operator()(int64_t i) const { y[i] = a[i] + b[i]; }
 };
 
+struct SquareFunctor {
+  MOERUN_HD double operator()(float v) const { return static_cast<double>(v) * v; }
+};
+
 struct AxpyFunctor {
   float alpha;
   const float* x;
@@ -167,6 +173,11 @@ struct ThrustOps {
   }
   static void Axpy(float alpha, const float* x, float* y, int64_t n) {
     ForIndices(Policy(), n, AxpyFunctor{alpha, x, y});
+  }
+  static double SumOfSquares(const float* x, int64_t n) {
+    if (n <= 0) return 0.0;
+    return thrust::transform_reduce(Policy(), x, x + n, SquareFunctor{}, 0.0,
+                                    thrust::plus<double>());
   }
   static void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
     ForIndices(Policy(), rows, SoftmaxRowFunctor{x, y, cols});
@@ -241,6 +252,7 @@ struct ThrustOps {
     t.bias_backward = &BiasBackward;
     t.add = &Add;
     t.axpy = &Axpy;
+    t.sum_of_squares = &SumOfSquares;
     t.softmax_forward = &SoftmaxForward;
     t.softmax_backward = &SoftmaxBackward;
     t.layer_norm_forward = &LayerNormForward;

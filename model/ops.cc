@@ -88,6 +88,7 @@ OpsTable MakeCpuOps() {
   t.bias_backward = &BiasBackward;
   t.add = &Add;
   t.axpy = &Axpy;
+  t.sum_of_squares = &SumOfSquares;
   t.softmax_forward = &SoftmaxForward;
   t.softmax_backward = &SoftmaxBackward;
   t.layer_norm_forward = &CpuLayerNormForward;

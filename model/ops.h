@@ -41,6 +41,8 @@ struct OpsTable {
   void (*bias_backward)(const float* dy, float* dbias, int64_t rows, int64_t cols);  // db += Σ dy
   void (*add)(const float* a, const float* b, float* y, int64_t n);                  // y = a + b
   void (*axpy)(float alpha, const float* x, float* y, int64_t n);                    // y += alpha x
+  // sum_i x[i]^2 in double (the gradient norm; any order).
+  double (*sum_of_squares)(const float* x, int64_t n);
   void (*softmax_forward)(const float* x, float* y, int64_t rows, int64_t cols);
   void (*softmax_backward)(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols);
   void (*layer_norm_forward)(const float* x, const float* gamma, const float* beta, float* y,

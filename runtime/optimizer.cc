@@ -23,15 +23,15 @@ AdamW::AdamW(const OptimizerConfig& config, std::vector<OptimizerParam> params)
                         " parameter tensors)");
   const bool bf16 = config_.moments == DType::kBF16;
   for (const OptimizerParam& p : params_) {
-    const size_t words = bf16 ? (p.size + 1) / 2 : p.size;
-    m_.emplace_back(words, 0u);
-    v_.emplace_back(words, 0u);
+    const int64_t words = bf16 ? (p.size + 1) / 2 : p.size;
+    m_.push_back(Tensor::Zeros({words}, DType::kI32, p.device));
+    v_.push_back(Tensor::Zeros({words}, DType::kI32, p.device));
   }
 }
 
 void AdamW::ZeroMoments() {
-  for (auto& m : m_) std::fill(m.begin(), m.end(), 0u);
-  for (auto& v : v_) std::fill(v.begin(), v.end(), 0u);
+  for (Tensor& m : m_) m.SetZero();
+  for (Tensor& v : v_) v.SetZero();
 }
 
 AdamWScalars AdamW::Scalars(int64_t step, float grad_scale) const {
@@ -85,7 +85,11 @@ void AdamW::Step(int64_t step, float grad_scale) {
   const bool bf16 = config_.moments == DType::kBF16;
   for (size_t i = 0; i < params_.size(); ++i) {
     const OptimizerParam& p = params_[i];
-    AdamWUpdate(s, p.decay, p.value, p.grad, m_[i].data(), v_[i].data(), p.size, bf16);
+    CHECK(p.device == Device::kCPU || p.update != nullptr)
+        << "AdamW: parameter " << p.name << " is on " << DeviceName(p.device)
+        << " without that device's update";
+    (p.update != nullptr ? p.update : &AdamWUpdate)(s, p.decay, p.value, p.grad, m_[i].raw_data(),
+                                                    v_[i].raw_data(), p.size, bf16);
   }
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "runtime/dtype.h"
+#include "runtime/tensor.h"
 
 namespace moerun {
 
@@ -29,12 +30,22 @@ struct OptimizerConfig {
 // 0 at total_steps (cosine or linear).
 double LearningRate(const OptimizerConfig& config, int64_t step);
 
+struct AdamWScalars;
+// One AdamW update of n elements (AdamWUpdate's signature); pointers on the parameter's
+// device.
+using AdamWUpdateFn = void (*)(const AdamWScalars& s, bool decay, float* value, const float* grad,
+                               void* m, void* v, int64_t n, bool bf16_moments);
+
 struct OptimizerParam {
   std::string name;
   float* value;
   const float* grad;
   int64_t size;
   bool decay;  // apply weight decay
+  // Where value and grad live (the moments are kept there too), and that device's update
+  // (model/ops.h's adamw_step entry); null: AdamWUpdate (the CPU's).
+  Device device = Device::kCPU;
+  AdamWUpdateFn update = nullptr;
 };
 
 // The per-step constants of an AdamW update (what a device kernel needs besides the
@@ -62,15 +73,17 @@ class AdamW {
   const std::vector<OptimizerParam>& params() const { return params_; }
   // Parameter i's first / second moment storage (params()[i].size elements of
   // config().moments), for checkpointing.
-  void* first_moment(size_t i) { return m_[i].data(); }
-  void* second_moment(size_t i) { return v_[i].data(); }
+  // On the parameter's device.
+  void* first_moment(size_t i) { return m_[i].raw_data(); }
+  void* second_moment(size_t i) { return v_[i].raw_data(); }
   void ZeroMoments();
 
  private:
   OptimizerConfig config_;
   std::vector<OptimizerParam> params_;
-  // Raw storage, 4-byte words: one float, or two bf16 values, per word.
-  std::vector<std::vector<uint32_t>> m_, v_;
+  // Raw storage on the parameter's device, 4-byte words: one float, or two bf16 values,
+  // per word.
+  std::vector<Tensor> m_, v_;
 };
 
 // min(1, max_norm / norm); 1 when max_norm <= 0 (no clipping).

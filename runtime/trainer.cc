@@ -40,9 +40,23 @@ Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch) {
 }
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,
-                                                   const Dataset* train) {
+                                                   const Dataset* train, Device device) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->config_ = config;
+  t->device_ = device;
+  if (device != Device::kCPU) {
+    if (config.model().has_modsquad()) {
+      return Status::Error("Mod-Squad models train on the CPU only so far; drop --device " +
+                           std::string(DeviceName(device)));
+    }
+    if (world->size() > 1 && world->device() != device) {
+      return Status::Error(
+          "a " + std::string(DeviceName(device)) + " job of " + std::to_string(world->size()) +
+          " ranks needs a communicator that moves " + DeviceName(device) +
+          " memory (NCCL), but the world communicator moves " + DeviceName(world->device()) +
+          " memory; run one rank per job, or on the CPU");
+    }
+  }
   // train.precision: the dense layers' and experts' GEMMs take bf16-rounded operands.
   t->bf16_gemms_before_ = SetBf16Gemms(config.train().precision() == TrainConfig::BF16);
   t->world_ = world;
@@ -70,8 +84,10 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   oc.moments = tc.optimizer_moments() == TrainConfig::BF16 ? DType::kBF16 : DType::kF32;
   std::vector<OptimizerParam> params;
   for (Param& p : t->params()) {
-    params.push_back(
-        {p.name, p.value.data<float>(), p.grad.data<float>(), p.value.numel(), p.decay});
+    const Device d = p.value.device();
+    params.push_back({p.name, p.value.device_data<float>(d), p.grad.device_data<float>(d),
+                      p.value.numel(), p.decay, d,
+                      d == Device::kCPU ? nullptr : MOERUN_OP(Ops(d), adamw_step)});
   }
   t->optimizer_ = std::make_unique<AdamW>(oc, std::move(params));
   t->sampler_ = std::make_unique<BatchSampler>(train->size, tc.global_batch(), tc.seed());
@@ -113,12 +129,29 @@ Status Trainer::CreateVit() {
     if (!groups.ok()) return groups.status();
     groups_ = *groups;
   }
-  auto model = VitModel::Create(m, groups_);
+  auto model = VitModel::Create(m, groups_, device_);
   if (!model.ok()) return model.status();
   model_ = std::move(*model);
   model_->Init(tc.seed());
   return Status::Ok();
 }
+
+namespace {
+
+// sum x^2 of a tensor on its device's ops.
+double SquaredNorm(const Tensor& t) {
+  const Device d = t.device();
+  return MOERUN_OP(Ops(d), sum_of_squares)(t.device_data<float>(d), t.numel());
+}
+
+// world.AllReduce(sum) of a tensor's floats; nothing to do on one rank (and a device
+// tensor is never handed to a host communicator).
+void SumOverRanks(Communicator& world, Tensor& t) {
+  if (world.size() == 1) return;
+  world.AllReduce(t.raw_data(), t.numel(), DType::kF32, ReduceOp::kSum);
+}
+
+}  // namespace
 
 double Trainer::GlobalGradNorm() {
   // Dense gradients are equal on every rank after the all-reduce: count them once (here,
@@ -129,7 +162,7 @@ double Trainer::GlobalGradNorm() {
     return g == nullptr || g->replicas() == nullptr || g->replicas()->rank() == 0;
   };
   for (Param& p : params()) {
-    const double s = SumOfSquares(p.grad.data<float>(), p.grad.numel());
+    const double s = SquaredNorm(p.grad);
     if (!p.expert) {
       dense += s;
     } else if (first_replica(p)) {
@@ -180,11 +213,9 @@ StepStats Trainer::Step() {
   {
     // Data-parallel dense gradients; expert replicas.
     ScopedTimer timer(&time_split_.reduce);
-    Tensor& dense = model_->dense_grads();
-    world_->AllReduce(dense.raw_data(), dense.numel(), DType::kF32, ReduceOp::kSum);
+    SumOverRanks(*world_, model_->dense_grads());
     for (MoeLayer* layer : model_->moe_layers()) {
-      Tensor& g = layer->grads().router_weight;
-      world_->AllReduce(g.raw_data(), g.numel(), DType::kF32, ReduceOp::kSum);
+      SumOverRanks(*world_, layer->grads().router_weight);
       layer->ReduceReplicaGradients();
     }
     st.step = step_;
@@ -241,7 +272,7 @@ bool Trainer::UpdateIfFinite(StepStats* stats) {
     st.finite = false;
     std::string first;
     for (Param& p : params()) {
-      if (!std::isfinite(SumOfSquares(p.grad.data<float>(), p.grad.numel()))) {
+      if (!std::isfinite(SquaredNorm(p.grad))) {
         first = "the gradient of '" + p.name + "' is not finite";
         break;
       }
@@ -268,15 +299,23 @@ bool Trainer::UpdateIfFinite(StepStats* stats) {
 
 std::string Trainer::FirstNonFiniteParameter() {
   for (Param& p : params()) {
-    if (!std::isfinite(SumOfSquares(p.value.data<float>(), p.value.numel()))) return p.name;
+    if (!std::isfinite(SquaredNorm(p.value))) return p.name;
   }
   return "";
 }
 
-std::vector<CheckpointSlice> Trainer::StateSlices(bool optimizer) {
+std::vector<CheckpointSlice> Trainer::StateSlices(
+    bool optimizer, std::vector<std::pair<Tensor, Tensor>>* device_views) {
   std::vector<CheckpointSlice> out;
   std::vector<Param>& params = this->params();
-  for (Param& p : params) out.push_back({p.name, p.value.shape(), 0, -1, p.value});
+  // A device tensor is saved from and loaded into a host copy.
+  auto host = [&](const Tensor& t) {
+    if (t.device() == Device::kCPU) return t;
+    Tensor copy = t.To(Device::kCPU);
+    if (device_views != nullptr) device_views->push_back({t, copy});
+    return copy;
+  };
+  for (Param& p : params) out.push_back({p.name, p.value.shape(), 0, -1, host(p.value)});
   if (modsquad_) {
     for (Param& b : modsquad_->buffers()) out.push_back({b.name, b.value.shape(), 0, -1, b.value});
   }
@@ -284,10 +323,11 @@ std::vector<CheckpointSlice> Trainer::StateSlices(bool optimizer) {
     const DType dt = optimizer_->config().moments;
     for (size_t i = 0; i < params.size(); ++i) {
       const Shape& shape = params[i].value.shape();
+      const Device d = params[i].value.device();
       out.push_back({"optimizer.m." + params[i].name, shape, 0, -1,
-                     Tensor::Wrap(optimizer_->first_moment(i), shape, dt)});
+                     host(Tensor::Wrap(optimizer_->first_moment(i), shape, dt, d))});
       out.push_back({"optimizer.v." + params[i].name, shape, 0, -1,
-                     Tensor::Wrap(optimizer_->second_moment(i), shape, dt)});
+                     host(Tensor::Wrap(optimizer_->second_moment(i), shape, dt, d))});
     }
   }
   return out;
@@ -394,7 +434,8 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
       }
     }
   }
-  std::vector<CheckpointSlice> slices = StateSlices(moments);
+  std::vector<std::pair<Tensor, Tensor>> device_views;
+  std::vector<CheckpointSlice> slices = StateSlices(moments, &device_views);
   if (modsquad_) {
     // Usage statistics: restored when the checkpoint has them (else they restart at zero).
     std::set<std::string> stored;
@@ -414,6 +455,7 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
     slices = std::move(kept);
   }
   MOERUN_RETURN_IF_ERROR(LoadSlices(dir, manifest, &slices));
+  for (auto& [device_tensor, host_copy] : device_views) device_tensor.CopyFrom(host_copy);
   if (!moments) {
     optimizer_->ZeroMoments();
   }

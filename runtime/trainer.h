@@ -103,8 +103,12 @@ class Trainer {
  public:
   // Fails (with a message naming the setting) when the global batch does not split over
   // the ranks or the experts do not fit the rank count.
+  // device: where the model computes (a V-MoE only; a device job of several ranks needs a
+  // world communicator that moves that device's memory, NCCL for CUDA). The optimizer runs
+  // there too; checkpoints stage through host copies.
   static StatusOr<std::unique_ptr<Trainer>> Create(const Config& config, Communicator* world,
-                                                   const Dataset* train);
+                                                   const Dataset* train,
+                                                   Device device = Device::kCPU);
   // Restores the GEMM precision that was in force before Create (train.precision).
   ~Trainer();
 
@@ -116,7 +120,10 @@ class Trainer {
   // The run's whole state as named global tensors: every parameter under its global name
   // and, with `optimizer`, its AdamW moments as optimizer.m.<name> and optimizer.v.<name>
   // (views: saving reads, loading writes the live buffers).
-  std::vector<CheckpointSlice> StateSlices(bool optimizer);
+  // On a device the slices are host copies; with `device_views`, the (device tensor, host
+  // copy) pairs, for copying loaded values back.
+  std::vector<CheckpointSlice> StateSlices(
+      bool optimizer, std::vector<std::pair<Tensor, Tensor>>* device_views = nullptr);
   // The manifest's training state at the current step (tensors and files not filled).
   CheckpointManifest StateManifest() const;
   // Loads a checkpoint written by any rank count: parameters, and the optimizer moments
@@ -169,6 +176,7 @@ class Trainer {
                    MultiTaskBatch* batch);
 
   Config config_;
+  Device device_ = Device::kCPU;
   bool bf16_gemms_before_ = false;  // the process's GEMM precision before this Trainer
   Communicator* world_ = nullptr;
   const Dataset* train_ = nullptr;

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <random>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "comm/loopback_communicator.h"
+#include "data/dataset.h"
 #include "model/dense_kernels_thrust.h"
 #include "model/expert_mlp_device.h"
 #include "model/layers.h"
@@ -34,9 +36,12 @@
 #include "model/vit.h"
 #include "runtime/adamw_thrust.h"
 #include "runtime/backend.h"
+#include "runtime/checkpoint.h"
+#include "runtime/config.h"
 #include "runtime/kernels.h"
 #include "runtime/optimizer.h"
 #include "runtime/tensor.h"
+#include "runtime/trainer.h"
 
 namespace moerun {
 namespace {
@@ -529,6 +534,13 @@ std::vector<OpCase> OpCases() {
                      t.axpy(-0.375f, x.data(), y.data(), n);
                      return y;
                    }});
+  // A parallel double sum in another order: equal to float precision, not bitwise.
+  cases.push_back({"sum_of_squares", 1e-7f, [=](const OpsTable& t) {
+                     const std::vector<float> x = Normal(300000, 1, 27);
+                     return std::vector<float>{
+                         static_cast<float>(t.sum_of_squares(x.data(), 300000) / 300000),
+                         static_cast<float>(t.sum_of_squares(x.data(), 0))};
+                   }});
   cases.push_back({"softmax_forward/backward", 0, [=](const OpsTable& t) {
                      std::vector<float> x = Normal(n, 4, 10), y(n), dy = Normal(n, 1, 11), dx(n);
                      t.softmax_forward(x.data(), y.data(), rows, cols);
@@ -962,6 +974,80 @@ TEST_F(StandInCuda, VitModelComputesOnItsDevice) {
                 std::vector<float>(g.data<float>(), g.data<float>() + g.numel()), 1e-4f);
   }
   EXPECT_EQ(on_device, static_cast<int>(pc.size()) - 1) << "all but the router on the device";
+}
+
+// Training on the device: a Trainer whose V-MoE, AdamW moments and updates live on the
+// stand-in takes the CPU Trainer's steps (losses, gradient norms, parameters), and its
+// checkpoint (saved from host copies) restores into another device Trainer.
+TEST_F(StandInCuda, TrainerTrainsAndCheckpointsOnTheDevice) {
+  auto config = ParseConfig(
+      "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 mlp_dim: 16 "
+      "num_layers: 2 num_heads: 2 num_classes: 4 gelu: TANH "
+      "moe { num_experts: 4 k: 2 capacity_factor: 1.0 group_size: 10 } } "
+      "data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
+      "train { seed: 5 global_batch: 8 steps: 4 learning_rate: 0.003 warmup_steps: 2 "
+      "optimizer_moments: BF16 }",
+      "inline", {});
+  ASSERT_TRUE(config.ok()) << config.status().message();
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+  LoopbackCommunicator one(0, 1);
+  auto cpu = Trainer::Create(*config, &one, &data);
+  auto dev = Trainer::Create(*config, &one, &data, Device::kCUDA);
+  ASSERT_TRUE(cpu.ok() && dev.ok()) << (dev.ok() ? cpu.status() : dev.status()).message();
+  for (int step = 0; step < 4; ++step) {
+    const StepStats a = (*cpu)->Step(), b = (*dev)->Step();
+    ASSERT_TRUE(a.finite && b.finite);
+    EXPECT_NEAR(b.loss, a.loss, 1e-5 * a.loss) << step;
+    EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-4 * a.grad_norm) << step;
+  }
+  std::vector<Param>& pc = (*cpu)->params();
+  std::vector<Param>& pd = (*dev)->params();
+  for (size_t i = 0; i < pc.size(); ++i) {
+    SCOPED_TRACE(pc[i].name);
+    const Tensor v = pd[i].value.To(Device::kCPU);
+    ExpectClose(
+        std::vector<float>(pc[i].value.data<float>(), pc[i].value.data<float>() + v.numel()),
+        std::vector<float>(v.data<float>(), v.data<float>() + v.numel()), 1e-4f);
+  }
+  EXPECT_EQ((*dev)->FirstNonFiniteParameter(), "");
+  // Save from host copies; restore into a fresh device Trainer.
+  char tmpl[] = "/tmp/moerun_device_ckpt_XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  SaveResult saved;
+  ASSERT_TRUE(
+      SaveCheckpoint(one, tmpl, (*dev)->StateManifest(), (*dev)->StateSlices(true), {}, &saved)
+          .ok());
+  auto manifest = ReadManifest(saved.path);
+  ASSERT_TRUE(manifest.ok()) << manifest.status().message();
+  auto again = Trainer::Create(*config, &one, &data, Device::kCUDA);
+  ASSERT_TRUE(again.ok());
+  ASSERT_TRUE((*again)->Restore(saved.path, *manifest).ok());
+  EXPECT_EQ((*again)->step(), 4);
+  for (size_t i = 0; i < pd.size(); ++i) {
+    const Tensor want = pd[i].value.To(Device::kCPU);
+    const Tensor got = (*again)->params()[i].value.To(Device::kCPU);
+    ASSERT_EQ(0, std::memcmp(want.data<float>(), got.data<float>(), want.nbytes())) << pd[i].name;
+  }
+  const StepStats next = (*dev)->Step(), resumed = (*again)->Step();
+  EXPECT_EQ(next.loss, resumed.loss) << "the moments came back too";
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST_F(StandInCuda, TrainerRefusesWhatTheDevicePathDoesNotCover) {
+  auto config = ParseConfig(
+      "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 mlp_dim: 16 "
+      "num_layers: 2 num_heads: 2 num_classes: 4 moe { num_experts: 4 k: 2 group_size: 10 } } "
+      "data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
+      "train { global_batch: 8 steps: 1 }",
+      "inline", {});
+  ASSERT_TRUE(config.ok());
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+  LoopbackCommunicator two(0, 2);
+  auto t = Trainer::Create(*config, &two, &data, Device::kCUDA);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("needs a communicator that moves cuda memory (NCCL)"),
+            std::string::npos)
+      << t.status().message();
 }
 
 }  // namespace
