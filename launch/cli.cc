@@ -43,7 +43,8 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
          if (v != "cpu" && v != "cuda") throw po::error("--device " + v + ": use cpu or cuda");
        }),
        "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
-       "backend built and a visible GPU)")  //
+       "backend built and a visible GPU; `train` of a one-rank V-MoE and `bench moe-layer` "
+       "so far)")  //
       ("help,h", "show this help");
 }
 
@@ -94,8 +95,8 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
   auto device = ParseDevice(options.device);
   if (device.ok() && *device == Device::kCUDA && !options.cuda_supported) {
     device = Status::Error(
-        "--device cuda: this command runs on the CPU backend only in this version (the CUDA "
-        "backend runs `moerun bench moe-layer --device cuda`); use --device cpu");
+        "--device cuda: this command runs on the CPU backend only in this version (on a GPU: "
+        "`moerun train` of a one-rank V-MoE and `moerun bench moe-layer`); use --device cpu");
   }
   if (!device.ok()) {
     PrintError("moerun", device.status().message());

@@ -361,6 +361,8 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
         return kExitUsage;
       }
     }
+    // The one command besides bench moe-layer that runs on a GPU (a one-rank V-MoE).
+    global.cuda_supported = true;
     Session session(program.argc, program.argv, global);
     if (until_step < 0) {
       PrintError(path, "--until-step must be >= 0");

@@ -59,6 +59,7 @@ int RunTrain(const Config& config, Session& session, int64_t until_step) {
   session.ApplyConfigWatchdog(config.comm().watchdog_timeout_s());
   TrainLoopOptions options;
   options.until_step = until_step;
+  options.device = session.device();
   const TrainLoopResult r = RunTrainingLoop(config, session.world(), options);
   if (r.exit_code != 0 && !r.error.empty()) PrintError("moerun train", r.error);
   if (session.is_root() && !r.final_line.is_null()) PrintJsonLine(r.final_line);
