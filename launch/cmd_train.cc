@@ -85,7 +85,7 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
       test->size / p * p,
       std::max<int64_t>(step_images, config.train().eval_batch() / p / step_images * step_images) *
           p)));
-  auto created = Trainer::Create(c, &world, &*test);
+  auto created = Trainer::Create(c, &world, &*test, session.device());
   ok = AgreeOnStatus(world, created.status());
   if (!ok.ok()) {
     PrintError("moerun eval", ok.message());

@@ -1010,6 +1010,14 @@ TEST_F(StandInCuda, TrainerTrainsAndCheckpointsOnTheDevice) {
         std::vector<float>(v.data<float>(), v.data<float>() + v.numel()), 1e-4f);
   }
   EXPECT_EQ((*dev)->FirstNonFiniteParameter(), "");
+  for (const RoutingOverride& routing : {RoutingOverride{}, RoutingOverride{0.5, 0, false}}) {
+    const EvalStats a = (*cpu)->Evaluate(data, 16, routing),
+                    b = (*dev)->Evaluate(data, 16, routing);
+    EXPECT_EQ(a.examples, b.examples);
+    EXPECT_EQ(a.accuracy, b.accuracy);
+    EXPECT_NEAR(b.loss, a.loss, 1e-5 * a.loss);
+    EXPECT_EQ(a.dropped_fraction, b.dropped_fraction);
+  }
   // Save from host copies; restore into a fresh device Trainer.
   char tmpl[] = "/tmp/moerun_device_ckpt_XXXXXX";
   ASSERT_NE(mkdtemp(tmpl), nullptr);
