@@ -7,6 +7,8 @@
 #include <iostream>
 #include <sstream>
 
+#include "comm/mpi_communicator.h"
+#include "comm/nccl_communicator.h"
 #include "runtime/backend.h"
 #ifdef MOERUN_WITH_CUDA_KERNELS
 #include "model/ops_cuda.h"
@@ -43,8 +45,8 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
          if (v != "cpu" && v != "cuda") throw po::error("--device " + v + ": use cpu or cuda");
        }),
        "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
-       "backend built and a visible GPU; `train` and `eval` of a one-rank V-MoE and "
-       "`bench moe-layer` so far)")  //
+       "backend built and a visible GPU; `train` and `eval` of a V-MoE and `bench moe-layer` "
+       "so far)")  //
       ("help,h", "show this help");
 }
 
@@ -96,8 +98,7 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
   if (device.ok() && *device == Device::kCUDA && !options.cuda_supported) {
     device = Status::Error(
         "--device cuda: this command runs on the CPU backend only in this version (on a GPU: "
-        "`moerun train` / `eval` of a one-rank V-MoE and `moerun bench moe-layer`); use --device "
-        "cpu");
+        "`moerun train` / `eval` of a V-MoE and `moerun bench moe-layer`); use --device cpu");
   }
   if (!device.ok()) {
     PrintError("moerun", device.status().message());
@@ -129,10 +130,25 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
 #endif
     LOG(INFO) << "local rank " << Process().local_rank << " of " << Process().local_size << " on "
               << RequireBackend(Device::kCUDA).Describe();
+    if (world_->size() > 1) {
+      // The device memory's collectives (dense gradients, expert rows): NCCL over the same
+      // ranks, bootstrapped over MPI (collective: every rank gets here).
+      const auto* mpi = dynamic_cast<const MpiCommunicator*>(world_.get());
+      auto nccl = mpi != nullptr ? CreateNcclCommunicator(*mpi, "world_nccl", nullptr,
+                                                          mpi_options.watchdog_timeout_s)
+                                 : StatusOr<std::unique_ptr<Communicator>>(
+                                       Status::Error("the world is not an MPI communicator"));
+      if (nccl.ok()) {
+        device_world_ = std::move(*nccl);
+      } else {
+        LOG(WARNING) << "no NCCL world: " << nccl.status().message();
+      }
+    }
   }
 }
 
 Session::~Session() {
+  device_world_.reset();
   world_.reset();
   mpi_.reset();
 }

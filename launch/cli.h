@@ -69,12 +69,16 @@ class Session {
   // --device, checked: kCUDA only when the command supports it and a GPU is visible (else
   // the constructor ended the job with exit 3). On kCUDA this rank's GPU is bound.
   Device device() const { return device_; }
+  // On kCUDA with several ranks: the world's ranks over NCCL (the device memory's
+  // collectives), or null when NCCL was not built or its setup failed (logged).
+  Communicator* device_world() { return device_world_.get(); }
 
  private:
   GlobalOptions options_;
   Device device_ = Device::kCPU;
   std::unique_ptr<MpiRuntime> mpi_;
   std::unique_ptr<Communicator> world_;
+  std::unique_ptr<Communicator> device_world_;
 };
 
 // Prints one JSON object as one line on stdout and flushes (rank 0's results).

@@ -361,7 +361,7 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
         return kExitUsage;
       }
     }
-    // Train (and eval, below) run a one-rank V-MoE on a GPU; bench moe-layer its layer.
+    // Train (and eval, below) run a V-MoE on GPUs; bench moe-layer its layer.
     global.cuda_supported = true;
     Session session(program.argc, program.argv, global);
     if (until_step < 0) {
@@ -392,7 +392,7 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
                "trained), e.g. 0.5,1.0; --bpr takes -1, 0 or 1");
     return kExitUsage;
   }
-  global.cuda_supported = true;  // a one-rank V-MoE evaluates on a GPU
+  global.cuda_supported = true;  // a V-MoE evaluates on GPUs
   Session session(program.argc, program.argv, global);
   return RunEval(*config, session, model_path, factors, bprs, exact_capacity);
 }

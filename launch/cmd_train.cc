@@ -60,6 +60,7 @@ int RunTrain(const Config& config, Session& session, int64_t until_step) {
   TrainLoopOptions options;
   options.until_step = until_step;
   options.device = session.device();
+  options.device_world = session.device_world();
   const TrainLoopResult r = RunTrainingLoop(config, session.world(), options);
   if (r.exit_code != 0 && !r.error.empty()) PrintError("moerun train", r.error);
   if (session.is_root() && !r.final_line.is_null()) PrintJsonLine(r.final_line);
@@ -85,7 +86,7 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
       test->size / p * p,
       std::max<int64_t>(step_images, config.train().eval_batch() / p / step_images * step_images) *
           p)));
-  auto created = Trainer::Create(c, &world, &*test, session.device());
+  auto created = Trainer::Create(c, &world, &*test, session.device(), session.device_world());
   ok = AgreeOnStatus(world, created.status());
   if (!ok.ok()) {
     PrintError("moerun eval", ok.message());

@@ -58,21 +58,28 @@ MoeLayerConfig MoeLayerConfig::FromProto(const MoeConfig& moe, int d, int m,
   return c;
 }
 
-StatusOr<std::shared_ptr<MoeGroups>> MoeGroups::Create(Communicator* world, int num_experts) {
+StatusOr<std::shared_ptr<MoeGroups>> MoeGroups::Create(Communicator* world, int num_experts,
+                                                       Communicator* device_world) {
   const int p = world->size(), r = world->rank();
+  if (device_world != nullptr && (device_world->size() != p || device_world->rank() != r)) {
+    return Status::Error("the device communicator (" + std::to_string(device_world->size()) +
+                         " ranks) is not over the world's " + std::to_string(p) + " ranks");
+  }
   auto placement = PlaceExperts(num_experts, p);
   if (!placement.ok()) return placement.status();
   auto g = std::make_shared<MoeGroups>();
   g->world_ = world;
   g->num_experts_ = num_experts;
   g->local_experts_ = placement->experts_per_rank;
+  g->device_world_ = device_world;
+  Communicator* rows = device_world != nullptr ? device_world : world;
   if (placement->replicas == 1) {
     g->first_local_expert_ = r * g->local_experts_;
   } else {
     // Replica set r / E holds every expert once; ranks r and r + E hold the same expert.
     g->first_local_expert_ = r % num_experts;
-    g->expert_ = world->Split(r / num_experts, r, "expert_parallel");
-    g->replicas_ = world->Split(r % num_experts, r, "expert_replicas");
+    g->expert_ = rows->Split(r / num_experts, r, "expert_parallel");
+    g->replicas_ = rows->Split(r % num_experts, r, "expert_replicas");
   }
   return g;
 }

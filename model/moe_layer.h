@@ -73,9 +73,15 @@ struct MoeLayerConfig {
 class MoeGroups {
  public:
   // Fails (with the rank counts that would work) unless E % P == 0 or P % E == 0.
-  static StatusOr<std::shared_ptr<MoeGroups>> Create(Communicator* world, int num_experts);
+  // device_world: the same ranks over a communicator that moves a device's memory (NCCL);
+  // given, the expert-parallel and replica groups (the rows and expert gradients) are split
+  // from it, while world() (routing statistics: host scalars) stays `world`.
+  static StatusOr<std::shared_ptr<MoeGroups>> Create(Communicator* world, int num_experts,
+                                                     Communicator* device_world = nullptr);
   Communicator& world() const { return *world_; }
-  Communicator& expert() const { return expert_ ? *expert_ : *world_; }
+  Communicator& expert() const {
+    return expert_ ? *expert_ : (device_world_ != nullptr ? *device_world_ : *world_);
+  }
   // Ranks holding the same experts; null when each expert lives on one rank.
   Communicator* replicas() const { return replicas_.get(); }
   int num_experts() const { return num_experts_; }
@@ -84,6 +90,7 @@ class MoeGroups {
 
  private:
   Communicator* world_ = nullptr;
+  Communicator* device_world_ = nullptr;
   std::unique_ptr<Communicator> expert_, replicas_;
   int num_experts_ = 0, first_local_expert_ = 0, local_experts_ = 0;
 };

@@ -204,7 +204,7 @@ TrainLoopResult RunTrainingLoop(const Config& config, Communicator& world,
   StatusOr<Dataset> test = train.ok() ? LoadRunData(config, false) : train.status();
   Status ok = AgreeOnStatus(world, test.status());
   if (!ok.ok()) return fail(1, ok.message());
-  auto created = Trainer::Create(config, &world, &*train, options.device);
+  auto created = Trainer::Create(config, &world, &*train, options.device, options.device_world);
   ok = AgreeOnStatus(world, created.status());
   if (!ok.ok()) return fail(2, ok.message());
   Trainer& trainer = **created;

@@ -35,9 +35,11 @@ struct TrainLoopOptions {
   // Run until this step (then save and end with exit 0); 0: train.steps. The schedule
   // always spans train.steps, so a run split this way equals one straight run.
   int64_t until_step = 0;
-  // Where the model trains (`train --device`): the CPU, or one GPU for a one-rank V-MoE job
-  // (Trainer::Create refuses Mod-Squad and several ranks on a device).
+  // Where the model trains (`train --device`): the CPU, or a GPU per rank for a V-MoE job
+  // (Trainer::Create refuses Mod-Squad, and several ranks without device_world).
   Device device = Device::kCPU;
+  // A device job of several ranks: the same ranks over a device communicator (NCCL).
+  Communicator* device_world = nullptr;
 };
 
 struct TrainLoopResult {

@@ -40,21 +40,27 @@ Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch) {
 }
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,
-                                                   const Dataset* train, Device device) {
+                                                   const Dataset* train, Device device,
+                                                   Communicator* device_world) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->config_ = config;
   t->device_ = device;
+  t->device_world_ = device != Device::kCPU && world->size() > 1 ? device_world : nullptr;
   if (device != Device::kCPU) {
     if (config.model().has_modsquad()) {
       return Status::Error("Mod-Squad models train on the CPU only so far; drop --device " +
                            std::string(DeviceName(device)));
     }
-    if (world->size() > 1 && world->device() != device) {
-      return Status::Error(
-          "a " + std::string(DeviceName(device)) + " job of " + std::to_string(world->size()) +
-          " ranks needs a communicator that moves " + DeviceName(device) +
-          " memory (NCCL), but the world communicator moves " + DeviceName(world->device()) +
-          " memory; run one rank per job, or on the CPU");
+    if (world->size() > 1 && (device_world == nullptr || device_world->device() != device)) {
+      return Status::Error("a " + std::string(DeviceName(device)) + " job of " +
+                           std::to_string(world->size()) +
+                           " ranks needs a communicator that moves " + DeviceName(device) +
+                           " memory (NCCL) beside the world's, and " +
+                           (device_world == nullptr
+                                ? std::string("there is none")
+                                : "the one given moves " +
+                                      std::string(DeviceName(device_world->device())) + " memory") +
+                           "; build moerun with NCCL, or run one rank per job, or on the CPU");
     }
   }
   // train.precision: the dense layers' and experts' GEMMs take bf16-rounded operands.
@@ -125,7 +131,7 @@ Status Trainer::CreateVit() {
                            " ranks); use a global batch that splits into whole groups per rank, "
                            "or a smaller group");
     }
-    auto groups = MoeGroups::Create(world, m.moe().num_experts());
+    auto groups = MoeGroups::Create(world, m.moe().num_experts(), device_world_);
     if (!groups.ok()) return groups.status();
     groups_ = *groups;
   }
@@ -213,7 +219,7 @@ StepStats Trainer::Step() {
   {
     // Data-parallel dense gradients; expert replicas.
     ScopedTimer timer(&time_split_.reduce);
-    SumOverRanks(*world_, model_->dense_grads());
+    SumOverRanks(device_world_ != nullptr ? *device_world_ : *world_, model_->dense_grads());
     for (MoeLayer* layer : model_->moe_layers()) {
       SumOverRanks(*world_, layer->grads().router_weight);
       layer->ReduceReplicaGradients();

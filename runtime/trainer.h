@@ -103,12 +103,15 @@ class Trainer {
  public:
   // Fails (with a message naming the setting) when the global batch does not split over
   // the ranks or the experts do not fit the rank count.
-  // device: where the model computes (a V-MoE only; a device job of several ranks needs a
-  // world communicator that moves that device's memory, NCCL for CUDA). The optimizer runs
-  // there too; checkpoints stage through host copies.
+  // device: where the model computes (a V-MoE only). The optimizer runs there too;
+  // checkpoints stage through host copies. A device job of several ranks needs
+  // device_world, the same ranks over a communicator that moves that device's memory (NCCL
+  // for CUDA): the dense gradients' all-reduce and the experts' all-to-all run over it,
+  // host scalars over `world`.
   static StatusOr<std::unique_ptr<Trainer>> Create(const Config& config, Communicator* world,
                                                    const Dataset* train,
-                                                   Device device = Device::kCPU);
+                                                   Device device = Device::kCPU,
+                                                   Communicator* device_world = nullptr);
   // Restores the GEMM precision that was in force before Create (train.precision).
   ~Trainer();
 
@@ -179,6 +182,7 @@ class Trainer {
   Device device_ = Device::kCPU;
   bool bf16_gemms_before_ = false;  // the process's GEMM precision before this Trainer
   Communicator* world_ = nullptr;
+  Communicator* device_world_ = nullptr;  // device jobs of several ranks
   const Dataset* train_ = nullptr;
   std::shared_ptr<MoeGroups> groups_;
   std::unique_ptr<VitModel> model_;

@@ -1041,6 +1041,34 @@ TEST_F(StandInCuda, TrainerTrainsAndCheckpointsOnTheDevice) {
   std::filesystem::remove_all(tmpl);
 }
 
+// Two expert-parallel ranks on devices (the peer simulated): the dense all-reduce and the
+// expert all-to-all over a device communicator, host scalars over the host one; the CPU
+// Trainer's steps.
+TEST_F(StandInCuda, TrainerOverTwoRanksUsesTheDeviceCommunicatorForDeviceMemory) {
+  auto config = ParseConfig(
+      "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 mlp_dim: 16 "
+      "num_layers: 2 num_heads: 2 num_classes: 4 gelu: TANH "
+      "moe { num_experts: 4 k: 2 capacity_factor: 1.0 group_size: 10 } } "
+      "data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
+      "train { seed: 5 global_batch: 8 steps: 3 learning_rate: 0.003 warmup_steps: 1 }",
+      "inline", {});
+  ASSERT_TRUE(config.ok()) << config.status().message();
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+  LoopbackCommunicator cpu_world(0, 2), host_world(0, 2);
+  DeviceLoopback device_world(0, 2);
+  auto cpu = Trainer::Create(*config, &cpu_world, &data);
+  auto dev = Trainer::Create(*config, &host_world, &data, Device::kCUDA, &device_world);
+  ASSERT_TRUE(cpu.ok() && dev.ok()) << (dev.ok() ? cpu.status() : dev.status()).message();
+  EXPECT_EQ(&(*dev)->model().moe_layers()[0]->groups().expert(), &device_world);
+  EXPECT_EQ(&(*dev)->model().moe_layers()[0]->groups().world(), &host_world);
+  for (int step = 0; step < 3; ++step) {
+    const StepStats a = (*cpu)->Step(), b = (*dev)->Step();
+    ASSERT_TRUE(a.finite && b.finite);
+    EXPECT_NEAR(b.loss, a.loss, 1e-5 * a.loss) << step;
+    EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-4 * a.grad_norm) << step;
+  }
+}
+
 TEST_F(StandInCuda, TrainerRefusesWhatTheDevicePathDoesNotCover) {
   auto config = ParseConfig(
       "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 mlp_dim: 16 "
