@@ -976,18 +976,23 @@ TEST_F(StandInCuda, VitModelComputesOnItsDevice) {
   EXPECT_EQ(on_device, static_cast<int>(pc.size()) - 1) << "all but the router on the device";
 }
 
-// Training on the device: a Trainer whose V-MoE, AdamW moments and updates live on the
-// stand-in takes the CPU Trainer's steps (losses, gradient norms, parameters), and its
-// checkpoint (saved from host copies) restores into another device Trainer.
-TEST_F(StandInCuda, TrainerTrainsAndCheckpointsOnTheDevice) {
-  auto config = ParseConfig(
+// A tiny V-MoE on 64 synthetic images, global batch 8, with `train` settings added.
+StatusOr<Config> TinyTrainingConfig(const std::string& train) {
+  return ParseConfig(
       "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 mlp_dim: 16 "
       "num_layers: 2 num_heads: 2 num_classes: 4 gelu: TANH "
       "moe { num_experts: 4 k: 2 capacity_factor: 1.0 group_size: 10 } } "
       "data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
-      "train { seed: 5 global_batch: 8 steps: 4 learning_rate: 0.003 warmup_steps: 2 "
-      "optimizer_moments: BF16 }",
+      "train { seed: 5 global_batch: 8 learning_rate: 0.003 " +
+          train + " }",
       "inline", {});
+}
+
+// Training on the device: a Trainer whose V-MoE, AdamW moments and updates live on the
+// stand-in takes the CPU Trainer's steps (losses, gradient norms, parameters), and its
+// checkpoint (saved from host copies) restores into another device Trainer.
+TEST_F(StandInCuda, TrainerTrainsAndCheckpointsOnTheDevice) {
+  auto config = TinyTrainingConfig("steps: 4 warmup_steps: 2 optimizer_moments: BF16");
   ASSERT_TRUE(config.ok()) << config.status().message();
   const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
   LoopbackCommunicator one(0, 1);
@@ -1045,13 +1050,7 @@ TEST_F(StandInCuda, TrainerTrainsAndCheckpointsOnTheDevice) {
 // expert all-to-all over a device communicator, host scalars over the host one; the CPU
 // Trainer's steps.
 TEST_F(StandInCuda, TrainerOverTwoRanksUsesTheDeviceCommunicatorForDeviceMemory) {
-  auto config = ParseConfig(
-      "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 mlp_dim: 16 "
-      "num_layers: 2 num_heads: 2 num_classes: 4 gelu: TANH "
-      "moe { num_experts: 4 k: 2 capacity_factor: 1.0 group_size: 10 } } "
-      "data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
-      "train { seed: 5 global_batch: 8 steps: 3 learning_rate: 0.003 warmup_steps: 1 }",
-      "inline", {});
+  auto config = TinyTrainingConfig("steps: 3 warmup_steps: 1");
   ASSERT_TRUE(config.ok()) << config.status().message();
   const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
   LoopbackCommunicator cpu_world(0, 2), host_world(0, 2);
@@ -1070,12 +1069,7 @@ TEST_F(StandInCuda, TrainerOverTwoRanksUsesTheDeviceCommunicatorForDeviceMemory)
 }
 
 TEST_F(StandInCuda, TrainerRefusesWhatTheDevicePathDoesNotCover) {
-  auto config = ParseConfig(
-      "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 mlp_dim: 16 "
-      "num_layers: 2 num_heads: 2 num_classes: 4 moe { num_experts: 4 k: 2 group_size: 10 } } "
-      "data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
-      "train { global_batch: 8 steps: 1 }",
-      "inline", {});
+  auto config = TinyTrainingConfig("steps: 1");
   ASSERT_TRUE(config.ok());
   const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
   LoopbackCommunicator two(0, 2);
