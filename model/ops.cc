@@ -167,6 +167,13 @@ std::array<const OpsTable*, 2>& Tables() {
   return tables;
 }
 
+// Per device: the registered table whose bf16-GEMM variant is known, and that variant.
+std::array<std::pair<const OpsTable*, const OpsTable*>, 2>& Bf16Variants() {
+  static std::array<std::pair<const OpsTable*, const OpsTable*>, 2> variants = {
+      {{&kCpuOps, &CpuBf16GemmOps()}, {nullptr, nullptr}}};
+  return variants;
+}
+
 // The one device of an op's tensors (undefined ones skipped); dies naming a mismatch.
 Device OneDevice(const char* op, std::initializer_list<const Tensor*> tensors) {
   const Tensor* first = nullptr;
@@ -210,6 +217,15 @@ void RegisterOps(Device device, const OpsTable* table) {
   Tables()[static_cast<size_t>(device)] = table;
 }
 
+void RegisterBf16GemmOps(Device device, const OpsTable* table, const OpsTable* bf16_variant) {
+  Bf16Variants()[static_cast<size_t>(device)] = {table, bf16_variant};
+}
+
+bool HasBf16GemmOps(Device device) {
+  const auto& [base, variant] = Bf16Variants()[static_cast<size_t>(device)];
+  return variant != nullptr && OpsFor(device) == base;
+}
+
 const OpsTable* OpsFor(Device device) { return Tables()[static_cast<size_t>(device)]; }
 
 const OpsTable& CpuBf16GemmOps() {
@@ -224,8 +240,8 @@ bool SetBf16Gemms(bool on) {
 }
 
 const OpsTable& Ops(Device device) {
-  if (device == Device::kCPU && Bf16Gemms() && OpsFor(device) == &kCpuOps) {
-    return CpuBf16GemmOps();
+  if (Bf16Gemms() && HasBf16GemmOps(device)) {
+    return *Bf16Variants()[static_cast<size_t>(device)].second;
   }
   const OpsTable* table = OpsFor(device);
   CHECK(table != nullptr) << "no " << DeviceName(device)

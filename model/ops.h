@@ -104,11 +104,16 @@ const OpsTable* OpsFor(Device device);
 // (SetBf16Gemms) the CPU's table is its bf16 variant (CpuBf16GemmOps).
 const OpsTable& Ops(Device device);
 
-// train.precision BF16: from now on, Ops(kCPU)'s GEMM entries round both operands to bf16
-// (nearest even) and multiply the rounded copies in fp32 (fp32 sums and outputs); every
-// other entry is the CPU table's. Process-wide (a process trains one model); the Trainer
-// sets it for its lifetime. Returns the previous setting.
+// train.precision BF16: from now on, Ops(device)'s GEMM entries round both operands to
+// bf16 (nearest even) and multiply them with fp32 sums and outputs, on every device with a
+// bf16 variant of its registered table (the CPU's emulates it, CUDA's casts and runs bf16
+// cuBLAS GEMMs); every other entry is the device table's. Process-wide (a process trains
+// one model); the Trainer sets it for its lifetime. Returns the previous setting.
 bool SetBf16Gemms(bool on);
+// `bf16_variant` is `table` with bf16-operand GEMMs (used while `table` is registered).
+void RegisterBf16GemmOps(Device device, const OpsTable* table, const OpsTable* bf16_variant);
+// Whether `device`'s registered table has a bf16 variant.
+bool HasBf16GemmOps(Device device);
 // The CPU table with bf16-operand GEMMs (what Ops(kCPU) is under SetBf16Gemms(true)).
 const OpsTable& CpuBf16GemmOps();
 // `table`'s entry `entry`; dies naming the op and the table when it is null.

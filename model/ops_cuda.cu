@@ -9,6 +9,7 @@
 
 #include "model/adamw_cuda.h"
 #include "model/dense_kernels_thrust.h"
+#include "model/moe_experts_cuda.h"
 #include "model/ops.h"
 #include "model/ops_cuda.h"
 #include "runtime/backend.h"
@@ -52,6 +53,39 @@ void CudaGemmStridedBatched(bool trans_a, bool trans_b, int64_t m, int64_t n, in
       << "cublasSgemmStridedBatched failed: " << cublasGetStatusString(st);
 }
 
+// train.precision BF16: both operands cast to bf16 (nearest even; the whole strided
+// region up to the last element, gaps between rows included), then one bf16 x bf16 -> fp32 batched
+// GEMM with fp32 accumulation on the tensor cores.
+void CudaBf16GemmStridedBatched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                                float alpha, const float* a, int64_t lda, int64_t stride_a,
+                                const float* b, int64_t ldb, int64_t stride_b, float beta, float* c,
+                                int64_t ldc, int64_t stride_c, int64_t batch) {
+  if (m == 0 || n == 0 || batch == 0) return;
+  // The elements the operands span as stored: up to the last row's last column.
+  const int64_t a_rows = trans_a ? k : m, a_cols = trans_a ? m : k;
+  const int64_t b_rows = trans_b ? n : k, b_cols = trans_b ? k : n;
+  const int64_t a_span = (stride_a == 0 ? 0 : (batch - 1) * stride_a) + (a_rows - 1) * lda + a_cols;
+  const int64_t b_span = (stride_b == 0 ? 0 : (batch - 1) * stride_b) + (b_rows - 1) * ldb + b_cols;
+  Tensor ra = Tensor::Empty({a_span}, DType::kBF16, Device::kCUDA);
+  Tensor rb = Tensor::Empty({b_span}, DType::kBF16, Device::kCUDA);
+  CudaCastToBF16(a, reinterpret_cast<uint16_t*>(ra.raw_data()), a_span);
+  CudaCastToBF16(b, reinterpret_cast<uint16_t*>(rb.raw_data()), b_span);
+  const cublasStatus_t st = cublasGemmStridedBatchedEx(
+      Handle(), Op(trans_b), Op(trans_a), Int(n), Int(m), Int(k), &alpha, rb.raw_data(),
+      CUDA_R_16BF, Int(ldb), stride_b, ra.raw_data(), CUDA_R_16BF, Int(lda), stride_a, &beta, c,
+      CUDA_R_32F, Int(ldc), stride_c, Int(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  CHECK(st == CUBLAS_STATUS_SUCCESS)
+      << "cublasGemmStridedBatchedEx (bf16) failed: " << cublasGetStatusString(st);
+  RequireBackend(Device::kCUDA).Synchronize();  // ra and rb are freed on return
+}
+
+void CudaBf16Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                  int64_t ldc) {
+  CudaBf16GemmStridedBatched(trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc,
+                             0, 1);
+}
+
 void CudaGemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
               int64_t ldc) {
@@ -92,8 +126,22 @@ const OpsTable& CudaTable() {
   return table;
 }
 
+const OpsTable& CudaBf16Table() {
+  static const OpsTable table = [] {
+    OpsTable t = CudaTable();
+    t.name = "cuda-bf16";
+    t.gemm = &CudaBf16Gemm;
+    t.gemm_strided_batched = &CudaBf16GemmStridedBatched;
+    return t;
+  }();
+  return table;
+}
+
 }  // namespace
 
-void RegisterCudaOps() { RegisterOps(Device::kCUDA, &CudaTable()); }
+void RegisterCudaOps() {
+  RegisterOps(Device::kCUDA, &CudaTable());
+  RegisterBf16GemmOps(Device::kCUDA, &CudaTable(), &CudaBf16Table());
+}
 
 }  // namespace moerun

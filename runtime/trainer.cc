@@ -65,6 +65,10 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   }
   // train.precision: the dense layers' and experts' GEMMs take bf16-rounded operands.
   t->bf16_gemms_before_ = SetBf16Gemms(config.train().precision() == TrainConfig::BF16);
+  if (config.train().precision() == TrainConfig::BF16 && !HasBf16GemmOps(device)) {
+    LOG(WARNING) << "train.precision BF16: the " << DeviceName(device)
+                 << " ops have no bf16 GEMMs; they stay fp32";
+  }
   t->world_ = world;
   t->train_ = train;
   const int p = world->size();
