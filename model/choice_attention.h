@@ -23,6 +23,10 @@ struct Shape {
   float scale;  // 1 / sqrt(head_dim)
 };
 
+inline Shape MakeShape(int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len) {
+  return {tokens, k, head_dim, seq_len, 1.0f / std::sqrt(static_cast<float>(head_dim))};
+}
+
 // probs [tokens, k, seq_len] and out [tokens, k, dh] of choice i.
 MOERUN_HD inline void ForwardOne(const Shape& s, const float* q, const float* kv,
                                  const int32_t* row, float* probs, float* out, int64_t i) {

@@ -146,11 +146,6 @@ struct ChoiceAttentionBackwardFunctor {
   }
 };
 
-inline choice_attention::Shape ChoiceShape(int64_t tokens, int64_t k, int64_t head_dim,
-                                           int64_t seq_len) {
-  return {tokens, k, head_dim, seq_len, 1.0f / std::sqrt(static_cast<float>(head_dim))};
-}
-
 using thrust_experts::ForIndices;
 
 // OpsTable entries over `Policy` (thrust::device's type: the CUDA device under nvcc, the
@@ -206,17 +201,19 @@ struct ThrustOps {
   static void ChoiceAttentionForward(const float* q, const float* kv, const int32_t* row,
                                      int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len,
                                      float* probs, float* out) {
-    ForIndices(Policy(), tokens * k,
-               ChoiceAttentionForwardFunctor{ChoiceShape(tokens, k, head_dim, seq_len), q, kv, row,
-                                             probs, out});
+    ForIndices(
+        Policy(), tokens * k,
+        ChoiceAttentionForwardFunctor{choice_attention::MakeShape(tokens, k, head_dim, seq_len), q,
+                                      kv, row, probs, out});
   }
   static void ChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
                                       const float* probs, const float* d_out, int64_t tokens,
                                       int64_t k, int64_t head_dim, int64_t seq_len, float* d_q,
                                       float* d_kv) {
-    ForIndices(Policy(), tokens / seq_len,
-               ChoiceAttentionBackwardFunctor{ChoiceShape(tokens, k, head_dim, seq_len), q, kv, row,
-                                              probs, d_out, d_q, d_kv});
+    ForIndices(
+        Policy(), tokens / seq_len,
+        ChoiceAttentionBackwardFunctor{choice_attention::MakeShape(tokens, k, head_dim, seq_len), q,
+                                       kv, row, probs, d_out, d_q, d_kv});
   }
   static void TopK(const float* gates, int64_t tokens, int num_experts, int k,
                    int32_t* expert_index, float* weight) {

@@ -54,8 +54,7 @@ void CpuGeluBackward(const float* x, const float* dy, float* dx, int64_t n, bool
 void CpuChoiceAttentionForward(const float* q, const float* kv, const int32_t* row, int64_t tokens,
                                int64_t k, int64_t head_dim, int64_t seq_len, float* probs,
                                float* out) {
-  const choice_attention::Shape shape{tokens, k, head_dim, seq_len,
-                                      1.0f / std::sqrt(static_cast<float>(head_dim))};
+  const choice_attention::Shape shape = choice_attention::MakeShape(tokens, k, head_dim, seq_len);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < tokens * k; ++i) {
     choice_attention::ForwardOne(shape, q, kv, row, probs, out, i);
@@ -65,8 +64,7 @@ void CpuChoiceAttentionForward(const float* q, const float* kv, const int32_t* r
 void CpuChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
                                 const float* probs, const float* d_out, int64_t tokens, int64_t k,
                                 int64_t head_dim, int64_t seq_len, float* d_q, float* d_kv) {
-  const choice_attention::Shape shape{tokens, k, head_dim, seq_len,
-                                      1.0f / std::sqrt(static_cast<float>(head_dim))};
+  const choice_attention::Shape shape = choice_attention::MakeShape(tokens, k, head_dim, seq_len);
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < tokens / seq_len; ++b) {
     choice_attention::BackwardSequence(shape, q, kv, row, probs, d_out, d_q, d_kv, b);
@@ -195,14 +193,7 @@ Device OneDevice(const char* op, std::initializer_list<const Tensor*> tensors) {
 // The implementation `entry` of `device`'s table; dies naming what is missing.
 template <typename Fn>
 Fn Impl(const char* op, Device device, Fn OpsTable::*entry) {
-  const OpsTable* table = OpsFor(device);
-  CHECK(table != nullptr) << "ops::" << op << ": no " << DeviceName(device)
-                          << " implementations are registered in this process (run with "
-                             "--device "
-                          << DeviceName(device) << " in a build with its kernels)";
-  CHECK(table->*entry != nullptr) << "ops::" << op << " is not implemented on " << table->name
-                                  << " yet";
-  return table->*entry;
+  return OpEntry(Ops(device), entry, op);
 }
 
 void EnsureOn(Tensor* t, const Shape& shape, Device device) {
@@ -245,7 +236,8 @@ const OpsTable& Ops(Device device) {
   }
   const OpsTable* table = OpsFor(device);
   CHECK(table != nullptr) << "no " << DeviceName(device)
-                          << " ops are registered in this process (run with --device "
+                          << " implementations are registered in this process (run with "
+                             "--device "
                           << DeviceName(device) << " in a build with its kernels)";
   return *table;
 }
