@@ -99,6 +99,20 @@ struct GeluGradFunctor {
   }
 };
 
+// Element i of [rows, cols]: h += bias[col]; act = gelu(h).
+struct BiasGeluF32Functor {
+  float* h;
+  const float* bias;
+  float* act;
+  int64_t cols;
+  bool tanh_form;
+  MOERUN_HD void operator()(int64_t i) const {
+    const float v = h[i] + bias[i % cols];
+    h[i] = v;
+    act[i] = thrust_experts::Gelu(v, tanh_form);
+  }
+};
+
 struct RouterGemmFunctor {
   const float *a, *b;
   float* c;
@@ -198,6 +212,15 @@ struct ThrustOps {
   static void GeluBackward(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form) {
     ForIndices(Policy(), n, GeluGradFunctor{x, dy, dx, tanh_form});
   }
+  static void BiasGeluForward(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
+                              bool tanh_form) {
+    ForIndices(Policy(), rows * cols, BiasGeluF32Functor{h, bias, act, cols, tanh_form});
+  }
+  static void GeluBiasBackward(const float* h, float* d, float* dbias, int64_t rows, int64_t cols,
+                               bool tanh_form) {
+    ForIndices(Policy(), rows * cols, GeluGradFunctor{h, d, d, tanh_form});
+    thrust_experts::BiasGrad(Policy(), d, dbias, 1, rows, cols);
+  }
   static void ChoiceAttentionForward(const float* q, const float* kv, const int32_t* row,
                                      int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len,
                                      float* probs, float* out) {
@@ -256,6 +279,8 @@ struct ThrustOps {
     t.layer_norm_backward = &LayerNormBackward;
     t.gelu_forward = &GeluForward;
     t.gelu_backward = &GeluBackward;
+    t.bias_gelu_forward = &BiasGeluForward;
+    t.gelu_bias_backward = &GeluBiasBackward;
     t.choice_attention_forward = &ChoiceAttentionForward;
     t.choice_attention_backward = &ChoiceAttentionBackward;
     t.top_k = &TopK;

@@ -1,6 +1,8 @@
 // Expert GEMMs, bias and GELU through the ops of the weights' device (model/ops.h).
 #include "model/moe_experts.h"
 
+#include <vector>
+
 #include "model/moe_dispatch.h"
 #include "model/ops.h"
 
@@ -8,56 +10,83 @@ namespace moerun {
 
 namespace {
 
-// Rows [begin, begin + count) of every expert's block: x [El, R, in] -> y [El, R, out].
-void LinearForwardRows(const Tensor& x, const Tensor& w, const Tensor* b, Tensor* y, int64_t begin,
-                       int64_t count, double* gemm, double* act) {
-  const int64_t el = x.dim(0), r = x.dim(1), in = x.dim(2), out = w.dim(1);
-  if (count == 0) return;
+// The experts [e0, e1) of a [El, R, w] tensor's rows [begin, begin + count).
+struct ExpertRows {
+  int64_t e0, e1, r, begin, count;
+  int64_t experts() const { return e1 - e0; }
+  // The first float of expert e's rows in a [El, R, w] tensor.
+  int64_t at(int64_t e, int64_t w) const { return (e * r + begin) * w; }
+};
+
+// y = x w^T for the experts of `rows` (x [El, R, in], w [El, out, in], y [El, R, out]).
+void ExpertGemm(const OpsTable& ops, const Tensor& x, const Tensor& w, Tensor* y,
+                const ExpertRows& rows, double* gemm) {
   const Device dev = w.device();
-  const OpsTable& ops = Ops(dev);
-  {
-    ScopedTimer timer(gemm);
-    MOERUN_OP(ops, gemm_strided_batched)
-    (false, true, count, out, in, 1.0f, x.device_data<float>(dev) + begin * in, in, r * in,
-     w.device_data<float>(dev), in, out * in, 0.0f, y->device_data<float>(dev) + begin * out, out,
-     r * out, el);
-  }
-  if (b == nullptr) return;
-  ScopedTimer timer(act);
-  for (int64_t e = 0; e < el; ++e) {
-    MOERUN_OP(ops, add_bias)
-    (y->device_data<float>(dev) + (e * r + begin) * out, b->device_data<float>(dev) + e * out,
-     count, out);
-  }
+  const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
+  ScopedTimer timer(gemm);
+  MOERUN_OP(ops, gemm_strided_batched)
+  (false, true, rows.count, out, in, 1.0f, x.device_data<float>(dev) + rows.at(rows.e0, in), in,
+   r * in, w.device_data<float>(dev) + rows.e0 * out * in, in, out * in, 0.0f,
+   y->device_data<float>(dev) + rows.at(rows.e0, out), out, r * out, rows.experts());
 }
 
-// dW[e] += dy[e, rows]^T x[e, rows], db[e] += sum over the rows of dy, dx[e, rows] = dy W.
-void LinearBackwardRows(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw, Tensor* db,
-                        Tensor* dx, int64_t begin, int64_t count, double* gemm, double* act) {
-  const int64_t el = x.dim(0), r = x.dim(1), in = x.dim(2), out = w.dim(1);
-  if (count == 0) return;
+// dW[e] += dy[e, rows]^T x[e, rows] and, with dx, dx[e, rows] = dy W for the experts of
+// `rows`.
+void ExpertGemmBackward(const OpsTable& ops, const Tensor& x, const Tensor& w, const Tensor& dy,
+                        Tensor* dw, Tensor* dx, const ExpertRows& rows, double* gemm) {
   const Device dev = w.device();
-  const OpsTable& ops = Ops(dev);
-  if (db != nullptr) {
-    ScopedTimer timer(act);
-    for (int64_t e = 0; e < el; ++e) {
-      MOERUN_OP(ops, bias_backward)
-      (dy.device_data<float>(dev) + (e * r + begin) * out, db->device_data<float>(dev) + e * out,
-       count, out);
-    }
-  }
+  const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
   ScopedTimer timer(gemm);
-  for (int64_t e = 0; e < el; ++e) {
+  for (int64_t e = rows.e0; e < rows.e1; ++e) {
     MOERUN_OP(ops, gemm)
-    (true, false, out, in, count, 1.0f, dy.device_data<float>(dev) + (e * r + begin) * out, out,
-     x.device_data<float>(dev) + (e * r + begin) * in, in, 1.0f,
+    (true, false, out, in, rows.count, 1.0f, dy.device_data<float>(dev) + rows.at(e, out), out,
+     x.device_data<float>(dev) + rows.at(e, in), in, 1.0f,
      dw->device_data<float>(dev) + e * out * in, in);
   }
   if (dx == nullptr) return;
   MOERUN_OP(ops, gemm_strided_batched)
-  (false, false, count, in, out, 1.0f, dy.device_data<float>(dev) + begin * out, out, r * out,
-   w.device_data<float>(dev), in, out * in, 0.0f, dx->device_data<float>(dev) + begin * in, in,
-   r * in, el);
+  (false, false, rows.count, in, out, 1.0f, dy.device_data<float>(dev) + rows.at(rows.e0, out), out,
+   r * out, w.device_data<float>(dev) + rows.e0 * out * in, in, out * in, 0.0f,
+   dx->device_data<float>(dev) + rows.at(rows.e0, in), in, r * in, rows.experts());
+}
+
+// y[e, rows] += b[e] for the experts of `rows`.
+void ExpertAddBias(const OpsTable& ops, const Tensor& b, Tensor* y, const ExpertRows& rows,
+                   double* act) {
+  const Device dev = b.device();
+  const int64_t out = y->dim(2);
+  ScopedTimer timer(act);
+  for (int64_t e = rows.e0; e < rows.e1; ++e) {
+    MOERUN_OP(ops, add_bias)
+    (y->device_data<float>(dev) + rows.at(e, out), b.device_data<float>(dev) + e * out, rows.count,
+     out);
+  }
+}
+
+// db[e] += the sum over the rows of dy[e] for the experts of `rows`.
+void ExpertBiasBackward(const OpsTable& ops, const Tensor& dy, Tensor* db, const ExpertRows& rows,
+                        double* act) {
+  const Device dev = dy.device();
+  const int64_t out = dy.dim(2);
+  ScopedTimer timer(act);
+  for (int64_t e = rows.e0; e < rows.e1; ++e) {
+    MOERUN_OP(ops, bias_backward)
+    (dy.device_data<float>(dev) + rows.at(e, out), db->device_data<float>(dev) + e * out,
+     rows.count, out);
+  }
+}
+
+// The expert groups a step runs over: one expert at a time where the table asks for it,
+// else all the rank's experts together.
+std::vector<ExpertRows> ExpertGroups(const OpsTable& ops, int64_t el, int64_t r, int64_t begin,
+                                     int64_t count) {
+  std::vector<ExpertRows> groups;
+  if (ops.experts_one_at_a_time) {
+    for (int64_t e = 0; e < el; ++e) groups.push_back({e, e + 1, r, begin, count});
+  } else {
+    groups.push_back({0, el, r, begin, count});
+  }
+  return groups;
 }
 
 }  // namespace
@@ -65,13 +94,21 @@ void LinearBackwardRows(const Tensor& x, const Tensor& w, const Tensor& dy, Tens
 void BatchedLinearForward(const Tensor& x, const Tensor& w, const Tensor* b, Tensor* y,
                           double* gemm, double* act) {
   EnsureTensor(y, {x.dim(0), x.dim(1), w.dim(1)}, DType::kF32, x.device());
-  LinearForwardRows(x, w, b, y, 0, x.dim(1), gemm, act);
+  const OpsTable& ops = Ops(w.device());
+  const ExpertRows rows{0, x.dim(0), x.dim(1), 0, x.dim(1)};
+  if (rows.count == 0) return;
+  ExpertGemm(ops, x, w, y, rows, gemm);
+  if (b != nullptr) ExpertAddBias(ops, *b, y, rows, act);
 }
 
 void BatchedLinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw,
                            Tensor* db, Tensor* dx, double* gemm, double* act) {
   if (dx != nullptr) EnsureTensor(dx, {x.dim(0), x.dim(1), x.dim(2)}, DType::kF32, x.device());
-  LinearBackwardRows(x, w, dy, dw, db, dx, 0, x.dim(1), gemm, act);
+  const OpsTable& ops = Ops(w.device());
+  const ExpertRows rows{0, x.dim(0), x.dim(1), 0, x.dim(1)};
+  if (rows.count == 0) return;
+  if (db != nullptr) ExpertBiasBackward(ops, dy, db, rows, act);
+  ExpertGemmBackward(ops, x, w, dy, dw, dx, rows, gemm);
 }
 
 ExpertMlp::ExpertMlp(int64_t el, int64_t d, int64_t m, bool gelu_tanh, Device device)
@@ -109,23 +146,24 @@ void ExpertMlp::PrepareForward(const Tensor& in, Tensor* out) {
 void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
   const int64_t el = in_.dim(0), r = in_.dim(1);
   CHECK(begin >= 0 && count >= 0 && begin + count <= r) << "expert rows out of range";
-  LinearForwardRows(in_, params_.fc1_weight, &params_.fc1_bias, &hidden_, begin, count,
-                    &timers->expert, &timers->expert_act);
-  {
-    ScopedTimer timer(&timers->expert_act);
-    const Device dev = hidden_.device();
-    const OpsTable& ops = Ops(dev);
-    // Whole blocks are one contiguous run; a row range is one run per expert.
-    const bool whole = count == r;
-    for (int64_t e = 0; e < (whole ? 1 : el); ++e) {
-      const int64_t at = (e * r + begin) * m_;
-      MOERUN_OP(ops, gelu_forward)
-      (hidden_.device_data<float>(dev) + at, act_.device_data<float>(dev) + at,
-       (whole ? el * r : count) * m_, gelu_tanh_);
+  if (count == 0) return;
+  const OpsTable& ops = Ops(device_);
+  const Device dev = device_;
+  for (const ExpertRows& rows : ExpertGroups(ops, el, r, begin, count)) {
+    ExpertGemm(ops, in_, params_.fc1_weight, &hidden_, rows, &timers->expert);
+    {
+      // fc1's bias and the GELU in one pass, while the expert's hidden rows are in cache.
+      ScopedTimer timer(&timers->expert_act);
+      for (int64_t e = rows.e0; e < rows.e1; ++e) {
+        MOERUN_OP(ops, bias_gelu_forward)
+        (hidden_.device_data<float>(dev) + rows.at(e, m_),
+         params_.fc1_bias.device_data<float>(dev) + e * m_,
+         act_.device_data<float>(dev) + rows.at(e, m_), count, m_, gelu_tanh_);
+      }
     }
+    ExpertGemm(ops, act_, params_.fc2_weight, out_, rows, &timers->expert);
+    ExpertAddBias(ops, params_.fc2_bias, out_, rows, &timers->expert_act);
   }
-  LinearForwardRows(act_, params_.fc2_weight, &params_.fc2_bias, out_, begin, count,
-                    &timers->expert, &timers->expert_act);
 }
 
 void ExpertMlp::Backward(const Tensor& d_out, Tensor* d_in, MoeTimers* timers) {
@@ -144,22 +182,26 @@ void ExpertMlp::PrepareBackward(const Tensor& d_out, Tensor* d_in) {
 void ExpertMlp::BackwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
   const int64_t el = in_.dim(0), r = in_.dim(1);
   CHECK(begin >= 0 && count >= 0 && begin + count <= r) << "expert rows out of range";
-  LinearBackwardRows(act_, params_.fc2_weight, d_out_, &grads_.fc2_weight, &grads_.fc2_bias,
-                     &d_act_, begin, count, &timers->bwd_expert, &timers->bwd_expert_act);
-  {
-    ScopedTimer timer(&timers->bwd_expert_act);
-    const Device dev = hidden_.device();
-    const OpsTable& ops = Ops(dev);
-    const bool whole = count == r;
-    for (int64_t e = 0; e < (whole ? 1 : el); ++e) {
-      const int64_t at = (e * r + begin) * m_;
-      MOERUN_OP(ops, gelu_backward)
-      (hidden_.device_data<float>(dev) + at, d_act_.device_data<float>(dev) + at,
-       d_act_.device_data<float>(dev) + at, (whole ? el * r : count) * m_, gelu_tanh_);
+  if (count == 0) return;
+  const OpsTable& ops = Ops(device_);
+  const Device dev = device_;
+  for (const ExpertRows& rows : ExpertGroups(ops, el, r, begin, count)) {
+    ExpertBiasBackward(ops, d_out_, &grads_.fc2_bias, rows, &timers->bwd_expert_act);
+    ExpertGemmBackward(ops, act_, params_.fc2_weight, d_out_, &grads_.fc2_weight, &d_act_, rows,
+                       &timers->bwd_expert);
+    {
+      // The GELU's backward and fc1's bias gradient in one pass over d_act.
+      ScopedTimer timer(&timers->bwd_expert_act);
+      for (int64_t e = rows.e0; e < rows.e1; ++e) {
+        MOERUN_OP(ops, gelu_bias_backward)
+        (hidden_.device_data<float>(dev) + rows.at(e, m_),
+         d_act_.device_data<float>(dev) + rows.at(e, m_),
+         grads_.fc1_bias.device_data<float>(dev) + e * m_, count, m_, gelu_tanh_);
+      }
     }
+    ExpertGemmBackward(ops, in_, params_.fc1_weight, d_act_, &grads_.fc1_weight, d_in_, rows,
+                       &timers->bwd_expert);
   }
-  LinearBackwardRows(in_, params_.fc1_weight, d_act_, &grads_.fc1_weight, &grads_.fc1_bias, d_in_,
-                     begin, count, &timers->bwd_expert, &timers->bwd_expert_act);
 }
 
 }  // namespace moerun

@@ -93,6 +93,8 @@ OpsTable MakeCpuOps() {
   t.layer_norm_backward = &LayerNormBackward;
   t.gelu_forward = &CpuGeluForward;
   t.gelu_backward = &CpuGeluBackward;
+  t.bias_gelu_forward = &BiasGeluForward;
+  t.gelu_bias_backward = &GeluBiasBackward;
   t.attention_forward = &AttentionForward;
   t.attention_backward = &AttentionBackward;
   t.choice_attention_forward = &CpuChoiceAttentionForward;
@@ -102,6 +104,7 @@ OpsTable MakeCpuOps() {
   t.combine_rows = &GatherKeptRows;
   t.combine_rows_backward = &CpuCombineRowsBackward;
   t.adamw_step = &AdamWUpdate;
+  t.experts_one_at_a_time = true;
   return t;
 }
 

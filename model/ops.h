@@ -53,6 +53,12 @@ struct OpsTable {
   // Exact (erf) or tanh GELU; dx may alias dy.
   void (*gelu_forward)(const float* x, float* y, int64_t n, bool tanh_form);
   void (*gelu_backward)(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form);
+  // A linear layer's bias and GELU in one pass (runtime/kernels.h's BiasGeluForward):
+  // h[r] += bias, act = gelu(h); and its backward: d *= gelu'(h), dbias += sum of d.
+  void (*bias_gelu_forward)(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
+                            bool tanh_form);
+  void (*gelu_bias_backward)(const float* h, float* d, float* dbias, int64_t rows, int64_t cols,
+                             bool tanh_form);
   // Multi-head self-attention core (model/layers.h's AttentionForward / Backward).
   void (*attention_forward)(const float* qkv, float* out, float* probs, int64_t batch,
                             int64_t tokens, int64_t heads, int64_t head_dim);
@@ -83,6 +89,10 @@ struct OpsTable {
   // One AdamW update of n elements (runtime/optimizer.h's semantics).
   void (*adamw_step)(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
                      void* v, int64_t n, bool bf16_moments);
+  // How the expert MLP runs its experts: true, one expert at a time, so an expert's hidden
+  // activations are still in cache when its bias + GELU pass reads them (a CPU); false, each
+  // step batched over all the rank's experts (a GPU, where one batched GEMM fills the device).
+  bool experts_one_at_a_time;
 };
 
 // Self-attention composed from a table's batched GEMM and softmax entries (per sequence:

@@ -77,6 +77,17 @@ void GeluTanhForward(const float* x, float* y, int64_t n);
 // dx = dy * d/dx of the above; dx may alias dy.
 void GeluTanhBackward(const float* x, const float* dy, float* dx, int64_t n);
 
+// A linear layer's bias and GELU in one pass over its output: h[r, :] += bias, then
+// act = gelu(h) (tanh_form: the tanh approximation), keeping h (the backward needs it).
+// Equal bit for bit to AddBias followed by GeluForward / GeluTanhForward.
+void BiasGeluForward(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
+                     bool tanh_form);
+// The backward of the above in one pass: d = d * gelu'(h) in place, dbias += sum over rows
+// of the new d (rows in order for any thread count). Equal bit for bit to GeluBackward /
+// GeluTanhBackward followed by BiasBackward.
+void GeluBiasBackward(const float* h, float* d, float* dbias, int64_t rows, int64_t cols,
+                      bool tanh_form);
+
 // ViT's (and Flax's nn.LayerNorm default) epsilon.
 constexpr float kLayerNormEps = 1e-6f;
 // y = (x - mean) * rstd * gamma + beta per row of `cols`; writes mean and rstd per row

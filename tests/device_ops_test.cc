@@ -567,6 +567,17 @@ std::vector<OpCase> OpCases() {
                        return Cat({&y, &dy});
                      }});
   }
+  for (bool tanh_form : {false, true}) {
+    cases.push_back({tanh_form ? "bias_gelu_forward/gelu_bias_backward tanh"
+                               : "bias_gelu_forward/gelu_bias_backward erf",
+                     2e-6f, [=](const OpsTable& t) {
+                       std::vector<float> h = Normal(n, 3, 28), b = Normal(cols, 1, 29), act(n),
+                                          d = Normal(n, 1, 30), db = Normal(cols, 1, 31);
+                       t.bias_gelu_forward(h.data(), b.data(), act.data(), rows, cols, tanh_form);
+                       t.gelu_bias_backward(h.data(), d.data(), db.data(), rows, cols, tanh_form);
+                       return Cat({&h, &act, &d, &db});
+                     }});
+  }
   // Mod-Squad's attention heads: 3 sequences of 9 tokens, k = 2, some choices dropped.
   cases.push_back({"choice_attention_forward/backward", 0, [](const OpsTable& t) {
                      const int64_t tokens = 27, k = 2, dh = 8, seq = 9;

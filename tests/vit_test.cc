@@ -203,6 +203,8 @@ TEST(VitModel, ComputesThroughTheOpsTableOfItsDevice) {
   MOERUN_COUNT(layer_norm_backward);
   MOERUN_COUNT(gelu_forward);
   MOERUN_COUNT(gelu_backward);
+  MOERUN_COUNT(bias_gelu_forward);
+  MOERUN_COUNT(gelu_bias_backward);
   MOERUN_COUNT(attention_forward);
   MOERUN_COUNT(attention_backward);
 #undef MOERUN_COUNT
@@ -241,8 +243,13 @@ TEST(VitModel, ComputesThroughTheOpsTableOfItsDevice) {
   EXPECT_EQ(MOERUN_CALLS(layer_norm_backward), 5);
   EXPECT_EQ(MOERUN_CALLS(attention_forward), 2);
   EXPECT_EQ(MOERUN_CALLS(attention_backward), 2);
-  EXPECT_EQ(MOERUN_CALLS(gelu_forward), 2);  // the dense MLP and the experts
-  EXPECT_EQ(MOERUN_CALLS(gelu_backward), 2);
+  // The dense MLP (one call) and the experts (one per expert: the CPU runs them one at a
+  // time) apply fc1's bias and the GELU in one pass, forward and backward.
+  const int64_t experts = m.moe().num_experts();
+  EXPECT_EQ(MOERUN_CALLS(bias_gelu_forward), 1 + experts);
+  EXPECT_EQ(MOERUN_CALLS(gelu_bias_backward), 1 + experts);
+  EXPECT_EQ(MOERUN_CALLS(gelu_forward), 0);
+  EXPECT_EQ(MOERUN_CALLS(gelu_backward), 0);
 }
 #undef MOERUN_CALLS
 #undef MOERUN_COUNTED
