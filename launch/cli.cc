@@ -45,8 +45,8 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
          if (v != "cpu" && v != "cuda") throw po::error("--device " + v + ": use cpu or cuda");
        }),
        "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
-       "backend built and a visible GPU; `train` and `eval` of a V-MoE and `bench moe-layer` "
-       "so far)")  //
+       "backend built and a visible GPU; `train` and `eval` (V-MoE and Mod-Squad) and `bench "
+       "moe-layer` so far)")  //
       ("help,h", "show this help");
 }
 
@@ -98,7 +98,7 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
   if (device.ok() && *device == Device::kCUDA && !options.cuda_supported) {
     device = Status::Error(
         "--device cuda: this command runs on the CPU backend only in this version (on a GPU: "
-        "`moerun train` / `eval` of a V-MoE and `moerun bench moe-layer`); use --device cpu");
+        "`moerun train` / `eval` and `moerun bench moe-layer`); use --device cpu");
   }
   if (!device.ok()) {
     PrintError("moerun", device.status().message());

@@ -392,7 +392,7 @@ int RunModelCommand(const std::string& command, const std::vector<std::string>& 
                "trained), e.g. 0.5,1.0; --bpr takes -1, 0 or 1");
     return kExitUsage;
   }
-  global.cuda_supported = true;  // a V-MoE evaluates on GPUs
+  global.cuda_supported = true;  // V-MoE and Mod-Squad models evaluate on GPUs
   Session session(program.argc, program.argv, global);
   return RunEval(*config, session, model_path, factors, bprs, exact_capacity);
 }

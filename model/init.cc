@@ -59,6 +59,16 @@ void InitByRole(const std::string& n, Tensor* t, uint64_t seed) {
   }
 }
 
+void InitOnHost(Tensor* t, const std::function<void(Tensor*)>& init) {
+  if (t->device() == Device::kCPU) {
+    init(t);
+    return;
+  }
+  Tensor host = Tensor::Empty(t->shape(), t->dtype());
+  init(&host);
+  t->CopyFrom(host);
+}
+
 DenseParamStore::DenseParamStore(int64_t numel, int64_t tensors, Device device)
     : bytes_((numel + tensors * (kTensorAlignment / sizeof(float))) * sizeof(float)) {
   values_ = Storage::Allocate(bytes_, "", device);

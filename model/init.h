@@ -4,6 +4,7 @@
 #ifndef MOERUN_MODEL_INIT_H_
 #define MOERUN_MODEL_INIT_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -22,6 +23,11 @@ void InitParam(const std::string& name, Tensor* t, InitKind kind, uint64_t seed,
 // (bias); the patch embedding lecun-normal over fan_in C*P*P; routers lecun-normal; other
 // kernels xavier-uniform; MLP and expert biases normal(1e-6); everything else 0.
 void InitByRole(const std::string& name, Tensor* t, uint64_t seed);
+
+// Runs `init` over the host floats of `t`: `t` itself on the host; for a device tensor a
+// host tensor of its shape, copied to `t` afterwards (so a device model starts from the
+// CPU model's numbers).
+void InitOnHost(Tensor* t, const std::function<void(Tensor*)>& init);
 
 // The replicated (dense) parameters of a model, values and gradients each in one zeroed flat
 // buffer, every tensor 64-byte aligned, so one all-reduce covers all gradients.

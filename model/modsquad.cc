@@ -83,14 +83,24 @@ std::shared_ptr<MoeGroups> ModSquadModel::groups(int experts) const {
 }
 
 StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig& c,
-                                                               Communicator* world) {
+                                                               Communicator* world, Device device,
+                                                               Communicator* device_world) {
   const ModSquadConfig& ms = c.modsquad();
   MOERUN_RETURN_IF_ERROR(CheckPlacement(c, world->size()));
+  if (device != Device::kCPU && world->size() > 1 &&
+      (device_world == nullptr || device_world->device() != device)) {
+    return Status::Error("a Mod-Squad model on " + std::string(DeviceName(device)) + " over " +
+                         std::to_string(world->size()) +
+                         " ranks needs a communicator of device memory (NCCL)");
+  }
   std::unique_ptr<ModSquadModel> m(new ModSquadModel());
   m->config_ = c;
   m->world_ = world;
+  m->device_ = device;
+  m->device_world_ = device != Device::kCPU && world->size() > 1 ? device_world : nullptr;
+  m->arena_ = Arena(0, device);
   for (int experts : ExpertCounts(c)) {
-    auto g = MoeGroups::Create(world, experts);
+    auto g = MoeGroups::Create(world, experts, m->device_world_);
     if (!g.ok()) return g.status();
     m->groups_[experts] = *g;
   }
@@ -109,7 +119,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
   {
     AllocationLabel label("dense parameters and their gradients (" + std::to_string(dense_numel) +
                           " floats each)");
-    m->dense_ = std::make_unique<DenseParamStore>(dense_numel, dense_tensors);
+    m->dense_ = std::make_unique<DenseParamStore>(dense_numel, dense_tensors, device);
   }
 
   const int tasks = ms.tasks_size();
@@ -144,6 +154,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
       ac.tasks = tasks;
       ac.capacity = rule;
       ac.aux = aux;
+      ac.device = device;
       AllocationLabel label(s.name.substr(0, s.name.rfind(".attn.") + 5) +
                             " (this rank's experts)");
       m->moe_attention_.push_back(std::make_unique<MoeAttention>(ac, m->groups_[ac.num_experts]));
@@ -172,6 +183,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
       lc.load_weight = 0;
       lc.mi_weight = aux.mi;
       lc.mi_per_rank = aux.mi_per_rank;
+      lc.device = device;
       AllocationLabel label(s.name.substr(0, s.name.rfind(".mlp.") + 4) + " (this rank's experts)");
       m->moe_mlp_.push_back(std::make_unique<MoeLayer>(lc, m->groups_[lc.num_experts]));
       mlp = m->moe_mlp_.back().get();
@@ -290,15 +302,17 @@ std::vector<MoeLayer*> ModSquadModel::moe_mlp_layers() {
 void ModSquadModel::Init(uint64_t seed) {
   for (Param& p : params_) {
     const std::string& n = p.name;
-    if (n == "cls_token" || (n.rfind("heads.", 0) == 0 && n.find(".fc.") != std::string::npos)) {
-      InitParam(n, &p.value, InitKind::kZeros, seed);
-    } else if (n == "loss.task_uncertainty") {
-      InitParam(n, &p.value, InitKind::kOnes, seed);
-    } else if (n == "pos_embed" || n == "task_embedding") {
-      InitParam(n, &p.value, InitKind::kNormal, seed, 0.02f);
-    } else {
-      InitByRole(n, &p.value, seed);
-    }
+    InitOnHost(&p.value, [&](Tensor* v) {
+      if (n == "cls_token" || (n.rfind("heads.", 0) == 0 && n.find(".fc.") != std::string::npos)) {
+        InitParam(n, v, InitKind::kZeros, seed);
+      } else if (n == "loss.task_uncertainty") {
+        InitParam(n, v, InitKind::kOnes, seed);
+      } else if (n == "pos_embed" || n == "task_embedding") {
+        InitParam(n, v, InitKind::kNormal, seed, 0.02f);
+      } else {
+        InitByRole(n, v, seed);
+      }
+    });
   }
 }
 
@@ -308,18 +322,25 @@ void ModSquadModel::ZeroGrads() {
   for (auto& l : moe_mlp_) l->ZeroGradients();
 }
 
+void ModSquadModel::SumOverRanks(Tensor* grad) const {
+  if (world_->size() == 1) return;
+  Communicator* comm = grad->device() == Device::kCPU ? world_ : device_world_;
+  CHECK(comm != nullptr && comm->device() == grad->device())
+      << "no communicator moves " << DeviceName(grad->device()) << " memory";
+  comm->AllReduce(grad->raw_data(), grad->numel(), DType::kF32, ReduceOp::kSum);
+}
+
 void ModSquadModel::ReduceGradients() {
-  Communicator& w = *world_;
-  w.AllReduce(dense_grad_flat_.raw_data(), dense_grad_flat_.numel(), DType::kF32, ReduceOp::kSum);
+  SumOverRanks(&dense_grad_flat_);
   for (auto& l : moe_attention_) {
+    // The router's gradient is on the host; the shared key / value projection's on the device.
     for (Tensor* g : {&l->grads().router_weight, &l->grads().kv_weight, &l->grads().kv_bias}) {
-      w.AllReduce(g->raw_data(), g->numel(), DType::kF32, ReduceOp::kSum);
+      SumOverRanks(g);
     }
     l->ReduceReplicaGradients();
   }
   for (auto& l : moe_mlp_) {
-    Tensor& g = l->grads().router_weight;
-    w.AllReduce(g.raw_data(), g.numel(), DType::kF32, ReduceOp::kSum);
+    SumOverRanks(&l->grads().router_weight);
     l->ReduceReplicaGradients();
   }
 }
@@ -328,7 +349,7 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   const ModelConfig& c = config_;
   const ModSquadConfig& ms = c.modsquad();
   const int64_t b = batch.batch, n = tokens_, d = d_, t_count = tasks();
-  const int64_t seqs = t_count * b, rows = seqs * n, p = c.patch_size();
+  const int64_t seqs = t_count * b, rows = seqs * n, p = c.patch_size(), task_rows = b * n;
   const int64_t grid = c.image_size() / p, pixels = c.image_size() * c.image_size();
   if (static_cast<int64_t>(batch.labels.size()) != t_count ||
       static_cast<int64_t>(batch.targets.size()) != t_count) {
@@ -338,21 +359,21 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   batch_ = batch;
   arena_.Reset();
   token_task_.resize(rows);
-  for (int64_t r = 0; r < rows; ++r) token_task_[r] = static_cast<int32_t>(r / (b * n));
+  for (int64_t r = 0; r < rows; ++r) token_task_[r] = static_cast<int32_t>(r / task_rows);
   // Patch embedding (once per image), CLS, position embeddings; the same for every task.
   const int64_t patch_in = c.channels() * p * p;
   patches_in_ = arena_.Allocate({b * patches_, patch_in});
-  ExtractPatches(batch.images, patches_in_.data<float>(), b, c.channels(), c.image_size(), p);
+  WithHostFloats(&patches_in_, false, [&](float* patches) {
+    ExtractPatches(batch.images, patches, b, c.channels(), c.image_size(), p);
+  });
   Tensor emb = arena_.Allocate({b * patches_, d});
-  LinearForward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), patch_b_.data<float>(),
-                emb.data<float>(), b * patches_, patch_in, d);
+  LinearForward(ops(), F(patches_in_), F(patch_w_), F(patch_b_), F(emb), b * patches_, patch_in, d);
   x0_ = arena_.Allocate({rows, d});
-  const float* pos = pos_.data<float>();
+  const float* pos = F(pos_);
   for (int64_t q = 0; q < seqs; ++q) {
-    float* xq = x0_.data<float>() + q * n * d;
-    for (int64_t j = 0; j < d; ++j) xq[j] = cls_.data<float>()[j] + pos[j];
-    MOERUN_OP(ops(), add)
-    (emb.data<float>() + (q % b) * patches_ * d, pos + d, xq + d, patches_ * d);
+    float* xq = F(x0_) + q * n * d;
+    MOERUN_OP(ops(), add)(F(cls_), pos, xq, d);
+    MOERUN_OP(ops(), add)(F(emb) + (q % b) * patches_ * d, pos + d, xq + d, patches_ * d);
   }
   MoeForwardArgs args;
   args.training = batch.training;
@@ -362,18 +383,18 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   const int64_t hd = heads_ * head_dim_;
   for (auto& blk : blocks_) {
     Block& k = *blk;
+    // hin = h + the embedding of the row's task (task t's rows are one contiguous range).
     k.hin = arena_.Allocate({rows, d});
-    for (int64_t r = 0; r < rows; ++r) {
-      MOERUN_OP(ops(), add)
-      (h.data<float>() + r * d, task_emb_.data<float>() + token_task_[r] * d,
-       k.hin.data<float>() + r * d, d);
+    for (int64_t t = 0; t < t_count; ++t) {
+      float* dst = F(k.hin) + t * task_rows * d;
+      CopyFloats(device_, dst, F(h) + t * task_rows * d, task_rows * d);
+      MOERUN_OP(ops(), add_bias)(dst, F(task_emb_) + t * d, task_rows, d);
     }
     k.ln1 = arena_.Allocate({rows, d});
     k.mean1 = arena_.Allocate({rows});
     k.rstd1 = arena_.Allocate({rows});
     MOERUN_OP(ops(), layer_norm_forward)
-    (k.hin.data<float>(), k.n1_w.data<float>(), k.n1_b.data<float>(), k.ln1.data<float>(),
-     k.mean1.data<float>(), k.rstd1.data<float>(), rows, d, kLayerNormEps);
+    (F(k.hin), F(k.n1_w), F(k.n1_b), F(k.ln1), F(k.mean1), F(k.rstd1), rows, d, kLayerNormEps);
     k.attn_out = arena_.Allocate({rows, d});
     if (k.attn_layer != nullptr) {
       MOERUN_RETURN_IF_ERROR(k.attn_layer->Forward(k.ln1, n, args, &k.attn_out));
@@ -382,19 +403,16 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       k.qkv = arena_.Allocate({rows, 3 * hd});
       k.probs = arena_.Allocate({seqs, heads_, n, n});
       k.att = arena_.Allocate({rows, hd});
-      DenseAttentionForward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
-                            k.att.data<float>(), k.attn_out.data<float>(), seqs, n, d, heads_,
-                            head_dim_);
+      DenseAttentionForward(k.aw, F(k.ln1), F(k.qkv), F(k.probs), F(k.att), F(k.attn_out), seqs, n,
+                            d, heads_, head_dim_);
     }
     k.mid = arena_.Allocate({rows, d});
-    MOERUN_OP(ops(), add)
-    (k.attn_out.data<float>(), k.hin.data<float>(), k.mid.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(F(k.attn_out), F(k.hin), F(k.mid), rows * d);
     k.ln2 = arena_.Allocate({rows, d});
     k.mean2 = arena_.Allocate({rows});
     k.rstd2 = arena_.Allocate({rows});
     MOERUN_OP(ops(), layer_norm_forward)
-    (k.mid.data<float>(), k.n2_w.data<float>(), k.n2_b.data<float>(), k.ln2.data<float>(),
-     k.mean2.data<float>(), k.rstd2.data<float>(), rows, d, kLayerNormEps);
+    (F(k.mid), F(k.n2_w), F(k.n2_b), F(k.ln2), F(k.mean2), F(k.rstd2), rows, d, kLayerNormEps);
     k.out = arena_.Allocate({rows, d});
     if (k.mlp_layer != nullptr) {
       MOERUN_RETURN_IF_ERROR(k.mlp_layer->Forward(k.ln2, args, &k.out));
@@ -402,59 +420,58 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     } else {
       k.hidden = arena_.Allocate({rows, mlp_});
       k.act = arena_.Allocate({rows, mlp_});
-      DenseMlpForward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
-                      k.out.data<float>(), rows, d, mlp_, c.gelu() == ModelConfig::TANH);
+      DenseMlpForward(k.mw, F(k.ln2), F(k.hidden), F(k.act), F(k.out), rows, d, mlp_,
+                      c.gelu() == ModelConfig::TANH);
     }
-    MOERUN_OP(ops(), add)(k.out.data<float>(), k.mid.data<float>(), k.out.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(F(k.out), F(k.mid), F(k.out), rows * d);
     h = k.out;
   }
-  // Heads.
+  // Heads on the device; their losses and metrics on the host.
   heads_a_.assign(t_count, {});
   std::vector<std::vector<double>> sums(t_count);
   const int64_t counted = batch.counted;
   for (int64_t t = 0; t < t_count; ++t) {
     const TaskHeadConfig& head = ms.tasks(static_cast<int>(t));
     const Head& hp = heads_p_[t];
-    const float* ht = h.data<float>() + t * b * n * d;  // this task's sequences
+    HeadActivations& a = heads_a_[t];
+    const float* ht = F(h) + t * task_rows * d;  // this task's sequences
     const int64_t outs = head.outputs();
     if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
       // Mean of the patch tokens -> fc_norm -> LN -> Dense.
-      heads_a_[t].in = arena_.AllocateZeros({b, d});
-      float* pooled = heads_a_[t].in.data<float>();
+      a.in = arena_.AllocateZeros({b, d});
+      float* pooled = F(a.in);
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j)
           MOERUN_OP(ops(), axpy)(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
       }
-      heads_a_[t].norm = arena_.Allocate({b, d});
-      heads_a_[t].mean = arena_.Allocate({b});
-      heads_a_[t].rstd = arena_.Allocate({b});
+      a.norm = arena_.Allocate({b, d});
+      a.mean = arena_.Allocate({b});
+      a.rstd = arena_.Allocate({b});
       MOERUN_OP(ops(), layer_norm_forward)
-      (pooled, fc_norm_w_.data<float>(), fc_norm_b_.data<float>(), heads_a_[t].norm.data<float>(),
-       heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(), b, d, kLayerNormEps);
-      heads_a_[t].norm2 = arena_.Allocate({b, d});
-      heads_a_[t].mean2 = arena_.Allocate({b});
-      heads_a_[t].rstd2 = arena_.Allocate({b});
+      (pooled, F(fc_norm_w_), F(fc_norm_b_), F(a.norm), F(a.mean), F(a.rstd), b, d, kLayerNormEps);
+      a.norm2 = arena_.Allocate({b, d});
+      a.mean2 = arena_.Allocate({b});
+      a.rstd2 = arena_.Allocate({b});
       MOERUN_OP(ops(), layer_norm_forward)
-      (heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(), hp.norm_b.data<float>(),
-       heads_a_[t].norm2.data<float>(), heads_a_[t].mean2.data<float>(),
-       heads_a_[t].rstd2.data<float>(), b, d, kLayerNormEps);
-      heads_a_[t].out = arena_.Allocate({b, outs});
-      LinearForward(ops(), heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
-                    hp.fc_b.data<float>(), heads_a_[t].out.data<float>(), b, d, outs);
-      heads_a_[t].labels = arena_.Allocate({b}, DType::kI32);
-      int32_t* lab = heads_a_[t].labels.data<int32_t>();
+      (F(a.norm), F(hp.norm_w), F(hp.norm_b), F(a.norm2), F(a.mean2), F(a.rstd2), b, d,
+       kLayerNormEps);
+      a.out = arena_.Allocate({b, outs});
+      LinearForward(ops(), F(a.norm2), F(hp.fc_w), F(hp.fc_b), F(a.out), b, d, outs);
+      a.out_host = a.out.To(Device::kCPU);
+      a.labels = Tensor::Empty({b}, DType::kI32);
+      int32_t* lab = a.labels.data<int32_t>();
       for (int64_t i = 0; i < b; ++i) {
         lab[i] = i < counted && batch.labels[t] != nullptr ? batch.labels[t][i] : -1;
         if (lab[i] >= outs) return Status::Error("label out of range for task " + head.name());
       }
-      heads_a_[t].probs = arena_.Allocate({b, outs});
+      a.probs = Tensor::Empty({b, outs});
       int64_t valid = 0;
-      const float mean = CrossEntropyForward(heads_a_[t].out.data<float>(), lab,
-                                             heads_a_[t].probs.data<float>(), b, outs, &valid);
+      const float* logits = a.out_host.data<float>();
+      const float mean = CrossEntropyForward(logits, lab, a.probs.data<float>(), b, outs, &valid);
       double correct = 0;
       for (int64_t i = 0; i < b; ++i) {
         if (lab[i] < 0) continue;
-        const float* l = heads_a_[t].out.data<float>() + i * outs;
+        const float* l = logits + i * outs;
         correct += (std::max_element(l, l + outs) - l) == lab[i];
       }
       sums[t] = {correct, static_cast<double>(valid), static_cast<double>(mean) * valid,
@@ -463,27 +480,24 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     }
     // Dense: norm over the patch tokens -> per token Dense(D -> P*P*outs).
     const int64_t prow = b * patches_, width = p * p * outs;
-    heads_a_[t].in = arena_.Allocate({prow, d});
+    a.in = arena_.Allocate({prow, d});
     for (int64_t i = 0; i < b; ++i) {
-      std::copy_n(ht + (i * n + 1) * d, patches_ * d,
-                  heads_a_[t].in.data<float>() + i * patches_ * d);
+      CopyFloats(device_, F(a.in) + i * patches_ * d, ht + (i * n + 1) * d, patches_ * d);
     }
-    heads_a_[t].norm = arena_.Allocate({prow, d});
-    heads_a_[t].mean = arena_.Allocate({prow});
-    heads_a_[t].rstd = arena_.Allocate({prow});
+    a.norm = arena_.Allocate({prow, d});
+    a.mean = arena_.Allocate({prow});
+    a.rstd = arena_.Allocate({prow});
     MOERUN_OP(ops(), layer_norm_forward)
-    (heads_a_[t].in.data<float>(), norm_w_.data<float>(), norm_b_.data<float>(),
-     heads_a_[t].norm.data<float>(), heads_a_[t].mean.data<float>(), heads_a_[t].rstd.data<float>(),
-     prow, d, kLayerNormEps);
-    heads_a_[t].out = arena_.Allocate({prow, width});
-    LinearForward(ops(), heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(),
-                  hp.fc_b.data<float>(), heads_a_[t].out.data<float>(), prow, d, width);
-    const float* o = heads_a_[t].out.data<float>();
+    (F(a.in), F(norm_w_), F(norm_b_), F(a.norm), F(a.mean), F(a.rstd), prow, d, kLayerNormEps);
+    a.out = arena_.Allocate({prow, width});
+    LinearForward(ops(), F(a.norm), F(hp.fc_w), F(hp.fc_b), F(a.out), prow, d, width);
+    a.out_host = a.out.To(Device::kCPU);
+    const float* o = a.out_host.data<float>();
     if (head.kind() == TaskHeadConfig::SEGMENTATION) {
       // Labels in the head's (patch, j, k) order; padding images -1.
       const int64_t cells = prow * p * p;
-      heads_a_[t].labels = arena_.Allocate({cells}, DType::kI32);
-      int32_t* lab = heads_a_[t].labels.data<int32_t>();
+      a.labels = Tensor::Empty({cells}, DType::kI32);
+      int32_t* lab = a.labels.data<int32_t>();
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t q = 0; q < patches_; ++q) {
           for (int64_t jk = 0; jk < p * p; ++jk) {
@@ -495,10 +509,9 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
           }
         }
       }
-      heads_a_[t].probs = arena_.Allocate({cells, outs});
+      a.probs = Tensor::Empty({cells, outs});
       int64_t valid = 0;
-      const float mean =
-          CrossEntropyForward(o, lab, heads_a_[t].probs.data<float>(), cells, outs, &valid);
+      const float mean = CrossEntropyForward(o, lab, a.probs.data<float>(), cells, outs, &valid);
       std::vector<double> s(2 * outs + 2, 0.0);
       for (int64_t cell = 0; cell < cells; ++cell) {
         if (lab[cell] < 0) continue;
@@ -518,8 +531,8 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
       continue;
     }
     // Regression: L1 against the targets in the head's order.
-    heads_a_[t].targets = arena_.Allocate({prow, width});
-    float* tg = heads_a_[t].targets.data<float>();
+    a.targets = Tensor::Empty({prow, width});
+    float* tg = a.targets.data<float>();
     double abs_sum = 0, values = 0;
     for (int64_t i = 0; i < b; ++i) {
       for (int64_t q = 0; q < patches_; ++q) {
@@ -545,6 +558,7 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   task_loss_.assign(t_count, 0.0);
   task_weight_.assign(t_count, 1.0);
   out->task_loss = 0;
+  const Tensor uncertainty = uncertainty_.defined() ? uncertainty_.To(Device::kCPU) : Tensor();
   size_t at = 0;
   for (int64_t t = 0; t < t_count; ++t) {
     TaskResult& r = out->tasks[t];
@@ -554,8 +568,8 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     r.loss = loss_count > 0 ? r.sums[r.sums.size() - 2] / loss_count : 0;
     r.metric = TaskMetric(ms.tasks(static_cast<int>(t)), r.sums);
     task_loss_[t] = r.loss;
-    if (uncertainty_.defined()) {
-      const double s = uncertainty_.data<float>()[t];
+    if (uncertainty.defined()) {
+      const double s = uncertainty.data<float>()[t];
       task_weight_[t] = 0.5 / (s * s);
       out->task_loss += task_weight_[t] * r.loss + std::log1p(s * s);
     } else {
@@ -569,37 +583,36 @@ void ModSquadModel::Backward() {
   const ModelConfig& c = config_;
   const ModSquadConfig& ms = c.modsquad();
   const int64_t b = batch_.batch, n = tokens_, d = d_, t_count = tasks();
-  const int64_t seqs = t_count * b, rows = seqs * n, p = c.patch_size();
+  const int64_t seqs = t_count * b, rows = seqs * n, p = c.patch_size(), task_rows = b * n;
   const int64_t pixels = c.image_size() * c.image_size();
   const double global = static_cast<double>(std::max<int64_t>(1, batch_.global_counted));
   Tensor dh = arena_.AllocateZeros({rows, d});
   for (int64_t t = 0; t < t_count; ++t) {
     const TaskHeadConfig& head = ms.tasks(static_cast<int>(t));
     const Head& hp = heads_p_[t];
+    HeadActivations& a = heads_a_[t];
     const int64_t outs = head.outputs();
-    float* dht = dh.data<float>() + t * b * n * d;
+    float* dht = F(dh) + t * task_rows * d;
     const float w = static_cast<float>(task_weight_[t]);
     if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
       Tensor dlogits = arena_.Allocate({b, outs});
-      CrossEntropyBackward(heads_a_[t].probs.data<float>(), heads_a_[t].labels.data<int32_t>(),
-                           dlogits.data<float>(), b, outs, static_cast<float>(w / global));
+      WithHostFloats(&dlogits, false, [&](float* dl) {
+        CrossEntropyBackward(a.probs.data<float>(), a.labels.data<int32_t>(), dl, b, outs,
+                             static_cast<float>(w / global));
+      });
       Tensor d2 = arena_.Allocate({b, d}), d1 = arena_.Allocate({b, d}),
              dp = arena_.Allocate({b, d});
-      LinearBackward(ops(), heads_a_[t].norm2.data<float>(), hp.fc_w.data<float>(),
-                     dlogits.data<float>(), d2.data<float>(), hp.g_fc_w.data<float>(),
-                     hp.g_fc_b.data<float>(), b, d, outs);
+      LinearBackward(ops(), F(a.norm2), F(hp.fc_w), F(dlogits), F(d2), F(hp.g_fc_w), F(hp.g_fc_b),
+                     b, d, outs);
       MOERUN_OP(ops(), layer_norm_backward)
-      (heads_a_[t].norm.data<float>(), hp.norm_w.data<float>(), heads_a_[t].mean2.data<float>(),
-       heads_a_[t].rstd2.data<float>(), d2.data<float>(), d1.data<float>(),
-       hp.g_norm_w.data<float>(), hp.g_norm_b.data<float>(), b, d);
+      (F(a.norm), F(hp.norm_w), F(a.mean2), F(a.rstd2), F(d2), F(d1), F(hp.g_norm_w),
+       F(hp.g_norm_b), b, d);
       MOERUN_OP(ops(), layer_norm_backward)
-      (heads_a_[t].in.data<float>(), fc_norm_w_.data<float>(), heads_a_[t].mean.data<float>(),
-       heads_a_[t].rstd.data<float>(), d1.data<float>(), dp.data<float>(),
-       fc_norm_gw_.data<float>(), fc_norm_gb_.data<float>(), b, d);
+      (F(a.in), F(fc_norm_w_), F(a.mean), F(a.rstd), F(d1), F(dp), F(fc_norm_gw_), F(fc_norm_gb_),
+       b, d);
       for (int64_t i = 0; i < b; ++i) {
         for (int64_t j = 1; j < n; ++j) {
-          MOERUN_OP(ops(), axpy)
-          (1.0f / patches_, dp.data<float>() + i * d, dht + (i * n + j) * d, d);
+          MOERUN_OP(ops(), axpy)(1.0f / patches_, F(dp) + i * d, dht + (i * n + j) * d, d);
         }
       }
       continue;
@@ -607,40 +620,41 @@ void ModSquadModel::Backward() {
     const int64_t prow = b * patches_, width = p * p * outs;
     Tensor dout = arena_.Allocate({prow, width});
     if (head.kind() == TaskHeadConfig::SEGMENTATION) {
-      CrossEntropyBackward(heads_a_[t].probs.data<float>(), heads_a_[t].labels.data<int32_t>(),
-                           dout.data<float>(), prow * p * p, outs,
-                           static_cast<float>(w / (global * pixels)));
+      WithHostFloats(&dout, false, [&](float* g) {
+        CrossEntropyBackward(a.probs.data<float>(), a.labels.data<int32_t>(), g, prow * p * p, outs,
+                             static_cast<float>(w / (global * pixels)));
+      });
     } else {
-      const float* o = heads_a_[t].out.data<float>();
-      const float* tg = heads_a_[t].targets.data<float>();
-      float* g = dout.data<float>();
+      const float* o = a.out_host.data<float>();
+      const float* tg = a.targets.data<float>();
       const float scale = static_cast<float>(w / (global * pixels * outs));
-      for (int64_t i = 0; i < prow * width; ++i) {
-        const bool real = i / (patches_ * width) < batch_.counted;
-        g[i] = !real ? 0.0f : o[i] > tg[i] ? scale : o[i] < tg[i] ? -scale : 0.0f;
-      }
+      WithHostFloats(&dout, false, [&](float* g) {
+        for (int64_t i = 0; i < prow * width; ++i) {
+          const bool real = i / (patches_ * width) < batch_.counted;
+          g[i] = !real ? 0.0f : o[i] > tg[i] ? scale : o[i] < tg[i] ? -scale : 0.0f;
+        }
+      });
     }
     Tensor dn = arena_.Allocate({prow, d}), din = arena_.Allocate({prow, d});
-    LinearBackward(ops(), heads_a_[t].norm.data<float>(), hp.fc_w.data<float>(), dout.data<float>(),
-                   dn.data<float>(), hp.g_fc_w.data<float>(), hp.g_fc_b.data<float>(), prow, d,
-                   width);
+    LinearBackward(ops(), F(a.norm), F(hp.fc_w), F(dout), F(dn), F(hp.g_fc_w), F(hp.g_fc_b), prow,
+                   d, width);
     MOERUN_OP(ops(), layer_norm_backward)
-    (heads_a_[t].in.data<float>(), norm_w_.data<float>(), heads_a_[t].mean.data<float>(),
-     heads_a_[t].rstd.data<float>(), dn.data<float>(), din.data<float>(), norm_gw_.data<float>(),
-     norm_gb_.data<float>(), prow, d);
+    (F(a.in), F(norm_w_), F(a.mean), F(a.rstd), F(dn), F(din), F(norm_gw_), F(norm_gb_), prow, d);
     for (int64_t i = 0; i < b; ++i) {
       MOERUN_OP(ops(), axpy)
-      (1.0f, din.data<float>() + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
+      (1.0f, F(din) + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
     }
   }
   // Uncertainty weights: d/ds (0.5 / s^2 L + log(1 + s^2)), this rank's share.
   if (uncertainty_.defined()) {
     const double ranks = world_->size();
-    for (int64_t t = 0; t < t_count; ++t) {
-      const double s = uncertainty_.data<float>()[t];
-      uncertainty_g_.data<float>()[t] +=
-          static_cast<float>((-task_loss_[t] / (s * s * s) + 2 * s / (1 + s * s)) / ranks);
-    }
+    const Tensor u = uncertainty_.To(Device::kCPU);
+    WithHostFloats(&uncertainty_g_, true, [&](float* g) {
+      for (int64_t t = 0; t < t_count; ++t) {
+        const double s = u.data<float>()[t];
+        g[t] += static_cast<float>((-task_loss_[t] / (s * s * s) + 2 * s / (1 + s * s)) / ranks);
+      }
+    });
   }
   // Blocks in reverse; dh: gradient of the block's output.
   const int64_t hd = heads_ * head_dim_;
@@ -653,48 +667,42 @@ void ModSquadModel::Backward() {
       k.mlp_layer->Backward(dh, &d_ln);
     } else {
       Tensor d_act = arena_.Allocate({rows, mlp_});
-      DenseMlpBackward(k.mw, k.ln2.data<float>(), k.hidden.data<float>(), k.act.data<float>(),
-                       dh.data<float>(), d_act.data<float>(), d_ln.data<float>(), rows, d, mlp_,
-                       c.gelu() == ModelConfig::TANH);
+      DenseMlpBackward(k.mw, F(k.ln2), F(k.hidden), F(k.act), F(dh), F(d_act), F(d_ln), rows, d,
+                       mlp_, c.gelu() == ModelConfig::TANH);
     }
     MOERUN_OP(ops(), layer_norm_backward)
-    (k.mid.data<float>(), k.n2_w.data<float>(), k.mean2.data<float>(), k.rstd2.data<float>(),
-     d_ln.data<float>(), d_mid.data<float>(), k.g_n2_w.data<float>(), k.g_n2_b.data<float>(), rows,
+    (F(k.mid), F(k.n2_w), F(k.mean2), F(k.rstd2), F(d_ln), F(d_mid), F(k.g_n2_w), F(k.g_n2_b), rows,
      d);
-    MOERUN_OP(ops(), add)(d_mid.data<float>(), dh.data<float>(), d_mid.data<float>(), rows * d);
+    MOERUN_OP(ops(), add)(F(d_mid), F(dh), F(d_mid), rows * d);
     if (k.attn_layer != nullptr) {
       k.attn_layer->Backward(d_mid, &d_ln);
     } else {
       Tensor d_att = arena_.Allocate({rows, hd});
       Tensor d_qkv = arena_.Allocate({rows, 3 * hd});
-      DenseAttentionBackward(k.aw, k.ln1.data<float>(), k.qkv.data<float>(), k.probs.data<float>(),
-                             k.att.data<float>(), d_mid.data<float>(), d_att.data<float>(),
-                             d_qkv.data<float>(), d_ln.data<float>(), seqs, n, d, heads_,
-                             head_dim_);
+      DenseAttentionBackward(k.aw, F(k.ln1), F(k.qkv), F(k.probs), F(k.att), F(d_mid), F(d_att),
+                             F(d_qkv), F(d_ln), seqs, n, d, heads_, head_dim_);
     }
     MOERUN_OP(ops(), layer_norm_backward)
-    (k.hin.data<float>(), k.n1_w.data<float>(), k.mean1.data<float>(), k.rstd1.data<float>(),
-     d_ln.data<float>(), d_tmp.data<float>(), k.g_n1_w.data<float>(), k.g_n1_b.data<float>(), rows,
+    (F(k.hin), F(k.n1_w), F(k.mean1), F(k.rstd1), F(d_ln), F(d_tmp), F(k.g_n1_w), F(k.g_n1_b), rows,
      d);
-    MOERUN_OP(ops(), add)(d_tmp.data<float>(), d_mid.data<float>(), dh.data<float>(), rows * d);
-    // hin = h + task embedding of the row's task.
-    for (int64_t r = 0; r < rows; ++r) {
-      MOERUN_OP(ops(), axpy)
-      (1.0f, dh.data<float>() + r * d, task_emb_g_.data<float>() + token_task_[r] * d, d);
+    MOERUN_OP(ops(), add)(F(d_tmp), F(d_mid), F(dh), rows * d);
+    // hin = h + task embedding of the row's task: each task's rows sum into its embedding.
+    for (int64_t t = 0; t < t_count; ++t) {
+      MOERUN_OP(ops(), bias_backward)
+      (F(dh) + t * task_rows * d, F(task_emb_g_) + t * d, task_rows, d);
     }
   }
   // Embeddings: x0 = [cls; patches W^T + b] + pos, the same for every task.
   Tensor d_emb = arena_.AllocateZeros({b * patches_, d});
   for (int64_t q = 0; q < seqs; ++q) {
-    const float* g = dh.data<float>() + q * n * d;
-    MOERUN_OP(ops(), axpy)(1.0f, g, pos_g_.data<float>(), n * d);
-    MOERUN_OP(ops(), axpy)(1.0f, g, cls_g_.data<float>(), d);
-    MOERUN_OP(ops(), axpy)(1.0f, g + d, d_emb.data<float>() + (q % b) * patches_ * d, patches_ * d);
+    const float* g = F(dh) + q * n * d;
+    MOERUN_OP(ops(), axpy)(1.0f, g, F(pos_g_), n * d);
+    MOERUN_OP(ops(), axpy)(1.0f, g, F(cls_g_), d);
+    MOERUN_OP(ops(), axpy)(1.0f, g + d, F(d_emb) + (q % b) * patches_ * d, patches_ * d);
   }
   const int64_t patch_in = c.channels() * p * p;
-  LinearBackward(ops(), patches_in_.data<float>(), patch_w_.data<float>(), d_emb.data<float>(),
-                 nullptr, patch_gw_.data<float>(), patch_gb_.data<float>(), b * patches_, patch_in,
-                 d);
+  LinearBackward(ops(), F(patches_in_), F(patch_w_), F(d_emb), nullptr, F(patch_gw_), F(patch_gb_),
+                 b * patches_, patch_in, d);
 }
 
 }  // namespace moerun

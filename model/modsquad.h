@@ -64,8 +64,14 @@ class ModSquadModel {
  public:
   // world: the ranks (data-parallel dense parameters, expert-parallel MoE layers; losses
   // are global means). Fails (naming the block) when an expert count does not fit them.
+  // device: where the parameters, gradients and activations live; on a device the routers,
+  // routing plans, aux losses and the task losses stay on the host (as for VitModel), and
+  // with several ranks device_world (the same ranks over a communicator of device memory,
+  // NCCL) moves the device's gradients and rows.
   static StatusOr<std::unique_ptr<ModSquadModel>> Create(const ModelConfig& config,
-                                                         Communicator* world);
+                                                         Communicator* world,
+                                                         Device device = Device::kCPU,
+                                                         Communicator* device_world = nullptr);
   ~ModSquadModel();
 
   const ModelConfig& config() const { return config_; }
@@ -91,8 +97,10 @@ class ModSquadModel {
   // share: after ReduceGradients they are the global gradient).
   void Backward();
 
-  // Of the last forward: [T * batch, outputs] logits of classification task t's images.
-  const Tensor& task_logits(int t) const { return heads_a_[t].out; }
+  Device device() const { return device_; }
+  // Of the last forward, on the host: [batch, outputs] logits of classification task t's
+  // images; the dense tasks' [batch * patches, P * P * outputs] predictions.
+  const Tensor& task_outputs(int t) const { return heads_a_[t].out_host; }
 
  private:
   ModSquadModel() = default;
@@ -101,6 +109,8 @@ class ModSquadModel {
 
   ModelConfig config_;
   Communicator* world_ = nullptr;
+  Communicator* device_world_ = nullptr;  // null on the CPU or on one rank
+  Device device_ = Device::kCPU;
   std::map<int, std::shared_ptr<MoeGroups>> groups_;  // by expert count
   int64_t tokens_ = 0, patches_ = 0, d_ = 0, heads_ = 0, head_dim_ = 0, mlp_ = 0;
   std::vector<Param> params_, buffers_;
@@ -117,21 +127,25 @@ class ModSquadModel {
     Tensor norm_w, norm_b, fc_w, fc_b, g_norm_w, g_norm_b, g_fc_w, g_fc_b;
   };
   std::vector<Head> heads_p_;
+  // The ops table of the device the model's tensors live on, looked up per call
+  // (train.precision can switch the GEMMs to bf16), and a tensor's floats for it.
+  const OpsTable& ops() const { return Ops(device_); }
+  float* F(const Tensor& t) const { return t.device_data<float>(device_); }
+  // Sums a gradient over the world (device_world_ for device memory); nothing on one rank.
+  void SumOverRanks(Tensor* grad) const;
   // Activations of the last forward.
-  // The ops table of the device the model's tensors live on (the CPU: the model's own
-  // glue between the ops reads host memory), looked up per call (train.precision can
-  // switch the CPU's GEMMs to bf16).
-  static const OpsTable& ops() { return Ops(Device::kCPU); }
   Arena arena_;
   MultiTaskBatch batch_;
   std::vector<int32_t> token_task_;
   Tensor patches_in_, x0_;
-  // One task head's activations of the last forward.
+  // One task head's activations of the last forward (on the model's device, but for the
+  // loss's host tensors).
   struct HeadActivations {
     Tensor in, mean, rstd, norm;  // pooled (classification) or patch rows; the first norm
     Tensor mean2, rstd2, norm2;   // classification: the head's own LN
-    Tensor out, probs;            // logits / predictions, softmax
-    Tensor labels, targets;       // in the head's layout
+    Tensor out;                   // logits / predictions
+    // On the host: out's copy, the softmax, the labels / targets in the head's layout.
+    Tensor out_host, probs, labels, targets;
   };
   std::vector<HeadActivations> heads_a_;
   std::vector<double> task_loss_, task_weight_;

@@ -9,6 +9,7 @@
 //   - y_s = sum over kept choices of p[s, e_j] * o_j.
 // So a forward is two round trips: x out / q back, a out / o back (four all-to-alls), and
 // the backward the same in reverse. Choices dropped by the capacity contribute nothing.
+// Everything but the router runs on the ops of config.device (model/ops.h).
 #ifndef MOERUN_MODEL_MOE_ATTENTION_H_
 #define MOERUN_MODEL_MOE_ATTENTION_H_
 
@@ -30,6 +31,9 @@ struct MoeAttentionConfig {
   int tasks = 1;
   CapacityRule capacity;
   AuxWeights aux;  // importance / gshard / z / mi (no noise, so no load loss)
+  // Where the projections, rows and per-choice attention live (as MoeLayerConfig::device:
+  // on a device the router, its plan and the aux losses stay on the host).
+  Device device = Device::kCPU;
 };
 
 struct MoeAttentionParams {
@@ -75,6 +79,7 @@ class MoeAttention {
   std::shared_ptr<MoeGroups> groups_;
   Router router_;
   RoutingPlan plan_;
+  RoutingPlan device_plan_;  // plan_ with its rows and weights on the layer's device
   Dispatcher dispatcher_;
   MoeAuxLosses aux_;
   MoeAttentionParams params_, grads_;
@@ -88,6 +93,7 @@ class MoeAttention {
   Tensor q_tok_, a_tok_;          // [T, K, dh]
   Tensor probs_;                  // [T, K, L]
   Tensor a_exp_, o_exp_, o_buf_;  // [E_local, R', dh]; [E_local, R', D]; [E, R, D]
+  Tensor d_weight_;               // [T, K] d combine weights, on the device
 };
 
 }  // namespace moerun

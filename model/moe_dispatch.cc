@@ -127,33 +127,6 @@ void GatherKeptRowsBackward(const float* buf, const int32_t* row, const float* w
   }
 }
 
-void ScatterChoiceRows(const RoutingPlan& plan, const float* src, int64_t w, Tensor* buf) {
-  const int64_t n = plan.tokens * plan.k;
-  EnsureTensor(buf, {plan.num_experts, plan.rows_per_expert(), w});
-  buf->SetZero();
-  const int32_t* row = plan.row.data<int32_t>();
-  float* dst = buf->data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    if (row[i] >= 0)
-      std::memcpy(dst + static_cast<int64_t>(row[i]) * w, src + i * w, w * sizeof(float));
-  }
-}
-
-void GatherChoiceRows(const RoutingPlan& plan, const Tensor& buf, int64_t w, float* dst) {
-  const int64_t n = plan.tokens * plan.k;
-  const int32_t* row = plan.row.data<int32_t>();
-  const float* src = buf.data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    if (row[i] >= 0) {
-      std::memcpy(dst + i * w, src + static_cast<int64_t>(row[i]) * w, w * sizeof(float));
-    } else {
-      std::fill_n(dst + i * w, w, 0.0f);
-    }
-  }
-}
-
 void Dispatcher::AllToAll(const Tensor& send, Tensor* recv) {
   Communicator& ep = groups_->expert();
   const int pe = ep.size();

@@ -54,11 +54,6 @@ void GatherKeptRowsBackward(const float* buf, const int32_t* row, const float* w
                             const float* dy, int64_t tokens, int64_t k, int64_t w, Tensor* d_buf,
                             float* d_weight);
 
-// Per-choice rows: buf [E, R, w] (zeroed first) gets src[t, j] ([T, K, w]) at every kept
-// choice's row; Gather is the inverse (dst[t, j] = buf[row], zero for dropped choices).
-void ScatterChoiceRows(const RoutingPlan& plan, const float* src, int64_t w, Tensor* buf);
-void GatherChoiceRows(const RoutingPlan& plan, const Tensor& buf, int64_t w, float* dst);
-
 class Dispatcher {
  public:
   explicit Dispatcher(const MoeGroups* groups) : groups_(groups) {}

@@ -3,6 +3,7 @@
 
 #include <glog/logging.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include "model/layers.h"
 #include "model/moe_dispatch.h"
 #include "model/routing.h"
+#include "runtime/backend.h"
 #include "runtime/dtype.h"
 #include "runtime/kernels.h"
 
@@ -285,6 +287,24 @@ void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const floa
   }
 }
 
+void CopyFloats(Device device, float* dst, const float* src, int64_t n) {
+  if (device == Device::kCPU) {
+    std::copy_n(src, n, dst);
+  } else {
+    RequireBackend(device).CopyWithin(dst, src, n * sizeof(float));
+  }
+}
+
+void WithHostFloats(Tensor* t, bool read, const std::function<void(float*)>& f) {
+  if (t->device() == Device::kCPU) {
+    f(t->data<float>());
+    return;
+  }
+  Tensor host = read ? t->To(Device::kCPU) : Tensor::Empty(t->shape());
+  f(host.data<float>());
+  t->CopyFrom(host);
+}
+
 namespace ops {
 
 void PackRows(const RoutingPlan& plan, const Tensor& x, Tensor* buf) {
@@ -296,6 +316,27 @@ void PackRows(const RoutingPlan& plan, const Tensor& x, Tensor* buf) {
   Impl("PackRows", device, &OpsTable::pack_rows)(row.device_data<int32_t>(device),
                                                  x.device_data<float>(device), plan.tokens, plan.k,
                                                  w, buf->device_data<float>(device), rows);
+}
+
+void ScatterChoiceRows(const RoutingPlan& plan, const Tensor& src, Tensor* buf) {
+  const Tensor& row = plan.row;
+  const Device device = OneDevice("ScatterChoiceRows", {&row, &src});
+  const int64_t w = src.dim(-1), rows = plan.num_experts * plan.rows_per_expert();
+  MOERUN_CHECK_SHAPE(row, {plan.tokens, plan.k});
+  MOERUN_CHECK_SHAPE(src, {plan.tokens, plan.k, w});
+  EnsureOn(buf, {plan.num_experts, plan.rows_per_expert(), w}, device);
+  Impl("ScatterChoiceRows", device, &OpsTable::pack_rows)(
+      row.device_data<int32_t>(device), src.device_data<float>(device), plan.tokens * plan.k, 1, w,
+      buf->device_data<float>(device), rows);
+}
+
+void GatherChoiceRows(const Tensor& buf, const Tensor& row, Tensor* dst) {
+  const Device device = OneDevice("GatherChoiceRows", {&buf, &row});
+  const int64_t tokens = row.dim(0), k = row.dim(1), w = buf.dim(-1);
+  EnsureOn(dst, {tokens, k, w}, device);
+  Impl("GatherChoiceRows", device, &OpsTable::combine_rows)(
+      buf.device_data<float>(device), row.device_data<int32_t>(device), nullptr, tokens * k, 1, w,
+      dst->device_data<float>(device));
 }
 
 void CombineRows(const Tensor& buf, const Tensor& row, const Tensor& weight, Tensor* out) {

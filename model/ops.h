@@ -13,6 +13,7 @@
 #include <glog/logging.h>
 
 #include <cstdint>
+#include <functional>
 
 #include "model/moe_plan.h"
 #include "runtime/optimizer.h"
@@ -136,6 +137,13 @@ Fn OpEntry(const OpsTable& table, Fn OpsTable::*entry, const char* op) {
 // MOERUN_OP(ops, gemm)(...): the checked call of one entry.
 #define MOERUN_OP(table, entry) ::moerun::OpEntry((table), &::moerun::OpsTable::entry, #entry)
 
+// n floats from src to dst, both in `device`'s memory.
+void CopyFloats(Device device, float* dst, const float* src, int64_t n);
+// Runs `f` over t's floats on the host: t's own for a host tensor; for a device tensor a
+// host copy (holding t's values when `read`), copied back into t afterwards. The models'
+// host-side glue (losses, labels, small element-wise steps) reaches device tensors this way.
+void WithHostFloats(Tensor* t, bool read, const std::function<void(float*)>& f);
+
 namespace ops {
 
 // buf [E, rows_per_expert, w] on x's device (allocated if needed) <- x [T, w] per the plan.
@@ -146,6 +154,13 @@ void CombineRows(const Tensor& buf, const Tensor& row, const Tensor& weight, Ten
 // d_buf [like buf] and d_weight [T, k] from dy [T, w].
 void CombineRowsBackward(const Tensor& buf, const Tensor& row, const Tensor& weight,
                          const Tensor& dy, Tensor* d_buf, Tensor* d_weight);
+// The MoE attention's per-choice rows (row [T, k] a plan's rows, on the tensors' device):
+// buf [E, rows_per_expert, w] (allocated if needed) zeroed, then src [T, k, w]'s row
+// (t, j) at plan row row[t, j] (pack_rows over T * k single choices);
+void ScatterChoiceRows(const RoutingPlan& plan, const Tensor& src, Tensor* buf);
+// and dst [T, k, w] (allocated if needed) <- buf's row row[t, j], zero for dropped choices
+// (combine_rows over T * k single choices).
+void GatherChoiceRows(const Tensor& buf, const Tensor& row, Tensor* dst);
 // AdamW on one parameter (value, grad, m, v on one device; m and v of `moments` dtype).
 void AdamWStep(const AdamWScalars& s, bool decay, const Tensor& value, const Tensor& grad,
                const Tensor& m, const Tensor& v);

@@ -39,21 +39,11 @@ VitModel::~VitModel() = default;
 float* VitModel::F(const Tensor& t) const { return t.device_data<float>(device_); }
 
 void VitModel::CopyFloats(float* dst, const float* src, int64_t n) const {
-  if (device_ == Device::kCPU) {
-    std::copy_n(src, n, dst);
-  } else {
-    RequireBackend(device_).CopyWithin(dst, src, n * sizeof(float));
-  }
+  moerun::CopyFloats(device_, dst, src, n);
 }
 
 void VitModel::OnHost(Tensor* t, bool read, const std::function<void(float*)>& f) const {
-  if (device_ == Device::kCPU) {
-    f(t->data<float>());
-    return;
-  }
-  Tensor host = read ? t->To(Device::kCPU) : Tensor::Empty(t->shape());
-  f(host.data<float>());
-  t->CopyFrom(host);
+  WithHostFloats(t, read, f);
 }
 
 Tensor VitModel::AddDense(const std::string& name, const Shape& shape, bool decay) {
@@ -193,24 +183,17 @@ void VitModel::Init(uint64_t seed) {
   for (Param& p : params_) {
     const std::string& n = p.name;
     // On a device: initialised on the host, then copied (the same numbers as on the CPU).
-    Tensor device_value;
-    if (p.value.device() != Device::kCPU) {
-      device_value = p.value;
-      p.value = Tensor::Empty(device_value.shape());
-    }
-    if (n == "cls_token" || n.rfind("head.", 0) == 0) {
-      InitParam(n, &p.value, InitKind::kZeros, seed);
-    } else if (n == "pos_embed") {
-      InitParam(n, &p.value, InitKind::kNormal, seed, 0.02f);
-    } else if (n == "pre_logits.fc.weight") {
-      InitParam(n, &p.value, InitKind::kLecunNormal, seed);
-    } else {
-      InitByRole(n, &p.value, seed);
-    }
-    if (device_value.defined()) {
-      device_value.CopyFrom(p.value);
-      p.value = device_value;
-    }
+    InitOnHost(&p.value, [&](Tensor* v) {
+      if (n == "cls_token" || n.rfind("head.", 0) == 0) {
+        InitParam(n, v, InitKind::kZeros, seed);
+      } else if (n == "pos_embed") {
+        InitParam(n, v, InitKind::kNormal, seed, 0.02f);
+      } else if (n == "pre_logits.fc.weight") {
+        InitParam(n, v, InitKind::kLecunNormal, seed);
+      } else {
+        InitByRole(n, v, seed);
+      }
+    });
   }
 }
 

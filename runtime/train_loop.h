@@ -35,8 +35,8 @@ struct TrainLoopOptions {
   // Run until this step (then save and end with exit 0); 0: train.steps. The schedule
   // always spans train.steps, so a run split this way equals one straight run.
   int64_t until_step = 0;
-  // Where the model trains (`train --device`): the CPU, or a GPU per rank for a V-MoE job
-  // (Trainer::Create refuses Mod-Squad, and several ranks without device_world).
+  // Where the model trains (`train --device`): the CPU, or a GPU per rank for a V-MoE
+  // or a Mod-Squad job (Trainer::Create refuses several ranks without device_world).
   Device device = Device::kCPU;
   // A device job of several ranks: the same ranks over a device communicator (NCCL).
   Communicator* device_world = nullptr;

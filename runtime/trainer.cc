@@ -47,10 +47,6 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   t->device_ = device;
   t->device_world_ = device != Device::kCPU && world->size() > 1 ? device_world : nullptr;
   if (device != Device::kCPU) {
-    if (config.model().has_modsquad()) {
-      return Status::Error("Mod-Squad models train on the CPU only so far; drop --device " +
-                           std::string(DeviceName(device)));
-    }
     if (world->size() > 1 && (device_world == nullptr || device_world->device() != device)) {
       return Status::Error("a " + std::string(DeviceName(device)) + " job of " +
                            std::to_string(world->size()) +

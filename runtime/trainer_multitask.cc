@@ -83,7 +83,7 @@ Status Trainer::CreateModSquad() {
                          " over " + std::to_string(world_->size()) +
                          " ranks); groups may not straddle task passes");
   }
-  auto model = ModSquadModel::Create(m, world_);
+  auto model = ModSquadModel::Create(m, world_, device_, device_world_);
   if (!model.ok()) return model.status();
   modsquad_ = std::move(*model);
   // The manifest records the placement of the largest expert count.

@@ -19,6 +19,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +28,8 @@
 #include "model/dense_kernels_thrust.h"
 #include "model/expert_mlp_device.h"
 #include "model/layers.h"
+#include "model/modsquad.h"
+#include "model/moe_attention.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_layer.h"
 #include "model/moe_plan.h"
@@ -1089,6 +1092,215 @@ TEST_F(StandInCuda, TrainerRefusesWhatTheDevicePathDoesNotCover) {
   EXPECT_NE(t.status().message().find("needs a communicator that moves cuda memory (NCCL)"),
             std::string::npos)
       << t.status().message();
+}
+
+// Mod-Squad's mixture of attention heads with its projections, rows and per-choice
+// attention on the device (over one rank and two simulated expert-parallel ranks): the
+// CPU layer's outputs and gradients; the router stays on the host.
+TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
+  for (int ranks : {1, 2}) {
+    SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)");
+    LoopbackCommunicator host_world(0, ranks);
+    DeviceLoopback device_world(0, ranks);
+    auto host_groups = *MoeGroups::Create(&host_world, 4);
+    auto device_groups = *MoeGroups::Create(&device_world, 4);
+    MoeAttentionConfig cfg;
+    cfg.d = 16;
+    cfg.head_dim = 4;
+    cfg.num_experts = 4;
+    cfg.k = 2;
+    cfg.tasks = 2;
+    cfg.capacity.capacity_factor = 1.0;
+    cfg.capacity.multiple_of = 0;
+    cfg.aux.mi = 0.1;
+    MoeAttention cpu(cfg, host_groups);
+    cfg.device = Device::kCUDA;
+    MoeAttention dev(cfg, device_groups);
+    EXPECT_EQ(dev.params().q_weight.device(), Device::kCUDA);
+    EXPECT_EQ(dev.params().kv_bias.device(), Device::kCUDA);
+    uint32_t seed = 70;
+    MoeAttentionParams& p = cpu.params();
+    MoeAttentionParams& q = dev.params();
+    for (auto [a, b] : {std::pair{&p.router_weight, &q.router_weight},
+                        {&p.q_weight, &q.q_weight},
+                        {&p.o_weight, &q.o_weight},
+                        {&p.kv_weight, &q.kv_weight},
+                        {&p.kv_bias, &q.kv_bias}}) {
+      const Tensor r = Random(a->shape(), 0.4f, seed++);
+      a->CopyFrom(r);
+      b->CopyFrom(r);
+    }
+    cpu.ZeroGradients();
+    dev.ZeroGradients();
+    const int64_t t = 40, seq_len = 8;
+    std::vector<int32_t> task(t);
+    for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>(i / 24);  // 3 seqs, 2 seqs
+    const Tensor x = Random({t, cfg.d}, 1.0f, 80), dy = Random({t, cfg.d}, 1.0f, 81);
+    MoeForwardArgs args;
+    args.task = task.data();
+    Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
+    ASSERT_TRUE(cpu.Forward(x, seq_len, args, &y).ok());
+    cpu.Backward(dy, &dx);
+    Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
+           dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
+    ASSERT_TRUE(dev.Forward(Dev(x), seq_len, args, &y_d).ok());
+    dev.Backward(Dev(dy), &dx_d);
+    EXPECT_GT(cpu.metrics().dropped_fraction.back(), 0.0) << "capacity 1.0 with k = 2 drops";
+    EXPECT_EQ(cpu.metrics().dropped_fraction, dev.metrics().dropped_fraction);
+    EXPECT_EQ(cpu.losses().aux_total, dev.losses().aux_total);
+    ExpectNear(y, y_d, 1e-5f);
+    ExpectNear(dx, dx_d, 1e-5f);
+    ExpectNear(cpu.grads().q_weight, dev.grads().q_weight, 1e-5f);
+    ExpectNear(cpu.grads().o_weight, dev.grads().o_weight, 1e-5f);
+    ExpectNear(cpu.grads().kv_weight, dev.grads().kv_weight, 1e-5f);
+    ExpectNear(cpu.grads().kv_bias, dev.grads().kv_bias, 1e-5f);
+    const Tensor& gr = dev.grads().router_weight;
+    ASSERT_EQ(gr.device(), Device::kCPU) << "the router stays on the host";
+    ExpectClose(std::vector<float>(cpu.grads().router_weight.data<float>(),
+                                   cpu.grads().router_weight.data<float>() + gr.numel()),
+                std::vector<float>(gr.data<float>(), gr.data<float>() + gr.numel()), 1e-5f);
+  }
+}
+
+// A tiny Mod-Squad model (MoE attention, MoE MLP, dense blocks; a classification, a
+// segmentation and a regression head; uncertainty weights and the MI loss).
+ModelConfig StandInModSquad() {
+  ModelConfig m;
+  m.set_name("stand-in-modsquad");
+  m.set_image_size(8);
+  m.set_channels(1);
+  m.set_patch_size(4);
+  m.set_hidden_size(8);
+  m.set_mlp_dim(16);
+  m.set_num_layers(3);
+  m.set_num_heads(2);
+  m.set_gelu(ModelConfig::TANH);
+  ModSquadConfig* ms = m.mutable_modsquad();
+  ms->set_head_dim(4);
+  ms->set_attention_experts(4);
+  ms->set_attention_k(2);
+  ms->set_mlp_experts(4);
+  ms->set_mlp_k(2);
+  ms->set_mi_weight(0.2);
+  ms->set_capacity_factor(1.0);
+  ms->set_group_images(0);
+  for (auto [name, kind, outputs] : {std::tuple{"class", TaskHeadConfig::CLASSIFICATION, 3},
+                                     {"segmentation", TaskHeadConfig::SEGMENTATION, 2},
+                                     {"edges", TaskHeadConfig::REGRESSION, 1}}) {
+    TaskHeadConfig* t = ms->add_tasks();
+    t->set_name(name);
+    t->set_kind(kind);
+    t->set_outputs(outputs);
+  }
+  return m;
+}
+
+// The whole Mod-Squad model with its parameters, gradients and activations on the device
+// (over one rank and two simulated ranks): the CPU model's task losses, metrics, aux loss
+// and gradients; only the routers' parameters stay on the host.
+TEST_F(StandInCuda, ModSquadModelComputesOnItsDevice) {
+  const ModelConfig m = StandInModSquad();
+  const int64_t b = 3;
+  std::mt19937 rng(90);
+  std::vector<int32_t> cls(b), seg(b * 64);
+  for (int32_t& v : cls) v = static_cast<int32_t>(rng() % 3);
+  for (int32_t& v : seg) v = static_cast<int32_t>(rng() % 2);
+  const std::vector<float> images = Normal(b * 64, 1.0f, 91), edges = Normal(b * 64, 1.0f, 92);
+  for (int ranks : {1, 2}) {
+    SCOPED_TRACE(std::to_string(ranks) + " rank(s)");
+    LoopbackCommunicator cpu_world(0, ranks), host_world(0, ranks);
+    DeviceLoopback device_world(0, ranks);
+    auto cpu = ModSquadModel::Create(m, &cpu_world);
+    auto dev = ModSquadModel::Create(m, &host_world, Device::kCUDA, &device_world);
+    ASSERT_TRUE(cpu.ok() && dev.ok()) << (dev.ok() ? cpu.status() : dev.status()).message();
+    (*cpu)->Init(4);
+    (*dev)->Init(4);
+    MultiTaskBatch batch;
+    batch.images = images.data();
+    batch.batch = b;
+    batch.counted = b - 1;  // the last image is padding
+    batch.global_counted = ranks * (b - 1);
+    batch.labels = {cls.data(), seg.data(), nullptr};
+    batch.targets = {nullptr, nullptr, edges.data()};
+    MultiTaskOutput want, got;
+    ASSERT_TRUE((*cpu)->Forward(batch, &want).ok());
+    ASSERT_TRUE((*dev)->Forward(batch, &got).ok());
+    EXPECT_NEAR(got.task_loss, want.task_loss, 1e-5 * std::fabs(want.task_loss));
+    EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-6);
+    EXPECT_NE(want.aux_loss, 0.0) << "the MI loss is there";
+    ASSERT_EQ(got.tasks.size(), 3u);
+    for (size_t t = 0; t < 3; ++t) {
+      EXPECT_NEAR(got.tasks[t].loss, want.tasks[t].loss, 1e-5 * std::fabs(want.tasks[t].loss)) << t;
+      EXPECT_NEAR(got.tasks[t].metric, want.tasks[t].metric, 1e-6) << t;
+    }
+    EXPECT_EQ((*dev)->task_outputs(0).device(), Device::kCPU);
+    (*cpu)->ZeroGrads();
+    (*dev)->ZeroGrads();
+    (*cpu)->Backward();
+    (*dev)->Backward();
+    (*cpu)->ReduceGradients();
+    (*dev)->ReduceGradients();
+    const std::vector<Param>& pc = (*cpu)->params();
+    const std::vector<Param>& pd = (*dev)->params();
+    ASSERT_EQ(pc.size(), pd.size());
+    int on_host = 0;
+    for (size_t i = 0; i < pc.size(); ++i) {
+      SCOPED_TRACE(pc[i].name);
+      on_host += pd[i].grad.device() == Device::kCPU;
+      const Tensor g = pd[i].grad.To(Device::kCPU);
+      ExpectClose(
+          std::vector<float>(pc[i].grad.data<float>(), pc[i].grad.data<float>() + g.numel()),
+          std::vector<float>(g.data<float>(), g.data<float>() + g.numel()), 1e-4f);
+    }
+    EXPECT_EQ(on_host, static_cast<int>((*dev)->moe_attention_layers().size() +
+                                        (*dev)->moe_mlp_layers().size()))
+        << "only the MoE layers' routers on the host";
+  }
+}
+
+// Training Mod-Squad on the device: a Trainer whose model, AdamW moments and updates live
+// on the stand-in takes the CPU Trainer's steps and evaluates to its per-task metrics, on
+// one rank and over two (the peer simulated, the device communicator moving device memory).
+TEST_F(StandInCuda, TrainerTrainsModSquadOnTheDevice) {
+  auto config = ParseConfig(
+      "model { name: 'dev-modsquad' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 "
+      "mlp_dim: 16 num_layers: 2 num_heads: 2 gelu: TANH "
+      "modsquad { head_dim: 4 attention_experts: 4 attention_k: 2 mlp_experts: 4 mlp_k: 2 "
+      "mi_weight: 0.01 capacity_factor: 1.0 group_images: 2 "
+      "tasks { name: 'class' kind: CLASSIFICATION outputs: 10 } "
+      "tasks { name: 'segmentation' kind: SEGMENTATION outputs: 2 } "
+      "tasks { name: 'edges' kind: REGRESSION outputs: 1 } } } "
+      "data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
+      "train { seed: 5 global_batch: 8 learning_rate: 0.003 steps: 3 warmup_steps: 1 }",
+      "inline", {});
+  ASSERT_TRUE(config.ok()) << config.status().message();
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 10);
+  for (int ranks : {1, 2}) {
+    SCOPED_TRACE(std::to_string(ranks) + " rank(s)");
+    LoopbackCommunicator cpu_world(0, ranks), host_world(0, ranks);
+    DeviceLoopback device_world(0, ranks);
+    auto cpu = Trainer::Create(*config, &cpu_world, &data);
+    auto dev = Trainer::Create(*config, &host_world, &data, Device::kCUDA, &device_world);
+    ASSERT_TRUE(cpu.ok() && dev.ok()) << (dev.ok() ? cpu.status() : dev.status()).message();
+    for (int step = 0; step < 3; ++step) {
+      const StepStats a = (*cpu)->Step(), b = (*dev)->Step();
+      ASSERT_TRUE(a.finite && b.finite);
+      EXPECT_NEAR(b.loss, a.loss, 1e-5 * std::fabs(a.loss)) << step;
+      EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-4 * a.grad_norm) << step;
+      ASSERT_EQ(a.tasks.size(), b.tasks.size());
+    }
+    int on_device = 0;
+    for (const Param& p : (*dev)->params()) on_device += p.value.device() == Device::kCUDA;
+    EXPECT_GT(on_device, 0);
+    const EvalStats a = (*cpu)->Evaluate(data, 16, RoutingOverride{}),
+                    b = (*dev)->Evaluate(data, 16, RoutingOverride{});
+    ASSERT_EQ(a.tasks.size(), 3u);
+    ASSERT_EQ(b.tasks.size(), 3u);
+    for (size_t t = 0; t < 3; ++t) {
+      EXPECT_NEAR(b.tasks[t].value, a.tasks[t].value, 1e-5) << a.tasks[t].name;
+    }
+    EXPECT_NEAR(b.loss, a.loss, 1e-5 * std::fabs(a.loss));
+  }
 }
 
 }  // namespace
