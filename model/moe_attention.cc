@@ -167,17 +167,7 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
   MOERUN_OP(ops, axpy)(1.0f, dx_kv.device_data<float>(dev), dx->device_data<float>(dev), t * d);
   // The router (on the host): gates -> logits -> W_r and x.
   ScopedTimer timer(&timers_.bwd_router);
-  if (dev == Device::kCPU) {
-    aux_.RouterBackward(&router_, plan_, d_weight_.data<float>(), groups_->world().size(),
-                        dx->data<float>());
-    return;
-  }
-  const Tensor d_weight = d_weight_.To(Device::kCPU);
-  Tensor dx_router = Tensor::Zeros({t, d});
-  aux_.RouterBackward(&router_, plan_, d_weight.data<float>(), groups_->world().size(),
-                      dx_router.data<float>());
-  const Tensor add = dx_router.To(dev);
-  MOERUN_OP(ops, axpy)(1.0f, add.device_data<float>(dev), dx->device_data<float>(dev), t * d);
+  aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }
 
 void MoeAttention::ReduceReplicaGradients() {

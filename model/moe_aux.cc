@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "model/moe_losses.h"
+#include "model/ops.h"
 
 namespace moerun {
 
@@ -191,6 +192,21 @@ void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const
   AddTermGradients(losses_, weights_, mi_grad_, *router, plan, world_size, nullptr, nullptr, dz,
                    true);
   router->LogitsToInputs(dx);
+}
+
+void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const Tensor& d_weight,
+                                  int world_size, Tensor* dx) const {
+  const Device dev = dx->device();
+  if (dev == Device::kCPU) {
+    RouterBackward(router, plan, d_weight.data<float>(), world_size, dx->data<float>());
+    return;
+  }
+  const Tensor host_d_weight = d_weight.To(Device::kCPU);
+  Tensor dx_router = Tensor::Zeros(dx->shape());
+  RouterBackward(router, plan, host_d_weight.data<float>(), world_size, dx_router.data<float>());
+  const Tensor add = dx_router.To(dev);
+  MOERUN_OP(Ops(dev), axpy)
+  (1.0f, add.device_data<float>(dev), dx->device_data<float>(dev), dx->numel());
 }
 
 }  // namespace moerun

@@ -60,6 +60,11 @@ class MoeAuxLosses {
   // softmax to the logits (plus logit-space terms) and into the router weight and dx.
   void RouterBackward(Router* router, const RoutingPlan& plan, const float* d_weight,
                       int world_size, float* dx) const;
+  // The same for a layer on any device: d_weight [T, K] and dx [T, D] (accumulated into)
+  // on the layer's device. The router is on the host: on a device its input gradient is
+  // computed there and added to dx on the device.
+  void RouterBackward(Router* router, const RoutingPlan& plan, const Tensor& d_weight,
+                      int world_size, Tensor* dx) const;
 
   const MoeLosses& losses() const { return losses_; }
   const MoeMetrics& metrics() const { return metrics_; }

@@ -202,19 +202,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
   ScopedTimer timer(&timers_.bwd_router);
-  if (config_.device == Device::kCPU) {
-    aux_.RouterBackward(&router_, plan_, d_weight_.data<float>(), groups_->world().size(),
-                        dx->data<float>());
-    return;
-  }
-  // The router is on the host: its input gradient is computed there and added on the device.
-  const Tensor d_weight = d_weight_.To(Device::kCPU);
-  Tensor dx_router = Tensor::Zeros({t, d});
-  aux_.RouterBackward(&router_, plan_, d_weight.data<float>(), groups_->world().size(),
-                      dx_router.data<float>());
-  const Tensor add = dx_router.To(config_.device);
-  MOERUN_OP(Ops(config_.device), axpy)
-  (1.0f, add.device_data<float>(config_.device), dx->device_data<float>(config_.device), t * d);
+  aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }
 
 bool MoeLayer::overlapped() const {
