@@ -11,7 +11,8 @@ packages=(
   libprotobuf-dev protobuf-compiler    # configs, manifests
   libboost-program-options-dev         # CLI
   libgoogle-glog-dev libgtest-dev      # logging, tests
-  libopenblas-dev zlib1g-dev           # CPU GEMM, gzip
+  libopenblas-dev libopenblas0-openmp  # CPU GEMM (the OpenMP build is linked)
+  zlib1g-dev                           # gzip
   nlohmann-json3-dev                   # JSON lines, safetensors headers
   libcairo2-dev pkg-config fonts-dejavu-core  # Mod-Squad usage heatmaps (PNG)
   librandom123-dev                     # counter-based RNG (router noise)

@@ -50,13 +50,37 @@ std::string BlasDescription() {
   std::string s = openblas_get_config();
   s += " (core ";
   s += openblas_get_corename();
-  s += ", " + std::to_string(openblas_get_num_threads()) + " threads)";
+  s += ", " + BlasThreading() + ", " + std::to_string(openblas_get_num_threads()) + " threads)";
+  if (BlasThreading() != BlasThreadingBuilt()) {
+    s += " [built for the " + BlasThreadingBuilt() + " OpenBLAS; LD_LIBRARY_PATH chose this one]";
+  }
   // Set by main() when it re-executed moerun to replace OpenBLAS's fallback core.
   if (const char* was = std::getenv("MOERUN_BLAS_DETECTED_CORE")) {
     s += std::string(" [OpenBLAS detected ") + was + " on this CPU; moerun set OPENBLAS_CORETYPE=" +
          (std::getenv("OPENBLAS_CORETYPE") ? std::getenv("OPENBLAS_CORETYPE") : "?") + "]";
   }
   return s;
+}
+
+std::string BlasThreading() {
+  switch (openblas_get_parallel()) {
+    case 0:
+      return "sequential";
+    case 1:
+      return "pthreads";
+    case 2:
+      return "OpenMP";
+    default:
+      return "unknown";
+  }
+}
+
+std::string BlasThreadingBuilt() {
+#if defined(MOERUN_BLAS_THREADING_openmp)
+  return "OpenMP";
+#else
+  return "pthreads";
+#endif
 }
 
 std::string BlasDetectedCore() { return openblas_get_corename(); }

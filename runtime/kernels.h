@@ -17,8 +17,14 @@ void SetNumThreads(int threads);
 int NumThreads();
 // The default: this host's cores divided by the ranks on this host (at least 1).
 int DefaultThreadsPerRank(int local_ranks);
-// "OpenBLAS 0.3.21 ... (core Haswell, 2 threads)"
+// "OpenBLAS 0.3.21 ... (core Haswell, OpenMP, 2 threads)"
 std::string BlasDescription();
+// The threading of the OpenBLAS this process loaded: "OpenMP", "pthreads" or "sequential".
+std::string BlasThreading();
+// The threading this moerun was built to link (-DMOERUN_BLAS_THREADING): "OpenMP" or
+// "pthreads". BlasThreading() differs when the loader found another build first (an
+// LD_LIBRARY_PATH naming it, or a copied binary without its RUNPATH).
+std::string BlasThreadingBuilt();
 // OpenBLAS (DYNAMIC_ARCH) picks its kernels from the CPU model when it loads; on CPUs it
 // does not know (virtual machines reporting a generic model) it falls back to an SSE3-era
 // core (Prescott), 5-8x slower than the AVX2 / AVX-512 kernels the CPU can run. Returns the

@@ -95,7 +95,10 @@ fi
 "${np2[@]}" "$moerun" train "$src/configs/tiny_test.pbtxt" -o train.steps=1000000 \
   -o train.log_every=100000 -o train.out_dir="$tmp/sig" >"$tmp/sig.log" 2>&1 &
 job=$!
-sleep 4
+# Stop once the run is training (its handlers are installed before it logs "train:"), not
+# after a fixed time: on a loaded machine start-up alone can take seconds.
+for _ in $(seq 600); do grep -q 'train: ' "$tmp/sig.log" && break; sleep 0.1; done
+sleep 1
 kill -INT "$job"
 wait "$job"
 rc=$?

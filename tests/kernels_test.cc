@@ -6,8 +6,10 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "runtime/gradcheck.h"
@@ -56,6 +58,20 @@ TEST_P(GemmTest, MatchesNaiveLoopsWithAlphaBeta) {
 
 INSTANTIATE_TEST_SUITE_P(AllTransposes, GemmTest,
                          ::testing::Combine(::testing::Bool(), ::testing::Bool()));
+
+// The OpenBLAS the loader found is the build CMake linked (its folder is in the RUNPATH,
+// ahead of the system's alternatives link), and its GEMM threads follow SetNumThreads.
+TEST(GemmTest, LoadsTheOpenBlasBuildItWasLinkedTo) {
+  if (std::getenv("LD_LIBRARY_PATH") != nullptr &&
+      std::string(std::getenv("LD_LIBRARY_PATH")).find("openblas") != std::string::npos) {
+    GTEST_SKIP() << "LD_LIBRARY_PATH names an OpenBLAS folder";
+  }
+  EXPECT_EQ(BlasThreading(), BlasThreadingBuilt()) << BlasDescription();
+  const int before = NumThreads();
+  SetNumThreads(2);
+  EXPECT_NE(BlasDescription().find(", 2 threads)"), std::string::npos) << BlasDescription();
+  SetNumThreads(before);
+}
 
 TEST(GemmTest, ZeroInnerDimensionScalesC) {
   std::vector<float> c = {1, 2, 3, 4};
