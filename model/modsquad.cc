@@ -111,6 +111,7 @@ StatusOr<std::unique_ptr<ModSquadModel>> ModSquadModel::Create(const ModelConfig
   m->mlp_ = c.mlp_dim();
   m->patches_ = grid * grid;
   m->tokens_ = m->patches_ + 1;
+  m->patch_ones_ = Tensor::Full({m->patches_}, 1.0f).To(device);
   const std::vector<ParamSpec> specs = ModSquadParamSpecs(c);
   int64_t dense_numel = 0, dense_tensors = 0;
   for (const ParamSpec& s : specs) {
@@ -438,12 +439,12 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     const int64_t outs = head.outputs();
     if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
       // Mean of the patch tokens -> fc_norm -> LN -> Dense.
-      a.in = arena_.AllocateZeros({b, d});
+      // pooled[i] = (1/P) ones[1, P] x ht[i, 1:n] ([P, D]), one GEMM per image, batched.
+      a.in = arena_.Allocate({b, d});
       float* pooled = F(a.in);
-      for (int64_t i = 0; i < b; ++i) {
-        for (int64_t j = 1; j < n; ++j)
-          MOERUN_OP(ops(), axpy)(1.0f / patches_, ht + (i * n + j) * d, pooled + i * d, d);
-      }
+      MOERUN_OP(ops(), gemm_strided_batched)
+      (false, false, 1, d, patches_, 1.0f / patches_, F(patch_ones_), patches_, 0, ht + d, d, n * d,
+       0.0f, pooled, d, d, b);
       a.norm = arena_.Allocate({b, d});
       a.mean = arena_.Allocate({b});
       a.rstd = arena_.Allocate({b});
@@ -610,11 +611,10 @@ void ModSquadModel::Backward() {
       MOERUN_OP(ops(), layer_norm_backward)
       (F(a.in), F(fc_norm_w_), F(a.mean), F(a.rstd), F(d1), F(dp), F(fc_norm_gw_), F(fc_norm_gb_),
        b, d);
-      for (int64_t i = 0; i < b; ++i) {
-        for (int64_t j = 1; j < n; ++j) {
-          MOERUN_OP(ops(), axpy)(1.0f / patches_, F(dp) + i * d, dht + (i * n + j) * d, d);
-        }
-      }
+      // dht[i, 1:n] += (1/P) ones[P, 1] x dp[i] ([1, D]): the pooling's transpose, batched.
+      MOERUN_OP(ops(), gemm_strided_batched)
+      (false, false, patches_, d, 1, 1.0f / patches_, F(patch_ones_), 1, 0, F(dp), d, d, 1.0f,
+       dht + d, d, n * d, b);
       continue;
     }
     const int64_t prow = b * patches_, width = p * p * outs;
@@ -694,11 +694,11 @@ void ModSquadModel::Backward() {
   }
   // Embeddings: x0 = [cls; patches W^T + b] + pos, the same for every task.
   Tensor d_emb = arena_.AllocateZeros({b * patches_, d});
+  Tensor sums = arena_.AllocateZeros({n * d});
+  AddSequenceSums(device_, F(dh), seqs, n, d, F(sums), F(pos_g_), F(cls_g_));
   for (int64_t q = 0; q < seqs; ++q) {
-    const float* g = F(dh) + q * n * d;
-    MOERUN_OP(ops(), axpy)(1.0f, g, F(pos_g_), n * d);
-    MOERUN_OP(ops(), axpy)(1.0f, g, F(cls_g_), d);
-    MOERUN_OP(ops(), axpy)(1.0f, g + d, F(d_emb) + (q % b) * patches_ * d, patches_ * d);
+    MOERUN_OP(ops(), axpy)
+    (1.0f, F(dh) + q * n * d + d, F(d_emb) + (q % b) * patches_ * d, patches_ * d);
   }
   const int64_t patch_in = c.channels() * p * p;
   LinearBackward(ops(), F(patches_in_), F(patch_w_), F(d_emb), nullptr, F(patch_gw_), F(patch_gb_),

@@ -295,6 +295,14 @@ void CopyFloats(Device device, float* dst, const float* src, int64_t n) {
   }
 }
 
+void AddSequenceSums(Device device, const float* g, int64_t seqs, int64_t tokens, int64_t d,
+                     float* scratch, float* pos_g, float* cls_g) {
+  const OpsTable& ops = Ops(device);
+  MOERUN_OP(ops, bias_backward)(g, scratch, seqs, tokens * d);
+  MOERUN_OP(ops, axpy)(1.0f, scratch, pos_g, tokens * d);
+  MOERUN_OP(ops, axpy)(1.0f, scratch, cls_g, d);
+}
+
 void WithHostFloats(Tensor* t, bool read, const std::function<void(float*)>& f) {
   if (t->device() == Device::kCPU) {
     f(t->data<float>());

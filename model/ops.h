@@ -143,6 +143,12 @@ void CopyFloats(Device device, float* dst, const float* src, int64_t n);
 // host copy (holding t's values when `read`), copied back into t afterwards. The models'
 // host-side glue (losses, labels, small element-wise steps) reaches device tensors this way.
 void WithHostFloats(Tensor* t, bool read, const std::function<void(float*)>& f);
+// The embeddings' shared gradients of `seqs` sequences of `tokens` x `d` (g, contiguous):
+// pos_g[tokens * d] += sum over sequences, cls_g[d] += the sum of their first (class)
+// tokens. One column-sum op over all sequences (into `scratch`: tokens * d zeroed floats)
+// and two axpys, all on `device`, instead of per-sequence calls.
+void AddSequenceSums(Device device, const float* g, int64_t seqs, int64_t tokens, int64_t d,
+                     float* scratch, float* pos_g, float* cls_g);
 
 namespace ops {
 

@@ -381,11 +381,10 @@ void VitModel::Backward() {
   float* gpos = F(pos_g_);
   float* gcls = F(cls_g_);
   Tensor d_emb = arena_.Allocate({b * patches_, d});
+  Tensor sums = arena_.AllocateZeros({n * d});
+  AddSequenceSums(device_, g, b, n, d, F(sums), gpos, gcls);
   for (int64_t i = 0; i < b; ++i) {
-    const float* gi = g + i * n * d;
-    MOERUN_OP(ops(), axpy)(1.0f, gi, gpos, n * d);
-    MOERUN_OP(ops(), axpy)(1.0f, gi, gcls, d);
-    CopyFloats(F(d_emb) + i * patches_ * d, gi + d, patches_ * d);
+    CopyFloats(F(d_emb) + i * patches_ * d, g + i * n * d + d, patches_ * d);
   }
   const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();
   LinearBackward(ops(), F(patches_in_), F(patch_w_), F(d_emb), nullptr, F(patch_gw_), F(patch_gb_),
