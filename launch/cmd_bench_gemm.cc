@@ -49,7 +49,21 @@ double TimeGemm(const GemmShape& g, double seconds) {
 
 double Gflops(const GemmShape& g, double s) { return 2.0 * g.m * g.n * g.k / s / 1e9; }
 
+// One expert MLP's six products at `t` token rows, width d, hidden m: y1 = x W1^T (fc1),
+// y2 = h W2^T (fc2); backward dX = dY W, dW = dY^T X.
+std::vector<GemmShape> ExpertPasses(int64_t t, int64_t d, int64_t m) {
+  return {{"fc1_fwd", false, true, t, m, d}, {"fc1_dx", false, false, t, d, m},
+          {"fc1_dw", true, false, m, d, t},  {"fc2_fwd", false, true, t, d, m},
+          {"fc2_dx", false, false, t, m, d}, {"fc2_dw", true, false, d, m, t}};
+}
+
 }  // namespace
+
+double MeasureExpertGemmSeconds(int64_t rows, int64_t d, int64_t m, double seconds) {
+  double total = 0;
+  for (const GemmShape& g : ExpertPasses(rows, d, m)) total += TimeGemm(g, seconds);
+  return total;
+}
 
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds) {
   double peak = 0;
@@ -130,12 +144,7 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
   }
   for (auto [d, m] : *shapes) {
     for (int64_t t : *rows) {
-      // y1 = x W1^T (fc1), y2 = h W2^T (fc2); backward: dX = dY W, dW = dY^T X.
-      const GemmShape passes[] = {
-          {"fc1_fwd", false, true, t, m, d}, {"fc1_dx", false, false, t, d, m},
-          {"fc1_dw", true, false, m, d, t},  {"fc2_fwd", false, true, t, d, m},
-          {"fc2_dx", false, false, t, m, d}, {"fc2_dw", true, false, d, m, t}};
-      for (const GemmShape& g : passes) {
+      for (const GemmShape& g : ExpertPasses(t, d, m)) {
         const double gf = Gflops(g, TimeGemm(g, seconds));
         if (!session.is_root()) continue;
         PrintJsonLine({{"bench", "gemm"},

@@ -108,7 +108,11 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           "Forward + backward of one MoE layer per (shape, E, routing): tokens/s over all ranks,\n"
           "the time split (router, routing = priority + capacity, pack, all-to-all, expert GEMMs,\n"
           "combine, and the backward parts), expert GEMM GFLOP/s beside the square-GEMM peak and\n"
-          "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this run.",
+          "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this "
+          "run;\n"
+          "layer_fraction_of_gemm_limit is the expert FLOPs over the step at the square peak,\n"
+          "layer_fraction_of_shape_gemm the same GEMMs timed alone at the layer's shapes over the\n"
+          "step.",
           args, desc, nullptr, &vm))
     return *done;
   auto experts = ParseIntList(experts_text);
@@ -231,6 +235,9 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                                  ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
                                  : 0.0;
           peak = std::max(peak, MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3));
+          // The same GEMMs alone: this rank's experts' six products at the layer's shapes.
+          double shape_s = el * MeasureExpertGemmSeconds(rows, shape.d, shape.m, 0.1);
+          world.AllReduce(&shape_s, 1, DType::kF64, ReduceOp::kMax);
           if (!overlap) step_without_overlap = wall;
           if (!session.is_root()) continue;
           nlohmann::json line = {{"bench", "moe-layer"},
@@ -252,6 +259,11 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                                  // The whole layer's step against the GEMM limit: the expert FLOPs
                                  // over the step's wall time, as a fraction of the measured peak.
                                  {"layer_fraction_of_gemm_limit", expert_flops / wall / 1e9 / peak},
+                                 // The experts' GEMMs at these shapes, run alone, and the step
+                                 // against them: what the rest of the layer costs beside the
+                                 // GEMMs, apart from how well BLAS runs these shapes.
+                                 {"shape_gemm_gflops", expert_flops / shape_s / 1e9},
+                                 {"layer_fraction_of_shape_gemm", shape_s / wall},
                                  {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
                                  {"raw_a2a_gbps", raw},
                                  {"ms",

@@ -31,6 +31,10 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program);
 
 // The best fp32 GFLOP/s of square GEMMs of these sizes with this rank's threads.
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);
+// Seconds one expert MLP's six GEMMs (forward and both backward products, `rows` token rows,
+// width d, hidden m) take alone, each the best of its timed loops: the layer's own GEMM
+// shapes at the rate OpenBLAS runs them here, with nothing else in the step.
+double MeasureExpertGemmSeconds(int64_t rows, int64_t d, int64_t m, double seconds);
 
 // The training loop and evaluation, for a validated config (cmd_train.cc).
 // until_step > 0: stop after that step (saving a checkpoint); the schedule spans train.steps.

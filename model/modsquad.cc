@@ -439,10 +439,11 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     const int64_t outs = head.outputs();
     if (head.kind() == TaskHeadConfig::CLASSIFICATION) {
       // Mean of the patch tokens -> fc_norm -> LN -> Dense.
-      // pooled[i] = (1/P) ones[1, P] x ht[i, 1:n] ([P, D]), one GEMM per image, batched.
+      // pooled[i] = (1/P) ones[1, P] x ht[i, 1:n] ([P, D]), one GEMM per image, batched; on
+      // the device's own fp32 table (OpsFor), so train.precision BF16 leaves the mean fp32.
       a.in = arena_.Allocate({b, d});
       float* pooled = F(a.in);
-      MOERUN_OP(ops(), gemm_strided_batched)
+      MOERUN_OP(*OpsFor(device_), gemm_strided_batched)
       (false, false, 1, d, patches_, 1.0f / patches_, F(patch_ones_), patches_, 0, ht + d, d, n * d,
        0.0f, pooled, d, d, b);
       a.norm = arena_.Allocate({b, d});
@@ -612,7 +613,7 @@ void ModSquadModel::Backward() {
       (F(a.in), F(fc_norm_w_), F(a.mean), F(a.rstd), F(d1), F(dp), F(fc_norm_gw_), F(fc_norm_gb_),
        b, d);
       // dht[i, 1:n] += (1/P) ones[P, 1] x dp[i] ([1, D]): the pooling's transpose, batched.
-      MOERUN_OP(ops(), gemm_strided_batched)
+      MOERUN_OP(*OpsFor(device_), gemm_strided_batched)
       (false, false, patches_, d, 1, 1.0f / patches_, F(patch_ones_), 1, 0, F(dp), d, d, 1.0f,
        dht + d, d, n * d, b);
       continue;

@@ -52,7 +52,9 @@ std::string BlasDescription() {
   s += openblas_get_corename();
   s += ", " + BlasThreading() + ", " + std::to_string(openblas_get_num_threads()) + " threads)";
   if (BlasThreading() != BlasThreadingBuilt()) {
-    s += " [built for the " + BlasThreadingBuilt() + " OpenBLAS; LD_LIBRARY_PATH chose this one]";
+    s += " [built for the " + BlasThreadingBuilt() +
+         " OpenBLAS; the loader found this one: LD_LIBRARY_PATH, LD_PRELOAD, or the linked folder "
+         "is missing]";
   }
   // Set by main() when it re-executed moerun to replace OpenBLAS's fallback core.
   if (const char* was = std::getenv("MOERUN_BLAS_DETECTED_CORE")) {

@@ -57,7 +57,8 @@ out=$("${np2[@]}" "$moerun" bench moe-layer --shapes 32x64 --experts 4 --tokens 
 if [ "$(grep -c '"bench":"moe-layer"' <<<"$out")" -eq 2 ] &&
   grep -q '"overlap":false.*' <<<"$(head -n 1 <<<"$out")" &&
   grep -q '"overlap_gain"' <<<"$(tail -n 1 <<<"$out")" &&
-  grep -q '"layer_fraction_of_gemm_limit"' <<<"$out"; then
+  grep -q '"layer_fraction_of_gemm_limit"' <<<"$out" &&
+  python3 -c "import json,sys,math; ls=[json.loads(l) for l in sys.argv[1].splitlines() if l.startswith('{')]; sys.exit(0 if all(0 < l['layer_fraction_of_shape_gemm'] < 10 and l['shape_gemm_gflops'] > 0 for l in ls) else 1)" "$out"; then
   passed=$((passed + 1))
 else
   echo "FAIL: bench moe-layer --overlap 0,1 should print two lines, the second with overlap_gain:"
