@@ -108,11 +108,10 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           "Forward + backward of one MoE layer per (shape, E, routing): tokens/s over all ranks,\n"
           "the time split (router, routing = priority + capacity, pack, all-to-all, expert GEMMs,\n"
           "combine, and the backward parts), expert GEMM GFLOP/s beside the square-GEMM peak and\n"
-          "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this "
-          "run;\n"
-          "layer_fraction_of_gemm_limit is the expert FLOPs over the step at the square peak,\n"
-          "layer_fraction_of_shape_gemm the same GEMMs timed alone at the layer's shapes over the\n"
-          "step.",
+          "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this\n"
+          "run. layer_fraction_of_gemm_limit: the expert FLOPs over the step at the square peak;\n"
+          "layer_fraction_of_shape_gemm: the same GEMMs timed alone at the layer's shapes over\n"
+          "the step.",
           args, desc, nullptr, &vm))
     return *done;
   auto experts = ParseIntList(experts_text);

@@ -22,8 +22,8 @@ std::string BlasDescription();
 // The threading of the OpenBLAS this process loaded: "OpenMP", "pthreads" or "sequential".
 std::string BlasThreading();
 // The threading this moerun was built to link (-DMOERUN_BLAS_THREADING): "OpenMP" or
-// "pthreads". BlasThreading() differs when the loader found another build first (an
-// LD_LIBRARY_PATH naming it, or a copied binary without its RUNPATH).
+// "pthreads". BlasThreading() differs when the loader found another build first
+// (LD_LIBRARY_PATH, LD_PRELOAD, or a host without the linked build's folder).
 std::string BlasThreadingBuilt();
 // OpenBLAS (DYNAMIC_ARCH) picks its kernels from the CPU model when it loads; on CPUs it
 // does not know (virtual machines reporting a generic model) it falls back to an SSE3-era
