@@ -59,6 +59,11 @@ class NcclCommunicator final : public Communicator {
         name_(std::move(name)),
         timeout_s_(timeout_s) {}
   ~NcclCommunicator() override {
+    if (side_ != nullptr) {
+      WaitForStream(side_, "the overlapped all_to_all_v");
+      cudaEventDestroy(side_ready_);
+      cudaStreamDestroy(side_);
+    }
     if (comm_ != nullptr) ncclCommDestroy(comm_);
   }
 
@@ -73,29 +78,32 @@ class NcclCommunicator final : public Communicator {
                  const std::vector<int64_t>& send_displs, void* recv,
                  const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
                  DType dtype) override {
-    const int p = size();
-    CHECK(static_cast<int>(send_counts.size()) == p && static_cast<int>(send_displs.size()) == p &&
-          static_cast<int>(recv_counts.size()) == p && static_cast<int>(recv_displs.size()) == p)
-        << "all_to_all_v on '" << name_ << "' needs " << p << " counts and displacements";
-    const size_t es = DTypeSize(dtype);
-    const ncclDataType_t type = ToNcclType(dtype);
-    // One group of point-to-point calls: NCCL schedules them together, no deadlock whatever
-    // the order (the all-to-all of NCCL's own examples and of DeepSpeed / Tutel).
-    Check(ncclGroupStart(), "ncclGroupStart");
-    for (int peer = 0; peer < p; ++peer) {
-      if (send_counts[peer] > 0) {
-        Check(ncclSend(static_cast<const char*>(send) + send_displs[peer] * es,
-                       static_cast<size_t>(send_counts[peer]), type, peer, comm_, stream_),
-              "ncclSend");
-      }
-      if (recv_counts[peer] > 0) {
-        Check(ncclRecv(static_cast<char*>(recv) + recv_displs[peer] * es,
-                       static_cast<size_t>(recv_counts[peer]), type, peer, comm_, stream_),
-              "ncclRecv");
-      }
-    }
-    Check(ncclGroupEnd(), "ncclGroupEnd (all_to_all_v)");
+    EnqueueAllToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype,
+                     stream_);
   }
+  // The transfer runs on a second stream of this communicator (created on first use), after
+  // the work queued so far on the communicator's stream (the send buffer is ready), so the
+  // work queued next on the communicator's stream (the experts on the rows already here)
+  // runs beside it. Wait() makes the communicator's stream wait for it without blocking the
+  // host; Test() asks whether it has completed. Nothing else is queued on this communicator
+  // until Wait(): the callers (Dispatcher::ToExpertsOverlapped) keep to that.
+  std::unique_ptr<PendingCollective> StartAllToAllV(
+      const void* send, const std::vector<int64_t>& send_counts,
+      const std::vector<int64_t>& send_displs, void* recv, const std::vector<int64_t>& recv_counts,
+      const std::vector<int64_t>& recv_displs, DType dtype) override {
+    if (side_ == nullptr) {
+      CudaCheck(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "cudaStreamCreate");
+      CudaCheck(cudaEventCreateWithFlags(&side_ready_, cudaEventDisableTiming), "cudaEventCreate");
+    }
+    CudaCheck(cudaEventRecord(side_ready_, stream_), "cudaEventRecord");
+    CudaCheck(cudaStreamWaitEvent(side_, side_ready_, 0), "cudaStreamWaitEvent");
+    EnqueueAllToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype, side_);
+    cudaEvent_t done = nullptr;
+    CudaCheck(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+    CudaCheck(cudaEventRecord(done, side_), "cudaEventRecord");
+    return std::make_unique<Pending>(this, done);
+  }
+
   void AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) override {
     Check(ncclAllReduce(buffer, buffer, static_cast<size_t>(count), ToNcclType(dtype), ToNcclOp(op),
                         comm_, stream_),
@@ -126,28 +134,28 @@ class NcclCommunicator final : public Communicator {
 
   // Polls the stream instead of blocking in cudaStreamSynchronize, so that a peer's failure
   // (NCCL's asynchronous error) or a peer that never comes (the timeout) ends the job.
+  // Both streams: the communicator's, and the side stream of StartAllToAllV.
   void Synchronize() override {
+    WaitForStream(stream_, "collectives");
+    if (side_ != nullptr) WaitForStream(side_, "the overlapped all_to_all_v");
+  }
+
+ private:
+  void WaitForStream(cudaStream_t stream, const char* what) {
     const auto start = std::chrono::steady_clock::now();
     int spins = 0;
     while (true) {
-      const cudaError_t q = cudaStreamQuery(stream_);
+      const cudaError_t q = cudaStreamQuery(stream);
       if (q == cudaSuccess) return;
-      CHECK(q == cudaErrorNotReady) << RankTag() << ": CUDA error while waiting for NCCL on '"
-                                    << name_ << "': " << cudaGetErrorString(q);
-      ncclResult_t async = ncclSuccess;
-      ncclCommGetAsyncError(comm_, &async);
-      if (async != ncclSuccess && async != ncclInProgress) {
-        ncclCommAbort(comm_);
-        comm_ = nullptr;
-        LOG(FATAL) << RankTag() << ": NCCL failed on communicator '" << name_
-                   << "': " << ncclGetErrorString(async);
-      }
+      CHECK(q == cudaErrorNotReady) << RankTag() << ": CUDA error while waiting for NCCL " << what
+                                    << " on '" << name_ << "': " << cudaGetErrorString(q);
+      CheckAsyncError();
       const double waited =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (timeout_s_ > 0 && waited > timeout_s_) {
         ncclCommAbort(comm_);
         comm_ = nullptr;
-        LOG(FATAL) << RankTag() << ": NCCL collectives on '" << name_ << "' (" << size()
+        LOG(FATAL) << RankTag() << ": NCCL " << what << " on '" << name_ << "' (" << size()
                    << " ranks) made no progress for " << waited
                    << " s: a peer rank failed or never reached the same collective "
                       "(--watchdog-timeout)";
@@ -156,7 +164,77 @@ class NcclCommunicator final : public Communicator {
     }
   }
 
- private:
+  // An all-to-all on the side stream: done when `done_` has been reached.
+  class Pending final : public PendingCollective {
+   public:
+    Pending(NcclCommunicator* owner, cudaEvent_t done) : owner_(owner), done_(done) {}
+    ~Pending() override {
+      Wait();
+      cudaEventDestroy(done_);
+    }
+    bool Test() override {
+      const cudaError_t q = cudaEventQuery(done_);
+      if (q == cudaSuccess) return true;
+      owner_->CudaCheck(q == cudaErrorNotReady ? cudaSuccess : q, "the overlapped all_to_all_v");
+      owner_->CheckAsyncError();
+      return false;
+    }
+    void Wait() override {
+      if (waited_) return;
+      waited_ = true;
+      owner_->CudaCheck(cudaStreamWaitEvent(owner_->stream_, done_, 0), "cudaStreamWaitEvent");
+    }
+
+   private:
+    NcclCommunicator* owner_;
+    cudaEvent_t done_;
+    bool waited_ = false;
+  };
+
+  void EnqueueAllToAllV(const void* send, const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs, void* recv,
+                        const std::vector<int64_t>& recv_counts,
+                        const std::vector<int64_t>& recv_displs, DType dtype, cudaStream_t stream) {
+    const int p = size();
+    CHECK(static_cast<int>(send_counts.size()) == p && static_cast<int>(send_displs.size()) == p &&
+          static_cast<int>(recv_counts.size()) == p && static_cast<int>(recv_displs.size()) == p)
+        << "all_to_all_v on '" << name_ << "' needs " << p << " counts and displacements";
+    const size_t es = DTypeSize(dtype);
+    const ncclDataType_t type = ToNcclType(dtype);
+    // One group of point-to-point calls: NCCL schedules them together, no deadlock whatever
+    // the order (the all-to-all of NCCL's own examples and of DeepSpeed / Tutel).
+    Check(ncclGroupStart(), "ncclGroupStart");
+    for (int peer = 0; peer < p; ++peer) {
+      if (send_counts[peer] > 0) {
+        Check(ncclSend(static_cast<const char*>(send) + send_displs[peer] * es,
+                       static_cast<size_t>(send_counts[peer]), type, peer, comm_, stream),
+              "ncclSend");
+      }
+      if (recv_counts[peer] > 0) {
+        Check(ncclRecv(static_cast<char*>(recv) + recv_displs[peer] * es,
+                       static_cast<size_t>(recv_counts[peer]), type, peer, comm_, stream),
+              "ncclRecv");
+      }
+    }
+    Check(ncclGroupEnd(), "ncclGroupEnd (all_to_all_v)");
+  }
+
+  // Ends the job when NCCL reports an asynchronous error (a peer failed).
+  void CheckAsyncError() {
+    if (comm_ == nullptr) return;
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(comm_, &async);
+    if (async != ncclSuccess && async != ncclInProgress) {
+      ncclCommAbort(comm_);
+      comm_ = nullptr;
+      LOG(FATAL) << RankTag() << ": NCCL failed on communicator '" << name_
+                 << "': " << ncclGetErrorString(async);
+    }
+  }
+  void CudaCheck(cudaError_t e, const char* call) {
+    CHECK(e == cudaSuccess) << RankTag() << ": " << call << " on '" << name_
+                            << "' failed: " << cudaGetErrorString(e);
+  }
   void Check(ncclResult_t r, const char* call) {
     CHECK(r == ncclSuccess || r == ncclInProgress)
         << RankTag() << ": " << call << " on '" << name_ << "' failed: " << ncclGetErrorString(r)
@@ -168,6 +246,8 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_;
   std::string name_;
   double timeout_s_;
+  cudaStream_t side_ = nullptr;  // StartAllToAllV's stream
+  cudaEvent_t side_ready_ = nullptr;
 };
 
 }  // namespace

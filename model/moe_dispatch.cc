@@ -193,47 +193,68 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
   Communicator& ep = groups_->expert();
   const int64_t pe = ep.size(), el = groups_->local_experts(), me = ep.rank();
   const int64_t r = send.dim(1), w = send.dim(2), block = el * r * w;
-  CHECK(send.device() == Device::kCPU) << "the overlapped dispatch runs on host rows";
-  EnsureTensor(&staging_, {pe, el, r, w});
+  const Device dev = send.device();
+  CHECK(ep.device() == dev) << "the expert-parallel communicator moves " << DeviceName(ep.device())
+                            << " memory but the MoE rows are on " << DeviceName(dev)
+                            << " (a GPU layer needs the NCCL communicator)";
+  EnsureTensor(&staging_, {pe, el, r, w}, DType::kF32, dev);
   MOERUN_CHECK_SHAPE(*recv, {el, pe * r, w});
+  CHECK(recv->device() == dev) << "expert rows on " << DeviceName(recv->device())
+                               << ", sent rows on " << DeviceName(dev);
   std::vector<int64_t> counts(pe, block), displs = PrefixDisplacements(counts);
   counts[me] = 0;  // the own block is copied below, not sent
   std::unique_ptr<PendingCollective> pending;
   {
+    // On a device the transfer runs on the communicator's second stream, beside the copies
+    // and experts queued below on its first (NcclCommunicator::StartAllToAllV).
     ScopedTimer timer(a2a);
     pending = ep.StartAllToAllV(send.raw_data(), counts, displs, staging_.raw_data(), counts,
                                 displs, DType::kF32);
   }
-  const float* src = send.data<float>();
-  float* dst = recv->data<float>();
-  {
+  // recv[e][q] = from[q][e] (blocks of r * w floats) for the peers q in `peers`.
+  auto place = [&](const float* from, const std::vector<int64_t>& peers) {
     ScopedTimer timer(pack);
-#pragma omp parallel for schedule(static)
-    for (int64_t e = 0; e < el; ++e) {
-      std::memcpy(dst + (e * pe + me) * r * w, src + (me * el + e) * r * w, r * w * sizeof(float));
+    float* dst = recv->device_data<float>(dev);
+    const int64_t chunk = r * w, n = static_cast<int64_t>(peers.size());
+    if (dev != Device::kCPU) {
+      Backend& backend = RequireBackend(dev);
+      for (int64_t q : peers) {
+        for (int64_t e = 0; e < el; ++e) {
+          backend.CopyWithin(dst + (e * pe + q) * chunk, from + (q * el + e) * chunk,
+                             chunk * sizeof(float));
+        }
+      }
+      return;
     }
-  }
-  const int64_t piece = std::max<int64_t>(1, (r + pieces - 1) / pieces);
-  for (int64_t b = 0; b < r; b += piece) {
-    compute(me * r + b, std::min(piece, r - b));
-    ScopedTimer timer(a2a);
-    pending->Test();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t e = 0; e < el; ++e) {
+        const int64_t q = peers[i];
+        std::memcpy(dst + (e * pe + q) * chunk, from + (q * el + e) * chunk, chunk * sizeof(float));
+      }
+    }
+  };
+  place(send.device_data<float>(dev), {me});
+  if (dev == Device::kCPU) {
+    // Host MPI progresses only inside MPI calls: drive it between pieces of the own rows.
+    const int64_t piece = std::max<int64_t>(1, (r + pieces - 1) / pieces);
+    for (int64_t b = 0; b < r; b += piece) {
+      compute(me * r + b, std::min(piece, r - b));
+      ScopedTimer timer(a2a);
+      pending->Test();
+    }
+  } else {
+    compute(me * r, r);  // the streams overlap it with the transfer: one piece
   }
   {
     ScopedTimer timer(a2a);
     pending->Wait();
   }
-  {
-    ScopedTimer timer(pack);
-    const float* st = staging_.data<float>();
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t q = 0; q < pe; ++q) {
-      for (int64_t e = 0; e < el; ++e) {
-        if (q == me) continue;
-        std::memcpy(dst + (e * pe + q) * r * w, st + (q * el + e) * r * w, r * w * sizeof(float));
-      }
-    }
+  std::vector<int64_t> others;
+  for (int64_t q = 0; q < pe; ++q) {
+    if (q != me) others.push_back(q);
   }
+  place(staging_.device_data<float>(dev), others);
   if (me > 0) compute(0, me * r);
   if (me + 1 < pe) compute((me + 1) * r, (pe - 1 - me) * r);
 }

@@ -67,7 +67,9 @@ class Dispatcher {
   // itself are copied at once and `compute(begin, count)` runs over them in `pieces` row
   // pieces (driving the transfer between pieces) while the other peers' blocks travel;
   // then the other peers' rows. compute's rows index recv's second dim; recv must have
-  // been prepared (PrepareExpertRows). Every row is computed exactly once.
+  // been prepared (PrepareExpertRows). Every row is computed exactly once. On a device
+  // (the NCCL communicator) the transfer runs on the communicator's second stream while
+  // the own rows are computed on its first, in one piece.
   void ToExpertsOverlapped(const Tensor& send, Tensor* recv,
                            const std::function<void(int64_t, int64_t)>& compute, double* a2a,
                            double* pack, int pieces = 4);

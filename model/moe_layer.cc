@@ -94,11 +94,6 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, std::shared_ptr<MoeGroups> grou
   CHECK_EQ(config_.num_experts, groups_->num_experts()) << "MoE layer and groups disagree on E";
   CHECK(config_.k >= 1 && config_.k <= config_.num_experts) << "k " << config_.k;
   if (config_.gate == GateKind::kTaskSoftmax) aux_.InitUsage(config_.tasks, config_.num_experts);
-  if (config_.overlap_dispatch && config_.device != Device::kCPU) {
-    LOG_FIRST_N(WARNING, 1) << "moe.overlap_dispatch overlaps host rows only; the "
-                            << DeviceName(config_.device)
-                            << " layers dispatch without it (the setting is ignored)";
-  }
   params_ = {router_.weight(), experts_.params().fc1_weight, experts_.params().fc1_bias,
              experts_.params().fc2_weight, experts_.params().fc2_bias};
   grads_ = {router_.grad(), experts_.grads().fc1_weight, experts_.grads().fc1_bias,
@@ -206,7 +201,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
 }
 
 bool MoeLayer::overlapped() const {
-  return config_.overlap_dispatch && groups_->expert().size() > 1 && config_.device == Device::kCPU;
+  return config_.overlap_dispatch && groups_->expert().size() > 1;
 }
 
 void MoeLayer::ReduceReplicaGradients() {

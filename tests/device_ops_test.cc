@@ -867,8 +867,9 @@ class DeviceLoopback : public LoopbackCommunicator {
 // The layer over one rank and over two expert-parallel ranks (the second simulated): the
 // all-to-all, the block swaps and the experts on the device.
 TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
-  for (int ranks : {1, 2}) {
-    SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)");
+  for (auto [ranks, overlap] : {std::pair{1, false}, std::pair{2, false}, std::pair{2, true}}) {
+    SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)" +
+                 (overlap ? ", overlapped dispatch" : ""));
     LoopbackCommunicator host_world(0, ranks);
     DeviceLoopback device_world(0, ranks);
     auto host_groups = *MoeGroups::Create(&host_world, 4);
@@ -882,6 +883,7 @@ TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
     cfg.bpr = true;
     cfg.gelu_tanh = true;
     cfg.noise_std = 0;
+    cfg.overlap_dispatch = overlap;
     MoeLayer cpu(cfg, host_groups);
     cfg.device = Device::kCUDA;
     MoeLayer dev(cfg, device_groups);
@@ -926,6 +928,106 @@ TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
       // Device rows over a host communicator: refused, naming the fix.
       MoeLayer wrong(cfg, host_groups);
       EXPECT_DEATH((void)wrong.Forward(Dev(x), args, &y_d), "needs the NCCL communicator");
+    }
+  }
+}
+
+// A device communicator whose StartAllToAllV is still in flight until Wait(), as NCCL's is
+// on its second stream: Wait() writes what the (simulated) peers send, peer q's element i
+// of its block for this rank being 1000 q + i. It logs "start", "test" and "wait".
+class DeferredDeviceComm : public LoopbackCommunicator {
+ public:
+  DeferredDeviceComm(int rank, int size, std::vector<std::string>* log)
+      : LoopbackCommunicator(rank, size), log_(log) {}
+  Device device() const override { return Device::kCUDA; }
+  std::unique_ptr<PendingCollective> StartAllToAllV(const void*,
+                                                    const std::vector<int64_t>& send_counts,
+                                                    const std::vector<int64_t>&, void* recv,
+                                                    const std::vector<int64_t>& recv_counts,
+                                                    const std::vector<int64_t>& recv_displs,
+                                                    DType dtype) override {
+    log_->push_back("start");
+    EXPECT_EQ(dtype, DType::kF32);
+    EXPECT_EQ(send_counts[rank()], 0) << "the own block is not sent";
+    EXPECT_EQ(recv_counts[rank()], 0);
+    return std::make_unique<Pending>(this, static_cast<float*>(recv), recv_counts, recv_displs);
+  }
+
+ private:
+  class Pending : public PendingCollective {
+   public:
+    Pending(DeferredDeviceComm* c, float* recv, std::vector<int64_t> counts,
+            std::vector<int64_t> displs)
+        : c_(c), recv_(recv), counts_(std::move(counts)), displs_(std::move(displs)) {}
+    ~Pending() override { EXPECT_TRUE(done_) << "the dispatcher never waited"; }
+    bool Test() override {
+      c_->log_->push_back("test");
+      return done_;
+    }
+    void Wait() override {
+      c_->log_->push_back("wait");
+      for (size_t q = 0; q < counts_.size(); ++q) {
+        for (int64_t i = 0; i < counts_[q]; ++i) recv_[displs_[q] + i] = 1000.0f * q + i;
+      }
+      done_ = true;
+    }
+
+   private:
+    DeferredDeviceComm* c_;
+    float* recv_;
+    std::vector<int64_t> counts_, displs_;
+    bool done_ = false;
+  };
+  std::vector<std::string>* log_;
+};
+
+// The overlapped dispatch on a device: the own rows are computed, in one piece, before the
+// transfer is waited for; the other peers' rows after, each row once, and every row holds
+// its sender's data when it is computed (rank 1 of 3, so rows lie before and after its own).
+TEST_F(StandInCuda, OverlappedDispatchComputesOwnRowsWhileTheTransferIsInFlight) {
+  const int pe = 3, me = 1;
+  const int64_t e_total = 6, el = 2, r = 5, w = 3;
+  std::vector<std::string> log;
+  DeferredDeviceComm comm(me, pe, &log);
+  auto groups = *MoeGroups::Create(&comm, static_cast<int>(e_total));
+  ASSERT_EQ(groups->local_experts(), el);
+  Dispatcher dispatcher(groups.get());
+  const Tensor send_h = Random({e_total, r, w}, 1.0f, 7);
+  const Tensor send = Dev(send_h);
+  Tensor recv;
+  dispatcher.PrepareExpertRows(send, &recv);
+  ASSERT_EQ(recv.device(), Device::kCUDA);
+  // What recv[e][q * r + i][c] must hold: the own block for q == me, else the peer's.
+  auto want = [&](int64_t e, int64_t q, int64_t i, int64_t c) {
+    if (q == me) return send_h.data<float>()[((me * el + e) * r + i) * w + c];
+    return 1000.0f * q + static_cast<float>((e * r + i) * w + c);
+  };
+  std::vector<int> computed(pe * r, 0);
+  auto compute = [&](int64_t begin, int64_t count) {
+    log.push_back("compute " + std::to_string(begin) + " " + std::to_string(count));
+    const Tensor now = Host(recv);
+    for (int64_t row = begin; row < begin + count; ++row) {
+      ++computed[row];
+      for (int64_t e = 0; e < el; ++e) {
+        for (int64_t c = 0; c < w; ++c) {
+          ASSERT_EQ(now.data<float>()[(e * pe * r + row) * w + c], want(e, row / r, row % r, c))
+              << "row " << row << " of expert " << e << " computed before it arrived";
+        }
+      }
+    }
+  };
+  double a2a = 0, pack = 0;
+  dispatcher.ToExpertsOverlapped(send, &recv, compute, &a2a, &pack);
+  const std::vector<std::string> order = {"start", "compute 5 5", "wait", "compute 0 5",
+                                          "compute 10 5"};
+  EXPECT_EQ(log, order);
+  EXPECT_EQ(computed, std::vector<int>(pe * r, 1));
+  const Tensor got = Host(recv);
+  for (int64_t e = 0; e < el; ++e) {
+    for (int64_t row = 0; row < pe * r; ++row) {
+      for (int64_t c = 0; c < w; ++c) {
+        EXPECT_EQ(got.data<float>()[(e * pe * r + row) * w + c], want(e, row / r, row % r, c));
+      }
     }
   }
 }
