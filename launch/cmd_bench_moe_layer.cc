@@ -3,6 +3,7 @@
 // all-to-all GB/s beside a raw MPI_Alltoallv of the same size, all measured in this run.
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include "launch/bench_moe_layer.h"
 #include "launch/commands.h"
 #include "model/moe_layer.h"
+#include "runtime/backend.h"
 #include "runtime/kernels.h"
 
 namespace moerun {
@@ -21,11 +23,18 @@ struct LayerShape {
   int64_t d, m;
 };
 
+// Fills t (on any device) with scale * N(0, 1) from `seed`.
 void FillNormal(Tensor* t, float scale, uint32_t seed) {
+  Tensor host = Tensor::Empty(t->shape());
   std::mt19937 rng(seed);
   std::normal_distribution<float> n01;
-  float* p = t->data<float>();
-  for (int64_t i = 0; i < t->numel(); ++i) p[i] = scale * n01(rng);
+  float* p = host.data<float>();
+  for (int64_t i = 0; i < host.numel(); ++i) p[i] = scale * n01(rng);
+  if (t->device() == Device::kCPU) {
+    std::copy(p, p + host.numel(), t->data<float>());
+  } else {
+    t->CopyFrom(host);
+  }
 }
 
 // Bus GB/s of a raw MPI_Alltoallv over the world with `floats_per_peer` floats per peer.
@@ -111,7 +120,9 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this\n"
           "run. layer_fraction_of_gemm_limit: the expert FLOPs over the step at the square peak;\n"
           "layer_fraction_of_shape_gemm: the same GEMMs timed alone at the layer's shapes over\n"
-          "the step.",
+          "the step. --device cuda: one rank times the bf16 cuBLAS experts and the GPU routing\n"
+          "kernels beside the cuBLAS peak and PyTorch; several ranks (one GPU each) time the\n"
+          "training path's MoeLayer over NCCL, whole steps only (with --overlap 0,1: its gain).",
           args, desc, nullptr, &vm))
     return *done;
   auto experts = ParseIntList(experts_text);
@@ -155,7 +166,9 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);
-  if (session.device() == Device::kCUDA) {
+  const Device dev = session.device();
+  const bool on_device = dev != Device::kCPU;
+  if (on_device && (session.size() == 1 || !CudaMoeBenchBuilt())) {
     MoeLayerBenchSpec spec;
     spec.tokens = tokens;
     spec.shapes = *shapes;
@@ -166,14 +179,22 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
     spec.capacity_factor = capacity_factor;
     return RunBenchMoeLayerCuda(spec, session);
   }
+  // Several GPUs: the training path's MoeLayer on each rank's GPU, its rows moved by NCCL.
+  if (on_device && session.device_world() == nullptr) {
+    PrintError("moerun bench moe-layer",
+               "--device cuda over " + std::to_string(session.size()) +
+                   " ranks needs the NCCL communicator, which could not be created (see the "
+                   "warning above); check NCCL and one GPU per rank");
+    return kExitUnavailable;
+  }
   Communicator& world = session.world();
   // The square-GEMM peak, measured again after each case (the same clocks and caches as the
   // case, every rank at once as in the layer); a case is reported against the best seen.
-  double peak = MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3);
+  double peak = on_device ? 0.0 : MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3);
   for (const auto& [shape_d, shape_m] : *shapes) {
     const LayerShape shape{shape_d, shape_m};
     for (int64_t e : *experts) {
-      auto groups = MoeGroups::Create(&world, static_cast<int>(e));
+      auto groups = MoeGroups::Create(&world, static_cast<int>(e), session.device_world());
       if (!groups.ok()) {
         PrintError("moerun bench moe-layer",
                    "E=" + std::to_string(e) + ": " + groups.status().message());
@@ -190,6 +211,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           cfg.capacity_factor = capacity_factor;
           cfg.bpr = bpr;
           cfg.overlap_dispatch = overlap;
+          cfg.device = dev;
           MoeLayer layer(cfg, *groups);
           MoeParams& p = layer.params();
           FillNormal(&p.router_weight, 1.0f / std::sqrt(static_cast<float>(shape.d)), 1);
@@ -197,8 +219,11 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                      2 + world.rank());
           FillNormal(&p.fc2_weight, 1.0f / std::sqrt(static_cast<float>(shape.m)),
                      3 + world.rank());
-          Tensor x = Tensor::Empty({tokens, shape.d}), y = Tensor::Empty({tokens, shape.d});
-          Tensor dy = Tensor::Empty({tokens, shape.d}), dx = Tensor::Empty({tokens, shape.d});
+          const Shape rows_shape{tokens, shape.d};
+          Tensor x = Tensor::Empty(rows_shape, DType::kF32, dev);
+          Tensor y = Tensor::Empty(rows_shape, DType::kF32, dev);
+          Tensor dy = Tensor::Empty(rows_shape, DType::kF32, dev);
+          Tensor dx = Tensor::Empty(rows_shape, DType::kF32, dev);
           FillNormal(&x, 1.0f, 10 + world.rank());
           FillNormal(&dy, 1.0f, 20 + world.rank());
           MoeForwardArgs fwd;
@@ -210,11 +235,21 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
             layer.Backward(dy, &dx);
             layer.ReduceReplicaGradients();
           };
+          // On a device the work is queued: wait for it (and for NCCL's streams) around the
+          // timed steps.
+          auto finish = [&] {
+            if (!on_device) return;
+            RequireBackend(dev).Synchronize();
+            (*groups)->expert().Synchronize();
+            if ((*groups)->replicas() != nullptr) (*groups)->replicas()->Synchronize();
+          };
           step(0);  // warm-up: allocates the buffers
+          finish();
           layer.timers() = MoeTimers();
           world.Barrier();
           const double t0 = MPI_Wtime();
           for (int i = 1; i <= steps; ++i) step(i);
+          finish();
           double wall = (MPI_Wtime() - t0) / steps;
           world.AllReduce(&wall, 1, DType::kF64, ReduceOp::kMax);
           const MoeTimers& tm = layer.timers();
@@ -230,6 +265,37 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           // Four all-to-alls per step, each moving E_local*cap*D floats to every peer.
           const int64_t floats_per_peer = el * cap * shape.d;
           const double a2a_bytes = 4.0 * 4.0 * floats_per_peer * (pe - 1);
+          if (!overlap) step_without_overlap = wall;
+          if (on_device) {
+            // Per-part host timers would time only the queueing: the step, and the expert
+            // FLOPs over it.
+            if (!session.is_root()) continue;
+            nlohmann::json line = {
+                {"bench", "moe-layer"},
+                {"device", RequireBackend(dev).Describe()},
+                {"d", shape.d},
+                {"m", shape.m},
+                {"e", e},
+                {"k", k},
+                {"bpr", bpr},
+                {"overlap", overlap},
+                {"capacity_factor", capacity_factor},
+                {"capacity", cap},
+                {"ranks", world.size()},
+                {"tokens_per_rank", tokens},
+                {"precision", "fp32 (the training path's device experts)"},
+                {"step_ms", wall * 1e3},
+                {"tokens_per_s", tokens * world.size() / wall},
+                {"layer_expert_tflops", expert_flops / wall / 1e12},
+                {"note",
+                 "the MoeLayer of `train --device cuda` over NCCL; per-part times are not "
+                 "measured on a device"}};
+            if (overlap && step_without_overlap > 0) {
+              line["overlap_gain"] = step_without_overlap / wall - 1.0;
+            }
+            PrintJsonLine(line);
+            continue;
+          }
           const double raw = pe > 1 && pe == world.size()
                                  ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
                                  : 0.0;
@@ -237,7 +303,6 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           // The same GEMMs alone: this rank's experts' six products at the layer's shapes.
           double shape_s = el * MeasureExpertGemmSeconds(rows, shape.d, shape.m, 0.1);
           world.AllReduce(&shape_s, 1, DType::kF64, ReduceOp::kMax);
-          if (!overlap) step_without_overlap = wall;
           if (!session.is_root()) continue;
           nlohmann::json line = {{"bench", "moe-layer"},
                                  {"d", shape.d},
