@@ -59,9 +59,9 @@ class NcclCommunicator final : public Communicator {
         name_(std::move(name)),
         timeout_s_(timeout_s) {}
   ~NcclCommunicator() override {
-    if (side_ != nullptr) {
-      WaitForStream(side_, "the overlapped all_to_all_v");
+    if (side_ != nullptr) {  // both return at once; CUDA frees them once their work is done
       cudaEventDestroy(side_ready_);
+      cudaEventDestroy(side_done_);
       cudaStreamDestroy(side_);
     }
     if (comm_ != nullptr) ncclCommDestroy(comm_);
@@ -78,6 +78,7 @@ class NcclCommunicator final : public Communicator {
                  const std::vector<int64_t>& send_displs, void* recv,
                  const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
                  DType dtype) override {
+    CheckNothingInFlight("all_to_all_v");
     EnqueueAllToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype,
                      stream_);
   }
@@ -86,35 +87,43 @@ class NcclCommunicator final : public Communicator {
   // work queued next on the communicator's stream (the experts on the rows already here)
   // runs beside it. Wait() makes the communicator's stream wait for it without blocking the
   // host; Test() asks whether it has completed. Nothing else is queued on this communicator
-  // until Wait(): the callers (Dispatcher::ToExpertsOverlapped) keep to that.
+  // until Wait() (checked: the collectives of this communicator end the job if one is
+  // called in between), nor on another communicator of this GPU (NCCL kernels of two
+  // communicators running at once can deadlock): Dispatcher::ToExpertsOverlapped queues
+  // only copies and expert GEMMs in between. The pending collective must not outlive the
+  // communicator.
   std::unique_ptr<PendingCollective> StartAllToAllV(
       const void* send, const std::vector<int64_t>& send_counts,
       const std::vector<int64_t>& send_displs, void* recv, const std::vector<int64_t>& recv_counts,
       const std::vector<int64_t>& recv_displs, DType dtype) override {
+    CheckNothingInFlight("the overlapped all_to_all_v");
     if (side_ == nullptr) {
       CudaCheck(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "cudaStreamCreate");
       CudaCheck(cudaEventCreateWithFlags(&side_ready_, cudaEventDisableTiming), "cudaEventCreate");
+      CudaCheck(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming), "cudaEventCreate");
     }
     CudaCheck(cudaEventRecord(side_ready_, stream_), "cudaEventRecord");
     CudaCheck(cudaStreamWaitEvent(side_, side_ready_, 0), "cudaStreamWaitEvent");
     EnqueueAllToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype, side_);
-    cudaEvent_t done = nullptr;
-    CudaCheck(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
-    CudaCheck(cudaEventRecord(done, side_), "cudaEventRecord");
-    return std::make_unique<Pending>(this, done);
+    CudaCheck(cudaEventRecord(side_done_, side_), "cudaEventRecord");
+    in_flight_ = true;
+    return std::make_unique<Pending>(this);
   }
 
   void AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) override {
+    CheckNothingInFlight("all_reduce");
     Check(ncclAllReduce(buffer, buffer, static_cast<size_t>(count), ToNcclType(dtype), ToNcclOp(op),
                         comm_, stream_),
           "ncclAllReduce");
   }
   void Broadcast(void* buffer, int64_t count, DType dtype, int root) override {
+    CheckNothingInFlight("broadcast");
     Check(ncclBroadcast(buffer, buffer, static_cast<size_t>(count), ToNcclType(dtype), root, comm_,
                         stream_),
           "ncclBroadcast");
   }
   void AllGather(const void* send, int64_t count, void* recv, DType dtype) override {
+    CheckNothingInFlight("all_gather");
     Check(ncclAllGather(send, recv, static_cast<size_t>(count), ToNcclType(dtype), comm_, stream_),
           "ncclAllGather");
   }
@@ -164,16 +173,14 @@ class NcclCommunicator final : public Communicator {
     }
   }
 
-  // An all-to-all on the side stream: done when `done_` has been reached.
+  // The all-to-all on the side stream: done when its side_done_ record has been reached.
   class Pending final : public PendingCollective {
    public:
-    Pending(NcclCommunicator* owner, cudaEvent_t done) : owner_(owner), done_(done) {}
-    ~Pending() override {
-      Wait();
-      cudaEventDestroy(done_);
-    }
+    explicit Pending(NcclCommunicator* owner) : owner_(owner) {}
+    ~Pending() override { Wait(); }
     bool Test() override {
-      const cudaError_t q = cudaEventQuery(done_);
+      if (waited_) return true;
+      const cudaError_t q = cudaEventQuery(owner_->side_done_);
       if (q == cudaSuccess) return true;
       owner_->CudaCheck(q == cudaErrorNotReady ? cudaSuccess : q, "the overlapped all_to_all_v");
       owner_->CheckAsyncError();
@@ -182,14 +189,20 @@ class NcclCommunicator final : public Communicator {
     void Wait() override {
       if (waited_) return;
       waited_ = true;
-      owner_->CudaCheck(cudaStreamWaitEvent(owner_->stream_, done_, 0), "cudaStreamWaitEvent");
+      owner_->in_flight_ = false;
+      owner_->CudaCheck(cudaStreamWaitEvent(owner_->stream_, owner_->side_done_, 0),
+                        "cudaStreamWaitEvent");
     }
 
    private:
     NcclCommunicator* owner_;
-    cudaEvent_t done_;
     bool waited_ = false;
   };
+
+  void CheckNothingInFlight(const char* call) const {
+    CHECK(!in_flight_) << RankTag() << ": " << call << " on '" << name_
+                       << "' while an overlapped all_to_all_v is in flight (Wait() it first)";
+  }
 
   void EnqueueAllToAllV(const void* send, const std::vector<int64_t>& send_counts,
                         const std::vector<int64_t>& send_displs, void* recv,
@@ -247,7 +260,8 @@ class NcclCommunicator final : public Communicator {
   std::string name_;
   double timeout_s_;
   cudaStream_t side_ = nullptr;  // StartAllToAllV's stream
-  cudaEvent_t side_ready_ = nullptr;
+  cudaEvent_t side_ready_ = nullptr, side_done_ = nullptr;
+  bool in_flight_ = false;  // a StartAllToAllV not yet waited for
 };
 
 }  // namespace

@@ -235,13 +235,14 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
             layer.Backward(dy, &dx);
             layer.ReduceReplicaGradients();
           };
-          // On a device the work is queued: wait for it (and for NCCL's streams) around the
-          // timed steps.
+          // On a device the work is queued: wait for it around the timed steps, NCCL's
+          // streams first (their wait polls for a failed or missing peer and the watchdog
+          // timeout; the backend's would block).
           auto finish = [&] {
             if (!on_device) return;
-            RequireBackend(dev).Synchronize();
             (*groups)->expert().Synchronize();
             if ((*groups)->replicas() != nullptr) (*groups)->replicas()->Synchronize();
+            RequireBackend(dev).Synchronize();
           };
           step(0);  // warm-up: allocates the buffers
           finish();

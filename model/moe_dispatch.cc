@@ -197,6 +197,12 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
   CHECK(ep.device() == dev) << "the expert-parallel communicator moves " << DeviceName(ep.device())
                             << " memory but the MoE rows are on " << DeviceName(dev)
                             << " (a GPU layer needs the NCCL communicator)";
+  CHECK_EQ(send.dim(0), pe * el) << "overlapped dispatch of " << send.ShapeString();
+  // The copies below run on the device backend's stream, which Wait() orders after the
+  // transfer only if it is the communicator's.
+  CHECK(dev == Device::kCPU || ep.stream() == RequireBackend(dev).stream())
+      << "the expert-parallel communicator '" << ep.name()
+      << "' queues on another stream than the device backend's";
   EnsureTensor(&staging_, {pe, el, r, w}, DType::kF32, dev);
   MOERUN_CHECK_SHAPE(*recv, {el, pe * r, w});
   CHECK(recv->device() == dev) << "expert rows on " << DeviceName(recv->device())

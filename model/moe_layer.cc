@@ -126,6 +126,10 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     in.first_token = args.first_token;
     in.noise = args.noise;
     in.task = args.task;
+    // On a device, the host copy of x waits for everything queued; wait for the NCCL
+    // streams first, whose wait ends the job on a failed or missing peer (the watchdog)
+    // where the copy would block.
+    if (dev != Device::kCPU) groups_->expert().Synchronize();
     MOERUN_RETURN_IF_ERROR(router_.Forward(dev == Device::kCPU ? x : x.To(Device::kCPU), in));
   }
   // 2. Routing plan (per group: top-k, priority order, slots; capacity) and losses.
@@ -197,6 +201,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
   ScopedTimer timer(&timers_.bwd_router);
+  if (config_.device != Device::kCPU) groups_->expert().Synchronize();  // as in Forward
   aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }
 
