@@ -25,11 +25,18 @@ void SwapBlockAxes(const Tensor& src_t, Tensor* dst_t, int64_t a_count, int64_t 
   const float* src = src_t.device_data<float>(dev);
   float* dst = dst_t->device_data<float>(dev);
   if (dev != Device::kCPU) {
+    // One strided copy per index of the shorter axis (not a_count * b_count copies).
     Backend& backend = RequireBackend(dev);
-    for (int64_t a = 0; a < a_count; ++a) {
-      for (int64_t b = 0; b < b_count; ++b) {
-        backend.CopyWithin(dst + (b * a_count + a) * chunk, src + (a * b_count + b) * chunk,
-                           chunk * sizeof(float));
+    const size_t bytes = chunk * sizeof(float);
+    if (a_count <= b_count) {
+      for (int64_t a = 0; a < a_count; ++a) {  // rows b: dst pitch a_count, src pitch 1
+        backend.CopyWithin2D(dst + a * chunk, a_count * bytes, src + a * b_count * chunk, bytes,
+                             bytes, b_count);
+      }
+    } else {
+      for (int64_t b = 0; b < b_count; ++b) {  // rows a: dst pitch 1, src pitch b_count
+        backend.CopyWithin2D(dst + b * a_count * chunk, bytes, src + b * chunk, b_count * bytes,
+                             bytes, a_count);
       }
     }
     return;
@@ -223,12 +230,11 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
     float* dst = recv->device_data<float>(dev);
     const int64_t chunk = r * w, n = static_cast<int64_t>(peers.size());
     if (dev != Device::kCPU) {
+      // One strided copy per peer: its E_local blocks, pe blocks apart in recv.
       Backend& backend = RequireBackend(dev);
+      const size_t bytes = chunk * sizeof(float);
       for (int64_t q : peers) {
-        for (int64_t e = 0; e < el; ++e) {
-          backend.CopyWithin(dst + (e * pe + q) * chunk, from + (q * el + e) * chunk,
-                             chunk * sizeof(float));
-        }
+        backend.CopyWithin2D(dst + q * chunk, pe * bytes, from + q * el * chunk, bytes, bytes, el);
       }
       return;
     }

@@ -12,6 +12,18 @@
 #include "runtime/cuda_backend.h"
 
 namespace moerun {
+
+void Backend::CopyWithin2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                           size_t row_bytes, size_t rows) {
+  CHECK(row_bytes <= dst_pitch && row_bytes <= src_pitch)
+      << "2D copy: rows of " << row_bytes << " bytes at pitches " << dst_pitch << " / "
+      << src_pitch;
+  for (size_t i = 0; i < rows; ++i) {
+    CopyWithin(static_cast<char*>(dst) + i * dst_pitch,
+               static_cast<const char*>(src) + i * src_pitch, row_bytes);
+  }
+}
+
 namespace {
 
 constexpr size_t kHostAlignment = 64;

@@ -32,6 +32,11 @@ class Backend {
   virtual void CopyFromHost(void* device_dst, const void* host_src, size_t bytes) = 0;
   virtual void CopyToHost(void* host_dst, const void* device_src, size_t bytes) = 0;
   virtual void CopyWithin(void* dst, const void* src, size_t bytes) = 0;
+  // `rows` rows of `row_bytes` each, the rows `src_pitch` bytes apart in src and `dst_pitch`
+  // apart in dst (both >= row_bytes), in one call where the device has one
+  // (cudaMemcpy2DAsync); regions must not overlap. The default copies row by row.
+  virtual void CopyWithin2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                            size_t row_bytes, size_t rows);
   // Waits for all work queued on this backend's stream.
   virtual void Synchronize() = 0;
   // The stream work on this device is ordered on (cudaStream_t for CUDA, nullptr for CPU).

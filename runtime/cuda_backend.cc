@@ -87,6 +87,18 @@ class CudaBackend final : public Backend {
   void CopyWithin(void* dst, const void* src, size_t bytes) override {
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
   }
+  void CopyWithin2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                    size_t row_bytes, size_t rows) override {
+    // cudaMemcpy2DAsync takes pitches up to cudaDevAttrMaxPitch (2^31 - 1 bytes on current
+    // GPUs); wider ones go row by row.
+    constexpr size_t kMaxPitch = 2147483647u;
+    if (rows <= 1 || dst_pitch > kMaxPitch || src_pitch > kMaxPitch) {
+      Backend::CopyWithin2D(dst, dst_pitch, src, src_pitch, row_bytes, rows);
+      return;
+    }
+    MOERUN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                                        cudaMemcpyDeviceToDevice, stream_));
+  }
   void Synchronize() override { MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   void* stream() const override { return stream_; }
   size_t allocated_bytes() const override { return allocated_.load(); }

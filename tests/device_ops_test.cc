@@ -867,17 +867,26 @@ class DeviceLoopback : public LoopbackCommunicator {
 // The layer over one rank and over two expert-parallel ranks (the second simulated): the
 // all-to-all, the block swaps and the experts on the device.
 TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
-  for (auto [ranks, overlap] : {std::pair{1, false}, std::pair{2, false}, std::pair{2, true}}) {
-    SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)" +
-                 (overlap ? ", overlapped dispatch" : ""));
+  // Experts per rank below, equal to and above the rank count, so the block swaps run both
+  // ways round (more peers than local experts, and fewer).
+  struct Case {
+    int ranks, experts;
+    bool overlap;
+  };
+  for (const Case c : {Case{1, 4, false}, Case{2, 4, false}, Case{2, 4, true}, Case{4, 4, false},
+                       Case{4, 4, true}, Case{2, 8, false}}) {
+    const int ranks = c.ranks;
+    const bool overlap = c.overlap;
+    SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s), " + std::to_string(c.experts) +
+                 " experts" + (overlap ? ", overlapped dispatch" : ""));
     LoopbackCommunicator host_world(0, ranks);
     DeviceLoopback device_world(0, ranks);
-    auto host_groups = *MoeGroups::Create(&host_world, 4);
-    auto device_groups = *MoeGroups::Create(&device_world, 4);
+    auto host_groups = *MoeGroups::Create(&host_world, c.experts);
+    auto device_groups = *MoeGroups::Create(&device_world, c.experts);
     MoeLayerConfig cfg;
     cfg.d = 16;
     cfg.m = 24;
-    cfg.num_experts = 4;
+    cfg.num_experts = c.experts;
     cfg.k = 2;
     cfg.capacity_factor = 1.0;
     cfg.bpr = true;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "runtime/backend.h"
 #include "runtime/process.h"
@@ -108,6 +109,22 @@ TEST(DeviceSeamTest, CpuBackendAllocatesThroughStorageAndCounts) {
     EXPECT_EQ(t.To(Device::kCPU).raw_data(), t.raw_data());
   }
   EXPECT_EQ(cpu.allocated_bytes(), before);
+}
+
+TEST(DeviceSeamTest, CopyWithin2DCopiesPitchedRowsAndLeavesTheGapsAlone) {
+  Backend& cpu = RequireBackend(Device::kCPU);
+  // 3 rows of 2 floats from a source whose rows are 5 floats apart, into a destination whose
+  // rows are 3 floats apart, starting one float into each.
+  std::vector<float> src(20), dst(12, -1.0f);
+  for (int i = 0; i < 20; ++i) src[i] = static_cast<float>(i);
+  cpu.CopyWithin2D(dst.data() + 1, 3 * sizeof(float), src.data() + 1, 5 * sizeof(float),
+                   2 * sizeof(float), 3);
+  const std::vector<float> want = {-1, 1, 2, -1, 6, 7, -1, 11, 12, -1, -1, -1};
+  EXPECT_EQ(dst, want);
+  // A row wider than a pitch is a caller's bug, not a silent overlap.
+  EXPECT_DEATH(cpu.CopyWithin2D(dst.data(), sizeof(float), src.data(), 5 * sizeof(float),
+                                2 * sizeof(float), 2),
+               "2D copy");
 }
 
 TEST(DeviceSeamTest, ParseDeviceNamesWhatIsMissing) {
