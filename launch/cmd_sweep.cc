@@ -309,8 +309,9 @@ int RunSweep(const std::vector<std::string>& args, ProgramArgs program) {
       ("plot-script", po::value(&plot_script),
        "the plotting script (default launch/sweep_plots.py)")  //
       ("plots-only", po::bool_switch(&plots_only),
-       "redraw the CSVs and plots of --out and stop")  //
-      ("dry-run", po::bool_switch(&dry), "print the points and their commands, run nothing");
+       "redraw the CSVs and plots of --out and stop")                                         //
+      ("dry-run", po::bool_switch(&dry), "print the points and their commands, run nothing")  //
+      ("help,h", "show this help");
   po::positional_options_description positional;
   positional.add("config", 1);
   po::variables_map vm;

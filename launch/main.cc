@@ -54,7 +54,8 @@ int Extract(const std::vector<std::string>& a, moerun::ProgramArgs p) {
 const CommandEntry kCommands[] = {
     {"env", "show world size, ranks, hosts, threads, BLAS, MPI and CUDA of this job",
      moerun::RunEnv},
-    {"bench", "benchmarks printing JSON lines: 'bench comm', 'bench gemm'", nullptr},
+    {"bench", "benchmarks printing JSON lines: comm, gemm, moe-layer, train, checkpoint, soak",
+     nullptr},
     {"replay-moe", "run one MoE layer on a case file and write outputs and gradients",
      moerun::RunReplayMoe},
     {"replay-modsquad", "run one Mod-Squad MoE layer over one multi-task step from a case file",

@@ -214,11 +214,12 @@ row 1 "cannot write the results to standard output" bash -c "'$m' env >/dev/full
 row 1 "cannot write the results to standard output" bash -c "'$m' checkpoint info '$ck' >/dev/full"
 
 # --- --help lists every command; every command has --help -----------------------------------
-for c in env bench replay-moe replay-modsquad train eval plan checkpoint export import reshard usage extract; do
+for c in env bench replay-moe replay-modsquad train eval sweep plan dry-run checkpoint export import reshard usage extract; do
   row 0 "^  $c " "$m" --help
 done
-for c in train eval plan checkpoint export import reshard replay-moe replay-modsquad env usage extract; do
+for c in train eval sweep plan dry-run checkpoint export import reshard replay-moe replay-modsquad env usage extract; do
   row 0 "Usage: .*moerun $c" "$m" $c --help
+  row 0 "Usage: .*moerun $c" "$m" $c -h
 done
 for t in comm gemm moe-layer train checkpoint soak; do
   row 0 "^  $t " "$m" bench --help
