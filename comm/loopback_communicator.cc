@@ -4,14 +4,33 @@
 #include <glog/logging.h>
 
 #include <cstring>
+#include <vector>
 
+#include "runtime/backend.h"
 #include "runtime/process.h"
 
 namespace moerun {
 
-LoopbackCommunicator::LoopbackCommunicator(int rank, int size, std::string name)
-    : rank_(rank), size_(size), name_(std::move(name)) {
+LoopbackCommunicator::LoopbackCommunicator(int rank, int size, std::string name, Device device)
+    : rank_(rank), size_(size), name_(std::move(name)), device_(device) {
   CHECK(size >= 1 && rank >= 0 && rank < size) << "rank " << rank << " of " << size;
+  if (device_ != Device::kCPU) (void)RequireBackend(device_);  // dies naming a missing backend
+}
+
+void* LoopbackCommunicator::stream() const {
+  return device_ == Device::kCPU ? nullptr : RequireBackend(device_).stream();
+}
+
+void LoopbackCommunicator::Synchronize() {
+  if (device_ != Device::kCPU) RequireBackend(device_).Synchronize();
+}
+
+void LoopbackCommunicator::Copy(void* dst, const void* src, size_t bytes) {
+  if (device_ == Device::kCPU) {
+    std::memcpy(dst, src, bytes);
+  } else {
+    RequireBackend(device_).CopyWithin(dst, src, bytes);
+  }
 }
 
 void LoopbackCommunicator::AllToAllV(const void* send, const std::vector<int64_t>& send_counts,
@@ -35,13 +54,17 @@ void LoopbackCommunicator::AllToAllV(const void* send, const std::vector<int64_t
     }
     if (n == 0) continue;
     if (self_count == 0) {
-      std::memset(dst, 0, n * es);
+      if (device_ == Device::kCPU) {
+        std::memset(dst, 0, n * es);
+      } else {
+        RequireBackend(device_).SetZero(dst, n * es);
+      }
       continue;
     }
     // The simulated peer's block: this rank's own block, repeated or cut to n elements.
     for (int64_t done = 0; done < n;) {
       const int64_t chunk = std::min(n - done, self_count);
-      std::memcpy(dst + done * es, self, chunk * es);
+      Copy(dst + done * es, self, chunk * es);
       done += chunk;
     }
   }
@@ -60,6 +83,18 @@ void LoopbackCommunicator::AllReduce(void* buffer, int64_t count, DType dtype, R
     all_reduce_bytes_ += static_cast<int64_t>(2.0 * (size_ - 1) / size_ * count * DTypeSize(dtype));
   }
   if (op != ReduceOp::kSum || size_ == 1) return;
+  if (device_ != Device::kCPU) {
+    std::vector<char> host(count * DTypeSize(dtype));
+    Backend& backend = RequireBackend(device_);
+    backend.CopyToHost(host.data(), buffer, host.size());
+    ScaleBy(host.data(), count, dtype);
+    backend.CopyFromHost(buffer, host.data(), host.size());
+    return;
+  }
+  ScaleBy(buffer, count, dtype);
+}
+
+void LoopbackCommunicator::ScaleBy(void* buffer, int64_t count, DType dtype) const {
   switch (dtype) {
     case DType::kF32:
       Scale<float>(buffer, count, size_);
@@ -84,7 +119,7 @@ void LoopbackCommunicator::Broadcast(void*, int64_t, DType, int root) {
 
 void LoopbackCommunicator::AllGather(const void* send, int64_t count, void* recv, DType dtype) {
   const size_t bytes = count * DTypeSize(dtype);
-  for (int p = 0; p < size_; ++p) std::memcpy(static_cast<char*>(recv) + p * bytes, send, bytes);
+  for (int p = 0; p < size_; ++p) Copy(static_cast<char*>(recv) + p * bytes, send, bytes);
 }
 
 std::unique_ptr<Communicator> LoopbackCommunicator::Split(int, int, const std::string& name) {

@@ -7,7 +7,10 @@
 //   AllReduce  sum: the value times size() (all ranks equal); max/min: the value;
 //   Broadcast  a no-op (the root holds what this rank holds); AllGather: own block, size()
 //              times; Barrier: a no-op.
-// It counts the bytes a real job would send to and receive from other ranks.
+// It counts the bytes a real job would send to and receive from other ranks. On a device
+// (`dry-run --device cuda`) the buffers are that device's memory and every copy goes through
+// its backend, in the order of its stream; a sum all-reduce scales on the host (a round
+// trip: a dry-run's figures are memory and shapes, not all-reduce time).
 #ifndef MOERUN_COMM_LOOPBACK_COMMUNICATOR_H_
 #define MOERUN_COMM_LOOPBACK_COMMUNICATOR_H_
 
@@ -17,7 +20,12 @@ namespace moerun {
 
 class LoopbackCommunicator : public Communicator {
  public:
-  LoopbackCommunicator(int rank, int size, std::string name = "world");
+  LoopbackCommunicator(int rank, int size, std::string name = "world",
+                       Device device = Device::kCPU);
+
+  Device device() const override { return device_; }
+  void* stream() const override;
+  void Synchronize() override;
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -42,8 +50,13 @@ class LoopbackCommunicator : public Communicator {
   int64_t all_reduce_bytes() const { return all_reduce_bytes_; }
 
  private:
+  // memcpy on the host, the device backend's copy elsewhere.
+  void Copy(void* dst, const void* src, size_t bytes);
+  // buffer *= size() (the sum over equal ranks), host memory.
+  void ScaleBy(void* buffer, int64_t count, DType dtype) const;
   int rank_, size_;
   std::string name_;
+  Device device_;
   int64_t a2a_sent_ = 0, a2a_received_ = 0, all_reduce_bytes_ = 0;
 };
 

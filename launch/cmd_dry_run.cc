@@ -9,10 +9,12 @@
 #include <cmath>
 #include <iomanip>
 #include <iostream>
+#include <memory>
 
 #include "comm/loopback_communicator.h"
 #include "launch/commands.h"
 #include "model/vit_spec.h"
+#include "runtime/backend.h"
 #include "runtime/config.h"
 #include "runtime/process.h"
 #include "runtime/trainer.h"
@@ -36,6 +38,7 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
       ("steps", po::value(&steps)->default_value(2),
        "training steps (the first includes first-touch page faults and buffer growth)");
   AddGlobalOptions(&desc, &global);
+  global.cuda_supported = true;
   po::positional_options_description positional;
   positional.add("config", 1);
   po::variables_map vm;
@@ -48,7 +51,10 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
           "real job's shapes and byte counts).\nPrints parameters, measured peak resident "
           "memory and step time beside `moerun plan`'s figures\n(one JSON line). Run it "
           "without mpirun. For a model too big for this host: --micro-batch 1,\n-o "
-          "train.optimizer_moments=BF16 (half the AdamW state).",
+          "train.optimizer_moments=BF16 (half the AdamW state). With --device cuda the rank is "
+          "built on\nthis process's GPU (its peers' blocks copied on the device) and the line "
+          "adds the device's\npeak allocation (peak_device_bytes), which is then what "
+          "peak_over_plan compares.",
           args, desc, &positional, &vm))
     return *done;
   const std::string cmd = "moerun dry-run";
@@ -124,9 +130,17 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
   const Dataset data =
       MakeSyntheticDataset(c.train().seed(), micro * ranks, m.channels(), m.image_size(),
                            m.image_size(), std::min(10, m.num_classes()));
-  LoopbackCommunicator world(rank, ranks);
+  // On a device the expert all-to-alls and dense all-reduces move device memory: a second
+  // loopback over the same simulated ranks does it there; host scalars keep the first.
+  const Device device = session.device();
+  LoopbackCommunicator host_world(rank, ranks);
+  std::unique_ptr<LoopbackCommunicator> device_world;
+  if (device != Device::kCPU) {
+    device_world = std::make_unique<LoopbackCommunicator>(rank, ranks, "world", device);
+  }
+  LoopbackCommunicator& world = device_world ? *device_world : host_world;
   const auto t_build = std::chrono::steady_clock::now();
-  auto trainer = Trainer::Create(c, &world, &data);
+  auto trainer = Trainer::Create(c, &host_world, &data, device, device_world.get());
   if (!trainer.ok()) {
     PrintError(cmd, trainer.status().message());
     return kExitUsage;
@@ -157,7 +171,12 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
       return kExitFailure;
     }
   }
-  const double peak = ProcessMemoryBytes("VmHWM");
+  const double peak_rss = ProcessMemoryBytes("VmHWM");
+  // The plan's per-rank bytes are where the model lives: host memory, or the GPU's.
+  const double peak_device =
+      device == Device::kCPU ? 0.0
+                             : static_cast<double>(RequireBackend(device).peak_allocated_bytes());
+  const double peak = device == Device::kCPU ? peak_rss : peak_device;
   const StepTimeSplit& ts = (*trainer)->time_split();
   const double per = 1000.0 / std::max<int64_t>(1, ts.steps);
   nlohmann::json step_ms = nlohmann::json::object();
@@ -181,7 +200,9 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
                  {"loss", st.loss},
                  {"a2a_bytes_per_step", a2a_per_step},
                  {"a2a_bytes_per_step_plan", plan.a2a_bytes_per_step},
-                 {"peak_rss_bytes", static_cast<int64_t>(peak)},
+                 {"device", device == Device::kCPU ? "cpu" : RequireBackend(device).Describe()},
+                 {"peak_rss_bytes", static_cast<int64_t>(peak_rss)},
+                 {"peak_device_bytes", static_cast<int64_t>(peak_device)},
                  {"rss_before_build_bytes", static_cast<int64_t>(rss_start)},
                  {"plan_bytes", plan.bytes_per_rank},
                  {"plan_param_bytes", plan.param_bytes},
@@ -191,10 +212,10 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
                  {"peak_over_plan", ratio},
                  {"within_10_percent", std::fabs(ratio - 1) <= 0.10},
                  {"note", group_note}});
-  LOG(INFO) << "dry-run: peak resident " << GiBString(peak) << " vs the plan's "
-            << GiBString(plan.bytes_per_rank) << " (" << std::setprecision(1) << 100 * (ratio - 1)
-            << "%); parameters " << (params == plan.params_per_rank ? "equal to" : "DIFFERENT FROM")
-            << " the plan's";
+  LOG(INFO) << "dry-run: peak " << (device == Device::kCPU ? "resident " : "device allocation ")
+            << GiBString(peak) << " vs the plan's " << GiBString(plan.bytes_per_rank) << " ("
+            << std::setprecision(1) << 100 * (ratio - 1) << "%); parameters "
+            << (params == plan.params_per_rank ? "equal to" : "DIFFERENT FROM") << " the plan's";
   if (params != plan.params_per_rank) {
     PrintError(cmd, "built " + std::to_string(params) + " parameters but the plan counts " +
                         std::to_string(plan.params_per_rank) + " (a bug: please report it)");

@@ -48,6 +48,8 @@ if "$moerun" env --json | grep -q '"cuda_devices":0'; then
     "$moerun" bench moe-layer --device cuda --steps 1
   expect 3 'no CUDA device is visible|built without the CUDA backend' "${np2[@]}" "$moerun" train --config \
     "$src/configs/fashion_mnist_demo.pbtxt" --device cuda
+  expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" dry-run --config \
+    "$src/configs/tiny_test.pbtxt" --ranks 2 --device cuda
 fi
 expect 2 '--device tpu: use cpu or cuda' "$moerun" bench moe-layer --device tpu
 # bench moe-layer at a tiny shape, without and with the overlapped dispatch: the layer's

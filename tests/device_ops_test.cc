@@ -856,13 +856,90 @@ TEST_F(StandInCuda, ExpertMlpRunsOnTheDeviceOfItsParameters) {
 // The MoE layer with its rows, experts and combine on the device (router, plan and losses
 // on the host): the same outputs, input gradients and parameter gradients as on the CPU,
 // dropping by BPR at capacity factor 1, one expert-parallel rank.
-// A loopback world (simulated peers) whose collectives move the stand-in device's memory,
-// as the NCCL communicator moves a GPU's.
+// A loopback world (simulated peers) whose collectives move the stand-in device's memory
+// through its backend, as the NCCL communicator moves a GPU's (dry-run --device cuda's).
 class DeviceLoopback : public LoopbackCommunicator {
  public:
-  using LoopbackCommunicator::LoopbackCommunicator;
-  Device device() const override { return Device::kCUDA; }
+  DeviceLoopback(int rank, int size) : LoopbackCommunicator(rank, size, "world", Device::kCUDA) {}
 };
+
+// The stand-in backend, counting the calls that touch memory: device code that reached
+// device memory with memcpy would work on the stand-in's host memory but not on a GPU.
+class CountingBackend : public Backend {
+ public:
+  explicit CountingBackend(Backend* inner) : inner_(inner) {}
+  Device device() const override { return inner_->device(); }
+  std::string Describe() const override { return inner_->Describe(); }
+  void* Allocate(size_t bytes) override { return inner_->Allocate(bytes); }
+  void Free(void* p, size_t bytes) override { inner_->Free(p, bytes); }
+  void SetZero(void* p, size_t bytes) override {
+    ++zeros;
+    inner_->SetZero(p, bytes);
+  }
+  void CopyFromHost(void* d, const void* s, size_t bytes) override {
+    ++from_host;
+    inner_->CopyFromHost(d, s, bytes);
+  }
+  void CopyToHost(void* d, const void* s, size_t bytes) override {
+    ++to_host;
+    inner_->CopyToHost(d, s, bytes);
+  }
+  void CopyWithin(void* d, const void* s, size_t bytes) override {
+    ++within;
+    inner_->CopyWithin(d, s, bytes);
+  }
+  void Synchronize() override { inner_->Synchronize(); }
+  void* stream() const override { return inner_->stream(); }
+  size_t allocated_bytes() const override { return inner_->allocated_bytes(); }
+  size_t peak_allocated_bytes() const override { return inner_->peak_allocated_bytes(); }
+  int zeros = 0, from_host = 0, to_host = 0, within = 0;
+
+ private:
+  Backend* inner_;
+};
+
+// A device loopback's collectives: the simulated peers' blocks, sums and gathers as on the
+// host, every byte moved by the device's backend.
+TEST_F(StandInCuda, DeviceLoopbackMovesDeviceMemoryThroughTheBackend) {
+  auto dev = [](const std::vector<float>& v) {
+    Tensor t = Tensor::Empty({static_cast<int64_t>(v.size())});
+    std::copy(v.begin(), v.end(), t.data<float>());
+    return Dev(t);
+  };
+  auto host = [](const Tensor& d, int64_t n) {
+    const Tensor h = Host(d);
+    return std::vector<float>(h.data<float>(), h.data<float>() + n);
+  };
+  CountingBackend counting(backend_.get());
+  SetBackendForTesting(Device::kCUDA, &counting);
+  DeviceLoopback world(1, 3);
+  EXPECT_EQ(world.device(), Device::kCUDA);
+  // All-to-all: this rank sends itself {10, 11}; peers' blocks are copies of it, cut or
+  // repeated to the counts expected (1 from rank 0, 3 from rank 2).
+  const Tensor send = dev({0, 10, 11, 0});
+  Tensor recv = Tensor::Empty({6}, DType::kF32, Device::kCUDA);
+  world.AllToAllV(send.raw_data(), {1, 2, 1}, {0, 1, 3}, recv.raw_data(), {1, 2, 3}, {0, 1, 3},
+                  DType::kF32);
+  const int within_before_read = counting.within;
+  EXPECT_EQ(host(recv, 6), (std::vector<float>{10, 10, 11, 10, 11, 10}));
+  EXPECT_EQ(counting.to_host, 1) << "only the test's read";
+  EXPECT_GE(within_before_read, 4);
+  // A peer expecting rows from a rank that sends itself none gets zeros.
+  world.AllToAllV(send.raw_data(), {0, 0, 0}, {0, 0, 0}, recv.raw_data(), {0, 0, 2}, {0, 0, 0},
+                  DType::kF32);
+  EXPECT_EQ(counting.zeros, 1);
+  EXPECT_EQ(host(recv, 2), (std::vector<float>{0, 0}));
+  // Sum over three equal ranks: three times; max: itself.
+  Tensor g = dev({1.5f, -2});
+  world.AllReduce(g.raw_data(), 2, DType::kF32, ReduceOp::kSum);
+  EXPECT_EQ(host(g, 2), (std::vector<float>{4.5f, -6}));
+  world.AllReduce(g.raw_data(), 2, DType::kF32, ReduceOp::kMax);
+  EXPECT_EQ(host(g, 2), (std::vector<float>{4.5f, -6}));
+  Tensor all = Tensor::Empty({6}, DType::kF32, Device::kCUDA);
+  world.AllGather(g.raw_data(), 2, all.raw_data(), DType::kF32);
+  EXPECT_EQ(host(all, 6), (std::vector<float>{4.5f, -6, 4.5f, -6, 4.5f, -6}));
+  SetBackendForTesting(Device::kCUDA, backend_.get());
+}
 
 // The layer over one rank and over two expert-parallel ranks (the second simulated): the
 // all-to-all, the block swaps and the experts on the device.
