@@ -17,6 +17,7 @@
 
 #include "launch/commands.h"
 #include "model/vit_spec.h"
+#include "runtime/backend.h"
 #include "runtime/config.h"
 
 namespace moerun {
@@ -283,7 +284,8 @@ int Plots(const std::string& self, const std::string& out, const std::string& sc
 
 int RunSweep(const std::vector<std::string>& args, ProgramArgs program) {
   (void)program;
-  std::string config_path, spec_path, out, launcher = "auto", eval_list, plot_script;
+  std::string config_path, spec_path, out, launcher = "auto", eval_list, plot_script,
+                                           device = "cpu";
   std::vector<std::string> grids, overrides;
   int64_t steps = 0;
   bool dry = false, plots_only = false;
@@ -309,7 +311,10 @@ int RunSweep(const std::vector<std::string>& args, ProgramArgs program) {
       ("plot-script", po::value(&plot_script),
        "the plotting script (default launch/sweep_plots.py)")  //
       ("plots-only", po::bool_switch(&plots_only),
-       "redraw the CSVs and plots of --out and stop")                                         //
+       "redraw the CSVs and plots of --out and stop")  //
+      ("device", po::value(&device)->default_value("cpu"),
+       "where every point's train and eval run: cpu, or cuda (passed on as --device cuda: a "
+       "GPU per rank)")                                                                       //
       ("dry-run", po::bool_switch(&dry), "print the points and their commands, run nothing")  //
       ("help,h", "show this help");
   po::positional_options_description positional;
@@ -329,6 +334,10 @@ int RunSweep(const std::vector<std::string>& args, ProgramArgs program) {
           args, desc, &positional, &vm))
     return *done;
   const std::string cmd = "moerun sweep";
+  if (device != "cpu" && device != "cuda") {
+    PrintError(cmd, "--device " + device + ": use cpu or cuda");
+    return kExitUsage;
+  }
   // Axes from --spec and --grid.
   std::vector<Axis> axes;
   if (!spec_path.empty()) {
@@ -435,11 +444,20 @@ int RunSweep(const std::vector<std::string>& args, ProgramArgs program) {
   std::string launcher_text;
   const std::vector<std::string> prefix = LauncherPrefix(launcher, self, &launcher_text);
   const bool slurm = !prefix.empty() && prefix[0] == "srun";
+  // Points started here need a GPU here; srun's land on the allocation's nodes, which the
+  // points themselves check (exit 3). A dry run only prints.
+  if (device == "cuda" && !slurm && !dry && CudaDeviceCount() == 0) {
+    PrintError(cmd, "--device cuda: this host has no visible CUDA device (" + CudaBackendSummary() +
+                        "); run the sweep on a GPU node (or inside a Slurm allocation with "
+                        "GPUs), or use --device cpu");
+    return kExitUnavailable;
+  }
 
   // What defines the sweep: a rerun must match it.
   nlohmann::json def = {{"config", fs::absolute(config_path).string()},
                         {"overrides", base_overrides},
                         {"eval_capacities", eval_cfs}};
+  if (device != "cpu") def["device"] = device;  // absent on cpu: earlier sweeps still resume
   nlohmann::json jaxes = nlohmann::json::array();
   for (const Axis& a : axes) jaxes.push_back({{"key", a.key}, {"values", a.values}});
   def["axes"] = jaxes;
@@ -456,6 +474,7 @@ int RunSweep(const std::vector<std::string>& args, ProgramArgs program) {
     argv.push_back(std::to_string(p.ranks));
     argv.push_back(self);
     argv.push_back(train_cmd ? "train" : "eval");
+    if (device != "cpu") argv.push_back("--device"), argv.push_back(device);
     argv.push_back("--config");
     argv.push_back(fs::absolute(config_path).string());
     std::vector<std::string> o = base_overrides;
@@ -498,10 +517,12 @@ int RunSweep(const std::vector<std::string>& args, ProgramArgs program) {
   if (fs::exists(def_path)) {
     StatusOr<nlohmann::json> old = ReadJson(def_path);
     if (!old.ok() || *old != def) {
-      PrintError(cmd, out + " holds a sweep with other settings (" + def_path +
-                          " differs: config, its text, axes, --override/--steps or "
-                          "--eval-capacities); rerun with the same arguments to resume it, or give "
-                          "another --out");
+      PrintError(
+          cmd,
+          out + " holds a sweep with other settings (" + def_path +
+              " differs: config, its text, axes, --override/--steps, "
+              "--eval-capacities or --device); rerun with the same arguments to resume it, or give "
+              "another --out");
       return kExitUsage;
     }
   } else {

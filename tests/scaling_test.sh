@@ -43,6 +43,16 @@ grid=(--grid ranks=1,2 --grid model.moe.capacity_factor=0.5,1.25 --grid model.mo
 expect 0 'p008  ranks=2 model.moe.capacity_factor=1.25 model.moe.bpr=true' \
   "$moerun" sweep "$cfg" "${grid[@]}" --steps 12 --out "$sw" --dry-run
 check "dry-run writes nothing" test ! -e "$sw"
+# --device cuda reaches every point's train and eval; without a GPU here it is refused (exit
+# 3) before anything is written, the dry run only printing.
+expect 0 "train. .--device. .cuda. .--config.*eval. .--device. .cuda. .--config" \
+  bash -c "'$moerun' sweep '$cfg' --grid ranks=1 --eval-capacities 1 --out '$sw' --dry-run --device cuda | tr '\n' ' '"
+expect 2 '--device tpu: use cpu or cuda' "$moerun" sweep "$cfg" --grid ranks=1 --device tpu --out "$sw"
+if "$moerun" env --json | grep -q '"cuda_devices":0'; then
+  expect 3 '--device cuda: this host has no visible CUDA device' \
+    "$moerun" sweep "$cfg" --grid ranks=1 --out "$sw" --device cuda --launcher mpirun
+  check "a refused sweep writes nothing" test ! -e "$sw"
+fi
 expect 0 '"event":"sweep","failed":0,"kept":0,"points":8' \
   "$moerun" sweep "$cfg" "${grid[@]}" --steps 12 --eval-capacities 0.25,0.5,1 --out "$sw"
 check "sweep.csv: header + 8 rows, all ok" \
