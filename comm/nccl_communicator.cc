@@ -4,14 +4,14 @@
 #include <glog/logging.h>
 
 #include "runtime/backend.h"
+#include "runtime/device_wait.h"
 #include "runtime/process.h"
 
 #ifdef MOERUN_WITH_NCCL
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
-#include <chrono>
-#include <thread>
+#include <string>
 #endif
 
 namespace moerun {
@@ -57,8 +57,14 @@ class NcclCommunicator final : public Communicator {
         comm_(comm),
         stream_(stream),
         name_(std::move(name)),
-        timeout_s_(timeout_s) {}
+        timeout_s_(timeout_s) {
+    // Every device wait of this process (the backend's Synchronize, a blocking copy) runs
+    // this between its polls: this communicator's collectives may be what it waits for.
+    wait_check_ = AddDeviceWaitCheck(
+        [this](double waited_s, const std::string& what) { CheckProgress(waited_s, what); });
+  }
   ~NcclCommunicator() override {
+    RemoveDeviceWaitCheck(wait_check_);
     if (side_ != nullptr) {  // both return at once; CUDA frees them once their work is done
       cudaEventDestroy(side_ready_);
       cudaEventDestroy(side_done_);
@@ -151,25 +157,28 @@ class NcclCommunicator final : public Communicator {
 
  private:
   void WaitForStream(cudaStream_t stream, const char* what) {
-    const auto start = std::chrono::steady_clock::now();
-    int spins = 0;
-    while (true) {
-      const cudaError_t q = cudaStreamQuery(stream);
-      if (q == cudaSuccess) return;
-      CHECK(q == cudaErrorNotReady) << RankTag() << ": CUDA error while waiting for NCCL " << what
-                                    << " on '" << name_ << "': " << cudaGetErrorString(q);
-      CheckAsyncError();
-      const double waited =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (timeout_s_ > 0 && waited > timeout_s_) {
-        ncclCommAbort(comm_);
-        comm_ = nullptr;
-        LOG(FATAL) << RankTag() << ": NCCL " << what << " on '" << name_ << "' (" << size()
-                   << " ranks) made no progress for " << waited
-                   << " s: a peer rank failed or never reached the same collective "
-                      "(--watchdog-timeout)";
-      }
-      if (++spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    PollDeviceWait(
+        [&] {
+          const cudaError_t q = cudaStreamQuery(stream);
+          if (q == cudaErrorNotReady) return false;
+          CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while waiting for NCCL " << what
+                                  << " on '" << name_ << "': " << cudaGetErrorString(q);
+          return true;
+        },
+        std::string("NCCL ") + what + " on '" + name_ + "'");
+  }
+
+  // The device-wait check: a peer's failure (NCCL's asynchronous error) or no progress for
+  // longer than the watchdog timeout ends the job.
+  void CheckProgress(double waited_s, const std::string& what) {
+    CheckAsyncError();
+    if (comm_ != nullptr && timeout_s_ > 0 && waited_s > timeout_s_) {
+      ncclCommAbort(comm_);
+      comm_ = nullptr;
+      LOG(FATAL) << RankTag() << ": waiting for " << what << " made no progress for " << waited_s
+                 << " s while NCCL communicator '" << name_ << "' (" << size()
+                 << " ranks) was in use: a peer rank failed or never reached the same collective "
+                    "(--watchdog-timeout)";
     }
   }
 
@@ -262,6 +271,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t side_ = nullptr;  // StartAllToAllV's stream
   cudaEvent_t side_ready_ = nullptr, side_done_ = nullptr;
   bool in_flight_ = false;  // a StartAllToAllV not yet waited for
+  int wait_check_ = 0;      // this communicator's device-wait check
 };
 
 }  // namespace

@@ -1,7 +1,7 @@
 // The CUDA backend: device memory from the stream-ordered allocator (cudaMallocAsync on the
 // device's default memory pool, kept cached: the pool's release threshold is raised so freed
 // blocks are reused instead of returned to the driver), copies on one stream (blocking: ordered
-// with the legacy default stream).
+// with the legacy default stream), waits that poll (runtime/device_wait.h).
 #include "runtime/cuda_backend.h"
 
 #include <glog/logging.h>
@@ -12,6 +12,7 @@
 #include <string>
 
 #include "runtime/backend.h"
+#include "runtime/device_wait.h"
 
 #ifdef MOERUN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -45,6 +46,7 @@ class CudaBackend final : public Backend {
     uint64_t keep = UINT64_MAX;  // a caching pool: never hand freed memory back mid-run
     MOERUN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     description_ = DescribeDevice(device_);
+    wait_name_ = "the device backend's stream on " + description_;
   }
   static std::string DescribeDevice(int device) {
     cudaDeviceProp prop;
@@ -78,11 +80,11 @@ class CudaBackend final : public Backend {
   void CopyFromHost(void* dst, const void* src, size_t bytes) override {
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     // The host buffer may be pageable and reused at once: wait for the copy.
-    MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    Synchronize();
   }
   void CopyToHost(void* dst, const void* src, size_t bytes) override {
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    Synchronize();
   }
   void CopyWithin(void* dst, const void* src, size_t bytes) override {
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
@@ -99,7 +101,18 @@ class CudaBackend final : public Backend {
     MOERUN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
                                         cudaMemcpyDeviceToDevice, stream_));
   }
-  void Synchronize() override { MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  // Polls instead of cudaStreamSynchronize: NCCL collectives are queued on this stream, and a
+  // peer that died leaves them spinning; the communicators' checks end the job meanwhile.
+  void Synchronize() override {
+    PollDeviceWait(
+        [this] {
+          const cudaError_t q = cudaStreamQuery(stream_);
+          if (q == cudaErrorNotReady) return false;
+          MOERUN_CUDA_CHECK(q);
+          return true;
+        },
+        wait_name_);
+  }
   void* stream() const override { return stream_; }
   size_t allocated_bytes() const override { return allocated_.load(); }
   size_t peak_allocated_bytes() const override { return peak_.load(); }
@@ -107,7 +120,7 @@ class CudaBackend final : public Backend {
  private:
   int device_;
   cudaStream_t stream_ = nullptr;
-  std::string description_;
+  std::string description_, wait_name_;
   std::atomic<size_t> allocated_{0}, peak_{0};
 };
 
