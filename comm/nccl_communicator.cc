@@ -157,15 +157,7 @@ class NcclCommunicator final : public Communicator {
 
  private:
   void WaitForStream(cudaStream_t stream, const char* what) {
-    PollDeviceWait(
-        [&] {
-          const cudaError_t q = cudaStreamQuery(stream);
-          if (q == cudaErrorNotReady) return false;
-          CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while waiting for NCCL " << what
-                                  << " on '" << name_ << "': " << cudaGetErrorString(q);
-          return true;
-        },
-        std::string("NCCL ") + what + " on '" + name_ + "'");
+    WaitForCudaStream(stream, std::string("NCCL ") + what + " on '" + name_ + "'");
   }
 
   // The device-wait check: a peer's failure (NCCL's asynchronous error) or no progress for

@@ -111,12 +111,9 @@ void CudaAttentionBackward(const float* qkv, const float* probs, const float* do
 
 using DevicePolicy = std::decay_t<decltype(thrust::device)>;
 
-// The table's before_op (see OpsTable::before_op).
-void DrainBackendStream() { RequireBackend(Device::kCUDA).Synchronize(); }
-
 OpsTable MakeCudaTable() {
   OpsTable t = thrust_dense::ThrustOps<DevicePolicy>::Table("cuda");
-  t.before_op = &DrainBackendStream;
+  t.before_op = &DrainCudaBackendStream;
   t.gemm = &CudaGemm;
   t.gemm_strided_batched = &CudaGemmStridedBatched;
   t.attention_forward = &CudaAttentionForward;
@@ -142,6 +139,8 @@ const OpsTable& CudaBf16Table() {
 }
 
 }  // namespace
+
+void DrainCudaBackendStream() { RequireBackend(Device::kCUDA).Synchronize(); }
 
 void RegisterCudaOps() {
   RegisterOps(Device::kCUDA, &CudaTable());

@@ -2,21 +2,14 @@
 #include <thrust/device_vector.h>
 #include <thrust/execution_policy.h>
 
+#include "model/ops_cuda.h"
 #include "model/routing_cuda.h"
 #include "model/routing_thrust.h"
 #include "runtime/backend.h"
 
 namespace moerun {
-namespace {
-
-// thrust::device runs on the legacy default stream and ends each algorithm in a blocking
-// cudaStreamSynchronize. The legacy stream waits for the backend's stream (a blocking stream),
-// where NCCL collectives are queued: behind one whose peer died, that sync would never return.
-// So each entry point first drains the backend's stream with its polling wait, which ends the
-// job with the failed rank named (runtime/device_wait.h); Thrust then waits on its own kernels.
-void DrainBackendStream() { RequireBackend(Device::kCUDA).Synchronize(); }
-
-}  // namespace
+// Each entry point drains the backend's stream first (DrainCudaBackendStream: thrust::device
+// ends in a blocking sync).
 
 struct CudaRoutingScratch::Impl {
   thrust::device_vector<int32_t> order, keys, rank, cumulative;
@@ -29,14 +22,14 @@ CudaRoutingScratch::~CudaRoutingScratch() = default;
 
 void CudaTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
               float* weight) {
-  DrainBackendStream();
+  DrainCudaBackendStream();
   thrust_routing::TopK(thrust::device, gates, tokens, num_experts, k, expert_index, weight);
 }
 
 void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
                      int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
                      const uint8_t* routed, CudaRoutingScratch* scratch) {
-  DrainBackendStream();
+  DrainCudaBackendStream();
   CudaRoutingScratch::Impl& s = *scratch->impl();
   thrust_routing::AssignSlots(thrust::device, expert_index, weight, tokens, num_experts, k, bpr,
                               slot, load, routed, s.order, s.keys, s.rank, s.visit, s.keys_w,
@@ -45,27 +38,27 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
 
 void CudaPlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
                   int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row) {
-  DrainBackendStream();
+  DrainCudaBackendStream();
   thrust_routing::PlanRows(thrust::device, expert_index, slot, tokens, k, group_size, capacity,
                            rows_per_expert, row);
 }
 
 void CudaPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
                   float* buf) {
-  DrainBackendStream();
+  DrainCudaBackendStream();
   thrust_routing::PackRows(thrust::device, row, x, tokens, k, w, buf);
 }
 
 void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
                         int64_t k, int64_t w, float* out) {
-  DrainBackendStream();
+  DrainCudaBackendStream();
   thrust_routing::GatherKeptRows(thrust::device, buf, row, weight, tokens, k, w, out);
 }
 
 void CudaGatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
                                 const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
                                 float* d_weight) {
-  DrainBackendStream();
+  DrainCudaBackendStream();
   thrust_routing::GatherKeptRowsBackward(thrust::device, buf, row, weight, dy, tokens, k, w, d_buf,
                                          d_weight);
 }

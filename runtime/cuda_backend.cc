@@ -13,6 +13,7 @@
 
 #include "runtime/backend.h"
 #include "runtime/device_wait.h"
+#include "runtime/process.h"
 
 #ifdef MOERUN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -103,16 +104,7 @@ class CudaBackend final : public Backend {
   }
   // Polls instead of cudaStreamSynchronize: NCCL collectives are queued on this stream, and a
   // peer that died leaves them spinning; the communicators' checks end the job meanwhile.
-  void Synchronize() override {
-    PollDeviceWait(
-        [this] {
-          const cudaError_t q = cudaStreamQuery(stream_);
-          if (q == cudaErrorNotReady) return false;
-          MOERUN_CUDA_CHECK(q);
-          return true;
-        },
-        wait_name_);
-  }
+  void Synchronize() override { WaitForCudaStream(stream_, wait_name_); }
   void* stream() const override { return stream_; }
   size_t allocated_bytes() const override { return allocated_.load(); }
   size_t peak_allocated_bytes() const override { return peak_.load(); }
@@ -125,6 +117,19 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
+void WaitForCudaStream(void* stream, const std::string& what) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  PollDeviceWait(
+      [&] {
+        const cudaError_t q = cudaStreamQuery(s);
+        if (q == cudaErrorNotReady) return false;
+        CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while waiting for " << what << ": "
+                                << cudaGetErrorName(q) << " (" << cudaGetErrorString(q) << ")";
+        return true;
+      },
+      what);
+}
 
 bool CudaBackendBuilt() { return true; }
 
@@ -180,6 +185,9 @@ Backend* CudaBackendOrNull() {
 
 #else  // !MOERUN_WITH_CUDA
 
+void WaitForCudaStream(void*, const std::string& what) {
+  LOG(FATAL) << "waiting for " << what << ": this moerun was built without the CUDA backend";
+}
 bool CudaBackendBuilt() { return false; }
 int CudaDeviceCount() { return 0; }
 std::string CudaBackendSummary() {

@@ -29,6 +29,11 @@ int DeviceWaitCheckCount();
 // device error itself (it ends the job naming `what`).
 void PollDeviceWait(const std::function<bool()>& done, const std::string& what);
 
+// PollDeviceWait over cudaStreamQuery of `stream` (a cudaStream_t); a CUDA error ends the job
+// naming this rank and `what`. Defined by the CUDA backend (runtime/cuda_backend.cc); dies when
+// CUDA was not built.
+void WaitForCudaStream(void* stream, const std::string& what);
+
 }  // namespace moerun
 
 #endif  // MOERUN_RUNTIME_DEVICE_WAIT_H_
