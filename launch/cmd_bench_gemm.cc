@@ -4,6 +4,8 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <functional>
+#include <memory>
 #include <random>
 
 #include "launch/commands.h"
@@ -19,20 +21,32 @@ struct GemmShape {
   int64_t m, n, k;
 };
 
-// Seconds per GEMM, timed over repetitions lasting at least `seconds`, best of 3 loops.
-double TimeGemm(const GemmShape& g, double seconds) {
+// A GEMM's operands: a and b uniform in [-1, 1), c zero.
+struct GemmOperands {
+  Tensor a, b, c;
+};
+
+GemmOperands MakeOperands(const GemmShape& g) {
   const int64_t a_rows = g.ta ? g.k : g.m, a_cols = g.ta ? g.m : g.k;
   const int64_t b_rows = g.tb ? g.n : g.k, b_cols = g.tb ? g.k : g.n;
-  Tensor a = Tensor::Empty({a_rows, a_cols}), b = Tensor::Empty({b_rows, b_cols});
-  Tensor c = Tensor::Zeros({g.m, g.n});
+  GemmOperands o{Tensor::Empty({a_rows, a_cols}), Tensor::Empty({b_rows, b_cols}),
+                 Tensor::Zeros({g.m, g.n})};
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (int64_t i = 0; i < a.numel(); ++i) a.data<float>()[i] = u(rng);
-  for (int64_t i = 0; i < b.numel(); ++i) b.data<float>()[i] = u(rng);
-  auto run = [&] {
-    Gemm(g.ta, g.tb, g.m, g.n, g.k, 1.0f, a.data<float>(), a_cols, b.data<float>(), b_cols, 0.0f,
-         c.data<float>(), g.n);
-  };
+  for (int64_t i = 0; i < o.a.numel(); ++i) o.a.data<float>()[i] = u(rng);
+  for (int64_t i = 0; i < o.b.numel(); ++i) o.b.data<float>()[i] = u(rng);
+  return o;
+}
+
+void RunGemm(const GemmShape& g, GemmOperands* o) {
+  Gemm(g.ta, g.tb, g.m, g.n, g.k, 1.0f, o->a.data<float>(), g.ta ? g.m : g.k, o->b.data<float>(),
+       g.tb ? g.k : g.n, 0.0f, o->c.data<float>(), g.n);
+}
+
+// Seconds per GEMM, timed over repetitions lasting at least `seconds`, best of 3 loops.
+double TimeGemm(const GemmShape& g, double seconds) {
+  GemmOperands o = MakeOperands(g);
+  auto run = [&] { RunGemm(g, &o); };
   run();  // warm-up: page in, let BLAS spin up its threads
   double t0 = MPI_Wtime();
   run();
@@ -63,6 +77,17 @@ double MeasureExpertGemmSeconds(int64_t rows, int64_t d, int64_t m, double secon
   double total = 0;
   for (const GemmShape& g : ExpertPasses(rows, d, m)) total += TimeGemm(g, seconds);
   return total;
+}
+
+std::function<double()> SquareGemmProbe(int64_t n) {
+  const GemmShape g{"probe", false, false, n, n, n};
+  auto o = std::make_shared<GemmOperands>(MakeOperands(g));
+  RunGemm(g, o.get());  // warm-up
+  return [g, o] {
+    const double t0 = MPI_Wtime();
+    RunGemm(g, o.get());
+    return Gflops(g, std::max(1e-9, MPI_Wtime() - t0));
+  };
 }
 
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds) {

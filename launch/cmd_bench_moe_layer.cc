@@ -119,10 +119,13 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           "combine, and the backward parts), expert GEMM GFLOP/s beside the square-GEMM peak and\n"
           "all-to-all GB/s beside a raw MPI_Alltoallv of the same size, both measured in this\n"
           "run. layer_fraction_of_gemm_limit: the expert FLOPs over the step at the square peak;\n"
-          "layer_fraction_of_shape_gemm: the same GEMMs timed alone at the layer's shapes over\n"
-          "the step. --device cuda: one rank times the bf16 cuBLAS experts and the GPU routing\n"
-          "kernels beside the cuBLAS peak and PyTorch; several ranks (one GPU each) time the\n"
-          "training path's MoeLayer over NCCL, whole steps only (with --overlap 0,1: its gain).",
+          "layer_fraction_of_paired_peak: each step against a square GEMM run right after it on\n"
+          "every rank (the median over the steps); layer_fraction_of_shape_gemm: the same GEMMs\n"
+          "timed alone at the layer's shapes over the step; busy_ms_min/max: the ranks' time\n"
+          "outside the all-to-alls (their spread: the imbalance waited out). --device cuda: one\n"
+          "rank times the bf16 cuBLAS experts and the GPU routing kernels beside the cuBLAS peak\n"
+          "and PyTorch; several ranks (one GPU each) time the training path's MoeLayer over\n"
+          "NCCL, whole steps only (with --overlap 0,1: its gain).",
           args, desc, nullptr, &vm))
     return *done;
   auto experts = ParseIntList(experts_text);
@@ -191,6 +194,9 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
   // The square-GEMM peak, measured again after each case (the same clocks and caches as the
   // case, every rank at once as in the layer); a case is reported against the best seen.
   double peak = on_device ? 0.0 : MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3);
+  const int64_t probe_n = 2048;
+  std::function<double()> probe;
+  if (!on_device) probe = SquareGemmProbe(probe_n);
   for (const auto& [shape_d, shape_m] : *shapes) {
     const LayerShape shape{shape_d, shape_m};
     for (int64_t e : *experts) {
@@ -247,11 +253,44 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           step(0);  // warm-up: allocates the buffers
           finish();
           layer.timers() = MoeTimers();
+          // On the host every step is timed on its own, between barriers, and followed by a
+          // square GEMM on every rank at once: the peak at that moment, so that a step is
+          // set against the clocks it ran on (this host's speed drifts by tens of percent
+          // within a minute on shared machines).
+          std::vector<double> step_s, probe_gflops;
           world.Barrier();
-          const double t0 = MPI_Wtime();
-          for (int i = 1; i <= steps; ++i) step(i);
+          double t0 = MPI_Wtime();
+          for (int i = 1; i <= steps; ++i) {
+            if (!on_device) {
+              world.Barrier();
+              t0 = MPI_Wtime();
+            }
+            step(i);
+            if (on_device) continue;
+            step_s.push_back(MPI_Wtime() - t0);
+            world.Barrier();
+            probe_gflops.push_back(probe());
+          }
           finish();
           double wall = (MPI_Wtime() - t0) / steps;
+          // This rank's time outside the all-to-alls: the ranks' spread is the imbalance the
+          // fastest rank waits out inside its all-to-alls.
+          double busy_min = 0, busy_max = 0;
+          if (!on_device) {
+            const MoeTimers& t = layer.timers();
+            for (double v : step_s) busy_min += v / steps;
+            busy_min -= (t.all_to_all + t.bwd_all_to_all) / steps;
+            busy_max = busy_min;
+            world.AllReduce(&busy_min, 1, DType::kF64, ReduceOp::kMin);
+            world.AllReduce(&busy_max, 1, DType::kF64, ReduceOp::kMax);
+            // A step lasts until its slowest rank is done; the machine's peak at a moment
+            // is the mean of every rank's (each rank's share of it).
+            world.AllReduce(step_s.data(), steps, DType::kF64, ReduceOp::kMax);
+            world.AllReduce(probe_gflops.data(), steps, DType::kF64, ReduceOp::kSum);
+            for (double& g : probe_gflops) g /= world.size();
+            wall = 0;
+            for (double t : step_s) wall += t / steps;
+          }
           world.AllReduce(&wall, 1, DType::kF64, ReduceOp::kMax);
           const MoeTimers& tm = layer.timers();
           auto per_step = [&](double v) { return v / steps; };
@@ -301,54 +340,76 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                                  ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
                                  : 0.0;
           peak = std::max(peak, MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3));
+          // The limit is every rank's share of the machine: the mean of the ranks' peaks
+          // (each measured with every rank running at once, as in the layer).
+          double mean_peak = peak;
+          world.AllReduce(&mean_peak, 1, DType::kF64, ReduceOp::kSum);
+          mean_peak /= world.size();
+          // Each step against the peak probed right after it; the median over the steps.
+          std::vector<double> paired;
+          for (int i = 0; i < steps; ++i) {
+            paired.push_back(expert_flops / step_s[i] / 1e9 / probe_gflops[i]);
+          }
+          auto median = [](std::vector<double> v) {
+            std::sort(v.begin(), v.end());
+            const size_t n = v.size();
+            return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+          };
           // The same GEMMs alone: this rank's experts' six products at the layer's shapes.
           double shape_s = el * MeasureExpertGemmSeconds(rows, shape.d, shape.m, 0.1);
           world.AllReduce(&shape_s, 1, DType::kF64, ReduceOp::kMax);
           if (!session.is_root()) continue;
-          nlohmann::json line = {{"bench", "moe-layer"},
-                                 {"d", shape.d},
-                                 {"m", shape.m},
-                                 {"e", e},
-                                 {"k", k},
-                                 {"bpr", bpr},
-                                 {"overlap", overlap},
-                                 {"capacity_factor", capacity_factor},
-                                 {"capacity", cap},
-                                 {"ranks", world.size()},
-                                 {"tokens_per_rank", tokens},
-                                 {"threads", NumThreads()},
-                                 {"step_ms", wall * 1e3},
-                                 {"tokens_per_s", tokens * world.size() / wall},
-                                 {"expert_gemm_gflops", expert_flops / expert_s / 1e9},
-                                 {"gemm_peak_gflops", peak},
-                                 // The whole layer's step against the GEMM limit: the expert FLOPs
-                                 // over the step's wall time, as a fraction of the measured peak.
-                                 {"layer_fraction_of_gemm_limit", expert_flops / wall / 1e9 / peak},
-                                 // The experts' GEMMs at these shapes, run alone, and the step
-                                 // against them: what the rest of the layer costs beside the
-                                 // GEMMs, apart from how well BLAS runs these shapes.
-                                 {"shape_gemm_gflops", expert_flops / shape_s / 1e9},
-                                 {"layer_fraction_of_shape_gemm", shape_s / wall},
-                                 {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
-                                 {"raw_a2a_gbps", raw},
-                                 {"ms",
-                                  {{"router", per_step(tm.router) * 1e3},
-                                   {"routing", per_step(tm.routing) * 1e3},
-                                   {"pack", per_step(tm.pack) * 1e3},
-                                   {"all_to_all", per_step(tm.all_to_all) * 1e3},
-                                   {"expert", per_step(tm.expert) * 1e3},
-                                   {"expert_act", per_step(tm.expert_act) * 1e3},
-                                   {"combine", per_step(tm.combine) * 1e3},
-                                   {"bwd_combine", per_step(tm.bwd_combine) * 1e3},
-                                   {"bwd_pack", per_step(tm.bwd_pack) * 1e3},
-                                   {"bwd_all_to_all", per_step(tm.bwd_all_to_all) * 1e3},
-                                   {"bwd_expert", per_step(tm.bwd_expert) * 1e3},
-                                   {"bwd_expert_act", per_step(tm.bwd_expert_act) * 1e3},
-                                   {"bwd_dispatch", per_step(tm.bwd_dispatch) * 1e3},
-                                   {"bwd_router", per_step(tm.bwd_router) * 1e3}}},
-                                 {"expert_fraction", expert_s / wall},
-                                 {"a2a_fraction", a2a_s / wall},
-                                 {"other_fraction", other_s / wall}};
+          nlohmann::json line = {
+              {"bench", "moe-layer"},
+              {"d", shape.d},
+              {"m", shape.m},
+              {"e", e},
+              {"k", k},
+              {"bpr", bpr},
+              {"overlap", overlap},
+              {"capacity_factor", capacity_factor},
+              {"capacity", cap},
+              {"ranks", world.size()},
+              {"tokens_per_rank", tokens},
+              {"threads", NumThreads()},
+              {"step_ms", wall * 1e3},
+              {"tokens_per_s", tokens * world.size() / wall},
+              {"best_step_ms", *std::min_element(step_s.begin(), step_s.end()) * 1e3},
+              {"expert_gemm_gflops", expert_flops / expert_s / 1e9},
+              {"gemm_peak_gflops", mean_peak},
+              // The whole layer's step against the GEMM limit: the expert FLOPs
+              // over the step's wall time, as a fraction of the measured peak.
+              {"layer_fraction_of_gemm_limit", expert_flops / wall / 1e9 / mean_peak},
+              // The same, each step against the peak of its own moment.
+              {"paired_peak_gflops", median(probe_gflops)},
+              {"layer_fraction_of_paired_peak", median(paired)},
+              {"busy_ms_min", busy_min * 1e3},
+              {"busy_ms_max", busy_max * 1e3},
+              // The experts' GEMMs at these shapes, run alone, and the step
+              // against them: what the rest of the layer costs beside the
+              // GEMMs, apart from how well BLAS runs these shapes.
+              {"shape_gemm_gflops", expert_flops / shape_s / 1e9},
+              {"layer_fraction_of_shape_gemm", shape_s / wall},
+              {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
+              {"raw_a2a_gbps", raw},
+              {"ms",
+               {{"router", per_step(tm.router) * 1e3},
+                {"routing", per_step(tm.routing) * 1e3},
+                {"pack", per_step(tm.pack) * 1e3},
+                {"all_to_all", per_step(tm.all_to_all) * 1e3},
+                {"expert", per_step(tm.expert) * 1e3},
+                {"expert_act", per_step(tm.expert_act) * 1e3},
+                {"combine", per_step(tm.combine) * 1e3},
+                {"bwd_combine", per_step(tm.bwd_combine) * 1e3},
+                {"bwd_pack", per_step(tm.bwd_pack) * 1e3},
+                {"bwd_all_to_all", per_step(tm.bwd_all_to_all) * 1e3},
+                {"bwd_expert", per_step(tm.bwd_expert) * 1e3},
+                {"bwd_expert_act", per_step(tm.bwd_expert_act) * 1e3},
+                {"bwd_dispatch", per_step(tm.bwd_dispatch) * 1e3},
+                {"bwd_router", per_step(tm.bwd_router) * 1e3}}},
+              {"expert_fraction", expert_s / wall},
+              {"a2a_fraction", a2a_s / wall},
+              {"other_fraction", other_s / wall}};
           if (overlap && step_without_overlap > 0) {
             line["overlap_gain"] = step_without_overlap / wall - 1.0;
           }

@@ -2,6 +2,7 @@
 #ifndef MOERUN_LAUNCH_COMMANDS_H_
 #define MOERUN_LAUNCH_COMMANDS_H_
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,10 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program);
 
 // The best fp32 GFLOP/s of square GEMMs of these sizes with this rank's threads.
 double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds);
+// A square n x n x n fp32 GEMM with its operands made (and run once) now; each call of the
+// result times one more product and returns its GFLOP/s: the peak sampled beside each timed
+// step of a benchmark, on the same moment's clocks and neighbours.
+std::function<double()> SquareGemmProbe(int64_t n);
 // Seconds one expert MLP's six GEMMs (forward and both backward products, `rows` token rows,
 // width d, hidden m) take alone, each the best of its timed loops: the layer's own GEMM
 // shapes at the rate OpenBLAS runs them here, with nothing else in the step.

@@ -60,7 +60,7 @@ if [ "$(grep -c '"bench":"moe-layer"' <<<"$out")" -eq 2 ] &&
   grep -q '"overlap":false.*' <<<"$(head -n 1 <<<"$out")" &&
   grep -q '"overlap_gain"' <<<"$(tail -n 1 <<<"$out")" &&
   grep -q '"layer_fraction_of_gemm_limit"' <<<"$out" &&
-  python3 -c "import json,sys,math; ls=[json.loads(l) for l in sys.argv[1].splitlines() if l.startswith('{')]; sys.exit(0 if all(0 < l['layer_fraction_of_shape_gemm'] < 10 and l['shape_gemm_gflops'] > 0 for l in ls) else 1)" "$out"; then
+  python3 -c "import json,sys,math; ls=[json.loads(l) for l in sys.argv[1].splitlines() if l.startswith('{')]; sys.exit(0 if all(0 < l['layer_fraction_of_shape_gemm'] < 10 and l['shape_gemm_gflops'] > 0 and 0 < l['layer_fraction_of_paired_peak'] < 10 and l['paired_peak_gflops'] > 0 and 0 < l['best_step_ms'] <= l['step_ms'] and 0 < l['busy_ms_min'] <= l['busy_ms_max'] for l in ls) else 1)" "$out"; then
   passed=$((passed + 1))
 else
   echo "FAIL: bench moe-layer --overlap 0,1 should print two lines, the second with overlap_gain:"
