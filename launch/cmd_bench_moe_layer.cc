@@ -258,29 +258,28 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           // set against the clocks it ran on (this host's speed drifts by tens of percent
           // within a minute on shared machines).
           std::vector<double> step_s, probe_gflops;
+          double wall = 0, busy_min = 0, busy_max = 0;
           world.Barrier();
-          double t0 = MPI_Wtime();
-          for (int i = 1; i <= steps; ++i) {
-            if (!on_device) {
+          if (on_device) {
+            const double t0 = MPI_Wtime();
+            for (int i = 1; i <= steps; ++i) step(i);
+            finish();
+            wall = (MPI_Wtime() - t0) / steps;
+          } else {
+            for (int i = 1; i <= steps; ++i) {
               world.Barrier();
-              t0 = MPI_Wtime();
+              const double t0 = MPI_Wtime();
+              step(i);
+              step_s.push_back(MPI_Wtime() - t0);
+              world.Barrier();
+              probe_gflops.push_back(probe());
             }
-            step(i);
-            if (on_device) continue;
-            step_s.push_back(MPI_Wtime() - t0);
-            world.Barrier();
-            probe_gflops.push_back(probe());
-          }
-          finish();
-          double wall = (MPI_Wtime() - t0) / steps;
-          // This rank's time outside the all-to-alls: the ranks' spread is the imbalance the
-          // fastest rank waits out inside its all-to-alls.
-          double busy_min = 0, busy_max = 0;
-          if (!on_device) {
+            // This rank's time outside the all-to-alls: the ranks' spread is the imbalance
+            // the fastest rank waits out inside its all-to-alls.
             const MoeTimers& t = layer.timers();
-            for (double v : step_s) busy_min += v / steps;
-            busy_min -= (t.all_to_all + t.bwd_all_to_all) / steps;
-            busy_max = busy_min;
+            double busy = -(t.all_to_all + t.bwd_all_to_all) / steps;
+            for (double v : step_s) busy += v / steps;
+            busy_min = busy_max = busy;
             world.AllReduce(&busy_min, 1, DType::kF64, ReduceOp::kMin);
             world.AllReduce(&busy_max, 1, DType::kF64, ReduceOp::kMax);
             // A step lasts until its slowest rank is done; the machine's peak at a moment
@@ -288,8 +287,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
             world.AllReduce(step_s.data(), steps, DType::kF64, ReduceOp::kMax);
             world.AllReduce(probe_gflops.data(), steps, DType::kF64, ReduceOp::kSum);
             for (double& g : probe_gflops) g /= world.size();
-            wall = 0;
-            for (double t : step_s) wall += t / steps;
+            for (double v : step_s) wall += v / steps;
           }
           world.AllReduce(&wall, 1, DType::kF64, ReduceOp::kMax);
           const MoeTimers& tm = layer.timers();
@@ -306,30 +304,33 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           const int64_t floats_per_peer = el * cap * shape.d;
           const double a2a_bytes = 4.0 * 4.0 * floats_per_peer * (pe - 1);
           if (!overlap) step_without_overlap = wall;
+          // The fields naming the case, on both paths' lines.
+          auto case_line = [&] {
+            return nlohmann::json{{"bench", "moe-layer"},
+                                  {"d", shape.d},
+                                  {"m", shape.m},
+                                  {"e", e},
+                                  {"k", k},
+                                  {"bpr", bpr},
+                                  {"overlap", overlap},
+                                  {"capacity_factor", capacity_factor},
+                                  {"capacity", cap},
+                                  {"ranks", world.size()},
+                                  {"tokens_per_rank", tokens},
+                                  {"step_ms", wall * 1e3},
+                                  {"tokens_per_s", tokens * world.size() / wall}};
+          };
           if (on_device) {
             // Per-part host timers would time only the queueing: the step, and the expert
             // FLOPs over it.
             if (!session.is_root()) continue;
-            nlohmann::json line = {
-                {"bench", "moe-layer"},
-                {"device", RequireBackend(dev).Describe()},
-                {"d", shape.d},
-                {"m", shape.m},
-                {"e", e},
-                {"k", k},
-                {"bpr", bpr},
-                {"overlap", overlap},
-                {"capacity_factor", capacity_factor},
-                {"capacity", cap},
-                {"ranks", world.size()},
-                {"tokens_per_rank", tokens},
-                {"precision", "fp32 (the training path's device experts)"},
-                {"step_ms", wall * 1e3},
-                {"tokens_per_s", tokens * world.size() / wall},
-                {"layer_expert_tflops", expert_flops / wall / 1e12},
-                {"note",
-                 "the MoeLayer of `train --device cuda` over NCCL; per-part times are not "
-                 "measured on a device"}};
+            nlohmann::json line = case_line();
+            line.update({{"device", RequireBackend(dev).Describe()},
+                         {"precision", "fp32 (the training path's device experts)"},
+                         {"layer_expert_tflops", expert_flops / wall / 1e12},
+                         {"note",
+                          "the MoeLayer of `train --device cuda` over NCCL; per-part times are "
+                          "not measured on a device"}});
             if (overlap && step_without_overlap > 0) {
               line["overlap_gain"] = step_without_overlap / wall - 1.0;
             }
@@ -359,57 +360,44 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           double shape_s = el * MeasureExpertGemmSeconds(rows, shape.d, shape.m, 0.1);
           world.AllReduce(&shape_s, 1, DType::kF64, ReduceOp::kMax);
           if (!session.is_root()) continue;
-          nlohmann::json line = {
-              {"bench", "moe-layer"},
-              {"d", shape.d},
-              {"m", shape.m},
-              {"e", e},
-              {"k", k},
-              {"bpr", bpr},
-              {"overlap", overlap},
-              {"capacity_factor", capacity_factor},
-              {"capacity", cap},
-              {"ranks", world.size()},
-              {"tokens_per_rank", tokens},
-              {"threads", NumThreads()},
-              {"step_ms", wall * 1e3},
-              {"tokens_per_s", tokens * world.size() / wall},
-              {"best_step_ms", *std::min_element(step_s.begin(), step_s.end()) * 1e3},
-              {"expert_gemm_gflops", expert_flops / expert_s / 1e9},
-              {"gemm_peak_gflops", mean_peak},
-              // The whole layer's step against the GEMM limit: the expert FLOPs
-              // over the step's wall time, as a fraction of the measured peak.
-              {"layer_fraction_of_gemm_limit", expert_flops / wall / 1e9 / mean_peak},
-              // The same, each step against the peak of its own moment.
-              {"paired_peak_gflops", median(probe_gflops)},
-              {"layer_fraction_of_paired_peak", median(paired)},
-              {"busy_ms_min", busy_min * 1e3},
-              {"busy_ms_max", busy_max * 1e3},
-              // The experts' GEMMs at these shapes, run alone, and the step
-              // against them: what the rest of the layer costs beside the
-              // GEMMs, apart from how well BLAS runs these shapes.
-              {"shape_gemm_gflops", expert_flops / shape_s / 1e9},
-              {"layer_fraction_of_shape_gemm", shape_s / wall},
-              {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
-              {"raw_a2a_gbps", raw},
-              {"ms",
-               {{"router", per_step(tm.router) * 1e3},
-                {"routing", per_step(tm.routing) * 1e3},
-                {"pack", per_step(tm.pack) * 1e3},
-                {"all_to_all", per_step(tm.all_to_all) * 1e3},
-                {"expert", per_step(tm.expert) * 1e3},
-                {"expert_act", per_step(tm.expert_act) * 1e3},
-                {"combine", per_step(tm.combine) * 1e3},
-                {"bwd_combine", per_step(tm.bwd_combine) * 1e3},
-                {"bwd_pack", per_step(tm.bwd_pack) * 1e3},
-                {"bwd_all_to_all", per_step(tm.bwd_all_to_all) * 1e3},
-                {"bwd_expert", per_step(tm.bwd_expert) * 1e3},
-                {"bwd_expert_act", per_step(tm.bwd_expert_act) * 1e3},
-                {"bwd_dispatch", per_step(tm.bwd_dispatch) * 1e3},
-                {"bwd_router", per_step(tm.bwd_router) * 1e3}}},
-              {"expert_fraction", expert_s / wall},
-              {"a2a_fraction", a2a_s / wall},
-              {"other_fraction", other_s / wall}};
+          nlohmann::json line = case_line();
+          line.update({{"threads", NumThreads()},
+                       {"best_step_ms", *std::min_element(step_s.begin(), step_s.end()) * 1e3},
+                       {"expert_gemm_gflops", expert_flops / expert_s / 1e9},
+                       {"gemm_peak_gflops", mean_peak},
+                       // The whole layer's step against the GEMM limit: the expert FLOPs
+                       // over the step's wall time, as a fraction of the measured peak.
+                       {"layer_fraction_of_gemm_limit", expert_flops / wall / 1e9 / mean_peak},
+                       // The same, each step against the peak of its own moment.
+                       {"paired_peak_gflops", median(probe_gflops)},
+                       {"layer_fraction_of_paired_peak", median(paired)},
+                       {"busy_ms_min", busy_min * 1e3},
+                       {"busy_ms_max", busy_max * 1e3},
+                       // The experts' GEMMs at these shapes, run alone, and the step
+                       // against them: what the rest of the layer costs beside the
+                       // GEMMs, apart from how well BLAS runs these shapes.
+                       {"shape_gemm_gflops", expert_flops / shape_s / 1e9},
+                       {"layer_fraction_of_shape_gemm", shape_s / wall},
+                       {"a2a_gbps", pe > 1 ? a2a_bytes / a2a_s / 1e9 : 0.0},
+                       {"raw_a2a_gbps", raw},
+                       {"ms",
+                        {{"router", per_step(tm.router) * 1e3},
+                         {"routing", per_step(tm.routing) * 1e3},
+                         {"pack", per_step(tm.pack) * 1e3},
+                         {"all_to_all", per_step(tm.all_to_all) * 1e3},
+                         {"expert", per_step(tm.expert) * 1e3},
+                         {"expert_act", per_step(tm.expert_act) * 1e3},
+                         {"combine", per_step(tm.combine) * 1e3},
+                         {"bwd_combine", per_step(tm.bwd_combine) * 1e3},
+                         {"bwd_pack", per_step(tm.bwd_pack) * 1e3},
+                         {"bwd_all_to_all", per_step(tm.bwd_all_to_all) * 1e3},
+                         {"bwd_expert", per_step(tm.bwd_expert) * 1e3},
+                         {"bwd_expert_act", per_step(tm.bwd_expert_act) * 1e3},
+                         {"bwd_dispatch", per_step(tm.bwd_dispatch) * 1e3},
+                         {"bwd_router", per_step(tm.bwd_router) * 1e3}}},
+                       {"expert_fraction", expert_s / wall},
+                       {"a2a_fraction", a2a_s / wall},
+                       {"other_fraction", other_s / wall}});
           if (overlap && step_without_overlap > 0) {
             line["overlap_gain"] = step_without_overlap / wall - 1.0;
           }
