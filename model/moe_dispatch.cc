@@ -150,6 +150,24 @@ void Dispatcher::AllToAll(const Tensor& send, Tensor* recv) {
   ep.AllToAllV(send.raw_data(), counts, displs, recv->raw_data(), counts, displs, DType::kF32);
 }
 
+void Dispatcher::AllToAllInPlace(const Tensor& send, Tensor* recv, bool to_experts) {
+  Communicator& ep = groups_->expert();
+  const int64_t pe = ep.size(), el = groups_->local_experts();
+  const int64_t chunk = (to_experts ? send.dim(1) : recv->dim(1)) * send.dim(2);
+  CHECK(send.device() == Device::kCPU && recv->device() == Device::kCPU && pe > 1);
+  // Block (q, e): the rows of peer q for local expert e, at (q * E_local + e) in the
+  // [E, R, w] side and at (e * P_ep + q) in the [E_local, P_ep * R, w] side.
+  std::vector<int64_t> counts(pe, chunk), by_peer(pe), by_expert(pe);
+  for (int64_t e = 0; e < el; ++e) {
+    for (int64_t q = 0; q < pe; ++q) {
+      by_peer[q] = (q * el + e) * chunk;
+      by_expert[q] = (e * pe + q) * chunk;
+    }
+    ep.AllToAllV(send.raw_data(), counts, to_experts ? by_peer : by_expert, recv->raw_data(),
+                 counts, to_experts ? by_expert : by_peer, DType::kF32);
+  }
+}
+
 void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack) {
   const int64_t pe = groups_->expert().size(), el = groups_->local_experts();
   const int64_t r = send.dim(1), w = send.dim(2);
@@ -157,6 +175,14 @@ void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double
     ScopedTimer timer(pack);
     EnsureTensor(recv, {el, r, w}, DType::kF32, send.device());
     CopyRows(send, recv);
+    return;
+  }
+  if (send.device() == Device::kCPU) {
+    // The host: one all-to-all per local expert puts every block in place (no staging,
+    // no block swap); a device keeps one all-to-all and swaps on the device (below).
+    ScopedTimer timer(a2a);
+    EnsureTensor(recv, {el, pe * r, w}, DType::kF32, send.device());
+    AllToAllInPlace(send, recv, /*to_experts=*/true);
     return;
   }
   {
@@ -176,6 +202,12 @@ void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, doub
     ScopedTimer timer(pack);
     EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
     CopyRows(send, recv);
+    return;
+  }
+  if (send.device() == Device::kCPU) {  // as in ToExperts
+    ScopedTimer timer(a2a);
+    EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
+    AllToAllInPlace(send, recv, /*to_experts=*/false);
     return;
   }
   {

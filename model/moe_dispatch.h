@@ -76,8 +76,11 @@ class Dispatcher {
 
  private:
   void AllToAll(const Tensor& send, Tensor* recv);
+  // Host rows between [E, R, w] and [E_local, P_ep * R, w] (to_experts: from the first to
+  // the second), one all-to-all per local expert, each block straight into its place.
+  void AllToAllInPlace(const Tensor& send, Tensor* recv, bool to_experts);
   const MoeGroups* groups_;
-  Tensor staging_;  // [P_ep, E_local, R, w]
+  Tensor staging_;  // [P_ep, E_local, R, w]: a device's all-to-all, the overlapped one
 };
 
 }  // namespace moerun

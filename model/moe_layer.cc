@@ -151,7 +151,11 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     ScopedTimer timer(&timers_.pack);
     ops::PackRows(device_plan_, x, &dispatch_);
   }
-  if (overlapped()) {
+  if (local()) {
+    // One expert-parallel rank: [E, G*cap, D] is already the experts' [E_local, R, D] and
+    // their output the combine's input; no all-to-all, no copies.
+    experts_.Forward(dispatch_, &expert_out_, &timers_);
+  } else if (overlapped()) {
     dispatcher_.PrepareExpertRows(dispatch_, &expert_in_);
     experts_.PrepareForward(expert_in_, &expert_out_);
     dispatcher_.ToExpertsOverlapped(
@@ -162,10 +166,12 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     dispatcher_.ToExperts(dispatch_, &expert_in_, &timers_.all_to_all, &timers_.pack);
     experts_.Forward(expert_in_, &expert_out_, &timers_);
   }
-  dispatcher_.FromExperts(expert_out_, &combine_in_, &timers_.all_to_all, &timers_.pack);
+  if (!local()) {
+    dispatcher_.FromExperts(expert_out_, &combine_in_, &timers_.all_to_all, &timers_.pack);
+  }
   // 4. Combine: y[s] = sum over kept choices of gate * expert output.
   ScopedTimer timer(&timers_.combine);
-  ops::CombineRows(combine_in_, device_plan_.row, device_plan_.weight, y);
+  ops::CombineRows(combined(), device_plan_.row, device_plan_.weight, y);
   return Status::Ok();
 }
 
@@ -174,13 +180,16 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   MOERUN_CHECK_SHAPE(dy, {t, d});
   MOERUN_CHECK_SHAPE(*dx, {t, d});
   // 1. Combine backward: d gate = <dy, expert out>; d expert out = gate * dy (into
-  // dispatch_, free now).
+  // dispatch_, free now; with one expert-parallel rank dispatch_ is the experts' saved
+  // input, so straight into their d_expert_out_).
   {
     ScopedTimer timer(&timers_.bwd_combine);
-    ops::CombineRowsBackward(combine_in_, device_plan_.row, device_plan_.weight, dy, &dispatch_,
-                             &d_weight_);
+    ops::CombineRowsBackward(combined(), device_plan_.row, device_plan_.weight, dy,
+                             local() ? &d_expert_out_ : &dispatch_, &d_weight_);
   }
-  if (overlapped()) {
+  if (local()) {
+    experts_.Backward(d_expert_out_, &d_expert_in_, &timers_);
+  } else if (overlapped()) {
     dispatcher_.PrepareExpertRows(dispatch_, &d_expert_out_);
     experts_.PrepareBackward(d_expert_out_, &d_expert_in_);
     dispatcher_.ToExpertsOverlapped(
@@ -191,12 +200,15 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
     dispatcher_.ToExperts(dispatch_, &d_expert_out_, &timers_.bwd_all_to_all, &timers_.bwd_pack);
     experts_.Backward(d_expert_out_, &d_expert_in_, &timers_);
   }
-  dispatcher_.FromExperts(d_expert_in_, &dispatch_, &timers_.bwd_all_to_all, &timers_.bwd_pack);
+  if (!local()) {
+    dispatcher_.FromExperts(d_expert_in_, &dispatch_, &timers_.bwd_all_to_all,
+                            &timers_.bwd_pack);
+  }
 
   // 2. Dispatch backward: dx[s] = sum over kept choices of d(dispatched row).
   {
     ScopedTimer timer(&timers_.bwd_dispatch);
-    ops::CombineRows(dispatch_, device_plan_.row, Tensor(), dx);
+    ops::CombineRows(local() ? d_expert_in_ : dispatch_, device_plan_.row, Tensor(), dx);
   }
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
@@ -204,6 +216,10 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   if (config_.device != Device::kCPU) groups_->expert().Synchronize();  // as in Forward
   aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }
+
+bool MoeLayer::local() const { return groups_->expert().size() == 1; }
+
+const Tensor& MoeLayer::combined() const { return local() ? expert_out_ : combine_in_; }
 
 bool MoeLayer::overlapped() const {
   return config_.overlap_dispatch && groups_->expert().size() > 1;

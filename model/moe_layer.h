@@ -153,6 +153,9 @@ class MoeLayer {
 
  private:
   bool overlapped() const;  // overlap_dispatch and more than one expert-parallel rank
+  bool local() const;       // one expert-parallel rank: the experts take dispatch_ as it is
+  // The combine's input, [E, G*cap, D]: the experts' output itself when local().
+  const Tensor& combined() const;
 
   MoeLayerConfig config_;
   std::shared_ptr<MoeGroups> groups_;
@@ -167,9 +170,9 @@ class MoeLayer {
   // Saved by Forward for Backward.
   RoutingPlan device_plan_;  // on a device: plan_ with its rows and weights copied there
   Tensor dispatch_;          // [E, G*cap, D]; in the backward d(combine_in), then d(dispatch)
-  Tensor expert_in_;         // [E_local, R, D], R = P_ep*G*cap
+  Tensor expert_in_;         // [E_local, R, D], R = P_ep*G*cap (unused when local())
   Tensor expert_out_;        // [E_local, R, D]
-  Tensor combine_in_;        // [E, G*cap, D]
+  Tensor combine_in_;        // [E, G*cap, D] (unused when local())
   Tensor d_expert_out_, d_expert_in_;
   Tensor d_weight_;  // [T, K] d(combine weight), from the combine backward
 };
