@@ -201,8 +201,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
     experts_.Backward(d_expert_out_, &d_expert_in_, &timers_);
   }
   if (!local()) {
-    dispatcher_.FromExperts(d_expert_in_, &dispatch_, &timers_.bwd_all_to_all,
-                            &timers_.bwd_pack);
+    dispatcher_.FromExperts(d_expert_in_, &dispatch_, &timers_.bwd_all_to_all, &timers_.bwd_pack);
   }
 
   // 2. Dispatch backward: dx[s] = sum over kept choices of d(dispatched row).
