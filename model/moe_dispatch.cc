@@ -79,6 +79,20 @@ void EnsureTensor(Tensor* t, const Shape& shape, DType dtype, Device device) {
   }
 }
 
+void ZeroRowsNotKept(const int32_t* row, int64_t choices, int64_t buf_rows, int64_t w, float* buf) {
+  std::vector<uint8_t> kept(buf_rows, 0);
+  for (int64_t i = 0; i < choices; ++i) {
+    if (row[i] >= 0) {
+      CHECK_LT(row[i], buf_rows) << "plan row out of the buffer";
+      kept[row[i]] = 1;
+    }
+  }
+#pragma omp parallel for schedule(static) if (buf_rows * w > 65536)
+  for (int64_t r = 0; r < buf_rows; ++r) {
+    if (kept[r] == 0) std::fill_n(buf + r * w, w, 0.0f);
+  }
+}
+
 void PackRows(const RoutingPlan& plan, const float* x, int64_t w, Tensor* buf) {
   const int64_t t = plan.tokens, k = plan.k;
   EnsureTensor(buf, {plan.num_experts, plan.rows_per_expert(), w});
@@ -113,8 +127,9 @@ void GatherKeptRows(const float* buf, const int32_t* row, const float* weight, i
 void GatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
                             const float* dy, int64_t tokens, int64_t k, int64_t w, Tensor* d_buf,
                             float* d_weight) {
-  d_buf->SetZero();
   float* dbuf = d_buf->data<float>();
+  // Every kept row is written below; only the others need zeros.
+  ZeroRowsNotKept(row, tokens * k, d_buf->numel() / w, w, dbuf);
 #pragma omp parallel for schedule(static)
   for (int64_t tok = 0; tok < tokens; ++tok) {
     const float* dyt = dy + tok * w;

@@ -42,14 +42,17 @@ class ScopedTimer {
 void EnsureTensor(Tensor* t, const Shape& shape, DType dtype = DType::kF32,
                   Device device = Device::kCPU);
 
+// Zeroes the rows of buf [buf_rows, w] that no kept choice of row [choices] (plan rows,
+// -1: dropped) names, in parallel; the kept ones are left for their writer.
+void ZeroRowsNotKept(const int32_t* row, int64_t choices, int64_t buf_rows, int64_t w, float* buf);
 // buf [E, R, w] (zeroed first) gets row r of x [T, w] at every kept choice's plan row.
 void PackRows(const RoutingPlan& plan, const float* x, int64_t w, Tensor* buf);
 // out[t] = sum over kept choices j of weight[t, j] * buf[row[t, j]] (weight null: 1), for
 // rows of w floats; out is overwritten. The combine, and the backward of PackRows.
 void GatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
                     int64_t k, int64_t w, float* out);
-// Backward of GatherKeptRows with weights: d_buf [E, R, w] (zeroed first) gets weight * dy
-// at every kept row, and d_weight[t, j] = <dy[t], buf[row]> (0 when dropped).
+// Backward of GatherKeptRows with weights: d_buf [E, R, w] gets weight * dy at every kept
+// row and zeros elsewhere, and d_weight[t, j] = <dy[t], buf[row]> (0 when dropped).
 void GatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
                             const float* dy, int64_t tokens, int64_t k, int64_t w, Tensor* d_buf,
                             float* d_weight);

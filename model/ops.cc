@@ -23,7 +23,7 @@ namespace {
 
 void CpuPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
                  float* buf, int64_t buf_rows) {
-  std::memset(buf, 0, buf_rows * w * sizeof(float));
+  ZeroRowsNotKept(row, tokens * k, buf_rows, w, buf);  // the kept rows are copied below
 #pragma omp parallel for schedule(static)
   for (int64_t tok = 0; tok < tokens; ++tok) {
     for (int64_t j = 0; j < k; ++j) {
