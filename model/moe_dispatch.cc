@@ -186,7 +186,9 @@ void Dispatcher::AllToAllInPlace(const Tensor& send, Tensor* recv, bool to_exper
 void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack) {
   const int64_t pe = groups_->expert().size(), el = groups_->local_experts();
   const int64_t r = send.dim(1), w = send.dim(2);
-  if (pe == 1) {  // [E, R, w] is already [E_local, 1 * R, w]: one copy, no staging
+  // [E, R, w] is already [E_local, 1 * R, w]: one copy, no staging. (MoeLayer skips the
+  // dispatcher then; the MoE attention reuses its send buffers, so it needs the copy.)
+  if (pe == 1) {
     ScopedTimer timer(pack);
     EnsureTensor(recv, {el, r, w}, DType::kF32, send.device());
     CopyRows(send, recv);

@@ -220,9 +220,7 @@ bool MoeLayer::local() const { return groups_->expert().size() == 1; }
 
 const Tensor& MoeLayer::combined() const { return local() ? expert_out_ : combine_in_; }
 
-bool MoeLayer::overlapped() const {
-  return config_.overlap_dispatch && groups_->expert().size() > 1;
-}
+bool MoeLayer::overlapped() const { return config_.overlap_dispatch && !local(); }
 
 void MoeLayer::ReduceReplicaGradients() {
   Communicator* replicas = groups_->replicas();
