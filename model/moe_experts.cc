@@ -89,6 +89,35 @@ std::vector<ExpertRows> ExpertGroups(const OpsTable& ops, int64_t el, int64_t r,
   return groups;
 }
 
+// Runs step(rows, gemm, act) over the experts [0, el) of rows [begin, begin + count): one
+// expert at a time through the table's for_each_expert where it has one (several experts
+// at once, each on its own thread), else over ExpertGroups. The experts' wall time is
+// split between *gemm and *act in the proportion the first worker spent on each.
+template <typename Step>
+void OverExperts(const OpsTable& ops, int64_t el, int64_t r, int64_t begin, int64_t count,
+                 double* gemm, double* act, const Step& step) {
+  if (ops.for_each_expert == nullptr || !ops.experts_one_at_a_time) {
+    for (const ExpertRows& rows : ExpertGroups(ops, el, r, begin, count)) step(rows, gemm, act);
+    return;
+  }
+  double first_gemm = 0, first_act = 0, wall = 0;
+  {
+    ScopedTimer timer(&wall);
+    ops.for_each_expert(el, [&](int64_t e, int worker) {
+      double g = 0, a = 0;
+      step(ExpertRows{e, e + 1, r, begin, count}, &g, &a);
+      if (worker == 0) {
+        first_gemm += g;
+        first_act += a;
+      }
+    });
+  }
+  const double busy = first_gemm + first_act;
+  const double gemm_share = busy > 0 ? first_gemm / busy : 1.0;
+  *gemm += wall * gemm_share;
+  *act += wall * (1.0 - gemm_share);
+}
+
 }  // namespace
 
 void BatchedLinearForward(const Tensor& x, const Tensor& w, const Tensor* b, Tensor* y,
@@ -149,21 +178,23 @@ void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
   if (count == 0) return;
   const OpsTable& ops = Ops(device_);
   const Device dev = device_;
-  for (const ExpertRows& rows : ExpertGroups(ops, el, r, begin, count)) {
-    ExpertGemm(ops, in_, params_.fc1_weight, &hidden_, rows, &timers->expert);
-    {
-      // fc1's bias and the GELU in one pass, while the expert's hidden rows are in cache.
-      ScopedTimer timer(&timers->expert_act);
-      for (int64_t e = rows.e0; e < rows.e1; ++e) {
-        MOERUN_OP(ops, bias_gelu_forward)
-        (hidden_.device_data<float>(dev) + rows.at(e, m_),
-         params_.fc1_bias.device_data<float>(dev) + e * m_,
-         act_.device_data<float>(dev) + rows.at(e, m_), count, m_, gelu_tanh_);
-      }
-    }
-    ExpertGemm(ops, act_, params_.fc2_weight, out_, rows, &timers->expert);
-    ExpertAddBias(ops, params_.fc2_bias, out_, rows, &timers->expert_act);
-  }
+  OverExperts(ops, el, r, begin, count, &timers->expert, &timers->expert_act,
+              [&](const ExpertRows& rows, double* gemm, double* act) {
+                ExpertGemm(ops, in_, params_.fc1_weight, &hidden_, rows, gemm);
+                {
+                  // fc1's bias and the GELU in one pass, while the expert's hidden rows are
+                  // in cache.
+                  ScopedTimer timer(act);
+                  for (int64_t e = rows.e0; e < rows.e1; ++e) {
+                    MOERUN_OP(ops, bias_gelu_forward)
+                    (hidden_.device_data<float>(dev) + rows.at(e, m_),
+                     params_.fc1_bias.device_data<float>(dev) + e * m_,
+                     act_.device_data<float>(dev) + rows.at(e, m_), count, m_, gelu_tanh_);
+                  }
+                }
+                ExpertGemm(ops, act_, params_.fc2_weight, out_, rows, gemm);
+                ExpertAddBias(ops, params_.fc2_bias, out_, rows, act);
+              });
 }
 
 void ExpertMlp::Backward(const Tensor& d_out, Tensor* d_in, MoeTimers* timers) {
@@ -185,23 +216,24 @@ void ExpertMlp::BackwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
   if (count == 0) return;
   const OpsTable& ops = Ops(device_);
   const Device dev = device_;
-  for (const ExpertRows& rows : ExpertGroups(ops, el, r, begin, count)) {
-    ExpertBiasBackward(ops, d_out_, &grads_.fc2_bias, rows, &timers->bwd_expert_act);
-    ExpertGemmBackward(ops, act_, params_.fc2_weight, d_out_, &grads_.fc2_weight, &d_act_, rows,
-                       &timers->bwd_expert);
-    {
-      // The GELU's backward and fc1's bias gradient in one pass over d_act.
-      ScopedTimer timer(&timers->bwd_expert_act);
-      for (int64_t e = rows.e0; e < rows.e1; ++e) {
-        MOERUN_OP(ops, gelu_bias_backward)
-        (hidden_.device_data<float>(dev) + rows.at(e, m_),
-         d_act_.device_data<float>(dev) + rows.at(e, m_),
-         grads_.fc1_bias.device_data<float>(dev) + e * m_, count, m_, gelu_tanh_);
-      }
-    }
-    ExpertGemmBackward(ops, in_, params_.fc1_weight, d_act_, &grads_.fc1_weight, d_in_, rows,
-                       &timers->bwd_expert);
-  }
+  OverExperts(ops, el, r, begin, count, &timers->bwd_expert, &timers->bwd_expert_act,
+              [&](const ExpertRows& rows, double* gemm, double* act) {
+                ExpertBiasBackward(ops, d_out_, &grads_.fc2_bias, rows, act);
+                ExpertGemmBackward(ops, act_, params_.fc2_weight, d_out_, &grads_.fc2_weight,
+                                   &d_act_, rows, gemm);
+                {
+                  // The GELU's backward and fc1's bias gradient in one pass over d_act.
+                  ScopedTimer timer(act);
+                  for (int64_t e = rows.e0; e < rows.e1; ++e) {
+                    MOERUN_OP(ops, gelu_bias_backward)
+                    (hidden_.device_data<float>(dev) + rows.at(e, m_),
+                     d_act_.device_data<float>(dev) + rows.at(e, m_),
+                     grads_.fc1_bias.device_data<float>(dev) + e * m_, count, m_, gelu_tanh_);
+                  }
+                }
+                ExpertGemmBackward(ops, in_, params_.fc1_weight, d_act_, &grads_.fc1_weight, d_in_,
+                                   rows, gemm);
+              });
 }
 
 }  // namespace moerun

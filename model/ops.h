@@ -94,6 +94,11 @@ struct OpsTable {
   // activations are still in cache when its bias + GELU pass reads them (a CPU); false, each
   // step batched over all the rank's experts (a GPU, where one batched GEMM fills the device).
   bool experts_one_at_a_time;
+  // With experts_one_at_a_time: runs body(expert, worker) for each of `experts` experts,
+  // possibly several at once, each on one thread (worker 0: the first); every expert's
+  // GEMMs and element-wise passes then run inside one core, its activations in that core's
+  // cache (the CPU's: ParallelOverItems). Null: one expert after another.
+  void (*for_each_expert)(int64_t experts, const std::function<void(int64_t, int)>& body);
   // Runs before each entry fetched through MOERUN_OP (null: nothing). The CUDA table's drains
   // the backend's stream with its polling wait (runtime/device_wait.h): its Thrust ops end in
   // a blocking sync on the legacy default stream, which would never return behind an NCCL

@@ -41,6 +41,20 @@ void SetNumThreads(int threads) {
 
 int NumThreads() { return g_threads; }
 
+void ParallelOverItems(int64_t n, const std::function<void(int64_t, int)>& body) {
+  const int threads = g_threads;
+  if (threads <= 1 || n < threads || n % threads != 0 || omp_in_parallel()) {
+    for (int64_t i = 0; i < n; ++i) body(i, 0);
+    return;
+  }
+  // BLAS calls made inside the region run on their caller's thread (OpenBLAS's pthreads
+  // build would otherwise hand each to its own pool, which serves one call at a time).
+  openblas_set_num_threads(1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) body(i, omp_get_thread_num());
+  openblas_set_num_threads(threads);
+}
+
 int DefaultThreadsPerRank(int local_ranks) {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return std::max(1, cores / std::max(1, local_ranks));

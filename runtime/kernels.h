@@ -6,6 +6,7 @@
 #define MOERUN_RUNTIME_KERNELS_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "runtime/tensor.h"
@@ -15,6 +16,12 @@ namespace moerun {
 // Threads used by BLAS and the OpenMP kernels of this process. Set once at start-up.
 void SetNumThreads(int threads);
 int NumThreads();
+// Runs body(i, worker) for i in [0, n): across the process's threads, each call on one
+// thread with single-threaded BLAS inside it (worker: the thread, 0 the first), when n
+// splits evenly over more than one thread; else one after another on this thread, worker 0.
+// Each i's work then stays in one core's cache, and its GEMMs skip the threads'
+// synchronisation inside each BLAS call. The calls must be independent of each other.
+void ParallelOverItems(int64_t n, const std::function<void(int64_t, int)>& body);
 // The default: this host's cores divided by the ranks on this host (at least 1).
 int DefaultThreadsPerRank(int local_ranks);
 // "OpenBLAS 0.3.21 ... (core Haswell, OpenMP, 2 threads)"
