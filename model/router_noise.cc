@@ -13,6 +13,8 @@ void StandardNormalNoise(const NoiseKey& key, int64_t first_token, int64_t token
   Rng rng;
   const Rng::key_type k = {
       {static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32)}};
+  // Every token's normals come from its own counters: the same for any thread count.
+#pragma omp parallel for schedule(static) if (tokens * num_experts > 16384)
   for (int64_t t = 0; t < tokens; ++t) {
     const uint64_t token = static_cast<uint64_t>(first_token + t);
     // One Philox block gives 4 normals: experts 4b .. 4b+3 of this token.

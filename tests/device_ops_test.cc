@@ -512,9 +512,10 @@ std::vector<OpCase> OpCases() {
   std::vector<OpCase> cases;
   const int64_t rows = 37, cols = 70, n = rows * cols;
   cases.push_back({"router_gemm", 0, [=](const OpsTable& t) {
-                     std::vector<float> a = Normal(rows * 45, 1, 1), b = Normal(7 * 45, 1, 2),
-                                        c(rows * 7);
-                     t.router_gemm(a.data(), b.data(), c.data(), rows, 7, 45);
+                     // 19 columns: two blocks of the CPU's 8-column kernel and 3 alone.
+                     std::vector<float> a = Normal(rows * 45, 1, 1), b = Normal(19 * 45, 1, 2),
+                                        c(rows * 19);
+                     t.router_gemm(a.data(), b.data(), c.data(), rows, 19, 45);
                      return c;
                    }});
   cases.push_back({"add_bias", 0, [=](const OpsTable& t) {

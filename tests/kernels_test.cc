@@ -73,6 +73,31 @@ TEST(GemmTest, LoadsTheOpenBlasBuildItWasLinkedTo) {
   SetNumThreads(before);
 }
 
+// The router's GEMM: every element is the 16-lane fixed-order dot of runtime/device_math.h
+// (written out here), whatever the column block it falls in, and a row gives the same bits
+// alone as among others (the row invariance the routing's rank independence rests on).
+TEST(RowInvariantGemmTest, EveryElementIsTheFixedOrderDotAndRowsAreInvariant) {
+  for (int64_t k : {16, 45, 512}) {
+    const int64_t rows = 33, n = 19;  // two 8-column blocks and 3 columns alone
+    const std::vector<float> a = Random(rows * k, 1), b = Random(n * k, 2);
+    std::vector<float> c(rows * n), one(n);
+    SetNumThreads(2);
+    RowInvariantGemmNT(a.data(), b.data(), c.data(), rows, n, k);
+    SetNumThreads(1);
+    for (int64_t t = 0; t < rows; ++t) {
+      RowInvariantGemmNT(a.data() + t * k, b.data(), one.data(), 1, n, k);
+      for (int64_t j = 0; j < n; ++j) {
+        float lanes[16] = {0};
+        for (int64_t i = 0; i < k; ++i) lanes[i % 16] += a[t * k + i] * b[j * k + i];
+        float want = 0.0f;
+        for (float l : lanes) want += l;
+        ASSERT_EQ(c[t * n + j], want) << "k " << k << " row " << t << " col " << j;
+        ASSERT_EQ(one[j], want) << "k " << k << " row " << t << " col " << j << " alone";
+      }
+    }
+  }
+}
+
 TEST(GemmTest, ZeroInnerDimensionScalesC) {
   std::vector<float> c = {1, 2, 3, 4};
   Gemm(false, false, 2, 2, 0, 1.0f, nullptr, 1, nullptr, 2, 0.0f, c.data(), 2);
