@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -50,8 +52,12 @@ int main(int argc, char** argv) {
   {
     moerun::MpiRuntime mpi(&argc, &argv, {/*watchdog_timeout_s=*/120});
     moerun::InitLogging(argv[0], {});
-    // As moerun does: the host's cores shared between its ranks (no oversubscription).
-    moerun::SetNumThreads(moerun::DefaultThreadsPerRank(moerun::Process().local_size));
+    // As moerun does: the host's cores shared between its ranks (no oversubscription);
+    // MOERUN_TEST_THREADS sets another count (the multi-threaded paths at several ranks).
+    const char* threads = std::getenv("MOERUN_TEST_THREADS");
+    moerun::SetNumThreads(threads != nullptr
+                              ? std::max(1, std::atoi(threads))
+                              : moerun::DefaultThreadsPerRank(moerun::Process().local_size));
     moerun::testing::g_world = mpi.World();
     if (moerun::Process().rank != 0) {
       auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
