@@ -124,20 +124,24 @@ void BatchedLinearForward(const Tensor& x, const Tensor& w, const Tensor* b, Ten
                           double* gemm, double* act) {
   EnsureTensor(y, {x.dim(0), x.dim(1), w.dim(1)}, DType::kF32, x.device());
   const OpsTable& ops = Ops(w.device());
-  const ExpertRows rows{0, x.dim(0), x.dim(1), 0, x.dim(1)};
-  if (rows.count == 0) return;
-  ExpertGemm(ops, x, w, y, rows, gemm);
-  if (b != nullptr) ExpertAddBias(ops, *b, y, rows, act);
+  if (x.dim(1) == 0) return;
+  OverExperts(ops, x.dim(0), x.dim(1), 0, x.dim(1), gemm, act,
+              [&](const ExpertRows& rows, double* gemm_s, double* act_s) {
+                ExpertGemm(ops, x, w, y, rows, gemm_s);
+                if (b != nullptr) ExpertAddBias(ops, *b, y, rows, act_s);
+              });
 }
 
 void BatchedLinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dw,
                            Tensor* db, Tensor* dx, double* gemm, double* act) {
   if (dx != nullptr) EnsureTensor(dx, {x.dim(0), x.dim(1), x.dim(2)}, DType::kF32, x.device());
   const OpsTable& ops = Ops(w.device());
-  const ExpertRows rows{0, x.dim(0), x.dim(1), 0, x.dim(1)};
-  if (rows.count == 0) return;
-  if (db != nullptr) ExpertBiasBackward(ops, dy, db, rows, act);
-  ExpertGemmBackward(ops, x, w, dy, dw, dx, rows, gemm);
+  if (x.dim(1) == 0) return;
+  OverExperts(ops, x.dim(0), x.dim(1), 0, x.dim(1), gemm, act,
+              [&](const ExpertRows& rows, double* gemm_s, double* act_s) {
+                if (db != nullptr) ExpertBiasBackward(ops, dy, db, rows, act_s);
+                ExpertGemmBackward(ops, x, w, dy, dw, dx, rows, gemm_s);
+              });
 }
 
 ExpertMlp::ExpertMlp(int64_t el, int64_t d, int64_t m, bool gelu_tanh, Device device)
