@@ -1,8 +1,6 @@
 // Expert GEMMs, bias and GELU through the ops of the weights' device (model/ops.h).
 #include "model/moe_experts.h"
 
-#include <vector>
-
 #include "model/moe_dispatch.h"
 #include "model/ops.h"
 
@@ -76,28 +74,15 @@ void ExpertBiasBackward(const OpsTable& ops, const Tensor& dy, Tensor* db, const
   }
 }
 
-// The expert groups a step runs over: one expert at a time where the table asks for it,
-// else all the rank's experts together.
-std::vector<ExpertRows> ExpertGroups(const OpsTable& ops, int64_t el, int64_t r, int64_t begin,
-                                     int64_t count) {
-  std::vector<ExpertRows> groups;
-  if (ops.experts_one_at_a_time) {
-    for (int64_t e = 0; e < el; ++e) groups.push_back({e, e + 1, r, begin, count});
-  } else {
-    groups.push_back({0, el, r, begin, count});
-  }
-  return groups;
-}
-
-// Runs step(rows, gemm, act) over the experts [0, el) of rows [begin, begin + count): one
-// expert at a time through the table's for_each_expert where it has one (several experts
-// at once, each on its own thread), else over ExpertGroups. The experts' wall time is
-// split between *gemm and *act in the proportion the first worker spent on each.
+// Runs step(rows, gemm, act) over the experts [0, el) of rows [begin, begin + count): all
+// together where the table has no for_each_expert, else one expert at a time through it
+// (several at once, each on its own thread). The experts' wall time is then split between
+// *gemm and *act in the proportion the first worker spent on each.
 template <typename Step>
 void OverExperts(const OpsTable& ops, int64_t el, int64_t r, int64_t begin, int64_t count,
                  double* gemm, double* act, const Step& step) {
-  if (ops.for_each_expert == nullptr || !ops.experts_one_at_a_time) {
-    for (const ExpertRows& rows : ExpertGroups(ops, el, r, begin, count)) step(rows, gemm, act);
+  if (ops.for_each_expert == nullptr) {
+    step(ExpertRows{0, el, r, begin, count}, gemm, act);
     return;
   }
   double first_gemm = 0, first_act = 0, wall = 0;

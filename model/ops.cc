@@ -106,7 +106,6 @@ OpsTable MakeCpuOps() {
   t.combine_rows = &GatherKeptRows;
   t.combine_rows_backward = &CpuCombineRowsBackward;
   t.adamw_step = &AdamWUpdate;
-  t.experts_one_at_a_time = true;
   t.for_each_expert = &ParallelOverItems;
   return t;
 }

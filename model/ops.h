@@ -90,14 +90,12 @@ struct OpsTable {
   // One AdamW update of n elements (runtime/optimizer.h's semantics).
   void (*adamw_step)(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
                      void* v, int64_t n, bool bf16_moments);
-  // How the expert MLP runs its experts: true, one expert at a time, so an expert's hidden
-  // activations are still in cache when its bias + GELU pass reads them (a CPU); false, each
-  // step batched over all the rank's experts (a GPU, where one batched GEMM fills the device).
-  bool experts_one_at_a_time;
-  // With experts_one_at_a_time: runs body(expert, worker) for each of `experts` experts,
-  // possibly several at once, each on one thread (worker 0: the first); every expert's
-  // GEMMs and element-wise passes then run inside one core, its activations in that core's
-  // cache (the CPU's: ParallelOverItems). Null: one expert after another.
+  // How the expert MLP runs its experts. Null: each step batched over all the rank's
+  // experts (a GPU, where one batched GEMM fills the device). Else one expert at a time,
+  // so an expert's hidden activations are still in cache when its bias + GELU pass reads
+  // them (a CPU): runs body(expert, worker) for each of `experts` experts, possibly several
+  // at once, each on one thread (worker 0: the first), every expert's GEMMs and element-wise
+  // passes inside one core (the CPU's: ParallelOverItems).
   void (*for_each_expert)(int64_t experts, const std::function<void(int64_t, int)>& body);
   // Runs before each entry fetched through MOERUN_OP (null: nothing). The CUDA table's drains
   // the backend's stream with its polling wait (runtime/device_wait.h): its Thrust ops end in

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <random>
 
@@ -175,14 +176,14 @@ template <typename Fn, Fn OpsTable::*Entry>
 struct Counted;
 template <typename... A, void (*OpsTable::*Entry)(A...)>
 struct Counted<void (*)(A...), Entry> {
-  static int calls;
+  static std::atomic<int> calls;  // the CPU table calls some entries from several threads
   static void Call(A... a) {
     ++calls;
     (g_real_cpu->*Entry)(a...);
   }
 };
 template <typename... A, void (*OpsTable::*Entry)(A...)>
-int Counted<void (*)(A...), Entry>::calls = 0;
+std::atomic<int> Counted<void (*)(A...), Entry>::calls{0};
 #define MOERUN_COUNTED(entry) Counted<decltype(OpsTable::entry), &OpsTable::entry>
 #define MOERUN_CALLS(entry) (MOERUN_COUNTED(entry)::calls)
 
