@@ -21,11 +21,22 @@ void ExpertGemm(const OpsTable& ops, const Tensor& x, const Tensor& w, Tensor* y
                 const ExpertRows& rows, double* gemm) {
   const Device dev = w.device();
   const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
+  const float* xd = x.device_data<float>(dev);
+  const float* wd = w.device_data<float>(dev);
+  float* yd = y->device_data<float>(dev);
   ScopedTimer timer(gemm);
+  if (ops.expert_gemm != nullptr) {
+    for (int64_t e = rows.e0; e < rows.e1; ++e) {
+      MOERUN_OP(ops, expert_gemm)
+      (false, true, rows.count, out, in, 1.0f, xd + rows.at(e, in), in, wd + e * out * in, in, 0.0f,
+       yd + rows.at(e, out), out);
+    }
+    return;
+  }
   MOERUN_OP(ops, gemm_strided_batched)
-  (false, true, rows.count, out, in, 1.0f, x.device_data<float>(dev) + rows.at(rows.e0, in), in,
-   r * in, w.device_data<float>(dev) + rows.e0 * out * in, in, out * in, 0.0f,
-   y->device_data<float>(dev) + rows.at(rows.e0, out), out, r * out, rows.experts());
+  (false, true, rows.count, out, in, 1.0f, xd + rows.at(rows.e0, in), in, r * in,
+   wd + rows.e0 * out * in, in, out * in, 0.0f, yd + rows.at(rows.e0, out), out, r * out,
+   rows.experts());
 }
 
 // dW[e] += dy[e, rows]^T x[e, rows] and, with dx, dx[e, rows] = dy W for the experts of
@@ -34,18 +45,31 @@ void ExpertGemmBackward(const OpsTable& ops, const Tensor& x, const Tensor& w, c
                         Tensor* dw, Tensor* dx, const ExpertRows& rows, double* gemm) {
   const Device dev = w.device();
   const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
+  const float* xd = x.device_data<float>(dev);
+  const float* wd = w.device_data<float>(dev);
+  const float* dyd = dy.device_data<float>(dev);
+  float* dwd = dw->device_data<float>(dev);
+  float* dxd = dx == nullptr ? nullptr : dx->device_data<float>(dev);
   ScopedTimer timer(gemm);
+  const bool own = ops.expert_gemm != nullptr;
   for (int64_t e = rows.e0; e < rows.e1; ++e) {
-    MOERUN_OP(ops, gemm)
-    (true, false, out, in, rows.count, 1.0f, dy.device_data<float>(dev) + rows.at(e, out), out,
-     x.device_data<float>(dev) + rows.at(e, in), in, 1.0f,
-     dw->device_data<float>(dev) + e * out * in, in);
+    OpEntry(ops, own ? &OpsTable::expert_gemm : &OpsTable::gemm, own ? "expert_gemm" : "gemm")(
+        true, false, out, in, rows.count, 1.0f, dyd + rows.at(e, out), out, xd + rows.at(e, in), in,
+        1.0f, dwd + e * out * in, in);
   }
   if (dx == nullptr) return;
+  if (ops.expert_gemm != nullptr) {
+    for (int64_t e = rows.e0; e < rows.e1; ++e) {
+      MOERUN_OP(ops, expert_gemm)
+      (false, false, rows.count, in, out, 1.0f, dyd + rows.at(e, out), out, wd + e * out * in, in,
+       0.0f, dxd + rows.at(e, in), in);
+    }
+    return;
+  }
   MOERUN_OP(ops, gemm_strided_batched)
-  (false, false, rows.count, in, out, 1.0f, dy.device_data<float>(dev) + rows.at(rows.e0, out), out,
-   r * out, w.device_data<float>(dev) + rows.e0 * out * in, in, out * in, 0.0f,
-   dx->device_data<float>(dev) + rows.at(rows.e0, in), in, r * in, rows.experts());
+  (false, false, rows.count, in, out, 1.0f, dyd + rows.at(rows.e0, out), out, r * out,
+   wd + rows.e0 * out * in, in, out * in, 0.0f, dxd + rows.at(rows.e0, in), in, r * in,
+   rows.experts());
 }
 
 // y[e, rows] += b[e] for the experts of `rows`.

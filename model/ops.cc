@@ -15,6 +15,7 @@
 #include "model/moe_dispatch.h"
 #include "model/routing.h"
 #include "runtime/backend.h"
+#include "runtime/blocked_gemm.h"
 #include "runtime/dtype.h"
 #include "runtime/kernels.h"
 
@@ -78,6 +79,14 @@ void CpuTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t
   TopK(gates, tokens, num_experts, k, expert_index, weight);
 }
 
+void CpuExpertGemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                   const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                   int64_t ldc) {
+  CHECK(alpha == 1.0f && (beta == 0.0f || beta == 1.0f))
+      << "expert_gemm takes alpha 1 and beta 0 or 1, got alpha " << alpha << " beta " << beta;
+  BlockedGemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta == 1.0f, c, ldc);
+}
+
 OpsTable MakeCpuOps() {
   OpsTable t{};
   t.name = "cpu";
@@ -107,6 +116,7 @@ OpsTable MakeCpuOps() {
   t.combine_rows_backward = &CpuCombineRowsBackward;
   t.adamw_step = &AdamWUpdate;
   t.for_each_expert = &ParallelOverItems;
+  t.expert_gemm = &CpuExpertGemm;
   return t;
 }
 
@@ -157,6 +167,7 @@ OpsTable MakeCpuBf16Ops() {
   t.name = "cpu-bf16";
   t.gemm = &CpuBf16Gemm;
   t.gemm_strided_batched = &CpuBf16GemmStridedBatched;
+  t.expert_gemm = nullptr;  // the experts' GEMMs too take bf16-rounded operands
   return t;
 }
 
