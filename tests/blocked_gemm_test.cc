@@ -102,8 +102,9 @@ TEST_P(BlockedGemmTest, TwoThreadsGiveTheBitsOfOne) {
 }
 
 // Every transpose, row counts around the 12-row tile, column counts around the 32-column
-// panel, k around the 16-wide transposes and over one block (several blocks at 1000), and
-// the experts' shapes (a capacity of 269 tokens) in small.
+// panel and the 16 x 16 transposes that pack B^T, k around those transposes and over one
+// block (several blocks at 1000), and the experts' shapes (a capacity of 269 tokens) in
+// small.
 INSTANTIATE_TEST_SUITE_P(
     Shapes, BlockedGemmTest,
     ::testing::Values(Case{false, true, 1, 1, 1, false}, Case{false, true, 13, 33, 17, false},
@@ -113,7 +114,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{false, false, 269, 64, 130, false}, Case{true, false, 7, 40, 269, true},
                       Case{true, false, 100, 48, 269, false}, Case{true, true, 13, 70, 1000, false},
                       Case{true, true, 24, 32, 16, true}, Case{false, true, 5, 200, 0, true},
-                      Case{false, true, 5, 20, 0, false}));
+                      Case{false, true, 5, 20, 0, false}, Case{false, true, 40, 25, 100, true},
+                      Case{false, true, 16, 12, 16, false}, Case{false, true, 17, 7, 33, false},
+                      Case{false, true, 64, 1, 48, true}));
 
 // A row's values do not depend on the rows beside it (the experts' capacity changes with the
 // batch): one row of a 269-row product equals the same row computed alone.
