@@ -16,7 +16,7 @@
 namespace moerun {
 
 // True when this build has the AVX-512 tiles (-march=native on an AVX-512 CPU); else
-// BlockedGemm runs OpenBLAS.
+// BlockedGemm runs OpenBLAS, and the order and bit-for-bit promises above do not hold.
 bool BlockedGemmAvailable();
 
 // C[m,n] = op(A) op(B) (accumulate: C += op(A) op(B)); op(A) is [m,k], op(B) is [k,n],

@@ -92,6 +92,7 @@ TEST_P(BlockedGemmTest, MatchesTheDocumentedOrderAndDoublePrecision) {
 }
 
 TEST_P(BlockedGemmTest, TwoThreadsGiveTheBitsOfOne) {
+  if (!BlockedGemmAvailable()) GTEST_SKIP() << "built without AVX-512: BlockedGemm is OpenBLAS";
   const Case s = GetParam();
   const auto a = Random(s.m * s.k, 4), b = Random(s.k * s.n, 5), c0 = Random(s.m * s.n, 6);
   SetNumThreads(1);
@@ -121,6 +122,7 @@ INSTANTIATE_TEST_SUITE_P(
 // A row's values do not depend on the rows beside it (the experts' capacity changes with the
 // batch): one row of a 269-row product equals the same row computed alone.
 TEST(BlockedGemm, ARowAloneGivesItsBitsAmongOthers) {
+  if (!BlockedGemmAvailable()) GTEST_SKIP() << "built without AVX-512: BlockedGemm is OpenBLAS";
   SetNumThreads(1);
   const int64_t m = 269, n = 160, k = 530;
   const auto a = Random(m * k, 7), b = Random(n * k, 8);
