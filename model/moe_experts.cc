@@ -16,27 +16,37 @@ struct ExpertRows {
   int64_t at(int64_t e, int64_t w) const { return (e * r + begin) * w; }
 };
 
+// C_e = op(A_e) op(B_e) (beta 1: C_e += ...) for the experts e of `rows`, where A_e is at
+// a + e * stride_a (etc.): one expert_gemm call per expert where the table has that entry;
+// else one batched GEMM (`batched`) or one gemm call per expert.
+void ExpertsGemm(const OpsTable& ops, const ExpertRows& rows, bool batched, bool trans_a,
+                 bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b, float beta,
+                 float* c, int64_t ldc, int64_t stride_c) {
+  const int64_t e0 = rows.e0;
+  if (ops.expert_gemm == nullptr && batched) {
+    MOERUN_OP(ops, gemm_strided_batched)
+    (trans_a, trans_b, m, n, k, 1.0f, a + e0 * stride_a, lda, stride_a, b + e0 * stride_b, ldb,
+     stride_b, beta, c + e0 * stride_c, ldc, stride_c, rows.experts());
+    return;
+  }
+  const bool own = ops.expert_gemm != nullptr;
+  for (int64_t e = e0; e < rows.e1; ++e) {
+    OpEntry(ops, own ? &OpsTable::expert_gemm : &OpsTable::gemm, own ? "expert_gemm" : "gemm")(
+        trans_a, trans_b, m, n, k, 1.0f, a + e * stride_a, lda, b + e * stride_b, ldb, beta,
+        c + e * stride_c, ldc);
+  }
+}
+
 // y = x w^T for the experts of `rows` (x [El, R, in], w [El, out, in], y [El, R, out]).
 void ExpertGemm(const OpsTable& ops, const Tensor& x, const Tensor& w, Tensor* y,
                 const ExpertRows& rows, double* gemm) {
   const Device dev = w.device();
   const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
-  const float* xd = x.device_data<float>(dev);
-  const float* wd = w.device_data<float>(dev);
-  float* yd = y->device_data<float>(dev);
   ScopedTimer timer(gemm);
-  if (ops.expert_gemm != nullptr) {
-    for (int64_t e = rows.e0; e < rows.e1; ++e) {
-      MOERUN_OP(ops, expert_gemm)
-      (false, true, rows.count, out, in, 1.0f, xd + rows.at(e, in), in, wd + e * out * in, in, 0.0f,
-       yd + rows.at(e, out), out);
-    }
-    return;
-  }
-  MOERUN_OP(ops, gemm_strided_batched)
-  (false, true, rows.count, out, in, 1.0f, xd + rows.at(rows.e0, in), in, r * in,
-   wd + rows.e0 * out * in, in, out * in, 0.0f, yd + rows.at(rows.e0, out), out, r * out,
-   rows.experts());
+  ExpertsGemm(ops, rows, /*batched=*/true, false, true, rows.count, out, in,
+              x.device_data<float>(dev) + rows.at(0, in), in, r * in, w.device_data<float>(dev), in,
+              out * in, 0.0f, y->device_data<float>(dev) + rows.at(0, out), out, r * out);
 }
 
 // dW[e] += dy[e, rows]^T x[e, rows] and, with dx, dx[e, rows] = dy W for the experts of
@@ -45,31 +55,15 @@ void ExpertGemmBackward(const OpsTable& ops, const Tensor& x, const Tensor& w, c
                         Tensor* dw, Tensor* dx, const ExpertRows& rows, double* gemm) {
   const Device dev = w.device();
   const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
-  const float* xd = x.device_data<float>(dev);
-  const float* wd = w.device_data<float>(dev);
-  const float* dyd = dy.device_data<float>(dev);
-  float* dwd = dw->device_data<float>(dev);
-  float* dxd = dx == nullptr ? nullptr : dx->device_data<float>(dev);
+  const float* dyd = dy.device_data<float>(dev) + rows.at(0, out);
   ScopedTimer timer(gemm);
-  const bool own = ops.expert_gemm != nullptr;
-  for (int64_t e = rows.e0; e < rows.e1; ++e) {
-    OpEntry(ops, own ? &OpsTable::expert_gemm : &OpsTable::gemm, own ? "expert_gemm" : "gemm")(
-        true, false, out, in, rows.count, 1.0f, dyd + rows.at(e, out), out, xd + rows.at(e, in), in,
-        1.0f, dwd + e * out * in, in);
-  }
+  ExpertsGemm(ops, rows, /*batched=*/false, true, false, out, in, rows.count, dyd, out, r * out,
+              x.device_data<float>(dev) + rows.at(0, in), in, r * in, 1.0f,
+              dw->device_data<float>(dev), in, out * in);
   if (dx == nullptr) return;
-  if (ops.expert_gemm != nullptr) {
-    for (int64_t e = rows.e0; e < rows.e1; ++e) {
-      MOERUN_OP(ops, expert_gemm)
-      (false, false, rows.count, in, out, 1.0f, dyd + rows.at(e, out), out, wd + e * out * in, in,
-       0.0f, dxd + rows.at(e, in), in);
-    }
-    return;
-  }
-  MOERUN_OP(ops, gemm_strided_batched)
-  (false, false, rows.count, in, out, 1.0f, dyd + rows.at(rows.e0, out), out, r * out,
-   wd + rows.e0 * out * in, in, out * in, 0.0f, dxd + rows.at(rows.e0, in), in, r * in,
-   rows.experts());
+  ExpertsGemm(ops, rows, /*batched=*/true, false, false, rows.count, in, out, dyd, out, r * out,
+              w.device_data<float>(dev), in, out * in, 0.0f,
+              dx->device_data<float>(dev) + rows.at(0, in), in, r * in);
 }
 
 // y[e, rows] += b[e] for the experts of `rows`.

@@ -8,11 +8,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
 
 #include "runtime/kernels.h"
+#include "runtime/tensor.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -36,21 +35,12 @@ namespace {
 constexpr int kMr = 12;  // rows of a register tile
 constexpr int kNr = 32;  // columns of a register tile: two 16-float vectors
 
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-
-// A per-thread buffer of at least `floats` floats, 64-byte aligned.
+// A per-thread buffer of at least `floats` floats (a host Tensor: 64-byte aligned, counted
+// in the CPU backend's bytes).
 float* ScratchBuffer(int slot, int64_t floats) {
-  thread_local std::unique_ptr<float, FreeDeleter> buffers[2];
-  thread_local int64_t sizes[2] = {0, 0};
-  if (sizes[slot] < floats) {
-    const int64_t bytes = (floats * static_cast<int64_t>(sizeof(float)) + 63) / 64 * 64;
-    buffers[slot].reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    CHECK(buffers[slot] != nullptr) << "BlockedGemm: out of memory for " << bytes << " bytes";
-    sizes[slot] = floats;
-  }
-  return buffers[slot].get();
+  thread_local Tensor buffers[2];
+  if (buffers[slot].numel() < floats) buffers[slot] = Tensor::Empty({floats});
+  return buffers[slot].data<float>();
 }
 
 // The register tile: C[0:MR, cols] (+)= sum over kc of A(i, k) * Bp[k][0:32], where A(i, k)
