@@ -70,32 +70,46 @@ double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_ex
                 double sigma, float* grad, double scale) {
   constexpr double kInvSqrt2 = 0.70710678118654752440;
   constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-  std::vector<int32_t> idx(k);
-  std::vector<float> w(k);
+  const int64_t e_count = num_experts;
+  // Per token (over the threads: each token's values depend on its row only): the k-th
+  // noisy logit and each expert's probability of clearing it. Then the load, summed over
+  // the tokens in order on one thread, so the bits are the same for any thread count.
   std::vector<int32_t> kth(tokens);
-  std::vector<double> load(num_experts, 0.0), dload;
-  for (int64_t s = 0; s < tokens; ++s) {
-    TopK(z_noisy + s * num_experts, 1, num_experts, k, idx.data(), w.data());
-    kth[s] = idx[k - 1];
-    const double tau = z_noisy[s * num_experts + kth[s]];
-    for (int e = 0; e < num_experts; ++e) {
-      const double u = (tau - z[s * num_experts + e]) / sigma;
-      load[e] += (1.0 - 0.5 * std::erfc(-u * kInvSqrt2)) / tokens;
+  std::vector<double> p(tokens * e_count);
+#pragma omp parallel if (tokens * e_count > 16384)
+  {
+    std::vector<int32_t> idx(k);
+    std::vector<float> w(k);
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < tokens; ++s) {
+      TopK(z_noisy + s * e_count, 1, num_experts, k, idx.data(), w.data());
+      kth[s] = idx[k - 1];
+      const double tau = z_noisy[s * e_count + kth[s]];
+      for (int64_t e = 0; e < e_count; ++e) {
+        const double u = (tau - z[s * e_count + e]) / sigma;
+        p[s * e_count + e] = (1.0 - 0.5 * std::erfc(-u * kInvSqrt2)) / tokens;
+      }
     }
+  }
+  std::vector<double> load(e_count, 0.0), dload;
+  for (int64_t s = 0; s < tokens; ++s) {
+    for (int64_t e = 0; e < e_count; ++e) load[e] += p[s * e_count + e];
   }
   const double loss = SquaredCv(load, &dload);
   if (grad != nullptr) {
+    // Each token's gradient touches its own row only.
+#pragma omp parallel for schedule(static) if (tokens * e_count > 16384)
     for (int64_t s = 0; s < tokens; ++s) {
-      const double tau = z_noisy[s * num_experts + kth[s]];
+      const double tau = z_noisy[s * e_count + kth[s]];
       double dtau = 0;
-      for (int e = 0; e < num_experts; ++e) {
-        const double u = (tau - z[s * num_experts + e]) / sigma;
+      for (int64_t e = 0; e < e_count; ++e) {
+        const double u = (tau - z[s * e_count + e]) / sigma;
         // dP/dz = phi(u) / sigma, dP/dtau = -phi(u) / sigma.
         const double d = scale * dload[e] / tokens * kInvSqrt2Pi * std::exp(-0.5 * u * u) / sigma;
-        grad[s * num_experts + e] += static_cast<float>(d);
+        grad[s * e_count + e] += static_cast<float>(d);
         dtau -= d;
       }
-      grad[s * num_experts + kth[s]] += static_cast<float>(dtau);
+      grad[s * e_count + kth[s]] += static_cast<float>(dtau);
     }
   }
   return loss;

@@ -109,6 +109,27 @@ std::vector<float> RandomVector(int n, uint32_t seed, float lo, float hi) {
   return v;
 }
 
+// The load loss runs its tokens over the threads and sums the load in token order: its
+// value and gradient are the same bit for bit with one thread and with two.
+TEST(AuxLossTest, LoadLossIsTheSameForAnyThreadCount) {
+  const int s = 1024, e = 32;  // above the size where it goes parallel
+  const auto z = RandomVector(s * e, 7, -1.0f, 1.0f);
+  const auto noise = RandomVector(s * e, 8, -0.2f, 0.2f);
+  std::vector<float> zn(s * e);
+  for (int i = 0; i < s * e; ++i) zn[i] = z[i] + noise[i];
+  const int threads = NumThreads();
+  double loss[2];
+  std::vector<float> dz[2];
+  for (int t = 0; t < 2; ++t) {
+    SetNumThreads(t + 1);
+    dz[t].assign(s * e, 0.0f);
+    loss[t] = LoadLoss(z.data(), zn.data(), s, e, 2, 0.125, dz[t].data(), 1.0);
+  }
+  SetNumThreads(threads);
+  EXPECT_EQ(loss[0], loss[1]);
+  EXPECT_EQ(0, std::memcmp(dz[0].data(), dz[1].data(), dz[0].size() * sizeof(float)));
+}
+
 TEST(AuxLossTest, GradientsMatchFiniteDifferences) {
   const int s = 6, e = 4;
   auto p = RandomVector(s * e, 1, 0.05f, 1.0f);
