@@ -20,11 +20,12 @@ namespace {
 // Adds every active term's gradient: gate-space terms into dg / dclean, or (logit_space)
 // logit-space terms into dz.
 void AddTermGradients(const MoeLosses& losses, const AuxWeights& weights,
-                      const std::vector<double>& mi_grad, const Router& router_,
+                      const std::vector<double>& mi_grad,
+                      const std::vector<LoadLossState>& load_states, const Router& router_,
                       const RoutingPlan& plan_, int world_size, float* dg, float* dclean, float* dz,
                       bool logit_space) {
   const int64_t s = plan_.group_size, e_count = plan_.num_experts;
-  const int e = static_cast<int>(e_count), kk = static_cast<int>(plan_.k);
+  const int e = static_cast<int>(e_count);
   const double g_total = static_cast<double>(plan_.groups) * world_size;
   for (const AuxTerm& term : losses.terms) {
     if (!term.active) continue;
@@ -36,8 +37,9 @@ void AddTermGradients(const MoeLosses& losses, const AuxWeights& weights,
       } else if (!logit_space && term.name == "gshard") {
         GShardLoss(router_.gates().data<float>() + off, s, e, dg + off, scale);
       } else if (logit_space && term.name == "load") {
-        LoadLoss(router_.logits().data<float>() + off, router_.noisy_logits().data<float>() + off,
-                 s, e, kk, router_.sigma(), dz + off, scale);
+        LoadLossBackward(load_states.at(g), router_.logits().data<float>() + off,
+                         router_.noisy_logits().data<float>() + off, s, e, router_.sigma(),
+                         dz + off, scale);
       } else if (logit_space && term.name == "z") {
         ZLoss(router_.logits().data<float>() + off, s, e, dz + off, scale);
       }
@@ -67,13 +69,15 @@ void MoeAuxLosses::Compute(const Router& router_, const RoutingPlan& plan_, Comm
   const int tasks = router_.tasks();
   // Per-group terms, summed over local groups: importance, load, gshard, z.
   double local[4] = {0, 0, 0, 0};
+  load_states_.resize(noisy ? plan_.groups : 0);
   for (int64_t g = 0; g < plan_.groups; ++g) {
     const int64_t off = g * s * e_count;
     const float* zg = router_.logits().data<float>() + off;
     local[0] += ImportanceLoss(router_.clean_gates().data<float>() + off, s, e, nullptr, 0);
     if (noisy) {
-      local[1] += LoadLoss(zg, router_.noisy_logits().data<float>() + off, s, e, kk,
-                           router_.sigma(), nullptr, 0);
+      LoadLossForward(zg, router_.noisy_logits().data<float>() + off, s, e, kk, router_.sigma(),
+                      &load_states_[g]);
+      local[1] += load_states_[g].loss;
     }
     local[2] += GShardLoss(router_.gates().data<float>() + off, s, e, nullptr, 0);
     if (weights_.z > 0) local[3] += ZLoss(zg, s, e, nullptr, 0);
@@ -186,11 +190,11 @@ void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const
   for (int64_t i = 0; i < t * k; ++i) {
     if (row[i] >= 0) dg[(i / k) * e_count + idx[i]] += d_weight[i];
   }
-  AddTermGradients(losses_, weights_, mi_grad_, *router, plan, world_size, dg, dclean, nullptr,
-                   false);
+  AddTermGradients(losses_, weights_, mi_grad_, load_states_, *router, plan, world_size, dg, dclean,
+                   nullptr, false);
   float* dz = router->GatesToLogits();
-  AddTermGradients(losses_, weights_, mi_grad_, *router, plan, world_size, nullptr, nullptr, dz,
-                   true);
+  AddTermGradients(losses_, weights_, mi_grad_, load_states_, *router, plan, world_size, nullptr,
+                   nullptr, dz, true);
   router->LogitsToInputs(dx);
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "model/moe_losses.h"
 #include "model/moe_plan.h"
 #include "model/moe_router.h"
 
@@ -88,6 +89,9 @@ class MoeAuxLosses {
   MoeLosses losses_;
   MoeMetrics metrics_;
   std::vector<double> task_gate_sums_, selection_counts_, mi_grad_, task_selections_;
+  // Per local group, the load loss's value and what its gradient needs, from Compute: the
+  // backward adds the gradient without evaluating the loss again.
+  std::vector<LoadLossState> load_states_;
   Tensor usage_;
 };
 

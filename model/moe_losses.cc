@@ -1,6 +1,8 @@
 // Auxiliary router losses and their gradients, in double precision.
 #include "model/moe_losses.h"
 
+#include <glog/logging.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -66,15 +68,15 @@ double GShardLoss(const float* p, int64_t tokens, int num_experts, float* grad, 
   return loss;
 }
 
-double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
-                double sigma, float* grad, double scale) {
+void LoadLossForward(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
+                     double sigma, LoadLossState* state) {
   constexpr double kInvSqrt2 = 0.70710678118654752440;
-  constexpr double kInvSqrt2Pi = 0.39894228040143267794;
   const int64_t e_count = num_experts;
   // Per token (over the threads: each token's values depend on its row only): the k-th
   // noisy logit and each expert's probability of clearing it. Then the load, summed over
   // the tokens in order on one thread, so the bits are the same for any thread count.
-  std::vector<int32_t> kth(tokens);
+  std::vector<int32_t>& kth = state->kth;
+  kth.assign(tokens, 0);
   std::vector<double> p(tokens * e_count);
 #pragma omp parallel if (tokens * e_count > 16384)
   {
@@ -91,28 +93,42 @@ double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_ex
       }
     }
   }
-  std::vector<double> load(e_count, 0.0), dload;
+  std::vector<double> load(e_count, 0.0);
   for (int64_t s = 0; s < tokens; ++s) {
     for (int64_t e = 0; e < e_count; ++e) load[e] += p[s * e_count + e];
   }
-  const double loss = SquaredCv(load, &dload);
-  if (grad != nullptr) {
-    // Each token's gradient touches its own row only.
+  state->loss = SquaredCv(load, &state->dload);
+}
+
+void LoadLossBackward(const LoadLossState& state, const float* z, const float* z_noisy,
+                      int64_t tokens, int num_experts, double sigma, float* grad, double scale) {
+  constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+  const int64_t e_count = num_experts;
+  const std::vector<int32_t>& kth = state.kth;
+  const std::vector<double>& dload = state.dload;
+  CHECK_EQ(static_cast<int64_t>(kth.size()), tokens) << "load loss state of another group";
+  // Each token's gradient touches its own row only.
 #pragma omp parallel for schedule(static) if (tokens * e_count > 16384)
-    for (int64_t s = 0; s < tokens; ++s) {
-      const double tau = z_noisy[s * e_count + kth[s]];
-      double dtau = 0;
-      for (int64_t e = 0; e < e_count; ++e) {
-        const double u = (tau - z[s * e_count + e]) / sigma;
-        // dP/dz = phi(u) / sigma, dP/dtau = -phi(u) / sigma.
-        const double d = scale * dload[e] / tokens * kInvSqrt2Pi * std::exp(-0.5 * u * u) / sigma;
-        grad[s * e_count + e] += static_cast<float>(d);
-        dtau -= d;
-      }
-      grad[s * e_count + kth[s]] += static_cast<float>(dtau);
+  for (int64_t s = 0; s < tokens; ++s) {
+    const double tau = z_noisy[s * e_count + kth[s]];
+    double dtau = 0;
+    for (int64_t e = 0; e < e_count; ++e) {
+      const double u = (tau - z[s * e_count + e]) / sigma;
+      // dP/dz = phi(u) / sigma, dP/dtau = -phi(u) / sigma.
+      const double d = scale * dload[e] / tokens * kInvSqrt2Pi * std::exp(-0.5 * u * u) / sigma;
+      grad[s * e_count + e] += static_cast<float>(d);
+      dtau -= d;
     }
+    grad[s * e_count + kth[s]] += static_cast<float>(dtau);
   }
-  return loss;
+}
+
+double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
+                double sigma, float* grad, double scale) {
+  LoadLossState state;
+  LoadLossForward(z, z_noisy, tokens, num_experts, k, sigma, &state);
+  if (grad != nullptr) LoadLossBackward(state, z, z_noisy, tokens, num_experts, sigma, grad, scale);
+  return state.loss;
 }
 
 double ZLoss(const float* z, int64_t tokens, int num_experts, float* grad, double scale) {

@@ -6,6 +6,7 @@
 #define MOERUN_MODEL_MOE_LOSSES_H_
 
 #include <cstdint>
+#include <vector>
 
 namespace moerun {
 
@@ -21,6 +22,19 @@ double GShardLoss(const float* p, int64_t tokens, int num_experts, float* grad, 
 // logits, z_noisy = z + noise. grad: d/dz through both z and tau (tau = z[s,e*] + noise).
 double LoadLoss(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
                 double sigma, float* grad, double scale);
+// LoadLoss in two halves, for a caller that reports the loss in the forward and adds its
+// gradient in the backward without evaluating it twice: the value, with what the gradient
+// needs (each token's k-th expert and dLoss/dload), then the gradient from those. Bit for
+// bit LoadLoss.
+struct LoadLossState {
+  double loss = 0;
+  std::vector<int32_t> kth;   // [tokens]
+  std::vector<double> dload;  // [num_experts]
+};
+void LoadLossForward(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
+                     double sigma, LoadLossState* state);
+void LoadLossBackward(const LoadLossState& state, const float* z, const float* z_noisy,
+                      int64_t tokens, int num_experts, double sigma, float* grad, double scale);
 
 // Router z-loss (ST-MoE): mean_s logsumexp(z[s,:])^2 on the clean logits. grad: d/dz.
 double ZLoss(const float* z, int64_t tokens, int num_experts, float* grad, double scale);
