@@ -356,10 +356,12 @@ train 2 "$tmp/async" --async-checkpoint --checkpoint-every 5 --keep 0 &&
   "$moerun" checkpoint verify "$tmp/async/checkpoints/step_00000015" >/dev/null &&
   ok "async saves: same losses and final shards as without, steps 5/10/15 committed in the background" ||
   bad "async: $(tail -n 3 "$tmp/async.log")"
-train 2 "$tmp/timed" -o train.steps=300 -o train.log_every=100 --checkpoint-every-minutes 0.002 --keep 2
+# Enough steps that the run outlasts several 0.12 s intervals however fast the machine is
+# (300 steps took under 0.36 s once the kernels got faster).
+train 2 "$tmp/timed" -o train.steps=1500 -o train.log_every=500 --checkpoint-every-minutes 0.002 --keep 2
 n=$(grep -c '"event":"checkpoint"' "$tmp/timed/metrics.jsonl")
 kept=$(ls -d "$tmp"/timed/checkpoints/step_* | wc -l)
-[ "$n" -ge 3 ] && [ "$kept" -eq 2 ] && [ "$(cat "$tmp/timed/checkpoints/LATEST")" = step_00000300 ] &&
+[ "$n" -ge 3 ] && [ "$kept" -eq 2 ] && [ "$(cat "$tmp/timed/checkpoints/LATEST")" = step_00001500 ] &&
   ok "time-based saves ($n) with --keep 2 leave the newest 2" || bad "timed: n=$n kept=$kept"
 
 cp -r "$tmp/p2-straight" "$tmp/nolatest" && rm "$tmp/nolatest/checkpoints/LATEST"
