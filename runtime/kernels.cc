@@ -12,6 +12,10 @@
 #include <cstring>
 #include <thread>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "runtime/device_math.h"
 #include "runtime/row_kernels.h"
 
@@ -311,34 +315,227 @@ void SoftmaxRowsInPlaceFast(float* x, int64_t rows, int64_t cols) {
     for (int64_t k = 0; k < cols; ++k) xr[k] *= inv;
   }
 }
-float ErfForTest(float x) { return FastErf(x); }
-
 namespace {
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
-inline float FastTanh(float u) { return 1.0f - 2.0f / (1.0f + FastExp(2.0f * u)); }
 
-// One element of each GELU form and of its derivative: the single definition every loop
-// below uses, so the fused kernels round exactly like the separate ones.
-inline float GeluErfAt(float v) { return 0.5f * v * (1.0f + FastErf(v * kInvSqrt2)); }
-inline float GeluErfGradAt(float v) {
-  const float cdf = 0.5f * (1.0f + FastErf(v * kInvSqrt2));
-  const float pdf = kInvSqrt2Pi * FastExp(-0.5f * v * v);
-  return cdf + v * pdf;
+#if defined(__AVX512F__)
+// GCC 12's masked loads pass an undefined vector as the masked-off source and then warn
+// about it (-Wuninitialized); nothing here reads it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The GELU forms on 16 floats at a time, written with fused multiply-adds (FMA contraction
+// is off in this build, so the scalar forms below would round every product). The same
+// polynomials as FastExp and FastErf; exp's 2^n by scalef. Measured against the scalar
+// loops, vectorised by the compiler: forward 0.39 -> 0.29 ns and backward 0.85 -> 0.60 ns
+// per element on one core with the data in cache (the erf form).
+namespace v16 {
+inline __m512 Set(float x) { return _mm512_set1_ps(x); }
+
+inline __m512 Exp(__m512 x) {
+  x = _mm512_min_ps(x, Set(88.3762626647949f));
+  x = _mm512_max_ps(x, Set(-87.3365447504019f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, Set(1.44269504088896341f), Set(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, Set(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, Set(-2.12194440e-4f), r);
+  __m512 p = Set(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, Set(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, Set(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, Set(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, Set(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, Set(5.0000001201e-1f));
+  const __m512 e = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, Set(1.0f)));
+  return _mm512_scalef_ps(e, n);
 }
-inline float GeluTanhAt(float v) {
-  return 0.5f * v * (1.0f + FastTanh(kGeluC * (v + kGeluA * v * v * v)));
+
+inline __m512 Erf(__m512 x) {
+  x = _mm512_min_ps(x, Set(4.0f));
+  x = _mm512_max_ps(x, Set(-4.0f));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = Set(-2.72614225801306e-10f);
+  p = _mm512_fmadd_ps(p, x2, Set(2.77068142495902e-08f));
+  p = _mm512_fmadd_ps(p, x2, Set(-2.10102402082508e-06f));
+  p = _mm512_fmadd_ps(p, x2, Set(-5.69250639462346e-05f));
+  p = _mm512_fmadd_ps(p, x2, Set(-7.34990630326855e-04f));
+  p = _mm512_fmadd_ps(p, x2, Set(-2.95459980854025e-03f));
+  p = _mm512_fmadd_ps(p, x2, Set(-1.60960333262415e-02f));
+  p = _mm512_mul_ps(p, x);
+  __m512 q = Set(-1.45660718464996e-05f);
+  q = _mm512_fmadd_ps(q, x2, Set(-2.13374055278905e-04f));
+  q = _mm512_fmadd_ps(q, x2, Set(-1.68282697438203e-03f));
+  q = _mm512_fmadd_ps(q, x2, Set(-7.37332916720468e-03f));
+  q = _mm512_fmadd_ps(q, x2, Set(-1.42647390514189e-02f));
+  return _mm512_div_ps(p, q);
 }
-inline float GeluTanhGradAt(float v) {
-  const float t = FastTanh(kGeluC * (v + kGeluA * v * v * v));
-  const float du = kGeluC * (1.0f + 3.0f * kGeluA * v * v);
-  return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du;
+
+// tanh(sqrt(2/pi) (v + 0.044715 v^3)) = 1 - 2 / (1 + exp(2u)).
+inline __m512 TanhOfGeluArg(__m512 v) {
+  const __m512 u = _mm512_mul_ps(_mm512_mul_ps(Set(kGeluC), v),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(Set(kGeluA), v), v, Set(1.0f)));
+  const __m512 e = Exp(_mm512_add_ps(u, u));
+  return _mm512_sub_ps(Set(1.0f), _mm512_div_ps(Set(2.0f), _mm512_add_ps(Set(1.0f), e)));
+}
+}  // namespace v16
+
+// Each form: At (the GELU) and GradAt (its derivative) on a vector; every loop below uses
+// them, 16 elements at a time with a masked tail, so an element's result does not depend on
+// the loop it runs in (the fused kernels equal the separate ones bit for bit).
+struct GeluErfForm {
+  static __m512 At(__m512 v) {
+    const __m512 hv = _mm512_mul_ps(v16::Set(0.5f), v);
+    return _mm512_fmadd_ps(hv, v16::Erf(_mm512_mul_ps(v, v16::Set(kInvSqrt2))), hv);
+  }
+  static __m512 GradAt(__m512 v) {
+    const __m512 half = v16::Set(0.5f);
+    const __m512 cdf = _mm512_fmadd_ps(half, v16::Erf(_mm512_mul_ps(v, v16::Set(kInvSqrt2))), half);
+    const __m512 pdf = _mm512_mul_ps(v16::Set(kInvSqrt2Pi),
+                                     v16::Exp(_mm512_mul_ps(_mm512_mul_ps(v16::Set(-0.5f), v), v)));
+    return _mm512_fmadd_ps(v, pdf, cdf);
+  }
+};
+struct GeluTanhForm {
+  static __m512 At(__m512 v) {
+    const __m512 hv = _mm512_mul_ps(v16::Set(0.5f), v);
+    return _mm512_fmadd_ps(hv, v16::TanhOfGeluArg(v), hv);
+  }
+  static __m512 GradAt(__m512 v) {
+    const __m512 half = v16::Set(0.5f);
+    const __m512 t = v16::TanhOfGeluArg(v);
+    const __m512 du = _mm512_mul_ps(
+        v16::Set(kGeluC),
+        _mm512_fmadd_ps(_mm512_mul_ps(v16::Set(3.0f * kGeluA), v), v, v16::Set(1.0f)));
+    // 0.5 (1 + t) + 0.5 v (1 - t^2) du
+    const __m512 slope =
+        _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_fnmadd_ps(t, t, v16::Set(1.0f)));
+    return _mm512_fmadd_ps(slope, du, _mm512_fmadd_ps(half, t, half));
+  }
+};
+
+// The passes below are bound by memory when their rows come from L3 (an expert's hidden
+// rows are 2 MiB and more), and this machine's hardware prefetcher does not run far enough
+// ahead: each vector step asks for the line one row (or kAhead floats) ahead. Measured on
+// 272 x 2048 rows from L3, one thread: the erf form's backward 1.06 -> 0.64 ns per element,
+// its forward 0.79 -> 0.61. always_inline: without it GCC 12 dropped the prefetches (the
+// helper inlined into the always_inline loop bodies below emitted nothing).
+constexpr int64_t kAhead = 1024;
+__attribute__((always_inline)) inline void Prefetch(const float* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
+// Runs body(j, mask) over [begin, end) 16 floats at a time: whole vectors with the mask a
+// constant (plain loads and stores), then the tail under its mask.
+template <typename Body>
+inline void Over16(int64_t begin, int64_t end, const Body& body) {
+  int64_t j = begin;
+  for (; j + 16 <= end; j += 16) body(j, static_cast<__mmask16>(0xFFFF));
+  if (j < end) body(j, static_cast<__mmask16>((1u << (end - j)) - 1));
+}
+
+// y = gelu(x) over [0, n), on the calling thread.
+template <typename Form>
+void GeluSpan(const float* x, float* y, int64_t n) {
+  Over16(
+      0, n, [&](int64_t j, __mmask16 m) __attribute__((always_inline)) {
+        Prefetch(x + j + kAhead);
+        Prefetch(y + j + kAhead);
+        _mm512_mask_storeu_ps(y + j, m, Form::At(_mm512_maskz_loadu_ps(m, x + j)));
+      });
+}
+
+// dx = dy * gelu'(x) over [0, n), on the calling thread; dx may alias dy.
+template <typename Form>
+void GeluGradSpan(const float* x, const float* dy, float* dx, int64_t n) {
+  Over16(
+      0, n, [&](int64_t j, __mmask16 m) __attribute__((always_inline)) {
+        Prefetch(x + j + kAhead);
+        Prefetch(dy + j + kAhead);
+        if (dx != dy) Prefetch(dx + j + kAhead);
+        const __m512 g = Form::GradAt(_mm512_maskz_loadu_ps(m, x + j));
+        _mm512_mask_storeu_ps(dx + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + j), g));
+      });
 }
 
 // h[r, :] += bias, act = gelu(h) over the columns [c0, c1) of `rows` rows.
-template <float (*kGelu)(float)>
+template <typename Form>
+void BiasGeluBlock(float* __restrict h, const float* __restrict bias, float* __restrict act,
+                   int64_t rows, int64_t cols, int64_t c0, int64_t c1) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* hr = h + r * cols;
+    float* ar = act + r * cols;
+    Over16(
+        c0, c1, [&](int64_t j, __mmask16 m) __attribute__((always_inline)) {
+          Prefetch(hr + cols + j);
+          Prefetch(ar + cols + j);
+          const __m512 v =
+              _mm512_add_ps(_mm512_maskz_loadu_ps(m, hr + j), _mm512_maskz_loadu_ps(m, bias + j));
+          _mm512_mask_storeu_ps(hr + j, m, v);
+          _mm512_mask_storeu_ps(ar + j, m, Form::At(v));
+        });
+  }
+}
+
+// d *= gelu'(h), dbias += d over the columns [c0, c1), rows in order.
+template <typename Form>
+void GeluBiasGradBlock(const float* __restrict h, float* __restrict d, float* __restrict dbias,
+                       int64_t rows, int64_t cols, int64_t c0, int64_t c1) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* hr = h + r * cols;
+    float* dr = d + r * cols;
+    Over16(
+        c0, c1, [&](int64_t j, __mmask16 m) __attribute__((always_inline)) {
+          Prefetch(hr + cols + j);
+          Prefetch(dr + cols + j);
+          const __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dr + j),
+                                         Form::GradAt(_mm512_maskz_loadu_ps(m, hr + j)));
+          _mm512_mask_storeu_ps(dr + j, m, g);
+          _mm512_mask_storeu_ps(dbias + j, m,
+                                _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbias + j), g));
+        });
+  }
+}
+
+#pragma GCC diagnostic pop
+
+#else  // without AVX-512: scalar forms the compiler vectorises
+
+inline float FastTanh(float u) { return 1.0f - 2.0f / (1.0f + FastExp(2.0f * u)); }
+
+struct GeluErfForm {
+  static float At(float v) { return 0.5f * v * (1.0f + FastErf(v * kInvSqrt2)); }
+  static float GradAt(float v) {
+    const float cdf = 0.5f * (1.0f + FastErf(v * kInvSqrt2));
+    const float pdf = kInvSqrt2Pi * FastExp(-0.5f * v * v);
+    return cdf + v * pdf;
+  }
+};
+struct GeluTanhForm {
+  static float At(float v) {
+    return 0.5f * v * (1.0f + FastTanh(kGeluC * (v + kGeluA * v * v * v)));
+  }
+  static float GradAt(float v) {
+    const float t = FastTanh(kGeluC * (v + kGeluA * v * v * v));
+    const float du = kGeluC * (1.0f + 3.0f * kGeluA * v * v);
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du;
+  }
+};
+
+template <typename Form>
+void GeluSpan(const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = Form::At(x[i]);
+}
+
+template <typename Form>
+void GeluGradSpan(const float* x, const float* dy, float* dx, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * Form::GradAt(x[i]);
+}
+
+template <typename Form>
 void BiasGeluBlock(float* __restrict h, const float* __restrict bias, float* __restrict act,
                    int64_t rows, int64_t cols, int64_t c0, int64_t c1) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -348,13 +545,12 @@ void BiasGeluBlock(float* __restrict h, const float* __restrict bias, float* __r
     for (int64_t j = c0; j < c1; ++j) {
       const float v = hr[j] + bias[j];
       hr[j] = v;
-      ar[j] = kGelu(v);
+      ar[j] = Form::At(v);
     }
   }
 }
 
-// d *= gelu'(h), dbias += d over the columns [c0, c1), rows in order.
-template <float (*kGrad)(float)>
+template <typename Form>
 void GeluBiasGradBlock(const float* __restrict h, float* __restrict d, float* __restrict dbias,
                        int64_t rows, int64_t cols, int64_t c0, int64_t c1) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -362,10 +558,29 @@ void GeluBiasGradBlock(const float* __restrict h, float* __restrict d, float* __
     float* __restrict dr = d + r * cols;
 #pragma omp simd
     for (int64_t j = c0; j < c1; ++j) {
-      const float g = dr[j] * kGrad(hr[j]);
+      const float g = dr[j] * Form::GradAt(hr[j]);
       dr[j] = g;
       dbias[j] += g;
     }
+  }
+}
+#endif
+
+// Splits [0, n) into whole 16-float lines, one range per thread when n is large, and runs
+// span(begin, count) on each.
+template <typename Span>
+void OverSpans(int64_t n, const Span& span) {
+  if (n <= 65536) {
+    span(0, n);
+    return;
+  }
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t lines = (n + 15) / 16;
+    const int64_t i0 = std::min(n, lines * t / threads * 16);
+    const int64_t i1 = std::min(n, lines * (t + 1) / threads * 16);
+    if (i0 < i1) span(i0, i1 - i0);
   }
 }
 
@@ -390,39 +605,45 @@ void OverColumnBlocks(int64_t rows, int64_t cols, const Block& block) {
 }
 }  // namespace
 
+#if defined(__AVX512F__)
+float ErfForTest(float x) {
+  float out;
+  _mm512_mask_storeu_ps(&out, 1, v16::Erf(_mm512_set1_ps(x)));
+  return out;
+}
+#else
+float ErfForTest(float x) { return FastErf(x); }
+#endif
+
 void GeluForward(const float* x, float* y, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) y[i] = GeluErfAt(x[i]);
+  OverSpans(n, [&](int64_t i, int64_t c) { GeluSpan<GeluErfForm>(x + i, y + i, c); });
 }
 
 void GeluBackward(const float* x, const float* dy, float* dx, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * GeluErfGradAt(x[i]);
+  OverSpans(n, [&](int64_t i, int64_t c) { GeluGradSpan<GeluErfForm>(x + i, dy + i, dx + i, c); });
 }
 
 void GeluTanhForward(const float* x, float* y, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) y[i] = GeluTanhAt(x[i]);
+  OverSpans(n, [&](int64_t i, int64_t c) { GeluSpan<GeluTanhForm>(x + i, y + i, c); });
 }
 
 void GeluTanhBackward(const float* x, const float* dy, float* dx, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * GeluTanhGradAt(x[i]);
+  OverSpans(n, [&](int64_t i, int64_t c) { GeluGradSpan<GeluTanhForm>(x + i, dy + i, dx + i, c); });
 }
 
 void BiasGeluForward(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
                      bool tanh_form) {
   OverColumnBlocks(rows, cols, [&](int64_t c0, int64_t c1) {
-    (tanh_form ? BiasGeluBlock<GeluTanhAt> : BiasGeluBlock<GeluErfAt>)(h, bias, act, rows, cols, c0,
-                                                                       c1);
+    (tanh_form ? BiasGeluBlock<GeluTanhForm> : BiasGeluBlock<GeluErfForm>)(h, bias, act, rows, cols,
+                                                                           c0, c1);
   });
 }
 
 void GeluBiasBackward(const float* h, float* d, float* dbias, int64_t rows, int64_t cols,
                       bool tanh_form) {
   OverColumnBlocks(rows, cols, [&](int64_t c0, int64_t c1) {
-    (tanh_form ? GeluBiasGradBlock<GeluTanhGradAt>
-               : GeluBiasGradBlock<GeluErfGradAt>)(h, d, dbias, rows, cols, c0, c1);
+    (tanh_form ? GeluBiasGradBlock<GeluTanhForm>
+               : GeluBiasGradBlock<GeluErfForm>)(h, d, dbias, rows, cols, c0, c1);
   });
 }
 
