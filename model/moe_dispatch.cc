@@ -8,6 +8,7 @@
 
 #include "model/moe_layer.h"
 #include "runtime/backend.h"
+#include "runtime/device_math.h"
 
 namespace moerun {
 namespace {
@@ -139,12 +140,8 @@ void GatherKeptRowsBackward(const float* buf, const int32_t* row, const float* w
       if (row[i] < 0) continue;
       const float* o = buf + static_cast<int64_t>(row[i]) * w;
       float* dst = dbuf + static_cast<int64_t>(row[i]) * w;
-      double dot = 0;
-      for (int64_t c = 0; c < w; ++c) {
-        dot += static_cast<double>(dyt[c]) * o[c];
-        dst[c] = weight[i] * dyt[c];
-      }
-      d_weight[i] = static_cast<float>(dot);
+      for (int64_t c = 0; c < w; ++c) dst[c] = weight[i] * dyt[c];
+      d_weight[i] = static_cast<float>(LaneDotF64(dyt, o, w));
     }
   }
 }

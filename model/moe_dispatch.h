@@ -52,7 +52,8 @@ void PackRows(const RoutingPlan& plan, const float* x, int64_t w, Tensor* buf);
 void GatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
                     int64_t k, int64_t w, float* out);
 // Backward of GatherKeptRows with weights: d_buf [E, R, w] gets weight * dy at every kept
-// row and zeros elsewhere, and d_weight[t, j] = <dy[t], buf[row]> (0 when dropped).
+// row and zeros elsewhere, and d_weight[t, j] = <dy[t], buf[row]> (0 when dropped), summed
+// in double in LaneDotF64's order.
 void GatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
                             const float* dy, int64_t tokens, int64_t k, int64_t w, Tensor* d_buf,
                             float* d_weight);

@@ -235,7 +235,7 @@ void GatherKeptRows(const Policy& policy, const float* buf, const int32_t* row, 
 }
 
 // Combine backward (the caller zeroes d_buf first): per kept choice i = (t, j),
-// d_weight[i] = <dy[t], buf[row[i]]> summed in double in column order, and
+// d_weight[i] = <dy[t], buf[row[i]]> summed in double (LaneDotF64's order), and
 // d_buf[row[i]] = weight[i] * dy[t]; d_weight[i] = 0 for a dropped choice. One work item
 // per choice: kept rows are distinct, so no two items write the same d_buf row.
 struct CombineBackwardFunctor {
@@ -252,12 +252,8 @@ struct CombineBackwardFunctor {
     const float* dyt = dy + (i / k) * w;
     const float* o = buf + static_cast<int64_t>(row[i]) * w;
     float* dst = d_buf + static_cast<int64_t>(row[i]) * w;
-    double dot = 0;
-    for (int64_t c = 0; c < w; ++c) {
-      dot += static_cast<double>(dyt[c]) * o[c];
-      dst[c] = weight[i] * dyt[c];
-    }
-    d_weight[i] = static_cast<float>(dot);
+    for (int64_t c = 0; c < w; ++c) dst[c] = weight[i] * dyt[c];
+    d_weight[i] = static_cast<float>(LaneDotF64(dyt, o, w));
   }
 };
 

@@ -45,6 +45,23 @@ MOERUN_HD inline float RowInvariantDot(const float* a, const float* b, int64_t k
   return sum;
 }
 
+// sum_i a[i] b[i] in double over 16 fixed lanes of partial sums (i mod 16), then the
+// lanes in order. Each float product is exact in double, so only the additions round; the
+// fixed lanes let the host compiler vectorise it (one serial chain of n additions took
+// most of the MoE combine's backward).
+MOERUN_HD inline double LaneDotF64(const float* a, const float* b, int64_t n) {
+  constexpr int kLanes = 16;
+  double acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(a[i + l]) * b[i + l];
+  }
+  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<double>(a[i]) * b[i];
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  return sum;
+}
+
 MOERUN_HD inline float FromBF16Bits(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
 #if defined(__CUDA_ARCH__)
