@@ -97,7 +97,8 @@ struct OpsTable {
   // at once, each on one thread (worker 0: the first), every expert's GEMMs and element-wise
   // passes inside one core (the CPU's: ParallelOverItems).
   void (*for_each_expert)(int64_t experts, const std::function<void(int64_t, int)>& body);
-  // The expert MLP's GEMMs, one expert's at a time (alpha 1, beta 0 or 1): gemm's semantics
+  // The expert MLP's GEMMs, one expert's at a time, and the router's backward products
+  // (alpha 1, beta 0 or 1): gemm's semantics
   // in an order of the entry's own, the same whatever the rows' count or the thread count
   // (the CPU's: BlockedGemm, runtime/blocked_gemm.h). Null: gemm / gemm_strided_batched.
   void (*expert_gemm)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
