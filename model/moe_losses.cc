@@ -9,8 +9,66 @@
 
 #include "model/routing.h"
 
+#if defined(__AVX512F__) && defined(MOERUN_HAVE_LIBMVEC)
+#include <immintrin.h>
+// glibc's vector math library (libmvec): erfc and exp of 8 doubles each, within 4 ulp.
+extern "C" __m512d _ZGVeN8v_erfc(__m512d);
+extern "C" __m512d _ZGVeN8v_exp(__m512d);
+#define MOERUN_VECTOR_MATH 1
+#endif
+
 namespace moerun {
 namespace {
+
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+
+// The load loss's two transcendental steps over one token's experts, u = (tau - z) / sigma:
+// clear[e] = (1 - erfc(-u / sqrt 2) / 2) / tokens (the probability that expert e's noisy
+// logit clears tau, over the tokens), and phi[e] = exp(-u^2 / 2). With libmvec, 8 experts at
+// a time (measured on 131072 values: erfc 1.6 -> 0.19 ms, exp 1.5 -> 0.09 ms; results
+// within 2.3e-16 of the scalar ones). erfc's argument is held to [-27, 26], where it is
+// already 2 or 0 within a double's rounding of 1 - erfc / 2. phi is 0 below exp(-460)
+// (1e-200): the gradient terms it scales would be below any float, and left in, they
+// underflow to subnormal doubles, whose arithmetic costs ~100x (measured: the backward
+// 1.1 -> 4.0 ms per step in bench moe-layer with phi held at exp(-700) instead).
+#if defined(MOERUN_VECTOR_MATH)
+// GCC 12's masked loads pass an undefined vector as the masked-off source and then warn
+// about it; nothing reads it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+void LoadTerms(const double* u, int64_t n, int64_t tokens, double* clear, double* phi) {
+#if defined(MOERUN_VECTOR_MATH)
+  const __m512d neg_inv_sqrt2 = _mm512_set1_pd(-kInvSqrt2), lo = _mm512_set1_pd(-27.0),
+                hi = _mm512_set1_pd(26.0), one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5),
+                neg_half = _mm512_set1_pd(-0.5), floor = _mm512_set1_pd(-460.0),
+                count = _mm512_set1_pd(static_cast<double>(tokens));
+  for (int64_t e = 0; e < n; e += 8) {
+    const __mmask8 m = n - e >= 8 ? 0xFF : static_cast<__mmask8>((1u << (n - e)) - 1);
+    const __m512d ue = _mm512_maskz_loadu_pd(m, u + e);
+    if (clear != nullptr) {
+      const __m512d a = _mm512_min_pd(_mm512_max_pd(_mm512_mul_pd(ue, neg_inv_sqrt2), lo), hi);
+      const __m512d p = _mm512_sub_pd(one, _mm512_mul_pd(half, _ZGVeN8v_erfc(a)));
+      _mm512_mask_storeu_pd(clear + e, m, _mm512_div_pd(p, count));
+    }
+    if (phi != nullptr) {
+      const __m512d a = _mm512_mul_pd(_mm512_mul_pd(neg_half, ue), ue);
+      const __mmask8 keep = _mm512_cmp_pd_mask(a, floor, _CMP_GE_OQ);
+      _mm512_mask_storeu_pd(phi + e, m,
+                            _mm512_maskz_mov_pd(keep, _ZGVeN8v_exp(_mm512_max_pd(a, floor))));
+    }
+  }
+#else
+  for (int64_t e = 0; e < n; ++e) {
+    if (clear != nullptr) clear[e] = (1.0 - 0.5 * std::erfc(-u[e] * kInvSqrt2)) / tokens;
+    if (phi != nullptr) phi[e] = std::exp(-0.5 * u[e] * u[e]);
+  }
+#endif
+}
+#if defined(MOERUN_VECTOR_MATH)
+#pragma GCC diagnostic pop
+#endif
 
 // L = var(v) / mean(v)^2 over n values (population variance); writes dL/dv.
 double SquaredCv(const std::vector<double>& v, std::vector<double>* dv) {
@@ -70,7 +128,6 @@ double GShardLoss(const float* p, int64_t tokens, int num_experts, float* grad, 
 
 void LoadLossForward(const float* z, const float* z_noisy, int64_t tokens, int num_experts, int k,
                      double sigma, LoadLossState* state) {
-  constexpr double kInvSqrt2 = 0.70710678118654752440;
   const int64_t e_count = num_experts;
   // Per token (over the threads: each token's values depend on its row only): the k-th
   // noisy logit and each expert's probability of clearing it. Then the load, summed over
@@ -82,15 +139,14 @@ void LoadLossForward(const float* z, const float* z_noisy, int64_t tokens, int n
   {
     std::vector<int32_t> idx(k);
     std::vector<float> w(k);
+    std::vector<double> u(e_count);
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < tokens; ++s) {
       TopK(z_noisy + s * e_count, 1, num_experts, k, idx.data(), w.data());
       kth[s] = idx[k - 1];
       const double tau = z_noisy[s * e_count + kth[s]];
-      for (int64_t e = 0; e < e_count; ++e) {
-        const double u = (tau - z[s * e_count + e]) / sigma;
-        p[s * e_count + e] = (1.0 - 0.5 * std::erfc(-u * kInvSqrt2)) / tokens;
-      }
+      for (int64_t e = 0; e < e_count; ++e) u[e] = (tau - z[s * e_count + e]) / sigma;
+      LoadTerms(u.data(), e_count, tokens, p.data() + s * e_count, nullptr);
     }
   }
   std::vector<double> load(e_count, 0.0);
@@ -108,18 +164,23 @@ void LoadLossBackward(const LoadLossState& state, const float* z, const float* z
   const std::vector<double>& dload = state.dload;
   CHECK_EQ(static_cast<int64_t>(kth.size()), tokens) << "load loss state of another group";
   // Each token's gradient touches its own row only.
-#pragma omp parallel for schedule(static) if (tokens * e_count > 16384)
-  for (int64_t s = 0; s < tokens; ++s) {
-    const double tau = z_noisy[s * e_count + kth[s]];
-    double dtau = 0;
-    for (int64_t e = 0; e < e_count; ++e) {
-      const double u = (tau - z[s * e_count + e]) / sigma;
-      // dP/dz = phi(u) / sigma, dP/dtau = -phi(u) / sigma.
-      const double d = scale * dload[e] / tokens * kInvSqrt2Pi * std::exp(-0.5 * u * u) / sigma;
-      grad[s * e_count + e] += static_cast<float>(d);
-      dtau -= d;
+#pragma omp parallel if (tokens * e_count > 16384)
+  {
+    std::vector<double> u(e_count), phi(e_count);
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < tokens; ++s) {
+      const double tau = z_noisy[s * e_count + kth[s]];
+      for (int64_t e = 0; e < e_count; ++e) u[e] = (tau - z[s * e_count + e]) / sigma;
+      LoadTerms(u.data(), e_count, tokens, nullptr, phi.data());
+      double dtau = 0;
+      for (int64_t e = 0; e < e_count; ++e) {
+        // dP/dz = phi(u) / sigma, dP/dtau = -phi(u) / sigma.
+        const double d = scale * dload[e] / tokens * kInvSqrt2Pi * phi[e] / sigma;
+        grad[s * e_count + e] += static_cast<float>(d);
+        dtau -= d;
+      }
+      grad[s * e_count + kth[s]] += static_cast<float>(dtau);
     }
-    grad[s * e_count + kth[s]] += static_cast<float>(dtau);
   }
 }
 
