@@ -566,24 +566,6 @@ void GeluBiasGradBlock(const float* __restrict h, float* __restrict d, float* __
 }
 #endif
 
-// Splits [0, n) into whole 16-float lines, one range per thread when n is large, and runs
-// span(begin, count) on each.
-template <typename Span>
-void OverSpans(int64_t n, const Span& span) {
-  if (n <= 65536) {
-    span(0, n);
-    return;
-  }
-#pragma omp parallel
-  {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t lines = (n + 15) / 16;
-    const int64_t i0 = std::min(n, lines * t / threads * 16);
-    const int64_t i1 = std::min(n, lines * (t + 1) / threads * 16);
-    if (i0 < i1) span(i0, i1 - i0);
-  }
-}
-
 // Runs block(c0, c1) over column blocks, one per thread when the matrix is large: each
 // column's rows stay in one thread, in order, so the result is the same for any thread
 // count.
@@ -602,6 +584,13 @@ void OverColumnBlocks(int64_t rows, int64_t cols, const Block& block) {
     const int64_t c1 = std::min(cols, lines * (t + 1) / threads * 16);
     if (c0 < c1) block(c0, c1);
   }
+}
+
+// Runs span(begin, count) over [0, n) in whole 16-float lines, one range per thread when n
+// is large (a matrix of one row, split as OverColumnBlocks splits columns).
+template <typename Span>
+void OverSpans(int64_t n, const Span& span) {
+  OverColumnBlocks(1, n, [&](int64_t c0, int64_t c1) { span(c0, c1 - c0); });
 }
 }  // namespace
 
