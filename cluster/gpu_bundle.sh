@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Packs what the GPU checks (cluster/gpu_checks.sh) need into .gpu/, for a machine that has
+# a GPU, CUDA, cuBLAS and NCCL but none of Debian's packages and no network (the device
+# machines lent to some sessions: their image has nvcc, CUDA 13 and pip's NCCL, and no
+# Open MPI, OpenBLAS, protobuf, glog or Boost). Run here after `bash cluster/setup.sh` (whose
+# build compiles the CUDA code for sm_90); then carry `.gpu` to the machine and run
+# `bash cluster/gpu_checks.sh` there.
+#
+# .gpu/moerun-gpu.tar.xz (about 46 MiB, under the 64 MiB a device call carries) holds .gpu/:
+# bin/ (moerun and the CUDA test programs), lib/ (every shared library they load that is
+# neither glibc's nor CUDA's), ompi/ (Open MPI's plugins, help files and orted, found through
+# OPAL_* variables), configs/ and data/ (Fashion-MNIST's files). Checked here by running
+# `moerun env` in a chroot holding only glibc, CUDA's libraries and the bundle.
+# Usage: bash cluster/gpu_bundle.sh [build dir]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+stage=$(mktemp -d)
+out=$stage/.gpu
+bins=(moerun tests/cuda_backend_tests tests/device_ops_cuda_tests)
+for b in "${bins[@]}"; do
+  [ -x "$build/$b" ] || {
+    echo "gpu_bundle: $build/$b is missing: build with CUDA first (bash cluster/setup.sh)" >&2
+    exit 1
+  }
+done
+grep -q "MOERUN_WITH_CUDA:BOOL=ON\|MOERUN_WITH_CUDA=1" "$build/CMakeCache.txt" \
+  "$build/runtime/CMakeFiles/moerun_runtime.dir/flags.make" 2>/dev/null || {
+  echo "gpu_bundle: $build was configured without CUDA" >&2
+  exit 1
+}
+mkdir -p "$out/bin" "$out/lib" "$out/ompi/lib" "$out/ompi/share" "$out/ompi/bin"
+for b in "${bins[@]}"; do cp "$build/$b" "$out/bin/"; done
+strip --strip-unneeded "$out"/bin/*
+
+# Open MPI as installed: its plugins (dlopen'ed from OPAL_PREFIX/lib/openmpi3), help texts
+# and orted (a singleton MPI_Init may start one).
+pkglib=$(ompi_info --path pkglibdir --parsable | sed 's/.*://')
+pkgdata=$(ompi_info --path pkgdatadir --parsable | sed 's/.*://')
+cp -r "$pkglib" "$out/ompi/lib/openmpi3"
+cp -r "$pkgdata" "$out/ompi/share/openmpi"
+cp "$(command -v orted)" "$out/ompi/bin/" 2>/dev/null || true
+cp -r /etc/openmpi "$out/ompi/etc" 2>/dev/null || true
+
+# Shared libraries: of the programs and of the plugins, leaving out glibc's (the machine's
+# own, newer) and CUDA's (the machine's toolkit and NCCL). Plugins whose libraries are
+# missing here are left for Open MPI to skip.
+skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libmvec|libpthread|libdl\.so|librt\.so|libresolv|libcuda\.so|libcudart|libcublas|libnccl|libnvidia)'
+{
+  for f in "$out"/bin/* "$out"/ompi/bin/* "$out"/ompi/lib/openmpi3/*.so; do
+    [ -f "$f" ] && ldd "$f" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
+  done
+} | sort -u | while read -r name path; do
+  [[ "$name" =~ $skip ]] && continue
+  cp -L "$path" "$out/lib/$name"
+done
+strip --strip-unneeded "$out"/lib/*.so* 2>/dev/null || true
+mkdir -p "$out/configs" "$out/data" && cp configs/*.pbtxt "$out/configs/"
+data=/usr/share/datasets/fashion-mnist
+if [ -d "$data" ]; then
+  cp "$data"/*.gz "$out/data/"
+else
+  echo "gpu_bundle: no $data (apt-get install dataset-fashion-mnist): the train checks will fail" >&2
+fi
+mkdir -p .gpu
+tar -C "$stage" -cJf .gpu/moerun-gpu.tar.xz .gpu
+rm -rf "$stage"
+echo "gpu_bundle: .gpu/moerun-gpu.tar.xz is $(du -m .gpu/moerun-gpu.tar.xz | cut -f1) MiB;" \
+  "on the device machine: bash cluster/gpu_checks.sh, carrying \".gpu\""

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #11 in one run, on a lent device machine (or any one-GPU host):
+# unpacks the bundle of cluster/gpu_bundle.sh, then runs, each under a time limit, with its
+# output kept in $OUT (or ./gpu_checks_out; 8 files, what the device tool brings back):
+#   1. moerun env (backends, devices)
+#   2. the CUDA backend tests and the backend-op table on CUDA against the CPU
+#   3. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch
+#   4. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
+#   5. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
+# Usage (device tool): command "bash cluster/gpu_checks.sh", carry [".gpu"]. About 6-8
+# minutes on an H100; each step's limit is in `step` below. CHECKS="1 2" runs a subset.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_checks_out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/summary.txt" 2>&1
+root=/tmp/moerun-gpu
+bundle=.gpu/moerun-gpu.tar.xz
+[ -f "$bundle" ] || { echo "gpu_checks: $bundle missing: run cluster/gpu_bundle.sh here first" >&2; exit 1; }
+rm -rf "$root" && mkdir -p "$root"
+if command -v xz >/dev/null; then
+  tar -C "$root" -xJf "$bundle"
+else
+  python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$bundle" "$root"
+fi
+g=$root/.gpu
+# CUDA's libraries: the toolkit's, else pip's nvidia-* packages (NCCL is only there on the
+# device image).
+cuda_libs=""
+site=$(python3 -c "import nvidia, os; print(list(nvidia.__path__)[0])" 2>/dev/null || true)
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
+  found=""
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -e "$d/$lib" ] && { found=$d; break; }
+  done
+  if [ -z "$found" ] && [ -n "$site" ]; then
+    found=$(find "$site" -name "$lib" -printf '%h\n' 2>/dev/null | head -n 1)
+  fi
+  [ -n "$found" ] && [[ ":$cuda_libs:" != *":$found:"* ]] && cuda_libs="$cuda_libs:$found"
+done
+export LD_LIBRARY_PATH="$g/lib$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Open MPI from the bundle, as a singleton (no orted, no ssh).
+export OPAL_PREFIX=$g/ompi OPAL_PKGLIBDIR=$g/ompi/lib/openmpi3 OPAL_PKGDATADIR=$g/ompi/share/openmpi
+export OPAL_SYSCONFDIR=$g/ompi/etc OPAL_BINDIR=$g/ompi/bin OMPI_MCA_ess_singleton_isolated=1
+export OMP_WAIT_POLICY=passive GLOG_logtostderr=1
+moerun=$g/bin/moerun
+# Libraries that would not load: said first, in the summary.
+missing=$(ldd "$moerun" "$g"/bin/*_tests 2>/dev/null | grep "not found" | sort -u)
+[ -z "$missing" ] || echo "gpu_checks: libraries not found: $missing" | tee -a "$out/summary.txt"
+checks=${CHECKS:-1 2 3 4 5}
+failed=0
+
+# step NAME LIMIT_S COMMAND...: runs it, its output to $out/NAME.log, and says how it went.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
+  [ $rc -eq 0 ] || { failed=1; tail -n 15 "$out/$name.log"; }
+}
+
+if [[ " $checks " == *" 1 "* ]]; then step env 60 "$moerun" env; cat "$out/env.log"; fi
+if [[ " $checks " == *" 2 "* ]]; then
+  step cuda_backend_tests 240 "$g/bin/cuda_backend_tests"
+  step device_ops_cuda_tests 240 "$g/bin/device_ops_cuda_tests"
+fi
+if [[ " $checks " == *" 3 "* ]]; then
+  step bench_moe_layer 300 "$moerun" bench moe-layer --device cuda --bpr 1
+fi
+if [[ " $checks " == *" 4 "* ]]; then
+  data=$g/data
+  step train_demo 300 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
+    --device cuda -o train.steps=300 -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
+  step train_modsquad 300 "$moerun" train --config "$g/configs/modsquad_fashion_mnist.pbtxt" \
+    --device cuda -o train.steps=100 -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
+fi
+if [[ " $checks " == *" 5 "* ]]; then
+  step dry_run_15b 300 "$moerun" dry-run --config "$g/configs/vmoe_15b_every2.pbtxt" --ranks 32 \
+    --rank 5 --micro-batch 1 -o train.optimizer_moments=BF16 --device cuda
+fi
+echo "gpu_checks: done, failed=$failed; logs in $out" | tee -a "$out/summary.txt"
+exit $failed
