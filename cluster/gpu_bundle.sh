@@ -2,9 +2,10 @@
 # Packs what the GPU checks (cluster/gpu_checks.sh) need into .gpu/, for a machine that has
 # a GPU, CUDA, cuBLAS and NCCL but none of Debian's packages and no network (the device
 # machines lent to some sessions: their image has nvcc, CUDA 13 and pip's NCCL, and no
-# Open MPI, OpenBLAS, protobuf, glog or Boost). Run here after `bash cluster/setup.sh` (whose
-# build compiles the CUDA code for sm_90); then carry `.gpu` to the machine and run
-# `bash cluster/gpu_checks.sh` there.
+# Open MPI, OpenBLAS, protobuf, glog or Boost). Run here after `bash cluster/setup.sh` (the
+# packages); it builds build-gpu/ for sm_90 and any x86-64 CPU (-DMOERUN_NATIVE_ARCH=OFF:
+# the device machine's CPU may lack this one's instructions), a few minutes on 2 cores. Then
+# carry `.gpu` to the machine and run `bash cluster/gpu_checks.sh` there.
 #
 # .gpu/moerun-gpu.tar.xz (about 46 MiB, under the 64 MiB a device call carries) holds .gpu/:
 # bin/ (moerun and the CUDA test programs), lib/ (every shared library they load that is
@@ -14,7 +15,14 @@
 # Usage: bash cluster/gpu_bundle.sh [build dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build=${1:-build}
+build=${1:-build-gpu}
+if [ "$build" = build-gpu ]; then
+  cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOERUN_NATIVE_ARCH=OFF \
+    -DCMAKE_CUDA_ARCHITECTURES=90 >build-gpu.log 2>&1 ||
+    { tail -n 30 build-gpu.log; echo "gpu_bundle: configure failed" >&2; exit 1; }
+  cmake --build build-gpu -j"$(nproc)" --target moerun cuda_backend_tests device_ops_cuda_tests \
+    >>build-gpu.log 2>&1 || { tail -n 30 build-gpu.log; echo "gpu_bundle: build failed" >&2; exit 1; }
+fi
 stage=$(mktemp -d)
 out=$stage/.gpu
 bins=(moerun tests/cuda_backend_tests tests/device_ops_cuda_tests)
