@@ -10,7 +10,7 @@
 # .gpu/moerun-gpu.tar.xz (about 46 MiB, under the 64 MiB a device call carries) holds .gpu/:
 # bin/ (moerun and the CUDA test programs), lib/ (every shared library they load that is
 # neither glibc's nor CUDA's), ompi/ (Open MPI's plugins, help files and orted, found through
-# OPAL_* variables), configs/ and data/ (Fashion-MNIST's files). Checked here by running
+# OPAL_* variables), configs/, data/ (Fashion-MNIST's files) and launch/moe_layer_torch.py. Checked here by running
 # `moerun env` in a chroot holding only glibc, CUDA's libraries and the bundle.
 # Usage: bash cluster/gpu_bundle.sh [build dir]
 set -euo pipefail
@@ -63,7 +63,8 @@ skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libmvec|libpthread|libdl\.so|librt
   cp -L "$path" "$out/lib/$name"
 done
 strip --strip-unneeded "$out"/lib/*.so* 2>/dev/null || true
-mkdir -p "$out/configs" "$out/data" && cp configs/*.pbtxt "$out/configs/"
+mkdir -p "$out/configs" "$out/data" "$out/launch" && cp configs/*.pbtxt "$out/configs/"
+cp launch/moe_layer_torch.py "$out/launch/"  # bench moe-layer --device cuda's PyTorch peer
 data=/usr/share/datasets/fashion-mnist
 if [ -d "$data" ]; then
   cp "$data"/*.gz "$out/data/"

@@ -43,6 +43,8 @@ export LD_LIBRARY_PATH="$g/lib$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPAL_PREFIX=$g/ompi OPAL_PKGLIBDIR=$g/ompi/lib/openmpi3 OPAL_PKGDATADIR=$g/ompi/share/openmpi
 export OPAL_SYSCONFDIR=$g/ompi/etc OPAL_BINDIR=$g/ompi/bin OMPI_MCA_ess_singleton_isolated=1
 export OMP_WAIT_POLICY=passive GLOG_logtostderr=1
+# bench moe-layer's PyTorch peer runs with the machine's own libraries, not the bundle's.
+export MOERUN_PYTHON="env -u LD_LIBRARY_PATH -u OPAL_PREFIX python3"
 moerun=$g/bin/moerun
 # Libraries that would not load: said first, in the summary.
 missing=$(ldd "$moerun" "$g"/bin/*_tests 2>/dev/null | grep "not found" | sort -u)
