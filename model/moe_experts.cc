@@ -30,11 +30,9 @@ void ExpertsGemm(const OpsTable& ops, const ExpertRows& rows, bool batched, bool
      stride_b, beta, c + e0 * stride_c, ldc, stride_c, rows.experts());
     return;
   }
-  const bool own = ops.expert_gemm != nullptr;
   for (int64_t e = e0; e < rows.e1; ++e) {
-    OpEntry(ops, own ? &OpsTable::expert_gemm : &OpsTable::gemm, own ? "expert_gemm" : "gemm")(
-        trans_a, trans_b, m, n, k, 1.0f, a + e * stride_a, lda, b + e * stride_b, ldb, beta,
-        c + e * stride_c, ldc);
+    ExpertGemmOrGemm(ops)(trans_a, trans_b, m, n, k, 1.0f, a + e * stride_a, lda, b + e * stride_b,
+                          ldb, beta, c + e * stride_c, ldc);
   }
 }
 

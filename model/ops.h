@@ -153,6 +153,14 @@ Fn OpEntry(const OpsTable& table, Fn OpsTable::*entry, const char* op) {
 }
 // MOERUN_OP(ops, gemm)(...): the checked call of one entry.
 #define MOERUN_OP(table, entry) ::moerun::OpEntry((table), &::moerun::OpsTable::entry, #entry)
+// The table's expert_gemm where it has one, else its gemm (the same signature), checked as
+// OpEntry: for the products that run on the CPU's BlockedGemm (the experts', the router's
+// backward).
+inline decltype(OpsTable::gemm) ExpertGemmOrGemm(const OpsTable& table) {
+  const bool own = table.expert_gemm != nullptr;
+  return OpEntry(table, own ? &OpsTable::expert_gemm : &OpsTable::gemm,
+                 own ? "expert_gemm" : "gemm");
+}
 
 // n floats from src to dst, both in `device`'s memory.
 void CopyFloats(Device device, float* dst, const float* src, int64_t n);
