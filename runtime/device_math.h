@@ -29,37 +29,32 @@ MOERUN_HD inline uint16_t ToBF16Bits(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// sum_i a[i] b[i] over 16 fixed lanes of partial sums, then the lanes in order: the
-// summation order runtime/kernels.h's RowInvariantGemmNT promises, shared with its Thrust
-// form so host and device follow one order.
-MOERUN_HD inline float RowInvariantDot(const float* a, const float* b, int64_t k) {
+// sum_i a[i] b[i] in T over 16 fixed lanes of partial sums (lane i mod 16), then the lanes
+// in order: one order on host and device, and on the host the fixed lanes vectorise.
+template <typename T>
+MOERUN_HD inline T LaneDot(const float* a, const float* b, int64_t n) {
   constexpr int kLanes = 16;
-  float acc[kLanes] = {0};
+  T acc[kLanes] = {0};
   int64_t i = 0;
-  for (; i + kLanes <= k; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<T>(a[i + l]) * b[i + l];
   }
-  for (int l = 0; i < k; ++i, ++l) acc[l] += a[i] * b[i];
-  float sum = 0.0f;
+  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<T>(a[i]) * b[i];
+  T sum = 0;
   for (int l = 0; l < kLanes; ++l) sum += acc[l];
   return sum;
 }
 
-// sum_i a[i] b[i] in double over 16 fixed lanes of partial sums (i mod 16), then the
-// lanes in order. Each float product is exact in double, so only the additions round; the
-// fixed lanes let the host compiler vectorise it (one serial chain of n additions took
-// most of the MoE combine's backward).
+// In float: the summation order runtime/kernels.h's RowInvariantGemmNT promises, shared
+// with its Thrust form.
+MOERUN_HD inline float RowInvariantDot(const float* a, const float* b, int64_t k) {
+  return LaneDot<float>(a, b, k);
+}
+
+// In double: each float product is exact, so only the additions round (the MoE combine's
+// gate gradient; one serial chain of n additions took most of its backward).
 MOERUN_HD inline double LaneDotF64(const float* a, const float* b, int64_t n) {
-  constexpr int kLanes = 16;
-  double acc[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(a[i + l]) * b[i + l];
-  }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<double>(a[i]) * b[i];
-  double sum = 0.0;
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
-  return sum;
+  return LaneDot<double>(a, b, n);
 }
 
 MOERUN_HD inline float FromBF16Bits(uint16_t b) {
