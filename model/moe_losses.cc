@@ -163,7 +163,10 @@ void LoadLossBackward(const LoadLossState& state, const float* z, const float* z
   const std::vector<int32_t>& kth = state.kth;
   const std::vector<double>& dload = state.dload;
   CHECK_EQ(static_cast<int64_t>(kth.size()), tokens) << "load loss state of another group";
-  // Each token's gradient touches its own row only.
+  // dLoss/dP per expert, the same for every token (as the product's leading factors).
+  std::vector<double> coef(e_count);
+  for (int64_t e = 0; e < e_count; ++e) coef[e] = scale * dload[e] / tokens * kInvSqrt2Pi;
+    // Each token's gradient touches its own row only.
 #pragma omp parallel if (tokens * e_count > 16384)
   {
     std::vector<double> u(e_count), phi(e_count);
@@ -175,7 +178,7 @@ void LoadLossBackward(const LoadLossState& state, const float* z, const float* z
       double dtau = 0;
       for (int64_t e = 0; e < e_count; ++e) {
         // dP/dz = phi(u) / sigma, dP/dtau = -phi(u) / sigma.
-        const double d = scale * dload[e] / tokens * kInvSqrt2Pi * phi[e] / sigma;
+        const double d = coef[e] * phi[e] / sigma;
         grad[s * e_count + e] += static_cast<float>(d);
         dtau -= d;
       }
