@@ -10,8 +10,9 @@
 # .gpu/moerun-gpu.tar.xz (about 46 MiB, under the 64 MiB a device call carries) holds .gpu/:
 # bin/ (moerun and the CUDA test programs), lib/ (every shared library they load that is
 # neither glibc's nor CUDA's), ompi/ (Open MPI's plugins, help files and orted, found through
-# OPAL_* variables), configs/, data/ (Fashion-MNIST's files) and launch/moe_layer_torch.py. Checked here by running
-# `moerun env` in a chroot holding only glibc, CUDA's libraries and the bundle.
+# OPAL_* variables), configs/, data/ (Fashion-MNIST's files), launch/moe_layer_torch.py and
+# cases/ (the small replay cases). Checked here by running `moerun env` in a chroot holding
+# only glibc, CUDA's libraries and the bundle.
 # Usage: bash cluster/gpu_bundle.sh [build dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +71,17 @@ if [ -d "$data" ]; then
   cp "$data"/*.gz "$out/data/"
 else
   echo "gpu_bundle: no $data (apt-get install dataset-fashion-mnist): the train checks will fail" >&2
+fi
+# The replay cases (tests/reference/replay_devices.sh), made here where the safetensors
+# package is; the large ones are left for the device (numpy alone writes them there), being
+# 19 MB each of incompressible floats. The CPU side is checked against the reference here.
+if python3 -c "import numpy, safetensors" 2>/dev/null; then
+  mkdir -p "$out/cases"
+  bash tests/reference/replay_devices.sh "$build/moerun" python3 "$out/cases" cpu >"$stage/replay.log" 2>&1 ||
+    { cat "$stage/replay.log"; echo "gpu_bundle: the CPU replay failed" >&2; exit 1; }
+  rm -f "$out"/cases/large_*.safetensors
+else
+  echo "gpu_bundle: no numpy/safetensors here (bash cluster/setup.sh): the device makes the cases" >&2
 fi
 mkdir -p .gpu
 tar -C "$stage" -cJf .gpu/moerun-gpu.tar.xz .gpu

@@ -4,9 +4,10 @@
 # output kept in $OUT (or ./gpu_checks_out; 8 files, what the device tool brings back):
 #   1. moerun env (backends, devices)
 #   2. the CUDA backend tests and the backend-op table on CUDA against the CPU
-#   3. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch
-#   4. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
-#   5. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
+#   3. replay-moe on CPU and CUDA: both against the NumPy reference, and CUDA against CPU
+#   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch
+#   5. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
+#   6. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
 # Usage (device tool): command "bash cluster/gpu_checks.sh", carry [".gpu"]. About 6-8
 # minutes on an H100; each step's limit is in `step` below. CHECKS="1 2" runs a subset.
 set -uo pipefail
@@ -45,11 +46,12 @@ export OPAL_SYSCONFDIR=$g/ompi/etc OPAL_BINDIR=$g/ompi/bin OMPI_MCA_ess_singleto
 export OMP_WAIT_POLICY=passive GLOG_logtostderr=1
 # bench moe-layer's PyTorch peer runs with the machine's own libraries, not the bundle's.
 export MOERUN_PYTHON="env -u LD_LIBRARY_PATH -u OPAL_PREFIX python3"
+printf '#!/bin/sh\nexec %s "$@"\n' "$MOERUN_PYTHON" >"$root/python3" && chmod +x "$root/python3"
 moerun=$g/bin/moerun
 # Libraries that would not load: said first, in the summary.
 missing=$(ldd "$moerun" "$g"/bin/*_tests 2>/dev/null | grep "not found" | sort -u)
 [ -z "$missing" ] || echo "gpu_checks: libraries not found: $missing" | tee -a "$out/summary.txt"
-checks=${CHECKS:-1 2 3 4 5}
+checks=${CHECKS:-1 2 3 4 5 6}
 failed=0
 
 # step NAME LIMIT_S COMMAND...: runs it, its output to $out/NAME.log, and says how it went.
@@ -65,20 +67,23 @@ step() {
 
 if [[ " $checks " == *" 1 "* ]]; then step env 60 "$moerun" env; cat "$out/env.log"; fi
 if [[ " $checks " == *" 2 "* ]]; then
-  step cuda_backend_tests 240 "$g/bin/cuda_backend_tests"
-  step device_ops_cuda_tests 240 "$g/bin/device_ops_cuda_tests"
+  step cuda_tests 300 bash -c "'$g/bin/cuda_backend_tests' && '$g/bin/device_ops_cuda_tests'"
 fi
 if [[ " $checks " == *" 3 "* ]]; then
-  step bench_moe_layer 300 "$moerun" bench moe-layer --device cuda --bpr 1
+  mkdir -p "$g/cases"
+  step replay 240 bash tests/reference/replay_devices.sh "$moerun" "$root/python3" "$g/cases" cpu cuda
 fi
 if [[ " $checks " == *" 4 "* ]]; then
+  step bench_moe_layer 300 "$moerun" bench moe-layer --device cuda --bpr 1
+fi
+if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data
   step train_demo 300 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
     --device cuda -o train.steps=300 -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
   step train_modsquad 300 "$moerun" train --config "$g/configs/modsquad_fashion_mnist.pbtxt" \
     --device cuda -o train.steps=100 -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
 fi
-if [[ " $checks " == *" 5 "* ]]; then
+if [[ " $checks " == *" 6 "* ]]; then
   step dry_run_15b 300 "$moerun" dry-run --config "$g/configs/vmoe_15b_every2.pbtxt" --ranks 32 \
     --rank 5 --micro-batch 1 -o train.optimizer_moments=BF16 --device cuda
 fi

@@ -93,13 +93,16 @@ std::optional<int> ParseArgs(const std::string& command_path, const std::string&
 
 Session::Session(int* argc, char*** argv, const GlobalOptions& options) : options_(options) {
   // The device first: a job that cannot run where it was asked to stops before MPI is up,
-  // on every rank, with exit 3.
-  auto device = ParseDevice(options.device);
-  if (device.ok() && *device == Device::kCUDA && !options.cuda_supported) {
-    device = Status::Error(
-        "--device cuda: this command runs on the CPU backend only in this version (on a GPU: "
-        "`moerun train` / `eval` and `moerun bench moe-layer`); use --device cpu");
-  }
+  // on every rank, with exit 3. A command without a CUDA path says so on any host (a GPU
+  // would not help it).
+  const bool unsupported = options.device == "cuda" && !options.cuda_supported;
+  auto device =
+      unsupported
+          ? StatusOr<Device>(Status::Error(
+                "--device cuda: this command runs on the CPU backend only in this "
+                "version (on a GPU: `moerun train` / `eval` / `dry-run`, `moerun replay-moe` and "
+                "`moerun bench moe-layer`); use --device cpu"))
+          : ParseDevice(options.device);
   if (!device.ok()) {
     PrintError("moerun", device.status().message());
     std::exit(kExitUnavailable);

@@ -152,6 +152,7 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
       ("out", po::value(&out_path)->required(), "output file (.safetensors), written by rank 0")  //
       ("eval", po::bool_switch(&eval), "inference mode: no router noise, no load loss");
   AddGlobalOptions(&desc, &global);
+  global.cuda_supported = true;  // the layer's rows, experts and combine on a GPU
   po::variables_map vm;
   if (auto done = ParseArgs(
           "moerun replay-moe",
@@ -159,8 +160,11 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
           "Runs one MoE layer forward and backward on a case file and writes the output,\n"
           "the auxiliary losses, the routing and every gradient of\n"
           "L = sum(y * dy) + loss.aux_total. Rank r takes the r-th contiguous slice of\n"
-          "the tokens; any P that divides the tokens and fits the experts works. Tensor\n"
-          "names and metadata keys: README.md, 'Replaying one MoE layer'.",
+          "the tokens; any P that divides the tokens and fits the experts works. With\n"
+          "--device cuda the rows, the experts and the combine run on each rank's GPU (the\n"
+          "router and the routing plan stay on the host, as in training), so the same\n"
+          "case compares the two backends. Tensor names and metadata keys: README.md,\n"
+          "'Replaying one MoE layer'.",
           args, desc, nullptr, &vm))
     return *done;
   Session session(program.argc, program.argv, global);
@@ -172,7 +176,9 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
     return kExitUsage;
   }
   ReplayCase& c = *loaded;
-  auto groups = MoeGroups::Create(&world, c.config.num_experts);
+  const Device dev = session.device();
+  c.config.device = dev;
+  auto groups = MoeGroups::Create(&world, c.config.num_experts, session.device_world());
   CHECK(groups.ok()) << groups.status().message();  // checked by LoadCase
   MoeLayer layer(c.config, *groups);
   const int64_t el = (*groups)->local_experts(), e0 = (*groups)->first_local_expert();
@@ -183,8 +189,9 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
   p.fc2_weight.CopyFrom(c.tensors["experts.fc2.weight"].Slice(0, e0, e0 + el));
   p.fc2_bias.CopyFrom(c.tensors["experts.fc2.bias"].Slice(0, e0, e0 + el));
   const int64_t t = c.tokens / world.size(), first = world.rank() * t, d = c.config.d;
-  Tensor x = Rows(c.tensors["x"], first, t), dy = Rows(c.tensors["dy"], first, t);
-  Tensor y = Tensor::Empty({t, d}), dx = Tensor::Empty({t, d}), noise;
+  Tensor x = Rows(c.tensors["x"], first, t).To(dev), dy = Rows(c.tensors["dy"], first, t).To(dev);
+  Tensor y = Tensor::Empty({t, d}, DType::kF32, dev), dx = Tensor::Empty({t, d}, DType::kF32, dev);
+  Tensor noise;
   MoeForwardArgs fwd;
   fwd.training = !eval;
   fwd.first_token = first;
@@ -206,6 +213,9 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
 
   // Assemble on every rank (equal slices), write on rank 0.
   SafetensorsWriter out;
+  // Results to the host (after everything queued on the device) before they are gathered.
+  y = y.To(Device::kCPU);
+  dx = dx.To(Device::kCPU);
   out.Add("y", GatherRows(world, y));
   out.Add("grad.x", GatherRows(world, dx));
   out.Add("expert_index", GatherRows(world, layer.expert_index()));
@@ -214,7 +224,7 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
   out.Add("grad.router.weight", g.router_weight);
   // Experts in rank order; with replicas the first E ranks hold experts 0..E-1.
   auto experts = [&](const Tensor& grad) {
-    Tensor all = GatherRows(world, grad);
+    Tensor all = GatherRows(world, grad.To(Device::kCPU));
     return all.Slice(0, 0, c.config.num_experts).Contiguous();
   };
   out.Add("grad.experts.fc1.weight", experts(g.fc1_weight));
@@ -229,6 +239,7 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
   out.SetMetadata("ranks", std::to_string(world.size()));
   out.SetMetadata("capacity", std::to_string(layer.metrics().capacity));
   out.SetMetadata("mode", eval ? "eval" : "train");
+  out.SetMetadata("device", DeviceName(dev));
   Status written = session.is_root() ? out.Write(out_path) : Status::Ok();
   written = AgreeOnStatus(world, written);
   if (!written.ok()) {
@@ -238,7 +249,8 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
   if (session.is_root()) {
     LOG(INFO) << "replay-moe: " << c.tokens << " tokens, E=" << c.config.num_experts
               << " K=" << c.config.k << " capacity " << layer.metrics().capacity << " on "
-              << world.size() << " rank(s); aux_total " << l.aux_total << "; wrote " << out_path;
+              << world.size() << " rank(s) (" << DeviceName(dev) << "); aux_total " << l.aux_total
+              << "; wrote " << out_path;
   }
   return kExitOk;
 }

@@ -50,7 +50,12 @@ if "$moerun" env --json | grep -q '"cuda_devices":0'; then
     "$src/configs/fashion_mnist_demo.pbtxt" --device cuda
   expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" dry-run --config \
     "$src/configs/tiny_test.pbtxt" --ranks 2 --device cuda
+  expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" replay-moe \
+    --case /nonexistent.safetensors --out /nonexistent-out.safetensors --device cuda
 fi
+# A command without a CUDA path says so, and which commands have one.
+expect 3 'this command runs on the CPU backend only.*moerun replay-moe' "$moerun" replay-modsquad \
+  --case /nonexistent.safetensors --out /nonexistent-out.safetensors --device cuda
 expect 2 '--device tpu: use cpu or cuda' "$moerun" bench moe-layer --device tpu
 # bench moe-layer at a tiny shape, without and with the overlapped dispatch: the layer's
 # fraction of the GEMM limit, and the gain of the overlap on its second line.

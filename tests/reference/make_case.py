@@ -165,10 +165,13 @@ def main(argv=None):
     if a.with_noise and a.noise_std == 0.0:
         ap.error("--with-noise needs --noise-std X with X != 0")
 
-    from safetensors.numpy import save_file
     tensors, meta = build(a)
-    save_file(tensors, a.out, metadata=meta)
-    canonicalise_header(a.out)
+    if ref._numpy_only():  # no safetensors package: numpy's own writer (same layout)
+        ref.write_safetensors(tensors, a.out, metadata=meta)
+    else:
+        from safetensors.numpy import save_file
+        save_file(tensors, a.out, metadata=meta)
+        canonicalise_header(a.out)
 
     if not a.quiet:
         case = ref.load_case(a.out)

@@ -406,15 +406,101 @@ def gradients(case, eps=1e-6, params=GRAD_PARAMS):
 # I/O helpers (safetensors)
 # --------------------------------------------------------------------------
 
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+              "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file with numpy alone: the format is an 8-byte
+    little-endian header length, a JSON header (name -> dtype, shape, data_offsets) and the
+    data. For hosts without the `safetensors` package (the GPU checks); BF16 is widened
+    to float32."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path}: too short for a safetensors file")
+    n = struct.unpack("<Q", blob[:8])[0]
+    if n > len(blob) - 8:
+        raise ValueError(f"{path}: header length {n} past the end of the file")
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None) or {}
+    data = memoryview(blob)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        raw = data[begin:end]
+        shape = tuple(info["shape"])
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            t = bits.view(np.float32)
+        elif info["dtype"] in _ST_DTYPES:
+            t = np.frombuffer(raw, dtype=_ST_DTYPES[info["dtype"]])
+        else:
+            raise ValueError(f"{path}: tensor {name}: dtype {info['dtype']} not supported")
+        tensors[name] = t.reshape(shape).copy()
+    return tensors, meta
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """Writes name -> numpy array (float64/float32/int64/int32/uint8) as safetensors with
+    numpy alone: keys sorted, the header padded to 8 bytes, so a seed gives the same bytes."""
+    import json
+    import struct
+    names = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<i8"): "I64",
+             np.dtype("<i4"): "I32", np.dtype("u1"): "U8"}
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name])
+        if t.dtype.newbyteorder("<") not in names:
+            raise ValueError(f"{name}: dtype {t.dtype} not supported")
+        raw = t.astype(t.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": names[t.dtype.newbyteorder("<")], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((-len(text)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
+def _numpy_only():
+    """True when the `safetensors` package is missing, or MOERUN_REF_NUMPY_ONLY=1 (tests)."""
+    import os
+    if os.environ.get("MOERUN_REF_NUMPY_ONLY") == "1":
+        return True
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def load_tensors(path):
+    """The tensors of a safetensors file (name -> numpy array), through the `safetensors`
+    package when it is installed, else read_safetensors."""
+    if _numpy_only():
+        return read_safetensors(path)[0]
+    from safetensors.numpy import load_file
+    return load_file(path)
+
+
 def load_case(path):
     """Loads a case file: tensors promoted to float64, metadata strings kept."""
-    from safetensors import safe_open
     case = {}
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
-        for key in f.keys():
-            t = f.get_tensor(key)
-            case[key] = t.astype(np.float64) if np.issubdtype(t.dtype, np.floating) else t
+    if _numpy_only():
+        tensors, meta = read_safetensors(path)
+    else:
+        from safetensors import safe_open
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for key, t in tensors.items():
+        case[key] = t.astype(np.float64) if np.issubdtype(t.dtype, np.floating) else t
     for key, val in meta.items():
         if key not in case:
             case[key] = val

@@ -167,6 +167,56 @@ def main():
     variant("missing loss.gshard", missing, 1)
     variant("grad.router.weight off by 2e-3", grad_off, 1, no_grads=False)
 
+    # compare_results.py (backend against backend): equal files pass, a perturbed y, a
+    # changed slot or a missing tensor fail.
+    def compare(label, mutate, want_rc):
+        r = {k: v.copy() for k, v in base.items()}
+        mutate(r)
+        path = os.path.join(tmp, "compare.result.safetensors")
+        save_file(r, path)
+        p = run(["compare_results.py", "--a",
+                 os.path.join(tmp, "bpr_noise_drops.result.safetensors"), "--b", path])
+        expect(p.returncode == want_rc, f"compare '{label}' -> exit {p.returncode} (want {want_rc})")
+
+    def y_off_1e3(r):
+        r["y"] = r["y"] * np.float32(1.001)
+
+    compare("the same result", lambda r: None, 0)
+    compare("y scaled by 1.001", y_off_1e3, 1)
+    compare(f"slot changed at [{t},{k}]", slot_backfill, 1)
+    compare("missing loss.gshard", missing, 1)
+
+    # numpy-only safetensors I/O (hosts without the package): the writer gives the bytes of
+    # safetensors + canonicalise_header, the reader the arrays of load_file.
+    args = ["--seed", "3", "--tokens", "16", "--experts", "4", "--k", "2", "--d", "8",
+            "--m", "16", "--capacity-factor", "0.75", "--bpr", "1", "--group-size", "4",
+            "--noise-std", "1.0", "--with-noise"]
+    paths = [os.path.join(tmp, f"io{i}.safetensors") for i in (0, 1)]
+    for path, numpy_only in zip(paths, ("0", "1")):
+        env = dict(os.environ, MOERUN_REF_NUMPY_ONLY=numpy_only)
+        subprocess.run([PY, "make_case.py", "--quiet", "--out", path] + args, cwd=HERE,
+                       env=env, check=True, capture_output=True)
+    with open(paths[0], "rb") as f0, open(paths[1], "rb") as f1:
+        expect(f0.read() == f1.read(), "numpy-only make_case.py writes the same bytes")
+    res = os.path.join(tmp, "bpr_noise_drops.result.safetensors")
+    for path in (paths[0], res):
+        want = load_file(path)
+        got, _ = ref.read_safetensors(path)
+        same = sorted(got) == sorted(want) and all(
+            got[n].dtype == want[n].dtype and got[n].shape == want[n].shape and
+            np.array_equal(got[n], want[n]) for n in want)
+        expect(same, f"read_safetensors == load_file on {os.path.basename(path)}")
+    with open(res, "rb") as f:
+        blob = f.read()
+    cut = os.path.join(tmp, "cut.safetensors")
+    with open(cut, "wb") as f:
+        f.write(blob[:6])
+    try:
+        ref.read_safetensors(cut)
+        expect(False, "read_safetensors refuses a 6-byte file")
+    except ValueError as exc:
+        expect("too short" in str(exc), f"read_safetensors refuses a 6-byte file ({exc})")
+
     # exit 77 when numpy cannot be imported (python -S drops site-packages)
     p = subprocess.run([PY, "-S", "-c", "import numpy"], capture_output=True)
     if p.returncode != 0:

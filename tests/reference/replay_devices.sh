@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One MoE layer replayed on each of several backends (`moerun replay-moe --device D`, one
+# rank), each result checked against the NumPy float64 reference (check_result.py), and
+# every backend's result compared with the first's (compare_results.py).
+#
+# usage: replay_devices.sh <moerun> <python3> <case_dir> <device>...
+#   replay_devices.sh build/moerun python3 /tmp/cases cpu cuda   (the GPU checks)
+#   replay_devices.sh build/moerun python3 /tmp/cases cpu cpu    (CI: the harness, and the
+#                                                                  CPU run against itself)
+# Cases missing from case_dir are made with make_case.py (which needs numpy and
+# safetensors); cluster/gpu_bundle.sh makes them ahead for hosts without safetensors.
+# The small cases check every gradient against finite differences; the large ones (the
+# expert GEMMs at sizes where a device's kernels take their tiled paths) check the forward
+# against the reference and the gradients between backends.
+# Exit 0 all ok, 1 any failure, 77 numpy missing.
+set -u
+moerun=$1
+python=$2
+cases=$3
+shift 3
+devices=("$@")
+[ ${#devices[@]} -ge 1 ] || { echo "usage: $0 <moerun> <python3> <case_dir> <device>..." >&2; exit 2; }
+ref=$(cd "$(dirname "$0")" && pwd)
+"$python" -c "import numpy" 2>/dev/null || { echo "skipped: $python has no numpy"; exit 77; }
+mkdir -p "$cases"
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+passed=0
+failed=0
+fail() { echo "FAIL $*"; failed=$((failed + 1)); }
+
+# replay NAME CHECK_ARGS -- MAKE_CASE_ARGS...
+replay() {
+  local name=$1 check_args=$2
+  shift 3
+  local case=$cases/$name.safetensors first="" dev log
+  if [ ! -f "$case" ]; then
+    "$python" "$ref/make_case.py" --quiet --out "$case" "$@" >/dev/null ||
+      { fail "$name: make_case.py could not make the case (needs numpy and safetensors)"; return; }
+  fi
+  local i=0
+  for dev in "${devices[@]}"; do
+    i=$((i + 1))
+    local res=$out/$name.$i.$dev.safetensors t0=$SECONDS
+    if ! log=$("$moerun" replay-moe --case "$case" --out "$res" --device "$dev" 2>&1); then
+      fail "$name on $dev: replay-moe failed:"; echo "$log" | tail -5
+      continue
+    fi
+    # shellcheck disable=SC2086  # check_args: zero or more flags
+    if log=$("$python" "$ref/check_result.py" --case "$case" --result "$res" $check_args 2>&1); then
+      passed=$((passed + 1))
+      echo "ok   $name on $dev ($((SECONDS - t0)) s): $(tail -n 1 <<<"$log")"
+    else
+      fail "$name on $dev against the reference:"; echo "$log"
+    fi
+    if [ -z "$first" ]; then
+      first=$res
+    elif log=$("$python" "$ref/compare_results.py" --a "$first" --b "$res" 2>&1); then
+      passed=$((passed + 1))
+      echo "ok   $name: ${devices[0]} vs $dev: $(tail -n 1 <<<"$log")"
+      [ "$dev" = "${devices[0]}" ] || grep -E '^ok   (y|grad\.)' <<<"$log" | sed 's/^/       /'
+    else
+      fail "$name: ${devices[0]} vs $dev:"; echo "$log"
+    fi
+  done
+}
+
+small=(--d 8 --m 16 --importance-weight 0.01 --load-weight 0.01 --gshard-weight 0.01)
+replay bpr_noise_drops "" -- --seed 3 --tokens 16 --experts 4 --k 2 --capacity-factor 0.75 \
+  --multiple-of 0 --bpr 1 --group-size 4 --noise-std 1.0 --with-noise "${small[@]}"
+replay vanilla_drops_e8 "" -- --seed 5 --tokens 32 --experts 8 --k 2 --capacity-factor 0.5 \
+  --multiple-of 0 --bpr 0 --group-size 4 "${small[@]}"
+replay k1_capacity1 "" -- --seed 7 --tokens 16 --experts 4 --k 1 --capacity 1 --bpr 1 \
+  --group-size 4 "${small[@]}"
+replay dropless "" -- --seed 13 --tokens 16 --experts 4 --k 2 --capacity-factor 0 --bpr 0 \
+  --group-size 4 "${small[@]}"
+# V-MoE-like widths (D 256, M 1024; E 8, K 2), fixed capacity with BPR and drops, and
+# dropless (the device's grouped GEMM path).
+large=(--tokens 1024 --d 256 --m 1024 --experts 8 --k 2 --group-size 256)
+replay large_bpr_noise --no-grads -- --seed 21 "${large[@]}" --capacity-factor 1.05 --bpr 1 \
+  --noise-std 1.0 --with-noise
+replay large_dropless --no-grads -- --seed 23 "${large[@]}" --capacity-factor 0 --bpr 0
+echo "$passed passed, $failed failed (devices: ${devices[*]})"
+[ "$failed" -eq 0 ]
