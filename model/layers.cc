@@ -187,8 +187,7 @@ void DenseMlpForward(const DenseMlpWeights& w, const float* x, float* hidden, fl
   const Device dev = w.fc1_w.device();
   const OpsTable& ops = Ops(dev);
   LinearForward(ops, x, w.fc1_w.device_data<float>(dev), nullptr, hidden, rows, d, m);
-  MOERUN_OP(ops, bias_gelu_forward)
-  (hidden, w.fc1_b.device_data<float>(dev), act, rows, m, gelu_tanh);
+  BiasGeluSaving(ops, hidden, w.fc1_b.device_data<float>(dev), act, rows, m, gelu_tanh);
   LinearForward(ops, act, w.fc2_w.device_data<float>(dev), w.fc2_b.device_data<float>(dev), y, rows,
                 m, d);
 }
@@ -200,8 +199,8 @@ void DenseMlpBackward(const DenseMlpWeights& w, const float* x, const float* hid
   const OpsTable& ops = Ops(dev);
   LinearBackward(ops, act, w.fc2_w.device_data<float>(dev), dy, d_act,
                  w.g_fc2_w.device_data<float>(dev), w.g_fc2_b.device_data<float>(dev), rows, m, d);
-  MOERUN_OP(ops, gelu_bias_backward)
-  (hidden, d_act, w.g_fc1_b.device_data<float>(dev), rows, m, gelu_tanh);
+  GeluBiasBackwardFromSaved(ops, hidden, d_act, w.g_fc1_b.device_data<float>(dev), rows, m,
+                            gelu_tanh);
   LinearBackward(ops, x, w.fc1_w.device_data<float>(dev), d_act, dx,
                  w.g_fc1_w.device_data<float>(dev), nullptr, rows, d, m);
 }

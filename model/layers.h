@@ -46,7 +46,7 @@ struct DenseMlpWeights {
   Tensor g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b;  // their gradients
 };
 // y = fc2(GELU(fc1(x))) over rows of width d (hidden width m); hidden and act [rows, m] are
-// kept for the backward.
+// kept for the backward (hidden: what BiasGeluSaving leaves, fc1's output or its GELU slope).
 void DenseMlpForward(const DenseMlpWeights& w, const float* x, float* hidden, float* act, float* y,
                      int64_t rows, int64_t d, int64_t m, bool gelu_tanh);
 // dx (overwritten) from dy; d_act [rows, m] is scratch; weight gradients accumulate.

@@ -191,10 +191,10 @@ void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                   // in cache.
                   ScopedTimer timer(act);
                   for (int64_t e = rows.e0; e < rows.e1; ++e) {
-                    MOERUN_OP(ops, bias_gelu_forward)
-                    (hidden_.device_data<float>(dev) + rows.at(e, m_),
-                     params_.fc1_bias.device_data<float>(dev) + e * m_,
-                     act_.device_data<float>(dev) + rows.at(e, m_), count, m_, gelu_tanh_);
+                    BiasGeluSaving(ops, hidden_.device_data<float>(dev) + rows.at(e, m_),
+                                   params_.fc1_bias.device_data<float>(dev) + e * m_,
+                                   act_.device_data<float>(dev) + rows.at(e, m_), count, m_,
+                                   gelu_tanh_);
                   }
                 }
                 ExpertGemm(ops, act_, params_.fc2_weight, out_, rows, gemm);
@@ -230,10 +230,10 @@ void ExpertMlp::BackwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                   // The GELU's backward and fc1's bias gradient in one pass over d_act.
                   ScopedTimer timer(act);
                   for (int64_t e = rows.e0; e < rows.e1; ++e) {
-                    MOERUN_OP(ops, gelu_bias_backward)
-                    (hidden_.device_data<float>(dev) + rows.at(e, m_),
-                     d_act_.device_data<float>(dev) + rows.at(e, m_),
-                     grads_.fc1_bias.device_data<float>(dev) + e * m_, count, m_, gelu_tanh_);
+                    GeluBiasBackwardFromSaved(ops, hidden_.device_data<float>(dev) + rows.at(e, m_),
+                                              d_act_.device_data<float>(dev) + rows.at(e, m_),
+                                              grads_.fc1_bias.device_data<float>(dev) + e * m_,
+                                              count, m_, gelu_tanh_);
                   }
                 }
                 ExpertGemmBackward(ops, in_, params_.fc1_weight, d_act_, &grads_.fc1_weight, d_in_,

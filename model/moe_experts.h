@@ -57,7 +57,8 @@ class ExpertMlp {
   bool gelu_tanh_;
   Device device_;
   ExpertMlpParams params_, grads_;
-  Tensor in_, hidden_, act_, d_act_, d_out_;
+  Tensor in_, act_, d_act_, d_out_;
+  Tensor hidden_;  // fc1's output, then what BiasGeluSaving leaves for the backward
   Tensor* out_ = nullptr;
   Tensor* d_in_ = nullptr;
 };

@@ -106,6 +106,8 @@ OpsTable MakeCpuOps() {
   t.gelu_backward = &CpuGeluBackward;
   t.bias_gelu_forward = &BiasGeluForward;
   t.gelu_bias_backward = &GeluBiasBackward;
+  t.bias_gelu_forward_keep_grad = &BiasGeluForwardKeepGrad;
+  t.scale_bias_backward = &ScaleBiasBackward;
   t.attention_forward = &AttentionForward;
   t.attention_backward = &AttentionBackward;
   t.choice_attention_forward = &CpuChoiceAttentionForward;
@@ -295,6 +297,30 @@ void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const floa
     softmax_backward(p, scratch, scratch, heads * n, n);
     gemm(false, false, n, w, n, scale, scratch, n, n * n, q + d, ld, w, 0.0f, dq, ld, w, heads);
     gemm(true, false, n, w, n, scale, scratch, n, n * n, q, ld, w, 0.0f, dq + d, ld, w, heads);
+  }
+}
+
+namespace {
+bool KeepsGrad(const OpsTable& table) {
+  return table.bias_gelu_forward_keep_grad != nullptr && table.scale_bias_backward != nullptr;
+}
+}  // namespace
+
+void BiasGeluSaving(const OpsTable& table, float* h, const float* bias, float* act, int64_t rows,
+                    int64_t cols, bool tanh_form) {
+  if (KeepsGrad(table)) {
+    MOERUN_OP(table, bias_gelu_forward_keep_grad)(h, bias, act, rows, cols, tanh_form);
+  } else {
+    MOERUN_OP(table, bias_gelu_forward)(h, bias, act, rows, cols, tanh_form);
+  }
+}
+
+void GeluBiasBackwardFromSaved(const OpsTable& table, const float* saved, float* d, float* dbias,
+                               int64_t rows, int64_t cols, bool tanh_form) {
+  if (KeepsGrad(table)) {
+    MOERUN_OP(table, scale_bias_backward)(saved, d, dbias, rows, cols);
+  } else {
+    MOERUN_OP(table, gelu_bias_backward)(saved, d, dbias, rows, cols, tanh_form);
   }
 }
 

@@ -60,6 +60,12 @@ struct OpsTable {
                             bool tanh_form);
   void (*gelu_bias_backward)(const float* h, float* d, float* dbias, int64_t rows, int64_t cols,
                              bool tanh_form);
+  // Optional, as a pair (BiasGeluSaving below): bias_gelu_forward leaving gelu'(h) in h
+  // (runtime/kernels.h's BiasGeluForwardKeepGrad), and the backward from it, d *= g,
+  // dbias += sum of d (ScaleBiasBackward).
+  void (*bias_gelu_forward_keep_grad)(float* h, const float* bias, float* act, int64_t rows,
+                                      int64_t cols, bool tanh_form);
+  void (*scale_bias_backward)(const float* g, float* d, float* dbias, int64_t rows, int64_t cols);
   // Multi-head self-attention core (model/layers.h's AttentionForward / Backward).
   void (*attention_forward)(const float* qkv, float* out, float* probs, int64_t batch,
                             int64_t tokens, int64_t heads, int64_t head_dim);
@@ -161,6 +167,16 @@ inline decltype(OpsTable::gemm) ExpertGemmOrGemm(const OpsTable& table) {
   return OpEntry(table, own ? &OpsTable::expert_gemm : &OpsTable::gemm,
                  own ? "expert_gemm" : "gemm");
 }
+
+// A linear layer's bias + GELU: h[r] += bias, act = gelu(h), leaving in h what
+// GeluBiasBackwardFromSaved needs: gelu'(h) where the table has the keep-grad pair (the
+// backward is then one product), else h. Both calls must see the same table.
+void BiasGeluSaving(const OpsTable& table, float* h, const float* bias, float* act, int64_t rows,
+                    int64_t cols, bool tanh_form);
+// Its backward: d *= gelu'(h) in place, dbias += sum over rows of d; `saved` is the h that
+// BiasGeluSaving left.
+void GeluBiasBackwardFromSaved(const OpsTable& table, const float* saved, float* d, float* dbias,
+                               int64_t rows, int64_t cols, bool tanh_form);
 
 // n floats from src to dst, both in `device`'s memory.
 void CopyFloats(Device device, float* dst, const float* src, int64_t n);

@@ -386,6 +386,17 @@ struct GeluErfForm {
                                      v16::Exp(_mm512_mul_ps(_mm512_mul_ps(v16::Set(-0.5f), v), v)));
     return _mm512_fmadd_ps(v, pdf, cdf);
   }
+  // At and GradAt with one erf: the same operations, so the same bits as the two.
+  static void AtAndGrad(__m512 v, __m512* at, __m512* grad) {
+    const __m512 half = v16::Set(0.5f);
+    const __m512 hv = _mm512_mul_ps(half, v);
+    const __m512 erf = v16::Erf(_mm512_mul_ps(v, v16::Set(kInvSqrt2)));
+    *at = _mm512_fmadd_ps(hv, erf, hv);
+    const __m512 cdf = _mm512_fmadd_ps(half, erf, half);
+    const __m512 pdf = _mm512_mul_ps(v16::Set(kInvSqrt2Pi),
+                                     v16::Exp(_mm512_mul_ps(_mm512_mul_ps(v16::Set(-0.5f), v), v)));
+    *grad = _mm512_fmadd_ps(v, pdf, cdf);
+  }
 };
 struct GeluTanhForm {
   static __m512 At(__m512 v) {
@@ -403,6 +414,21 @@ struct GeluTanhForm {
         _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_fnmadd_ps(t, t, v16::Set(1.0f)));
     return _mm512_fmadd_ps(slope, du, _mm512_fmadd_ps(half, t, half));
   }
+  static void AtAndGrad(__m512 v, __m512* at, __m512* grad) {
+    const __m512 half = v16::Set(0.5f);
+    const __m512 hv = _mm512_mul_ps(half, v);
+    const __m512 t = v16::TanhOfGeluArg(v);
+    *at = _mm512_fmadd_ps(hv, t, hv);
+    const __m512 du = _mm512_mul_ps(
+        v16::Set(kGeluC),
+        _mm512_fmadd_ps(_mm512_mul_ps(v16::Set(3.0f * kGeluA), v), v, v16::Set(1.0f)));
+    const __m512 slope = _mm512_mul_ps(hv, _mm512_fnmadd_ps(t, t, v16::Set(1.0f)));
+    *grad = _mm512_fmadd_ps(slope, du, _mm512_fmadd_ps(half, t, half));
+  }
+};
+// The "form" of a slope already computed (BiasGeluForwardKeepGrad's): GradAt is the value.
+struct StoredSlope {
+  static __m512 GradAt(__m512 g) { return g; }
 };
 
 // The passes below are bound by memory when their rows come from L3 (an expert's hidden
@@ -449,8 +475,9 @@ void GeluGradSpan(const float* x, const float* dy, float* dx, int64_t n) {
       });
 }
 
-// h[r, :] += bias, act = gelu(h) over the columns [c0, c1) of `rows` rows.
-template <typename Form>
+// h[r, :] += bias, act = gelu(h) over the columns [c0, c1) of `rows` rows; kKeepGrad: h
+// keeps gelu'(h) instead.
+template <typename Form, bool kKeepGrad>
 void BiasGeluBlock(float* __restrict h, const float* __restrict bias, float* __restrict act,
                    int64_t rows, int64_t cols, int64_t c0, int64_t c1) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -462,13 +489,21 @@ void BiasGeluBlock(float* __restrict h, const float* __restrict bias, float* __r
           Prefetch(ar + cols + j);
           const __m512 v =
               _mm512_add_ps(_mm512_maskz_loadu_ps(m, hr + j), _mm512_maskz_loadu_ps(m, bias + j));
-          _mm512_mask_storeu_ps(hr + j, m, v);
-          _mm512_mask_storeu_ps(ar + j, m, Form::At(v));
+          if constexpr (kKeepGrad) {
+            __m512 at, grad;
+            Form::AtAndGrad(v, &at, &grad);
+            _mm512_mask_storeu_ps(hr + j, m, grad);
+            _mm512_mask_storeu_ps(ar + j, m, at);
+          } else {
+            _mm512_mask_storeu_ps(hr + j, m, v);
+            _mm512_mask_storeu_ps(ar + j, m, Form::At(v));
+          }
         });
   }
 }
 
-// d *= gelu'(h), dbias += d over the columns [c0, c1), rows in order.
+// d *= gelu'(h), dbias += d over the columns [c0, c1), rows in order (StoredSlope: h holds
+// gelu' already).
 template <typename Form>
 void GeluBiasGradBlock(const float* __restrict h, float* __restrict d, float* __restrict dbias,
                        int64_t rows, int64_t cols, int64_t c0, int64_t c1) {
@@ -501,6 +536,10 @@ struct GeluErfForm {
     const float pdf = kInvSqrt2Pi * FastExp(-0.5f * v * v);
     return cdf + v * pdf;
   }
+  static void AtAndGrad(float v, float* at, float* grad) {
+    *at = At(v);
+    *grad = GradAt(v);
+  }
 };
 struct GeluTanhForm {
   static float At(float v) {
@@ -511,6 +550,13 @@ struct GeluTanhForm {
     const float du = kGeluC * (1.0f + 3.0f * kGeluA * v * v);
     return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du;
   }
+  static void AtAndGrad(float v, float* at, float* grad) {
+    *at = At(v);
+    *grad = GradAt(v);
+  }
+};
+struct StoredSlope {
+  static float GradAt(float g) { return g; }
 };
 
 template <typename Form>
@@ -525,7 +571,7 @@ void GeluGradSpan(const float* x, const float* dy, float* dx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * Form::GradAt(x[i]);
 }
 
-template <typename Form>
+template <typename Form, bool kKeepGrad>
 void BiasGeluBlock(float* __restrict h, const float* __restrict bias, float* __restrict act,
                    int64_t rows, int64_t cols, int64_t c0, int64_t c1) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -534,8 +580,12 @@ void BiasGeluBlock(float* __restrict h, const float* __restrict bias, float* __r
 #pragma omp simd
     for (int64_t j = c0; j < c1; ++j) {
       const float v = hr[j] + bias[j];
-      hr[j] = v;
-      ar[j] = Form::At(v);
+      if constexpr (kKeepGrad) {
+        Form::AtAndGrad(v, &ar[j], &hr[j]);
+      } else {
+        hr[j] = v;
+        ar[j] = Form::At(v);
+      }
     }
   }
 }
@@ -613,8 +663,16 @@ void GeluTanhBackward(const float* x, const float* dy, float* dx, int64_t n) {
 void BiasGeluForward(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
                      bool tanh_form) {
   OverColumnBlocks(rows, cols, [&](int64_t c0, int64_t c1) {
-    (tanh_form ? BiasGeluBlock<GeluTanhForm> : BiasGeluBlock<GeluErfForm>)(h, bias, act, rows, cols,
-                                                                           c0, c1);
+    (tanh_form ? BiasGeluBlock<GeluTanhForm, false>
+               : BiasGeluBlock<GeluErfForm, false>)(h, bias, act, rows, cols, c0, c1);
+  });
+}
+
+void BiasGeluForwardKeepGrad(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
+                             bool tanh_form) {
+  OverColumnBlocks(rows, cols, [&](int64_t c0, int64_t c1) {
+    (tanh_form ? BiasGeluBlock<GeluTanhForm, true>
+               : BiasGeluBlock<GeluErfForm, true>)(h, bias, act, rows, cols, c0, c1);
   });
 }
 
@@ -623,6 +681,12 @@ void GeluBiasBackward(const float* h, float* d, float* dbias, int64_t rows, int6
   OverColumnBlocks(rows, cols, [&](int64_t c0, int64_t c1) {
     (tanh_form ? GeluBiasGradBlock<GeluTanhForm>
                : GeluBiasGradBlock<GeluErfForm>)(h, d, dbias, rows, cols, c0, c1);
+  });
+}
+
+void ScaleBiasBackward(const float* g, float* d, float* dbias, int64_t rows, int64_t cols) {
+  OverColumnBlocks(rows, cols, [&](int64_t c0, int64_t c1) {
+    GeluBiasGradBlock<StoredSlope>(g, d, dbias, rows, cols, c0, c1);
   });
 }
 

@@ -100,6 +100,15 @@ void BiasGeluForward(float* h, const float* bias, float* act, int64_t rows, int6
 // GeluTanhBackward followed by BiasBackward.
 void GeluBiasBackward(const float* h, float* d, float* dbias, int64_t rows, int64_t cols,
                       bool tanh_form);
+// BiasGeluForward that leaves in h what the backward needs, gelu'(h + bias), instead of
+// h + bias: the GELU's erf (or tanh) is evaluated once for both, and the backward is then
+// ScaleBiasBackward, a product at memory speed instead of the derivative again. act is
+// equal bit for bit to BiasGeluForward's.
+void BiasGeluForwardKeepGrad(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
+                             bool tanh_form);
+// d *= g in place, dbias += sum over rows of the new d (rows in order for any thread count).
+// With g from BiasGeluForwardKeepGrad, equal bit for bit to GeluBiasBackward on its h.
+void ScaleBiasBackward(const float* g, float* d, float* dbias, int64_t rows, int64_t cols);
 
 // ViT's (and Flax's nn.LayerNorm default) epsilon.
 constexpr float kLayerNormEps = 1e-6f;

@@ -327,6 +327,8 @@ TEST(GradCheckTest, GeluTanhBackward) {
 // The fused bias + GELU passes against the separate kernels they replace, bit for bit, on
 // a matrix large enough to be split over threads (cols not a multiple of a cache line) and
 // with a non-zero bias gradient to accumulate into; and the same under 1 and 2 threads.
+// Also the pair that keeps gelu'(h) for the backward (BiasGeluForwardKeepGrad,
+// ScaleBiasBackward), which must give the same results.
 TEST(BiasGeluTest, FusedPassesEqualTheSeparateKernelsBitForBit) {
   const int64_t rows = 301, cols = 517, n = rows * cols;
   for (bool tanh_form : {false, true}) {
@@ -351,6 +353,18 @@ TEST(BiasGeluTest, FusedPassesEqualTheSeparateKernelsBitForBit) {
       EXPECT_EQ(0, std::memcmp(act.data(), act_want.data(), n * sizeof(float)));
       EXPECT_EQ(0, std::memcmp(d.data(), d_want.data(), n * sizeof(float)));
       EXPECT_EQ(0, std::memcmp(db.data(), db_want.data(), cols * sizeof(float)));
+      // The keep-grad pair: the same act, d and dbias; h holds gelu'(h) in between.
+      omp_set_num_threads(threads);
+      std::vector<float> g = h0, act2(n), d2 = d0, db2 = db0, slope(n);
+      BiasGeluForwardKeepGrad(g.data(), bias.data(), act2.data(), rows, cols, tanh_form);
+      ScaleBiasBackward(g.data(), d2.data(), db2.data(), rows, cols);
+      omp_set_num_threads(before);
+      std::vector<float> ones(n, 1.0f);
+      (tanh_form ? GeluTanhBackward : GeluBackward)(h_want.data(), ones.data(), slope.data(), n);
+      EXPECT_EQ(0, std::memcmp(g.data(), slope.data(), n * sizeof(float)));
+      EXPECT_EQ(0, std::memcmp(act2.data(), act_want.data(), n * sizeof(float)));
+      EXPECT_EQ(0, std::memcmp(d2.data(), d_want.data(), n * sizeof(float)));
+      EXPECT_EQ(0, std::memcmp(db2.data(), db_want.data(), cols * sizeof(float)));
     }
   }
 }

@@ -207,6 +207,8 @@ TEST(VitModel, ComputesThroughTheOpsTableOfItsDevice) {
   MOERUN_COUNT(gelu_backward);
   MOERUN_COUNT(bias_gelu_forward);
   MOERUN_COUNT(gelu_bias_backward);
+  MOERUN_COUNT(bias_gelu_forward_keep_grad);
+  MOERUN_COUNT(scale_bias_backward);
   MOERUN_COUNT(attention_forward);
   MOERUN_COUNT(attention_backward);
 #undef MOERUN_COUNT
@@ -248,10 +250,13 @@ TEST(VitModel, ComputesThroughTheOpsTableOfItsDevice) {
   EXPECT_EQ(MOERUN_CALLS(attention_forward), 2);
   EXPECT_EQ(MOERUN_CALLS(attention_backward), 2);
   // The dense MLP (one call) and the experts (one per expert: the CPU runs them one at a
-  // time) apply fc1's bias and the GELU in one pass, forward and backward.
+  // time) apply fc1's bias and the GELU in one pass, forward and backward, keeping gelu'
+  // for the backward (the CPU table has the pair).
   const int64_t experts = m.moe().num_experts();
-  EXPECT_EQ(MOERUN_CALLS(bias_gelu_forward), 1 + experts);
-  EXPECT_EQ(MOERUN_CALLS(gelu_bias_backward), 1 + experts);
+  EXPECT_EQ(MOERUN_CALLS(bias_gelu_forward_keep_grad), 1 + experts);
+  EXPECT_EQ(MOERUN_CALLS(scale_bias_backward), 1 + experts);
+  EXPECT_EQ(MOERUN_CALLS(bias_gelu_forward), 0);
+  EXPECT_EQ(MOERUN_CALLS(gelu_bias_backward), 0);
   EXPECT_EQ(MOERUN_CALLS(gelu_forward), 0);
   EXPECT_EQ(MOERUN_CALLS(gelu_backward), 0);
 }
