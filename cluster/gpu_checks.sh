@@ -67,7 +67,9 @@ step() {
 
 if [[ " $checks " == *" 1 "* ]]; then step env 60 "$moerun" env; cat "$out/env.log"; fi
 if [[ " $checks " == *" 2 "* ]]; then
-  step cuda_tests 300 bash -c "'$g/bin/cuda_backend_tests' && '$g/bin/device_ops_cuda_tests'"
+  # Both programs whatever the first's result (one abort must not hide the other's).
+  step cuda_tests 300 bash -c "'$g/bin/cuda_backend_tests'; a=\$?; '$g/bin/device_ops_cuda_tests' &&
+    exit \$a"
 fi
 if [[ " $checks " == *" 3 "* ]]; then
   mkdir -p "$g/cases"

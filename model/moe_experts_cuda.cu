@@ -44,7 +44,15 @@ struct CublasOps {
         I(g.lda), g.stride_a, g.b, CUDA_R_16BF, I(g.ldb), g.stride_b, &g.beta, g.c, CUDA_R_32F,
         I(g.ldc), g.stride_c, I(g.batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
+  // cuBLAS's grouped GEMM documents bf16 x bf16 -> bf16 under CUBLAS_COMPUTE_32F, not the
+  // fp32 output used here: where it refuses the call (logged once per process), each group
+  // is one strided-batched GEMM of batch 1 (bf16 x bf16 -> fp32 is supported there).
+  bool grouped_refused = false;
   void GroupedGemm(const std::vector<ColMajorGemm>& groups) {
+    if (grouped_refused) {
+      for (const ColMajorGemm& g : groups) Gemm(g);
+      return;
+    }
     const int n = static_cast<int>(groups.size());
     std::vector<cublasOperation_t> ta(n), tb(n);
     std::vector<int> m(n), nn(n), k(n), lda(n), ldb(n), ldc(n), size(n, 1);
@@ -71,16 +79,31 @@ struct CublasOps {
     RequireBackend(Device::kCUDA)
         .CopyFromHost(ptrs.raw_data(), host.data(), host.size() * sizeof(void*));
     auto** dev = static_cast<void**>(ptrs.raw_data());
-    MOERUN_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
         handle, ta.data(), tb.data(), m.data(), nn.data(), k.data(), alpha.data(),
         const_cast<const void* const*>(dev), CUDA_R_16BF, lda.data(),
         const_cast<const void* const*>(dev + n), CUDA_R_16BF, ldb.data(), beta.data(), dev + 2 * n,
-        CUDA_R_32F, ldc.data(), n, size.data(), CUBLAS_COMPUTE_32F));
+        CUDA_R_32F, ldc.data(), n, size.data(), CUBLAS_COMPUTE_32F);
     Synchronize();  // ptrs is freed on return
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+      static bool logged = false;
+      if (!logged) {
+        LOG(WARNING) << "cublasGemmGroupedBatchedEx refused bf16 x bf16 -> fp32 ("
+                     << cublasGetStatusString(st) << "); the dropless experts run one "
+                     << "GEMM per expert instead";
+        logged = true;
+      }
+      grouped_refused = true;
+      for (const ColMajorGemm& g : groups) Gemm(g);
+      return;
+    }
+    MOERUN_CUBLAS_CHECK(st);
   }
   // fc1 with cuBLASLt's GELU_AUX_BIAS epilogue: D = bf16 act = gelu(A B + bias), the aux
   // output (g.c, fp32) = A B + bias, the pre-activation the backward needs. cuBLASLt's GELU
-  // is the tanh form, so the erf form is never fused. The first time cuBLASLt has no
+  // is the tanh form, so the erf form is never fused. cublasLt.h gives the GELU aux (and
+  // the bias) the output's type (bf16 here) except for fp8 kernels, so cuBLASLt may refuse
+  // fp32 ones: not yet seen on a GPU. The first time cuBLASLt has no
   // algorithm for the shapes or refuses the call, fusion is switched off for this MLP
   // (logged once) and the caller's unfused GEMM + kernel run instead.
   cublasLtHandle_t lt = nullptr;
@@ -155,9 +178,13 @@ struct CublasOps {
     }
     if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
     if (st == CUBLAS_STATUS_SUCCESS) return true;
-    LOG(WARNING) << "cuBLASLt GELU_AUX_BIAS epilogue unavailable for the expert fc1 ("
-                 << (ok ? cublasGetStatusString(st) : "no algorithm or attribute refused")
-                 << "); using the GEMM + bias/GELU kernel";
+    static bool logged = false;  // once per process, not per layer
+    if (!logged) {
+      LOG(WARNING) << "cuBLASLt GELU_AUX_BIAS epilogue unavailable for the expert fc1 ("
+                   << (ok ? cublasGetStatusString(st) : "no algorithm or attribute refused")
+                   << "); using the GEMM + bias/GELU kernel";
+      logged = true;
+    }
     lt_disabled = true;
     return false;
   }

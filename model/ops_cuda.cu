@@ -61,6 +61,11 @@ void CudaBf16GemmStridedBatched(bool trans_a, bool trans_b, int64_t m, int64_t n
                                 const float* b, int64_t ldb, int64_t stride_b, float beta, float* c,
                                 int64_t ldc, int64_t stride_c, int64_t batch) {
   if (m == 0 || n == 0 || batch == 0) return;
+  if (k == 0) {  // no operand to round (and its span would be negative): C = beta C
+    CudaGemmStridedBatched(trans_a, trans_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b,
+                           beta, c, ldc, stride_c, batch);
+    return;
+  }
   // The elements the operands span as stored: up to the last row's last column.
   const int64_t a_rows = trans_a ? k : m, a_cols = trans_a ? m : k;
   const int64_t b_rows = trans_b ? n : k, b_cols = trans_b ? k : n;

@@ -61,8 +61,18 @@ class CudaBackend final : public Backend {
   void* Allocate(size_t bytes) override {
     void* p = nullptr;
     if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
-      cudaGetLastError();  // clear the sticky error: out of memory is reported by the caller
-      return nullptr;
+      cudaGetLastError();  // not sticky: clear it
+      // The pool keeps what was freed (release threshold: all), which allocations outside
+      // it (cuBLAS workspaces, NCCL buffers, Thrust temporaries) cannot use, nor a request
+      // larger than its free blocks: hand the unused memory back and try once more.
+      Synchronize();
+      cudaMemPool_t pool;
+      MOERUN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
+      MOERUN_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+      if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;  // out of memory, reported by the caller
+      }
     }
     const size_t now = allocated_.fetch_add(bytes) + bytes;
     size_t peak = peak_.load();
