@@ -83,6 +83,10 @@ if python3 -c "import numpy, safetensors" 2>/dev/null; then
 else
   echo "gpu_bundle: no numpy/safetensors here (bash cluster/setup.sh): the device makes the cases" >&2
 fi
+# The commit packed (and whether the tree had changes): gpu_checks.sh compares it with the
+# tree it runs in.
+echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!.gpu' || echo ' (with uncommitted changes)')" \
+  >"$out/REVISION"
 mkdir -p .gpu
 tar -C "$stage" -cJf .gpu/moerun-gpu.tar.xz .gpu
 rm -rf "$stage"

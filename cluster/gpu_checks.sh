@@ -8,13 +8,18 @@
 #   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch
 #   5. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
 #   6. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
-# Usage (device tool): command "bash cluster/gpu_checks.sh", carry [".gpu"]. About 6-8
-# minutes on an H100; each step's limit is in `step` below. CHECKS="1 2" runs a subset.
+# Usage (device tool): command "bash cluster/gpu_checks.sh", carry [".gpu"], timeout_s 600.
+# Everything ends within BUDGET_S (default 540) seconds: each step runs under its own limit
+# (in the calls below), cut to what is left of the budget, and a step with under 20 s left
+# is skipped with a line in the summary. CHECKS="1 3" runs a subset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+deadline=$((SECONDS + ${BUDGET_S:-540}))
+ulimit -c 0  # no multi-GB core files from a crashed CUDA process
 out=${OUT:-gpu_checks_out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/summary.txt" 2>&1
+orig_ld=${LD_LIBRARY_PATH-}
 root=/tmp/moerun-gpu
 bundle=.gpu/moerun-gpu.tar.xz
 [ -f "$bundle" ] || { echo "gpu_checks: $bundle missing: run cluster/gpu_bundle.sh here first" >&2; exit 1; }
@@ -25,6 +30,13 @@ else
   python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$bundle" "$root"
 fi
 g=$root/.gpu
+# The bundle's commit against this tree's: a stale bundle tests old code.
+here=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+packed=$(cat "$g/REVISION" 2>/dev/null || echo unknown)
+echo "gpu_checks: bundle of $packed; tree at $here" | tee -a "$out/summary.txt"
+if [ "$here" != unknown ] && [ "${packed%% *}" != "$here" ]; then
+  echo "gpu_checks: WARNING: the bundle is not of this tree's commit" | tee -a "$out/summary.txt"
+fi
 # CUDA's libraries: the toolkit's, else pip's nvidia-* packages (NCCL is only there on the
 # device image).
 cuda_libs=""
@@ -37,6 +49,13 @@ for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
   if [ -z "$found" ] && [ -n "$site" ]; then
     found=$(find "$site" -name "$lib" -printf '%h\n' 2>/dev/null | head -n 1)
   fi
+  if [ -z "$found" ]; then  # the loader's cache, then anywhere under an nvidia directory
+    found=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l {print $NF; exit}')
+    [ -n "$found" ] && found=$(dirname "$found")
+  fi
+  if [ -z "$found" ]; then
+    found=$(find / -xdev -name "$lib" -path '*nvidia*' -printf '%h\n' 2>/dev/null | head -n 1)
+  fi
   [ -n "$found" ] && [[ ":$cuda_libs:" != *":$found:"* ]] && cuda_libs="$cuda_libs:$found"
 done
 export LD_LIBRARY_PATH="$g/lib$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -44,9 +63,12 @@ export LD_LIBRARY_PATH="$g/lib$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPAL_PREFIX=$g/ompi OPAL_PKGLIBDIR=$g/ompi/lib/openmpi3 OPAL_PKGDATADIR=$g/ompi/share/openmpi
 export OPAL_SYSCONFDIR=$g/ompi/etc OPAL_BINDIR=$g/ompi/bin OMPI_MCA_ess_singleton_isolated=1
 export OMP_WAIT_POLICY=passive GLOG_logtostderr=1
-# bench moe-layer's PyTorch peer runs with the machine's own libraries, not the bundle's.
-export MOERUN_PYTHON="env -u LD_LIBRARY_PATH -u OPAL_PREFIX python3"
-printf '#!/bin/sh\nexec %s "$@"\n' "$MOERUN_PYTHON" >"$root/python3" && chmod +x "$root/python3"
+# bench moe-layer's PyTorch peer and the reference scripts run with the machine's own
+# libraries (its LD_LIBRARY_PATH as it was: the driver may be found through it), not the
+# bundle's.
+printf '#!/bin/sh\nexec env LD_LIBRARY_PATH="%s" -u OPAL_PREFIX python3 "$@"\n' "$orig_ld" \
+  >"$root/python3" && chmod +x "$root/python3"
+export MOERUN_PYTHON=$root/python3
 moerun=$g/bin/moerun
 # Libraries that would not load: said first, in the summary.
 missing=$(ldd "$moerun" "$g"/bin/*_tests 2>/dev/null | grep "not found" | sort -u)
@@ -58,35 +80,42 @@ failed=0
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((deadline - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    echo "gpu_checks: $name skipped: ${left} s left of the budget" | tee -a "$out/summary.txt"
+    failed=1
+    return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
   [ $rc -eq 0 ] || { failed=1; tail -n 15 "$out/$name.log"; }
 }
 
-if [[ " $checks " == *" 1 "* ]]; then step env 60 "$moerun" env; cat "$out/env.log"; fi
+if [[ " $checks " == *" 1 "* ]]; then step env 30 "$moerun" env; cat "$out/env.log"; fi
 if [[ " $checks " == *" 2 "* ]]; then
   # Both programs whatever the first's result (one abort must not hide the other's).
-  step cuda_tests 300 bash -c "'$g/bin/cuda_backend_tests'; a=\$?; '$g/bin/device_ops_cuda_tests' &&
+  step cuda_tests 120 bash -c "'$g/bin/cuda_backend_tests'; a=\$?; '$g/bin/device_ops_cuda_tests' &&
     exit \$a"
 fi
 if [[ " $checks " == *" 3 "* ]]; then
   mkdir -p "$g/cases"
-  step replay 240 bash tests/reference/replay_devices.sh "$moerun" "$root/python3" "$g/cases" cpu cuda
+  step replay 150 bash tests/reference/replay_devices.sh "$moerun" "$root/python3" "$g/cases" cpu cuda
 fi
 if [[ " $checks " == *" 4 "* ]]; then
-  step bench_moe_layer 300 "$moerun" bench moe-layer --device cuda --bpr 1
+  step bench_moe_layer 150 "$moerun" bench moe-layer --device cuda --bpr 1
 fi
 if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data
-  step train_demo 300 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
+  step train_demo 120 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
     --device cuda -o train.steps=300 -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
-  step train_modsquad 300 "$moerun" train --config "$g/configs/modsquad_fashion_mnist.pbtxt" \
+  step train_modsquad 90 "$moerun" train --config "$g/configs/modsquad_fashion_mnist.pbtxt" \
     --device cuda -o train.steps=100 -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
 fi
 if [[ " $checks " == *" 6 "* ]]; then
-  step dry_run_15b 300 "$moerun" dry-run --config "$g/configs/vmoe_15b_every2.pbtxt" --ranks 32 \
+  step dry_run_15b 120 "$moerun" dry-run --config "$g/configs/vmoe_15b_every2.pbtxt" --ranks 32 \
     --rank 5 --micro-batch 1 -o train.optimizer_moments=BF16 --device cuda
 fi
 echo "gpu_checks: done, failed=$failed; logs in $out" | tee -a "$out/summary.txt"

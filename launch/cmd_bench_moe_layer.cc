@@ -77,14 +77,21 @@ std::string RunTorchPeer(const MoeLayerBenchSpec& spec, int64_t d, int64_t m, in
       std::string(py != nullptr ? py : "python3") + " '" + script.string() + "' --tokens " +
       std::to_string(spec.tokens) + " --d " + std::to_string(d) + " --m " + std::to_string(m) +
       " --e " + std::to_string(e) + " --k " + std::to_string(spec.k) + " --capacity " +
-      std::to_string(capacity) + " --steps " + std::to_string(std::max(spec.steps, 3)) + " 2>&1";
+      std::to_string(capacity) + " --steps " + std::to_string(std::max(spec.steps, 3));
+  // Only its stdout is read (JSON lines); its stderr (PyTorch's warnings, a traceback) goes
+  // to ours as it is.
   std::string out;
   if (FILE* f = popen(cmd.c_str(), "r")) {
     char buf[4096];
     size_t n;
     while ((n = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
-    if (pclose(f) != 0) {
-      out = nlohmann::json({{"bench", "moe-layer-torch"}, {"failed", out}}).dump() + "\n";
+    if (const int status = pclose(f); status != 0) {
+      out = nlohmann::json({{"bench", "moe-layer-torch"},
+                            {"failed", "exit status " + std::to_string(status) +
+                                           " (its stderr is in this command's stderr)"},
+                            {"stdout", out}})
+                .dump() +
+            "\n";
     }
   }
   return out;

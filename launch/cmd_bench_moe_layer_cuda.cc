@@ -210,7 +210,10 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
                                 "in this layer's GPU path yet"}};
         PrintJsonLine(line);
         const std::string torch = RunTorchPeer(spec, d, m, e, cap);
-        if (!torch.empty()) std::printf("%s", torch.c_str());
+        if (!torch.empty()) {
+          std::printf("%s", torch.c_str());
+          std::fflush(stdout);  // kept if the job is killed before the next line
+        }
       }
     }
   }

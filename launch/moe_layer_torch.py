@@ -23,6 +23,10 @@ def main():
     except ImportError:
         print(json.dumps({"bench": "moe-layer-torch", "skipped": "PyTorch is not installed"}))
         return 0
+    except Exception as exc:  # installed but broken (a library it needs, a driver)
+        print(json.dumps({"bench": "moe-layer-torch",
+                          "skipped": f"PyTorch did not import: {type(exc).__name__}: {exc}"}))
+        return 0
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "moe-layer-torch", "skipped": "PyTorch sees no CUDA device"}))
         return 0

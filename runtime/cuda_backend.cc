@@ -42,10 +42,23 @@ class CudaBackend final : public Backend {
     // A blocking stream: it orders with the legacy default stream, which Thrust's
     // thrust::device and plain cudaMemcpy use, so work queued either way stays in order.
     MOERUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
-    cudaMemPool_t pool;
-    MOERUN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
-    uint64_t keep = UINT64_MAX;  // a caching pool: never hand freed memory back mid-run
-    MOERUN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    // Stream-ordered allocation where the device (and its driver, or a sandbox such as
+    // gVisor) supports memory pools; else plain cudaMalloc / cudaFree.
+    int pools = 0;
+    if (cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device_) != cudaSuccess) {
+      cudaGetLastError();
+      pools = 0;
+    }
+    pools_ = pools != 0;
+    if (pools_) {
+      cudaMemPool_t pool;
+      MOERUN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
+      uint64_t keep = UINT64_MAX;  // a caching pool: never hand freed memory back mid-run
+      MOERUN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    } else {
+      LOG(WARNING) << "cuda:" << device_ << " has no stream-ordered memory pools: using "
+                   << "cudaMalloc / cudaFree (slower: each free waits for the device)";
+    }
     description_ = DescribeDevice(device_);
     wait_name_ = "the device backend's stream on " + description_;
   }
@@ -60,6 +73,14 @@ class CudaBackend final : public Backend {
   std::string Describe() const override { return description_; }
   void* Allocate(size_t bytes) override {
     void* p = nullptr;
+    if (!pools_) {
+      if (cudaMalloc(&p, std::max<size_t>(bytes, 1)) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;  // out of memory, reported by the caller
+      }
+      Count(bytes);
+      return p;
+    }
     if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
       cudaGetLastError();  // not sticky: clear it
       // The pool keeps what was freed (release threshold: all), which allocations outside
@@ -74,15 +95,17 @@ class CudaBackend final : public Backend {
         return nullptr;  // out of memory, reported by the caller
       }
     }
-    const size_t now = allocated_.fetch_add(bytes) + bytes;
-    size_t peak = peak_.load();
-    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
-    }
+    Count(bytes);
     return p;
   }
   void Free(void* p, size_t bytes) override {
     if (p == nullptr) return;
-    MOERUN_CUDA_CHECK(cudaFreeAsync(p, stream_));
+    if (pools_) {
+      MOERUN_CUDA_CHECK(cudaFreeAsync(p, stream_));
+    } else {
+      Synchronize();  // cudaFree waits for the device; wait here first, through the poll
+      MOERUN_CUDA_CHECK(cudaFree(p));
+    }
     allocated_.fetch_sub(bytes);
   }
   void SetZero(void* p, size_t bytes) override {
@@ -120,7 +143,15 @@ class CudaBackend final : public Backend {
   size_t peak_allocated_bytes() const override { return peak_.load(); }
 
  private:
+  void Count(size_t bytes) {
+    const size_t now = allocated_.fetch_add(bytes) + bytes;
+    size_t peak = peak_.load();
+    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+    }
+  }
+
   int device_;
+  bool pools_ = true;  // stream-ordered allocation (cudaMallocAsync) supported
   cudaStream_t stream_ = nullptr;
   std::string description_, wait_name_;
   std::atomic<size_t> allocated_{0}, peak_{0};

@@ -42,7 +42,9 @@ replay() {
   for dev in "${devices[@]}"; do
     i=$((i + 1))
     local res=$out/$name.$i.$dev.safetensors t0=$SECONDS
-    if ! log=$("$moerun" replay-moe --case "$case" --out "$res" --device "$dev" 2>&1); then
+    # Each run under its own limit: one that hangs (a device that never answers) fails alone.
+    if ! log=$(timeout -k 5 "${REPLAY_TIMEOUT_S:-90}" "$moerun" replay-moe --case "$case" \
+      --out "$res" --device "$dev" 2>&1); then
       fail "$name on $dev: replay-moe failed:"; echo "$log" | tail -5
       continue
     fi
