@@ -66,8 +66,11 @@ export OMP_WAIT_POLICY=passive GLOG_logtostderr=1
 # bench moe-layer's PyTorch peer and the reference scripts run with the machine's own
 # libraries (its LD_LIBRARY_PATH as it was: the driver may be found through it), not the
 # bundle's.
-printf '#!/bin/sh\nexec env LD_LIBRARY_PATH="%s" -u OPAL_PREFIX python3 "$@"\n' "$orig_ld" \
-  >"$root/python3" && chmod +x "$root/python3"
+if [ -n "$orig_ld" ]; then
+  printf '#!/bin/sh\nexec env -u OPAL_PREFIX LD_LIBRARY_PATH="%s" python3 "$@"\n' "$orig_ld"
+else
+  printf '#!/bin/sh\nexec env -u OPAL_PREFIX -u LD_LIBRARY_PATH python3 "$@"\n'
+fi >"$root/python3" && chmod +x "$root/python3"
 export MOERUN_PYTHON=$root/python3
 moerun=$g/bin/moerun
 # Libraries that would not load: said first, in the summary.
