@@ -3,8 +3,8 @@
 # a GPU, CUDA, cuBLAS and NCCL but none of Debian's packages and no network (the device
 # machines lent to some sessions: their image has nvcc, CUDA 13 and pip's NCCL, and no
 # Open MPI, OpenBLAS, protobuf, glog or Boost). Run here after `bash cluster/setup.sh` (the
-# packages); it builds build-gpu/ for sm_90 and any x86-64 CPU (-DMOERUN_NATIVE_ARCH=OFF:
-# the device machine's CPU may lack this one's instructions), a few minutes on 2 cores. Then
+# packages); it builds build-gpu/ for sm_90 and any x86-64-v3 CPU (-DMOERUN_NATIVE_ARCH=OFF:
+# the device machine's CPU may lack this one's AVX-512), a few minutes on 2 cores. Then
 # carry `.gpu` to the machine and run `bash cluster/gpu_checks.sh` there.
 #
 # .gpu/moerun-gpu.tar.xz (about 46 MiB, under the 64 MiB a device call carries) holds .gpu/:
@@ -18,8 +18,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build-gpu}
 if [ "$build" = build-gpu ]; then
+  # x86-64-v3 (AVX2, FMA): every CPU an H100 or H200 is installed with has it; not AVX-512,
+  # which some (AMD's before Zen 4) lack. The host's share of a device job (the router, the
+  # routing plan, the replay's CPU side) then runs vectorised.
   cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOERUN_NATIVE_ARCH=OFF \
-    -DCMAKE_CUDA_ARCHITECTURES=90 >build-gpu.log 2>&1 ||
+    -DCMAKE_CXX_FLAGS=-march=x86-64-v3 -DCMAKE_CUDA_ARCHITECTURES=90 >build-gpu.log 2>&1 ||
     { tail -n 30 build-gpu.log; echo "gpu_bundle: configure failed" >&2; exit 1; }
   cmake --build build-gpu -j"$(nproc)" --target moerun cuda_backend_tests device_ops_cuda_tests \
     >>build-gpu.log 2>&1 || { tail -n 30 build-gpu.log; echo "gpu_bundle: build failed" >&2; exit 1; }
