@@ -71,11 +71,13 @@ struct AddBiasFunctor {
 
 struct GeluBackwardFunctor {
   const float* h;
+  const uint16_t* h_bf16;  // instead of h when given: the pre-activation kept in bf16
   float* d;
   bool tanh_form;
   uint16_t* d_bf16;
   MOERUN_HD void operator()(int64_t i) const {
-    const float g = d[i] * GeluGrad(h[i], tanh_form);
+    const float x = h_bf16 != nullptr ? FromBF16Bits(h_bf16[i]) : h[i];
+    const float g = d[i] * GeluGrad(x, tanh_form);
     d[i] = g;
     d_bf16[i] = ToBF16Bits(g);
   }
@@ -119,7 +121,13 @@ void AddBias(const Policy& p, float* y, const float* bias, int64_t experts, int6
 template <typename Policy>
 void GeluBackward(const Policy& p, const float* h, float* d, int64_t n, bool tanh_form,
                   uint16_t* d_bf16) {
-  ForIndices(p, n, GeluBackwardFunctor{h, d, tanh_form, d_bf16});
+  ForIndices(p, n, GeluBackwardFunctor{h, nullptr, d, tanh_form, d_bf16});
+}
+// The same from a bf16 pre-activation (a fused GEMM epilogue's aux output).
+template <typename Policy>
+void GeluBackwardFromBF16(const Policy& p, const uint16_t* h_bf16, float* d, int64_t n,
+                          bool tanh_form, uint16_t* d_bf16) {
+  ForIndices(p, n, GeluBackwardFunctor{nullptr, h_bf16, d, tanh_form, d_bf16});
 }
 template <typename Policy>
 void BiasGrad(const Policy& p, const float* dy, float* dbias, int64_t experts, int64_t rows,

@@ -8,11 +8,13 @@
 //   static constexpr Device kDevice;             where its tensors live
 //   void Gemm(const ColMajorGemm& g);            bf16 A, B; fp32 C; fp32 accumulation
 //   void GroupedGemm(const std::vector<ColMajorGemm>& groups);  each batch 1, one call
-//   bool GemmBiasGelu(const ColMajorGemm& g, const float* bias, int64_t bias_stride,
-//                     bool tanh_form, void* act);
-//       optional fusion: g's fp32 C gets g's product + bias (bias[b * bias_stride + row],
-//       broadcast over the columns) and bf16 act (laid out as C) gets gelu of it; false
-//       when not fused (the caller then runs the GEMM and the Thrust bias + GELU)
+//   bool GemmBiasGelu(const ColMajorGemm& g, const void* bias_bf16, int64_t bias_stride,
+//                     bool tanh_form, void* act, void* aux);
+//       optional fusion (cuBLASLt's GELU_AUX_BIAS, whose aux and bias have the output's
+//       type): pre = g's product + bias (bf16 bias[b * bias_stride + row], broadcast over
+//       the columns) in fp32, then bf16 act = gelu(pre) and bf16 aux = pre, both laid out
+//       as g's C (which is not written); false when not fused (the caller then runs the
+//       GEMM into C and the Thrust bias + GELU, keeping pre in fp32)
 //   auto policy();                               Thrust execution policy of its stream
 //   void Synchronize();
 #ifndef MOERUN_MODEL_EXPERT_MLP_DEVICE_H_
@@ -84,6 +86,7 @@ class DeviceExpertMlp {
     }
     fc1_bf16_ = Tensor::Zeros({el, m, d}, DType::kBF16, Ops::kDevice);
     fc2_bf16_ = Tensor::Zeros({el, d, m}, DType::kBF16, Ops::kDevice);
+    fc1_bias_bf16_ = Tensor::Zeros({el, m}, DType::kBF16, Ops::kDevice);
   }
 
   Ops& ops() { return ops_; }
@@ -108,6 +111,8 @@ class DeviceExpertMlp {
                                fc1_bf16_.numel());
     thrust_experts::CastToBF16(ops_.policy(), F(master_.fc2_weight), Bits(fc2_bf16_),
                                fc2_bf16_.numel());
+    thrust_experts::CastToBF16(ops_.policy(), F(master_.fc1_bias), Bits(fc1_bias_bf16_),
+                               fc1_bias_bf16_.numel());
   }
   void ZeroGradients() {
     for (Tensor* t : {&grads_.fc1_weight, &grads_.fc1_bias, &grads_.fc2_weight, &grads_.fc2_bias}) {
@@ -127,12 +132,17 @@ class DeviceExpertMlp {
     Ensure(&hidden_, {el_, r, m_}, DType::kF32);
     Ensure(&act_bf16_, {el_, r, m_}, DType::kBF16);
     Ensure(out, {el_, r, d_}, DType::kF32);
+    // The fused epilogue is the tanh GELU's only (cuBLASLt's GELU); its pre-activation is
+    // kept in bf16.
+    if (gelu_tanh_) Ensure(&hidden_bf16_, {el_, r, m_}, DType::kBF16);
     // hidden = in fc1^T ([r, d] x [d, m]) + bias; act = bf16(gelu(hidden)): one fused GEMM
     // where the backend has the epilogue (cuBLASLt's GELU_AUX_BIAS), else GEMM + kernel.
     const ColMajorGemm fc1 =
         RowMajorGemm(false, true, r, m_, d_, in.raw_data(), d_, r * d_, fc1_bf16_.raw_data(), d_,
                      m_ * d_, 0.0f, F(hidden_), m_, r * m_, el_);
-    if (!ops_.GemmBiasGelu(fc1, F(master_.fc1_bias), m_, gelu_tanh_, act_bf16_.raw_data())) {
+    fused_ = gelu_tanh_ && ops_.GemmBiasGelu(fc1, fc1_bias_bf16_.raw_data(), m_, gelu_tanh_,
+                                             act_bf16_.raw_data(), hidden_bf16_.raw_data());
+    if (!fused_) {
       ops_.Gemm(fc1);
       thrust_experts::BiasGeluForward(ops_.policy(), F(hidden_), F(master_.fc1_bias), el_, r, m_,
                                       gelu_tanh_, Bits(act_bf16_));
@@ -160,8 +170,13 @@ class DeviceExpertMlp {
     ops_.Gemm(RowMajorGemm(false, false, r, m_, d_, d_out_bf16_.raw_data(), d_, r * d_,
                            fc2_bf16_.raw_data(), m_, d_ * m_, 0.0f, F(d_act_), m_, r * m_, el_));
     // d hidden = d act * gelu'(hidden); d fc1 bias += its rows' sum.
-    thrust_experts::GeluBackward(ops_.policy(), F(hidden_), F(d_act_), d_act_.numel(), gelu_tanh_,
-                                 Bits(d_hidden_bf16_));
+    if (fused_) {
+      thrust_experts::GeluBackwardFromBF16(ops_.policy(), Bits(hidden_bf16_), F(d_act_),
+                                           d_act_.numel(), gelu_tanh_, Bits(d_hidden_bf16_));
+    } else {
+      thrust_experts::GeluBackward(ops_.policy(), F(hidden_), F(d_act_), d_act_.numel(), gelu_tanh_,
+                                   Bits(d_hidden_bf16_));
+    }
     thrust_experts::BiasGrad(ops_.policy(), F(d_act_), F(grads_.fc1_bias), el_, r, m_);
     // d fc1 [m, d] += d_hidden^T in; d in [r, d] = d_hidden fc1.
     ops_.Gemm(RowMajorGemm(true, false, m_, d_, r, d_hidden_bf16_.raw_data(), m_, r * m_,
@@ -229,9 +244,11 @@ class DeviceExpertMlp {
   bool gelu_tanh_;
   ExpertMlpParams master_, grads_;  // fp32
   Tensor fc1_bf16_, fc2_bf16_;      // bf16 weight copies
-  // Saved by Forward for Backward: the input, fc1 output + bias (pre-GELU, fp32), the bf16
-  // activation.
-  Tensor in_, hidden_, act_bf16_;
+  Tensor fc1_bias_bf16_;            // for the fused epilogue (its bias has the output's type)
+  // Saved by Forward for Backward: the input, fc1 output + bias (pre-GELU: fp32, or bf16
+  // when fused_), the bf16 activation.
+  Tensor in_, hidden_, hidden_bf16_, act_bf16_;
+  bool fused_ = false;
   Tensor d_out_bf16_, d_act_, d_hidden_bf16_;
   int64_t rows_ = 0;
 };

@@ -100,19 +100,18 @@ struct CublasOps {
     MOERUN_CUBLAS_CHECK(st);
   }
   // fc1 with cuBLASLt's GELU_AUX_BIAS epilogue: D = bf16 act = gelu(A B + bias), the aux
-  // output (g.c, fp32) = A B + bias, the pre-activation the backward needs. cuBLASLt's GELU
-  // is the tanh form, so the erf form is never fused. cublasLt.h gives the GELU aux (and
-  // the bias) the output's type (bf16 here) except for fp8 kernels, so cuBLASLt may refuse
-  // fp32 ones: not yet seen on a GPU. The first time cuBLASLt has no
-  // algorithm for the shapes or refuses the call, fusion is switched off for this MLP
-  // (logged once) and the caller's unfused GEMM + kernel run instead.
+  // output = bf16(A B + bias), the pre-activation the backward reads; the bias is bf16 too
+  // (cublasLt.h gives the GELU aux and the bias the output's type, fp8 kernels aside).
+  // cuBLASLt's GELU is the tanh form, so the erf form is never fused. The first time
+  // cuBLASLt has no algorithm for the shapes or refuses the call, fusion is switched off
+  // for this MLP (logged once per process) and the caller's unfused GEMM + kernel run.
   cublasLtHandle_t lt = nullptr;
   bool lt_disabled = false;
   Tensor lt_workspace;
   static constexpr size_t kLtWorkspaceBytes = 32u << 20;
 
-  bool GemmBiasGelu(const ColMajorGemm& g, const float* bias, int64_t bias_stride, bool tanh_form,
-                    void* act) {
+  bool GemmBiasGelu(const ColMajorGemm& g, const void* bias, int64_t bias_stride, bool tanh_form,
+                    void* act, void* aux) {
     if (!tanh_form || lt_disabled || lt == nullptr) return false;
     if (!lt_workspace.defined()) {
       lt_workspace =
@@ -129,16 +128,15 @@ struct CublasOps {
     };
     const cublasOperation_t ta = Op(g.trans_a), tb = Op(g.trans_b);
     const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
-    const int32_t f32 = CUDA_R_32F;
+    const int32_t bf16 = CUDA_R_16BF;
     set(CUBLASLT_MATMUL_DESC_TRANSA, ta);
     set(CUBLASLT_MATMUL_DESC_TRANSB, tb);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
     set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-    set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, f32);
+    set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, bf16);
     set(CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, bias_stride);
-    void* aux = g.c;
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
-    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, f32);
+    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, bf16);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.ldc);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE, g.stride_c);
     // Column-major layouts as stored: A is m x k (k x m transposed), B k x n (n x k).
