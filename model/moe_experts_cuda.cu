@@ -84,7 +84,7 @@ struct CublasOps {
         const_cast<const void* const*>(dev), CUDA_R_16BF, lda.data(),
         const_cast<const void* const*>(dev + n), CUDA_R_16BF, ldb.data(), beta.data(), dev + 2 * n,
         CUDA_R_32F, ldc.data(), n, size.data(), CUBLAS_COMPUTE_32F);
-    Synchronize();  // ptrs is freed on return
+    // ptrs is freed on return in stream order (after the GEMMs queued on the stream).
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
       static bool logged = false;
       if (!logged) {

@@ -25,7 +25,8 @@ class Backend {
 
   // Uninitialised, 64-byte aligned (CUDA: 256); nullptr when the device has no room.
   virtual void* Allocate(size_t bytes) = 0;
-  // `bytes` as passed to Allocate.
+  // `bytes` as passed to Allocate. In stream order: work already queued on this backend's
+  // stream that uses p still runs on valid memory (CUDA: cudaFreeAsync on the stream).
   virtual void Free(void* p, size_t bytes) = 0;
   virtual void SetZero(void* p, size_t bytes) = 0;
   // Copies on this backend's stream; CopyToHost returns when the bytes are on the host.
