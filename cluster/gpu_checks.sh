@@ -66,11 +66,16 @@ export OMP_WAIT_POLICY=passive GLOG_logtostderr=1
 # bench moe-layer's PyTorch peer and the reference scripts run with the machine's own
 # libraries (its LD_LIBRARY_PATH as it was: the driver may be found through it), not the
 # bundle's.
-if [ -n "$orig_ld" ]; then
-  printf '#!/bin/sh\nexec env -u OPAL_PREFIX LD_LIBRARY_PATH="%s" python3 "$@"\n' "$orig_ld"
-else
-  printf '#!/bin/sh\nexec env -u OPAL_PREFIX -u LD_LIBRARY_PATH python3 "$@"\n'
-fi >"$root/python3" && chmod +x "$root/python3"
+# The wrapper reads the saved value from the environment (no quoting of it into the script).
+export MOERUN_ORIG_LD_LIBRARY_PATH=$orig_ld
+cat >"$root/python3" <<'EOF'
+#!/bin/sh
+if [ -n "$MOERUN_ORIG_LD_LIBRARY_PATH" ]; then
+  exec env -u OPAL_PREFIX LD_LIBRARY_PATH="$MOERUN_ORIG_LD_LIBRARY_PATH" python3 "$@"
+fi
+exec env -u OPAL_PREFIX -u LD_LIBRARY_PATH python3 "$@"
+EOF
+chmod +x "$root/python3"
 export MOERUN_PYTHON=$root/python3
 moerun=$g/bin/moerun
 # Libraries that would not load: said first, in the summary.

@@ -445,7 +445,9 @@ def read_safetensors(path):
 
 def write_safetensors(tensors, path, metadata=None):
     """Writes name -> numpy array (float64/float32/int64/int32/uint8) as safetensors with
-    numpy alone: keys sorted, the header padded to 8 bytes, so a seed gives the same bytes."""
+    numpy alone, laid out as the safetensors package lays it out (data by dtype, widest
+    first in its order, then by name; header keys sorted, padded to 8 bytes), so the file
+    has the bytes of save_file + canonicalise_header."""
     import json
     import struct
     names = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<i8"): "I64",
@@ -453,15 +455,25 @@ def write_safetensors(tensors, path, metadata=None):
     header, chunks, offset = {}, [], 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    for name in sorted(tensors):
-        t = np.ascontiguousarray(tensors[name])
-        if t.dtype.newbyteorder("<") not in names:
-            raise ValueError(f"{name}: dtype {t.dtype} not supported")
-        raw = t.astype(t.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": names[t.dtype.newbyteorder("<")], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
+    # The package's Dtype declaration order (for the types written here); data goes in
+    # descending dtype, then name.
+    rank = {"U8": 0, "I32": 1, "F32": 2, "F64": 3, "I64": 4}
+
+    def key(name):
+        return (-rank[names[np.dtype(tensors[name].dtype).newbyteorder("<")]], name)
+
+    for name in tensors:
+        if np.dtype(tensors[name].dtype).newbyteorder("<") not in names:
+            raise ValueError(f"{name}: dtype {tensors[name].dtype} not supported")
+    entries = {}
+    for name in sorted(tensors, key=key):
+        t = np.asarray(tensors[name])  # 0-d stays 0-d (ascontiguousarray makes it 1-d)
+        raw = t.astype(t.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+        entries[name] = {"dtype": names[t.dtype.newbyteorder("<")], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
+    header.update(sorted(entries.items()))  # the header's keys by name
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * ((-len(text)) % 8)
     with open(path, "wb") as f:
@@ -776,7 +788,10 @@ def _main(argv):
     if a.selftest:
         return selftest()
     if a.case and a.write_result:
-        from safetensors.numpy import save_file
+        if _numpy_only():
+            save_file = write_safetensors
+        else:
+            from safetensors.numpy import save_file
         case = load_case(a.case)
         t0 = time.time()
         res = result_tensors(case, with_grads=not a.no_grads,

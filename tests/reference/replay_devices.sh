@@ -7,8 +7,10 @@
 #   replay_devices.sh build/moerun python3 /tmp/cases cpu cuda   (the GPU checks)
 #   replay_devices.sh build/moerun python3 /tmp/cases cpu cpu    (CI: the harness, and the
 #                                                                  CPU run against itself)
-# Cases missing from case_dir are made with make_case.py (which needs numpy and
-# safetensors); cluster/gpu_bundle.sh makes them ahead for hosts without safetensors.
+# Cases missing from case_dir are made with make_case.py (numpy; the safetensors package
+# where installed); each case's file name carries a hash of its arguments, so a changed case
+# is made anew. A backend's result is compared with the first backend's to 1e-4 of each
+# tensor's scale, and with the same backend's (run twice) exactly.
 # The small cases check every gradient against finite differences; the large ones (the
 # expert GEMMs at sizes where a device's kernels take their tiled paths) check the forward
 # against the reference and the gradients between backends.
@@ -33,18 +35,24 @@ fail() { echo "FAIL $*"; failed=$((failed + 1)); }
 replay() {
   local name=$1 check_args=$2
   shift 3
-  local case=$cases/$name.safetensors first="" dev log
+  local hash
+  hash=$(printf '%s ' "$@" | cksum | cut -d ' ' -f 1)
+  local case=$cases/$name.$hash.safetensors first="" first_dev="" dev log
   if [ ! -f "$case" ]; then
-    "$python" "$ref/make_case.py" --quiet --out "$case" "$@" >/dev/null ||
-      { fail "$name: make_case.py could not make the case (needs numpy and safetensors)"; return; }
+    # Written aside, then moved: an interrupted run leaves no half case behind.
+    "$python" "$ref/make_case.py" --quiet --out "$case.part" "$@" >/dev/null &&
+      mv "$case.part" "$case" ||
+      { fail "$name: make_case.py could not make the case"; return; }
   fi
   local i=0
   for dev in "${devices[@]}"; do
     i=$((i + 1))
     local res=$out/$name.$i.$dev.safetensors t0=$SECONDS
     # Each run under its own limit: one that hangs (a device that never answers) fails alone.
-    if ! log=$(timeout -k 5 "${REPLAY_TIMEOUT_S:-90}" "$moerun" replay-moe --case "$case" \
-      --out "$res" --device "$dev" 2>&1); then
+    # --foreground: in the caller's process group, so a timeout around this script (the GPU
+    # checks' step) reaches it too.
+    if ! log=$(timeout --foreground -k 5 "${REPLAY_TIMEOUT_S:-90}" "$moerun" replay-moe \
+      --case "$case" --out "$res" --device "$dev" 2>&1); then
       fail "$name on $dev: replay-moe failed:"; echo "$log" | tail -5
       continue
     fi
@@ -55,14 +63,16 @@ replay() {
     else
       fail "$name on $dev against the reference:"; echo "$log"
     fi
+    local tol=1e-4
+    [ "$dev" != "$first_dev" ] || tol=0  # the same backend twice: the same bits
     if [ -z "$first" ]; then
-      first=$res
-    elif log=$("$python" "$ref/compare_results.py" --a "$first" --b "$res" 2>&1); then
+      first=$res first_dev=$dev
+    elif log=$("$python" "$ref/compare_results.py" --a "$first" --b "$res" --tol "$tol" 2>&1); then
       passed=$((passed + 1))
-      echo "ok   $name: ${devices[0]} vs $dev: $(tail -n 1 <<<"$log")"
-      [ "$dev" = "${devices[0]}" ] || grep -E '^ok   (y|grad\.)' <<<"$log" | sed 's/^/       /'
+      echo "ok   $name: $first_dev vs $dev: $(tail -n 1 <<<"$log")"
+      [ "$dev" = "$first_dev" ] || grep -E '^ok   (y|grad\.)' <<<"$log" | sed 's/^/       /'
     else
-      fail "$name: ${devices[0]} vs $dev:"; echo "$log"
+      fail "$name: $first_dev vs $dev:"; echo "$log"
     fi
   done
 }

@@ -198,6 +198,19 @@ def main():
                        env=env, check=True, capture_output=True)
     with open(paths[0], "rb") as f0, open(paths[1], "rb") as f1:
         expect(f0.read() == f1.read(), "numpy-only make_case.py writes the same bytes")
+    # Several dtypes (a result file's F32 and I32, and F64, I64, U8): the package's layout.
+    mixed = dict(load_file(os.path.join(tmp, "bpr_noise_drops.result.safetensors")))
+    mixed.update({"z_f64": np.arange(3.0), "a_i64": np.arange(2, dtype=np.int64),
+                  "m_u8": np.arange(5, dtype=np.uint8)})
+    want_path, got_path = (os.path.join(tmp, f"mixed{i}.safetensors") for i in (0, 1))
+    save_file(mixed, want_path, metadata={"k": "2", "a": "x"})
+    sys.path.insert(0, HERE)
+    import make_case  # noqa: E402
+    make_case.canonicalise_header(want_path)
+    ref.write_safetensors(mixed, got_path, metadata={"k": "2", "a": "x"})
+    with open(want_path, "rb") as f0, open(got_path, "rb") as f1:
+        expect(f0.read() == f1.read(), "write_safetensors == save_file + canonicalise_header "
+                                       "with five dtypes and metadata")
     res = os.path.join(tmp, "bpr_noise_drops.result.safetensors")
     for path in (paths[0], res):
         want = load_file(path)
