@@ -1,5 +1,6 @@
 // The nvcc-built routing kernels (model/routing_cuda.cu) on a CUDA device against the CPU
-// reference, bit for bit. Without a GPU every test is skipped with "skipped: no GPU".
+// reference, bit for bit, and the backend-op table (tests/op_cases.h) on the real CUDA
+// table against the CPU table. Without a GPU every test is skipped with "skipped: no GPU".
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -11,9 +12,12 @@
 #include "comm/loopback_communicator.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_plan.h"
+#include "model/ops.h"
+#include "model/ops_cuda.h"
 #include "model/routing.h"
 #include "model/routing_cuda.h"
 #include "runtime/tensor.h"
+#include "tests/op_cases.h"
 
 namespace moerun {
 namespace {
@@ -148,6 +152,44 @@ TEST(CudaRouting, RowsPackAndCombineMatchTheCpuReference) {
                   static_cast<void*>(d_out)}) {
     cudaFree(p);
   }
+}
+
+// The backend-op table on the GPU: every case of tests/op_cases.h through the CUDA table
+// (cuBLAS, the Thrust kernels built by nvcc, the composed attention) against the CPU table,
+// the case buffers in managed memory. Device math (expf, erff, rsqrtf, cuBLAS's order)
+// differs from the host's in the last bits, so every case gets at least 2e-5 of its
+// output's largest magnitude; indices and slots (exact integers) still have to match. Each
+// case's worst error is printed, for the record.
+TEST(CudaOpsTable, EveryCaseMatchesTheCpuTable) {
+  if (!HaveGpu()) {
+    std::printf("skipped: no GPU\n");
+    GTEST_SKIP() << "skipped: no GPU";
+  }
+  RegisterCudaOps();
+  const OpsTable& cuda = Ops(Device::kCUDA);
+  const OpsTable& cpu = Ops(Device::kCPU);
+  op_cases::g_case_alloc = [](size_t bytes) -> void* {
+    void* p = nullptr;
+    return cudaMallocManaged(&p, bytes) == cudaSuccess ? p : nullptr;
+  };
+  op_cases::g_case_free = [](void* p) { cudaFree(p); };
+  op_cases::g_case_sync = [] { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); };
+  std::vector<op_cases::OpCase> cases = op_cases::OpCases();
+  for (op_cases::OpCase& c : op_cases::AttentionCases()) cases.push_back(std::move(c));
+  for (const op_cases::OpCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::vector<float> want = c.run(cpu);
+    const std::vector<float> got = c.run(cuda);
+    ASSERT_EQ(want.size(), got.size());
+    float worst = 0;
+    for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(want[i] - got[i]));
+    std::printf("%-48s max |cuda - cpu| / max(1, max |cpu|) = %.3g%s\n", c.name.c_str(),
+                worst / std::max(1.0f, op_cases::MaxAbs(want)), worst == 0 ? " (bit for bit)" : "");
+    op_cases::ExpectClose(want, got, std::max(c.tol, 2e-5f));
+  }
+  op_cases::g_case_alloc = [](size_t bytes) { return std::malloc(bytes); };
+  op_cases::g_case_free = [](void* p) { std::free(p); };
+  op_cases::g_case_sync = [] {};
 }
 
 }  // namespace

@@ -46,9 +46,15 @@
 #include "runtime/optimizer.h"
 #include "runtime/tensor.h"
 #include "runtime/trainer.h"
+#include "tests/op_cases.h"
 
 namespace moerun {
 namespace {
+
+using op_cases::ExpectClose;
+using op_cases::MaxAbs;
+using op_cases::OpCase;
+using op_cases::OpCases;
 
 struct Case {
   int64_t tokens;
@@ -506,166 +512,6 @@ TEST(ThrustOptimizer, AdamWMatchesTheCpuOptimizerBitForBit) {
   }
 }
 
-// --- model/ops.h's table: every entry of the Thrust table (the CUDA table's kernels, run
-// on the host) against the CPU table, like ggml's test-backend-ops. Each case runs one op
-// on fresh copies of the same inputs through both tables and compares every output:
-// bitwise (tolerance 0) where both follow one order with one libm, else within `tol`
-// relative to the output's largest magnitude.
-struct OpCase {
-  std::string name;
-  float tol;
-  // Runs the op through `t`; returns its outputs, concatenated.
-  std::function<std::vector<float>(const OpsTable& t)> run;
-};
-
-std::vector<float> Cat(std::initializer_list<const std::vector<float>*> parts) {
-  std::vector<float> all;
-  for (const std::vector<float>* p : parts) all.insert(all.end(), p->begin(), p->end());
-  return all;
-}
-
-std::vector<float> AsFloats(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }
-
-std::vector<OpCase> OpCases() {
-  std::vector<OpCase> cases;
-  const int64_t rows = 37, cols = 70, n = rows * cols;
-  cases.push_back({"router_gemm", 0, [=](const OpsTable& t) {
-                     // 19 columns: two blocks of the CPU's 8-column kernel and 3 alone.
-                     std::vector<float> a = Normal(rows * 45, 1, 1), b = Normal(19 * 45, 1, 2),
-                                        c(rows * 19);
-                     t.router_gemm(a.data(), b.data(), c.data(), rows, 19, 45);
-                     return c;
-                   }});
-  cases.push_back({"add_bias", 0, [=](const OpsTable& t) {
-                     std::vector<float> y = Normal(n, 1, 3), b = Normal(cols, 1, 4);
-                     t.add_bias(y.data(), b.data(), rows, cols);
-                     return y;
-                   }});
-  cases.push_back({"bias_backward", 0, [=](const OpsTable& t) {
-                     std::vector<float> dy = Normal(n, 1, 5), db(cols, 0.0f);
-                     t.bias_backward(dy.data(), db.data(), rows, cols);
-                     return db;
-                   }});
-  cases.push_back({"add", 0, [=](const OpsTable& t) {
-                     std::vector<float> a = Normal(n, 1, 6), b = Normal(n, 1, 7), y(n);
-                     t.add(a.data(), b.data(), y.data(), n);
-                     return y;
-                   }});
-  cases.push_back({"axpy", 0, [=](const OpsTable& t) {
-                     std::vector<float> x = Normal(n, 1, 8), y = Normal(n, 1, 9);
-                     t.axpy(-0.375f, x.data(), y.data(), n);
-                     return y;
-                   }});
-  // A parallel double sum in another order: equal to float precision, not bitwise.
-  cases.push_back({"sum_of_squares", 1e-7f, [=](const OpsTable& t) {
-                     const std::vector<float> x = Normal(300000, 1, 27);
-                     return std::vector<float>{
-                         static_cast<float>(t.sum_of_squares(x.data(), 300000) / 300000),
-                         static_cast<float>(t.sum_of_squares(x.data(), 0))};
-                   }});
-  cases.push_back({"softmax_forward/backward", 0, [=](const OpsTable& t) {
-                     std::vector<float> x = Normal(n, 4, 10), y(n), dy = Normal(n, 1, 11), dx(n);
-                     t.softmax_forward(x.data(), y.data(), rows, cols);
-                     t.softmax_backward(y.data(), dy.data(), dx.data(), rows, cols);
-                     return Cat({&y, &dx});
-                   }});
-  cases.push_back({"layer_norm_forward/backward", 0, [=](const OpsTable& t) {
-                     std::vector<float> x = Normal(n, 3, 12), g = Normal(cols, 1, 13),
-                                        b = Normal(cols, 1, 14), y(n), mean(rows), rstd(rows);
-                     t.layer_norm_forward(x.data(), g.data(), b.data(), y.data(), mean.data(),
-                                          rstd.data(), rows, cols, 1e-6f);
-                     std::vector<float> dy = Normal(n, 1, 15), dx(n), dg = Normal(cols, 1, 16),
-                                        dbeta = Normal(cols, 1, 17);
-                     t.layer_norm_backward(x.data(), g.data(), mean.data(), rstd.data(), dy.data(),
-                                           dx.data(), dg.data(), dbeta.data(), rows, cols);
-                     return Cat({&y, &mean, &rstd, &dx, &dg, &dbeta});
-                   }});
-  for (bool tanh_form : {false, true}) {
-    // The CPU GELUs use vectorised exp / erf approximations (runtime/kernels.h).
-    cases.push_back({tanh_form ? "gelu tanh" : "gelu erf", 2e-6f, [=](const OpsTable& t) {
-                       std::vector<float> x = Normal(n, 3, 18), y(n), dy = Normal(n, 1, 19);
-                       t.gelu_forward(x.data(), y.data(), n, tanh_form);
-                       t.gelu_backward(x.data(), dy.data(), dy.data(), n, tanh_form);
-                       return Cat({&y, &dy});
-                     }});
-  }
-  for (bool tanh_form : {false, true}) {
-    cases.push_back({tanh_form ? "bias_gelu_forward/gelu_bias_backward tanh"
-                               : "bias_gelu_forward/gelu_bias_backward erf",
-                     2e-6f, [=](const OpsTable& t) {
-                       std::vector<float> h = Normal(n, 3, 28), b = Normal(cols, 1, 29), act(n),
-                                          d = Normal(n, 1, 30), db = Normal(cols, 1, 31);
-                       t.bias_gelu_forward(h.data(), b.data(), act.data(), rows, cols, tanh_form);
-                       t.gelu_bias_backward(h.data(), d.data(), db.data(), rows, cols, tanh_form);
-                       return Cat({&h, &act, &d, &db});
-                     }});
-  }
-  // Mod-Squad's attention heads: 3 sequences of 9 tokens, k = 2, some choices dropped.
-  cases.push_back({"choice_attention_forward/backward", 0, [](const OpsTable& t) {
-                     const int64_t tokens = 27, k = 2, dh = 8, seq = 9;
-                     std::vector<float> q = Normal(tokens * k * dh, 1, 20),
-                                        kv = Normal(tokens * 2 * dh, 1, 21),
-                                        probs(tokens * k * seq, -1.0f), out(tokens * k * dh, -1.0f);
-                     std::vector<int32_t> row(tokens * k);
-                     for (int64_t i = 0; i < tokens * k; ++i) row[i] = i % 5 == 3 ? -1 : i;
-                     t.choice_attention_forward(q.data(), kv.data(), row.data(), tokens, k, dh, seq,
-                                                probs.data(), out.data());
-                     std::vector<float> d_out = Normal(tokens * k * dh, 1, 22),
-                                        d_q(tokens * k * dh, -1.0f), d_kv(tokens * 2 * dh, -1.0f);
-                     t.choice_attention_backward(q.data(), kv.data(), row.data(), probs.data(),
-                                                 d_out.data(), tokens, k, dh, seq, d_q.data(),
-                                                 d_kv.data());
-                     return Cat({&probs, &out, &d_q, &d_kv});
-                   }});
-  cases.push_back({"top_k", 0, [](const OpsTable& t) {
-                     const int64_t tokens = 50;
-                     std::vector<float> g = Normal(tokens * 8, 1, 23), w(tokens * 2);
-                     for (int64_t i = 0; i < tokens * 8; i += 3) g[i] = 0.5f;  // ties
-                     std::vector<int32_t> idx(tokens * 2);
-                     t.top_k(g.data(), tokens, 8, 2, idx.data(), w.data());
-                     std::vector<float> i = AsFloats(idx);
-                     return Cat({&i, &w});
-                   }});
-  cases.push_back({"pack_rows/combine_rows/combine_rows_backward", 0, [](const OpsTable& t) {
-                     const int64_t tokens = 20, k = 2, w = 6, buf_rows = 48;
-                     std::vector<int32_t> row(tokens * k);  // distinct rows, some dropped
-                     for (int64_t i = 0; i < tokens * k; ++i) row[i] = i % 7 == 2 ? -1 : i + 3;
-                     std::vector<float> x = Normal(tokens * w, 1, 24), buf(buf_rows * w, 9.0f);
-                     t.pack_rows(row.data(), x.data(), tokens, k, w, buf.data(), buf_rows);
-                     std::vector<float> weight = Normal(tokens * k, 1, 25), out(tokens * w);
-                     t.combine_rows(buf.data(), row.data(), weight.data(), tokens, k, w,
-                                    out.data());
-                     std::vector<float> dy = Normal(tokens * w, 1, 26), d_buf(buf_rows * w, 9.0f),
-                                        d_weight(tokens * k);
-                     t.combine_rows_backward(buf.data(), row.data(), weight.data(), dy.data(),
-                                             tokens, k, w, d_buf.data(), buf_rows, d_weight.data());
-                     return Cat({&buf, &out, &d_buf, &d_weight});
-                   }});
-  return cases;
-}
-
-float MaxAbs(const std::vector<float>& v) {
-  float m = 0;
-  for (float x : v) m = std::max(m, std::fabs(x));
-  return m;
-}
-
-void ExpectClose(const std::vector<float>& want, const std::vector<float>& got, float tol) {
-  ASSERT_EQ(want.size(), got.size());
-  if (tol == 0) {
-    for (size_t i = 0; i < want.size(); ++i) {
-      ASSERT_EQ(0, std::memcmp(&want[i], &got[i], sizeof(float)))
-          << "not bit for bit at element " << i << " of " << want.size() << ": " << want[i]
-          << " vs " << got[i];
-    }
-    return;
-  }
-  const float bound = tol * std::max(1.0f, MaxAbs(want));
-  for (size_t i = 0; i < want.size(); ++i) {
-    ASSERT_NEAR(want[i], got[i], bound) << "element " << i;
-  }
-}
-
 OpsTable HostThrustTable() {
   OpsTable t = thrust_dense::ThrustOps<std::decay_t<decltype(thrust::device)>>::Table("thrust");
   t.gemm = &Gemm;  // cuBLAS on a GPU; OpenBLAS here
@@ -681,6 +527,14 @@ TEST(OpsTable, EveryThrustEntryMatchesTheCpuTable) {
     const std::vector<float> want = c.run(cpu);
     EXPECT_GT(MaxAbs(want), 0.0f);
     ExpectClose(want, c.run(thrust_table), c.tol);
+  }
+  // The cases for the device's own entries, over the CPU table here (the CUDA test runs
+  // them on the GPU): they run, and their outputs are not all zero.
+  for (const OpCase& c : op_cases::AttentionCases()) {
+    SCOPED_TRACE(c.name);
+    const std::vector<float> want = c.run(cpu);
+    EXPECT_GT(MaxAbs(want), 0.0f);
+    ExpectClose(want, c.run(cpu), 0);
   }
   // Every entry the CUDA table takes from ThrustOps is covered by a case above.
   const OpsTable bare = thrust_dense::ThrustOps<std::decay_t<decltype(thrust::device)>>::Table("x");
