@@ -13,6 +13,7 @@
 
 #include "model/ops.h"
 #include "model/vit_spec.h"
+#include "runtime/backend.h"
 #include "runtime/kernels.h"
 #include "runtime/process.h"
 
@@ -297,6 +298,9 @@ bool Trainer::UpdateIfFinite(StepStats* stats) {
   {
     ScopedTimer timer(&time_split_.optimizer);
     optimizer_->Step(step_, ClipCoefficient(st.grad_norm, config_.train().clip_grad_norm()));
+    // On a device the update is only queued: wait for it, so that its time is the
+    // optimizer's and not the next step's first op's.
+    if (device_ != Device::kCPU) RequireBackend(device_).Synchronize();
   }
   ++time_split_.steps;
   ++step_;
