@@ -166,10 +166,10 @@ void LoadLossBackward(const LoadLossState& state, const float* z, const float* z
   // dLoss/dP per expert, the same for every token (as the product's leading factors).
   std::vector<double> coef(e_count);
   for (int64_t e = 0; e < e_count; ++e) coef[e] = scale * dload[e] / tokens * kInvSqrt2Pi;
-    // Each token's gradient touches its own row only.
 #pragma omp parallel if (tokens * e_count > 16384)
   {
     std::vector<double> u(e_count), phi(e_count);
+    // Each token's gradient touches its own row only.
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < tokens; ++s) {
       const double tau = z_noisy[s * e_count + kth[s]];

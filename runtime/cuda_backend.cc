@@ -72,17 +72,8 @@ class CudaBackend final : public Backend {
   Device device() const override { return Device::kCUDA; }
   std::string Describe() const override { return description_; }
   void* Allocate(size_t bytes) override {
-    void* p = nullptr;
-    if (!pools_) {
-      if (cudaMalloc(&p, std::max<size_t>(bytes, 1)) != cudaSuccess) {
-        cudaGetLastError();
-        return nullptr;  // out of memory, reported by the caller
-      }
-      Count(bytes);
-      return p;
-    }
-    if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
-      cudaGetLastError();  // not sticky: clear it
+    void* p = TryAllocate(bytes);
+    if (p == nullptr && pools_) {
       // The pool keeps what was freed (release threshold: all), which allocations outside
       // it (cuBLAS workspaces, NCCL buffers, Thrust temporaries) cannot use, nor a request
       // larger than its free blocks: hand the unused memory back and try once more.
@@ -90,12 +81,13 @@ class CudaBackend final : public Backend {
       cudaMemPool_t pool;
       MOERUN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
       MOERUN_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
-      if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
-        cudaGetLastError();
-        return nullptr;  // out of memory, reported by the caller
-      }
+      p = TryAllocate(bytes);
     }
-    Count(bytes);
+    if (p == nullptr) return nullptr;  // out of memory, reported by the caller
+    const size_t now = allocated_.fetch_add(bytes) + bytes;
+    size_t peak = peak_.load();
+    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+    }
     return p;
   }
   void Free(void* p, size_t bytes) override {
@@ -143,11 +135,16 @@ class CudaBackend final : public Backend {
   size_t peak_allocated_bytes() const override { return peak_.load(); }
 
  private:
-  void Count(size_t bytes) {
-    const size_t now = allocated_.fetch_add(bytes) + bytes;
-    size_t peak = peak_.load();
-    while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+  // From the stream-ordered pool, or cudaMalloc without one; nullptr when it fails (the
+  // error is not sticky: cleared).
+  void* TryAllocate(size_t bytes) {
+    void* p = nullptr;
+    const size_t n = std::max<size_t>(bytes, 1);
+    if ((pools_ ? cudaMallocAsync(&p, n, stream_) : cudaMalloc(&p, n)) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
     }
+    return p;
   }
 
   int device_;

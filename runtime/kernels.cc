@@ -386,16 +386,11 @@ struct GeluErfForm {
                                      v16::Exp(_mm512_mul_ps(_mm512_mul_ps(v16::Set(-0.5f), v), v)));
     return _mm512_fmadd_ps(v, pdf, cdf);
   }
-  // At and GradAt with one erf: the same operations, so the same bits as the two.
+  // Both, for the forward that keeps the slope: the same expressions, so the same bits; the
+  // compiler computes their shared erf once (one division per vector in the object code).
   static void AtAndGrad(__m512 v, __m512* at, __m512* grad) {
-    const __m512 half = v16::Set(0.5f);
-    const __m512 hv = _mm512_mul_ps(half, v);
-    const __m512 erf = v16::Erf(_mm512_mul_ps(v, v16::Set(kInvSqrt2)));
-    *at = _mm512_fmadd_ps(hv, erf, hv);
-    const __m512 cdf = _mm512_fmadd_ps(half, erf, half);
-    const __m512 pdf = _mm512_mul_ps(v16::Set(kInvSqrt2Pi),
-                                     v16::Exp(_mm512_mul_ps(_mm512_mul_ps(v16::Set(-0.5f), v), v)));
-    *grad = _mm512_fmadd_ps(v, pdf, cdf);
+    *at = At(v);
+    *grad = GradAt(v);
   }
 };
 struct GeluTanhForm {
@@ -415,15 +410,8 @@ struct GeluTanhForm {
     return _mm512_fmadd_ps(slope, du, _mm512_fmadd_ps(half, t, half));
   }
   static void AtAndGrad(__m512 v, __m512* at, __m512* grad) {
-    const __m512 half = v16::Set(0.5f);
-    const __m512 hv = _mm512_mul_ps(half, v);
-    const __m512 t = v16::TanhOfGeluArg(v);
-    *at = _mm512_fmadd_ps(hv, t, hv);
-    const __m512 du = _mm512_mul_ps(
-        v16::Set(kGeluC),
-        _mm512_fmadd_ps(_mm512_mul_ps(v16::Set(3.0f * kGeluA), v), v, v16::Set(1.0f)));
-    const __m512 slope = _mm512_mul_ps(hv, _mm512_fnmadd_ps(t, t, v16::Set(1.0f)));
-    *grad = _mm512_fmadd_ps(slope, du, _mm512_fmadd_ps(half, t, half));
+    *at = At(v);
+    *grad = GradAt(v);
   }
 };
 // The "form" of a slope already computed (BiasGeluForwardKeepGrad's): GradAt is the value.
