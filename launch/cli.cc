@@ -45,8 +45,8 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
          if (v != "cpu" && v != "cuda") throw po::error("--device " + v + ": use cpu or cuda");
        }),
        "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
-       "backend built and a visible GPU; `train` and `eval` (V-MoE and Mod-Squad), `dry-run` and "
-       "`bench moe-layer` so far)")  //
+       "backend built and a visible GPU; `train` and `eval` (V-MoE and Mod-Squad), `dry-run`, "
+       "`replay-moe` and `bench moe-layer` so far)")  //
       ("help,h", "show this help");
 }
 
