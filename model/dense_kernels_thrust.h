@@ -162,70 +162,78 @@ struct ChoiceAttentionBackwardFunctor {
 
 using thrust_experts::ForIndices;
 
-// OpsTable entries over `Policy` (thrust::device's type: the CUDA device under nvcc, the
-// host under THRUST_DEVICE_SYSTEM_CPP). GEMMs and self-attention are not here: the CUDA
-// table takes cuBLAS and the composed attention (ops.h), the host tests OpenBLAS.
-template <typename Policy>
+// thrust::device, the policy of the host build (THRUST_DEVICE_SYSTEM_CPP: the tests' table).
+struct DevicePolicySource {
+  static auto Get() { return thrust::device; }
+};
+
+// OpsTable entries over the execution policy `PolicySource::Get()` returns at each call
+// (the tests': DevicePolicySource; the CUDA table's: its backend's stream without a host
+// wait, model/ops_cuda.cu). GEMMs and self-attention are not here: the CUDA table takes
+// cuBLAS and the composed attention (ops.h), the host tests OpenBLAS.
+template <typename PolicySource>
 struct ThrustOps {
   static void RouterGemm(const float* a, const float* b, float* c, int64_t rows, int64_t n,
                          int64_t k) {
-    ForIndices(Policy(), rows * n, RouterGemmFunctor{a, b, c, n, k});
+    ForIndices(PolicySource::Get(), rows * n, RouterGemmFunctor{a, b, c, n, k});
   }
   static void AddBias(float* y, const float* bias, int64_t rows, int64_t cols) {
-    thrust_experts::AddBias(Policy(), y, bias, 1, rows, cols);
+    thrust_experts::AddBias(PolicySource::Get(), y, bias, 1, rows, cols);
   }
   static void BiasBackward(const float* dy, float* dbias, int64_t rows, int64_t cols) {
-    thrust_experts::BiasGrad(Policy(), dy, dbias, 1, rows, cols);
+    thrust_experts::BiasGrad(PolicySource::Get(), dy, dbias, 1, rows, cols);
   }
   static void Add(const float* a, const float* b, float* y, int64_t n) {
-    ForIndices(Policy(), n, AddFunctor{a, b, y});
+    ForIndices(PolicySource::Get(), n, AddFunctor{a, b, y});
   }
   static void Axpy(float alpha, const float* x, float* y, int64_t n) {
-    ForIndices(Policy(), n, AxpyFunctor{alpha, x, y});
+    ForIndices(PolicySource::Get(), n, AxpyFunctor{alpha, x, y});
   }
   static double SumOfSquares(const float* x, int64_t n) {
     if (n <= 0) return 0.0;
-    return thrust::transform_reduce(Policy(), x, x + n, SquareFunctor{}, 0.0,
+    return thrust::transform_reduce(PolicySource::Get(), x, x + n, SquareFunctor{}, 0.0,
                                     thrust::plus<double>());
   }
   static void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
-    ForIndices(Policy(), rows, SoftmaxRowFunctor{x, y, cols});
+    ForIndices(PolicySource::Get(), rows, SoftmaxRowFunctor{x, y, cols});
   }
   static void SoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows,
                               int64_t cols) {
-    ForIndices(Policy(), rows, SoftmaxBackwardRowFunctor{y, dy, dx, cols});
+    ForIndices(PolicySource::Get(), rows, SoftmaxBackwardRowFunctor{y, dy, dx, cols});
   }
   static void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
                                float* mean, float* rstd, int64_t rows, int64_t cols, float eps) {
-    ForIndices(Policy(), rows, LayerNormRowFunctor{x, gamma, beta, y, mean, rstd, cols, eps});
+    ForIndices(PolicySource::Get(), rows,
+               LayerNormRowFunctor{x, gamma, beta, y, mean, rstd, cols, eps});
   }
   static void LayerNormBackward(const float* x, const float* gamma, const float* mean,
                                 const float* rstd, const float* dy, float* dx, float* dgamma,
                                 float* dbeta, int64_t rows, int64_t cols) {
-    ForIndices(Policy(), rows, LayerNormBackwardRowFunctor{x, gamma, mean, rstd, dy, dx, cols});
-    ForIndices(Policy(), cols,
+    ForIndices(PolicySource::Get(), rows,
+               LayerNormBackwardRowFunctor{x, gamma, mean, rstd, dy, dx, cols});
+    ForIndices(PolicySource::Get(), cols,
                LayerNormParamGradFunctor{x, mean, rstd, dy, dgamma, dbeta, rows, cols});
   }
   static void GeluForward(const float* x, float* y, int64_t n, bool tanh_form) {
-    ForIndices(Policy(), n, GeluFunctor{x, y, tanh_form});
+    ForIndices(PolicySource::Get(), n, GeluFunctor{x, y, tanh_form});
   }
   static void GeluBackward(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form) {
-    ForIndices(Policy(), n, GeluGradFunctor{x, dy, dx, tanh_form});
+    ForIndices(PolicySource::Get(), n, GeluGradFunctor{x, dy, dx, tanh_form});
   }
   static void BiasGeluForward(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
                               bool tanh_form) {
-    ForIndices(Policy(), rows * cols, BiasGeluF32Functor{h, bias, act, cols, tanh_form});
+    ForIndices(PolicySource::Get(), rows * cols, BiasGeluF32Functor{h, bias, act, cols, tanh_form});
   }
   static void GeluBiasBackward(const float* h, float* d, float* dbias, int64_t rows, int64_t cols,
                                bool tanh_form) {
-    ForIndices(Policy(), rows * cols, GeluGradFunctor{h, d, d, tanh_form});
-    thrust_experts::BiasGrad(Policy(), d, dbias, 1, rows, cols);
+    ForIndices(PolicySource::Get(), rows * cols, GeluGradFunctor{h, d, d, tanh_form});
+    thrust_experts::BiasGrad(PolicySource::Get(), d, dbias, 1, rows, cols);
   }
   static void ChoiceAttentionForward(const float* q, const float* kv, const int32_t* row,
                                      int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len,
                                      float* probs, float* out) {
     ForIndices(
-        Policy(), tokens * k,
+        PolicySource::Get(), tokens * k,
         ChoiceAttentionForwardFunctor{choice_attention::MakeShape(tokens, k, head_dim, seq_len), q,
                                       kv, row, probs, out});
   }
@@ -234,33 +242,33 @@ struct ThrustOps {
                                       int64_t k, int64_t head_dim, int64_t seq_len, float* d_q,
                                       float* d_kv) {
     ForIndices(
-        Policy(), tokens / seq_len,
+        PolicySource::Get(), tokens / seq_len,
         ChoiceAttentionBackwardFunctor{choice_attention::MakeShape(tokens, k, head_dim, seq_len), q,
                                        kv, row, probs, d_out, d_q, d_kv});
   }
   static void TopK(const float* gates, int64_t tokens, int num_experts, int k,
                    int32_t* expert_index, float* weight) {
-    thrust_routing::TopK(Policy(), gates, tokens, num_experts, k, expert_index, weight);
+    thrust_routing::TopK(PolicySource::Get(), gates, tokens, num_experts, k, expert_index, weight);
   }
   static void PackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
                        float* buf, int64_t buf_rows) {
-    thrust::fill_n(Policy(), buf, buf_rows * w, 0.0f);
-    thrust_routing::PackRows(Policy(), row, x, tokens, k, w, buf);
+    thrust::fill_n(PolicySource::Get(), buf, buf_rows * w, 0.0f);
+    thrust_routing::PackRows(PolicySource::Get(), row, x, tokens, k, w, buf);
   }
   static void CombineRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
                           int64_t k, int64_t w, float* out) {
-    thrust_routing::GatherKeptRows(Policy(), buf, row, weight, tokens, k, w, out);
+    thrust_routing::GatherKeptRows(PolicySource::Get(), buf, row, weight, tokens, k, w, out);
   }
   static void CombineRowsBackward(const float* buf, const int32_t* row, const float* weight,
                                   const float* dy, int64_t tokens, int64_t k, int64_t w,
                                   float* d_buf, int64_t buf_rows, float* d_weight) {
-    thrust::fill_n(Policy(), d_buf, buf_rows * w, 0.0f);
-    thrust_routing::GatherKeptRowsBackward(Policy(), buf, row, weight, dy, tokens, k, w, d_buf,
-                                           d_weight);
+    thrust::fill_n(PolicySource::Get(), d_buf, buf_rows * w, 0.0f);
+    thrust_routing::GatherKeptRowsBackward(PolicySource::Get(), buf, row, weight, dy, tokens, k, w,
+                                           d_buf, d_weight);
   }
   static void AdamW(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
                     void* v, int64_t n, bool bf16_moments) {
-    thrust_optim::AdamWStep(Policy(), s, decay, value, grad, m, v, n, bf16_moments);
+    thrust_optim::AdamWStep(PolicySource::Get(), s, decay, value, grad, m, v, n, bf16_moments);
   }
 
   // A table of these entries named `name`, without GEMMs or self-attention.

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "model/cuda_stream_policy.h"
 #include "model/expert_mlp_device.h"
 #include "model/moe_experts_cuda.h"
 #include "runtime/backend.h"
@@ -26,10 +27,6 @@ int I(int64_t v) {
 }
 
 cublasOperation_t Op(bool t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
-
-cudaStream_t BackendStream() {
-  return static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream());
-}
 
 // cuBLAS handle on the CUDA backend's stream; bf16 inputs, fp32 outputs and accumulation.
 struct CublasOps {

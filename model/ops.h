@@ -110,11 +110,6 @@ struct OpsTable {
   void (*expert_gemm)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                       float* c, int64_t ldc);
-  // Runs before each entry fetched through MOERUN_OP (null: nothing). The CUDA table's drains
-  // the backend's stream with its polling wait (runtime/device_wait.h): its Thrust ops end in
-  // a blocking sync on the legacy default stream, which would never return behind an NCCL
-  // kernel whose peer died; after the drain they wait only on their own kernels.
-  void (*before_op)();
 };
 
 // Self-attention composed from a table's batched GEMM and softmax entries (per sequence:
@@ -148,13 +143,11 @@ void RegisterBf16GemmOps(Device device, const OpsTable* table, const OpsTable* b
 bool HasBf16GemmOps(Device device);
 // The CPU table with bf16-operand GEMMs (what Ops(kCPU) is under SetBf16Gemms(true)).
 const OpsTable& CpuBf16GemmOps();
-// `table`'s entry `entry`, after the table's before_op; dies naming the op and the table
-// when it is null.
+// `table`'s entry `entry`; dies naming the op and the table when it is null.
 template <typename Fn>
 Fn OpEntry(const OpsTable& table, Fn OpsTable::*entry, const char* op) {
   CHECK(table.*entry != nullptr) << "op " << op << " is not implemented on " << table.name
                                  << " yet";
-  if (table.before_op != nullptr) table.before_op();
   return table.*entry;
 }
 // MOERUN_OP(ops, gemm)(...): the checked call of one entry.

@@ -1,13 +1,13 @@
 // The CUDA ops table: cuBLAS fp32 GEMMs on the backend's stream, the composed
-// self-attention, model/dense_kernels_thrust.h's kernels on the device.
+// self-attention, model/dense_kernels_thrust.h's kernels on the device (the same stream).
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <thrust/execution_policy.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "model/adamw_cuda.h"
+#include "model/cuda_stream_policy.h"
 #include "model/dense_kernels_thrust.h"
 #include "model/moe_experts_cuda.h"
 #include "model/ops.h"
@@ -115,11 +115,20 @@ void CudaAttentionBackward(const float* qkv, const float* probs, const float* do
   // scratch is freed in stream order on return (see CudaBf16GemmStridedBatched).
 }
 
-using DevicePolicy = std::decay_t<decltype(thrust::device)>;
+// The one entry whose result comes back to the host: drained first, so the reduction's own
+// wait finds only its kernels on the stream; its temporaries come from the backend's pool.
+double CudaSumOfSquares(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  DrainCudaBackendStream();
+  BackendTempAllocator alloc;
+  return thrust::transform_reduce(thrust::cuda::par_nosync(alloc).on(BackendStream()), x, x + n,
+                                  thrust_dense::SquareFunctor{}, 0.0, thrust::plus<double>());
+}
 
 OpsTable MakeCudaTable() {
-  OpsTable t = thrust_dense::ThrustOps<DevicePolicy>::Table("cuda");
-  t.before_op = &DrainCudaBackendStream;
+  // Every other entry only queues on the backend's stream (model/cuda_stream_policy.h).
+  OpsTable t = thrust_dense::ThrustOps<BackendStreamPolicy>::Table("cuda");
+  t.sum_of_squares = &CudaSumOfSquares;
   t.gemm = &CudaGemm;
   t.gemm_strided_batched = &CudaGemmStridedBatched;
   t.attention_forward = &CudaAttentionForward;

@@ -10,10 +10,10 @@ namespace moerun {
 void RegisterCudaOps();
 
 // Waits for the CUDA backend's stream with its polling wait (runtime/device_wait.h). Run
-// before thrust::device algorithms: they end in a blocking sync on the legacy default stream,
-// which waits for the backend's (blocking) stream, where NCCL collectives are queued; behind
-// one whose peer died that sync would never return. After the drain, Thrust waits only on its
-// own kernels. The CUDA ops table's before_op.
+// before a Thrust algorithm that hands a value back to the host (a reduction, copy_if's
+// count): it ends in a blocking wait on its stream, where NCCL collectives are queued, and
+// behind one whose peer died that wait would never return. After the drain it waits only on
+// its own kernels. Algorithms that only queue (model/cuda_stream_policy.h) need no drain.
 void DrainCudaBackendStream();
 
 }  // namespace moerun

@@ -1,15 +1,17 @@
-// nvcc instantiation of the Thrust routing kernels for CUDA devices.
+// nvcc instantiation of the Thrust routing kernels for CUDA devices, on the backend's stream
+// without host waits (model/cuda_stream_policy.h). AssignSlots alone waits: its copy_if
+// hands a count back to the host, so it drains the stream first with the backend's polling
+// wait, and its sorts' temporaries come from the backend's pool.
 #include <thrust/device_vector.h>
 #include <thrust/execution_policy.h>
 
+#include "model/cuda_stream_policy.h"
 #include "model/ops_cuda.h"
 #include "model/routing_cuda.h"
 #include "model/routing_thrust.h"
 #include "runtime/backend.h"
 
 namespace moerun {
-// Each entry point drains the backend's stream first (DrainCudaBackendStream: thrust::device
-// ends in a blocking sync).
 
 struct CudaRoutingScratch::Impl {
   thrust::device_vector<int32_t> order, keys, rank, cumulative;
@@ -22,8 +24,8 @@ CudaRoutingScratch::~CudaRoutingScratch() = default;
 
 void CudaTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
               float* weight) {
-  DrainCudaBackendStream();
-  thrust_routing::TopK(thrust::device, gates, tokens, num_experts, k, expert_index, weight);
+  thrust_routing::TopK(BackendStreamPolicy::Get(), gates, tokens, num_experts, k, expert_index,
+                       weight);
 }
 
 void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
@@ -31,36 +33,35 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
                      const uint8_t* routed, CudaRoutingScratch* scratch) {
   DrainCudaBackendStream();
   CudaRoutingScratch::Impl& s = *scratch->impl();
-  thrust_routing::AssignSlots(thrust::device, expert_index, weight, tokens, num_experts, k, bpr,
-                              slot, load, routed, s.order, s.keys, s.rank, s.visit, s.keys_w,
-                              s.cumulative);
+  BackendTempAllocator alloc;
+  // The scratch vectors grow (cudaMalloc, and their construction on the legacy default
+  // stream, which the backend's blocking stream is ordered with) only past their largest size.
+  thrust_routing::AssignSlots(thrust::cuda::par_nosync(alloc).on(BackendStream()), expert_index,
+                              weight, tokens, num_experts, k, bpr, slot, load, routed, s.order,
+                              s.keys, s.rank, s.visit, s.keys_w, s.cumulative);
 }
 
 void CudaPlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
                   int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row) {
-  DrainCudaBackendStream();
-  thrust_routing::PlanRows(thrust::device, expert_index, slot, tokens, k, group_size, capacity,
-                           rows_per_expert, row);
+  thrust_routing::PlanRows(BackendStreamPolicy::Get(), expert_index, slot, tokens, k, group_size,
+                           capacity, rows_per_expert, row);
 }
 
 void CudaPackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
                   float* buf) {
-  DrainCudaBackendStream();
-  thrust_routing::PackRows(thrust::device, row, x, tokens, k, w, buf);
+  thrust_routing::PackRows(BackendStreamPolicy::Get(), row, x, tokens, k, w, buf);
 }
 
 void CudaGatherKeptRows(const float* buf, const int32_t* row, const float* weight, int64_t tokens,
                         int64_t k, int64_t w, float* out) {
-  DrainCudaBackendStream();
-  thrust_routing::GatherKeptRows(thrust::device, buf, row, weight, tokens, k, w, out);
+  thrust_routing::GatherKeptRows(BackendStreamPolicy::Get(), buf, row, weight, tokens, k, w, out);
 }
 
 void CudaGatherKeptRowsBackward(const float* buf, const int32_t* row, const float* weight,
                                 const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
                                 float* d_weight) {
-  DrainCudaBackendStream();
-  thrust_routing::GatherKeptRowsBackward(thrust::device, buf, row, weight, dy, tokens, k, w, d_buf,
-                                         d_weight);
+  thrust_routing::GatherKeptRowsBackward(BackendStreamPolicy::Get(), buf, row, weight, dy, tokens,
+                                         k, w, d_buf, d_weight);
 }
 
 }  // namespace moerun

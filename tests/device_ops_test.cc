@@ -510,7 +510,7 @@ TEST(ThrustOptimizer, AdamWMatchesTheCpuOptimizerBitForBit) {
 }
 
 OpsTable HostThrustTable() {
-  OpsTable t = thrust_dense::ThrustOps<std::decay_t<decltype(thrust::device)>>::Table("thrust");
+  OpsTable t = thrust_dense::ThrustOps<thrust_dense::DevicePolicySource>::Table("thrust");
   t.gemm = &Gemm;  // cuBLAS on a GPU; OpenBLAS here
   t.gemm_strided_batched = &GemmStridedBatched;
   return t;
@@ -554,7 +554,7 @@ TEST(OpsTable, EveryThrustEntryMatchesTheCpuTable) {
     ExpectClose(want, c.run(ThrustTableWithComposedAttention()), c.tol);
   }
   // Every entry the CUDA table takes from ThrustOps is covered by a case above.
-  const OpsTable bare = thrust_dense::ThrustOps<std::decay_t<decltype(thrust::device)>>::Table("x");
+  const OpsTable bare = thrust_dense::ThrustOps<thrust_dense::DevicePolicySource>::Table("x");
   EXPECT_EQ(bare.gemm, nullptr);
   EXPECT_EQ(bare.attention_forward, nullptr);
   EXPECT_NE(bare.adamw_step, nullptr);  // ThrustOptimizer.AdamWMatchesTheCpuOptimizerBitForBit

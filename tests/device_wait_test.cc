@@ -1,15 +1,13 @@
-// The polling device wait and its registered checks (runtime/device_wait.h), and the ops
-// table's before_op hook the CUDA table drains its stream through (model/ops.h). Host-only:
-// the CUDA backend and the NCCL communicator wait through this code.
+// The polling device wait and its registered checks (runtime/device_wait.h). Host-only: the
+// CUDA backend and the NCCL communicator wait through this code.
 #include "runtime/device_wait.h"
 
+#include <glog/logging.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <string>
 #include <vector>
-
-#include "model/ops.h"
 
 namespace moerun {
 namespace {
@@ -82,24 +80,6 @@ TEST(DeviceWaitDeathTest, RemovingACheckTwiceDies) {
         RemoveDeviceWaitCheck(id);
       },
       "not registered");
-}
-
-int g_before_ops = 0;
-void CountBeforeOp() { ++g_before_ops; }
-
-TEST(OpsBeforeOpTest, EveryEntryFetchedThroughMoerunOpRunsTheTablesHookFirst) {
-  OpsTable table = Ops(Device::kCPU);
-  EXPECT_EQ(table.before_op, nullptr);  // the CPU's runs nothing
-  table.before_op = &CountBeforeOp;
-  g_before_ops = 0;
-  const float a[3] = {1, 2, 3}, b[3] = {10, 20, 30};
-  float y[3] = {};
-  MOERUN_OP(table, add)(a, b, y, 3);
-  EXPECT_EQ(g_before_ops, 1);
-  EXPECT_EQ(y[2], 33.0f);
-  MOERUN_OP(table, axpy)(2.0f, a, y, 3);
-  EXPECT_EQ(g_before_ops, 2);
-  EXPECT_EQ(y[0], 13.0f);
 }
 
 }  // namespace
