@@ -54,7 +54,8 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
           "train.optimizer_moments=BF16 (half the AdamW state). With --device cuda the rank is "
           "built on\nthis process's GPU (its peers' blocks copied on the device) and the line "
           "adds the device's\npeak allocation (peak_device_bytes), which is then what "
-          "peak_over_plan compares.",
+          "peak_over_plan compares, and the\ndriver's figures (device_pool_used_high_bytes, "
+          "device_used_bytes of device_total_bytes).",
           args, desc, &positional, &vm))
     return *done;
   const std::string cmd = "moerun dry-run";
@@ -177,6 +178,12 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
       device == Device::kCPU ? 0.0
                              : static_cast<double>(RequireBackend(device).peak_allocated_bytes());
   const double peak = device == Device::kCPU ? peak_rss : peak_device;
+  // Beside the backend's own count, the driver's: the pool's high-water mark (with Thrust's
+  // temporaries and the pool's rounding) and the whole GPU's use now (with the CUDA context,
+  // cuBLAS's workspaces and NCCL's buffers; other processes' too). -1 where unknown.
+  const DeviceMemory mem =
+      device == Device::kCPU ? DeviceMemory{} : RequireBackend(device).Memory();
+  const int64_t device_used = mem.free_bytes < 0 ? -1 : mem.total_bytes - mem.free_bytes;
   const StepTimeSplit& ts = (*trainer)->time_split();
   const double per = 1000.0 / std::max<int64_t>(1, ts.steps);
   nlohmann::json step_ms = nlohmann::json::object();
@@ -203,6 +210,9 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
                  {"device", device == Device::kCPU ? "cpu" : RequireBackend(device).Describe()},
                  {"peak_rss_bytes", static_cast<int64_t>(peak_rss)},
                  {"peak_device_bytes", static_cast<int64_t>(peak_device)},
+                 {"device_pool_used_high_bytes", mem.pool_used_high_bytes},
+                 {"device_used_bytes", device_used},
+                 {"device_total_bytes", mem.total_bytes},
                  {"rss_before_build_bytes", static_cast<int64_t>(rss_start)},
                  {"plan_bytes", plan.bytes_per_rank},
                  {"plan_param_bytes", plan.param_bytes},
@@ -216,6 +226,17 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
             << GiBString(peak) << " vs the plan's " << GiBString(plan.bytes_per_rank) << " ("
             << std::setprecision(1) << 100 * (ratio - 1) << "%); parameters "
             << (params == plan.params_per_rank ? "equal to" : "DIFFERENT FROM") << " the plan's";
+  if (mem.pool_used_high_bytes >= 0 || device_used >= 0) {
+    LOG(INFO) << "dry-run: the device's pool peaked at "
+              << (mem.pool_used_high_bytes >= 0
+                      ? GiBString(static_cast<double>(mem.pool_used_high_bytes))
+                      : std::string("(unknown)"))
+              << "; the GPU has "
+              << (device_used >= 0 ? GiBString(static_cast<double>(device_used)) + " in use of " +
+                                         GiBString(static_cast<double>(mem.total_bytes))
+                                   : std::string("(unknown) in use"))
+              << " (context, cuBLAS and NCCL included)";
+  }
   if (params != plan.params_per_rank) {
     PrintError(cmd, "built " + std::to_string(params) + " parameters but the plan counts " +
                         std::to_string(plan.params_per_rank) + " (a bug: please report it)");

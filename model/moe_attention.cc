@@ -57,7 +57,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   x_ = x;
   seq_len_ = seq_len;
   {
-    ScopedTimer timer(&timers_.router);
+    ScopedTimer timer(&timers_.router, config_.device);
     RouterInputs in;
     in.training = args.training;
     in.task = args.task;
@@ -65,7 +65,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     MOERUN_RETURN_IF_ERROR(router_.Forward(dev == Device::kCPU ? x : x.To(Device::kCPU), in));
   }
   {
-    ScopedTimer timer(&timers_.routing);
+    ScopedTimer timer(&timers_.routing, config_.device);
     PlanRouting(router_.gates(), config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
                 &plan_, args.routed);
     aux_.Compute(router_, plan_, groups_->world());
@@ -83,7 +83,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
                 params_.kv_bias.device_data<float>(dev), kv_.device_data<float>(dev), t, d, 2 * dh);
   // Round trip 1: x to the experts, queries back.
   {
-    ScopedTimer timer(&timers_.pack);
+    ScopedTimer timer(&timers_.pack, config_.device);
     ops::PackRows(device_plan_, x, &send_);
   }
   dispatcher_.ToExperts(send_, &x_exp_, &timers_.all_to_all, &timers_.pack);
@@ -93,7 +93,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   ops::GatherChoiceRows(q_buf_, device_plan_.row, &q_tok_);
   // Attention of every kept query over its own sequence.
   {
-    ScopedTimer timer(&timers_.combine);
+    ScopedTimer timer(&timers_.combine, config_.device);
     EnsureTensor(&probs_, {t, k, seq_len}, DType::kF32, dev);
     EnsureTensor(&a_tok_, {t, k, dh}, DType::kF32, dev);
     MOERUN_OP(ops, choice_attention_forward)
@@ -103,14 +103,14 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   }
   // Round trip 2: head outputs to the experts, projected outputs back; combine.
   {
-    ScopedTimer timer(&timers_.pack);
+    ScopedTimer timer(&timers_.pack, config_.device);
     ops::ScatterChoiceRows(device_plan_, a_tok_, &send_);
   }
   dispatcher_.ToExperts(send_, &a_exp_, &timers_.all_to_all, &timers_.pack);
   BatchedLinearForward(a_exp_, params_.o_weight, nullptr, &o_exp_, &timers_.expert,
                        &timers_.expert_act);
   dispatcher_.FromExperts(o_exp_, &o_buf_, &timers_.all_to_all, &timers_.pack);
-  ScopedTimer timer(&timers_.combine);
+  ScopedTimer timer(&timers_.combine, config_.device);
   ops::CombineRows(o_buf_, device_plan_.row, device_plan_.weight, y);
   return Status::Ok();
 }
@@ -125,7 +125,7 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
   Tensor d_buf, d_exp, d_in_exp;
   // Combine: d gate and d(projected outputs).
   {
-    ScopedTimer timer(&timers_.bwd_combine);
+    ScopedTimer timer(&timers_.bwd_combine, config_.device);
     ops::CombineRowsBackward(o_buf_, row, device_plan_.weight, dy, &d_buf, &d_weight_);
   }
   dispatcher_.ToExperts(d_buf, &d_exp, &timers_.bwd_all_to_all, &timers_.bwd_pack);
@@ -139,7 +139,7 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
   Tensor d_q = Tensor::Empty({t, k, dh}, DType::kF32, dev);
   Tensor d_kv = Tensor::Empty({t, 2 * dh}, DType::kF32, dev);
   {
-    ScopedTimer timer(&timers_.bwd_combine);
+    ScopedTimer timer(&timers_.bwd_combine, config_.device);
     MOERUN_OP(ops, choice_attention_backward)
     (q_tok_.device_data<float>(dev), kv_.device_data<float>(dev), row.device_data<int32_t>(dev),
      probs_.device_data<float>(dev), d_a.device_data<float>(dev), t, k, dh, seq_len,
@@ -147,7 +147,7 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
   }
   // Round trip 1 backward: d queries to the experts, d x back.
   {
-    ScopedTimer timer(&timers_.bwd_pack);
+    ScopedTimer timer(&timers_.bwd_pack, config_.device);
     ops::ScatterChoiceRows(device_plan_, d_q, &d_buf);
   }
   dispatcher_.ToExperts(d_buf, &d_exp, &timers_.bwd_all_to_all, &timers_.bwd_pack);
@@ -155,7 +155,7 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
                         &timers_.bwd_expert, &timers_.bwd_expert_act);
   dispatcher_.FromExperts(d_in_exp, &d_buf, &timers_.bwd_all_to_all, &timers_.bwd_pack);
   {
-    ScopedTimer timer(&timers_.bwd_dispatch);
+    ScopedTimer timer(&timers_.bwd_dispatch, config_.device);
     ops::CombineRows(d_buf, row, Tensor(), dx);
   }
   // Shared key / value projection.
@@ -166,7 +166,7 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
                  t, d, 2 * dh);
   MOERUN_OP(ops, axpy)(1.0f, dx_kv.device_data<float>(dev), dx->device_data<float>(dev), t * d);
   // The router (on the host): gates -> logits -> W_r and x.
-  ScopedTimer timer(&timers_.bwd_router);
+  ScopedTimer timer(&timers_.bwd_router, config_.device);
   aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }
 

@@ -71,8 +71,17 @@ void CopyRows(const Tensor& src, Tensor* dst) {
 
 }  // namespace
 
-ScopedTimer::ScopedTimer(double* slot) : slot_(slot), start_(Now()) {}
-ScopedTimer::~ScopedTimer() { *slot_ += Now() - start_; }
+ScopedTimer::ScopedTimer(double* slot, Device device) : slot_(slot), device_(device) {
+  Drain();
+  start_ = Now();
+}
+ScopedTimer::~ScopedTimer() {
+  Drain();
+  *slot_ += Now() - start_;
+}
+void ScopedTimer::Drain() const {
+  if (device_ != Device::kCPU) RequireBackend(device_).Synchronize();
+}
 
 void EnsureTensor(Tensor* t, const Shape& shape, DType dtype, Device device) {
   if (!t->defined() || t->shape() != shape || t->dtype() != dtype || t->device() != device) {
@@ -186,7 +195,7 @@ void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double
   // [E, R, w] is already [E_local, 1 * R, w]: one copy, no staging. (MoeLayer skips the
   // dispatcher then; the MoE attention reuses its send buffers, so it needs the copy.)
   if (pe == 1) {
-    ScopedTimer timer(pack);
+    ScopedTimer timer(pack, send.device());
     EnsureTensor(recv, {el, r, w}, DType::kF32, send.device());
     CopyRows(send, recv);
     return;
@@ -194,17 +203,17 @@ void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double
   if (send.device() == Device::kCPU) {
     // The host: one all-to-all per local expert puts every block in place (no staging,
     // no block swap); a device keeps one all-to-all and swaps on the device (below).
-    ScopedTimer timer(a2a);
+    ScopedTimer timer(a2a, send.device());
     EnsureTensor(recv, {el, pe * r, w}, DType::kF32, send.device());
     AllToAllInPlace(send, recv, /*to_experts=*/true);
     return;
   }
   {
-    ScopedTimer timer(a2a);
+    ScopedTimer timer(a2a, send.device());
     EnsureTensor(&staging_, {pe, el, r, w}, DType::kF32, send.device());
     AllToAll(send, &staging_);
   }
-  ScopedTimer timer(pack);
+  ScopedTimer timer(pack, send.device());
   EnsureTensor(recv, {el, pe * r, w}, DType::kF32, send.device());
   SwapBlockAxes(staging_, recv, pe, el, r * w);
 }
@@ -213,23 +222,23 @@ void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, doub
   const int64_t pe = groups_->expert().size(), el = groups_->local_experts();
   const int64_t r = send.dim(1) / pe, w = send.dim(2);
   if (pe == 1) {
-    ScopedTimer timer(pack);
+    ScopedTimer timer(pack, send.device());
     EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
     CopyRows(send, recv);
     return;
   }
   if (send.device() == Device::kCPU) {  // as in ToExperts
-    ScopedTimer timer(a2a);
+    ScopedTimer timer(a2a, send.device());
     EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
     AllToAllInPlace(send, recv, /*to_experts=*/false);
     return;
   }
   {
-    ScopedTimer timer(pack);
+    ScopedTimer timer(pack, send.device());
     EnsureTensor(&staging_, {pe, el, r, w}, DType::kF32, send.device());
     SwapBlockAxes(send, &staging_, el, pe, r * w);
   }
-  ScopedTimer timer(a2a);
+  ScopedTimer timer(a2a, send.device());
   EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
   AllToAll(staging_, recv);
 }
@@ -263,6 +272,9 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
   std::vector<int64_t> counts(pe, block), displs = PrefixDisplacements(counts);
   counts[me] = 0;  // the own block is copied below, not sent
   std::unique_ptr<PendingCollective> pending;
+  // The timers here wait for nothing on a device (a wait would hold the host while the
+  // transfer and the experts overlap): their a2a and pack times are the enqueue's, and the
+  // device time of the copies is charged to the experts' timer that waits next.
   {
     // On a device the transfer runs on the communicator's second stream, beside the copies
     // and experts queued below on its first (NcclCommunicator::StartAllToAllV).

@@ -27,14 +27,21 @@ struct MoeTimers {
   double bwd_expert_act = 0, bwd_dispatch = 0, bwd_router = 0;
 };
 
-// Adds the seconds since construction to `slot` when it goes out of scope.
+// Adds the seconds since construction to `slot` when it goes out of scope. On a device the
+// work it times is only queued when the host returns: with a `device` other than the CPU the
+// timer waits for that device's stream (its backend's polling Synchronize) before it starts,
+// so that earlier queued work is not charged to it, and again before it stops, so that its
+// time is its own work's. Each wait is one host round trip; the CPU's timers wait for nothing.
 class ScopedTimer {
  public:
-  explicit ScopedTimer(double* slot);
+  explicit ScopedTimer(double* slot, Device device = Device::kCPU);
   ~ScopedTimer();
 
  private:
+  void Drain() const;
+
   double* slot_;
+  Device device_;
   double start_;
 };
 

@@ -41,7 +41,7 @@ void ExpertGemm(const OpsTable& ops, const Tensor& x, const Tensor& w, Tensor* y
                 const ExpertRows& rows, double* gemm) {
   const Device dev = w.device();
   const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
-  ScopedTimer timer(gemm);
+  ScopedTimer timer(gemm, dev);
   ExpertsGemm(ops, rows, /*batched=*/true, false, true, rows.count, out, in,
               x.device_data<float>(dev) + rows.at(0, in), in, r * in, w.device_data<float>(dev), in,
               out * in, 0.0f, y->device_data<float>(dev) + rows.at(0, out), out, r * out);
@@ -54,7 +54,7 @@ void ExpertGemmBackward(const OpsTable& ops, const Tensor& x, const Tensor& w, c
   const Device dev = w.device();
   const int64_t in = x.dim(2), out = w.dim(1), r = rows.r;
   const float* dyd = dy.device_data<float>(dev) + rows.at(0, out);
-  ScopedTimer timer(gemm);
+  ScopedTimer timer(gemm, dev);
   ExpertsGemm(ops, rows, /*batched=*/false, true, false, out, in, rows.count, dyd, out, r * out,
               x.device_data<float>(dev) + rows.at(0, in), in, r * in, 1.0f,
               dw->device_data<float>(dev), in, out * in);
@@ -69,7 +69,7 @@ void ExpertAddBias(const OpsTable& ops, const Tensor& b, Tensor* y, const Expert
                    double* act) {
   const Device dev = b.device();
   const int64_t out = y->dim(2);
-  ScopedTimer timer(act);
+  ScopedTimer timer(act, dev);
   for (int64_t e = rows.e0; e < rows.e1; ++e) {
     MOERUN_OP(ops, add_bias)
     (y->device_data<float>(dev) + rows.at(e, out), b.device_data<float>(dev) + e * out, rows.count,
@@ -82,7 +82,7 @@ void ExpertBiasBackward(const OpsTable& ops, const Tensor& dy, Tensor* db, const
                         double* act) {
   const Device dev = dy.device();
   const int64_t out = dy.dim(2);
-  ScopedTimer timer(act);
+  ScopedTimer timer(act, dev);
   for (int64_t e = rows.e0; e < rows.e1; ++e) {
     MOERUN_OP(ops, bias_backward)
     (dy.device_data<float>(dev) + rows.at(e, out), db->device_data<float>(dev) + e * out,

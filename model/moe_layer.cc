@@ -119,7 +119,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
 
   // 1. Router: gates for every token and expert.
   {
-    ScopedTimer timer(&timers_.router);
+    ScopedTimer timer(&timers_.router, config_.device);
     RouterInputs in;
     in.training = args.training;
     in.noise_key = args.noise_key;
@@ -134,7 +134,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   }
   // 2. Routing plan (per group: top-k, priority order, slots; capacity) and losses.
   {
-    ScopedTimer timer(&timers_.routing);
+    ScopedTimer timer(&timers_.routing, config_.device);
     PlanRouting(router_.gates(), config_.capacity_rule(), config_.k, s, *fixed, groups_->world(),
                 &plan_, args.routed);
     aux_.Compute(router_, plan_, groups_->world());
@@ -148,7 +148,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   // 3. Pack kept tokens into [E, G*cap, D], send them to the experts' ranks, run the
   // experts, bring the results back.
   {
-    ScopedTimer timer(&timers_.pack);
+    ScopedTimer timer(&timers_.pack, config_.device);
     ops::PackRows(device_plan_, x, &dispatch_);
   }
   if (local()) {
@@ -170,7 +170,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     dispatcher_.FromExperts(expert_out_, &combine_in_, &timers_.all_to_all, &timers_.pack);
   }
   // 4. Combine: y[s] = sum over kept choices of gate * expert output.
-  ScopedTimer timer(&timers_.combine);
+  ScopedTimer timer(&timers_.combine, config_.device);
   ops::CombineRows(combined(), device_plan_.row, device_plan_.weight, y);
   return Status::Ok();
 }
@@ -183,7 +183,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   // dispatch_, free now; with one expert-parallel rank dispatch_ is the experts' saved
   // input, so straight into their d_expert_out_).
   {
-    ScopedTimer timer(&timers_.bwd_combine);
+    ScopedTimer timer(&timers_.bwd_combine, config_.device);
     ops::CombineRowsBackward(combined(), device_plan_.row, device_plan_.weight, dy,
                              local() ? &d_expert_out_ : &dispatch_, &d_weight_);
   }
@@ -206,12 +206,12 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
 
   // 2. Dispatch backward: dx[s] = sum over kept choices of d(dispatched row).
   {
-    ScopedTimer timer(&timers_.bwd_dispatch);
+    ScopedTimer timer(&timers_.bwd_dispatch, config_.device);
     ops::CombineRows(local() ? d_expert_in_ : dispatch_, device_plan_.row, Tensor(), dx);
   }
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
-  ScopedTimer timer(&timers_.bwd_router);
+  ScopedTimer timer(&timers_.bwd_router, config_.device);
   if (config_.device != Device::kCPU) groups_->expert().Synchronize();  // as in Forward
   aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }

@@ -7,6 +7,7 @@
 #define MOERUN_RUNTIME_BACKEND_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,6 +16,15 @@
 #include "runtime/status.h"
 
 namespace moerun {
+
+// A device's memory as its driver reports it; -1 where unknown.
+struct DeviceMemory {
+  int64_t free_bytes = -1, total_bytes = -1;
+  // The most the backend's memory pool has held in use since it was created (CUDA:
+  // cudaMemPoolAttrUsedMemHigh): allocations through the backend, Thrust's temporaries
+  // included, with the pool's rounding; cuBLAS's and NCCL's own buffers are not in it.
+  int64_t pool_used_high_bytes = -1;
+};
 
 class Backend {
  public:
@@ -45,6 +55,9 @@ class Backend {
   // Bytes allocated and not yet freed, and the high-water mark, through this backend.
   virtual size_t allocated_bytes() const = 0;
   virtual size_t peak_allocated_bytes() const = 0;
+  // The device's free and total memory (CUDA: cudaMemGetInfo) and its pool's high-water
+  // mark; all unknown (-1) by default, as for the CPU (see AvailableHostBytes).
+  virtual DeviceMemory Memory() const { return {}; }
 };
 
 // The backend of `device`; nullptr when it was not built or no such device is visible.

@@ -133,6 +133,22 @@ class CudaBackend final : public Backend {
   void* stream() const override { return stream_; }
   size_t allocated_bytes() const override { return allocated_.load(); }
   size_t peak_allocated_bytes() const override { return peak_.load(); }
+  DeviceMemory Memory() const override {
+    DeviceMemory m;
+    size_t free = 0, total = 0;
+    if (cudaSetDevice(device_) == cudaSuccess && cudaMemGetInfo(&free, &total) == cudaSuccess) {
+      m.free_bytes = static_cast<int64_t>(free);
+      m.total_bytes = static_cast<int64_t>(total);
+    }
+    cudaMemPool_t pool;
+    uint64_t high = 0;
+    if (pools_ && cudaDeviceGetDefaultMemPool(&pool, device_) == cudaSuccess &&
+        cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &high) == cudaSuccess) {
+      m.pool_used_high_bytes = static_cast<int64_t>(high);
+    }
+    cudaGetLastError();  // a failed query is not sticky
+    return m;
+  }
 
  private:
   // From the stream-ordered pool, or cudaMalloc without one; nullptr when it fails (the

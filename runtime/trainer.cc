@@ -19,25 +19,49 @@
 
 namespace moerun {
 
-Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch) {
+Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device device) {
   const TrainingFootprint f =
       EstimateFootprint(config.model(), ranks, micro_batch, false,
                         config.train().optimizer_moments() == TrainConfig::BF16);
-  const int local = std::max(1, Process().local_size);
-  const double need = static_cast<double>(f.bytes_per_rank) * local;
   const std::string plan = GiBString(f.bytes_per_rank) + " per rank (weights " +
                            GiBString(f.param_bytes) + ", gradients " + GiBString(f.grad_bytes) +
                            ", AdamW moments " + GiBString(f.optimizer_bytes) + ", activations " +
                            GiBString(f.activation_bytes) + ", micro-batch " +
                            std::to_string(micro_batch) + ")";
   SetMemoryPlan(plan);
-  const int64_t available = AvailableHostBytes();
-  if (available < 0 || need <= static_cast<double>(available)) return Status::Ok();
-  return Status::Error("the plan needs " + plan + " x " + std::to_string(local) +
-                       " rank(s) on this host = " + GiBString(need) + ", but the host has " +
-                       GiBString(static_cast<double>(available)) +
-                       " available; use more ranks (on more hosts), a smaller "
-                       "train.global_batch or a smaller model (`moerun plan` prints the figures)");
+  const int local = std::max(1, Process().local_size);
+  const std::string advice =
+      std::string("use more ranks (on more hosts), a smaller train.global_batch, ") +
+      (config.train().optimizer_moments() == TrainConfig::BF16
+           ? ""
+           : "train.optimizer_moments: BF16 (half the moments' bytes), ") +
+      "or a smaller model (`moerun plan` prints the figures)";
+  if (device == Device::kCPU) {
+    const double need = static_cast<double>(f.bytes_per_rank) * local;
+    const int64_t available = AvailableHostBytes();
+    if (available < 0 || need <= static_cast<double>(available)) return Status::Ok();
+    return Status::Error("the plan needs " + plan + " x " + std::to_string(local) +
+                         " rank(s) on this host = " + GiBString(need) + ", but the host has " +
+                         GiBString(static_cast<double>(available)) + " available; " + advice);
+  }
+  // The weights, gradients, moments and activations live on the GPU; the host keeps only
+  // the data and the routing's small tables. Local rank r uses GPU r % devices.
+  const Backend* backend = BackendFor(device);
+  const DeviceMemory mem = backend != nullptr ? backend->Memory() : DeviceMemory{};
+  if (mem.free_bytes < 0) return Status::Ok();
+  const int devices = device == Device::kCUDA ? CudaDeviceCount() : 0;
+  int sharing = 1;
+  if (devices > 0) {
+    const int mine = Process().local_rank % devices;
+    sharing = local / devices + (mine < local % devices ? 1 : 0);
+  }
+  const double need = static_cast<double>(f.bytes_per_rank) * std::max(1, sharing);
+  if (need <= static_cast<double>(mem.free_bytes)) return Status::Ok();
+  return Status::Error("the plan needs " + plan + " x " + std::to_string(std::max(1, sharing)) +
+                       " rank(s) on " + backend->Describe() + " = " + GiBString(need) +
+                       ", but it has " + GiBString(static_cast<double>(mem.free_bytes)) +
+                       " free of " + GiBString(static_cast<double>(mem.total_bytes)) + "; " +
+                       (sharing > 1 ? "run one rank per GPU, or " : "") + advice);
 }
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,
@@ -80,7 +104,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
                          " is larger than the dataset (" + std::to_string(train->size) + ")");
   }
   t->local_batch_ = tc.global_batch() / p;
-  MOERUN_RETURN_IF_ERROR(CheckHostMemory(config, p, t->local_batch_));
+  MOERUN_RETURN_IF_ERROR(CheckMemory(config, p, t->local_batch_, device));
   MOERUN_RETURN_IF_ERROR(config.model().has_modsquad() ? t->CreateModSquad() : t->CreateVit());
   OptimizerConfig oc;
   oc.learning_rate = tc.learning_rate();
@@ -206,20 +230,20 @@ StepStats Trainer::Step() {
   VitOutput out;
   const StepTimeSplit moe_before = MoeTimes();
   {
-    ScopedTimer timer(&time_split_.forward);
+    ScopedTimer timer(&time_split_.forward, device_);
     model_->ZeroGrads();
     const Status s = model_->Forward(batch, &out);
     CHECK(s.ok()) << s.message();  // shapes were validated in Create
   }
   {
-    ScopedTimer timer(&time_split_.backward);
+    ScopedTimer timer(&time_split_.backward, device_);
     model_->Backward();
   }
   AddMoeTimes(moe_before);
   StepStats st;
   {
     // Data-parallel dense gradients; expert replicas.
-    ScopedTimer timer(&time_split_.reduce);
+    ScopedTimer timer(&time_split_.reduce, device_);
     SumOverRanks(device_world_ != nullptr ? *device_world_ : *world_, model_->dense_grads());
     for (MoeLayer* layer : model_->moe_layers()) {
       SumOverRanks(*world_, layer->grads().router_weight);
@@ -296,11 +320,8 @@ bool Trainer::UpdateIfFinite(StepStats* stats) {
     return false;
   }
   {
-    ScopedTimer timer(&time_split_.optimizer);
+    ScopedTimer timer(&time_split_.optimizer, device_);
     optimizer_->Step(step_, ClipCoefficient(st.grad_norm, config_.train().clip_grad_norm()));
-    // On a device the update is only queued: wait for it, so that its time is the
-    // optimizer's and not the next step's first op's.
-    if (device_ != Device::kCPU) RequireBackend(device_).Synchronize();
   }
   ++time_split_.steps;
   ++step_;

@@ -95,9 +95,13 @@ struct RoutingOverride {
 // field but the name and the routing settings); else an error listing the fields.
 Status CheckSameModel(const CheckpointManifest& manifest, const Config& current);
 
-// OK when this host's available memory (MemAvailable) holds the plan's footprint
-// (EstimateFootprint, fp32) of every rank on it; else an error with the plan's figures.
-Status CheckHostMemory(const Config& config, int ranks, int64_t micro_batch);
+// OK when the memory the model lives in holds the plan's footprint (EstimateFootprint):
+// on the CPU, this host's available memory (MemAvailable) that of every rank on it; on a
+// device, the free memory of this rank's GPU that of every rank bound to it (one unless
+// there are more ranks on the host than GPUs). Else an error with the plan's figures. Where
+// the memory is unknown (a backend that does not report it) it is OK.
+Status CheckMemory(const Config& config, int ranks, int64_t micro_batch,
+                   Device device = Device::kCPU);
 
 class Trainer {
  public:

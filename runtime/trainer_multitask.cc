@@ -179,19 +179,19 @@ StepStats Trainer::MultiTaskStep() {
   MultiTaskOutput out;
   const StepTimeSplit moe_before = MoeTimes();
   {
-    ScopedTimer timer(&time_split_.forward);
+    ScopedTimer timer(&time_split_.forward, device_);
     modsquad_->ZeroGrads();
     const Status s = modsquad_->Forward(batch, &out);
     CHECK(s.ok()) << s.message();  // shapes were validated in Create
   }
   {
-    ScopedTimer timer(&time_split_.backward);
+    ScopedTimer timer(&time_split_.backward, device_);
     modsquad_->Backward();
   }
   AddMoeTimes(moe_before);
   StepStats st;
   {
-    ScopedTimer timer(&time_split_.reduce);
+    ScopedTimer timer(&time_split_.reduce, device_);
     modsquad_->ReduceGradients();
     st.grad_norm = GlobalGradNorm();
   }

@@ -12,6 +12,7 @@
 #include <thrust/host_vector.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -20,6 +21,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -38,6 +40,7 @@
 #include "model/routing.h"
 #include "model/routing_thrust.h"
 #include "model/vit.h"
+#include "model/vit_spec.h"
 #include "runtime/adamw_thrust.h"
 #include "runtime/backend.h"
 #include "runtime/checkpoint.h"
@@ -778,15 +781,42 @@ class CountingBackend : public Backend {
     ++within;
     inner_->CopyWithin(d, s, bytes);
   }
-  void Synchronize() override { inner_->Synchronize(); }
+  // Sleeps sync_ms first: the time a GPU's queued work would take to finish.
+  void Synchronize() override {
+    ++syncs;
+    if (sync_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(sync_ms));
+    inner_->Synchronize();
+  }
   void* stream() const override { return inner_->stream(); }
   size_t allocated_bytes() const override { return inner_->allocated_bytes(); }
   size_t peak_allocated_bytes() const override { return inner_->peak_allocated_bytes(); }
-  int zeros = 0, from_host = 0, to_host = 0, within = 0;
+  DeviceMemory Memory() const override { return memory; }
+  int zeros = 0, from_host = 0, to_host = 0, within = 0, syncs = 0, sync_ms = 0;
+  DeviceMemory memory;  // what the "driver" reports
 
  private:
   Backend* inner_;
 };
+
+// A timer on a device waits for the stream before it starts and before it stops: work queued
+// earlier is not charged to it (the first wait is outside its time), its own is (the second
+// is inside). A CPU timer waits for nothing.
+TEST_F(StandInCuda, DeviceTimersWaitForTheStreamWhenTheyStartAndStop) {
+  CountingBackend counting(backend_.get());
+  SetBackendForTesting(Device::kCUDA, &counting);
+  double cpu = 0, dev = 0;
+  { ScopedTimer timer(&cpu); }
+  EXPECT_EQ(counting.syncs, 0);
+  counting.sync_ms = 40;
+  {
+    ScopedTimer timer(&dev, Device::kCUDA);
+    EXPECT_EQ(counting.syncs, 1);
+  }
+  EXPECT_EQ(counting.syncs, 2);
+  EXPECT_GE(dev, 0.040) << "the stop's wait is the timed work's";
+  EXPECT_LT(dev, 0.075) << "the start's wait is earlier work's, not the timer's";
+  SetBackendForTesting(Device::kCUDA, backend_.get());
+}
 
 // A device loopback's collectives: the simulated peers' blocks, sums and gathers as on the
 // host, every byte moved by the device's backend.
@@ -1170,6 +1200,36 @@ TEST_F(StandInCuda, TrainerRefusesWhatTheDevicePathDoesNotCover) {
   EXPECT_NE(t.status().message().find("needs a communicator that moves cuda memory (NCCL)"),
             std::string::npos)
       << t.status().message();
+}
+
+// On a device the plan's bytes are checked against the GPU's free memory, not the host's:
+// one byte short is refused with the figures and what to change; enough, or a device that
+// does not report its memory, is accepted.
+TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
+  auto config = TinyTrainingConfig("steps: 1");
+  ASSERT_TRUE(config.ok());
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+  LoopbackCommunicator one(0, 1);
+  const int64_t need = EstimateFootprint(config->model(), 1, 8, false, false).bytes_per_rank;
+  ASSERT_GT(need, 0);
+  CountingBackend counting(backend_.get());
+  SetBackendForTesting(Device::kCUDA, &counting);
+  counting.memory.total_bytes = 4 * need;
+  counting.memory.free_bytes = need - 1;
+  auto refused = Trainer::Create(*config, &one, &data, Device::kCUDA);
+  ASSERT_FALSE(refused.ok());
+  const std::string& why = refused.status().message();
+  EXPECT_NE(why.find("on " + counting.Describe()), std::string::npos) << why;
+  EXPECT_NE(why.find("free of"), std::string::npos) << why;
+  EXPECT_NE(why.find("train.optimizer_moments: BF16"), std::string::npos) << why;
+  EXPECT_TRUE(Trainer::Create(*config, &one, &data).ok()) << "the CPU's plan is the host's";
+  counting.memory.free_bytes = need;
+  auto fits = Trainer::Create(*config, &one, &data, Device::kCUDA);
+  EXPECT_TRUE(fits.ok()) << fits.status().message();
+  counting.memory = DeviceMemory{};
+  auto unknown = Trainer::Create(*config, &one, &data, Device::kCUDA);
+  EXPECT_TRUE(unknown.ok()) << unknown.status().message();
+  SetBackendForTesting(Device::kCUDA, backend_.get());
 }
 
 // Mod-Squad's mixture of attention heads with its projections, rows and per-choice
