@@ -6,8 +6,8 @@
 // stream and ends each algorithm in a blocking synchronization, which costs a host round
 // trip per op and never returns behind an NCCL kernel whose peer died. Algorithms that hand
 // a value back to the host (reductions, copy_if's count) still wait for their stream: drain
-// it first with the backend's polling Synchronize (runtime/device_wait.h), and give them
-// BackendTempAllocator so their temporaries come from the backend's pool.
+// it first with the backend's polling Synchronize (runtime/device_wait.h). Temporaries
+// (sorts, reductions, column sums' scratch) come from the backend's stream-ordered pool.
 #ifndef MOERUN_MODEL_CUDA_STREAM_POLICY_H_
 #define MOERUN_MODEL_CUDA_STREAM_POLICY_H_
 
@@ -25,16 +25,10 @@ inline cudaStream_t BackendStream() {
   return static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream());
 }
 
-// A PolicySource for thrust_dense::ThrustOps: the backend's stream, no host wait.
-struct BackendStreamPolicy {
-  static auto Get() { return thrust::cuda::par_nosync.on(BackendStream()); }
-};
-
 // Thrust's temporary storage from the CUDA backend (its stream-ordered pool): freeing a
 // temporary does not wait for the device, as cudaFree would, and near a full GPU the
-// temporaries can use what the pool holds. Pass it by lvalue: thrust keeps a reference,
-//   BackendTempAllocator alloc;
-//   thrust::sort(thrust::cuda::par_nosync(alloc).on(BackendStream()), ...);
+// temporaries can use what the pool holds. Stateless; thrust keeps a reference to it, so
+// policies take the one TempAllocator() returns.
 struct BackendTempAllocator {
   using value_type = char;
   char* allocate(std::ptrdiff_t n) {
@@ -45,6 +39,17 @@ struct BackendTempAllocator {
     return static_cast<char*>(p);
   }
   void deallocate(char* p, size_t n) { RequireBackend(Device::kCUDA).Free(p, n); }
+};
+
+inline BackendTempAllocator& TempAllocator() {
+  static BackendTempAllocator allocator;
+  return allocator;
+}
+
+// A PolicySource for thrust_dense::ThrustOps: the backend's stream, no host wait, the
+// temporaries from the backend's pool.
+struct BackendStreamPolicy {
+  static auto Get() { return thrust::cuda::par_nosync(TempAllocator()).on(BackendStream()); }
 };
 
 }  // namespace moerun

@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "model/choice_attention.h"
 #include "model/expert_kernels_thrust.h"
@@ -80,6 +81,29 @@ struct LayerNormParamGradFunctor {
     }
     dgamma[j] = g;
     dbeta[j] = b;
+  }
+};
+
+// Block c's sums for the layer norm's parameter gradients (see thrust_experts'
+// ChunkColumnSumFunctor): partial_g[c * cols + j] = sum of dy (x - mean) rstd, partial_b[...]
+// = sum of dy over the block's rows r.
+struct LayerNormParamChunkFunctor {
+  const float *x, *mean, *rstd, *dy;
+  float *partial_g, *partial_b;
+  int64_t rows, cols;
+  MOERUN_HD void operator()(int64_t i) const {
+    const int64_t j = i % cols, c = i / cols;
+    const int64_t r0 = c * thrust_experts::kColumnChunkRows;
+    const int64_t r1 =
+        r0 + thrust_experts::kColumnChunkRows < rows ? r0 + thrust_experts::kColumnChunkRows : rows;
+    float g = 0.0f, b = 0.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float d = dy[r * cols + j];
+      g += d * (x[r * cols + j] - mean[r]) * rstd[r];
+      b += d;
+    }
+    partial_g[i] = g;
+    partial_b[i] = b;
   }
 };
 
@@ -209,10 +233,23 @@ struct ThrustOps {
   static void LayerNormBackward(const float* x, const float* gamma, const float* mean,
                                 const float* rstd, const float* dy, float* dx, float* dgamma,
                                 float* dbeta, int64_t rows, int64_t cols) {
-    ForIndices(PolicySource::Get(), rows,
-               LayerNormBackwardRowFunctor{x, gamma, mean, rstd, dy, dx, cols});
-    ForIndices(PolicySource::Get(), cols,
-               LayerNormParamGradFunctor{x, mean, rstd, dy, dgamma, dbeta, rows, cols});
+    const auto policy = PolicySource::Get();
+    ForIndices(policy, rows, LayerNormBackwardRowFunctor{x, gamma, mean, rstd, dy, dx, cols});
+    // The parameter gradients are column sums: one pass over the rows in order, as the
+    // CPU's, up to thrust_experts::kColumnChunkRows rows; two passes past that.
+    const int64_t chunks = thrust_experts::ColumnChunks(rows);
+    if (chunks <= 1) {
+      ForIndices(policy, cols,
+                 LayerNormParamGradFunctor{x, mean, rstd, dy, dgamma, dbeta, rows, cols});
+      return;
+    }
+    thrust_experts::ScratchFloats<std::decay_t<decltype(policy)>> partial(policy,
+                                                                          2 * chunks * cols);
+    float *pg = partial.get(), *pb = pg + chunks * cols;
+    ForIndices(policy, chunks * cols,
+               LayerNormParamChunkFunctor{x, mean, rstd, dy, pg, pb, rows, cols});
+    ForIndices(policy, cols, thrust_experts::AddChunkSumsFunctor{pg, dgamma, cols, chunks});
+    ForIndices(policy, cols, thrust_experts::AddChunkSumsFunctor{pb, dbeta, cols, chunks});
   }
   static void GeluForward(const float* x, float* y, int64_t n, bool tanh_form) {
     ForIndices(PolicySource::Get(), n, GeluFunctor{x, y, tanh_form});

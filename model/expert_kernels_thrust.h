@@ -10,10 +10,13 @@
 
 #include <thrust/for_each.h>
 #include <thrust/iterator/counting_iterator.h>
+#include <thrust/memory.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <utility>
 
 #include "runtime/device_math.h"
 
@@ -104,6 +107,67 @@ void ForIndices(const Policy& policy, int64_t n, F f) {
                    thrust::counting_iterator<int64_t>(n), f);
 }
 
+// n floats of temporary storage from the policy's system (through its allocator where it
+// has one: the CUDA backend's pool), handed back on destruction.
+template <typename Policy>
+class ScratchFloats {
+ public:
+  ScratchFloats(const Policy& policy, int64_t n)
+      : policy_(policy), buf_(thrust::get_temporary_buffer<float>(policy, n)) {
+    if (buf_.second < n) throw std::bad_alloc();
+  }
+  ~ScratchFloats() { thrust::return_temporary_buffer(policy_, buf_.first, buf_.second); }
+  ScratchFloats(const ScratchFloats&) = delete;
+  ScratchFloats& operator=(const ScratchFloats&) = delete;
+  float* get() const { return thrust::raw_pointer_cast(buf_.first); }
+
+ private:
+  const Policy& policy_;
+  decltype(thrust::get_temporary_buffer<float>(std::declval<const Policy&>(), 0)) buf_;
+};
+
+// Column sums of a tall matrix in two passes, so that the device has more than one thread
+// per column to run (a column's thread would otherwise loop over every row): each block of
+// kColumnChunkRows rows sums its columns into a scratch row, then each column adds its
+// blocks' sums, in block order, to the output. The order is fixed, not the device's: the
+// same bits on every device and run. Up to kColumnChunkRows rows are one block, summed in
+// row order as the CPU's kernels do.
+constexpr int64_t kColumnChunkRows = 64;
+
+inline int64_t ColumnChunks(int64_t rows) {
+  return (rows + kColumnChunkRows - 1) / kColumnChunkRows;
+}
+
+// partial[(e * chunks + c) * cols + j] = the sum of x[e, r, j] over block c's rows r.
+struct ChunkColumnSumFunctor {
+  const float* x;
+  float* partial;
+  int64_t rows, cols, chunks;
+  MOERUN_HD void operator()(int64_t i) const {
+    const int64_t j = i % cols, c = (i / cols) % chunks, e = i / (cols * chunks);
+    const int64_t r0 = c * kColumnChunkRows;
+    const int64_t r1 = r0 + kColumnChunkRows < rows ? r0 + kColumnChunkRows : rows;
+    const float* p = x + e * rows * cols + j;
+    float s = 0.0f;
+    for (int64_t r = r0; r < r1; ++r) s += p[r * cols];
+    partial[i] = s;
+  }
+};
+
+// out[e * cols + j] += the sum over blocks c, in order, of partial[(e * chunks + c) * cols + j].
+struct AddChunkSumsFunctor {
+  const float* partial;
+  float* out;
+  int64_t cols, chunks;
+  MOERUN_HD void operator()(int64_t i) const {
+    const int64_t e = i / cols, j = i % cols;
+    const float* p = partial + e * chunks * cols + j;
+    float s = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) s += p[c * cols];
+    out[i] += s;
+  }
+};
+
 template <typename Policy>
 void CastToBF16(const Policy& p, const float* src, uint16_t* dst, int64_t n) {
   ForIndices(p, n, CastFunctor{src, dst});
@@ -129,10 +193,21 @@ void GeluBackwardFromBF16(const Policy& p, const uint16_t* h_bf16, float* d, int
                           bool tanh_form, uint16_t* d_bf16) {
   ForIndices(p, n, GeluBackwardFunctor{nullptr, h_bf16, d, tanh_form, d_bf16});
 }
+// dbias[e] += the sum over the rows of dy[e] (a column sum: two passes past
+// kColumnChunkRows rows).
 template <typename Policy>
 void BiasGrad(const Policy& p, const float* dy, float* dbias, int64_t experts, int64_t rows,
               int64_t cols) {
-  if (rows > 0) ForIndices(p, experts * cols, BiasGradFunctor{dy, dbias, rows, cols});
+  if (rows <= 0 || experts * cols <= 0) return;
+  const int64_t chunks = ColumnChunks(rows);
+  if (chunks == 1) {
+    ForIndices(p, experts * cols, BiasGradFunctor{dy, dbias, rows, cols});
+    return;
+  }
+  ScratchFloats<Policy> partial(p, experts * chunks * cols);
+  ForIndices(p, experts * chunks * cols,
+             ChunkColumnSumFunctor{dy, partial.get(), rows, cols, chunks});
+  ForIndices(p, experts * cols, AddChunkSumsFunctor{partial.get(), dbias, cols, chunks});
 }
 
 }  // namespace thrust_experts

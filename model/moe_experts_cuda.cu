@@ -186,7 +186,8 @@ struct CublasOps {
   // par_nosync: the kernels only queue on the backend's stream (thrust::cuda::par would end
   // each one in a blocking cudaStreamSynchronize, which never returns behind an NCCL kernel
   // whose peer died); the host waits only in the backend's polling Synchronize.
-  auto policy() const { return thrust::cuda::par_nosync.on(stream); }
+  // Temporaries (the bias gradients' column sums) from the backend's pool.
+  auto policy() const { return thrust::cuda::par_nosync(TempAllocator()).on(stream); }
   void Synchronize() { RequireBackend(Device::kCUDA).Synchronize(); }
 };
 
@@ -228,7 +229,7 @@ void CudaExpertMlp::ForwardGrouped(const Tensor& in, const std::vector<int64_t>&
 }
 
 void CudaCastToBF16(const float* src, uint16_t* dst, int64_t n) {
-  thrust_experts::CastToBF16(thrust::cuda::par_nosync.on(BackendStream()), src, dst, n);
+  thrust_experts::CastToBF16(BackendStreamPolicy::Get(), src, dst, n);
 }
 
 }  // namespace moerun

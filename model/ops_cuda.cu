@@ -120,8 +120,7 @@ void CudaAttentionBackward(const float* qkv, const float* probs, const float* do
 double CudaSumOfSquares(const float* x, int64_t n) {
   if (n <= 0) return 0.0;
   DrainCudaBackendStream();
-  BackendTempAllocator alloc;
-  return thrust::transform_reduce(thrust::cuda::par_nosync(alloc).on(BackendStream()), x, x + n,
+  return thrust::transform_reduce(BackendStreamPolicy::Get(), x, x + n,
                                   thrust_dense::SquareFunctor{}, 0.0, thrust::plus<double>());
 }
 

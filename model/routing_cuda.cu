@@ -33,12 +33,11 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
                      const uint8_t* routed, CudaRoutingScratch* scratch) {
   DrainCudaBackendStream();
   CudaRoutingScratch::Impl& s = *scratch->impl();
-  BackendTempAllocator alloc;
   // The scratch vectors grow (cudaMalloc, and their construction on the legacy default
   // stream, which the backend's blocking stream is ordered with) only past their largest size.
-  thrust_routing::AssignSlots(thrust::cuda::par_nosync(alloc).on(BackendStream()), expert_index,
-                              weight, tokens, num_experts, k, bpr, slot, load, routed, s.order,
-                              s.keys, s.rank, s.visit, s.keys_w, s.cumulative);
+  thrust_routing::AssignSlots(BackendStreamPolicy::Get(), expert_index, weight, tokens, num_experts,
+                              k, bpr, slot, load, routed, s.order, s.keys, s.rank, s.visit,
+                              s.keys_w, s.cumulative);
 }
 
 void CudaPlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,

@@ -107,6 +107,26 @@ inline std::vector<OpCase> OpCases() {
                      t.bias_backward(dy.data(), db.data(), rows, cols);
                      return Cat({&db});
                    }});
+  // Past 64 rows (thrust_experts::kColumnChunkRows) the Thrust table sums columns in blocks
+  // of rows, then the blocks: another order than the CPU's row by row. 300 rows: four whole
+  // blocks and a partial one, added to a nonzero gradient.
+  const int64_t tall = 300;
+  cases.push_back({"bias_backward, 300 rows", 2e-6f, [=](const OpsTable& t) {
+                     FVec dy = NormalV(tall * cols, 1, 70), db = NormalV(cols, 1, 71);
+                     t.bias_backward(dy.data(), db.data(), tall, cols);
+                     return Cat({&db});
+                   }});
+  cases.push_back({"layer_norm_backward, 300 rows", 2e-6f, [=](const OpsTable& t) {
+                     FVec x = NormalV(tall * cols, 3, 72), g = NormalV(cols, 1, 73),
+                          b = NormalV(cols, 1, 74), y(tall * cols), mean(tall), rstd(tall);
+                     t.layer_norm_forward(x.data(), g.data(), b.data(), y.data(), mean.data(),
+                                          rstd.data(), tall, cols, 1e-6f);
+                     FVec dy = NormalV(tall * cols, 1, 75), dx(tall * cols),
+                          dg = NormalV(cols, 1, 76), dbeta = NormalV(cols, 1, 77);
+                     t.layer_norm_backward(x.data(), g.data(), mean.data(), rstd.data(), dy.data(),
+                                           dx.data(), dg.data(), dbeta.data(), tall, cols);
+                     return Cat({&dx, &dg, &dbeta});
+                   }});
   cases.push_back({"add", 0, [=](const OpsTable& t) {
                      FVec a = NormalV(n, 1, 6), b = NormalV(n, 1, 7), y(n);
                      t.add(a.data(), b.data(), y.data(), n);
