@@ -1,6 +1,7 @@
 // moerun bench moe-layer --device cuda: one MoE layer on this rank's GPU. Routing (top-k,
 // vanilla/BPR slots, rows), pack, bf16 cast, the expert MLP's cuBLAS GEMMs forward and
-// backward, and combine, each timed with CUDA events; expert GEMM TFLOP/s beside the bf16
+// backward, the combine and its backward, and the dispatch's backward, each timed with CUDA
+// events; expert GEMM TFLOP/s beside the bf16
 // cuBLAS peak measured in the same run (a large square GEMM), and, when PyTorch with CUDA
 // is importable, a PyTorch index-dispatch layer of the same shape on the same GPU.
 #include <cublas_v2.h>
@@ -124,8 +125,14 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
         Tensor packed = Tensor::Empty({e, cap, d}, DType::kF32, Device::kCUDA);
         Tensor packed_bf16 = Tensor::Empty({e, cap, d}, DType::kBF16, Device::kCUDA);
         Tensor y = Tensor::Empty({t, d}, DType::kF32, Device::kCUDA);
-        Tensor dy = Tensor::Empty({e, cap, d}, DType::kF32, Device::kCUDA);
+        // The layer's backward from dy [T, D] (as the PyTorch peer's y.backward()): the
+        // combine's backward into d_buf [E, cap, D] and d_weight, the experts', the
+        // dispatch's (a gather of d_in's kept rows into dx).
+        Tensor dy = Tensor::Empty({t, d}, DType::kF32, Device::kCUDA);
         dy.Fill(0.01f);
+        Tensor d_buf = Tensor::Empty({e, cap, d}, DType::kF32, Device::kCUDA);
+        Tensor d_weight = Tensor::Empty({t, k}, DType::kF32, Device::kCUDA);
+        Tensor dx = Tensor::Empty({t, d}, DType::kF32, Device::kCUDA);
         CudaRoutingScratch scratch;
         CudaExpertMlp experts(e, d, m, /*gelu_tanh=*/true);
         ExpertMlpParams host;
@@ -139,6 +146,7 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
         Tensor out, d_in;
         EventTimer timer(stream);
         double routing_ms = 0, pack_ms = 0, expert_ms = 0, bwd_expert_ms = 0, combine_ms = 0;
+        double bwd_combine_ms = 0, bwd_dispatch_ms = 0;
         auto step = [&](bool timed) {
           timer.Start();
           CudaTopK(gates.device_data<float>(Device::kCUDA), t, static_cast<int>(e),
@@ -169,9 +177,23 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
               w.device_data<float>(Device::kCUDA), t, k, d, y.device_data<float>(Device::kCUDA));
           const double c_ms = timer.Stop();
           timer.Start();
-          experts.Backward(dy, &d_in);
+          d_buf.SetZero();
+          CudaGatherKeptRowsBackward(
+              out.device_data<float>(Device::kCUDA), row.device_data<int32_t>(Device::kCUDA),
+              w.device_data<float>(Device::kCUDA), dy.device_data<float>(Device::kCUDA), t, k, d,
+              d_buf.device_data<float>(Device::kCUDA), d_weight.device_data<float>(Device::kCUDA));
+          const double cb_ms = timer.Stop();
+          timer.Start();
+          experts.Backward(d_buf, &d_in);
           const double b_ms = timer.Stop();
+          timer.Start();
+          CudaGatherKeptRows(d_in.device_data<float>(Device::kCUDA),
+                             row.device_data<int32_t>(Device::kCUDA), nullptr, t, k, d,
+                             dx.device_data<float>(Device::kCUDA));
+          const double db_ms = timer.Stop();
           if (!timed) return;
+          bwd_combine_ms += cb_ms;
+          bwd_dispatch_ms += db_ms;
           routing_ms += r_ms;
           pack_ms += p_ms;
           expert_ms += e_ms;
@@ -181,7 +203,9 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
         step(false);
         for (int i = 0; i < spec.steps; ++i) step(true);
         const double n = spec.steps;
-        const double step_ms = (routing_ms + pack_ms + expert_ms + combine_ms + bwd_expert_ms) / n;
+        const double step_ms = (routing_ms + pack_ms + expert_ms + combine_ms + bwd_combine_ms +
+                                bwd_expert_ms + bwd_dispatch_ms) /
+                               n;
         const double gemm_tflops =
             experts.FlopsPerStep(cap) / ((expert_ms + bwd_expert_ms) / n * 1e-3) / 1e12;
         nlohmann::json line = {{"bench", "moe-layer"},
@@ -204,10 +228,12 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
                                  {"pack", pack_ms / n},
                                  {"expert", expert_ms / n},
                                  {"combine", combine_ms / n},
-                                 {"bwd_expert", bwd_expert_ms / n}}},
+                                 {"bwd_combine", bwd_combine_ms / n},
+                                 {"bwd_expert", bwd_expert_ms / n},
+                                 {"bwd_dispatch", bwd_dispatch_ms / n}}},
                                {"note",
-                                "router GEMM, combine backward and router backward are not "
-                                "in this layer's GPU path yet"}};
+                                "the gates are given, as to the PyTorch peer: the router GEMM "
+                                "and its backward are not timed on either side"}};
         PrintJsonLine(line);
         const std::string torch = RunTorchPeer(spec, d, m, e, cap);
         if (!torch.empty()) {

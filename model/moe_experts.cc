@@ -189,7 +189,7 @@ void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                 {
                   // fc1's bias and the GELU in one pass, while the expert's hidden rows are
                   // in cache.
-                  ScopedTimer timer(act);
+                  ScopedTimer timer(act, dev);
                   for (int64_t e = rows.e0; e < rows.e1; ++e) {
                     BiasGeluSaving(ops, hidden_.device_data<float>(dev) + rows.at(e, m_),
                                    params_.fc1_bias.device_data<float>(dev) + e * m_,
@@ -228,7 +228,7 @@ void ExpertMlp::BackwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
                                    &d_act_, rows, gemm);
                 {
                   // The GELU's backward and fc1's bias gradient in one pass over d_act.
-                  ScopedTimer timer(act);
+                  ScopedTimer timer(act, dev);
                   for (int64_t e = rows.e0; e < rows.e1; ++e) {
                     GeluBiasBackwardFromSaved(ops, hidden_.device_data<float>(dev) + rows.at(e, m_),
                                               d_act_.device_data<float>(dev) + rows.at(e, m_),
