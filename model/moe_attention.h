@@ -47,6 +47,7 @@ struct MoeAttentionParams {
 class MoeAttention {
  public:
   MoeAttention(const MoeAttentionConfig& config, std::shared_ptr<MoeGroups> groups);
+  ~MoeAttention() { ResolveDeviceTimers(); }  // as MoeLayer's
 
   const MoeAttentionConfig& config() const { return config_; }
   MoeAttentionConfig& mutable_config() { return config_; }
@@ -72,7 +73,11 @@ class MoeAttention {
   const Tensor& head_outputs() const { return a_tok_; }
   // The usage EMA [tasks, E] (moe_aux.h), updated by training forwards.
   Tensor& usage() { return aux_.usage(); }
-  MoeTimers& timers() { return timers_; }
+  // Device timers resolved first (ResolveDeviceTimers).
+  MoeTimers& timers() {
+    ResolveDeviceTimers();
+    return timers_;
+  }
 
  private:
   MoeAttentionConfig config_;

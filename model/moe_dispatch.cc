@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "model/moe_layer.h"
@@ -71,16 +72,44 @@ void CopyRows(const Tensor& src, Tensor* dst) {
 
 }  // namespace
 
-ScopedTimer::ScopedTimer(double* slot, Device device) : slot_(slot), device_(device) {
-  Drain();
-  start_ = Now();
+namespace {
+struct PendingDeviceTime {
+  double* slot;
+  Backend* backend;
+  void* start;
+  void* stop;
+};
+std::mutex g_pending_mu;
+std::vector<PendingDeviceTime>* g_pending = new std::vector<PendingDeviceTime>();  // never freed
+}  // namespace
+
+ScopedTimer::ScopedTimer(double* slot, Device device) : slot_(slot) {
+  if (device != Device::kCPU) {
+    backend_ = &RequireBackend(device);
+    start_event_ = backend_->RecordTimingEvent();
+  }
+  if (start_event_ == nullptr) start_ = Now();
 }
+
 ScopedTimer::~ScopedTimer() {
-  Drain();
-  *slot_ += Now() - start_;
+  if (start_event_ == nullptr) {
+    *slot_ += Now() - start_;
+    return;
+  }
+  void* stop = backend_->RecordTimingEvent();
+  std::lock_guard<std::mutex> lock(g_pending_mu);
+  g_pending->push_back({slot_, backend_, start_event_, stop});
 }
-void ScopedTimer::Drain() const {
-  if (device_ != Device::kCPU) RequireBackend(device_).Synchronize();
+
+void ResolveDeviceTimers() {
+  std::vector<PendingDeviceTime> pending;
+  {
+    std::lock_guard<std::mutex> lock(g_pending_mu);
+    pending.swap(*g_pending);
+  }
+  for (const PendingDeviceTime& p : pending) {
+    *p.slot += p.backend->ElapsedSecondsAndRelease(p.start, p.stop);
+  }
 }
 
 void EnsureTensor(Tensor* t, const Shape& shape, DType dtype, Device device) {
@@ -272,9 +301,10 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
   std::vector<int64_t> counts(pe, block), displs = PrefixDisplacements(counts);
   counts[me] = 0;  // the own block is copied below, not sent
   std::unique_ptr<PendingCollective> pending;
-  // The timers here wait for nothing on a device (a wait would hold the host while the
-  // transfer and the experts overlap): their a2a and pack times are the enqueue's, and the
-  // device time of the copies is charged to the experts' timer that waits next.
+  // The timers here are host timers, also on a device (device events on the backend's
+  // stream would not see the transfer, which runs on the communicator's second stream): a2a
+  // and pack are the enqueue times there, and the transfer's device time is in no part of
+  // the split, only in the step's forward and backward.
   {
     // On a device the transfer runs on the communicator's second stream, beside the copies
     // and experts queued below on its first (NcclCommunicator::StartAllToAllV).

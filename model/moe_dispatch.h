@@ -12,6 +12,7 @@
 #include <functional>
 
 #include "model/moe_plan.h"
+#include "runtime/backend.h"
 #include "runtime/tensor.h"
 
 namespace moerun {
@@ -28,22 +29,29 @@ struct MoeTimers {
 };
 
 // Adds the seconds since construction to `slot` when it goes out of scope. On a device the
-// work it times is only queued when the host returns: with a `device` other than the CPU the
-// timer waits for that device's stream (its backend's polling Synchronize) before it starts,
-// so that earlier queued work is not charged to it, and again before it stops, so that its
-// time is its own work's. Each wait is one host round trip; the CPU's timers wait for nothing.
+// work it times is only queued when the host returns: with a `device` whose backend records
+// timing events (a GPU), the timer records one on the device's stream when it starts and
+// one when it stops, without waiting, and the device time between them is added to `slot`
+// by the next ResolveDeviceTimers. Otherwise (the CPU, the host stand-in) it times on the
+// host at once.
 class ScopedTimer {
  public:
   explicit ScopedTimer(double* slot, Device device = Device::kCPU);
   ~ScopedTimer();
+  ScopedTimer(const ScopedTimer&) = delete;
+  ScopedTimer& operator=(const ScopedTimer&) = delete;
 
  private:
-  void Drain() const;
-
   double* slot_;
-  Device device_;
-  double start_;
+  Backend* backend_ = nullptr;  // with start_event_
+  void* start_event_ = nullptr;
+  double start_ = 0;
 };
+
+// Adds every stopped device timer's time to its slot, waiting (polling) for the device where
+// its work has not finished. Readers of timers call it first (MoeLayer::timers(),
+// Trainer::time_split()); so do the owners of slots before they go.
+void ResolveDeviceTimers();
 
 // Reallocates `t` when its shape, dtype or device differs (buffers persist across steps).
 void EnsureTensor(Tensor* t, const Shape& shape, DType dtype = DType::kF32,

@@ -118,6 +118,7 @@ struct MoeForwardArgs {
 class MoeLayer {
  public:
   MoeLayer(const MoeLayerConfig& config, std::shared_ptr<MoeGroups> groups);
+  ~MoeLayer() { ResolveDeviceTimers(); }  // its timers' pending device time lands first
 
   const MoeLayerConfig& config() const { return config_; }
   // For inference-time routing overrides (capacity factor, BPR); not during a step.
@@ -149,7 +150,11 @@ class MoeLayer {
   const MoeAuxLosses& aux() const { return aux_; }
   // kTaskSoftmax: the usage EMA [tasks, E] (moe_aux.h), updated by training forwards.
   Tensor& usage() { return aux_.usage(); }
-  MoeTimers& timers() { return timers_; }
+  // Device timers resolved first (ResolveDeviceTimers).
+  MoeTimers& timers() {
+    ResolveDeviceTimers();
+    return timers_;
+  }
 
  private:
   bool overlapped() const;  // overlap_dispatch and more than one expert-parallel rank

@@ -24,6 +24,9 @@ struct DeviceMemory {
   // cudaMemPoolAttrUsedMemHigh): allocations through the backend, Thrust's temporaries
   // included, with the pool's rounding; cuBLAS's and NCCL's own buffers are not in it.
   int64_t pool_used_high_bytes = -1;
+  // Memory the pool holds for reuse, free for this process's allocations but not in
+  // free_bytes (the pool keeps what was freed: cudaMemPoolAttrReservedMemCurrent - Used).
+  int64_t pool_free_bytes = -1;
 };
 
 class Backend {
@@ -58,6 +61,13 @@ class Backend {
   // The device's free and total memory (CUDA: cudaMemGetInfo) and its pool's high-water
   // mark; all unknown (-1) by default, as for the CPU (see AvailableHostBytes).
   virtual DeviceMemory Memory() const { return {}; }
+  // Timing on the device's own clock without a host wait: an event recorded on the stream
+  // now (CUDA: a cudaEvent_t from a pool), or nullptr where the device has none (its work
+  // is done when a call returns: time it on the host).
+  virtual void* RecordTimingEvent() { return nullptr; }
+  // Seconds between two such events, waiting (polling, runtime/device_wait.h) until `stop`
+  // has happened; both events go back to the pool.
+  virtual double ElapsedSecondsAndRelease(void* start, void* stop);
 };
 
 // The backend of `device`; nullptr when it was not built or no such device is visible.

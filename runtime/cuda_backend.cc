@@ -10,6 +10,7 @@
 #include <atomic>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "runtime/backend.h"
 #include "runtime/device_wait.h"
@@ -133,6 +134,37 @@ class CudaBackend final : public Backend {
   void* stream() const override { return stream_; }
   size_t allocated_bytes() const override { return allocated_.load(); }
   size_t peak_allocated_bytes() const override { return peak_.load(); }
+  void* RecordTimingEvent() override {
+    cudaEvent_t e = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(events_mu_);
+      if (!free_events_.empty()) {
+        e = free_events_.back();
+        free_events_.pop_back();
+      }
+    }
+    if (e == nullptr) MOERUN_CUDA_CHECK(cudaEventCreate(&e));
+    MOERUN_CUDA_CHECK(cudaEventRecord(e, stream_));
+    return e;
+  }
+  double ElapsedSecondsAndRelease(void* start, void* stop) override {
+    const auto a = static_cast<cudaEvent_t>(start), b = static_cast<cudaEvent_t>(stop);
+    PollDeviceWait(
+        [&] {
+          const cudaError_t q = cudaEventQuery(b);
+          if (q == cudaErrorNotReady) return false;
+          CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while timing on " << description_
+                                  << ": " << cudaGetErrorName(q);
+          return true;
+        },
+        wait_name_);
+    float ms = 0;
+    MOERUN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    std::lock_guard<std::mutex> lock(events_mu_);
+    free_events_.push_back(a);
+    free_events_.push_back(b);
+    return ms * 1e-3;
+  }
   DeviceMemory Memory() const override {
     DeviceMemory m;
     size_t free = 0, total = 0;
@@ -141,10 +173,16 @@ class CudaBackend final : public Backend {
       m.total_bytes = static_cast<int64_t>(total);
     }
     cudaMemPool_t pool;
-    uint64_t high = 0;
-    if (pools_ && cudaDeviceGetDefaultMemPool(&pool, device_) == cudaSuccess &&
-        cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &high) == cudaSuccess) {
-      m.pool_used_high_bytes = static_cast<int64_t>(high);
+    uint64_t high = 0, reserved = 0, used = 0;
+    if (pools_ && cudaDeviceGetDefaultMemPool(&pool, device_) == cudaSuccess) {
+      if (cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &high) == cudaSuccess) {
+        m.pool_used_high_bytes = static_cast<int64_t>(high);
+      }
+      if (cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &reserved) ==
+              cudaSuccess &&
+          cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemCurrent, &used) == cudaSuccess) {
+        m.pool_free_bytes = static_cast<int64_t>(reserved >= used ? reserved - used : 0);
+      }
     }
     cudaGetLastError();  // a failed query is not sticky
     return m;
@@ -168,6 +206,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   std::string description_, wait_name_;
   std::atomic<size_t> allocated_{0}, peak_{0};
+  std::mutex events_mu_;
+  std::vector<cudaEvent_t> free_events_;  // recorded and timed: reusable
 };
 
 }  // namespace

@@ -45,23 +45,20 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
                          GiBString(static_cast<double>(available)) + " available; " + advice);
   }
   // The weights, gradients, moments and activations live on the GPU; the host keeps only
-  // the data and the routing's small tables. Local rank r uses GPU r % devices.
+  // the data and the routing's small tables. One rank per GPU: a launcher that shows each
+  // rank its own GPU (CUDA_VISIBLE_DEVICES) looks the same from here as ranks sharing one,
+  // so ranks sharing a GPU are each checked against its free memory alone. Free is the
+  // driver's plus what this process's pool holds for reuse. The plan leaves out cuBLAS's
+  // workspaces and Thrust's temporaries (see dry-run's device figures).
   const Backend* backend = BackendFor(device);
   const DeviceMemory mem = backend != nullptr ? backend->Memory() : DeviceMemory{};
   if (mem.free_bytes < 0) return Status::Ok();
-  const int devices = device == Device::kCUDA ? CudaDeviceCount() : 0;
-  int sharing = 1;
-  if (devices > 0) {
-    const int mine = Process().local_rank % devices;
-    sharing = local / devices + (mine < local % devices ? 1 : 0);
-  }
-  const double need = static_cast<double>(f.bytes_per_rank) * std::max(1, sharing);
-  if (need <= static_cast<double>(mem.free_bytes)) return Status::Ok();
-  return Status::Error("the plan needs " + plan + " x " + std::to_string(std::max(1, sharing)) +
-                       " rank(s) on " + backend->Describe() + " = " + GiBString(need) +
-                       ", but it has " + GiBString(static_cast<double>(mem.free_bytes)) +
-                       " free of " + GiBString(static_cast<double>(mem.total_bytes)) + "; " +
-                       (sharing > 1 ? "run one rank per GPU, or " : "") + advice);
+  const double free = static_cast<double>(mem.free_bytes) +
+                      static_cast<double>(std::max<int64_t>(0, mem.pool_free_bytes));
+  if (static_cast<double>(f.bytes_per_rank) <= free) return Status::Ok();
+  return Status::Error("the plan needs " + plan + " on " + backend->Describe() + ", but it has " +
+                       GiBString(free) + " free of " +
+                       GiBString(static_cast<double>(mem.total_bytes)) + "; " + advice);
 }
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,
@@ -125,7 +122,15 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   return t;
 }
 
-Trainer::~Trainer() { SetBf16Gemms(bf16_gemms_before_); }
+Trainer::~Trainer() {
+  ResolveDeviceTimers();  // no pending device time may outlive the slots it adds to
+  SetBf16Gemms(bf16_gemms_before_);
+}
+
+const StepTimeSplit& Trainer::time_split() const {
+  ResolveDeviceTimers();
+  return time_split_;
+}
 
 Status Trainer::CreateVit() {
   const TrainConfig& tc = config_.train();

@@ -97,9 +97,9 @@ Status CheckSameModel(const CheckpointManifest& manifest, const Config& current)
 
 // OK when the memory the model lives in holds the plan's footprint (EstimateFootprint):
 // on the CPU, this host's available memory (MemAvailable) that of every rank on it; on a
-// device, the free memory of this rank's GPU that of every rank bound to it (one unless
-// there are more ranks on the host than GPUs). Else an error with the plan's figures. Where
-// the memory is unknown (a backend that does not report it) it is OK.
+// device, the free memory of this rank's GPU (with what its pool holds for reuse) that of
+// this rank. Else an error with the plan's figures. Where the memory is unknown (a backend
+// that does not report it) it is OK.
 Status CheckMemory(const Config& config, int ranks, int64_t micro_batch,
                    Device device = Device::kCPU);
 
@@ -121,7 +121,8 @@ class Trainer {
 
   StepStats Step();
   // Where the time of the steps taken so far went (this rank).
-  const StepTimeSplit& time_split() const { return time_split_; }
+  // Device timers resolved first (ResolveDeviceTimers: waits for the device's queued work).
+  const StepTimeSplit& time_split() const;
   EvalStats Evaluate(const Dataset& data, int64_t global_batch, const RoutingOverride& routing);
 
   // The run's whole state as named global tensors: every parameter under its global name

@@ -169,6 +169,9 @@ TEST(CudaOpsTable, EveryCaseMatchesTheCpuTable) {
   const OpsTable& cuda = Ops(Device::kCUDA);
   const OpsTable& cpu = Ops(Device::kCPU);
   op_cases::g_case_alloc = [](size_t bytes) -> void* {
+    // The host writes the new buffer next: wait for the kernels of the ops before (they
+    // only queue), which a GPU without concurrentManagedAccess requires.
+    if (cudaDeviceSynchronize() != cudaSuccess) return nullptr;
     void* p = nullptr;
     return cudaMallocManaged(&p, bytes) == cudaSuccess ? p : nullptr;
   };

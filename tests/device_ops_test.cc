@@ -791,30 +791,60 @@ class CountingBackend : public Backend {
   size_t allocated_bytes() const override { return inner_->allocated_bytes(); }
   size_t peak_allocated_bytes() const override { return inner_->peak_allocated_bytes(); }
   DeviceMemory Memory() const override { return memory; }
+  // With `events`, timing events carry the simulated device clock `clock_s` when recorded.
+  void* RecordTimingEvent() override {
+    if (!events) return nullptr;
+    ++recorded;
+    return new double(clock_s);
+  }
+  double ElapsedSecondsAndRelease(void* start, void* stop) override {
+    ++timed;
+    const double s = *static_cast<double*>(stop) - *static_cast<double*>(start);
+    delete static_cast<double*>(start);
+    delete static_cast<double*>(stop);
+    return s;
+  }
   int zeros = 0, from_host = 0, to_host = 0, within = 0, syncs = 0, sync_ms = 0;
   DeviceMemory memory;  // what the "driver" reports
+  bool events = false;
+  double clock_s = 0;
+  int recorded = 0, timed = 0;
 
  private:
   Backend* inner_;
 };
 
-// A timer on a device waits for the stream before it starts and before it stops: work queued
-// earlier is not charged to it (the first wait is outside its time), its own is (the second
-// is inside). A CPU timer waits for nothing.
-TEST_F(StandInCuda, DeviceTimersWaitForTheStreamWhenTheyStartAndStop) {
+// A timer on a device that records timing events (a GPU) waits for nothing: it records an
+// event when it starts and one when it stops, and the device time between them reaches its
+// slot at the next ResolveDeviceTimers. Without events (the stand-in, the CPU) it times on
+// the host at once.
+TEST_F(StandInCuda, DeviceTimersRecordEventsAndResolveLater) {
   CountingBackend counting(backend_.get());
   SetBackendForTesting(Device::kCUDA, &counting);
-  double cpu = 0, dev = 0;
+  double cpu = 0, host_timed = 0, dev = 0;
   { ScopedTimer timer(&cpu); }
-  EXPECT_EQ(counting.syncs, 0);
-  counting.sync_ms = 40;
+  counting.sync_ms = 20;  // were a timer to wait, it would show
+  {
+    ScopedTimer timer(&host_timed, Device::kCUDA);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_GE(host_timed, 0.005) << "no events: timed on the host";
+  EXPECT_LT(host_timed, 0.015) << "without a wait";
+  counting.events = true;
+  counting.clock_s = 10.0;
   {
     ScopedTimer timer(&dev, Device::kCUDA);
-    EXPECT_EQ(counting.syncs, 1);
+    EXPECT_EQ(counting.recorded, 1);
+    counting.clock_s = 10.25;  // the timed work's device time
   }
-  EXPECT_EQ(counting.syncs, 2);
-  EXPECT_GE(dev, 0.040) << "the stop's wait is the timed work's";
-  EXPECT_LT(dev, 0.075) << "the start's wait is earlier work's, not the timer's";
+  EXPECT_EQ(counting.recorded, 2);
+  EXPECT_EQ(dev, 0.0) << "pending until resolved";
+  ResolveDeviceTimers();
+  EXPECT_EQ(dev, 0.25);
+  EXPECT_EQ(counting.timed, 1);
+  ResolveDeviceTimers();
+  EXPECT_EQ(dev, 0.25) << "each timing is added once";
+  EXPECT_EQ(counting.syncs, 0) << "no timer waited for the stream";
   SetBackendForTesting(Device::kCUDA, backend_.get());
 }
 
@@ -1202,9 +1232,10 @@ TEST_F(StandInCuda, TrainerRefusesWhatTheDevicePathDoesNotCover) {
       << t.status().message();
 }
 
-// On a device the plan's bytes are checked against the GPU's free memory, not the host's:
-// one byte short is refused with the figures and what to change; enough, or a device that
-// does not report its memory, is accepted.
+// On a device the plan's bytes are checked against the GPU's free memory (with what the
+// process's pool holds for reuse), not the host's: one byte short is refused with the
+// figures and what to change; enough, or a device that does not report its memory, is
+// accepted.
 TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   auto config = TinyTrainingConfig("steps: 1");
   ASSERT_TRUE(config.ok());
@@ -1223,7 +1254,7 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   EXPECT_NE(why.find("free of"), std::string::npos) << why;
   EXPECT_NE(why.find("train.optimizer_moments: BF16"), std::string::npos) << why;
   EXPECT_TRUE(Trainer::Create(*config, &one, &data).ok()) << "the CPU's plan is the host's";
-  counting.memory.free_bytes = need;
+  counting.memory.pool_free_bytes = 1;  // what the process's pool holds for reuse counts
   auto fits = Trainer::Create(*config, &one, &data, Device::kCUDA);
   EXPECT_TRUE(fits.ok()) << fits.status().message();
   counting.memory = DeviceMemory{};
