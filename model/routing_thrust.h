@@ -235,25 +235,34 @@ void GatherKeptRows(const Policy& policy, const float* buf, const int32_t* row, 
 }
 
 // Combine backward (the caller zeroes d_buf first): per kept choice i = (t, j),
-// d_weight[i] = <dy[t], buf[row[i]]> summed in double (LaneDotF64's order), and
-// d_buf[row[i]] = weight[i] * dy[t]; d_weight[i] = 0 for a dropped choice. One work item
-// per choice: kept rows are distinct, so no two items write the same d_buf row.
-struct CombineBackwardFunctor {
-  const float* buf;
+// d_buf[row[i]] = weight[i] * dy[t] and d_weight[i] = <dy[t], buf[row[i]]> summed in double
+// (LaneDotF64's order); d_weight[i] = 0 for a dropped choice. Two passes: d_buf one work
+// item per (choice, column), so that neighbouring items write neighbouring floats (on a GPU,
+// one row per item would scatter each warp's stores over 32 rows); then d_weight one item
+// per choice. Kept rows are distinct, so no two items write the same d_buf float.
+struct CombineBackwardRowsFunctor {
   const int32_t* row;
   const float* weight;
   const float* dy;
   int64_t k, w;
   float* d_buf;
+  MOERUN_HD void operator()(int64_t e) const {
+    const int64_t i = e / w, c = e % w;
+    if (row[i] < 0) return;
+    d_buf[static_cast<int64_t>(row[i]) * w + c] = weight[i] * dy[(i / k) * w + c];
+  }
+};
+
+struct CombineBackwardWeightFunctor {
+  const float* buf;
+  const int32_t* row;
+  const float* dy;
+  int64_t k, w;
   float* d_weight;
   MOERUN_HD void operator()(int64_t i) const {
-    d_weight[i] = 0.0f;
-    if (row[i] < 0) return;
-    const float* dyt = dy + (i / k) * w;
-    const float* o = buf + static_cast<int64_t>(row[i]) * w;
-    float* dst = d_buf + static_cast<int64_t>(row[i]) * w;
-    for (int64_t c = 0; c < w; ++c) dst[c] = weight[i] * dyt[c];
-    d_weight[i] = static_cast<float>(LaneDotF64(dyt, o, w));
+    d_weight[i] = row[i] < 0 ? 0.0f
+                             : static_cast<float>(LaneDotF64(
+                                   dy + (i / k) * w, buf + static_cast<int64_t>(row[i]) * w, w));
   }
 };
 
@@ -262,8 +271,11 @@ void GatherKeptRowsBackward(const Policy& policy, const float* buf, const int32_
                             const float* weight, const float* dy, int64_t tokens, int64_t k,
                             int64_t w, float* d_buf, float* d_weight) {
   thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
+                   thrust::counting_iterator<int64_t>(tokens * k * w),
+                   CombineBackwardRowsFunctor{row, weight, dy, k, w, d_buf});
+  thrust::for_each(policy, thrust::counting_iterator<int64_t>(0),
                    thrust::counting_iterator<int64_t>(tokens * k),
-                   CombineBackwardFunctor{buf, row, weight, dy, k, w, d_buf, d_weight});
+                   CombineBackwardWeightFunctor{buf, row, dy, k, w, d_weight});
 }
 
 }  // namespace thrust_routing
