@@ -162,6 +162,8 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
     const int64_t a2a_before = world.all_to_all_bytes_sent();
     const auto t0 = std::chrono::steady_clock::now();
     st = (*trainer)->Step();
+    // On a device the step's last work (the optimizer's) is only queued: it is the step's.
+    if (device != Device::kCPU) RequireBackend(device).Synchronize();
     step_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     LOG(INFO) << "dry-run: step " << i + 1 << "/" << steps << ": " << std::setprecision(2)
               << step_s.back() << " s, loss " << std::setprecision(4) << st.loss << ", "

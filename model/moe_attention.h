@@ -73,11 +73,8 @@ class MoeAttention {
   const Tensor& head_outputs() const { return a_tok_; }
   // The usage EMA [tasks, E] (moe_aux.h), updated by training forwards.
   Tensor& usage() { return aux_.usage(); }
-  // Device timers resolved first (ResolveDeviceTimers).
-  MoeTimers& timers() {
-    ResolveDeviceTimers();
-    return timers_;
-  }
+  // On a device, the times of device timers land at ResolveDeviceTimers().
+  MoeTimers& timers() { return timers_; }
 
  private:
   MoeAttentionConfig config_;

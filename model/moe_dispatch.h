@@ -49,8 +49,10 @@ class ScopedTimer {
 };
 
 // Adds every stopped device timer's time to its slot, waiting (polling) for the device where
-// its work has not finished. Readers of timers call it first (MoeLayer::timers(),
-// Trainer::time_split()); so do the owners of slots before they go.
+// its work has not finished. Readers of device times call it first (Trainer::time_split(),
+// the Trainer after each backward and evaluation, bench moe-layer); so do the owners of
+// slots before they go (MoeLayer's, MoeAttention's, the Trainer's destructors). A device
+// timer's slot must outlive the next call: never a local.
 void ResolveDeviceTimers();
 
 // Reallocates `t` when its shape, dtype or device differs (buffers persist across steps).

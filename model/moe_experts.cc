@@ -101,6 +101,8 @@ void OverExperts(const OpsTable& ops, int64_t el, int64_t r, int64_t begin, int6
     step(ExpertRows{0, el, r, begin, count}, gemm, act);
     return;
   }
+  // The experts' slots below are locals: host timers only (a device timer's slot must
+  // outlive ResolveDeviceTimers). The CPU's is the only table with for_each_expert.
   double first_gemm = 0, first_act = 0, wall = 0;
   {
     ScopedTimer timer(&wall);

@@ -150,11 +150,8 @@ class MoeLayer {
   const MoeAuxLosses& aux() const { return aux_; }
   // kTaskSoftmax: the usage EMA [tasks, E] (moe_aux.h), updated by training forwards.
   Tensor& usage() { return aux_.usage(); }
-  // Device timers resolved first (ResolveDeviceTimers).
-  MoeTimers& timers() {
-    ResolveDeviceTimers();
-    return timers_;
-  }
+  // On a device, the times of device timers land at ResolveDeviceTimers().
+  MoeTimers& timers() { return timers_; }
 
  private:
   bool overlapped() const;  // overlap_dispatch and more than one expert-parallel rank

@@ -143,7 +143,10 @@ class CudaBackend final : public Backend {
         free_events_.pop_back();
       }
     }
-    if (e == nullptr) MOERUN_CUDA_CHECK(cudaEventCreate(&e));
+    if (e == nullptr) {
+      MOERUN_CUDA_CHECK(cudaSetDevice(device_));  // events belong to the current device
+      MOERUN_CUDA_CHECK(cudaEventCreate(&e));
+    }
     MOERUN_CUDA_CHECK(cudaEventRecord(e, stream_));
     return e;
   }

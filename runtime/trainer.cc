@@ -45,20 +45,31 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
                          GiBString(static_cast<double>(available)) + " available; " + advice);
   }
   // The weights, gradients, moments and activations live on the GPU; the host keeps only
-  // the data and the routing's small tables. One rank per GPU: a launcher that shows each
-  // rank its own GPU (CUDA_VISIBLE_DEVICES) looks the same from here as ranks sharing one,
-  // so ranks sharing a GPU are each checked against its free memory alone. Free is the
-  // driver's plus what this process's pool holds for reuse. The plan leaves out cuBLAS's
-  // workspaces and Thrust's temporaries (see dry-run's device figures).
+  // the data and the routing's small tables. Local rank r binds GPU r % devices: with
+  // several GPUs visible and more local ranks than GPUs, ranks share one and count
+  // together. With one GPU visible, a launcher that shows each rank its own
+  // (CUDA_VISIBLE_DEVICES) looks the same from here as ranks sharing it: each is checked
+  // alone. Free is the driver's plus what this process's pool holds for reuse. The plan
+  // leaves out cuBLAS's workspaces and Thrust's temporaries (see dry-run's device figures).
   const Backend* backend = BackendFor(device);
   const DeviceMemory mem = backend != nullptr ? backend->Memory() : DeviceMemory{};
   if (mem.free_bytes < 0) return Status::Ok();
+  const int devices = device == Device::kCUDA ? CudaDeviceCount() : 0;
+  int sharing = 1;
+  if (devices > 1) {
+    const int mine = Process().local_rank % devices;
+    sharing = std::max(1, local / devices + (mine < local % devices ? 1 : 0));
+  }
+  const double need = static_cast<double>(f.bytes_per_rank) * sharing;
   const double free = static_cast<double>(mem.free_bytes) +
                       static_cast<double>(std::max<int64_t>(0, mem.pool_free_bytes));
-  if (static_cast<double>(f.bytes_per_rank) <= free) return Status::Ok();
-  return Status::Error("the plan needs " + plan + " on " + backend->Describe() + ", but it has " +
-                       GiBString(free) + " free of " +
-                       GiBString(static_cast<double>(mem.total_bytes)) + "; " + advice);
+  if (need <= free) return Status::Ok();
+  const std::string shared =
+      sharing > 1 ? " x " + std::to_string(sharing) + " ranks sharing it" : std::string();
+  return Status::Error("the plan needs " + plan + shared + " on " + backend->Describe() +
+                       ", but it has " + GiBString(free) + " free of " +
+                       GiBString(static_cast<double>(mem.total_bytes)) + "; " +
+                       (sharing > 1 ? "run one rank per GPU, or " : "") + advice);
 }
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communicator* world,
@@ -294,6 +305,10 @@ StepTimeSplit Trainer::MoeTimes() {
 }
 
 void Trainer::AddMoeTimes(const StepTimeSplit& before) {
+  // The forward's and backward's device times (and the last step's reduce and optimizer),
+  // done by now but for the backward's last kernels: the gradients' reduction follows, which
+  // waits for them anyway. With this, every step resolves what it timed, MoE layers or none.
+  ResolveDeviceTimers();
   const StepTimeSplit now = MoeTimes();
   time_split_.router += now.router - before.router;
   time_split_.dispatch_a2a += now.dispatch_a2a - before.dispatch_a2a;
@@ -501,6 +516,11 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
 
 EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
                             const RoutingOverride& routing) {
+  // The MoE layers' timers run in evaluation too: their device times land before the next
+  // step takes its MoeTimes() baseline, so that they stay out of the training split.
+  struct ResolveOnReturn {
+    ~ResolveOnReturn() { ResolveDeviceTimers(); }
+  } resolve_on_return;
   if (modsquad_) return EvaluateMultiTask(data, global_batch, routing);
   const int p = world_->size();
   // Each rank's micro-batch holds whole routing groups (the last batch is padded).

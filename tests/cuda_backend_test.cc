@@ -1,10 +1,12 @@
-// The CUDA backend on a GPU: device tensors and copies, the cuBLAS bf16 expert MLP against
-// the CPU ExpertMlp, its grouped (dropless) forward against the fixed-capacity one, and the
-// NCCL communicator (one rank: NCCL refuses two ranks on one GPU). Runs under mpirun;
-// without a GPU every test prints "skipped: no GPU" and is skipped.
+// The CUDA backend on a GPU: device tensors and copies, timers on CUDA events and the
+// memory report, the cuBLAS bf16 expert MLP against the CPU ExpertMlp, its grouped
+// (dropless) forward against the fixed-capacity one, and the NCCL communicator (one rank: NCCL
+// refuses two ranks on one GPU). Runs under mpirun; without a GPU every test prints "skipped: no
+// GPU" and is skipped.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -65,6 +67,44 @@ TEST(CudaBackend, TensorsRoundTripThroughTheDevice) {
   dev.SetZero();
   back = dev.To(Device::kCPU);
   for (int i = 0; i < 15; ++i) EXPECT_EQ(back.data<float>()[i], 0.0f);
+}
+
+// Device timers on CUDA events: a timer around 64 MiB of copies on the stream gets their
+// device time (more than zero, less than the wall time around it) only when resolved, and
+// the pool's events are reused; the memory report is the driver's.
+TEST(CudaBackend, TimersRecordEventsAndMemoryIsReported) {
+  SKIP_WITHOUT_GPU();
+  Backend& cuda = RequireBackend(Device::kCUDA);
+  Tensor a = Tensor::Zeros({16, 1 << 20}, DType::kF32, Device::kCUDA);
+  Tensor b = Tensor::Empty({16, 1 << 20}, DType::kF32, Device::kCUDA);
+  cuda.Synchronize();
+  double timed = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    ScopedTimer timer(&timed, Device::kCUDA);
+    for (int i = 0; i < 8; ++i) b.CopyFrom(a);
+  }
+  EXPECT_EQ(timed, 0.0) << "pending until resolved";
+  ResolveDeviceTimers();
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GT(timed, 0.0);
+  EXPECT_LE(timed, wall);
+  std::printf("8 x 64 MiB device copies: %.3f ms by events, %.3f ms wall\n", timed * 1e3,
+              wall * 1e3);
+  for (int i = 0; i < 100; ++i) {  // reused events: no growth, the same answers
+    double t = 0;
+    { ScopedTimer timer(&t, Device::kCUDA); }
+    ResolveDeviceTimers();
+    EXPECT_GE(t, 0.0);
+  }
+  const DeviceMemory mem = cuda.Memory();
+  EXPECT_GT(mem.total_bytes, 0);
+  EXPECT_GT(mem.free_bytes, 0);
+  EXPECT_LE(mem.free_bytes, mem.total_bytes);
+  if (mem.pool_used_high_bytes >= 0) {  // -1: no memory pools (plain cudaMalloc)
+    EXPECT_GE(mem.pool_used_high_bytes, int64_t{128} << 20);
+    EXPECT_GE(mem.pool_free_bytes, 0);
+  }
 }
 
 struct ExpertCase {

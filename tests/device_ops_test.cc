@@ -1232,6 +1232,32 @@ TEST_F(StandInCuda, TrainerRefusesWhatTheDevicePathDoesNotCover) {
       << t.status().message();
 }
 
+// The Trainer resolves its device timers every step (after the backward): with events, at
+// most the last step's reduce and optimizer timers are pending after a step, and none once
+// the split is read; the split's parts are the devices' times.
+TEST_F(StandInCuda, TrainerResolvesItsDeviceTimersEveryStep) {
+  auto config = TinyTrainingConfig("steps: 3 warmup_steps: 1");
+  ASSERT_TRUE(config.ok());
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+  LoopbackCommunicator one(0, 1);
+  CountingBackend counting(backend_.get());
+  SetBackendForTesting(Device::kCUDA, &counting);
+  {
+    auto t = Trainer::Create(*config, &one, &data, Device::kCUDA);
+    ASSERT_TRUE(t.ok()) << t.status().message();
+    counting.events = true;
+    counting.clock_s = 1.0;  // every timing: 0 s, but counted
+    for (int step = 0; step < 3; ++step) {
+      ASSERT_TRUE((*t)->Step().finite);
+      EXPECT_LE(counting.recorded - 2 * counting.timed, 4) << "step " << step;
+    }
+    EXPECT_GT(counting.timed, 3 * 4) << "the MoE parts' timers record events too";
+    EXPECT_EQ((*t)->time_split().steps, 3);
+    EXPECT_EQ(counting.recorded, 2 * counting.timed) << "all resolved once the split is read";
+  }
+  SetBackendForTesting(Device::kCUDA, backend_.get());
+}
+
 // On a device the plan's bytes are checked against the GPU's free memory (with what the
 // process's pool holds for reuse), not the host's: one byte short is refused with the
 // figures and what to change; enough, or a device that does not report its memory, is
