@@ -248,8 +248,8 @@ struct ThrustOps {
     float *pg = partial.get(), *pb = pg + chunks * cols;
     ForIndices(policy, chunks * cols,
                LayerNormParamChunkFunctor{x, mean, rstd, dy, pg, pb, rows, cols});
-    ForIndices(policy, cols, thrust_experts::AddChunkSumsFunctor{pg, dgamma, cols, chunks});
-    ForIndices(policy, cols, thrust_experts::AddChunkSumsFunctor{pb, dbeta, cols, chunks});
+    ForIndices(policy, cols, thrust_experts::BiasGradFunctor{pg, dgamma, chunks, cols});
+    ForIndices(policy, cols, thrust_experts::BiasGradFunctor{pb, dbeta, chunks, cols});
   }
   static void GeluForward(const float* x, float* y, int64_t n, bool tanh_form) {
     ForIndices(PolicySource::Get(), n, GeluFunctor{x, y, tanh_form});

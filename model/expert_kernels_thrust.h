@@ -86,7 +86,8 @@ struct GeluBackwardFunctor {
   }
 };
 
-// One (expert, column): its rows summed in row order, added to dbias.
+// One (expert, column): its rows summed in row order, added to dbias. Also the second pass
+// of the column sums below, over the blocks' sums as rows.
 struct BiasGradFunctor {
   const float* dy;
   float* dbias;
@@ -154,20 +155,6 @@ struct ChunkColumnSumFunctor {
   }
 };
 
-// out[e * cols + j] += the sum over blocks c, in order, of partial[(e * chunks + c) * cols + j].
-struct AddChunkSumsFunctor {
-  const float* partial;
-  float* out;
-  int64_t cols, chunks;
-  MOERUN_HD void operator()(int64_t i) const {
-    const int64_t e = i / cols, j = i % cols;
-    const float* p = partial + e * chunks * cols + j;
-    float s = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) s += p[c * cols];
-    out[i] += s;
-  }
-};
-
 template <typename Policy>
 void CastToBF16(const Policy& p, const float* src, uint16_t* dst, int64_t n) {
   ForIndices(p, n, CastFunctor{src, dst});
@@ -207,7 +194,7 @@ void BiasGrad(const Policy& p, const float* dy, float* dbias, int64_t experts, i
   ScratchFloats<Policy> partial(p, experts * chunks * cols);
   ForIndices(p, experts * chunks * cols,
              ChunkColumnSumFunctor{dy, partial.get(), rows, cols, chunks});
-  ForIndices(p, experts * cols, AddChunkSumsFunctor{partial.get(), dbias, cols, chunks});
+  ForIndices(p, experts * cols, BiasGradFunctor{partial.get(), dbias, chunks, cols});
 }
 
 }  // namespace thrust_experts
