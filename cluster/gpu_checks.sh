@@ -99,6 +99,9 @@ step() {
   timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
+  # The step's result lines (bench, dry-run, evaluation, a run's final line) in the summary.
+  grep -hE '"(bench|event)": ?"(moe-layer|moe-layer-torch|dry_run|eval|final)"' \
+    "$out/$name.log" >>"$out/summary.txt" || true
   [ $rc -eq 0 ] || { failed=1; tail -n 15 "$out/$name.log"; }
 }
 
