@@ -483,9 +483,7 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
     // Dense: norm over the patch tokens -> per token Dense(D -> P*P*outs).
     const int64_t prow = b * patches_, width = p * p * outs;
     a.in = arena_.Allocate({prow, d});
-    for (int64_t i = 0; i < b; ++i) {
-      CopyFloats(device_, F(a.in) + i * patches_ * d, ht + (i * n + 1) * d, patches_ * d);
-    }
+    CopyRows(device_, F(a.in), patches_ * d, ht + d, n * d, patches_ * d, b);
     a.norm = arena_.Allocate({prow, d});
     a.mean = arena_.Allocate({prow});
     a.rstd = arena_.Allocate({prow});

@@ -332,6 +332,22 @@ void CopyFloats(Device device, float* dst, const float* src, int64_t n) {
   }
 }
 
+void CopyRows(Device device, float* dst, int64_t dst_stride, const float* src, int64_t src_stride,
+              int64_t row_floats, int64_t rows) {
+  CHECK(row_floats <= dst_stride && row_floats <= src_stride)
+      << "rows of " << row_floats << " floats, strides " << dst_stride << " and " << src_stride;
+  if (rows <= 0 || row_floats <= 0) return;
+  if (device == Device::kCPU) {
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(src + r * src_stride, row_floats, dst + r * dst_stride);
+    }
+    return;
+  }
+  const size_t f = sizeof(float);
+  RequireBackend(device).CopyWithin2D(dst, dst_stride * f, src, src_stride * f, row_floats * f,
+                                      rows);
+}
+
 void AddSequenceSums(Device device, const float* g, int64_t seqs, int64_t tokens, int64_t d,
                      float* scratch, float* pos_g, float* cls_g) {
   const OpsTable& ops = Ops(device);

@@ -173,6 +173,11 @@ void GeluBiasBackwardFromSaved(const OpsTable& table, const float* saved, float*
 
 // n floats from src to dst, both in `device`'s memory.
 void CopyFloats(Device device, float* dst, const float* src, int64_t n);
+// `rows` rows of `row_floats` floats from src to dst, both in `device`'s memory, the rows
+// `src_stride` and `dst_stride` floats apart (both >= row_floats; regions apart): one 2D copy
+// on a device (Backend::CopyWithin2D) instead of one copy per row.
+void CopyRows(Device device, float* dst, int64_t dst_stride, const float* src, int64_t src_stride,
+              int64_t row_floats, int64_t rows);
 // Runs `f` over t's floats on the host: t's own for a host tensor; for a device tensor a
 // host copy (holding t's values when `read`), copied back into t afterwards. The models'
 // host-side glue (losses, labels, small element-wise steps) reaches device tensors this way.

@@ -216,14 +216,17 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   });
   Tensor emb = arena_.Allocate({b * patches_, d});
   LinearForward(ops(), F(patches_in_), F(patch_w_), F(patch_b_), F(emb), b * patches_, patch_in, d);
-  x0_ = arena_.Allocate({rows, d});
+  // x[i] = [cls + pos[0], emb[i] + pos[1:]]: the patches' rows placed in one strided copy,
+  // then one bias add of [cls + pos[0], pos[1:]] over every image's n * d floats (the same
+  // sums as an add per image; a device runs a few kernels instead of two per image).
+  x0_ = arena_.AllocateZeros({rows, d});
   float* x = F(x0_);
   const float* pos = F(pos_);
-  for (int64_t i = 0; i < b; ++i) {
-    float* xi = x + i * n * d;
-    MOERUN_OP(ops(), add)(F(cls_), pos, xi, d);
-    MOERUN_OP(ops(), add)(F(emb) + i * patches_ * d, pos + d, xi + d, patches_ * d);
-  }
+  Tensor embed_bias = arena_.Allocate({n * d});
+  MOERUN_OP(ops(), add)(F(cls_), pos, F(embed_bias), d);
+  CopyFloats(F(embed_bias) + d, pos + d, patches_ * d);
+  moerun::CopyRows(device_, x + d, n * d, F(emb), patches_ * d, patches_ * d, b);
+  MOERUN_OP(ops(), add_bias)(x, F(embed_bias), b, n * d);
   // Blocks.
   Tensor h = x0_;
   out->aux_loss = 0;
@@ -270,7 +273,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   }
   // Final norm on the CLS rows only (the only rows the head reads), pre-logits, head.
   cls_rows_ = arena_.Allocate({b, d});
-  for (int64_t i = 0; i < b; ++i) CopyFloats(F(cls_rows_) + i * d, F(h) + i * n * d, d);
+  moerun::CopyRows(device_, F(cls_rows_), d, F(h), n * d, d, b);
   cls_norm_ = arena_.Allocate({b, d});
   norm_mean_ = arena_.Allocate({b});
   norm_rstd_ = arena_.Allocate({b});
@@ -346,7 +349,7 @@ void VitModel::Backward() {
   (F(cls_rows_), F(norm_w_), F(norm_mean_), F(norm_rstd_), F(d_cls_norm), F(d_cls), F(norm_gw_),
    F(norm_gb_), b, d);
   Tensor dx = arena_.AllocateZeros({rows, d});
-  for (int64_t i = 0; i < b; ++i) CopyFloats(F(dx) + i * n * d, F(d_cls) + i * d, d);
+  moerun::CopyRows(device_, F(dx), n * d, F(d_cls), d, d, b);
   // Blocks in reverse. dx: gradient of the block's output.
   Tensor d_ln = arena_.Allocate({rows, d});
   Tensor d_mid = arena_.Allocate({rows, d});
@@ -383,9 +386,7 @@ void VitModel::Backward() {
   Tensor d_emb = arena_.Allocate({b * patches_, d});
   Tensor sums = arena_.AllocateZeros({n * d});
   AddSequenceSums(device_, g, b, n, d, F(sums), gpos, gcls);
-  for (int64_t i = 0; i < b; ++i) {
-    CopyFloats(F(d_emb) + i * patches_ * d, g + i * n * d + d, patches_ * d);
-  }
+  moerun::CopyRows(device_, F(d_emb), patches_ * d, g + d, n * d, patches_ * d, b);
   const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();
   LinearBackward(ops(), F(patches_in_), F(patch_w_), F(d_emb), nullptr, F(patch_gw_), F(patch_gb_),
                  b * patches_, patch_in, d);
