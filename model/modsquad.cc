@@ -639,10 +639,11 @@ void ModSquadModel::Backward() {
                    d, width);
     MOERUN_OP(ops(), layer_norm_backward)
     (F(a.in), F(norm_w_), F(a.mean), F(a.rstd), F(dn), F(din), F(norm_gw_), F(norm_gb_), prow, d);
-    for (int64_t i = 0; i < b; ++i) {
-      MOERUN_OP(ops(), axpy)
-      (1.0f, F(din) + i * patches_ * d, dht + (i * n + 1) * d, patches_ * d);
-    }
+    // dht[i, 1:n] += din[i]: din spread to the tokens' rows (the CLS rows zero), then one
+    // axpy over the task's rows (the same sums as an axpy per image).
+    Tensor spread = arena_.AllocateZeros({b * n, d});
+    CopyRows(device_, F(spread) + d, n * d, F(din), patches_ * d, patches_ * d, b);
+    MOERUN_OP(ops(), axpy)(1.0f, F(spread), dht, b * n * d);
   }
   // Uncertainty weights: d/ds (0.5 / s^2 L + log(1 + s^2)), this rank's share.
   if (uncertainty_.defined()) {
