@@ -84,6 +84,61 @@ struct LayerNormParamGradFunctor {
   }
 };
 
+// Sums of squares of many arrays without a host wait per array: array i's T_i threads
+// (thread t: the elements t, t + T_i, ... in order, in double; neighbouring threads read
+// neighbouring floats) write partial sums to scratch, then one thread adds them in order
+// into out[i] (device memory). T_i = ceil(n_i / kSquareChunk), at most kMaxSquareThreads:
+// a fixed order, the same on every device and run.
+constexpr int64_t kSquareChunk = 4096;
+constexpr int64_t kMaxSquareThreads = 65536;
+
+inline int64_t SquareThreads(int64_t n) {
+  const int64_t t = (n + kSquareChunk - 1) / kSquareChunk;
+  return t < kMaxSquareThreads ? t : kMaxSquareThreads;
+}
+
+// The scratch doubles QueueSumOfSquaresMany needs for these arrays.
+inline int64_t SquareScratch(const int64_t* n, int64_t count) {
+  int64_t s = 0;
+  for (int64_t i = 0; i < count; ++i) s += SquareThreads(n[i]);
+  return s;
+}
+
+struct SquareStridedFunctor {
+  const float* x;
+  int64_t n, threads;
+  double* partial;
+  MOERUN_HD void operator()(int64_t t) const {
+    double s = 0.0;
+    for (int64_t j = t; j < n; j += threads) s += static_cast<double>(x[j]) * x[j];
+    partial[t] = s;
+  }
+};
+
+struct SumPartialsFunctor {
+  const double* partial;
+  int64_t count;
+  double* out;
+  MOERUN_HD void operator()(int64_t) const {
+    double s = 0.0;
+    for (int64_t t = 0; t < count; ++t) s += partial[t];
+    *out = s;
+  }
+};
+
+// Queues out_dev[i] = the sum of squares of x[i][0, n[i]) (x[i], scratch and out_dev on the
+// policy's device; scratch: SquareScratch(n, count) doubles).
+template <typename Policy>
+void QueueSumOfSquaresMany(const Policy& policy, const float* const* x, const int64_t* n,
+                           int64_t count, double* scratch, double* out_dev) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t threads = SquareThreads(n[i]);
+    ForIndices(policy, threads, SquareStridedFunctor{x[i], n[i], threads, scratch});
+    ForIndices(policy, 1, SumPartialsFunctor{scratch, threads, out_dev + i});
+    scratch += threads;
+  }
+}
+
 // Block c's sums for the layer norm's parameter gradients (see thrust_experts'
 // ChunkColumnSumFunctor): partial_g[c * cols + j] = sum of dy (x - mean) rstd, partial_b[...]
 // = sum of dy over the block's rows r.

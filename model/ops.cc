@@ -98,6 +98,9 @@ OpsTable MakeCpuOps() {
   t.add = &Add;
   t.axpy = &Axpy;
   t.sum_of_squares = &SumOfSquares;
+  t.sum_of_squares_many = [](const float* const* x, const int64_t* n, int64_t count, double* out) {
+    for (int64_t i = 0; i < count; ++i) out[i] = SumOfSquares(x[i], n[i]);
+  };
   t.softmax_forward = &SoftmaxForward;
   t.softmax_backward = &SoftmaxBackward;
   t.layer_norm_forward = &CpuLayerNormForward;

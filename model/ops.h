@@ -44,6 +44,10 @@ struct OpsTable {
   void (*axpy)(float alpha, const float* x, float* y, int64_t n);                    // y += alpha x
   // sum_i x[i]^2 in double (the gradient norm; any order).
   double (*sum_of_squares)(const float* x, int64_t n);
+  // out[i] = sum_j x[i][j]^2 in double for `count` arrays (x, n and out in host memory, the
+  // arrays x[i] of n[i] floats on the table's device; any order within an array): the
+  // gradient norm's squares of every parameter with one wait on a device, not one each.
+  void (*sum_of_squares_many)(const float* const* x, const int64_t* n, int64_t count, double* out);
   void (*softmax_forward)(const float* x, float* y, int64_t rows, int64_t cols);
   void (*softmax_backward)(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols);
   void (*layer_norm_forward)(const float* x, const float* gamma, const float* beta, float* y,

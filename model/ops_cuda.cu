@@ -124,10 +124,21 @@ double CudaSumOfSquares(const float* x, int64_t n) {
                                   thrust_dense::SquareFunctor{}, 0.0, thrust::plus<double>());
 }
 
+// Every array's kernels queued, then one wait: the copy of the sums to the host.
+void CudaSumOfSquaresMany(const float* const* x, const int64_t* n, int64_t count, double* out) {
+  if (count <= 0) return;
+  const int64_t partials = thrust_dense::SquareScratch(n, count);
+  Tensor scratch = Tensor::Empty({partials + count}, DType::kF64, Device::kCUDA);
+  double* s = static_cast<double*>(scratch.raw_data());
+  thrust_dense::QueueSumOfSquaresMany(BackendStreamPolicy::Get(), x, n, count, s, s + partials);
+  RequireBackend(Device::kCUDA).CopyToHost(out, s + partials, count * sizeof(double));
+}
+
 OpsTable MakeCudaTable() {
   // Every other entry only queues on the backend's stream (model/cuda_stream_policy.h).
   OpsTable t = thrust_dense::ThrustOps<BackendStreamPolicy>::Table("cuda");
   t.sum_of_squares = &CudaSumOfSquares;
+  t.sum_of_squares_many = &CudaSumOfSquaresMany;
   t.gemm = &CudaGemm;
   t.gemm_strided_batched = &CudaGemmStridedBatched;
   t.attention_forward = &CudaAttentionForward;

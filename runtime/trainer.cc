@@ -208,12 +208,30 @@ double Trainer::GlobalGradNorm() {
     const MoeGroups* g = p.groups != nullptr ? p.groups : groups_.get();
     return g == nullptr || g->replicas() == nullptr || g->replicas()->rank() == 0;
   };
-  for (Param& p : params()) {
-    const double s = SquaredNorm(p.grad);
-    if (!p.expert) {
-      dense += s;
-    } else if (first_replica(p)) {
-      expert += s;
+  // Every gradient's squares, one call per device (on a GPU: one wait, not one each).
+  std::vector<Param>& ps = params();
+  std::vector<double> squares(ps.size(), 0.0);
+  for (const Device d : {Device::kCPU, Device::kCUDA}) {
+    std::vector<const float*> x;
+    std::vector<int64_t> n;
+    std::vector<size_t> at;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      if (ps[i].grad.device() != d) continue;
+      x.push_back(ps[i].grad.device_data<float>(d));
+      n.push_back(ps[i].grad.numel());
+      at.push_back(i);
+    }
+    if (x.empty()) continue;
+    std::vector<double> out(x.size());
+    MOERUN_OP(Ops(d), sum_of_squares_many)
+    (x.data(), n.data(), static_cast<int64_t>(x.size()), out.data());
+    for (size_t k = 0; k < at.size(); ++k) squares[at[k]] = out[k];
+  }
+  for (size_t i = 0; i < ps.size(); ++i) {
+    if (!ps[i].expert) {
+      dense += squares[i];
+    } else if (first_replica(ps[i])) {
+      expert += squares[i];
     }
   }
   world_->AllReduce(&expert, 1, DType::kF64, ReduceOp::kSum);

@@ -516,6 +516,13 @@ OpsTable HostThrustTable() {
   OpsTable t = thrust_dense::ThrustOps<thrust_dense::DevicePolicySource>::Table("thrust");
   t.gemm = &Gemm;  // cuBLAS on a GPU; OpenBLAS here
   t.gemm_strided_batched = &GemmStridedBatched;
+  // The CUDA table's CudaSumOfSquaresMany with host memory for the device's: the same kernels.
+  t.sum_of_squares_many = [](const float* const* x, const int64_t* n, int64_t count, double* out) {
+    std::vector<double> scratch(thrust_dense::SquareScratch(n, count) + count);
+    thrust_dense::QueueSumOfSquaresMany(thrust::device, x, n, count, scratch.data(),
+                                        scratch.data() + scratch.size() - count);
+    std::copy_n(scratch.end() - count, count, out);
+  };
   return t;
 }
 

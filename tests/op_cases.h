@@ -144,6 +144,17 @@ inline std::vector<OpCase> OpCases() {
                          static_cast<float>(t.sum_of_squares(x.data(), 300000) / 300000),
                          static_cast<float>(t.sum_of_squares(x.data(), 0))};
                    }});
+  // Arrays of one float, none, under one chunk, and 74 threads' strided sums (300000 floats).
+  cases.push_back(
+      {"sum_of_squares_many", 1e-7f, [=](const OpsTable& t) {
+         const FVec a = NormalV(300000, 1, 78), b = NormalV(1, 3, 79), c = NormalV(5000, 2, 80);
+         const float* x[4] = {a.data(), b.data(), c.data(), c.data()};
+         const int64_t n[4] = {300000, 1, 5000, 0};
+         double out[4] = {-1, -1, -1, -1};
+         t.sum_of_squares_many(x, n, 4, out);
+         return std::vector<float>{static_cast<float>(out[0] / 300000), static_cast<float>(out[1]),
+                                   static_cast<float>(out[2] / 5000), static_cast<float>(out[3])};
+       }});
   cases.push_back({"softmax_forward/backward", 0, [=](const OpsTable& t) {
                      FVec x = NormalV(n, 4, 10), y(n), dy = NormalV(n, 1, 11), dx(n);
                      t.softmax_forward(x.data(), y.data(), rows, cols);
