@@ -84,23 +84,25 @@ struct LayerNormParamGradFunctor {
   }
 };
 
-// Sums of squares of many arrays without a host wait per array: array i's T_i threads
-// (thread t: the elements t, t + T_i, ... in order, in double; neighbouring threads read
-// neighbouring floats) write partial sums to scratch, then one thread adds them in order
-// into out[i] (device memory). T_i = ceil(n_i / kSquareChunk), at most kMaxSquareThreads:
-// a fixed order, the same on every device and run.
-constexpr int64_t kSquareChunk = 4096;
-constexpr int64_t kMaxSquareThreads = 65536;
+// Sums of squares of many arrays without a host wait per array, in levels: the squares'
+// level has ceil(n / kSquareChunk) threads, thread t summing elements t, t + T, ... in
+// order in double (neighbouring threads read neighbouring floats); each next level sums
+// the last one's partials the same way, until one thread writes the array's total. Every
+// thread adds at most kSquareChunk values: a short chain on a GPU, in a fixed order, the
+// same on every device and run.
+constexpr int64_t kSquareChunk = 256;
 
-inline int64_t SquareThreads(int64_t n) {
-  const int64_t t = (n + kSquareChunk - 1) / kSquareChunk;
-  return t < kMaxSquareThreads ? t : kMaxSquareThreads;
+inline int64_t StridedThreads(int64_t n) {
+  return n <= 0 ? 0 : (n + kSquareChunk - 1) / kSquareChunk;
 }
 
-// The scratch doubles QueueSumOfSquaresMany needs for these arrays.
+// The scratch doubles QueueSumOfSquaresMany needs for these arrays: every level's partials
+// but the last (one value, written to the output).
 inline int64_t SquareScratch(const int64_t* n, int64_t count) {
   int64_t s = 0;
-  for (int64_t i = 0; i < count; ++i) s += SquareThreads(n[i]);
+  for (int64_t i = 0; i < count; ++i) {
+    for (int64_t t = StridedThreads(n[i]); t > 1; t = StridedThreads(t)) s += t;
+  }
   return s;
 }
 
@@ -115,14 +117,14 @@ struct SquareStridedFunctor {
   }
 };
 
-struct SumPartialsFunctor {
-  const double* partial;
-  int64_t count;
-  double* out;
-  MOERUN_HD void operator()(int64_t) const {
+struct SumStridedFunctor {
+  const double* x;
+  int64_t n, threads;
+  double* partial;
+  MOERUN_HD void operator()(int64_t t) const {
     double s = 0.0;
-    for (int64_t t = 0; t < count; ++t) s += partial[t];
-    *out = s;
+    for (int64_t j = t; j < n; j += threads) s += x[j];
+    partial[t] = s;
   }
 };
 
@@ -132,10 +134,24 @@ template <typename Policy>
 void QueueSumOfSquaresMany(const Policy& policy, const float* const* x, const int64_t* n,
                            int64_t count, double* scratch, double* out_dev) {
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t threads = SquareThreads(n[i]);
-    ForIndices(policy, threads, SquareStridedFunctor{x[i], n[i], threads, scratch});
-    ForIndices(policy, 1, SumPartialsFunctor{scratch, threads, out_dev + i});
-    scratch += threads;
+    if (n[i] <= 0) {  // an empty array: 0 (one thread over no values)
+      ForIndices(policy, 1, SumStridedFunctor{nullptr, 0, 1, out_dev + i});
+      continue;
+    }
+    const double* level = nullptr;
+    for (int64_t len = n[i];;) {
+      const int64_t threads = StridedThreads(len);
+      double* dst = threads == 1 ? out_dev + i : scratch;
+      if (level == nullptr) {
+        ForIndices(policy, threads, SquareStridedFunctor{x[i], len, threads, dst});
+      } else {
+        ForIndices(policy, threads, SumStridedFunctor{level, len, threads, dst});
+      }
+      if (threads == 1) break;
+      level = scratch;
+      scratch += threads;
+      len = threads;
+    }
   }
 }
 

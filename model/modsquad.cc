@@ -587,6 +587,9 @@ void ModSquadModel::Backward() {
   const int64_t pixels = c.image_size() * c.image_size();
   const double global = static_cast<double>(std::max<int64_t>(1, batch_.global_counted));
   Tensor dh = arena_.AllocateZeros({rows, d});
+  // The dense heads' input gradient spread to the tokens' rows (below): one buffer for every
+  // dense task, its CLS rows zero throughout, the others overwritten by each task.
+  Tensor spread;
   for (int64_t t = 0; t < t_count; ++t) {
     const TaskHeadConfig& head = ms.tasks(static_cast<int>(t));
     const Head& hp = heads_p_[t];
@@ -641,7 +644,7 @@ void ModSquadModel::Backward() {
     (F(a.in), F(norm_w_), F(a.mean), F(a.rstd), F(dn), F(din), F(norm_gw_), F(norm_gb_), prow, d);
     // dht[i, 1:n] += din[i]: din spread to the tokens' rows (the CLS rows zero), then one
     // axpy over the task's rows (the same sums as an axpy per image).
-    Tensor spread = arena_.AllocateZeros({b * n, d});
+    if (!spread.defined()) spread = arena_.AllocateZeros({b * n, d});
     CopyRows(device_, F(spread) + d, n * d, F(din), patches_ * d, patches_ * d, b);
     MOERUN_OP(ops(), axpy)(1.0f, F(spread), dht, b * n * d);
   }

@@ -534,8 +534,9 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
 
 EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
                             const RoutingOverride& routing) {
-  // The MoE layers' timers run in evaluation too: their device times land before the next
-  // step takes its MoeTimes() baseline, so that they stay out of the training split.
+  // The MoE layers' timers run in evaluation too: their device times land (after each
+  // batch, and here on every return) before the next step takes its MoeTimes() baseline, so
+  // that they stay out of the training split.
   struct ResolveOnReturn {
     ~ResolveOnReturn() { ResolveDeviceTimers(); }
   } resolve_on_return;
@@ -582,6 +583,7 @@ EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
     VitOutput out;
     const Status s = model_->Forward(batch, &out);
     CHECK(s.ok()) << s.message();
+    ResolveDeviceTimers();  // the batch's logits came to the host: its device work is done
     sums[0] += out.loss_sum;
     sums[1] += out.correct;
     sums[2] += out.counted;

@@ -259,6 +259,7 @@ EvalStats Trainer::EvaluateMultiTask(const Dataset& base, int64_t global_batch,
     MultiTaskOutput out;
     const Status s = modsquad_->Forward(batch, &out);
     CHECK(s.ok()) << s.message();
+    ResolveDeviceTimers();  // the heads' outputs came to the host: the device work is done
     sums.resize(out.tasks.size());
     for (size_t t = 0; t < out.tasks.size(); ++t) {
       sums[t].resize(out.tasks[t].sums.size(), 0.0);

@@ -107,6 +107,28 @@ TEST(CudaBackend, TimersRecordEventsAndMemoryIsReported) {
   }
 }
 
+// A pitched copy on the device (cudaMemcpy2DAsync, ops::CopyRows): rows land at the
+// destination's pitch, and the gaps between them keep what was there.
+TEST(CudaBackend, PitchedCopyMovesRowsAndLeavesTheGaps) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 5, width = 3, src_pitch = 4, dst_pitch = 7;
+  Tensor src_h = Tensor::Empty({rows * src_pitch});
+  for (int64_t i = 0; i < src_h.numel(); ++i) src_h.data<float>()[i] = static_cast<float>(i);
+  const Tensor src = src_h.To(Device::kCUDA);
+  Tensor dst = Tensor::Empty({rows * dst_pitch}, DType::kF32, Device::kCUDA);
+  dst.Fill(-1.0f);
+  RequireBackend(Device::kCUDA)
+      .CopyWithin2D(dst.raw_data(), dst_pitch * sizeof(float), src.raw_data(),
+                    src_pitch * sizeof(float), width * sizeof(float), rows);
+  const Tensor got = dst.To(Device::kCPU);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < dst_pitch; ++c) {
+      const float want = c < width ? static_cast<float>(r * src_pitch + c) : -1.0f;
+      EXPECT_EQ(got.data<float>()[r * dst_pitch + c], want) << r << "," << c;
+    }
+  }
+}
+
 struct ExpertCase {
   int64_t el, r, d, m;
   bool gelu_tanh;

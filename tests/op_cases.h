@@ -144,7 +144,7 @@ inline std::vector<OpCase> OpCases() {
                          static_cast<float>(t.sum_of_squares(x.data(), 300000) / 300000),
                          static_cast<float>(t.sum_of_squares(x.data(), 0))};
                    }});
-  // Arrays of one float, none, under one chunk, and 74 threads' strided sums (300000 floats).
+  // Arrays of 300000 floats (three levels of strided sums), one float, 5000 (two) and none.
   cases.push_back(
       {"sum_of_squares_many", 1e-7f, [=](const OpsTable& t) {
          const FVec a = NormalV(300000, 1, 78), b = NormalV(1, 3, 79), c = NormalV(5000, 2, 80);
