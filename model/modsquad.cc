@@ -369,13 +369,18 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   });
   Tensor emb = arena_.Allocate({b * patches_, d});
   LinearForward(ops(), F(patches_in_), F(patch_w_), F(patch_b_), F(emb), b * patches_, patch_in, d);
-  x0_ = arena_.Allocate({rows, d});
+  // Sequence q = [cls + pos[0], emb[q % b] + pos[1:]]: the patches' rows placed by one
+  // strided copy per task, then one bias add of [cls + pos[0], pos[1:]] over every sequence
+  // (the same sums as two adds per sequence).
+  x0_ = arena_.AllocateZeros({rows, d});
   const float* pos = F(pos_);
-  for (int64_t q = 0; q < seqs; ++q) {
-    float* xq = F(x0_) + q * n * d;
-    MOERUN_OP(ops(), add)(F(cls_), pos, xq, d);
-    MOERUN_OP(ops(), add)(F(emb) + (q % b) * patches_ * d, pos + d, xq + d, patches_ * d);
+  Tensor embed_bias = arena_.Allocate({n * d});
+  MOERUN_OP(ops(), add)(F(cls_), pos, F(embed_bias), d);
+  CopyFloats(device_, F(embed_bias) + d, pos + d, patches_ * d);
+  for (int64_t t = 0; t < t_count; ++t) {
+    CopyRows(device_, F(x0_) + t * task_rows * d + d, n * d, F(emb), patches_ * d, patches_ * d, b);
   }
+  MOERUN_OP(ops(), add_bias)(F(x0_), F(embed_bias), seqs, n * d);
   MoeForwardArgs args;
   args.training = batch.training;
   args.task = token_task_.data();
@@ -699,9 +704,13 @@ void ModSquadModel::Backward() {
   Tensor d_emb = arena_.AllocateZeros({b * patches_, d});
   Tensor sums = arena_.AllocateZeros({n * d});
   AddSequenceSums(device_, F(dh), seqs, n, d, F(sums), F(pos_g_), F(cls_g_));
-  for (int64_t q = 0; q < seqs; ++q) {
-    MOERUN_OP(ops(), axpy)
-    (1.0f, F(dh) + q * n * d + d, F(d_emb) + (q % b) * patches_ * d, patches_ * d);
+  // d_emb[i] += dh[t * b + i][1:] task by task (the same order as per sequence): each
+  // task's patch rows gathered by one strided copy, then one axpy.
+  Tensor task_rows_g = arena_.Allocate({b * patches_, d});
+  for (int64_t t = 0; t < t_count; ++t) {
+    CopyRows(device_, F(task_rows_g), patches_ * d, F(dh) + t * task_rows * d + d, n * d,
+             patches_ * d, b);
+    MOERUN_OP(ops(), axpy)(1.0f, F(task_rows_g), F(d_emb), b * patches_ * d);
   }
   const int64_t patch_in = c.channels() * p * p;
   LinearBackward(ops(), F(patches_in_), F(patch_w_), F(d_emb), nullptr, F(patch_gw_), F(patch_gb_),
