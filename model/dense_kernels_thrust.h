@@ -106,24 +106,23 @@ inline int64_t SquareScratch(const int64_t* n, int64_t count) {
   return s;
 }
 
-struct SquareStridedFunctor {
-  const float* x;
+// partial[t] = the sum over j = t, t + threads, ... < n, in order and in double, of x[j]^2
+// for floats (the squares' level) or of x[j] for doubles (the levels after it).
+template <typename T>
+struct StridedSumFunctor {
+  const T* x;
   int64_t n, threads;
   double* partial;
   MOERUN_HD void operator()(int64_t t) const {
     double s = 0.0;
-    for (int64_t j = t; j < n; j += threads) s += static_cast<double>(x[j]) * x[j];
-    partial[t] = s;
-  }
-};
-
-struct SumStridedFunctor {
-  const double* x;
-  int64_t n, threads;
-  double* partial;
-  MOERUN_HD void operator()(int64_t t) const {
-    double s = 0.0;
-    for (int64_t j = t; j < n; j += threads) s += x[j];
+    for (int64_t j = t; j < n; j += threads) {
+      const double v = static_cast<double>(x[j]);
+      if constexpr (std::is_same_v<T, float>) {
+        s += v * v;
+      } else {
+        s += v;
+      }
+    }
     partial[t] = s;
   }
 };
@@ -135,7 +134,7 @@ void QueueSumOfSquaresMany(const Policy& policy, const float* const* x, const in
                            int64_t count, double* scratch, double* out_dev) {
   for (int64_t i = 0; i < count; ++i) {
     if (n[i] <= 0) {  // an empty array: 0 (one thread over no values)
-      ForIndices(policy, 1, SumStridedFunctor{nullptr, 0, 1, out_dev + i});
+      ForIndices(policy, 1, StridedSumFunctor<double>{nullptr, 0, 1, out_dev + i});
       continue;
     }
     const double* level = nullptr;
@@ -143,9 +142,9 @@ void QueueSumOfSquaresMany(const Policy& policy, const float* const* x, const in
       const int64_t threads = StridedThreads(len);
       double* dst = threads == 1 ? out_dev + i : scratch;
       if (level == nullptr) {
-        ForIndices(policy, threads, SquareStridedFunctor{x[i], len, threads, dst});
+        ForIndices(policy, threads, StridedSumFunctor<float>{x[i], len, threads, dst});
       } else {
-        ForIndices(policy, threads, SumStridedFunctor{level, len, threads, dst});
+        ForIndices(policy, threads, StridedSumFunctor<double>{level, len, threads, dst});
       }
       if (threads == 1) break;
       level = scratch;
