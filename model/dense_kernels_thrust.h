@@ -388,6 +388,8 @@ struct ThrustOps {
     t.add = &Add;
     t.axpy = &Axpy;
     t.sum_of_squares = &SumOfSquares;
+    // sum_of_squares_many is the device table's own (QueueSumOfSquaresMany, then a copy of
+    // the sums to the host through its backend: CudaSumOfSquaresMany, the tests' host copy).
     t.softmax_forward = &SoftmaxForward;
     t.softmax_backward = &SoftmaxBackward;
     t.layer_norm_forward = &LayerNormForward;
