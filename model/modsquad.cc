@@ -369,18 +369,10 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   });
   Tensor emb = arena_.Allocate({b * patches_, d});
   LinearForward(ops(), F(patches_in_), F(patch_w_), F(patch_b_), F(emb), b * patches_, patch_in, d);
-  // Sequence q = [cls + pos[0], emb[q % b] + pos[1:]]: the patches' rows placed by one
-  // strided copy per task, then one bias add of [cls + pos[0], pos[1:]] over every sequence
-  // (the same sums as two adds per sequence).
+  // Sequence q = [cls + pos[0], emb[q % b] + pos[1:]], the same for every task.
   x0_ = arena_.AllocateZeros({rows, d});
-  const float* pos = F(pos_);
   Tensor embed_bias = arena_.Allocate({n * d});
-  MOERUN_OP(ops(), add)(F(cls_), pos, F(embed_bias), d);
-  CopyFloats(device_, F(embed_bias) + d, pos + d, patches_ * d);
-  for (int64_t t = 0; t < t_count; ++t) {
-    CopyRows(device_, F(x0_) + t * task_rows * d + d, n * d, F(emb), patches_ * d, patches_ * d, b);
-  }
-  MOERUN_OP(ops(), add_bias)(F(x0_), F(embed_bias), seqs, n * d);
+  EmbedSequences(device_, F(cls_), F(pos_), F(emb), b, t_count, n, d, F(embed_bias), F(x0_));
   MoeForwardArgs args;
   args.training = batch.training;
   args.task = token_task_.data();

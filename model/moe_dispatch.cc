@@ -232,7 +232,7 @@ void Dispatcher::ToExperts(const Tensor& send, Tensor* recv, double* a2a, double
   if (send.device() == Device::kCPU) {
     // The host: one all-to-all per local expert puts every block in place (no staging,
     // no block swap); a device keeps one all-to-all and swaps on the device (below).
-    ScopedTimer timer(a2a, send.device());
+    ScopedTimer timer(a2a);
     EnsureTensor(recv, {el, pe * r, w}, DType::kF32, send.device());
     AllToAllInPlace(send, recv, /*to_experts=*/true);
     return;
@@ -257,7 +257,7 @@ void Dispatcher::FromExperts(const Tensor& send, Tensor* recv, double* a2a, doub
     return;
   }
   if (send.device() == Device::kCPU) {  // as in ToExperts
-    ScopedTimer timer(a2a, send.device());
+    ScopedTimer timer(a2a);
     EnsureTensor(recv, {groups_->num_experts(), r, w}, DType::kF32, send.device());
     AllToAllInPlace(send, recv, /*to_experts=*/false);
     return;

@@ -351,6 +351,20 @@ void CopyRows(Device device, float* dst, int64_t dst_stride, const float* src, i
                                       rows);
 }
 
+void EmbedSequences(Device device, const float* cls, const float* pos, const float* emb,
+                    int64_t images, int64_t copies, int64_t tokens, int64_t d, float* scratch,
+                    float* x) {
+  const OpsTable& ops = Ops(device);
+  const int64_t patches = tokens - 1;
+  MOERUN_OP(ops, add)(cls, pos, scratch, d);
+  CopyFloats(device, scratch + d, pos + d, patches * d);
+  for (int64_t c = 0; c < copies; ++c) {
+    CopyRows(device, x + c * images * tokens * d + d, tokens * d, emb, patches * d, patches * d,
+             images);
+  }
+  MOERUN_OP(ops, add_bias)(x, scratch, copies * images, tokens * d);
+}
+
 void AddSequenceSums(Device device, const float* g, int64_t seqs, int64_t tokens, int64_t d,
                      float* scratch, float* pos_g, float* cls_g) {
   const OpsTable& ops = Ops(device);

@@ -186,6 +186,14 @@ void CopyRows(Device device, float* dst, int64_t dst_stride, const float* src, i
 // host copy (holding t's values when `read`), copied back into t afterwards. The models'
 // host-side glue (losses, labels, small element-wise steps) reaches device tensors this way.
 void WithHostFloats(Tensor* t, bool read, const std::function<void(float*)>& f);
+// The embedded sequences: x [copies * images, tokens, d] (zeroed by the caller) gets, for
+// sequence q, [cls + pos[0], emb[q % images] + pos[1:]] (emb [images, tokens - 1, d]): the
+// patches' rows placed by one strided copy per copy of the batch, then one bias add of
+// [cls + pos[0], pos[1:]] (into `scratch`: tokens * d floats) over every sequence, all on
+// `device`; the same sums as two adds per sequence. The forward of AddSequenceSums.
+void EmbedSequences(Device device, const float* cls, const float* pos, const float* emb,
+                    int64_t images, int64_t copies, int64_t tokens, int64_t d, float* scratch,
+                    float* x);
 // The embeddings' shared gradients of `seqs` sequences of `tokens` x `d` (g, contiguous):
 // pos_g[tokens * d] += sum over sequences, cls_g[d] += the sum of their first (class)
 // tokens. One column-sum op over all sequences (into `scratch`: tokens * d zeroed floats)

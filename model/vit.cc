@@ -216,17 +216,10 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   });
   Tensor emb = arena_.Allocate({b * patches_, d});
   LinearForward(ops(), F(patches_in_), F(patch_w_), F(patch_b_), F(emb), b * patches_, patch_in, d);
-  // x[i] = [cls + pos[0], emb[i] + pos[1:]]: the patches' rows placed in one strided copy,
-  // then one bias add of [cls + pos[0], pos[1:]] over every image's n * d floats (the same
-  // sums as an add per image; a device runs a few kernels instead of two per image).
+  // x[i] = [cls + pos[0], emb[i] + pos[1:]].
   x0_ = arena_.AllocateZeros({rows, d});
-  float* x = F(x0_);
-  const float* pos = F(pos_);
   Tensor embed_bias = arena_.Allocate({n * d});
-  MOERUN_OP(ops(), add)(F(cls_), pos, F(embed_bias), d);
-  CopyFloats(F(embed_bias) + d, pos + d, patches_ * d);
-  moerun::CopyRows(device_, x + d, n * d, F(emb), patches_ * d, patches_ * d, b);
-  MOERUN_OP(ops(), add_bias)(x, F(embed_bias), b, n * d);
+  EmbedSequences(device_, F(cls_), F(pos_), F(emb), b, 1, n, d, F(embed_bias), F(x0_));
   // Blocks.
   Tensor h = x0_;
   out->aux_loss = 0;

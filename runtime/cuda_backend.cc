@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -35,6 +36,20 @@ namespace {
   } while (0)
 
 std::atomic<int> bound_device{-1};
+
+// Waits, through the polling device wait (runtime/device_wait.h), until `query` (a stream's
+// or an event's) stops answering cudaErrorNotReady; any other error ends the job naming it.
+void PollCuda(const std::function<cudaError_t()>& query, const std::string& what) {
+  PollDeviceWait(
+      [&] {
+        const cudaError_t q = query();
+        if (q == cudaErrorNotReady) return false;
+        CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while waiting for " << what << ": "
+                                << cudaGetErrorName(q) << " (" << cudaGetErrorString(q) << ")";
+        return true;
+      },
+      what);
+}
 
 class CudaBackend final : public Backend {
  public:
@@ -152,15 +167,7 @@ class CudaBackend final : public Backend {
   }
   double ElapsedSecondsAndRelease(void* start, void* stop) override {
     const auto a = static_cast<cudaEvent_t>(start), b = static_cast<cudaEvent_t>(stop);
-    PollDeviceWait(
-        [&] {
-          const cudaError_t q = cudaEventQuery(b);
-          if (q == cudaErrorNotReady) return false;
-          CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while timing on " << description_
-                                  << ": " << cudaGetErrorName(q);
-          return true;
-        },
-        wait_name_);
+    PollCuda([&] { return cudaEventQuery(b); }, wait_name_);
     float ms = 0;
     MOERUN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
     std::lock_guard<std::mutex> lock(events_mu_);
@@ -217,15 +224,7 @@ class CudaBackend final : public Backend {
 
 void WaitForCudaStream(void* stream, const std::string& what) {
   const auto s = static_cast<cudaStream_t>(stream);
-  PollDeviceWait(
-      [&] {
-        const cudaError_t q = cudaStreamQuery(s);
-        if (q == cudaErrorNotReady) return false;
-        CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while waiting for " << what << ": "
-                                << cudaGetErrorName(q) << " (" << cudaGetErrorString(q) << ")";
-        return true;
-      },
-      what);
+  PollCuda([&] { return cudaStreamQuery(s); }, what);
 }
 
 bool CudaBackendBuilt() { return true; }

@@ -534,12 +534,9 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
 
 EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
                             const RoutingOverride& routing) {
-  // The MoE layers' timers run in evaluation too: their device times land (after each
-  // batch, and here on every return) before the next step takes its MoeTimes() baseline, so
+  // The MoE layers' timers run in evaluation too: their device times land after each batch
+  // (here and in EvaluateMultiTask), before the next step takes its MoeTimes() baseline, so
   // that they stay out of the training split.
-  struct ResolveOnReturn {
-    ~ResolveOnReturn() { ResolveDeviceTimers(); }
-  } resolve_on_return;
   if (modsquad_) return EvaluateMultiTask(data, global_batch, routing);
   const int p = world_->size();
   // Each rank's micro-batch holds whole routing groups (the last batch is padded).
