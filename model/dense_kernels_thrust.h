@@ -5,9 +5,9 @@
 // AdamW as OpsTable entries. Like routing_thrust.h the same source compiles with nvcc for a
 // CUDA device (the CUDA table, model/ops_cuda.cu) and with the host compiler against the
 // CCCL headers, where tests/device_ops_test.cc runs every entry against the CPU table. The
-// row kernels are runtime/row_kernels.h's, one row per thread (the CPU runs the same
-// functions over rows), so the host build matches runtime/kernels.h bit for bit wherever
-// both use the same libm function.
+// row kernels (softmax, layer norm) are runtime/row_kernels.h's lane forms, which sum in
+// another order than the CPU's (within a few ulps); the rest matches runtime/kernels.h bit
+// for bit wherever both use the same libm function.
 #ifndef MOERUN_MODEL_DENSE_KERNELS_THRUST_H_
 #define MOERUN_MODEL_DENSE_KERNELS_THRUST_H_
 
@@ -30,40 +30,50 @@
 namespace moerun {
 namespace thrust_dense {
 
+// The row kernels in runtime/row_kernels.h's lane form, one row per index. `G` runs the
+// lanes: rowwise::HostLanes (all in one thread, the host build's and the tests' table), or
+// model/ops_cuda.cu's warp (the CUDA table launches those kernels itself, a warp per row).
+template <typename G = rowwise::HostLanes>
 struct SoftmaxRowFunctor {
   const float* x;
   float* y;
   int64_t cols;
-  MOERUN_HD void operator()(int64_t r) const { rowwise::Softmax(x + r * cols, y + r * cols, cols); }
+  MOERUN_HD void operator()(int64_t r, const G& g = G()) const {
+    rowwise::SoftmaxLanes(g, x + r * cols, y + r * cols, cols);
+  }
 };
 
+template <typename G = rowwise::HostLanes>
 struct SoftmaxBackwardRowFunctor {
   const float* y;
   const float* dy;
   float* dx;
   int64_t cols;
-  MOERUN_HD void operator()(int64_t r) const {
-    rowwise::SoftmaxBackward(y + r * cols, dy + r * cols, dx + r * cols, cols);
+  MOERUN_HD void operator()(int64_t r, const G& g = G()) const {
+    rowwise::SoftmaxBackwardLanes(g, y + r * cols, dy + r * cols, dx + r * cols, cols);
   }
 };
 
+template <typename G = rowwise::HostLanes>
 struct LayerNormRowFunctor {
   const float *x, *gamma, *beta;
   float *y, *mean, *rstd;
   int64_t cols;
   float eps;
-  MOERUN_HD void operator()(int64_t r) const {
-    rowwise::LayerNorm(x + r * cols, gamma, beta, y + r * cols, mean + r, rstd + r, cols, eps);
+  MOERUN_HD void operator()(int64_t r, const G& g = G()) const {
+    rowwise::LayerNormLanes(g, x + r * cols, gamma, beta, y + r * cols, mean + r, rstd + r, cols,
+                            eps);
   }
 };
 
+template <typename G = rowwise::HostLanes>
 struct LayerNormBackwardRowFunctor {
   const float *x, *gamma, *mean, *rstd, *dy;
   float* dx;
   int64_t cols;
-  MOERUN_HD void operator()(int64_t r) const {
-    rowwise::LayerNormBackward(x + r * cols, gamma, mean[r], rstd[r], dy + r * cols, dx + r * cols,
-                               cols);
+  MOERUN_HD void operator()(int64_t r, const G& g = G()) const {
+    rowwise::LayerNormBackwardLanes(g, x + r * cols, gamma, mean[r], rstd[r], dy + r * cols,
+                                    dx + r * cols, cols);
   }
 };
 
@@ -289,22 +299,29 @@ struct ThrustOps {
                                     thrust::plus<double>());
   }
   static void SoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
-    ForIndices(PolicySource::Get(), rows, SoftmaxRowFunctor{x, y, cols});
+    ForIndices(PolicySource::Get(), rows, SoftmaxRowFunctor<>{x, y, cols});
   }
   static void SoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows,
                               int64_t cols) {
-    ForIndices(PolicySource::Get(), rows, SoftmaxBackwardRowFunctor{y, dy, dx, cols});
+    ForIndices(PolicySource::Get(), rows, SoftmaxBackwardRowFunctor<>{y, dy, dx, cols});
   }
   static void LayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
                                float* mean, float* rstd, int64_t rows, int64_t cols, float eps) {
     ForIndices(PolicySource::Get(), rows,
-               LayerNormRowFunctor{x, gamma, beta, y, mean, rstd, cols, eps});
+               LayerNormRowFunctor<>{x, gamma, beta, y, mean, rstd, cols, eps});
   }
   static void LayerNormBackward(const float* x, const float* gamma, const float* mean,
                                 const float* rstd, const float* dy, float* dx, float* dgamma,
                                 float* dbeta, int64_t rows, int64_t cols) {
+    ForIndices(PolicySource::Get(), rows,
+               LayerNormBackwardRowFunctor<>{x, gamma, mean, rstd, dy, dx, cols});
+    LayerNormParamGrads(x, mean, rstd, dy, dgamma, dbeta, rows, cols);
+  }
+  // dgamma and dbeta of LayerNormBackward (which the CUDA table's own row kernel calls).
+  static void LayerNormParamGrads(const float* x, const float* mean, const float* rstd,
+                                  const float* dy, float* dgamma, float* dbeta, int64_t rows,
+                                  int64_t cols) {
     const auto policy = PolicySource::Get();
-    ForIndices(policy, rows, LayerNormBackwardRowFunctor{x, gamma, mean, rstd, dy, dx, cols});
     // The parameter gradients are column sums: one pass over the rows in order, as the
     // CPU's, up to thrust_experts::kColumnChunkRows rows; two passes past that.
     const int64_t chunks = thrust_experts::ColumnChunks(rows);

@@ -1,5 +1,6 @@
 // The CUDA ops table: cuBLAS fp32 GEMMs on the backend's stream, the composed
-// self-attention, model/dense_kernels_thrust.h's kernels on the device (the same stream).
+// self-attention, warp-per-row softmax and layer norm, model/dense_kernels_thrust.h's
+// kernels for the rest (the same stream).
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <thrust/execution_policy.h>
@@ -134,9 +135,93 @@ void CudaSumOfSquaresMany(const float* const* x, const int64_t* n, int64_t count
   RequireBackend(Device::kCUDA).CopyToHost(out, s + partials, count * sizeof(double));
 }
 
+// --- The row kernels (softmax, layer norm and their backward): a warp per row, lane l of the
+// warp taking columns l, l + 32, ... (runtime/row_kernels.h's lane forms), so a warp reads
+// and writes neighbouring floats. The host build runs the same forms with rowwise::HostLanes
+// and its butterfly order: the same bits for the same libm (tests/device_ops_cuda_test.cc).
+static_assert(rowwise::kLanes == 32, "a row's lanes are a warp");
+
+struct WarpLanes {
+  int lane;
+  template <typename F>
+  __device__ void ForLanes(const F& f) const {
+    f(lane);
+  }
+  template <typename F>
+  __device__ float Max(const F& f) const {
+    float v = f(lane);
+    for (int off = rowwise::kLanes / 2; off > 0; off /= 2) {
+      const float o = __shfl_xor_sync(0xffffffffu, v, off);
+      v = v < o ? o : v;
+    }
+    return v;
+  }
+  __device__ static double Shuffle(double v, int off) {
+    return __shfl_xor_sync(0xffffffffu, v, off);
+  }
+  __device__ static rowwise::DoublePair Shuffle(rowwise::DoublePair v, int off) {
+    return {Shuffle(v.a, off), Shuffle(v.b, off)};
+  }
+  template <typename F>
+  __device__ auto Sum(const F& f) const {
+    auto v = f(lane);
+    for (int off = rowwise::kLanes / 2; off > 0; off /= 2) v = v + Shuffle(v, off);
+    return v;
+  }
+};
+
+constexpr int kRowsPerBlock = 8;  // 256 threads
+
+// Every thread of a warp has the same row, so a warp returns whole (the shuffles' full mask).
+template <typename RowFunctor>
+__global__ void WarpPerRowKernel(RowFunctor f, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (row >= rows) return;
+  f(row, WarpLanes{static_cast<int>(threadIdx.x % 32)});
+}
+
+template <typename RowFunctor>
+void LaunchWarpPerRow(const RowFunctor& f, int64_t rows) {
+  if (rows <= 0) return;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  CHECK(blocks <= INT32_MAX) << rows << " rows exceed one launch of the row kernels";
+  WarpPerRowKernel<<<static_cast<unsigned>(blocks), kRowsPerBlock * 32, 0, BackendStream()>>>(f,
+                                                                                              rows);
+  const cudaError_t err = cudaGetLastError();
+  CHECK(err == cudaSuccess) << "row kernel launch failed: " << cudaGetErrorString(err);
+}
+
+void CudaSoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
+  LaunchWarpPerRow(thrust_dense::SoftmaxRowFunctor<WarpLanes>{x, y, cols}, rows);
+}
+
+void CudaSoftmaxBackward(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) {
+  LaunchWarpPerRow(thrust_dense::SoftmaxBackwardRowFunctor<WarpLanes>{y, dy, dx, cols}, rows);
+}
+
+void CudaLayerNormForward(const float* x, const float* gamma, const float* beta, float* y,
+                          float* mean, float* rstd, int64_t rows, int64_t cols, float eps) {
+  LaunchWarpPerRow(
+      thrust_dense::LayerNormRowFunctor<WarpLanes>{x, gamma, beta, y, mean, rstd, cols, eps}, rows);
+}
+
+void CudaLayerNormBackward(const float* x, const float* gamma, const float* mean, const float* rstd,
+                           const float* dy, float* dx, float* dgamma, float* dbeta, int64_t rows,
+                           int64_t cols) {
+  LaunchWarpPerRow(
+      thrust_dense::LayerNormBackwardRowFunctor<WarpLanes>{x, gamma, mean, rstd, dy, dx, cols},
+      rows);
+  thrust_dense::ThrustOps<BackendStreamPolicy>::LayerNormParamGrads(x, mean, rstd, dy, dgamma,
+                                                                    dbeta, rows, cols);
+}
+
 OpsTable MakeCudaTable() {
   // Every other entry only queues on the backend's stream (model/cuda_stream_policy.h).
   OpsTable t = thrust_dense::ThrustOps<BackendStreamPolicy>::Table("cuda");
+  t.softmax_forward = &CudaSoftmaxForward;
+  t.softmax_backward = &CudaSoftmaxBackward;
+  t.layer_norm_forward = &CudaLayerNormForward;
+  t.layer_norm_backward = &CudaLayerNormBackward;
   t.sum_of_squares = &CudaSumOfSquares;
   t.sum_of_squares_many = &CudaSumOfSquaresMany;
   t.gemm = &CudaGemm;

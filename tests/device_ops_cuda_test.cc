@@ -4,8 +4,10 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -16,6 +18,7 @@
 #include "model/ops_cuda.h"
 #include "model/routing.h"
 #include "model/routing_cuda.h"
+#include "runtime/row_kernels.h"
 #include "runtime/tensor.h"
 #include "tests/op_cases.h"
 
@@ -193,6 +196,66 @@ TEST(CudaOpsTable, EveryCaseMatchesTheCpuTable) {
   op_cases::g_case_alloc = [](size_t bytes) { return std::malloc(bytes); };
   op_cases::g_case_free = [](void* p) { std::free(p); };
   op_cases::g_case_sync = [] {};
+}
+
+// The CUDA table's row kernels (a warp per row, model/ops_cuda.cu) against the same lane forms
+// run by rowwise::HostLanes here: the butterfly over the warp's shuffles must give the bits
+// of the host's butterfly. Layer norm and softmax's backward use only IEEE +, *, / and sqrt:
+// bit for bit. Softmax's forward adds expf, whose device and glibc forms differ in the last
+// bits. Widths below, at and past a warp; 33 rows leave the last block of 8 rows partial.
+TEST(CudaOpsTable, RowKernelsRunTheHostLaneFormsBitForBit) {
+  if (!HaveGpu()) {
+    std::printf("skipped: no GPU\n");
+    GTEST_SKIP() << "skipped: no GPU";
+  }
+  RegisterCudaOps();
+  const OpsTable& cuda = Ops(Device::kCUDA);
+  const rowwise::HostLanes host;
+  const int64_t rows = 33;
+  for (const int64_t cols : {1, 5, 32, 70, 197, 768, 1000}) {
+    SCOPED_TRACE("cols " + std::to_string(cols));
+    const int64_t n = rows * cols;
+    std::mt19937 rng(static_cast<uint32_t>(cols));
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    std::vector<float> x(n), dy(n), gamma(cols), beta(cols);
+    for (float& v : x) v = normal(rng) + 5.0f;
+    for (float& v : dy) v = normal(rng);
+    for (float& v : gamma) v = normal(rng);
+    for (float& v : beta) v = normal(rng);
+    // The host's lane forms.
+    std::vector<float> y(n), mean(rows), rstd(rows), dx(n), p(n), dp(n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * cols;
+      rowwise::LayerNormLanes(host, &x[o], gamma.data(), beta.data(), &y[o], &mean[r], &rstd[r],
+                              cols, 1e-6f);
+      rowwise::LayerNormBackwardLanes(host, &x[o], gamma.data(), mean[r], rstd[r], &dy[o], &dx[o],
+                                      cols);
+      rowwise::SoftmaxLanes(host, &x[o], &p[o], cols);
+      rowwise::SoftmaxBackwardLanes(host, &p[o], &dy[o], &dp[o], cols);
+    }
+    // The device's, from the host's inputs (softmax's backward from the host's p).
+    float *d_x = ToDevice(x), *d_dy = ToDevice(dy), *d_g = ToDevice(gamma), *d_b = ToDevice(beta),
+          *d_p = ToDevice(p);
+    float *d_y = ToDevice(std::vector<float>(n)), *d_mean = ToDevice(std::vector<float>(rows)),
+          *d_rstd = ToDevice(std::vector<float>(rows)), *d_dx = ToDevice(std::vector<float>(n)),
+          *d_dg = ToDevice(std::vector<float>(cols)), *d_db = ToDevice(std::vector<float>(cols)),
+          *d_q = ToDevice(std::vector<float>(n)), *d_dp = ToDevice(std::vector<float>(n));
+    cuda.layer_norm_forward(d_x, d_g, d_b, d_y, d_mean, d_rstd, rows, cols, 1e-6f);
+    cuda.layer_norm_backward(d_x, d_g, d_mean, d_rstd, d_dy, d_dx, d_dg, d_db, rows, cols);
+    cuda.softmax_forward(d_x, d_q, rows, cols);
+    cuda.softmax_backward(d_p, d_dy, d_dp, rows, cols);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(ToHost(d_y, n), y);
+    EXPECT_EQ(ToHost(d_mean, rows), mean);
+    EXPECT_EQ(ToHost(d_rstd, rows), rstd);
+    EXPECT_EQ(ToHost(d_dx, n), dx);
+    EXPECT_EQ(ToHost(d_dp, n), dp);
+    const std::vector<float> q = ToHost(d_q, n);
+    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(q[i], p[i], 1e-6f * std::max(1.0f, p[i])) << i;
+    for (float* d : {d_x, d_dy, d_g, d_b, d_p, d_y, d_mean, d_rstd, d_dx, d_dg, d_db, d_q, d_dp}) {
+      cudaFree(d);
+    }
+  }
 }
 
 }  // namespace
