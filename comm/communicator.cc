@@ -9,6 +9,15 @@ class CompletedCollective final : public PendingCollective {
   bool Test() override { return true; }
   void Wait() override {}
 };
+
+// "rank R: ...", AgreeOnStatus's prefix.
+bool NamesARank(const std::string& message) {
+  const std::string prefix = "rank ";
+  if (message.compare(0, prefix.size(), prefix) != 0) return false;
+  size_t i = prefix.size();
+  while (i < message.size() && message[i] >= '0' && message[i] <= '9') ++i;
+  return i > prefix.size() && message.compare(i, 2, ": ") == 0;
+}
 }  // namespace
 
 std::unique_ptr<PendingCollective> Communicator::StartAllToAllV(
@@ -34,7 +43,10 @@ Status AgreeOnStatus(Communicator& comm, const Status& local) {
   comm.Broadcast(&len, 1, DType::kI64, first_failed);
   message.resize(len);
   comm.Broadcast(message.data(), len, DType::kU8, first_failed);
-  if (comm.size() > 1) message = "rank " + std::to_string(first_failed) + ": " + message;
+  // A status agreed before (a collective step inside another's) keeps the rank it names.
+  if (comm.size() > 1 && !NamesARank(message)) {
+    message = "rank " + std::to_string(first_failed) + ": " + message;
+  }
   return Status::Error(message);
 }
 

@@ -82,8 +82,9 @@ class Communicator {
 };
 
 // Collective: every rank passes its own status; every rank gets back the error of the
-// lowest failing rank (prefixed "rank R: " when the job has more than one rank), or OK
-// when no rank failed. Lets all ranks stop together, cleanly, on a recoverable error.
+// lowest failing rank (prefixed "rank R: " when the job has more than one rank, unless it
+// names its rank already: a status agreed before, agreed again), or OK when no rank failed.
+// Lets all ranks stop together, cleanly, on a recoverable error.
 Status AgreeOnStatus(Communicator& comm, const Status& local);
 
 // Convenience: all_to_all_v where displacements are the prefix sums of the counts.

@@ -112,7 +112,11 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
                          " is larger than the dataset (" + std::to_string(train->size) + ")");
   }
   t->local_batch_ = tc.global_batch() / p;
-  MOERUN_RETURN_IF_ERROR(CheckMemory(config, p, t->local_batch_, device));
+  // Every rank reads its memory before any allocates the model (the agreement is a
+  // collective): ranks that share a GPU see each other's contexts, not each other's model,
+  // which their plans already count. And the ranks stop together when one is short,
+  // before the collectives of the model's creation.
+  MOERUN_RETURN_IF_ERROR(AgreeOnStatus(*world, CheckMemory(config, p, t->local_batch_, device)));
   MOERUN_RETURN_IF_ERROR(config.model().has_modsquad() ? t->CreateModSquad() : t->CreateVit());
   OptimizerConfig oc;
   oc.learning_rate = tc.learning_rate();

@@ -199,6 +199,8 @@ TEST(CommTest, AgreeOnStatusReportsLowestFailingRank) {
   const int first = p > 2 ? 1 : failing;
   const std::string expected = "disk full on rank " + std::to_string(first);
   EXPECT_EQ(agreed.message(), p > 1 ? "rank " + std::to_string(first) + ": " + expected : expected);
+  // Agreed again (every rank now fails with it): it still names the rank that failed first.
+  EXPECT_EQ(AgreeOnStatus(c, agreed).message(), agreed.message());
 }
 
 }  // namespace
@@ -231,6 +233,8 @@ TEST(LoopbackTest, PeersMirrorThisRank) {
   const Status failed = AgreeOnStatus(c, Status::Error("boom"));
   EXPECT_FALSE(failed.ok());
   EXPECT_EQ(failed.message(), "rank 2: boom");
+  EXPECT_EQ(AgreeOnStatus(c, failed).message(), "rank 2: boom");
+  EXPECT_EQ(AgreeOnStatus(c, Status::Error("rank x: boom")).message(), "rank 2: rank x: boom");
 }
 
 }  // namespace moerun

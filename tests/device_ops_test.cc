@@ -770,7 +770,10 @@ class CountingBackend : public Backend {
   explicit CountingBackend(Backend* inner) : inner_(inner) {}
   Device device() const override { return inner_->device(); }
   std::string Describe() const override { return inner_->Describe(); }
-  void* Allocate(size_t bytes) override { return inner_->Allocate(bytes); }
+  void* Allocate(size_t bytes) override {
+    if (log != nullptr) log->push_back("allocate");
+    return inner_->Allocate(bytes);
+  }
   void Free(void* p, size_t bytes) override { inner_->Free(p, bytes); }
   void SetZero(void* p, size_t bytes) override {
     ++zeros;
@@ -797,7 +800,10 @@ class CountingBackend : public Backend {
   void* stream() const override { return inner_->stream(); }
   size_t allocated_bytes() const override { return inner_->allocated_bytes(); }
   size_t peak_allocated_bytes() const override { return inner_->peak_allocated_bytes(); }
-  DeviceMemory Memory() const override { return memory; }
+  DeviceMemory Memory() const override {
+    if (log != nullptr) log->push_back("memory");
+    return memory;
+  }
   // With `events`, timing events carry the simulated device clock `clock_s` when recorded.
   void* RecordTimingEvent() override {
     if (!events) return nullptr;
@@ -816,6 +822,7 @@ class CountingBackend : public Backend {
   bool events = false;
   double clock_s = 0;
   int recorded = 0, timed = 0;
+  std::vector<std::string>* log = nullptr;  // "memory" and "allocate", in order
 
  private:
   Backend* inner_;
@@ -1293,6 +1300,55 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   counting.memory = DeviceMemory{};
   auto unknown = Trainer::Create(*config, &one, &data, Device::kCUDA);
   EXPECT_TRUE(unknown.ok()) << unknown.status().message();
+  SetBackendForTesting(Device::kCUDA, backend_.get());
+}
+
+// A host world that logs its all-reduces beside the backend's log.
+class LoggingLoopback : public LoopbackCommunicator {
+ public:
+  LoggingLoopback(int rank, int size, std::vector<std::string>* log)
+      : LoopbackCommunicator(rank, size), log_(log) {}
+  void AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) override {
+    log_->push_back("all_reduce");
+    LoopbackCommunicator::AllReduce(buffer, count, dtype, op);
+  }
+
+ private:
+  std::vector<std::string>* log_;
+};
+
+// Ranks that share a GPU each read its free memory before any of them allocates its model
+// (a collective between the read and the first allocation): else a later rank would see an
+// earlier one's model as used memory, and count it again in its plan. One rank short stops
+// every rank, before the model's own collectives, with that rank's figures.
+TEST_F(StandInCuda, TrainerReadsTheDevicesMemoryOnEveryRankBeforeAnyAllocates) {
+  auto config = TinyTrainingConfig("steps: 1");
+  ASSERT_TRUE(config.ok());
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+  std::vector<std::string> log;
+  LoggingLoopback host_world(0, 2, &log);
+  DeviceLoopback device_world(0, 2);
+  const int64_t need = EstimateFootprint(config->model(), 2, 4, false, false).bytes_per_rank;
+  CountingBackend counting(backend_.get());
+  counting.log = &log;
+  counting.memory.total_bytes = 4 * need;
+  counting.memory.free_bytes = 2 * need;
+  SetBackendForTesting(Device::kCUDA, &counting);
+  {
+    auto t = Trainer::Create(*config, &host_world, &data, Device::kCUDA, &device_world);
+    ASSERT_TRUE(t.ok()) << t.status().message();
+    const auto read = std::find(log.begin(), log.end(), "memory");
+    ASSERT_NE(read, log.end());
+    const auto allocated = std::find(read, log.end(), "allocate");
+    ASSERT_NE(allocated, log.end());
+    EXPECT_TRUE(std::find(read, allocated, "all_reduce") != allocated)
+        << "no collective between the memory's read and the model's first allocation";
+  }
+  counting.memory.free_bytes = need - 1;
+  auto refused = Trainer::Create(*config, &host_world, &data, Device::kCUDA, &device_world);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().message().rfind("rank 0: the plan needs", 0), 0)
+      << refused.status().message();
   SetBackendForTesting(Device::kCUDA, backend_.get());
 }
 
