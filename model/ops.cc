@@ -263,43 +263,81 @@ const OpsTable& Ops(Device device) {
   return *table;
 }
 
-void ComposedAttentionForward(const OpsTable& ops, const float* qkv, float* out, float* probs,
-                              int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-  const int64_t n = tokens, w = head_dim, d = heads * w, ld = 3 * d;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(w));
+namespace {
+
+// One operand of the attention's GEMMs: image i's head h at p + i * image + h * head, rows
+// ld apart.
+struct HeadOperand {
+  const float* p;
+  int64_t ld, image, head;
+};
+
+// C[i][h] = alpha op(A[i][h]) op(B[i][h]) for every image i < images and head h < heads: one
+// strided batched GEMM per head over the images, or per image over the heads, whichever
+// makes fewer calls (on a GPU, launches: a ViT's 12 heads rather than its batch's images).
+void HeadGemms(const OpsTable& ops, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+               HeadOperand a, HeadOperand b, float* c, int64_t ldc, int64_t c_image, int64_t c_head,
+               int64_t images, int64_t heads) {
   auto gemm = MOERUN_OP(ops, gemm_strided_batched);
-  auto softmax = MOERUN_OP(ops, softmax_forward);
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* q = qkv + b * n * ld;
-    float* p = probs + b * heads * n * n;
-    // S_h = scale q_h k_h^T for every head h (heads w columns apart in qkv's rows).
-    gemm(false, true, n, n, w, scale, q, ld, w, q + d, ld, w, 0.0f, p, n, n * n, heads);
-    softmax(p, p, heads * n, n);
-    // out_h = P_h v_h, into the head's columns of the sequence's rows.
-    gemm(false, false, n, w, n, 1.0f, p, n, n * n, q + 2 * d, ld, w, 0.0f, out + b * n * d, d, w,
-         heads);
+  if (images >= heads) {
+    for (int64_t h = 0; h < heads; ++h) {
+      gemm(ta, tb, m, n, k, alpha, a.p + h * a.head, a.ld, a.image, b.p + h * b.head, b.ld, b.image,
+           0.0f, c + h * c_head, ldc, c_image, images);
+    }
+  } else {
+    for (int64_t i = 0; i < images; ++i) {
+      gemm(ta, tb, m, n, k, alpha, a.p + i * a.image, a.ld, a.head, b.p + i * b.image, b.ld, b.head,
+           0.0f, c + i * c_image, ldc, c_head, heads);
+    }
   }
 }
 
-void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const float* probs,
-                               const float* dout, float* dqkv, float* scratch, int64_t batch,
-                               int64_t tokens, int64_t heads, int64_t head_dim) {
-  const int64_t n = tokens, w = head_dim, d = heads * w, ld = 3 * d;
+}  // namespace
+
+int64_t ComposedAttentionScratchImages(int64_t batch, int64_t tokens, int64_t heads) {
+  constexpr int64_t kScratchBytes = int64_t{256} << 20;
+  const int64_t per_image = std::max<int64_t>(1, heads * tokens * tokens * 4);
+  return std::max<int64_t>(1, std::min(batch, kScratchBytes / per_image));
+}
+
+void ComposedAttentionForward(const OpsTable& ops, const float* qkv, float* out, float* probs,
+                              int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
+  const int64_t n = tokens, w = head_dim, d = heads * w, ld = 3 * d, nn = n * n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(w));
-  auto gemm = MOERUN_OP(ops, gemm_strided_batched);
+  // S = scale q k^T per image and head (heads w columns apart in qkv's rows), into probs.
+  HeadGemms(ops, false, true, n, n, w, scale, {qkv, ld, n * ld, w}, {qkv + d, ld, n * ld, w}, probs,
+            n, heads * nn, nn, batch, heads);
+  MOERUN_OP(ops, softmax_forward)(probs, probs, batch * heads * n, n);
+  // out_h = P_h v_h, into the head's columns of the sequence's rows.
+  HeadGemms(ops, false, false, n, w, n, 1.0f, {probs, n, heads * nn, nn},
+            {qkv + 2 * d, ld, n * ld, w}, out, d, n * d, w, batch, heads);
+}
+
+void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const float* probs,
+                               const float* dout, float* dqkv, float* scratch,
+                               int64_t scratch_images, int64_t batch, int64_t tokens, int64_t heads,
+                               int64_t head_dim) {
+  CHECK_GE(scratch_images, 1) << "the attention's backward needs scratch for an image at least";
+  const int64_t n = tokens, w = head_dim, d = heads * w, ld = 3 * d, nn = n * n;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(w));
   auto softmax_backward = MOERUN_OP(ops, softmax_backward);
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* q = qkv + b * n * ld;
-    const float* p = probs + b * heads * n * n;
-    const float* dO = dout + b * n * d;
-    float* dq = dqkv + b * n * ld;
-    // dP_h = dO_h v_h^T (into scratch), dv_h = P_h^T dO_h.
-    gemm(false, true, n, n, w, 1.0f, dO, d, w, q + 2 * d, ld, w, 0.0f, scratch, n, n * n, heads);
-    gemm(true, false, n, w, n, 1.0f, p, n, n * n, dO, d, w, 0.0f, dq + 2 * d, ld, w, heads);
-    // dS = P (dP - rowsum(P dP)); dq_h = scale dS_h k_h, dk_h = scale dS_h^T q_h.
-    softmax_backward(p, scratch, scratch, heads * n, n);
-    gemm(false, false, n, w, n, scale, scratch, n, n * n, q + d, ld, w, 0.0f, dq, ld, w, heads);
-    gemm(true, false, n, w, n, scale, scratch, n, n * n, q, ld, w, 0.0f, dq + d, ld, w, heads);
+  for (int64_t b0 = 0; b0 < batch; b0 += scratch_images) {
+    const int64_t nb = std::min(scratch_images, batch - b0);
+    const float* q = qkv + b0 * n * ld;
+    const float* p = probs + b0 * heads * nn;
+    const float* dO = dout + b0 * n * d;
+    float* dq = dqkv + b0 * n * ld;
+    // dP = dO v^T (into scratch), dv = P^T dO.
+    HeadGemms(ops, false, true, n, n, w, 1.0f, {dO, d, n * d, w}, {q + 2 * d, ld, n * ld, w},
+              scratch, n, heads * nn, nn, nb, heads);
+    HeadGemms(ops, true, false, n, w, n, 1.0f, {p, n, heads * nn, nn}, {dO, d, n * d, w},
+              dq + 2 * d, ld, n * ld, w, nb, heads);
+    // dS = P (dP - rowsum(P dP)); dq = scale dS k, dk = scale dS^T q.
+    softmax_backward(p, scratch, scratch, nb * heads * n, n);
+    HeadGemms(ops, false, false, n, w, n, scale, {scratch, n, heads * nn, nn},
+              {q + d, ld, n * ld, w}, dq, ld, n * ld, w, nb, heads);
+    HeadGemms(ops, true, false, n, w, n, scale, {scratch, n, heads * nn, nn}, {q, ld, n * ld, w},
+              dq + d, ld, n * ld, w, nb, heads);
   }
 }
 

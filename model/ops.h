@@ -116,15 +116,20 @@ struct OpsTable {
                       float* c, int64_t ldc);
 };
 
-// Self-attention composed from a table's batched GEMM and softmax entries (per sequence:
-// S = (q k^T) / sqrt(dh) for all heads in one batched GEMM, softmax, out = P v), the form a
-// device without its own attention kernel uses; the backward takes a [heads, tokens,
-// tokens] scratch on the table's device. Tested on CI over the CPU table.
+// Self-attention composed from a table's batched GEMM and softmax entries (S = (q k^T) /
+// sqrt(dh) for every image and head, one softmax over all of S's rows, out = P v), the form
+// a device without its own attention kernel uses. The GEMMs run one batched call per head
+// over the images (or per image over the heads, when images are fewer). The backward works
+// through the batch `scratch_images` images at a time, with a [scratch_images, heads,
+// tokens, tokens] scratch on the table's device (ComposedAttentionScratchImages: about 256
+// MiB of it). Tested on CI over the CPU and Thrust tables.
 void ComposedAttentionForward(const OpsTable& ops, const float* qkv, float* out, float* probs,
                               int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim);
 void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const float* probs,
-                               const float* dout, float* dqkv, float* scratch, int64_t batch,
-                               int64_t tokens, int64_t heads, int64_t head_dim);
+                               const float* dout, float* dqkv, float* scratch,
+                               int64_t scratch_images, int64_t batch, int64_t tokens, int64_t heads,
+                               int64_t head_dim);
+int64_t ComposedAttentionScratchImages(int64_t batch, int64_t tokens, int64_t heads);
 
 // Installs `table` for `device` (kept by pointer; lives for the process). Replaces an
 // earlier table of that device.

@@ -109,9 +109,10 @@ void CudaAttentionForward(const float* qkv, float* out, float* probs, int64_t ba
 
 void CudaAttentionBackward(const float* qkv, const float* probs, const float* dout, float* dqkv,
                            int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-  Tensor scratch = Tensor::Empty({heads, tokens, tokens}, DType::kF32, Device::kCUDA);
+  const int64_t images = ComposedAttentionScratchImages(batch, tokens, heads);
+  Tensor scratch = Tensor::Empty({images, heads, tokens, tokens}, DType::kF32, Device::kCUDA);
   ComposedAttentionBackward(CudaTable(), qkv, probs, dout, dqkv,
-                            scratch.device_data<float>(Device::kCUDA), batch, tokens, heads,
+                            scratch.device_data<float>(Device::kCUDA), images, batch, tokens, heads,
                             head_dim);
   // scratch is freed in stream order on return (see CudaBf16GemmStridedBatched).
 }

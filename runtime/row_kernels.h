@@ -177,7 +177,8 @@ MOERUN_HD inline void LayerNormLanes(const G& g, const float* x, const float* ga
   });
 }
 
-// LayerNormBackward above over lanes (dx only; dx may alias dy).
+// LayerNormBackward above over lanes (dx only; the row may write dx over dy, but the op's
+// parameter gradients read dy after it).
 template <typename G>
 MOERUN_HD inline void LayerNormBackwardLanes(const G& g, const float* x, const float* gamma,
                                              float mean, float rstd, const float* dy, float* dx,

@@ -537,9 +537,10 @@ const OpsTable& ThrustTableWithComposedAttention() {
     };
     t.attention_backward = [](const float* qkv, const float* probs, const float* dout, float* dqkv,
                               int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-      std::vector<float> scratch(heads * tokens * tokens);
+      const int64_t images = ComposedAttentionScratchImages(batch, tokens, heads);
+      std::vector<float> scratch(images * heads * tokens * tokens);
       ComposedAttentionBackward(ThrustTableWithComposedAttention(), qkv, probs, dout, dqkv,
-                                scratch.data(), batch, tokens, heads, head_dim);
+                                scratch.data(), images, batch, tokens, heads, head_dim);
     };
     return t;
   }();
@@ -570,10 +571,8 @@ TEST(OpsTable, EveryThrustEntryMatchesTheCpuTable) {
   EXPECT_NE(bare.adamw_step, nullptr);  // ThrustOptimizer.AdamWMatchesTheCpuOptimizerBitForBit
 }
 
-// The self-attention the CUDA table runs (batched GEMMs + softmax, ops.h's composed form)
-// against the CPU attention kernel, over the CPU table and over the Thrust table.
-TEST(OpsTable, ComposedAttentionMatchesTheCpuAttentionKernel) {
-  const int64_t batch = 3, tokens = 17, heads = 4, dh = 8, d = heads * dh;
+void ComposedAttentionCase(int64_t batch, int64_t scratch_images) {
+  const int64_t tokens = 17, heads = 4, dh = 8, d = heads * dh;
   const std::vector<float> qkv = Normal(batch * tokens * 3 * d, 1.5f, 30);
   const std::vector<float> dout = Normal(batch * tokens * d, 1.0f, 31);
   std::vector<float> out(batch * tokens * d), probs(batch * heads * tokens * tokens),
@@ -584,14 +583,31 @@ TEST(OpsTable, ComposedAttentionMatchesTheCpuAttentionKernel) {
   for (const OpsTable* t : {&Ops(Device::kCPU), &thrust_table}) {
     SCOPED_TRACE(t->name);
     std::vector<float> o(out.size(), -1.0f), p(probs.size(), -1.0f), dq(dqkv.size(), -1.0f),
-        scratch(heads * tokens * tokens);
+        scratch(scratch_images * heads * tokens * tokens);
     ComposedAttentionForward(*t, qkv.data(), o.data(), p.data(), batch, tokens, heads, dh);
     ComposedAttentionBackward(*t, qkv.data(), p.data(), dout.data(), dq.data(), scratch.data(),
-                              batch, tokens, heads, dh);
+                              scratch_images, batch, tokens, heads, dh);
     ExpectClose(out, o, 2e-5f);
     ExpectClose(probs, p, 2e-5f);
     ExpectClose(dqkv, dq, 2e-5f);
   }
+}
+
+// The self-attention the CUDA table runs (batched GEMMs + softmax, ops.h's composed form)
+// against the CPU attention kernel, over the CPU table and over the Thrust table: with more
+// images than heads (a GEMM call per head) and fewer (a call per image), the backward's
+// scratch holding one image, two (the last chunk partial) or all.
+TEST(OpsTable, ComposedAttentionMatchesTheCpuAttentionKernel) {
+  for (const int64_t batch : {5, 3}) {
+    for (const int64_t scratch_images : {int64_t{1}, int64_t{2}, batch}) {
+      SCOPED_TRACE(std::to_string(batch) + " images, scratch for " +
+                   std::to_string(scratch_images));
+      ComposedAttentionCase(batch, scratch_images);
+    }
+  }
+  EXPECT_EQ(ComposedAttentionScratchImages(1024, 197, 12), 144);  // 256 MiB / (12 x 197^2 x 4)
+  EXPECT_EQ(ComposedAttentionScratchImages(3, 197, 12), 3);
+  EXPECT_EQ(ComposedAttentionScratchImages(8, 4096, 64), 1);  // an image's 4 GiB: at least 1
 }
 
 // --- A host stand-in for the GPU: host memory tagged as CUDA (runtime/backend.h) with the
@@ -604,9 +620,10 @@ void StandInAttentionForward(const float* qkv, float* out, float* probs, int64_t
 }
 void StandInAttentionBackward(const float* qkv, const float* probs, const float* dout, float* dqkv,
                               int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-  Tensor scratch = Tensor::Empty({heads, tokens, tokens}, DType::kF32, Device::kCUDA);
+  const int64_t images = ComposedAttentionScratchImages(batch, tokens, heads);
+  Tensor scratch = Tensor::Empty({images, heads, tokens, tokens}, DType::kF32, Device::kCUDA);
   ComposedAttentionBackward(Ops(Device::kCUDA), qkv, probs, dout, dqkv,
-                            scratch.device_data<float>(Device::kCUDA), batch, tokens, heads,
+                            scratch.device_data<float>(Device::kCUDA), images, batch, tokens, heads,
                             head_dim);
 }
 
