@@ -243,6 +243,15 @@ struct AxpyFunctor {
   MOERUN_HD void operator()(int64_t i) const { y[i] += alpha * x[i]; }
 };
 
+struct ZeroDroppedRowsFunctor {
+  const int32_t* row;
+  float* x;
+  int64_t cols;
+  MOERUN_HD void operator()(int64_t i) const {
+    if (row[i / cols] < 0) x[i] = 0.0f;
+  }
+};
+
 struct ChoiceAttentionForwardFunctor {
   choice_attention::Shape shape;
   const float *q, *kv;
@@ -370,6 +379,9 @@ struct ThrustOps {
         ChoiceAttentionBackwardFunctor{choice_attention::MakeShape(tokens, k, head_dim, seq_len), q,
                                        kv, row, probs, d_out, d_q, d_kv});
   }
+  static void ZeroDroppedRows(const int32_t* row, float* x, int64_t rows, int64_t cols) {
+    ForIndices(PolicySource::Get(), rows * cols, ZeroDroppedRowsFunctor{row, x, cols});
+  }
   static void TopK(const float* gates, int64_t tokens, int num_experts, int k,
                    int32_t* expert_index, float* weight) {
     thrust_routing::TopK(PolicySource::Get(), gates, tokens, num_experts, k, expert_index, weight);
@@ -417,6 +429,7 @@ struct ThrustOps {
     t.gelu_bias_backward = &GeluBiasBackward;
     t.choice_attention_forward = &ChoiceAttentionForward;
     t.choice_attention_backward = &ChoiceAttentionBackward;
+    t.zero_dropped_rows = &ZeroDroppedRows;
     t.top_k = &TopK;
     t.pack_rows = &PackRows;
     t.combine_rows = &CombineRows;

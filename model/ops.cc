@@ -74,6 +74,12 @@ void CpuChoiceAttentionBackward(const float* q, const float* kv, const int32_t* 
   }
 }
 
+void CpuZeroDroppedRows(const int32_t* row, float* x, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (row[i] < 0) std::fill_n(x + i * cols, cols, 0.0f);
+  }
+}
+
 void CpuTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
              float* weight) {
   TopK(gates, tokens, num_experts, k, expert_index, weight);
@@ -115,6 +121,7 @@ OpsTable MakeCpuOps() {
   t.attention_backward = &AttentionBackward;
   t.choice_attention_forward = &CpuChoiceAttentionForward;
   t.choice_attention_backward = &CpuChoiceAttentionBackward;
+  t.zero_dropped_rows = &CpuZeroDroppedRows;
   t.top_k = &CpuTopK;
   t.pack_rows = &CpuPackRows;
   t.combine_rows = &GatherKeptRows;
@@ -265,6 +272,9 @@ const OpsTable& Ops(Device device) {
 
 namespace {
 
+// What the composed attentions' backward scratch holds at most (at least one image's).
+constexpr int64_t kComposedScratchBytes = int64_t{256} << 20;
+
 // One operand of the attention's GEMMs: image i's head h at p + i * image + h * head, rows
 // ld apart.
 struct HeadOperand {
@@ -295,9 +305,8 @@ void HeadGemms(const OpsTable& ops, bool ta, bool tb, int64_t m, int64_t n, int6
 }  // namespace
 
 int64_t ComposedAttentionScratchImages(int64_t batch, int64_t tokens, int64_t heads) {
-  constexpr int64_t kScratchBytes = int64_t{256} << 20;
   const int64_t per_image = std::max<int64_t>(1, heads * tokens * tokens * 4);
-  return std::max<int64_t>(1, std::min(batch, kScratchBytes / per_image));
+  return std::max<int64_t>(1, std::min(batch, kComposedScratchBytes / per_image));
 }
 
 void ComposedAttentionForward(const OpsTable& ops, const float* qkv, float* out, float* probs,
@@ -338,6 +347,60 @@ void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const floa
               {q + d, ld, n * ld, w}, dq, ld, n * ld, w, nb, heads);
     HeadGemms(ops, true, false, n, w, n, scale, {scratch, n, heads * nn, nn}, {q, ld, n * ld, w},
               dq + d, ld, n * ld, w, nb, heads);
+  }
+}
+
+int64_t ComposedChoiceAttentionScratchSequences(int64_t sequences, int64_t k, int64_t seq_len) {
+  const int64_t per_sequence = std::max<int64_t>(1, seq_len * k * seq_len * 4);
+  return std::max<int64_t>(1, std::min(sequences, kComposedScratchBytes / per_sequence));
+}
+
+// Per sequence b: Q_b [n k, dh] (its choices' queries, rows dh apart), K_b and V_b [n, dh]
+// (its tokens' rows of kv, 2 dh apart), P_b [n k, n].
+void ComposedChoiceAttentionForward(const OpsTable& ops, const float* q, const float* kv,
+                                    const int32_t* row, int64_t tokens, int64_t k, int64_t head_dim,
+                                    int64_t seq_len, float* probs, float* out) {
+  const int64_t n = seq_len, dh = head_dim, nk = n * k, sequences = tokens / seq_len;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  auto gemm = MOERUN_OP(ops, gemm_strided_batched);
+  gemm(false, true, nk, n, dh, scale, q, dh, nk * dh, kv, 2 * dh, n * 2 * dh, 0.0f, probs, n,
+       nk * n, sequences);
+  MOERUN_OP(ops, softmax_forward)(probs, probs, tokens * k, n);
+  MOERUN_OP(ops, zero_dropped_rows)(row, probs, tokens * k, n);
+  gemm(false, false, nk, dh, n, 1.0f, probs, n, nk * n, kv + dh, 2 * dh, n * 2 * dh, 0.0f, out, dh,
+       nk * dh, sequences);
+}
+
+// dP = d_out V^T, dS = P (dP - rowsum(P dP)) (zero on a dropped choice's row, as P is),
+// d_q = scale dS K, d_k = scale dS^T Q, d_v = P^T d_out.
+void ComposedChoiceAttentionBackward(const OpsTable& ops, const float* q, const float* kv,
+                                     const int32_t* row, const float* probs, const float* d_out,
+                                     int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len,
+                                     float* d_q, float* d_kv, float* scratch,
+                                     int64_t scratch_sequences) {
+  CHECK_GE(scratch_sequences, 1) << "the choice attention's backward needs scratch for a sequence";
+  (void)row;  // dropped choices' rows of P are zero (the forward's)
+  const int64_t n = seq_len, dh = head_dim, nk = n * k, sequences = tokens / seq_len;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  auto gemm = MOERUN_OP(ops, gemm_strided_batched);
+  auto softmax_backward = MOERUN_OP(ops, softmax_backward);
+  for (int64_t s0 = 0; s0 < sequences; s0 += scratch_sequences) {
+    const int64_t ns = std::min(scratch_sequences, sequences - s0);
+    const float* qs = q + s0 * nk * dh;
+    const float* kvs = kv + s0 * n * 2 * dh;
+    const float* ps = probs + s0 * nk * n;
+    const float* dos = d_out + s0 * nk * dh;
+    float* dqs = d_q + s0 * nk * dh;
+    float* dkvs = d_kv + s0 * n * 2 * dh;
+    gemm(false, true, nk, n, dh, 1.0f, dos, dh, nk * dh, kvs + dh, 2 * dh, n * 2 * dh, 0.0f,
+         scratch, n, nk * n, ns);
+    softmax_backward(ps, scratch, scratch, ns * nk, n);
+    gemm(false, false, nk, dh, n, scale, scratch, n, nk * n, kvs, 2 * dh, n * 2 * dh, 0.0f, dqs, dh,
+         nk * dh, ns);
+    gemm(true, false, n, dh, nk, scale, scratch, n, nk * n, qs, dh, nk * dh, 0.0f, dkvs, 2 * dh,
+         n * 2 * dh, ns);
+    gemm(true, false, n, dh, nk, 1.0f, ps, n, nk * n, dos, dh, nk * dh, 0.0f, dkvs + dh, 2 * dh,
+         n * 2 * dh, ns);
   }
 }
 

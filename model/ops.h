@@ -83,6 +83,8 @@ struct OpsTable {
                                     const float* probs, const float* d_out, int64_t tokens,
                                     int64_t k, int64_t head_dim, int64_t seq_len, float* d_q,
                                     float* d_kv);
+  // x[i] = 0 for every row i of x [rows, cols] with row[i] < 0 (a dropped choice's).
+  void (*zero_dropped_rows)(const int32_t* row, float* x, int64_t rows, int64_t cols);
   // The k largest gates of each token, ties to the lower expert (model/routing.h's TopK).
   void (*top_k)(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
                 float* weight);
@@ -130,6 +132,21 @@ void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const floa
                                int64_t scratch_images, int64_t batch, int64_t tokens, int64_t heads,
                                int64_t head_dim);
 int64_t ComposedAttentionScratchImages(int64_t batch, int64_t tokens, int64_t heads);
+
+// The MoE attention's per-choice attention (choice_attention_forward / backward's semantics)
+// composed the same way, per sequence: S = Q K^T / sqrt(dh) for the sequence's tokens x k
+// queries over its tokens' keys, softmax, dropped choices' rows zeroed, out = P V; one
+// strided batched GEMM over the sequences each. The backward takes a [scratch_sequences,
+// seq_len * k, seq_len] scratch (ComposedChoiceAttentionScratchSequences: about 256 MiB).
+void ComposedChoiceAttentionForward(const OpsTable& ops, const float* q, const float* kv,
+                                    const int32_t* row, int64_t tokens, int64_t k, int64_t head_dim,
+                                    int64_t seq_len, float* probs, float* out);
+void ComposedChoiceAttentionBackward(const OpsTable& ops, const float* q, const float* kv,
+                                     const int32_t* row, const float* probs, const float* d_out,
+                                     int64_t tokens, int64_t k, int64_t head_dim, int64_t seq_len,
+                                     float* d_q, float* d_kv, float* scratch,
+                                     int64_t scratch_sequences);
+int64_t ComposedChoiceAttentionScratchSequences(int64_t sequences, int64_t k, int64_t seq_len);
 
 // Installs `table` for `device` (kept by pointer; lives for the process). Replaces an
 // earlier table of that device.

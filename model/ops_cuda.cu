@@ -1,6 +1,6 @@
 // The CUDA ops table: cuBLAS fp32 GEMMs on the backend's stream, the composed
-// self-attention, warp-per-row softmax and layer norm, model/dense_kernels_thrust.h's
-// kernels for the rest (the same stream).
+// self-attention and per-choice attention, warp-per-row softmax and layer norm,
+// model/dense_kernels_thrust.h's kernels for the rest (the same stream).
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <thrust/execution_policy.h>
@@ -117,6 +117,26 @@ void CudaAttentionBackward(const float* qkv, const float* probs, const float* do
   // scratch is freed in stream order on return (see CudaBf16GemmStridedBatched).
 }
 
+// The MoE attention's per-choice attention as batched GEMMs per sequence (ops.h's composed
+// form): the Thrust kernels' one thread per choice, or per sequence in the backward, would
+// leave a GPU nearly idle.
+void CudaChoiceAttentionForward(const float* q, const float* kv, const int32_t* row, int64_t tokens,
+                                int64_t k, int64_t head_dim, int64_t seq_len, float* probs,
+                                float* out) {
+  ComposedChoiceAttentionForward(CudaTable(), q, kv, row, tokens, k, head_dim, seq_len, probs, out);
+}
+
+void CudaChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
+                                 const float* probs, const float* d_out, int64_t tokens, int64_t k,
+                                 int64_t head_dim, int64_t seq_len, float* d_q, float* d_kv) {
+  const int64_t sequences = ComposedChoiceAttentionScratchSequences(tokens / seq_len, k, seq_len);
+  Tensor scratch = Tensor::Empty({sequences, seq_len * k, seq_len}, DType::kF32, Device::kCUDA);
+  ComposedChoiceAttentionBackward(CudaTable(), q, kv, row, probs, d_out, tokens, k, head_dim,
+                                  seq_len, d_q, d_kv, scratch.device_data<float>(Device::kCUDA),
+                                  sequences);
+  // scratch is freed in stream order on return (see CudaBf16GemmStridedBatched).
+}
+
 // The one entry whose result comes back to the host: drained first, so the reduction's own
 // wait finds only its kernels on the stream; its temporaries come from the backend's pool.
 double CudaSumOfSquares(const float* x, int64_t n) {
@@ -229,6 +249,8 @@ OpsTable MakeCudaTable() {
   t.gemm_strided_batched = &CudaGemmStridedBatched;
   t.attention_forward = &CudaAttentionForward;
   t.attention_backward = &CudaAttentionBackward;
+  t.choice_attention_forward = &CudaChoiceAttentionForward;
+  t.choice_attention_backward = &CudaChoiceAttentionBackward;
   t.adamw_step = &CudaAdamWStep;
   return t;
 }

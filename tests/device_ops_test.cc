@@ -542,6 +542,20 @@ const OpsTable& ThrustTableWithComposedAttention() {
       ComposedAttentionBackward(ThrustTableWithComposedAttention(), qkv, probs, dout, dqkv,
                                 scratch.data(), images, batch, tokens, heads, head_dim);
     };
+    t.choice_attention_forward = [](const float* q, const float* kv, const int32_t* row,
+                                    int64_t tokens, int64_t k, int64_t dh, int64_t seq,
+                                    float* probs, float* out) {
+      ComposedChoiceAttentionForward(ThrustTableWithComposedAttention(), q, kv, row, tokens, k, dh,
+                                     seq, probs, out);
+    };
+    t.choice_attention_backward = [](const float* q, const float* kv, const int32_t* row,
+                                     const float* probs, const float* d_out, int64_t tokens,
+                                     int64_t k, int64_t dh, int64_t seq, float* d_q, float* d_kv) {
+      // Scratch for two sequences: the test's three in two chunks.
+      std::vector<float> scratch(2 * seq * k * seq);
+      ComposedChoiceAttentionBackward(ThrustTableWithComposedAttention(), q, kv, row, probs, d_out,
+                                      tokens, k, dh, seq, d_q, d_kv, scratch.data(), 2);
+    };
     return t;
   }();
   return table;
@@ -611,9 +625,11 @@ TEST(OpsTable, ComposedAttentionMatchesTheCpuAttentionKernel) {
 }
 
 // --- A host stand-in for the GPU: host memory tagged as CUDA (runtime/backend.h) with the
-// Thrust table (its kernels compiled for the host) registered as the CUDA ops. Code that
-// is device-clean runs on it unchanged; host code reading its tensors (data<T>()) dies as
-// it would on a GPU. Each test installs it and restores the real (absent) CUDA backend.
+// Thrust table (its kernels compiled for the host) registered as the CUDA ops, with the
+// self-attention and per-choice attention composed over it as the CUDA table composes them.
+// Code that is device-clean runs on it unchanged; host code reading its tensors (data<T>())
+// dies as it would on a GPU. Each test installs it and restores the real (absent) CUDA
+// backend.
 void StandInAttentionForward(const float* qkv, float* out, float* probs, int64_t batch,
                              int64_t tokens, int64_t heads, int64_t head_dim) {
   ComposedAttentionForward(Ops(Device::kCUDA), qkv, out, probs, batch, tokens, heads, head_dim);
@@ -627,6 +643,20 @@ void StandInAttentionBackward(const float* qkv, const float* probs, const float*
                             head_dim);
 }
 
+void StandInChoiceAttentionForward(const float* q, const float* kv, const int32_t* row,
+                                   int64_t tokens, int64_t k, int64_t dh, int64_t seq, float* probs,
+                                   float* out) {
+  ComposedChoiceAttentionForward(Ops(Device::kCUDA), q, kv, row, tokens, k, dh, seq, probs, out);
+}
+void StandInChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
+                                    const float* probs, const float* d_out, int64_t tokens,
+                                    int64_t k, int64_t dh, int64_t seq, float* d_q, float* d_kv) {
+  const int64_t sequences = ComposedChoiceAttentionScratchSequences(tokens / seq, k, seq);
+  Tensor scratch = Tensor::Empty({sequences, seq * k, seq}, DType::kF32, Device::kCUDA);
+  ComposedChoiceAttentionBackward(Ops(Device::kCUDA), q, kv, row, probs, d_out, tokens, k, dh, seq,
+                                  d_q, d_kv, scratch.device_data<float>(Device::kCUDA), sequences);
+}
+
 class StandInCuda : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -634,6 +664,8 @@ class StandInCuda : public ::testing::Test {
     table_.name = "stand-in cuda";
     table_.attention_forward = &StandInAttentionForward;
     table_.attention_backward = &StandInAttentionBackward;
+    table_.choice_attention_forward = &StandInChoiceAttentionForward;
+    table_.choice_attention_backward = &StandInChoiceAttentionBackward;
     backend_ = NewHostStandInBackend(Device::kCUDA);
     before_backend_ = SetBackendForTesting(Device::kCUDA, backend_.get());
     before_ops_ = OpsFor(Device::kCUDA);

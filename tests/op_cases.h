@@ -88,6 +88,22 @@ struct OpCase {
   std::function<std::vector<float>(const OpsTable& t)> run;
 };
 
+// Mod-Squad's attention heads: 3 sequences of 9 tokens, k = 2, some choices dropped.
+inline std::vector<float> ChoiceAttentionRun(const OpsTable& t) {
+  const int64_t tokens = 27, k = 2, dh = 8, seq = 9;
+  FVec q = NormalV(tokens * k * dh, 1, 20), kv = NormalV(tokens * 2 * dh, 1, 21),
+       probs(tokens * k * seq, -1.0f), out(tokens * k * dh, -1.0f);
+  IVec row(tokens * k);
+  for (int64_t i = 0; i < tokens * k; ++i) row[i] = i % 5 == 3 ? -1 : i;
+  t.choice_attention_forward(q.data(), kv.data(), row.data(), tokens, k, dh, seq, probs.data(),
+                             out.data());
+  FVec d_out = NormalV(tokens * k * dh, 1, 22), d_q(tokens * k * dh, -1.0f),
+       d_kv(tokens * 2 * dh, -1.0f);
+  t.choice_attention_backward(q.data(), kv.data(), row.data(), probs.data(), d_out.data(), tokens,
+                              k, dh, seq, d_q.data(), d_kv.data());
+  return Cat({&probs, &out, &d_q, &d_kv});
+}
+
 inline std::vector<OpCase> OpCases() {
   std::vector<OpCase> cases;
   const int64_t rows = 37, cols = 70, n = rows * cols;
@@ -222,21 +238,13 @@ inline std::vector<OpCase> OpCases() {
                        return Cat({&h, &act, &d, &db});
                      }});
   }
-  // Mod-Squad's attention heads: 3 sequences of 9 tokens, k = 2, some choices dropped.
-  cases.push_back({"choice_attention_forward/backward", 0, [](const OpsTable& t) {
-                     const int64_t tokens = 27, k = 2, dh = 8, seq = 9;
-                     FVec q = NormalV(tokens * k * dh, 1, 20), kv = NormalV(tokens * 2 * dh, 1, 21),
-                          probs(tokens * k * seq, -1.0f), out(tokens * k * dh, -1.0f);
-                     IVec row(tokens * k);
-                     for (int64_t i = 0; i < tokens * k; ++i) row[i] = i % 5 == 3 ? -1 : i;
-                     t.choice_attention_forward(q.data(), kv.data(), row.data(), tokens, k, dh, seq,
-                                                probs.data(), out.data());
-                     FVec d_out = NormalV(tokens * k * dh, 1, 22), d_q(tokens * k * dh, -1.0f),
-                          d_kv(tokens * 2 * dh, -1.0f);
-                     t.choice_attention_backward(q.data(), kv.data(), row.data(), probs.data(),
-                                                 d_out.data(), tokens, k, dh, seq, d_q.data(),
-                                                 d_kv.data());
-                     return Cat({&probs, &out, &d_q, &d_kv});
+  cases.push_back({"choice_attention_forward/backward", 0, &ChoiceAttentionRun});
+  cases.push_back({"zero_dropped_rows", 0, [](const OpsTable& t) {
+                     FVec x = NormalV(n, 1, 24);
+                     IVec row(rows);
+                     for (int64_t i = 0; i < rows; ++i) row[i] = i % 4 == 1 ? -1 : 3 * i;
+                     t.zero_dropped_rows(row.data(), x.data(), rows, cols);
+                     return Cat({&x});
                    }});
   cases.push_back({"top_k", 0, [](const OpsTable& t) {
                      const int64_t tokens = 50;
@@ -304,6 +312,8 @@ inline std::vector<OpCase> AttentionCases() {
                                           tokens, heads, dh);
                      return Cat({&out, &probs, &dqkv});
                    }});
+  // A device's per-choice attention may be composed too (ops.h: the CUDA table's).
+  cases.push_back({"choice_attention_forward/backward (device's)", 2e-5f, &ChoiceAttentionRun});
   return cases;
 }
 
