@@ -161,8 +161,8 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
           "the auxiliary losses, the routing and every gradient of\n"
           "L = sum(y * dy) + loss.aux_total. Rank r takes the r-th contiguous slice of\n"
           "the tokens; any P that divides the tokens and fits the experts works. With\n"
-          "--device cuda the rows, the experts and the combine run on each rank's GPU (the\n"
-          "router and the routing plan stay on the host, as in training), so the same\n"
+          "--device cuda the rows, the experts, the combine and the router's GEMMs run on\n"
+          "each rank's GPU (gates and routing plan on the host, as in training), so the same\n"
           "case compares the two backends. Tensor names and metadata keys: README.md,\n"
           "'Replaying one MoE layer'.",
           args, desc, nullptr, &vm))
@@ -209,7 +209,9 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
   layer.Backward(dy, &dx);
   layer.ReduceReplicaGradients();
   MoeParams& g = layer.grads();
-  world.AllReduce(g.router_weight.raw_data(), g.router_weight.numel(), DType::kF32, ReduceOp::kSum);
+  // The router's gradient (on the layer's device) summed over the ranks on the host.
+  Tensor router_grad = g.router_weight.To(Device::kCPU);
+  world.AllReduce(router_grad.raw_data(), router_grad.numel(), DType::kF32, ReduceOp::kSum);
 
   // Assemble on every rank (equal slices), write on rank 0.
   SafetensorsWriter out;
@@ -221,7 +223,7 @@ int RunReplayMoe(const std::vector<std::string>& args, ProgramArgs program) {
   out.Add("expert_index", GatherRows(world, layer.expert_index()));
   out.Add("slot", GatherRows(world, layer.slot()));
   out.Add("combine_weight", GatherRows(world, layer.combine_weight()));
-  out.Add("grad.router.weight", g.router_weight);
+  out.Add("grad.router.weight", router_grad);
   // Experts in rank order; with replicas the first E ranks hold experts 0..E-1.
   auto experts = [&](const Tensor& grad) {
     Tensor all = GatherRows(world, grad.To(Device::kCPU));

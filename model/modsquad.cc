@@ -334,7 +334,7 @@ void ModSquadModel::SumOverRanks(Tensor* grad) const {
 void ModSquadModel::ReduceGradients() {
   SumOverRanks(&dense_grad_flat_);
   for (auto& l : moe_attention_) {
-    // The router's gradient is on the host; the shared key / value projection's on the device.
+    // The router's and the shared key / value projection's (each on the model's device).
     for (Tensor* g : {&l->grads().router_weight, &l->grads().kv_weight, &l->grads().kv_bias}) {
       SumOverRanks(g);
     }

@@ -13,7 +13,8 @@ namespace moerun {
 MoeAttention::MoeAttention(const MoeAttentionConfig& config, std::shared_ptr<MoeGroups> groups)
     : config_(config),
       groups_(std::move(groups)),
-      router_(GateKind::kTaskSoftmax, config.tasks, config.num_experts, config.d, 0.0),
+      router_(GateKind::kTaskSoftmax, config.tasks, config.num_experts, config.d, 0.0,
+              config.device),
       dispatcher_(groups_.get()),
       aux_(config.aux) {
   CHECK_EQ(config_.num_experts, groups_->num_experts()) << "MoE attention and groups disagree on E";
@@ -62,7 +63,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     in.training = args.training;
     in.task = args.task;
     in.noise = args.noise;
-    MOERUN_RETURN_IF_ERROR(router_.Forward(dev == Device::kCPU ? x : x.To(Device::kCPU), in));
+    MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
   }
   {
     ScopedTimer timer(&timers_.routing, config_.device);
@@ -165,7 +166,7 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
                  grads_.kv_weight.device_data<float>(dev), grads_.kv_bias.device_data<float>(dev),
                  t, d, 2 * dh);
   MOERUN_OP(ops, axpy)(1.0f, dx_kv.device_data<float>(dev), dx->device_data<float>(dev), t * d);
-  // The router (on the host): gates -> logits -> W_r and x.
+  // The router: gates -> logits on the host, -> W_r and x on the device.
   ScopedTimer timer(&timers_.bwd_router, config_.device);
   aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }

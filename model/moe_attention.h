@@ -31,8 +31,8 @@ struct MoeAttentionConfig {
   int tasks = 1;
   CapacityRule capacity;
   AuxWeights aux;  // importance / gshard / z / mi (no noise, so no load loss)
-  // Where the projections, rows and per-choice attention live (as MoeLayerConfig::device:
-  // on a device the router, its plan and the aux losses stay on the host).
+  // Where the projections, rows, per-choice attention and router GEMMs live (as
+  // MoeLayerConfig::device: on a device the gates, plan and aux losses are the host's).
   Device device = Device::kCPU;
 };
 

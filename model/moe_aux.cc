@@ -205,12 +205,13 @@ void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const
     RouterBackward(router, plan, d_weight.data<float>(), world_size, dx->data<float>());
     return;
   }
+  // The combine weights' gradient [T, k] comes to the host (with the plan and the gates);
+  // d(logits) [T, E] goes back to the router's GEMMs, which add into dx where it is.
+  CHECK(router->weight().device() == dev) << "a router on " << DeviceName(router->weight().device())
+                                          << " cannot add into dx on " << DeviceName(dev);
   const Tensor host_d_weight = d_weight.To(Device::kCPU);
-  Tensor dx_router = Tensor::Zeros(dx->shape());
-  RouterBackward(router, plan, host_d_weight.data<float>(), world_size, dx_router.data<float>());
-  const Tensor add = dx_router.To(dev);
-  MOERUN_OP(Ops(dev), axpy)
-  (1.0f, add.device_data<float>(dev), dx->device_data<float>(dev), dx->numel());
+  RouterBackward(router, plan, host_d_weight.data<float>(), world_size,
+                 dx->device_data<float>(dev));
 }
 
 }  // namespace moerun

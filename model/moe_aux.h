@@ -62,8 +62,8 @@ class MoeAuxLosses {
   void RouterBackward(Router* router, const RoutingPlan& plan, const float* d_weight,
                       int world_size, float* dx) const;
   // The same for a layer on any device: d_weight [T, K] and dx [T, D] (accumulated into)
-  // on the layer's device. The router is on the host: on a device its input gradient is
-  // computed there and added to dx on the device.
+  // on the layer's device, where the router's GEMMs are: on a device d_weight comes to the
+  // host, the losses' terms and the softmax run there, and d(logits) [T, E] goes back.
   void RouterBackward(Router* router, const RoutingPlan& plan, const Tensor& d_weight,
                       int world_size, Tensor* dx) const;
 

@@ -87,7 +87,8 @@ StatusOr<std::shared_ptr<MoeGroups>> MoeGroups::Create(Communicator* world, int 
 MoeLayer::MoeLayer(const MoeLayerConfig& config, std::shared_ptr<MoeGroups> groups)
     : config_(config),
       groups_(std::move(groups)),
-      router_(config.gate, config.tasks, config.num_experts, config.d, config.noise_std),
+      router_(config.gate, config.tasks, config.num_experts, config.d, config.noise_std,
+              config.device),
       dispatcher_(groups_.get()),
       experts_(groups_->local_experts(), config.d, config.m, config.gelu_tanh, config.device),
       aux_(config.aux_weights()) {
@@ -126,11 +127,11 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     in.first_token = args.first_token;
     in.noise = args.noise;
     in.task = args.task;
-    // On a device, the host copy of x waits for everything queued; wait for the NCCL
-    // streams first, whose wait ends the job on a failed or missing peer (the watchdog)
+    // On a device, the host copy of the logits waits for everything queued; wait for the
+    // NCCL streams first, whose wait ends the job on a failed or missing peer (the watchdog)
     // where the copy would block.
     if (dev != Device::kCPU) groups_->expert().Synchronize();
-    MOERUN_RETURN_IF_ERROR(router_.Forward(dev == Device::kCPU ? x : x.To(Device::kCPU), in));
+    MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
   }
   // 2. Routing plan (per group: top-k, priority order, slots; capacity) and losses.
   {

@@ -42,10 +42,11 @@ struct MoeLayerConfig {
   // rows already here (Dispatcher::ToExpertsOverlapped); off: one all-to-all, then the
   // experts. Changes only the summation order of the expert weight gradients.
   bool overlap_dispatch = false;
-  // Where the layer's rows, experts and combine live. On a device the router, the routing
-  // plan and the auxiliary losses stay on the host (they read [T, E] gates and decide the
-  // routing; x is copied to the host for them and the router's input gradient back); the
-  // rows, the dispatch, the experts (fp32) and the combine run on the device's ops.
+  // Where the layer's rows, experts, combine and router GEMMs live. On a device the router's
+  // weight and its GEMMs (logits, and the backward's weight and input gradients) are there,
+  // and only the logits [T, E] come to the host, where noise, softmax, the routing plan and
+  // the auxiliary losses run (they decide the routing); d(logits) goes back. The rows, the
+  // dispatch, the experts (fp32) and the combine run on the device's ops.
   Device device = Device::kCPU;
   int64_t group_size = 0;  // 0: all local tokens form one group
   bool gelu_tanh = false;  // the tanh approximation of GELU (V-MoE) instead of exact erf

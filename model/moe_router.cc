@@ -9,9 +9,11 @@
 namespace moerun {
 namespace {
 
-// Reallocates `t` when its shape differs (buffers persist across steps).
-void Ensure(Tensor* t, const Shape& shape) {
-  if (!t->defined() || t->shape() != shape) *t = Tensor::Empty(shape, DType::kF32);
+// Reallocates `t` when its shape (or device) differs (buffers persist across steps).
+void Ensure(Tensor* t, const Shape& shape, Device device = Device::kCPU) {
+  if (!t->defined() || t->shape() != shape || t->device() != device) {
+    *t = Tensor::Empty(shape, DType::kF32, device);
+  }
 }
 
 // Calls fn(task, first, count) for every run of consecutive tokens of one task.
@@ -27,27 +29,37 @@ void ForEachTaskRun(const int32_t* task, int64_t tokens, Fn fn) {
 
 }  // namespace
 
-Router::Router(GateKind kind, int tasks, int num_experts, int d, double noise_std)
+Router::Router(GateKind kind, int tasks, int num_experts, int d, double noise_std, Device device)
     : kind_(kind),
       tasks_(kind == GateKind::kNoisyTopK ? 1 : tasks),
       num_experts_(num_experts),
       d_(d),
-      noise_std_(noise_std) {
+      noise_std_(noise_std),
+      device_(device) {
   CHECK_GE(tasks_, 1) << "router with no task";
   const Shape shape =
       kind_ == GateKind::kNoisyTopK ? Shape{num_experts, d} : Shape{tasks_, num_experts, d};
-  weight_ = Tensor::Zeros(shape);
-  grad_ = Tensor::Zeros(shape);
+  weight_ = Tensor::Zeros(shape, DType::kF32, device);
+  grad_ = Tensor::Zeros(shape, DType::kF32, device);
 }
 
 Status Router::Forward(const Tensor& x, const RouterInputs& in) {
-  const OpsTable& ops = Ops(weight_.device());
+  CHECK(x.device() == device_) << "a router on " << DeviceName(device_) << " got "
+                               << x.ShapeString() << " on " << DeviceName(x.device());
+  // The GEMM on the router's device; softmax, noise and the rest on the host.
+  const OpsTable& gemm_ops = Ops(device_);
+  const OpsTable& ops = Ops(Device::kCPU);
   const int64_t t = x.dim(0), e_count = num_experts_, d = d_;
   x_ = x;
   tokens_ = t;
   task_ = in.task;
   Ensure(&logits_, {t, e_count});
   Ensure(&gates_, {t, e_count});
+  if (device_ != Device::kCPU) Ensure(&device_logits_, {t, e_count}, device_);
+  Tensor& z_out = device_ == Device::kCPU ? logits_ : device_logits_;
+  const float* xs = x.device_data<float>(device_);
+  const float* ws = weight_.device_data<float>(device_);
+  float* zs = z_out.device_data<float>(device_);
   if (kind_ == GateKind::kTaskSoftmax) {
     if (in.task == nullptr) return Status::Error("a task-routed MoE layer needs task ids");
     for (int64_t s = 0; s < t; ++s) {
@@ -62,10 +74,10 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
     sigma_ = 0;
     // Row-invariant: a token's gates are bitwise the same for any number of ranks.
     ForEachTaskRun(in.task, t, [&](int32_t task, int64_t first, int64_t count) {
-      MOERUN_OP(ops, router_gemm)
-      (x.data<float>() + first * d, weight_.data<float>() + task * e_count * d,
-       logits_.data<float>() + first * e_count, count, e_count, d);
+      MOERUN_OP(gemm_ops, router_gemm)
+      (xs + first * d, ws + task * e_count * d, zs + first * e_count, count, e_count, d);
     });
+    if (device_ != Device::kCPU) logits_.CopyFrom(device_logits_);
     Ensure(&clean_gates_, {t, e_count});
     if (in.noise != nullptr) {
       // Explicit noise (replay cases): added to the logits before the softmax.
@@ -89,8 +101,8 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
   sigma_ = noise_std_ / e_count;
   // Row-invariant: a token's logits (hence its routing) are bitwise the same for any
   // number of ranks.
-  MOERUN_OP(ops, router_gemm)
-  (x.data<float>(), weight_.data<float>(), logits_.data<float>(), t, e_count, d);
+  MOERUN_OP(gemm_ops, router_gemm)(xs, ws, zs, t, e_count, d);
+  if (device_ != Device::kCPU) logits_.CopyFrom(device_logits_);
   if (noisy_) {
     Ensure(&noisy_logits_, {t, e_count});
     float* zn = noisy_logits_.data<float>();
@@ -127,7 +139,7 @@ void Router::BeginBackward(float** d_gates, float** d_clean_gates) {
 }
 
 float* Router::GatesToLogits() {
-  const OpsTable& ops = Ops(weight_.device());
+  const OpsTable& ops = Ops(Device::kCPU);
   const int64_t t = tokens_, e_count = num_experts_;
   Ensure(&d_logits_, {t, e_count});
   float* dz = d_logits_.data<float>();
@@ -145,27 +157,33 @@ float* Router::GatesToLogits() {
 }
 
 void Router::LogitsToInputs(float* dx) {
-  const OpsTable& ops = Ops(weight_.device());
+  const OpsTable& ops = Ops(device_);
   const int64_t t = tokens_, e_count = num_experts_, d = d_;
   const float* dz = d_logits_.data<float>();
+  if (device_ != Device::kCPU) {
+    Ensure(&device_d_logits_, {t, e_count}, device_);
+    device_d_logits_.CopyFrom(d_logits_);
+    dz = device_d_logits_.device_data<float>(device_);
+  }
+  const float* xs = x_.device_data<float>(device_);
+  const float* ws = weight_.device_data<float>(device_);
+  float* gs = grad_.device_data<float>(device_);
   // On the experts' blocked GEMM where the table has one (alpha 1, beta 1 fit it); these
   // products are thin (32 rows, or a depth of 32), which OpenBLAS runs slowly: bench
   // moe-layer 512x2048 E=32, the router's backward 4.1 -> 3.6 ms at 1 rank x 2 threads and
   // 6.8 -> 5.4 ms at 2 ranks x 1 thread.
   if (kind_ == GateKind::kNoisyTopK) {
     // dW_r += dz^T x; dx += dz W_r.
-    ExpertGemmOrGemm(ops)(true, false, e_count, d, t, 1.0f, dz, e_count, x_.data<float>(), d, 1.0f,
-                          grad_.data<float>(), d);
-    ExpertGemmOrGemm(ops)(false, false, t, d, e_count, 1.0f, dz, e_count, weight_.data<float>(), d,
-                          1.0f, dx, d);
+    ExpertGemmOrGemm(ops)(true, false, e_count, d, t, 1.0f, dz, e_count, xs, d, 1.0f, gs, d);
+    ExpertGemmOrGemm(ops)(false, false, t, d, e_count, 1.0f, dz, e_count, ws, d, 1.0f, dx, d);
     return;
   }
   ForEachTaskRun(task_, t, [&](int32_t task, int64_t first, int64_t count) {
     const int64_t w_off = static_cast<int64_t>(task) * e_count * d;
     ExpertGemmOrGemm(ops)(true, false, e_count, d, count, 1.0f, dz + first * e_count, e_count,
-                          x_.data<float>() + first * d, d, 1.0f, grad_.data<float>() + w_off, d);
+                          xs + first * d, d, 1.0f, gs + w_off, d);
     ExpertGemmOrGemm(ops)(false, false, count, d, e_count, 1.0f, dz + first * e_count, e_count,
-                          weight_.data<float>() + w_off, d, 1.0f, dx + first * d, d);
+                          ws + w_off, d, 1.0f, dx + first * d, d);
   });
 }
 

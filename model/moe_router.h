@@ -33,8 +33,11 @@ struct RouterInputs {
 
 class Router {
  public:
-  // tasks: routers of a kTaskSoftmax gate (1 for kNoisyTopK).
-  Router(GateKind kind, int tasks, int num_experts, int d, double noise_std);
+  // tasks: routers of a kTaskSoftmax gate (1 for kNoisyTopK). The weight, its gradient and
+  // the logits' and inputs' GEMMs live on `device`; on a GPU only the logits [T, E] come to
+  // the host (noise, softmax, routing and losses run there) and d(logits) goes back.
+  Router(GateKind kind, int tasks, int num_experts, int d, double noise_std,
+         Device device = Device::kCPU);
 
   GateKind kind() const { return kind_; }
   int tasks() const { return tasks_; }
@@ -42,7 +45,7 @@ class Router {
   Tensor& weight() { return weight_; }
   Tensor& grad() { return grad_; }
 
-  // Routes x [T, D]; an error for a task id out of range.
+  // Routes x [T, D] (on the router's device); an error for a task id out of range.
   Status Forward(const Tensor& x, const RouterInputs& in);
 
   // Of the last forward, [T, E].
@@ -60,7 +63,7 @@ class Router {
   // belong. BeginBackward zeroes and returns d(gates) and d(clean gates) (the same buffer
   // when !noisy(); the 1e-4 of kTaskSoftmax has no gradient); GatesToLogits turns them into
   // d(logits), returned for logit-space losses to add to; LogitsToInputs accumulates the router's
-  // weight gradient and adds d(logits) W into dx.
+  // weight gradient and adds d(logits) W into dx (on the router's device).
   void BeginBackward(float** d_gates, float** d_clean_gates);
   float* GatesToLogits();
   void LogitsToInputs(float* dx);
@@ -69,6 +72,7 @@ class Router {
   GateKind kind_;
   int tasks_, num_experts_, d_;
   double noise_std_;
+  Device device_;
   Tensor weight_, grad_;
   // Saved by Forward.
   Tensor x_;
@@ -78,6 +82,7 @@ class Router {
   double sigma_ = 0;
   Tensor logits_, noisy_logits_, gates_, clean_gates_;
   Tensor d_gates_, d_clean_gates_, d_logits_;
+  Tensor device_logits_, device_d_logits_;  // on a device: the GEMMs' side of the copies
 };
 
 }  // namespace moerun

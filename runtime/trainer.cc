@@ -282,9 +282,12 @@ StepStats Trainer::Step() {
   {
     // Data-parallel dense gradients; expert replicas.
     ScopedTimer timer(&time_split_.reduce, device_);
-    SumOverRanks(device_world_ != nullptr ? *device_world_ : *world_, model_->dense_grads());
+    // The dense gradients and the routers' are where the model is: the device's
+    // communicator on a GPU.
+    Communicator& dense_world = device_world_ != nullptr ? *device_world_ : *world_;
+    SumOverRanks(dense_world, model_->dense_grads());
     for (MoeLayer* layer : model_->moe_layers()) {
-      SumOverRanks(*world_, layer->grads().router_weight);
+      SumOverRanks(dense_world, layer->grads().router_weight);
       layer->ReduceReplicaGradients();
     }
     st.step = step_;

@@ -830,10 +830,12 @@ class CountingBackend : public Backend {
   }
   void CopyFromHost(void* d, const void* s, size_t bytes) override {
     ++from_host;
+    from_host_bytes += static_cast<int64_t>(bytes);
     inner_->CopyFromHost(d, s, bytes);
   }
   void CopyToHost(void* d, const void* s, size_t bytes) override {
     ++to_host;
+    to_host_bytes += static_cast<int64_t>(bytes);
     inner_->CopyToHost(d, s, bytes);
   }
   void CopyWithin(void* d, const void* s, size_t bytes) override {
@@ -867,6 +869,7 @@ class CountingBackend : public Backend {
     return s;
   }
   int zeros = 0, from_host = 0, to_host = 0, within = 0, syncs = 0, sync_ms = 0;
+  int64_t from_host_bytes = 0, to_host_bytes = 0;
   DeviceMemory memory;  // what the "driver" reports
   bool events = false;
   double clock_s = 0;
@@ -876,6 +879,51 @@ class CountingBackend : public Backend {
  private:
   Backend* inner_;
 };
+
+// A MoE layer on a device moves only [T, E]- and [T, k]-sized tables between host and
+// device: the router's logits and d(logits), the combine weights' gradient, the plan's rows
+// and weights. Its input and input gradient [T, D] stay on the device (the router's GEMMs
+// run there); before, x went to the host for the router and the router's dx came back.
+TEST_F(StandInCuda, MoeLayerKeepsItsActivationsOnTheDeviceForTheRouter) {
+  for (const GateKind gate : {GateKind::kNoisyTopK, GateKind::kTaskSoftmax}) {
+    SCOPED_TRACE(gate == GateKind::kNoisyTopK ? "noisy top-k" : "task softmax");
+    LoopbackCommunicator one(0, 1);
+    DeviceLoopback device_one(0, 1);
+    auto groups = *MoeGroups::Create(&device_one, 4);
+    MoeLayerConfig cfg;
+    cfg.d = 64;
+    cfg.m = 32;
+    cfg.num_experts = 4;
+    cfg.k = 2;
+    cfg.capacity_factor = 1.0;
+    cfg.noise_std = gate == GateKind::kNoisyTopK ? 1.0 : 0.0;
+    cfg.gate = gate;
+    cfg.tasks = 2;
+    cfg.device = Device::kCUDA;
+    MoeLayer layer(cfg, groups);
+    layer.params().router_weight.CopyFrom(Random(layer.params().router_weight.shape(), 0.4f, 7));
+    layer.ZeroGradients();
+    const int64_t t = 40;
+    const Tensor x = Dev(Random({t, cfg.d}, 1.0f, 8)), dy = Dev(Random({t, cfg.d}, 1.0f, 9));
+    Tensor y = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
+           dx = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
+    std::vector<int32_t> task(t);
+    for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>(i / 20);
+    MoeForwardArgs args;
+    args.task = task.data();
+    CountingBackend counting(backend_.get());
+    SetBackendForTesting(Device::kCUDA, &counting);
+    ASSERT_TRUE(layer.Forward(x, args, &y).ok());
+    layer.Backward(dy, &dx);
+    SetBackendForTesting(Device::kCUDA, backend_.get());
+    const int64_t activation_bytes = t * cfg.d * 4;
+    EXPECT_GT(counting.to_host_bytes, 0) << "the logits come to the host";
+    EXPECT_LT(counting.to_host_bytes + counting.from_host_bytes, activation_bytes)
+        << counting.to_host_bytes << " bytes to the host, " << counting.from_host_bytes
+        << " back: an activation's worth or more";
+    EXPECT_EQ(layer.grads().router_weight.device(), Device::kCUDA);
+  }
+}
 
 // A timer on a device that records timing events (a GPU) waits for nothing: it records an
 // event when it starts and one when it stops, and the device time between them reaches its
@@ -1018,11 +1066,8 @@ TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
     ExpectNear(dx, dx_d, 1e-5f);
     ExpectNear(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-5f);
     ExpectNear(cpu.grads().fc2_bias, dev.grads().fc2_bias, 1e-5f);
-    const Tensor& gr = dev.grads().router_weight;
-    ASSERT_EQ(gr.device(), Device::kCPU) << "the router stays on the host";
-    ExpectClose(std::vector<float>(cpu.grads().router_weight.data<float>(),
-                                   cpu.grads().router_weight.data<float>() + gr.numel()),
-                std::vector<float>(gr.data<float>(), gr.data<float>() + gr.numel()), 1e-5f);
+    ASSERT_EQ(dev.grads().router_weight.device(), Device::kCUDA) << "the router's GEMMs too";
+    ExpectNear(cpu.grads().router_weight, dev.grads().router_weight, 1e-5f);
     if (ranks > 1) {
       // Device rows over a host communicator: refused, naming the fix.
       MoeLayer wrong(cfg, host_groups);
@@ -1188,7 +1233,7 @@ TEST_F(StandInCuda, VitModelComputesOnItsDevice) {
     ExpectClose(std::vector<float>(pc[i].grad.data<float>(), pc[i].grad.data<float>() + g.numel()),
                 std::vector<float>(g.data<float>(), g.data<float>() + g.numel()), 1e-4f);
   }
-  EXPECT_EQ(on_device, static_cast<int>(pc.size()) - 1) << "all but the router on the device";
+  EXPECT_EQ(on_device, static_cast<int>(pc.size())) << "every parameter on the device";
 }
 
 // A tiny V-MoE on 64 synthetic images, global batch 8, with `train` settings added.
@@ -1403,7 +1448,7 @@ TEST_F(StandInCuda, TrainerReadsTheDevicesMemoryOnEveryRankBeforeAnyAllocates) {
 
 // Mod-Squad's mixture of attention heads with its projections, rows and per-choice
 // attention on the device (over one rank and two simulated expert-parallel ranks): the
-// CPU layer's outputs and gradients; the router stays on the host.
+// CPU layer's outputs and gradients; the router's GEMMs on the device too.
 TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
   for (int ranks : {1, 2}) {
     SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)");
@@ -1461,11 +1506,8 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     ExpectNear(cpu.grads().o_weight, dev.grads().o_weight, 1e-5f);
     ExpectNear(cpu.grads().kv_weight, dev.grads().kv_weight, 1e-5f);
     ExpectNear(cpu.grads().kv_bias, dev.grads().kv_bias, 1e-5f);
-    const Tensor& gr = dev.grads().router_weight;
-    ASSERT_EQ(gr.device(), Device::kCPU) << "the router stays on the host";
-    ExpectClose(std::vector<float>(cpu.grads().router_weight.data<float>(),
-                                   cpu.grads().router_weight.data<float>() + gr.numel()),
-                std::vector<float>(gr.data<float>(), gr.data<float>() + gr.numel()), 1e-5f);
+    ASSERT_EQ(dev.grads().router_weight.device(), Device::kCUDA) << "the router's GEMMs too";
+    ExpectNear(cpu.grads().router_weight, dev.grads().router_weight, 1e-5f);
   }
 }
 
@@ -1504,7 +1546,7 @@ ModelConfig StandInModSquad() {
 
 // The whole Mod-Squad model with its parameters, gradients and activations on the device
 // (over one rank and two simulated ranks): the CPU model's task losses, metrics, aux loss
-// and gradients; only the routers' parameters stay on the host.
+// and gradients, every parameter on the device (the routers' too).
 TEST_F(StandInCuda, ModSquadModelComputesOnItsDevice) {
   const ModelConfig m = StandInModSquad();
   const int64_t b = 3;
@@ -1559,9 +1601,7 @@ TEST_F(StandInCuda, ModSquadModelComputesOnItsDevice) {
           std::vector<float>(pc[i].grad.data<float>(), pc[i].grad.data<float>() + g.numel()),
           std::vector<float>(g.data<float>(), g.data<float>() + g.numel()), 1e-4f);
     }
-    EXPECT_EQ(on_host, static_cast<int>((*dev)->moe_attention_layers().size() +
-                                        (*dev)->moe_mlp_layers().size()))
-        << "only the MoE layers' routers on the host";
+    EXPECT_EQ(on_host, 0) << "every parameter on the device, the MoE layers' routers too";
   }
 }
 
