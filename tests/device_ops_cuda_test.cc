@@ -199,6 +199,46 @@ TEST(CudaOpsTable, EveryCaseMatchesTheCpuTable) {
   op_cases::g_case_sync = [] {};
 }
 
+// train.precision BF16 on a GPU: the CUDA table's bf16 GEMM variant (operands cast to bf16,
+// then cuBLAS with fp32 accumulation) against the CPU's (operands rounded to bf16, fp32
+// products): the same rounded operands, so they agree to fp32 accumulation order; and both
+// differ from the fp32 GEMMs by bf16's rounding, which shows the variant ran.
+TEST(CudaOpsTable, Bf16GemmsMatchTheCpuBf16Table) {
+  if (!HaveGpu()) {
+    std::printf("skipped: no GPU\n");
+    GTEST_SKIP() << "skipped: no GPU";
+  }
+  RegisterCudaOps();
+  op_cases::g_case_alloc = [](size_t bytes) -> void* {
+    if (cudaDeviceSynchronize() != cudaSuccess) return nullptr;
+    void* p = nullptr;
+    return cudaMallocManaged(&p, bytes) == cudaSuccess ? p : nullptr;
+  };
+  op_cases::g_case_free = [](void* p) { cudaFree(p); };
+  op_cases::g_case_sync = [] { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); };
+  std::vector<op_cases::OpCase> cases = op_cases::OpCases();
+  const auto gemm_case = std::find_if(cases.begin(), cases.end(), [](const op_cases::OpCase& c) {
+    return c.name == "gemm/gemm_strided_batched";
+  });
+  ASSERT_NE(gemm_case, cases.end());
+  const std::vector<float> fp32 = gemm_case->run(Ops(Device::kCPU));
+  const bool before = SetBf16Gemms(true);
+  const OpsTable& cuda = Ops(Device::kCUDA);
+  const OpsTable& cpu = Ops(Device::kCPU);
+  EXPECT_STREQ(cuda.name, "cuda-bf16");
+  EXPECT_STREQ(cpu.name, "cpu-bf16");
+  const std::vector<float> want = gemm_case->run(cpu);
+  const std::vector<float> got = gemm_case->run(cuda);
+  SetBf16Gemms(before);
+  op_cases::ExpectClose(want, got, 2e-5f);
+  float worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(want[i] - fp32[i]));
+  EXPECT_GT(worst, 1e-3f * op_cases::MaxAbs(fp32)) << "bf16's rounding shows against fp32";
+  op_cases::g_case_alloc = [](size_t bytes) { return std::malloc(bytes); };
+  op_cases::g_case_free = [](void* p) { std::free(p); };
+  op_cases::g_case_sync = [] {};
+}
+
 // The CUDA table's row kernels (a warp per row, model/ops_cuda.cu) against the same lane forms
 // run by rowwise::HostLanes here: the butterfly over the warp's shuffles must give the bits
 // of the host's butterfly. Layer norm and softmax's backward use only IEEE +, *, / and sqrt:

@@ -607,6 +607,23 @@ void ComposedAttentionCase(int64_t batch, int64_t scratch_images) {
   }
 }
 
+// The bound tests/device_ops_cuda_test.cc's Bf16GemmsMatchTheCpuBf16Table puts on the GEMM
+// case, here on the CPU's tables: bf16-rounded operands move the products by more than
+// 1e-3 of their largest magnitude.
+TEST(OpsTable, Bf16GemmCaseShowsTheRounding) {
+  std::vector<OpCase> cases = OpCases();
+  const auto gemm_case = std::find_if(cases.begin(), cases.end(), [](const OpCase& c) {
+    return c.name == "gemm/gemm_strided_batched";
+  });
+  ASSERT_NE(gemm_case, cases.end());
+  const std::vector<float> fp32 = gemm_case->run(Ops(Device::kCPU));
+  const std::vector<float> bf16 = gemm_case->run(CpuBf16GemmOps());
+  float worst = 0;
+  for (size_t i = 0; i < fp32.size(); ++i) worst = std::max(worst, std::fabs(bf16[i] - fp32[i]));
+  EXPECT_GT(worst, 1e-3f * MaxAbs(fp32));
+  EXPECT_LT(worst, 3e-2f * MaxAbs(fp32));
+}
+
 // The self-attention the CUDA table runs (batched GEMMs + softmax, ops.h's composed form)
 // against the CPU attention kernel, over the CPU table and over the Thrust table: with more
 // images than heads (a GEMM call per head) and fewer (a call per image), the backward's
