@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 build=${1:-build-gpu}
 if [ "$build" = build-gpu ]; then
   # x86-64-v3 (AVX2, FMA): every CPU an H100 or H200 is installed with has it; not AVX-512,
-  # which some (AMD's before Zen 4) lack. The host's share of a device job (the router, the
-  # routing plan, the replay's CPU side) then runs vectorised.
+  # which some (AMD's before Zen 4) lack. The host's share of a device job (the gates'
+  # softmax and noise, the routing plan, the replay's CPU side) then runs vectorised.
   cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOERUN_NATIVE_ARCH=OFF \
     -DCMAKE_CXX_FLAGS=-march=x86-64-v3 -DCMAKE_CUDA_ARCHITECTURES=90 >build-gpu.log 2>&1 ||
     { tail -n 30 build-gpu.log; echo "gpu_bundle: configure failed" >&2; exit 1; }

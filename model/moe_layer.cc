@@ -127,9 +127,9 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     in.first_token = args.first_token;
     in.noise = args.noise;
     in.task = args.task;
-    // On a device, the host copy of the logits waits for everything queued; wait for the
-    // NCCL streams first, whose wait ends the job on a failed or missing peer (the watchdog)
-    // where the copy would block.
+    // On a device the logits' host copy blocks in the driver until everything queued is
+    // done: wait for the NCCL streams first, whose polling wait ends the job on a failed
+    // or missing peer (the watchdog) where the copy would hang.
     if (dev != Device::kCPU) groups_->expert().Synchronize();
     MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
   }

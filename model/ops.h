@@ -138,6 +138,8 @@ int64_t ComposedAttentionScratchImages(int64_t batch, int64_t tokens, int64_t he
 // queries over its tokens' keys, softmax, dropped choices' rows zeroed, out = P V; one
 // strided batched GEMM over the sequences each. The backward takes a [scratch_sequences,
 // seq_len * k, seq_len] scratch (ComposedChoiceAttentionScratchSequences: about 256 MiB).
+// Unlike the per-choice kernels it reads dropped choices' rows of q and d_out (times zero
+// probabilities): they must be finite (the MoE attention's are zeros).
 void ComposedChoiceAttentionForward(const OpsTable& ops, const float* q, const float* kv,
                                     const int32_t* row, int64_t tokens, int64_t k, int64_t head_dim,
                                     int64_t seq_len, float* probs, float* out);

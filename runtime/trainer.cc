@@ -60,14 +60,27 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
     const int mine = Process().local_rank % devices;
     sharing = std::max(1, local / devices + (mine < local % devices ? 1 : 0));
   }
-  const double need = static_cast<double>(f.bytes_per_rank) * sharing;
+  // The composed attention's backward scratch on a device (model/ops.h: up to 256 MiB):
+  // the self-attention's, or Mod-Squad's per-choice attention's.
+  const ModelConfig& model = config.model();
+  const int64_t n = TokensPerImage(model);
+  int64_t scratch = 0;
+  if (model.has_modsquad() && model.modsquad().moe()) {
+    const int64_t k = model.modsquad().attention_k();
+    scratch = ComposedChoiceAttentionScratchSequences(micro_batch, k, n) * n * k * n * 4;
+  } else {
+    const int64_t heads = model.num_heads();
+    scratch = ComposedAttentionScratchImages(micro_batch, n, heads) * heads * n * n * 4;
+  }
+  const double need = static_cast<double>(f.bytes_per_rank + scratch) * sharing;
   const double free = static_cast<double>(mem.free_bytes) +
                       static_cast<double>(std::max<int64_t>(0, mem.pool_free_bytes));
   if (need <= free) return Status::Ok();
   const std::string shared =
       sharing > 1 ? " x " + std::to_string(sharing) + " ranks sharing it" : std::string();
-  return Status::Error("the plan needs " + plan + shared + " on " + backend->Describe() +
-                       ", but it has " + GiBString(free) + " free of " +
+  return Status::Error("the plan needs " + plan + " and the attention's backward scratch " +
+                       GiBString(static_cast<double>(scratch)) + shared + " on " +
+                       backend->Describe() + ", but it has " + GiBString(free) + " free of " +
                        GiBString(static_cast<double>(mem.total_bytes)) + "; " +
                        (sharing > 1 ? "run one rank per GPU, or " : "") + advice);
 }

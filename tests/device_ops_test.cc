@@ -1392,7 +1392,10 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   ASSERT_TRUE(config.ok());
   const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
   LoopbackCommunicator one(0, 1);
-  const int64_t need = EstimateFootprint(config->model(), 1, 8, false, false).bytes_per_rank;
+  // The plan, and the composed attention's backward scratch (8 images of 2 heads x 5 x 5
+  // tokens).
+  const int64_t need =
+      EstimateFootprint(config->model(), 1, 8, false, false).bytes_per_rank + 8 * 2 * 5 * 5 * 4;
   ASSERT_GT(need, 0);
   CountingBackend counting(backend_.get());
   SetBackendForTesting(Device::kCUDA, &counting);
@@ -1403,6 +1406,7 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   const std::string& why = refused.status().message();
   EXPECT_NE(why.find("on " + counting.Describe()), std::string::npos) << why;
   EXPECT_NE(why.find("free of"), std::string::npos) << why;
+  EXPECT_NE(why.find("the attention's backward scratch"), std::string::npos) << why;
   EXPECT_NE(why.find("train.optimizer_moments: BF16"), std::string::npos) << why;
   EXPECT_TRUE(Trainer::Create(*config, &one, &data).ok()) << "the CPU's plan is the host's";
   counting.memory.pool_free_bytes = 1;  // what the process's pool holds for reuse counts
