@@ -158,6 +158,27 @@ TEST(CudaRouting, RowsPackAndCombineMatchTheCpuReference) {
   }
 }
 
+// While alive, tests/op_cases.h's buffers are managed memory, which the host and the GPU
+// both read; the host's malloc again after.
+struct ManagedCaseBuffers {
+  ManagedCaseBuffers() {
+    op_cases::g_case_alloc = [](size_t bytes) -> void* {
+      // The host writes the new buffer next: wait for the kernels of the ops before (they
+      // only queue), which a GPU without concurrentManagedAccess requires.
+      if (cudaDeviceSynchronize() != cudaSuccess) return nullptr;
+      void* p = nullptr;
+      return cudaMallocManaged(&p, bytes) == cudaSuccess ? p : nullptr;
+    };
+    op_cases::g_case_free = [](void* p) { cudaFree(p); };
+    op_cases::g_case_sync = [] { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); };
+  }
+  ~ManagedCaseBuffers() {
+    op_cases::g_case_alloc = [](size_t bytes) { return std::malloc(bytes); };
+    op_cases::g_case_free = [](void* p) { std::free(p); };
+    op_cases::g_case_sync = [] {};
+  }
+};
+
 // The backend-op table on the GPU: every case of tests/op_cases.h through the CUDA table
 // (cuBLAS, the Thrust kernels built by nvcc, the composed attention) against the CPU table,
 // the case buffers in managed memory. Device math (expf, erff, rsqrtf, cuBLAS's order)
@@ -172,15 +193,7 @@ TEST(CudaOpsTable, EveryCaseMatchesTheCpuTable) {
   RegisterCudaOps();
   const OpsTable& cuda = Ops(Device::kCUDA);
   const OpsTable& cpu = Ops(Device::kCPU);
-  op_cases::g_case_alloc = [](size_t bytes) -> void* {
-    // The host writes the new buffer next: wait for the kernels of the ops before (they
-    // only queue), which a GPU without concurrentManagedAccess requires.
-    if (cudaDeviceSynchronize() != cudaSuccess) return nullptr;
-    void* p = nullptr;
-    return cudaMallocManaged(&p, bytes) == cudaSuccess ? p : nullptr;
-  };
-  op_cases::g_case_free = [](void* p) { cudaFree(p); };
-  op_cases::g_case_sync = [] { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); };
+  const ManagedCaseBuffers managed;
   std::vector<op_cases::OpCase> cases = op_cases::OpCases();
   for (op_cases::OpCase& c : op_cases::AttentionCases()) cases.push_back(std::move(c));
   for (const op_cases::OpCase& c : cases) {
@@ -194,9 +207,6 @@ TEST(CudaOpsTable, EveryCaseMatchesTheCpuTable) {
                 worst / std::max(1.0f, op_cases::MaxAbs(want)), worst == 0 ? " (bit for bit)" : "");
     op_cases::ExpectClose(want, got, std::max(c.tol, 2e-5f));
   }
-  op_cases::g_case_alloc = [](size_t bytes) { return std::malloc(bytes); };
-  op_cases::g_case_free = [](void* p) { std::free(p); };
-  op_cases::g_case_sync = [] {};
 }
 
 // train.precision BF16 on a GPU: the CUDA table's bf16 GEMM variant (operands cast to bf16,
@@ -209,13 +219,7 @@ TEST(CudaOpsTable, Bf16GemmsMatchTheCpuBf16Table) {
     GTEST_SKIP() << "skipped: no GPU";
   }
   RegisterCudaOps();
-  op_cases::g_case_alloc = [](size_t bytes) -> void* {
-    if (cudaDeviceSynchronize() != cudaSuccess) return nullptr;
-    void* p = nullptr;
-    return cudaMallocManaged(&p, bytes) == cudaSuccess ? p : nullptr;
-  };
-  op_cases::g_case_free = [](void* p) { cudaFree(p); };
-  op_cases::g_case_sync = [] { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); };
+  const ManagedCaseBuffers managed;
   std::vector<op_cases::OpCase> cases = op_cases::OpCases();
   const auto gemm_case = std::find_if(cases.begin(), cases.end(), [](const op_cases::OpCase& c) {
     return c.name == "gemm/gemm_strided_batched";
@@ -234,9 +238,6 @@ TEST(CudaOpsTable, Bf16GemmsMatchTheCpuBf16Table) {
   float worst = 0;
   for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(want[i] - fp32[i]));
   EXPECT_GT(worst, 1e-3f * op_cases::MaxAbs(fp32)) << "bf16's rounding shows against fp32";
-  op_cases::g_case_alloc = [](size_t bytes) { return std::malloc(bytes); };
-  op_cases::g_case_free = [](void* p) { std::free(p); };
-  op_cases::g_case_sync = [] {};
 }
 
 // The CUDA table's row kernels (a warp per row, model/ops_cuda.cu) against the same lane forms

@@ -904,7 +904,6 @@ class CountingBackend : public Backend {
 TEST_F(StandInCuda, MoeLayerKeepsItsActivationsOnTheDeviceForTheRouter) {
   for (const GateKind gate : {GateKind::kNoisyTopK, GateKind::kTaskSoftmax}) {
     SCOPED_TRACE(gate == GateKind::kNoisyTopK ? "noisy top-k" : "task softmax");
-    LoopbackCommunicator one(0, 1);
     DeviceLoopback device_one(0, 1);
     auto groups = *MoeGroups::Create(&device_one, 4);
     MoeLayerConfig cfg;
