@@ -89,6 +89,27 @@ class DeviceExpertMlp {
     fc1_bias_bf16_ = Tensor::Zeros({el, m}, DType::kBF16, Ops::kDevice);
   }
 
+  // Bound to fp32 parameters and gradients kept elsewhere (an ExpertMlp's; shapes as
+  // ExpertMlpParams): ForwardFp32 makes the bf16 weight copies from them at each call, and
+  // the gradients accumulate into them.
+  DeviceExpertMlp(Ops ops, const ExpertMlpParams& master, const ExpertMlpParams& grads,
+                  bool gelu_tanh)
+      : ops_(std::move(ops)),
+        el_(master.fc1_weight.dim(0)),
+        d_(master.fc1_weight.dim(2)),
+        m_(master.fc1_weight.dim(1)),
+        gelu_tanh_(gelu_tanh),
+        master_(master),
+        grads_(grads) {
+    for (const ExpertMlpParams* p : {&master, &grads}) {
+      CHECK(p->fc1_weight.device() == Ops::kDevice && p->fc2_bias.device() == Ops::kDevice)
+          << "device experts bound to parameters on another device";
+    }
+    fc1_bf16_ = Tensor::Zeros({el_, m_, d_}, DType::kBF16, Ops::kDevice);
+    fc2_bf16_ = Tensor::Zeros({el_, d_, m_}, DType::kBF16, Ops::kDevice);
+    fc1_bias_bf16_ = Tensor::Zeros({el_, m_}, DType::kBF16, Ops::kDevice);
+  }
+
   Ops& ops() { return ops_; }
   const ExpertMlpParams& master() const { return master_; }
 
@@ -118,6 +139,18 @@ class DeviceExpertMlp {
     for (Tensor* t : {&grads_.fc1_weight, &grads_.fc1_bias, &grads_.fc2_weight, &grads_.fc2_bias}) {
       t->SetZero();
     }
+  }
+
+  // in: fp32 [E_l, R, D] -> out: fp32 [E_l, R, D], with the bf16 weight copies made from the
+  // masters first (they may have changed since the last call) and the rows cast to bf16.
+  void ForwardFp32(const Tensor& in, Tensor* out) {
+    CHECK(in.dtype() == DType::kF32 && in.device() == Ops::kDevice && in.ndim() == 3)
+        << "device experts take fp32 rows [E_l, R, D] on " << DeviceName(Ops::kDevice) << ", got "
+        << in.ShapeString();
+    CastWeights();
+    Ensure(&in_bf16_, in.shape(), DType::kBF16);
+    thrust_experts::CastToBF16(ops_.policy(), F(in), Bits(in_bf16_), in.numel());
+    Forward(in_bf16_, out);
   }
 
   // in: bf16 [E_l, R, D] -> out: fp32 [E_l, R, D].
@@ -248,9 +281,25 @@ class DeviceExpertMlp {
   // Saved by Forward for Backward: the input, fc1 output + bias (pre-GELU: fp32, or bf16
   // when fused_), the bf16 activation.
   Tensor in_, hidden_, hidden_bf16_, act_bf16_;
+  Tensor in_bf16_;  // ForwardFp32's rows in bf16
   bool fused_ = false;
   Tensor d_out_bf16_, d_act_, d_hidden_bf16_;
   int64_t rows_ = 0;
+};
+
+// FusedExperts (model/moe_experts.h) over DeviceExpertMlp<Ops>.
+template <typename Ops>
+class BoundDeviceExperts : public FusedExperts {
+ public:
+  BoundDeviceExperts(Ops ops, const ExpertMlpParams& params, const ExpertMlpParams& grads,
+                     bool gelu_tanh)
+      : mlp_(std::move(ops), params, grads, gelu_tanh) {}
+  void Forward(const Tensor& in, Tensor* out) override { mlp_.ForwardFp32(in, out); }
+  void Backward(const Tensor& d_out, Tensor* d_in) override { mlp_.Backward(d_out, d_in); }
+  DeviceExpertMlp<Ops>& mlp() { return mlp_; }
+
+ private:
+  DeviceExpertMlp<Ops> mlp_;
 };
 
 }  // namespace moerun

@@ -164,11 +164,22 @@ void ExpertMlp::ZeroGradients() {
 }
 
 void ExpertMlp::Forward(const Tensor& in, Tensor* out, MoeTimers* timers) {
+  const OpsTable& ops = Ops(device_);
+  fused_forward_ = ops.make_fused_experts != nullptr;
+  if (fused_forward_) {
+    CHECK(in.device() == device_) << "experts on " << DeviceName(device_) << " got rows "
+                                  << in.ShapeString();
+    if (fused_ == nullptr) fused_ = ops.make_fused_experts(params_, grads_, gelu_tanh_);
+    ScopedTimer timer(&timers->expert, device_);
+    fused_->Forward(in, out);
+    return;
+  }
   PrepareForward(in, out);
   ForwardRows(0, in.dim(1), timers);
 }
 
 void ExpertMlp::PrepareForward(const Tensor& in, Tensor* out) {
+  fused_forward_ = false;
   const int64_t el = in.dim(0), r = in.dim(1);
   CHECK(in.device() == device_) << "experts on " << DeviceName(device_) << " got rows "
                                 << in.ShapeString();
@@ -205,6 +216,11 @@ void ExpertMlp::ForwardRows(int64_t begin, int64_t count, MoeTimers* timers) {
 }
 
 void ExpertMlp::Backward(const Tensor& d_out, Tensor* d_in, MoeTimers* timers) {
+  if (fused_forward_) {
+    ScopedTimer timer(&timers->bwd_expert, device_);
+    fused_->Backward(d_out, d_in);
+    return;
+  }
   PrepareBackward(d_out, d_in);
   BackwardRows(0, d_out.dim(1), timers);
 }

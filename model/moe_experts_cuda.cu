@@ -228,6 +228,26 @@ void CudaExpertMlp::ForwardGrouped(const Tensor& in, const std::vector<int64_t>&
   impl_->mlp.ForwardGrouped(in, rows, out);
 }
 
+namespace {
+
+// BoundDeviceExperts over cuBLAS, owning its handles.
+class CudaFusedExperts : public BoundDeviceExperts<CublasOps> {
+ public:
+  CudaFusedExperts(const ExpertMlpParams& params, const ExpertMlpParams& grads, bool gelu_tanh)
+      : BoundDeviceExperts<CublasOps>(MakeCublasOps(), params, grads, gelu_tanh) {}
+  ~CudaFusedExperts() override {
+    cublasDestroy(mlp().ops().handle);
+    if (mlp().ops().lt != nullptr) cublasLtDestroy(mlp().ops().lt);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<FusedExperts> MakeCudaFusedExperts(const ExpertMlpParams& params,
+                                                   const ExpertMlpParams& grads, bool gelu_tanh) {
+  return std::make_unique<CudaFusedExperts>(params, grads, gelu_tanh);
+}
+
 void CudaCastToBF16(const float* src, uint16_t* dst, int64_t n) {
   thrust_experts::CastToBF16(BackendStreamPolicy::Get(), src, dst, n);
 }

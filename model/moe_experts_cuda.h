@@ -49,6 +49,12 @@ class CudaExpertMlp {
   std::unique_ptr<Impl> impl_;
 };
 
+// The CUDA bf16 table's make_fused_experts (model/ops.h): the experts above, bound to an
+// ExpertMlp's fp32 parameters and gradients on the GPU (training under train.precision
+// BF16 runs them).
+std::unique_ptr<FusedExperts> MakeCudaFusedExperts(const ExpertMlpParams& params,
+                                                   const ExpertMlpParams& grads, bool gelu_tanh);
+
 // dst = bf16(src) on the CUDA backend's stream (rounded to nearest even, as FloatToBF16).
 void CudaCastToBF16(const float* src, uint16_t* dst, int64_t n);
 

@@ -46,7 +46,8 @@ struct MoeLayerConfig {
   // weight and its GEMMs (logits, and the backward's weight and input gradients) are there,
   // and only the logits [T, E] come to the host, where noise, softmax, the routing plan and
   // the auxiliary losses run (they decide the routing); d(logits) goes back. The rows, the
-  // dispatch, the experts (fp32) and the combine run on the device's ops.
+  // dispatch, the experts (fp32; under train.precision BF16 the table's FusedExperts where
+  // it has them) and the combine run on the device's ops.
   Device device = Device::kCPU;
   int64_t group_size = 0;  // 0: all local tokens form one group
   bool gelu_tanh = false;  // the tanh approximation of GELU (V-MoE) instead of exact erf

@@ -14,7 +14,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 
+#include "model/moe_experts.h"
 #include "model/moe_plan.h"
 #include "runtime/optimizer.h"
 #include "runtime/tensor.h"
@@ -99,6 +101,11 @@ struct OpsTable {
   void (*combine_rows_backward)(const float* buf, const int32_t* row, const float* weight,
                                 const float* dy, int64_t tokens, int64_t k, int64_t w, float* d_buf,
                                 int64_t buf_rows, float* d_weight);
+  // Optional (a device's bf16 variant): the expert MLP run whole by the device
+  // (FusedExperts, model/moe_experts.h), bound to an ExpertMlp's fp32 parameters and
+  // gradients. Null: ExpertMlp runs the GEMM, bias and GELU entries here.
+  std::unique_ptr<FusedExperts> (*make_fused_experts)(const ExpertMlpParams& params,
+                                                      const ExpertMlpParams& grads, bool gelu_tanh);
   // One AdamW update of n elements (runtime/optimizer.h's semantics).
   void (*adamw_step)(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
                      void* v, int64_t n, bool bf16_moments);

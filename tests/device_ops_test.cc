@@ -819,6 +819,94 @@ TEST_F(StandInCuda, ExpertMlpRunsOnTheDeviceOfItsParameters) {
   }
 }
 
+// The cuBLAS stand-in on the stand-in device's memory.
+struct StandInBlasOps : HostBlasOps {
+  static constexpr Device kDevice = Device::kCUDA;
+};
+
+int g_fused_experts_made = 0;
+std::unique_ptr<FusedExperts> MakeStandInFusedExperts(const ExpertMlpParams& params,
+                                                      const ExpertMlpParams& grads,
+                                                      bool gelu_tanh) {
+  ++g_fused_experts_made;
+  return std::make_unique<BoundDeviceExperts<StandInBlasOps>>(StandInBlasOps{}, params, grads,
+                                                              gelu_tanh);
+}
+
+// Under train.precision BF16 a device whose bf16 table makes fused experts (the CUDA one's,
+// which bench moe-layer --device cuda measures) runs the ExpertMlp through them, bound to
+// its parameters: the same bits as DeviceExpertMlp on the CPU from the same weights (its
+// own copies), gradients into the ExpertMlp's, and the bf16 weight copies remade at each
+// forward, so an update of the fp32 weights (the optimizer's) reaches the next one.
+// The stand-in's bf16 variant, as the CUDA table's: bf16-rounded GEMMs and fused experts.
+OpsTable StandInBf16Table(const OpsTable& base) {
+  OpsTable bf16 = base;
+  bf16.name = "stand-in cuda-bf16";
+  bf16.gemm = CpuBf16GemmOps().gemm;
+  bf16.gemm_strided_batched = CpuBf16GemmOps().gemm_strided_batched;
+  bf16.make_fused_experts = &MakeStandInFusedExperts;
+  return bf16;
+}
+
+TEST_F(StandInCuda, ExpertMlpRunsTheDevicesFusedExpertsUnderBf16) {
+  const OpsTable bf16 = StandInBf16Table(table_);
+  RegisterBf16GemmOps(Device::kCUDA, &table_, &bf16);
+  const bool before = SetBf16Gemms(true);
+  g_fused_experts_made = 0;
+  const int64_t el = 3, r = 11, d = 16, m = 40;
+  ExpertMlp dev(el, d, m, /*gelu_tanh=*/true, Device::kCUDA);
+  DeviceExpertMlp<HostBlasOps> ref(HostBlasOps{}, el, d, m, true);
+  ExpertMlpParams host;
+  host.fc1_weight = Random({el, m, d}, 0.3f, 20);
+  host.fc1_bias = Random({el, m}, 0.3f, 21);
+  host.fc2_weight = Random({el, d, m}, 0.3f, 22);
+  host.fc2_bias = Random({el, d}, 0.3f, 23);
+  auto load = [&] {
+    ref.LoadParams(host);
+    dev.params().fc1_weight.CopyFrom(host.fc1_weight);
+    dev.params().fc1_bias.CopyFrom(host.fc1_bias);
+    dev.params().fc2_weight.CopyFrom(host.fc2_weight);
+    dev.params().fc2_bias.CopyFrom(host.fc2_bias);
+  };
+  load();
+  dev.ZeroGradients();
+  ref.ZeroGradients();
+  MoeTimers timers;
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round == 0 ? "first weights" : "after a weight update");
+    const Tensor x = Random({el, r, d}, 1.0f, 30 + round),
+                 dy = Random({el, r, d}, 1.0f, 40 + round);
+    Tensor y_d, dx_d, y, dx;
+    dev.Forward(Dev(x), &y_d, &timers);
+    dev.Backward(Dev(dy), &dx_d, &timers);
+    ref.Forward(x.Cast(DType::kBF16), &y);
+    ref.Backward(dy, &dx);
+    ExpectNear(y, y_d, 0);
+    ExpectNear(dx, dx_d, 0);
+    ExpertMlpParams ref_grads;
+    ref_grads.fc1_weight = Tensor::Zeros({el, m, d});
+    ref_grads.fc1_bias = Tensor::Zeros({el, m});
+    ref_grads.fc2_weight = Tensor::Zeros({el, d, m});
+    ref_grads.fc2_bias = Tensor::Zeros({el, d});
+    ref.StoreGrads(&ref_grads);
+    ExpectNear(ref_grads.fc1_weight, dev.grads().fc1_weight, 0);
+    ExpectNear(ref_grads.fc1_bias, dev.grads().fc1_bias, 0);
+    ExpectNear(ref_grads.fc2_weight, dev.grads().fc2_weight, 0);
+    ExpectNear(ref_grads.fc2_bias, dev.grads().fc2_bias, 0);
+    // The optimizer's step, as far as the experts see it: new fp32 weights.
+    host.fc1_weight = Random({el, m, d}, 0.3f, 50);
+    host.fc2_weight = Random({el, d, m}, 0.3f, 51);
+    load();
+  }
+  EXPECT_EQ(g_fused_experts_made, 1) << "made once, at the first forward";
+  SetBf16Gemms(before);
+  RegisterBf16GemmOps(Device::kCUDA, nullptr, nullptr);
+  // fp32 again: the table's GEMMs (no fused experts in the fp32 table).
+  Tensor y_d;
+  dev.Forward(Dev(Random({el, r, d}, 1.0f, 60)), &y_d, &timers);
+  EXPECT_EQ(g_fused_experts_made, 1);
+}
+
 // The MoE layer with its rows, experts and combine on the device (router, plan and losses
 // on the host): the same outputs, input gradients and parameter gradients as on the CPU,
 // dropping by BPR at capacity factor 1, one expert-parallel rank.
@@ -1320,6 +1408,39 @@ TEST_F(StandInCuda, TrainerTrainsAndCheckpointsOnTheDevice) {
   const StepStats next = (*dev)->Step(), resumed = (*again)->Step();
   EXPECT_EQ(next.loss, resumed.loss) << "the moments came back too";
   std::filesystem::remove_all(tmpl);
+}
+
+// train.precision BF16 on a device with fused experts (a GPU's): the Trainer's experts run
+// them, and its steps stay within bf16's reach of the CPU's bf16 steps (whose experts round
+// every GEMM operand the same way, through the table).
+TEST_F(StandInCuda, TrainerUnderBf16RunsTheFusedExperts) {
+  auto config = TinyTrainingConfig("steps: 3 warmup_steps: 1 precision: BF16");
+  ASSERT_TRUE(config.ok()) << config.status().message();
+  const OpsTable bf16 = StandInBf16Table(table_);
+  RegisterBf16GemmOps(Device::kCUDA, &table_, &bf16);
+  g_fused_experts_made = 0;
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
+  LoopbackCommunicator one(0, 1);
+  {
+    auto cpu = Trainer::Create(*config, &one, &data);
+    auto dev = Trainer::Create(*config, &one, &data, Device::kCUDA);
+    ASSERT_TRUE(cpu.ok() && dev.ok()) << (dev.ok() ? cpu.status() : dev.status()).message();
+    EXPECT_EQ(g_fused_experts_made, 0) << "made at the first forward";
+    for (int step = 0; step < 3; ++step) {
+      const StepStats a = (*cpu)->Step(), b = (*dev)->Step();
+      ASSERT_TRUE(a.finite && b.finite);
+      // The first step from the same weights; after it AdamW's first update (about lr times
+      // the gradient's sign) carries the last bits' differences into the weights.
+      EXPECT_NEAR(b.loss, a.loss, (step == 0 ? 1e-3 : 1e-2) * a.loss) << step;
+      if (step == 0) {
+        EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-2 * a.grad_norm);
+      }
+    }
+    EXPECT_EQ(g_fused_experts_made, static_cast<int>((*dev)->model().moe_layers().size()))
+        << "one per MoE layer";
+    EXPECT_GT(g_fused_experts_made, 0);
+  }
+  RegisterBf16GemmOps(Device::kCUDA, nullptr, nullptr);
 }
 
 // Two expert-parallel ranks on devices (the peer simulated): the dense all-reduce and the
