@@ -228,24 +228,20 @@ void CudaExpertMlp::ForwardGrouped(const Tensor& in, const std::vector<int64_t>&
   impl_->mlp.ForwardGrouped(in, rows, out);
 }
 
-namespace {
-
-// BoundDeviceExperts over cuBLAS, owning its handles.
-class CudaFusedExperts : public BoundDeviceExperts<CublasOps> {
- public:
-  CudaFusedExperts(const ExpertMlpParams& params, const ExpertMlpParams& grads, bool gelu_tanh)
-      : BoundDeviceExperts<CublasOps>(MakeCublasOps(), params, grads, gelu_tanh) {}
-  ~CudaFusedExperts() override {
-    cublasDestroy(mlp().ops().handle);
-    if (mlp().ops().lt != nullptr) cublasLtDestroy(mlp().ops().lt);
-  }
-};
-
-}  // namespace
-
 std::unique_ptr<FusedExperts> MakeCudaFusedExperts(const ExpertMlpParams& params,
                                                    const ExpertMlpParams& grads, bool gelu_tanh) {
-  return std::make_unique<CudaFusedExperts>(params, grads, gelu_tanh);
+  // One cuBLAS handle, cuBLASLt handle and epilogue workspace for every layer's experts: they
+  // all queue on the backend's stream, one after another. Made once, never freed (the
+  // process's; nothing to tear down after the backend at exit).
+  static const CublasOps* shared = [] {
+    auto* ops = new CublasOps(MakeCublasOps());
+    if (ops->lt != nullptr) {
+      ops->lt_workspace = Tensor::Empty({static_cast<int64_t>(CublasOps::kLtWorkspaceBytes)},
+                                        DType::kU8, Device::kCUDA);
+    }
+    return ops;
+  }();
+  return std::make_unique<BoundDeviceExperts<CublasOps>>(*shared, params, grads, gelu_tanh);
 }
 
 void CudaCastToBF16(const float* src, uint16_t* dst, int64_t n) {

@@ -689,6 +689,10 @@ class StandInCuda : public ::testing::Test {
     RegisterOps(Device::kCUDA, &table_);
   }
   void TearDown() override {
+    // A test that registered a bf16 variant (or turned bf16 on) and failed before undoing
+    // it leaves nothing behind: the variant lived on its stack.
+    RegisterBf16GemmOps(Device::kCUDA, nullptr, nullptr);
+    SetBf16Gemms(false);
     RegisterOps(Device::kCUDA, before_ops_);
     SetBackendForTesting(Device::kCUDA, before_backend_);
   }
@@ -819,9 +823,11 @@ TEST_F(StandInCuda, ExpertMlpRunsOnTheDeviceOfItsParameters) {
   }
 }
 
-// The cuBLAS stand-in on the stand-in device's memory.
+// The cuBLAS stand-in on the stand-in device's memory, with the epilogue's contract (the
+// tanh GELU's fc1 fused, as cuBLASLt runs it on a GPU).
 struct StandInBlasOps : HostBlasOps {
   static constexpr Device kDevice = Device::kCUDA;
+  StandInBlasOps() { fuse = true; }
 };
 
 int g_fused_experts_made = 0;
@@ -855,7 +861,9 @@ TEST_F(StandInCuda, ExpertMlpRunsTheDevicesFusedExpertsUnderBf16) {
   g_fused_experts_made = 0;
   const int64_t el = 3, r = 11, d = 16, m = 40;
   ExpertMlp dev(el, d, m, /*gelu_tanh=*/true, Device::kCUDA);
-  DeviceExpertMlp<HostBlasOps> ref(HostBlasOps{}, el, d, m, true);
+  HostBlasOps fused_ops;
+  fused_ops.fuse = true;
+  DeviceExpertMlp<HostBlasOps> ref(fused_ops, el, d, m, true);
   ExpertMlpParams host;
   host.fc1_weight = Random({el, m, d}, 0.3f, 20);
   host.fc1_bias = Random({el, m}, 0.3f, 21);
@@ -893,12 +901,14 @@ TEST_F(StandInCuda, ExpertMlpRunsTheDevicesFusedExpertsUnderBf16) {
     ExpectNear(ref_grads.fc1_bias, dev.grads().fc1_bias, 0);
     ExpectNear(ref_grads.fc2_weight, dev.grads().fc2_weight, 0);
     ExpectNear(ref_grads.fc2_bias, dev.grads().fc2_bias, 0);
-    // The optimizer's step, as far as the experts see it: new fp32 weights.
+    // The optimizer's step, as far as the experts see it: new fp32 weights and biases.
     host.fc1_weight = Random({el, m, d}, 0.3f, 50);
+    host.fc1_bias = Random({el, m}, 0.3f, 52);
     host.fc2_weight = Random({el, d, m}, 0.3f, 51);
     load();
   }
   EXPECT_EQ(g_fused_experts_made, 1) << "made once, at the first forward";
+  EXPECT_GT(ref.ops().fused, 0) << "the fused epilogue's path ran";
   SetBf16Gemms(before);
   RegisterBf16GemmOps(Device::kCUDA, nullptr, nullptr);
   // fp32 again: the table's GEMMs (no fused experts in the fp32 table).
