@@ -72,14 +72,21 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
     const int64_t heads = model.num_heads();
     scratch = ComposedAttentionScratchImages(micro_batch, n, heads) * heads * n * n * 4;
   }
-  const double need = static_cast<double>(f.bytes_per_rank + scratch) * sharing;
+  // train.precision BF16: the experts' bf16 weight copies (FusedExperts), at most half the
+  // weights' fp32 bytes.
+  const int64_t bf16_copies =
+      config.train().precision() == TrainConfig::BF16 ? f.param_bytes / 2 : 0;
+  const double need = static_cast<double>(f.bytes_per_rank + scratch + bf16_copies) * sharing;
   const double free = static_cast<double>(mem.free_bytes) +
                       static_cast<double>(std::max<int64_t>(0, mem.pool_free_bytes));
   if (need <= free) return Status::Ok();
   const std::string shared =
       sharing > 1 ? " x " + std::to_string(sharing) + " ranks sharing it" : std::string();
+  const std::string copies =
+      bf16_copies > 0 ? ", the bf16 weight copies " + GiBString(static_cast<double>(bf16_copies))
+                      : std::string();
   return Status::Error("the plan needs " + plan + " and the attention's backward scratch " +
-                       GiBString(static_cast<double>(scratch)) + shared + " on " +
+                       GiBString(static_cast<double>(scratch)) + copies + shared + " on " +
                        backend->Describe() + ", but it has " + GiBString(free) + " free of " +
                        GiBString(static_cast<double>(mem.total_bytes)) + "; " +
                        (sharing > 1 ? "run one rank per GPU, or " : "") + advice);

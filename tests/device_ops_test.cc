@@ -1542,6 +1542,18 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   counting.memory.pool_free_bytes = 1;  // what the process's pool holds for reuse counts
   auto fits = Trainer::Create(*config, &one, &data, Device::kCUDA);
   EXPECT_TRUE(fits.ok()) << fits.status().message();
+  // Under train.precision BF16 the experts' bf16 weight copies count too (half the weights'
+  // fp32 bytes at most).
+  auto bf16 = TinyTrainingConfig("steps: 1 precision: BF16");
+  ASSERT_TRUE(bf16.ok());
+  auto short_of_copies = Trainer::Create(*bf16, &one, &data, Device::kCUDA);
+  ASSERT_FALSE(short_of_copies.ok());
+  EXPECT_NE(short_of_copies.status().message().find("the bf16 weight copies"), std::string::npos)
+      << short_of_copies.status().message();
+  counting.memory.pool_free_bytes =
+      1 + EstimateFootprint(config->model(), 1, 8, false, false).param_bytes / 2;
+  auto fits_copies = Trainer::Create(*bf16, &one, &data, Device::kCUDA);
+  EXPECT_TRUE(fits_copies.ok()) << fits_copies.status().message();
   counting.memory = DeviceMemory{};
   auto unknown = Trainer::Create(*config, &one, &data, Device::kCUDA);
   EXPECT_TRUE(unknown.ok()) << unknown.status().message();
