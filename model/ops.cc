@@ -302,11 +302,19 @@ void HeadGemms(const OpsTable& ops, bool ta, bool tb, int64_t m, int64_t n, int6
   }
 }
 
+// Of `items` items of `bytes` each, how many the composed backward's scratch holds at once.
+int64_t ItemsInScratch(int64_t items, int64_t bytes) {
+  return std::max<int64_t>(1, std::min(items, kComposedScratchBytes / std::max<int64_t>(1, bytes)));
+}
+
 }  // namespace
 
 int64_t ComposedAttentionScratchImages(int64_t batch, int64_t tokens, int64_t heads) {
-  const int64_t per_image = std::max<int64_t>(1, heads * tokens * tokens * 4);
-  return std::max<int64_t>(1, std::min(batch, kComposedScratchBytes / per_image));
+  return ItemsInScratch(batch, heads * tokens * tokens * 4);
+}
+
+int64_t ComposedAttentionScratchBytes(int64_t batch, int64_t tokens, int64_t heads) {
+  return ComposedAttentionScratchImages(batch, tokens, heads) * heads * tokens * tokens * 4;
 }
 
 void ComposedAttentionForward(const OpsTable& ops, const float* qkv, float* out, float* probs,
@@ -350,9 +358,22 @@ void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const floa
   }
 }
 
+void ComposedAttentionBackward(const OpsTable& ops, Device device, const float* qkv,
+                               const float* probs, const float* dout, float* dqkv, int64_t batch,
+                               int64_t tokens, int64_t heads, int64_t head_dim) {
+  const int64_t images = ComposedAttentionScratchImages(batch, tokens, heads);
+  Tensor scratch = Tensor::Empty({images, heads, tokens, tokens}, DType::kF32, device);
+  ComposedAttentionBackward(ops, qkv, probs, dout, dqkv, scratch.device_data<float>(device), images,
+                            batch, tokens, heads, head_dim);
+  // scratch is freed on return: on a GPU in stream order, after the GEMMs (Backend::Free).
+}
+
 int64_t ComposedChoiceAttentionScratchSequences(int64_t sequences, int64_t k, int64_t seq_len) {
-  const int64_t per_sequence = std::max<int64_t>(1, seq_len * k * seq_len * 4);
-  return std::max<int64_t>(1, std::min(sequences, kComposedScratchBytes / per_sequence));
+  return ItemsInScratch(sequences, seq_len * k * seq_len * 4);
+}
+
+int64_t ComposedChoiceAttentionScratchBytes(int64_t sequences, int64_t k, int64_t seq_len) {
+  return ComposedChoiceAttentionScratchSequences(sequences, k, seq_len) * seq_len * k * seq_len * 4;
 }
 
 // Per sequence b: Q_b [n k, dh] (its choices' queries, rows dh apart), K_b and V_b [n, dh]
@@ -402,6 +423,16 @@ void ComposedChoiceAttentionBackward(const OpsTable& ops, const float* q, const 
     gemm(true, false, n, dh, nk, 1.0f, ps, n, nk * n, dos, dh, nk * dh, 0.0f, dkvs + dh, 2 * dh,
          n * 2 * dh, ns);
   }
+}
+
+void ComposedChoiceAttentionBackward(const OpsTable& ops, Device device, const float* q,
+                                     const float* kv, const int32_t* row, const float* probs,
+                                     const float* d_out, int64_t tokens, int64_t k,
+                                     int64_t head_dim, int64_t seq_len, float* d_q, float* d_kv) {
+  const int64_t sequences = ComposedChoiceAttentionScratchSequences(tokens / seq_len, k, seq_len);
+  Tensor scratch = Tensor::Empty({sequences, seq_len * k, seq_len}, DType::kF32, device);
+  ComposedChoiceAttentionBackward(ops, q, kv, row, probs, d_out, tokens, k, head_dim, seq_len, d_q,
+                                  d_kv, scratch.device_data<float>(device), sequences);
 }
 
 namespace {

@@ -139,6 +139,12 @@ void ComposedAttentionBackward(const OpsTable& ops, const float* qkv, const floa
                                int64_t scratch_images, int64_t batch, int64_t tokens, int64_t heads,
                                int64_t head_dim);
 int64_t ComposedAttentionScratchImages(int64_t batch, int64_t tokens, int64_t heads);
+// The backward with that scratch allocated on `device` (freed on return, in stream order on
+// a GPU), and its bytes.
+void ComposedAttentionBackward(const OpsTable& ops, Device device, const float* qkv,
+                               const float* probs, const float* dout, float* dqkv, int64_t batch,
+                               int64_t tokens, int64_t heads, int64_t head_dim);
+int64_t ComposedAttentionScratchBytes(int64_t batch, int64_t tokens, int64_t heads);
 
 // The MoE attention's per-choice attention (choice_attention_forward / backward's semantics)
 // composed the same way, per sequence: S = Q K^T / sqrt(dh) for the sequence's tokens x k
@@ -156,6 +162,12 @@ void ComposedChoiceAttentionBackward(const OpsTable& ops, const float* q, const 
                                      float* d_q, float* d_kv, float* scratch,
                                      int64_t scratch_sequences);
 int64_t ComposedChoiceAttentionScratchSequences(int64_t sequences, int64_t k, int64_t seq_len);
+// The backward with that scratch allocated on `device`, and its bytes.
+void ComposedChoiceAttentionBackward(const OpsTable& ops, Device device, const float* q,
+                                     const float* kv, const int32_t* row, const float* probs,
+                                     const float* d_out, int64_t tokens, int64_t k,
+                                     int64_t head_dim, int64_t seq_len, float* d_q, float* d_kv);
+int64_t ComposedChoiceAttentionScratchBytes(int64_t sequences, int64_t k, int64_t seq_len);
 
 // Installs `table` for `device` (kept by pointer; lives for the process). Replaces an
 // earlier table of that device.

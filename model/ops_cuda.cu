@@ -109,12 +109,8 @@ void CudaAttentionForward(const float* qkv, float* out, float* probs, int64_t ba
 
 void CudaAttentionBackward(const float* qkv, const float* probs, const float* dout, float* dqkv,
                            int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-  const int64_t images = ComposedAttentionScratchImages(batch, tokens, heads);
-  Tensor scratch = Tensor::Empty({images, heads, tokens, tokens}, DType::kF32, Device::kCUDA);
-  ComposedAttentionBackward(CudaTable(), qkv, probs, dout, dqkv,
-                            scratch.device_data<float>(Device::kCUDA), images, batch, tokens, heads,
-                            head_dim);
-  // scratch is freed in stream order on return (see CudaBf16GemmStridedBatched).
+  ComposedAttentionBackward(CudaTable(), Device::kCUDA, qkv, probs, dout, dqkv, batch, tokens,
+                            heads, head_dim);
 }
 
 // The MoE attention's per-choice attention as batched GEMMs per sequence (ops.h's composed
@@ -129,12 +125,8 @@ void CudaChoiceAttentionForward(const float* q, const float* kv, const int32_t* 
 void CudaChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
                                  const float* probs, const float* d_out, int64_t tokens, int64_t k,
                                  int64_t head_dim, int64_t seq_len, float* d_q, float* d_kv) {
-  const int64_t sequences = ComposedChoiceAttentionScratchSequences(tokens / seq_len, k, seq_len);
-  Tensor scratch = Tensor::Empty({sequences, seq_len * k, seq_len}, DType::kF32, Device::kCUDA);
-  ComposedChoiceAttentionBackward(CudaTable(), q, kv, row, probs, d_out, tokens, k, head_dim,
-                                  seq_len, d_q, d_kv, scratch.device_data<float>(Device::kCUDA),
-                                  sequences);
-  // scratch is freed in stream order on return (see CudaBf16GemmStridedBatched).
+  ComposedChoiceAttentionBackward(CudaTable(), Device::kCUDA, q, kv, row, probs, d_out, tokens, k,
+                                  head_dim, seq_len, d_q, d_kv);
 }
 
 // The one entry whose result comes back to the host: drained first, so the reduction's own

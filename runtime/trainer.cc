@@ -64,14 +64,10 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
   // the self-attention's, or Mod-Squad's per-choice attention's.
   const ModelConfig& model = config.model();
   const int64_t n = TokensPerImage(model);
-  int64_t scratch = 0;
-  if (model.has_modsquad() && model.modsquad().moe()) {
-    const int64_t k = model.modsquad().attention_k();
-    scratch = ComposedChoiceAttentionScratchSequences(micro_batch, k, n) * n * k * n * 4;
-  } else {
-    const int64_t heads = model.num_heads();
-    scratch = ComposedAttentionScratchImages(micro_batch, n, heads) * heads * n * n * 4;
-  }
+  const int64_t scratch =
+      model.has_modsquad() && model.modsquad().moe()
+          ? ComposedChoiceAttentionScratchBytes(micro_batch, model.modsquad().attention_k(), n)
+          : ComposedAttentionScratchBytes(micro_batch, n, model.num_heads());
   // train.precision BF16: the experts' bf16 weight copies (FusedExperts), at most half the
   // weights' fp32 bytes.
   const int64_t bf16_copies =

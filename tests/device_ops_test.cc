@@ -537,10 +537,8 @@ const OpsTable& ThrustTableWithComposedAttention() {
     };
     t.attention_backward = [](const float* qkv, const float* probs, const float* dout, float* dqkv,
                               int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-      const int64_t images = ComposedAttentionScratchImages(batch, tokens, heads);
-      std::vector<float> scratch(images * heads * tokens * tokens);
-      ComposedAttentionBackward(ThrustTableWithComposedAttention(), qkv, probs, dout, dqkv,
-                                scratch.data(), images, batch, tokens, heads, head_dim);
+      ComposedAttentionBackward(ThrustTableWithComposedAttention(), Device::kCPU, qkv, probs, dout,
+                                dqkv, batch, tokens, heads, head_dim);
     };
     t.choice_attention_forward = [](const float* q, const float* kv, const int32_t* row,
                                     int64_t tokens, int64_t k, int64_t dh, int64_t seq,
@@ -653,11 +651,8 @@ void StandInAttentionForward(const float* qkv, float* out, float* probs, int64_t
 }
 void StandInAttentionBackward(const float* qkv, const float* probs, const float* dout, float* dqkv,
                               int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
-  const int64_t images = ComposedAttentionScratchImages(batch, tokens, heads);
-  Tensor scratch = Tensor::Empty({images, heads, tokens, tokens}, DType::kF32, Device::kCUDA);
-  ComposedAttentionBackward(Ops(Device::kCUDA), qkv, probs, dout, dqkv,
-                            scratch.device_data<float>(Device::kCUDA), images, batch, tokens, heads,
-                            head_dim);
+  ComposedAttentionBackward(Ops(Device::kCUDA), Device::kCUDA, qkv, probs, dout, dqkv, batch,
+                            tokens, heads, head_dim);
 }
 
 void StandInChoiceAttentionForward(const float* q, const float* kv, const int32_t* row,
@@ -668,10 +663,8 @@ void StandInChoiceAttentionForward(const float* q, const float* kv, const int32_
 void StandInChoiceAttentionBackward(const float* q, const float* kv, const int32_t* row,
                                     const float* probs, const float* d_out, int64_t tokens,
                                     int64_t k, int64_t dh, int64_t seq, float* d_q, float* d_kv) {
-  const int64_t sequences = ComposedChoiceAttentionScratchSequences(tokens / seq, k, seq);
-  Tensor scratch = Tensor::Empty({sequences, seq * k, seq}, DType::kF32, Device::kCUDA);
-  ComposedChoiceAttentionBackward(Ops(Device::kCUDA), q, kv, row, probs, d_out, tokens, k, dh, seq,
-                                  d_q, d_kv, scratch.device_data<float>(Device::kCUDA), sequences);
+  ComposedChoiceAttentionBackward(Ops(Device::kCUDA), Device::kCUDA, q, kv, row, probs, d_out,
+                                  tokens, k, dh, seq, d_q, d_kv);
 }
 
 class StandInCuda : public ::testing::Test {
