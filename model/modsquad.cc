@@ -428,12 +428,6 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   heads_a_.assign(t_count, {});
   std::vector<std::vector<double>> sums(t_count);
   const int64_t counted = batch.counted;
-  // The heads' outputs come to the host below: on a device the first copy blocks in the
-  // driver behind the last MoE layer's all-to-all, so wait for the NCCL streams with their
-  // polling wait first (a dead peer ends the job, no hang).
-  if (device_ != Device::kCPU) {
-    for (auto& [experts, g] : groups_) g->expert().Synchronize();
-  }
   for (int64_t t = 0; t < t_count; ++t) {
     const TaskHeadConfig& head = ms.tasks(static_cast<int>(t));
     const Head& hp = heads_p_[t];

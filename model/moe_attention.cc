@@ -63,10 +63,6 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     in.training = args.training;
     in.task = args.task;
     in.noise = args.noise;
-    // On a device the logits' host copy blocks in the driver until everything queued is
-    // done: wait for the NCCL streams first, whose polling wait ends the job on a failed
-    // or missing peer (the watchdog) where the copy would hang (as MoeLayer does).
-    if (dev != Device::kCPU) groups_->expert().Synchronize();
     MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
   }
   {
@@ -172,7 +168,6 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
   MOERUN_OP(ops, axpy)(1.0f, dx_kv.device_data<float>(dev), dx->device_data<float>(dev), t * d);
   // The router: gates -> logits on the host, -> W_r and x on the device.
   ScopedTimer timer(&timers_.bwd_router, config_.device);
-  if (dev != Device::kCPU) groups_->expert().Synchronize();  // as in Forward
   aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }
 

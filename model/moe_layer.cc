@@ -127,10 +127,6 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     in.first_token = args.first_token;
     in.noise = args.noise;
     in.task = args.task;
-    // On a device the logits' host copy blocks in the driver until everything queued is
-    // done: wait for the NCCL streams first, whose polling wait ends the job on a failed
-    // or missing peer (the watchdog) where the copy would hang.
-    if (dev != Device::kCPU) groups_->expert().Synchronize();
     MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
   }
   // 2. Routing plan (per group: top-k, priority order, slots; capacity) and losses.
@@ -213,7 +209,6 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
 
   // 3. Router backward: gates (combine weights and losses) -> logits -> W_r and x.
   ScopedTimer timer(&timers_.bwd_router, config_.device);
-  if (config_.device != Device::kCPU) groups_->expert().Synchronize();  // as in Forward
   aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
 }
 

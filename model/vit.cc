@@ -273,10 +273,6 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   MOERUN_OP(ops(), layer_norm_forward)
   (F(cls_rows_), F(norm_w_), F(norm_b_), F(cls_norm_), F(norm_mean_), F(norm_rstd_), b, d,
    kLayerNormEps);
-  // The head's results come to the host below (pre-logits' tanh, the logits): on a device
-  // the first copy blocks in the driver behind the last MoE layer's all-to-all, so wait
-  // for the NCCL streams with their polling wait first (a dead peer ends the job, no hang).
-  if (device_ != Device::kCPU && groups_ != nullptr) groups_->expert().Synchronize();
   Tensor head_in = cls_norm_;
   int64_t head_dim = d;
   if (c.pre_logits_size() > 0) {

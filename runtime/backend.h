@@ -43,6 +43,8 @@ class Backend {
   virtual void Free(void* p, size_t bytes) = 0;
   virtual void SetZero(void* p, size_t bytes) = 0;
   // Copies on this backend's stream; CopyToHost returns when the bytes are on the host.
+  // Both return only through the polling wait (runtime/device_wait.h), never blocked in the
+  // driver behind queued work: a dead peer's collective on the stream ends the job instead.
   virtual void CopyFromHost(void* device_dst, const void* host_src, size_t bytes) = 0;
   virtual void CopyToHost(void* host_dst, const void* device_src, size_t bytes) = 0;
   virtual void CopyWithin(void* dst, const void* src, size_t bytes) = 0;

@@ -119,12 +119,18 @@ class CudaBackend final : public Backend {
   void SetZero(void* p, size_t bytes) override {
     MOERUN_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
   }
+  // Both wait for the stream through the poll before the copy: with pageable host memory
+  // the driver may wait for the stream inside cudaMemcpyAsync, where an NCCL kernel spinning
+  // on a dead peer would hang the call with no word. Polled, the communicators' checks run
+  // meanwhile and end the job naming the peer; the copy itself then finds the stream idle.
   void CopyFromHost(void* dst, const void* src, size_t bytes) override {
+    Synchronize();
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     // The host buffer may be pageable and reused at once: wait for the copy.
     Synchronize();
   }
   void CopyToHost(void* dst, const void* src, size_t bytes) override {
+    Synchronize();
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     Synchronize();
   }

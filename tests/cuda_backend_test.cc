@@ -3,13 +3,17 @@
 // (dropless) forward against the fixed-capacity one, and the NCCL communicator (one rank: NCCL
 // refuses two ranks on one GPU). Runs under mpirun; without a GPU every test prints "skipped: no
 // GPU" and is skipped.
+#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <future>
 #include <random>
+#include <thread>
 
 #include "comm/mpi_communicator.h"
 #include "comm/nccl_communicator.h"
@@ -17,6 +21,7 @@
 #include "model/moe_experts.h"
 #include "model/moe_experts_cuda.h"
 #include "runtime/backend.h"
+#include "runtime/device_wait.h"
 #include "runtime/tensor.h"
 #include "tests/mpi_test_main.h"
 
@@ -133,6 +138,55 @@ struct ExpertCase {
   int64_t el, r, d, m;
   bool gelu_tanh;
 };
+
+// A copy to or from the host never waits for the stream inside the driver, where a stuck
+// NCCL kernel (a dead peer) would hang it with no word: it waits through the poll, whose
+// registered checks run meanwhile. Here the stream is held by a host function that returns
+// only once such a check has run; a copy that waited in the driver would never let it run
+// (the test then releases the stream after 20 s and fails instead of hanging).
+TEST(CudaBackend, HostCopiesWaitForTheStreamThroughThePoll) {
+  SKIP_WITHOUT_GPU();
+  Backend& cuda = RequireBackend(Device::kCUDA);
+  Tensor dev = Tensor::Zeros({1 << 16}, DType::kF32, Device::kCUDA);
+  Tensor host = Tensor::Empty({1 << 16});
+  for (const bool to_host : {true, false}) {
+    SCOPED_TRACE(to_host ? "CopyToHost" : "CopyFromHost");
+    host.Fill(1.5f);
+    cuda.Synchronize();
+    static std::atomic<bool> release;
+    release = false;
+    std::atomic<int> checks{0};
+    const int id = AddDeviceWaitCheck([&](double, const std::string&) {
+      ++checks;
+      release = true;
+    });
+    ASSERT_EQ(cudaLaunchHostFunc(
+                  static_cast<cudaStream_t>(cuda.stream()),
+                  [](void*) {
+                    while (!release) std::this_thread::sleep_for(std::chrono::microseconds(50));
+                  },
+                  nullptr),
+              cudaSuccess);
+    std::future<void> copy = std::async(std::launch::async, [&] {
+      if (to_host) {
+        cuda.CopyToHost(host.raw_data(), dev.raw_data(), host.nbytes());
+      } else {
+        cuda.CopyFromHost(dev.raw_data(), host.raw_data(), host.nbytes());
+      }
+    });
+    const bool done = copy.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+    release = true;  // lets a copy that waited in the driver finish
+    copy.get();
+    RemoveDeviceWaitCheck(id);
+    EXPECT_TRUE(done) << "the copy waited for the stream in the driver, not through the poll";
+    EXPECT_GT(checks.load(), 0) << "the poll's checks never ran";
+    const Tensor back = dev.To(Device::kCPU);
+    EXPECT_EQ(back.data<float>()[7], to_host ? 0.0f : 1.5f);
+    if (to_host) {
+      EXPECT_EQ(host.data<float>()[7], 0.0f);
+    }
+  }
+}
 
 TEST(CudaExperts, ForwardAndBackwardMatchTheCpuExpertsUpToBF16) {
   SKIP_WITHOUT_GPU();
