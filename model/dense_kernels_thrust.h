@@ -22,6 +22,7 @@
 #include "model/choice_attention.h"
 #include "model/expert_kernels_thrust.h"
 #include "model/ops.h"
+#include "model/router_noise.h"
 #include "model/routing_thrust.h"
 #include "runtime/adamw_thrust.h"
 #include "runtime/device_math.h"
@@ -252,6 +253,34 @@ struct ZeroDroppedRowsFunctor {
   }
 };
 
+// The router's noise, one token per index (model/router_noise.h's AddTokenNoise).
+struct RouterNoiseFunctor {
+  NoiseKey key;
+  int64_t first_token;
+  int num_experts;
+  float sigma;
+  const float* z;
+  float* zn;
+  MOERUN_HD void operator()(int64_t t) const {
+    AddTokenNoise(key, static_cast<uint64_t>(first_token + t), num_experts, sigma,
+                  z + t * num_experts, zn + t * num_experts);
+  }
+};
+
+// The router's d(logits), one token per index (rowwise::RouterLogitsBackward).
+struct RouterLogitsBackwardFunctor {
+  const float* y;
+  const int32_t *expert_index, *row;
+  const float *d_weight, *dz_loss;
+  float* dz;
+  int num_experts, k;
+  MOERUN_HD void operator()(int64_t t) const {
+    rowwise::RouterLogitsBackward(y + t * num_experts, expert_index + t * k, row + t * k,
+                                  d_weight + t * k, dz_loss + t * num_experts, dz + t * num_experts,
+                                  num_experts, k);
+  }
+};
+
 struct ChoiceAttentionForwardFunctor {
   choice_attention::Shape shape;
   const float *q, *kv;
@@ -386,6 +415,38 @@ struct ThrustOps {
                    int32_t* expert_index, float* weight) {
     thrust_routing::TopK(PolicySource::Get(), gates, tokens, num_experts, k, expert_index, weight);
   }
+  static void AddRouterNoise(const NoiseKey& key, int64_t first_token, int64_t tokens,
+                             int num_experts, float sigma, const float* z, float* zn) {
+    ForIndices(PolicySource::Get(), tokens,
+               RouterNoiseFunctor{key, first_token, num_experts, sigma, z, zn});
+  }
+  // Scratch of the policy's memory, kept (never freed: a device's would outlive its
+  // context at exit) and grown to the largest call; one per calling thread.
+  static void AssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
+                          int num_experts, int k, bool bpr, int32_t* slot, int32_t* load) {
+    struct Scratch {
+      thrust::device_vector<int32_t> order, keys, rank, cumulative;
+      thrust::device_vector<int64_t> visit;
+      thrust::device_vector<float> keys_w;
+    };
+    thread_local Scratch* s = new Scratch();
+    thrust_routing::AssignSlots(PolicySource::Get(), expert_index, weight, tokens, num_experts, k,
+                                bpr, slot, load, nullptr, s->order, s->keys, s->rank, s->visit,
+                                s->keys_w, s->cumulative);
+  }
+  static void PlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
+                       int64_t group_size, int64_t capacity, int64_t rows_per_expert,
+                       int32_t* row) {
+    thrust_routing::PlanRows(PolicySource::Get(), expert_index, slot, tokens, k, group_size,
+                             capacity, rows_per_expert, row);
+  }
+  static void RouterLogitsBackward(const float* y, const int32_t* expert_index, const int32_t* row,
+                                   const float* d_weight, const float* dz_loss, float* dz,
+                                   int64_t tokens, int num_experts, int k) {
+    ForIndices(
+        PolicySource::Get(), tokens,
+        RouterLogitsBackwardFunctor{y, expert_index, row, d_weight, dz_loss, dz, num_experts, k});
+  }
   static void PackRows(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,
                        float* buf, int64_t buf_rows) {
     thrust::fill_n(PolicySource::Get(), buf, buf_rows * w, 0.0f);
@@ -431,6 +492,10 @@ struct ThrustOps {
     t.choice_attention_backward = &ChoiceAttentionBackward;
     t.zero_dropped_rows = &ZeroDroppedRows;
     t.top_k = &TopK;
+    t.add_router_noise = &AddRouterNoise;
+    t.assign_slots = &AssignSlots;
+    t.plan_rows = &PlanRows;
+    t.router_logits_backward = &RouterLogitsBackward;
     t.pack_rows = &PackRows;
     t.combine_rows = &CombineRows;
     t.combine_rows_backward = &CombineRowsBackward;

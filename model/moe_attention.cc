@@ -67,15 +67,8 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   }
   {
     ScopedTimer timer(&timers_.routing, config_.device);
-    PlanRouting(router_.gates(), config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
-                &plan_, args.routed);
-    aux_.Compute(router_, plan_, groups_->world());
-    if (args.training) aux_.UpdateUsage();
-    device_plan_ = plan_;
-    if (dev != Device::kCPU) {
-      device_plan_.row = plan_.row.To(dev);
-      device_plan_.weight = plan_.weight.To(dev);
-    }
+    RouteOnHost(router_, config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
+                args.routed, args.training, dev, &plan_, &aux_, &device_plan_);
   }
   // Shared keys and values.
   const OpsTable& ops = Ops(dev);

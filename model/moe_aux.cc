@@ -190,12 +190,25 @@ void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const
   for (int64_t i = 0; i < t * k; ++i) {
     if (row[i] >= 0) dg[(i / k) * e_count + idx[i]] += d_weight[i];
   }
+  AddLossesToLogits(router, plan, world_size, dg, dclean);
+  router->LogitsToInputs(dx);
+}
+
+void MoeAuxLosses::LossLogitGradient(Router* router, const RoutingPlan& plan,
+                                     int world_size) const {
+  float *dg = nullptr, *dclean = nullptr;
+  router->BeginBackward(&dg, &dclean);
+  AddLossesToLogits(router, plan, world_size, dg, dclean);
+}
+
+float* MoeAuxLosses::AddLossesToLogits(Router* router, const RoutingPlan& plan, int world_size,
+                                       float* dg, float* dclean) const {
   AddTermGradients(losses_, weights_, mi_grad_, load_states_, *router, plan, world_size, dg, dclean,
                    nullptr, false);
   float* dz = router->GatesToLogits();
   AddTermGradients(losses_, weights_, mi_grad_, load_states_, *router, plan, world_size, nullptr,
                    nullptr, dz, true);
-  router->LogitsToInputs(dx);
+  return dz;
 }
 
 void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const Tensor& d_weight,
@@ -212,6 +225,19 @@ void MoeAuxLosses::RouterBackward(Router* router, const RoutingPlan& plan, const
   const Tensor host_d_weight = d_weight.To(Device::kCPU);
   RouterBackward(router, plan, host_d_weight.data<float>(), world_size,
                  dx->device_data<float>(dev));
+}
+
+void RouteOnHost(const Router& router, const CapacityRule& rule, int k, int64_t group_size,
+                 int64_t fixed_capacity, Communicator& world, const uint8_t* routed, bool training,
+                 Device device, RoutingPlan* plan, MoeAuxLosses* aux, RoutingPlan* device_plan) {
+  PlanRouting(router.gates(), rule, k, group_size, fixed_capacity, world, plan, routed);
+  aux->Compute(router, *plan, world);
+  if (training) aux->UpdateUsage();
+  *device_plan = *plan;
+  if (device != Device::kCPU) {
+    device_plan->row = plan->row.To(device);
+    device_plan->weight = plan->weight.To(device);
+  }
 }
 
 }  // namespace moerun

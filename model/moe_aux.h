@@ -67,6 +67,12 @@ class MoeAuxLosses {
   void RouterBackward(Router* router, const RoutingPlan& plan, const Tensor& d_weight,
                       int world_size, Tensor* dx) const;
 
+  // A layer that routes on its device: the active terms' part of d(logits) on the host,
+  // from the forward's values alone (router->d_logits() after the call). The combine
+  // weights' part is added on the device in the backward (ops' router_logits_backward);
+  // together they are RouterBackward's d(logits), summed in another order.
+  void LossLogitGradient(Router* router, const RoutingPlan& plan, int world_size) const;
+
   const MoeLosses& losses() const { return losses_; }
   const MoeMetrics& metrics() const { return metrics_; }
   // Task gates: [tasks, E] sums of the gates per task and [E] selection counts (all k
@@ -93,7 +99,20 @@ class MoeAuxLosses {
   // backward adds the gradient without evaluating the loss again.
   std::vector<LoadLossState> load_states_;
   Tensor usage_;
+
+  // Adds the active terms' gradients to the router's d(gates) dg and d(clean gates) dclean
+  // (from BeginBackward), turns them into d(logits) and adds the logit-space terms there;
+  // returns d(logits).
+  float* AddLossesToLogits(Router* router, const RoutingPlan& plan, int world_size, float* dg,
+                           float* dclean) const;
 };
+
+// A layer's routing on the host, after its router's forward: the plan from the router's
+// gates (PlanRouting), the losses and metrics (and, training, the usage statistics), and
+// `device_plan`: the plan, with its rows and weights copied to `device` unless the CPU.
+void RouteOnHost(const Router& router, const CapacityRule& rule, int k, int64_t group_size,
+                 int64_t fixed_capacity, Communicator& world, const uint8_t* routed, bool training,
+                 Device device, RoutingPlan* plan, MoeAuxLosses* aux, RoutingPlan* device_plan);
 
 }  // namespace moerun
 

@@ -43,11 +43,15 @@ struct MoeLayerConfig {
   // experts. Changes only the summation order of the expert weight gradients.
   bool overlap_dispatch = false;
   // Where the layer's rows, experts, combine and router GEMMs live. On a device the router's
-  // weight and its GEMMs (logits, and the backward's weight and input gradients) are there,
-  // and only the logits [T, E] come to the host, where noise, softmax, the routing plan and
-  // the auxiliary losses run (they decide the routing); d(logits) goes back. The rows, the
-  // dispatch, the experts (fp32; under train.precision BF16 the table's FusedExperts where
-  // it has them) and the combine run on the device's ops.
+  // weight and its GEMMs (logits, and the backward's weight and input gradients) are there.
+  // With the noisy top-k gate, a fixed capacity, no padding tokens and no explicit noise,
+  // the noise, softmax and routing plan run there too (device routing): the router's
+  // tables [T, E] and the plan's [T, K] come to the host in one copy for the auxiliary
+  // losses, which the host computes while the device runs the experts, and the backward
+  // has no host wait. Otherwise (task gates, dropless, padding, replay noise) only the
+  // logits come to the host, where noise, softmax, the plan and the losses run, and
+  // d(logits) goes back. The rows, the dispatch, the experts (fp32; under train.precision
+  // BF16 the table's FusedExperts where it has them) and the combine run on the device's ops.
   Device device = Device::kCPU;
   int64_t group_size = 0;  // 0: all local tokens form one group
   bool gelu_tanh = false;  // the tanh approximation of GELU (V-MoE) instead of exact erf
@@ -154,12 +158,24 @@ class MoeLayer {
   Tensor& usage() { return aux_.usage(); }
   // On a device, the times of device timers land at ResolveDeviceTimers().
   MoeTimers& timers() { return timers_; }
+  // Whether the last forward routed on the device (MoeLayerConfig::device).
+  bool routed_on_device() const { return device_routed_; }
 
  private:
   bool overlapped() const;  // overlap_dispatch and more than one expert-parallel rank
   bool local() const;       // one expert-parallel rank: the experts take dispatch_ as it is
   // The combine's input, [E, G*cap, D]: the experts' output itself when local().
   const Tensor& combined() const;
+  // Device routing for this forward (see MoeLayerConfig::device).
+  bool RoutesOnDevice(const MoeForwardArgs& args, int64_t fixed_capacity) const;
+  // Device routing: the plan from the router's device gates into device_plan_, for groups
+  // of `group_size` tokens at `capacity`.
+  void PlanOnDevice(int64_t group_size, int64_t capacity);
+  // Device routing: the router's and the plan's tables to the host (one copy), then the
+  // losses and metrics there.
+  void ComputeLossesOnHost(const MoeForwardArgs& args);
+  // Device routing: the losses' part of d(logits) to dz_loss_ on the device.
+  void UploadLossGradient();
 
   MoeLayerConfig config_;
   std::shared_ptr<MoeGroups> groups_;
@@ -179,6 +195,10 @@ class MoeLayer {
   Tensor combine_in_;        // [E, G*cap, D] (unused when local())
   Tensor d_expert_out_, d_expert_in_;
   Tensor d_weight_;  // [T, K] d(combine weight), from the combine backward
+  // Device routing: whether the last forward routed on the device; its [groups, E] loads
+  // there; the losses' part of d(logits) there (once uploaded) and d(logits).
+  bool device_routed_ = false, loss_gradient_uploaded_ = false;
+  Tensor device_load_, host_load_, dz_loss_, d_logits_;
 };
 
 }  // namespace moerun

@@ -34,11 +34,7 @@ void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t s
                  const uint8_t* routed) {
   const int64_t t = gates.dim(0), e_count = gates.dim(1);
   RoutingPlan& p = *plan;
-  p.tokens = t;
-  p.k = k;
-  p.num_experts = e_count;
-  p.group_size = s;
-  p.groups = t / s;
+  SetPlanLayout(&p, t, k, e_count, s, fixed_capacity);
   p.routed = routed;
   Ensure(&p.expert_index, {t, k}, DType::kI32);
   Ensure(&p.slot, {t, k}, DType::kI32);
@@ -61,15 +57,27 @@ void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t s
     p.capacity = std::max<int64_t>(max_load, 1);
   }
   Ensure(&p.row, {t, k}, DType::kI32);
-  const int32_t* idx = p.expert_index.data<int32_t>();
-  const int32_t* sl = p.slot.data<int32_t>();
-  int32_t* row = p.row.data<int32_t>();
-  const int64_t rows_per_expert = p.rows_per_expert();
-  for (int64_t i = 0; i < t * k; ++i) {
-    const int64_t g = (i / k) / s;
-    row[i] = sl[i] >= p.capacity
+  PlanRows(p.expert_index.data<int32_t>(), p.slot.data<int32_t>(), t, k, s, p.capacity,
+           p.rows_per_expert(), p.row.data<int32_t>());
+}
+
+void SetPlanLayout(RoutingPlan* plan, int64_t tokens, int64_t k, int64_t num_experts,
+                   int64_t group_size, int64_t capacity) {
+  plan->tokens = tokens;
+  plan->k = k;
+  plan->num_experts = num_experts;
+  plan->group_size = group_size;
+  plan->groups = tokens / group_size;
+  plan->capacity = capacity;
+}
+
+void PlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
+              int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row) {
+  for (int64_t i = 0; i < tokens * k; ++i) {
+    const int64_t g = (i / k) / group_size;
+    row[i] = slot[i] >= capacity
                  ? -1
-                 : static_cast<int32_t>(idx[i] * rows_per_expert + g * p.capacity + sl[i]);
+                 : static_cast<int32_t>(expert_index[i] * rows_per_expert + g * capacity + slot[i]);
   }
 }
 

@@ -52,6 +52,17 @@ void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t g
                  int64_t fixed_capacity, Communicator& world, RoutingPlan* plan,
                  const uint8_t* routed = nullptr);
 
+// Sets the plan's sizes: tokens, k, experts, groups of group_size tokens, capacity (its
+// tables are left as they are).
+void SetPlanLayout(RoutingPlan* plan, int64_t tokens, int64_t k, int64_t num_experts,
+                   int64_t group_size, int64_t capacity);
+
+// The plan's rows from its experts and slots [tokens, k]: row[i] = e * rows_per_expert +
+// group * capacity + slot for a kept choice i of token i / k (group = token / group_size),
+// -1 when slot >= capacity (dropped). The CPU's plan_rows op.
+void PlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
+              int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row);
+
 }  // namespace moerun
 
 #endif  // MOERUN_MODEL_MOE_PLAN_H_

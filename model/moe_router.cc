@@ -16,6 +16,15 @@ void Ensure(Tensor* t, const Shape& shape, Device device = Device::kCPU) {
   }
 }
 
+// After a forward without noise the clean gates are the gates themselves (one tensor): a
+// noisy forward must give them storage of their own before writing the clean softmax, or
+// it would overwrite the noisy gates it routes on.
+void SeparateCleanGates(Tensor* clean_gates, const Tensor& gates) {
+  if (clean_gates->defined() && gates.defined() && clean_gates->raw_data() == gates.raw_data()) {
+    *clean_gates = Tensor();
+  }
+}
+
 // Calls fn(task, first, count) for every run of consecutive tokens of one task.
 template <typename Fn>
 void ForEachTaskRun(const int32_t* task, int64_t tokens, Fn fn) {
@@ -112,10 +121,11 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
       const float* n = in.noise->data<float>();
       for (int64_t i = 0; i < t * e_count; ++i) zn[i] = z[i] + n[i];
     } else {
-      StandardNormalNoise(in.noise_key, in.first_token, t, static_cast<int>(e_count), zn);
-      for (int64_t i = 0; i < t * e_count; ++i) zn[i] = z[i] + static_cast<float>(sigma_) * zn[i];
+      AddRouterNoise(in.noise_key, in.first_token, t, static_cast<int>(e_count),
+                     static_cast<float>(sigma_), z, zn);
     }
     MOERUN_OP(ops, softmax_forward)(zn, gates_.data<float>(), t, e_count);
+    SeparateCleanGates(&clean_gates_, gates_);
     Ensure(&clean_gates_, {t, e_count});
     MOERUN_OP(ops, softmax_forward)(z, clean_gates_.data<float>(), t, e_count);
   } else {
@@ -123,6 +133,58 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
     clean_gates_ = gates_;
   }
   return Status::Ok();
+}
+
+Status Router::ForwardOnDevice(const Tensor& x, const RouterInputs& in) {
+  CHECK(device_ != Device::kCPU && kind_ == GateKind::kNoisyTopK && in.noise == nullptr)
+      << "device routing is for a noisy top-k router on a device without explicit noise";
+  CHECK(x.device() == device_) << "a router on " << DeviceName(device_) << " got "
+                               << x.ShapeString() << " on " << DeviceName(x.device());
+  const OpsTable& ops = Ops(device_);
+  const int64_t t = x.dim(0), e_count = num_experts_, d = d_;
+  x_ = x;
+  tokens_ = t;
+  task_ = nullptr;
+  noisy_ = in.training && noise_std_ > 0;
+  sigma_ = noise_std_ / e_count;
+  Ensure(&device_logits_, {t, e_count}, device_);
+  Ensure(&device_gates_, {t, e_count}, device_);
+  float* z = device_logits_.device_data<float>(device_);
+  float* g = device_gates_.device_data<float>(device_);
+  MOERUN_OP(ops, router_gemm)
+  (x.device_data<float>(device_), weight_.device_data<float>(device_), z, t, e_count, d);
+  if (noisy_) {
+    Ensure(&device_noisy_logits_, {t, e_count}, device_);
+    SeparateCleanGates(&device_clean_gates_, device_gates_);
+    Ensure(&device_clean_gates_, {t, e_count}, device_);
+    float* zn = device_noisy_logits_.device_data<float>(device_);
+    MOERUN_OP(ops, add_router_noise)
+    (in.noise_key, in.first_token, t, static_cast<int>(e_count), static_cast<float>(sigma_), z, zn);
+    MOERUN_OP(ops, softmax_forward)(zn, g, t, e_count);
+    MOERUN_OP(ops, softmax_forward)
+    (z, device_clean_gates_.device_data<float>(device_), t, e_count);
+  } else {
+    MOERUN_OP(ops, softmax_forward)(z, g, t, e_count);
+    device_clean_gates_ = device_gates_;
+  }
+  return Status::Ok();
+}
+
+void Router::HostCopies(std::vector<const Tensor*>* src, std::vector<Tensor*>* dst) {
+  const int64_t t = tokens_, e_count = num_experts_;
+  Ensure(&logits_, {t, e_count});
+  Ensure(&gates_, {t, e_count});
+  src->insert(src->end(), {&device_logits_, &device_gates_});
+  dst->insert(dst->end(), {&logits_, &gates_});
+  if (noisy_) {
+    Ensure(&noisy_logits_, {t, e_count});
+    SeparateCleanGates(&clean_gates_, gates_);
+    Ensure(&clean_gates_, {t, e_count});
+    src->insert(src->end(), {&device_noisy_logits_, &device_clean_gates_});
+    dst->insert(dst->end(), {&noisy_logits_, &clean_gates_});
+  } else {
+    clean_gates_ = gates_;
+  }
 }
 
 void Router::BeginBackward(float** d_gates, float** d_clean_gates) {
@@ -157,14 +219,23 @@ float* Router::GatesToLogits() {
 }
 
 void Router::LogitsToInputs(float* dx) {
-  const OpsTable& ops = Ops(device_);
-  const int64_t t = tokens_, e_count = num_experts_, d = d_;
   const float* dz = d_logits_.data<float>();
   if (device_ != Device::kCPU) {
-    Ensure(&device_d_logits_, {t, e_count}, device_);
+    Ensure(&device_d_logits_, {tokens_, num_experts_}, device_);
     device_d_logits_.CopyFrom(d_logits_);
     dz = device_d_logits_.device_data<float>(device_);
   }
+  ApplyLogitGradient(dz, dx);
+}
+
+void Router::DeviceLogitsToInputs(const Tensor& d_logits, float* dx) {
+  MOERUN_CHECK_SHAPE(d_logits, {tokens_, static_cast<int64_t>(num_experts_)});
+  ApplyLogitGradient(d_logits.device_data<float>(device_), dx);
+}
+
+void Router::ApplyLogitGradient(const float* dz, float* dx) {
+  const OpsTable& ops = Ops(device_);
+  const int64_t t = tokens_, e_count = num_experts_, d = d_;
   const float* xs = x_.device_data<float>(device_);
   const float* ws = weight_.device_data<float>(device_);
   float* gs = grad_.device_data<float>(device_);

@@ -11,6 +11,7 @@
 #define MOERUN_MODEL_MOE_ROUTER_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "model/router_noise.h"
 #include "runtime/status.h"
@@ -48,6 +49,18 @@ class Router {
   // Routes x [T, D] (on the router's device); an error for a task id out of range.
   Status Forward(const Tensor& x, const RouterInputs& in);
 
+  // The same on the router's device, kNoisyTopK without explicit noise: the logits, noise
+  // and softmaxes are computed there (device_gates(), device_choice_softmax()) and nothing
+  // comes to the host by itself. The routing plan is then made on the device too
+  // (MoeLayer's device routing).
+  Status ForwardOnDevice(const Tensor& x, const RouterInputs& in);
+  // After ForwardOnDevice: the device tensors whose host copies logits(), noisy_logits(),
+  // gates() and clean_gates() are (the losses read those), appended to src with the host
+  // tensors to copy them into appended to dst (CopyToHostTogether).
+  void HostCopies(std::vector<const Tensor*>* src, std::vector<Tensor*>* dst);
+  // The gates on the device: the softmax the choices are taken from.
+  const Tensor& device_gates() const { return device_gates_; }
+
   // Of the last forward, [T, E].
   const Tensor& gates() const { return gates_; }
   // The softmax of the clean logits: gates() for kNoisyTopK without noise, gates() - 1e-4
@@ -66,7 +79,12 @@ class Router {
   // weight gradient and adds d(logits) W into dx (on the router's device).
   void BeginBackward(float** d_gates, float** d_clean_gates);
   float* GatesToLogits();
+  // d(logits) [T, E] on the host, as GatesToLogits left it.
+  const Tensor& d_logits() const { return d_logits_; }
   void LogitsToInputs(float* dx);
+  // LogitsToInputs from d(logits) [T, E] already on the router's device (a layer whose
+  // router backward runs there).
+  void DeviceLogitsToInputs(const Tensor& d_logits, float* dx);
 
  private:
   GateKind kind_;
@@ -83,6 +101,12 @@ class Router {
   Tensor logits_, noisy_logits_, gates_, clean_gates_;
   Tensor d_gates_, d_clean_gates_, d_logits_;
   Tensor device_logits_, device_d_logits_;  // on a device: the GEMMs' side of the copies
+  // ForwardOnDevice's: the noisy logits and the gates (the clean gates: device_gates_
+  // without noise).
+  Tensor device_noisy_logits_, device_gates_, device_clean_gates_;
+
+  // dW_r += dz^T x and dx += dz W_r with dz on the router's device.
+  void ApplyLogitGradient(const float* dz, float* dx);
 };
 
 }  // namespace moerun

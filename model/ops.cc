@@ -18,6 +18,7 @@
 #include "runtime/blocked_gemm.h"
 #include "runtime/dtype.h"
 #include "runtime/kernels.h"
+#include "runtime/row_kernels.h"
 
 namespace moerun {
 namespace {
@@ -85,6 +86,23 @@ void CpuTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t
   TopK(gates, tokens, num_experts, k, expert_index, weight);
 }
 
+void CpuAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
+                    int num_experts, int k, bool bpr, int32_t* slot, int32_t* load) {
+  thread_local std::vector<int32_t> order;
+  AssignSlots(expert_index, weight, tokens, num_experts, k, bpr, slot, load, &order);
+}
+
+void CpuRouterLogitsBackward(const float* y, const int32_t* expert_index, const int32_t* row,
+                             const float* d_weight, const float* dz_loss, float* dz, int64_t tokens,
+                             int num_experts, int k) {
+#pragma omp parallel for schedule(static) if (tokens * num_experts > 32768)
+  for (int64_t t = 0; t < tokens; ++t) {
+    rowwise::RouterLogitsBackward(y + t * num_experts, expert_index + t * k, row + t * k,
+                                  d_weight + t * k, dz_loss + t * num_experts, dz + t * num_experts,
+                                  num_experts, k);
+  }
+}
+
 void CpuExpertGemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                    int64_t ldc) {
@@ -123,6 +141,10 @@ OpsTable MakeCpuOps() {
   t.choice_attention_backward = &CpuChoiceAttentionBackward;
   t.zero_dropped_rows = &CpuZeroDroppedRows;
   t.top_k = &CpuTopK;
+  t.add_router_noise = &AddRouterNoise;
+  t.assign_slots = &CpuAssignSlots;
+  t.plan_rows = &PlanRows;
+  t.router_logits_backward = &CpuRouterLogitsBackward;
   t.pack_rows = &CpuPackRows;
   t.combine_rows = &GatherKeptRows;
   t.combine_rows_backward = &CpuCombineRowsBackward;

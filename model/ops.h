@@ -18,6 +18,7 @@
 
 #include "model/moe_experts.h"
 #include "model/moe_plan.h"
+#include "model/router_noise.h"
 #include "runtime/optimizer.h"
 #include "runtime/tensor.h"
 
@@ -90,6 +91,25 @@ struct OpsTable {
   // The k largest gates of each token, ties to the lower expert (model/routing.h's TopK).
   void (*top_k)(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
                 float* weight);
+  // --- the router and the routing plan on the layer's device (MoeLayer's device routing) ---
+  // zn[t, e] = z[t, e] + sigma * n[t, e], n model/router_noise.h's standard normals of
+  // global tokens first_token.. (zn may alias z).
+  void (*add_router_noise)(const NoiseKey& key, int64_t first_token, int64_t tokens,
+                           int num_experts, float sigma, const float* z, float* zn);
+  // model/routing.h's AssignSlots for one group without padding tokens: slot [tokens, k],
+  // load [num_experts].
+  void (*assign_slots)(const int32_t* expert_index, const float* weight, int64_t tokens,
+                       int num_experts, int k, bool bpr, int32_t* slot, int32_t* load);
+  // The plan's rows (model/moe_plan.h): row[i] = e * rows_per_expert + group * capacity +
+  // slot for a kept choice i of token i / k (group = token / group_size), -1 past capacity.
+  void (*plan_rows)(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
+                    int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row);
+  // The router's d(logits) from the combine weights' gradient: per token,
+  // dz = dz_loss + softmax_backward(y, dg), dg[e] = the sum of d_weight over the token's
+  // kept choices (row >= 0) of expert e, y the softmax the choices were taken from.
+  void (*router_logits_backward)(const float* y, const int32_t* expert_index, const int32_t* row,
+                                 const float* d_weight, const float* dz_loss, float* dz,
+                                 int64_t tokens, int num_experts, int k);
   // --- the MoE layer's rows ---
   // buf [E*R, w] zeroed, then row r of x [T, w] copied to every kept choice's plan row.
   void (*pack_rows)(const int32_t* row, const float* x, int64_t tokens, int64_t k, int64_t w,

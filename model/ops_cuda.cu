@@ -13,6 +13,7 @@
 #include "model/moe_experts_cuda.h"
 #include "model/ops.h"
 #include "model/ops_cuda.h"
+#include "model/routing_cuda.h"
 #include "runtime/backend.h"
 #include "runtime/tensor.h"
 
@@ -228,6 +229,14 @@ void CudaLayerNormBackward(const float* x, const float* gamma, const float* mean
                                                                     dbeta, rows, cols);
 }
 
+// AssignSlots with one scratch for the process, kept (never freed: it would outlive the
+// CUDA context at exit).
+void CudaTableAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
+                          int num_experts, int k, bool bpr, int32_t* slot, int32_t* load) {
+  static CudaRoutingScratch* scratch = new CudaRoutingScratch();
+  CudaAssignSlots(expert_index, weight, tokens, num_experts, k, bpr, slot, load, nullptr, scratch);
+}
+
 OpsTable MakeCudaTable() {
   // Every other entry only queues on the backend's stream (model/cuda_stream_policy.h).
   OpsTable t = thrust_dense::ThrustOps<BackendStreamPolicy>::Table("cuda");
@@ -244,6 +253,7 @@ OpsTable MakeCudaTable() {
   t.choice_attention_forward = &CudaChoiceAttentionForward;
   t.choice_attention_backward = &CudaChoiceAttentionBackward;
   t.adamw_step = &CudaAdamWStep;
+  t.assign_slots = &CudaTableAssignSlots;
   return t;
 }
 

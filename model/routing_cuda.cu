@@ -1,7 +1,8 @@
 // nvcc instantiation of the Thrust routing kernels for CUDA devices, on the backend's stream
-// without host waits (model/cuda_stream_policy.h). AssignSlots alone waits: its copy_if
-// hands a count back to the host, so it drains the stream first with the backend's polling
-// wait, and its sorts' temporaries come from the backend's pool.
+// without host waits (model/cuda_stream_policy.h). AssignSlots alone may wait: with padding
+// its copy_if hands a count back to the host, and its scratch grows at first, so then it
+// drains the stream first with the backend's polling wait; its sorts' temporaries come from
+// the backend's pool.
 #include <thrust/device_vector.h>
 #include <thrust/execution_policy.h>
 
@@ -31,10 +32,19 @@ void CudaTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_
 void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
                      int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
                      const uint8_t* routed, CudaRoutingScratch* scratch) {
-  DrainCudaBackendStream();
   CudaRoutingScratch::Impl& s = *scratch->impl();
   // The scratch vectors grow (cudaMalloc, and their construction on the legacy default
-  // stream, which the backend's blocking stream is ordered with) only past their largest size.
+  // stream, which the backend's blocking stream is ordered with, waited for by Thrust in a
+  // plain blocking wait) past their present size, and copy_if hands a count to the host:
+  // then drain the stream through the polling wait first. A layer's calls in a steady state
+  // (the same token count every step, no padding) queue without a host wait.
+  const int64_t visits = tokens * k;
+  const auto small = [](const auto& v, int64_t n) { return static_cast<int64_t>(v.size()) < n; };
+  if (routed != nullptr || small(s.order, tokens) || small(s.keys, visits) ||
+      small(s.rank, visits) || small(s.visit, visits) || (bpr && small(s.keys_w, tokens)) ||
+      small(s.cumulative, num_experts)) {
+    DrainCudaBackendStream();
+  }
   thrust_routing::AssignSlots(BackendStreamPolicy::Get(), expert_index, weight, tokens, num_experts,
                               k, bpr, slot, load, routed, s.order, s.keys, s.rank, s.visit,
                               s.keys_w, s.cumulative);

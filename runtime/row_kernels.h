@@ -33,6 +33,28 @@ MOERUN_HD inline void SoftmaxBackward(const float* y, const float* dy, float* dx
   for (int64_t j = 0; j < cols; ++j) dx[j] = y[j] * (dy[j] - d);
 }
 
+// A router's d(logits) row from its combine weights' gradient: dz = dz_loss + y * (dg -
+// sum(dg * y)), SoftmaxBackward's form, where dg[e] is the sum of d_weight[j] over the k
+// choices with expert_index[j] == e that were kept (row[j] >= 0) and 0 elsewhere; the sum
+// runs over the kept choices in choice order.
+MOERUN_HD inline void RouterLogitsBackward(const float* y, const int32_t* expert_index,
+                                           const int32_t* row, const float* d_weight,
+                                           const float* dz_loss, float* dz, int num_experts,
+                                           int k) {
+  double dot = 0.0;
+  for (int j = 0; j < k; ++j) {
+    if (row[j] >= 0) dot += static_cast<double>(y[expert_index[j]]) * d_weight[j];
+  }
+  const float d = static_cast<float>(dot);
+  for (int e = 0; e < num_experts; ++e) {
+    float dg = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      if (row[j] >= 0 && expert_index[j] == e) dg += d_weight[j];
+    }
+    dz[e] = dz_loss[e] + y[e] * (dg - d);
+  }
+}
+
 // y = (x - mean) * rstd * gamma + beta; writes the row's mean and rstd.
 MOERUN_HD inline void LayerNorm(const float* x, const float* gamma, const float* beta, float* y,
                                 float* mean, float* rstd, int64_t cols, float eps) {

@@ -208,6 +208,39 @@ void ForEachStrided(const Shape& shape, const std::vector<int64_t>& strides, Fn 
 
 }  // namespace
 
+void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst) {
+  CHECK_EQ(src.size(), dst.size()) << "CopyToHostTogether: sources and destinations differ";
+  if (src.empty()) return;
+  const Device device = src[0]->device();
+  size_t total = 0;
+  for (size_t i = 0; i < src.size(); ++i) {
+    CHECK(src[i]->device() == device && src[i]->is_contiguous())
+        << "CopyToHostTogether: " << src[i]->ShapeString() << " is not contiguous on "
+        << DeviceName(device);
+    CHECK(dst[i]->device() == Device::kCPU && dst[i]->is_contiguous() &&
+          dst[i]->dtype() == src[i]->dtype() && dst[i]->nbytes() == src[i]->nbytes())
+        << "CopyToHostTogether: " << src[i]->ShapeString() << " into " << dst[i]->ShapeString();
+    total += src[i]->nbytes();
+  }
+  if (device == Device::kCPU) {
+    for (size_t i = 0; i < src.size(); ++i) dst[i]->CopyFrom(*src[i]);
+    return;
+  }
+  Backend* backend = BackendFor(device);
+  Tensor packed = Tensor::Empty({static_cast<int64_t>(total)}, DType::kU8, device);
+  char* at = static_cast<char*>(packed.raw_data());
+  for (const Tensor* t : src) {
+    backend->CopyWithin(at, t->raw_data(), t->nbytes());
+    at += t->nbytes();
+  }
+  const Tensor host = packed.To(Device::kCPU);
+  const char* from = static_cast<const char*>(host.raw_data());
+  for (Tensor* t : dst) {
+    std::memcpy(t->raw_data(), from, t->nbytes());
+    from += t->nbytes();
+  }
+}
+
 void Tensor::CopyFrom(const Tensor& src) {
   CHECK(shape_ == src.shape_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();
   CHECK(dtype_ == src.dtype_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();

@@ -130,6 +130,11 @@ class Tensor {
   DType dtype_ = DType::kF32;
 };
 
+// Copies each of `src` (contiguous, all on one device) into the host tensor `dst[i]` of
+// the same dtype and size, with one device-to-host copy (one host wait on a device): the
+// sources are packed on their device first.
+void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst);
+
 std::string ShapeToString(const Shape& shape);
 Shape ContiguousStrides(const Shape& shape);
 int64_t NumElements(const Shape& shape);

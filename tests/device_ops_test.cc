@@ -1032,6 +1032,125 @@ TEST_F(StandInCuda, MoeLayerKeepsItsActivationsOnTheDeviceForTheRouter) {
   }
 }
 
+// Device routing: a noisy top-k layer at a fixed capacity makes its noise, softmaxes and
+// routing plan on the device. Its forward brings the router's and the plan's tables to the
+// host in one copy (for the losses) and sends the losses' d(logits) back in one; its
+// backward moves nothing between host and device and waits for nothing. It agrees with the
+// CPU layer: the same routing and losses, outputs and gradients to rounding, with and
+// without noise, vanilla and BPR, over one and two groups. Task gates stay on the host
+// path.
+TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
+  struct Case {
+    double noise;
+    bool bpr;
+    int64_t group;
+  };
+  for (const Case c : {Case{1.0, true, 0}, Case{1.0, false, 20}, Case{0.0, true, 20}}) {
+    SCOPED_TRACE("noise " + std::to_string(c.noise) + (c.bpr ? ", BPR" : ", vanilla") + ", group " +
+                 std::to_string(c.group));
+    LoopbackCommunicator host_one(0, 1);
+    DeviceLoopback device_one(0, 1);
+    auto host_groups = *MoeGroups::Create(&host_one, 4);
+    auto device_groups = *MoeGroups::Create(&device_one, 4);
+    MoeLayerConfig cfg;
+    cfg.d = 16;
+    cfg.m = 24;
+    cfg.num_experts = 4;
+    cfg.k = 2;
+    cfg.capacity_factor = 1.0;
+    cfg.bpr = c.bpr;
+    cfg.group_size = c.group;
+    cfg.noise_std = c.noise;
+    cfg.gshard_weight = 0.01;
+    cfg.z_loss_weight = 0.001;
+    MoeLayer cpu(cfg, host_groups);
+    cfg.device = Device::kCUDA;
+    MoeLayer dev(cfg, device_groups);
+    uint32_t seed = 70;
+    MoeParams& p = cpu.params();
+    MoeParams& q = dev.params();
+    for (auto [a, b] :
+         {std::pair{&p.router_weight, &q.router_weight}, std::pair{&p.fc1_weight, &q.fc1_weight},
+          std::pair{&p.fc1_bias, &q.fc1_bias}, std::pair{&p.fc2_weight, &q.fc2_weight},
+          std::pair{&p.fc2_bias, &q.fc2_bias}}) {
+      a->CopyFrom(Random(a->shape(), 0.4f, seed++));
+      b->CopyFrom(*a);
+    }
+    cpu.ZeroGradients();
+    dev.ZeroGradients();
+    const int64_t t = 40;
+    const Tensor x = Random({t, cfg.d}, 1.0f, 80), dy = Random({t, cfg.d}, 1.0f, 81);
+    MoeForwardArgs args;
+    args.noise_key = {5, 2, 1};
+    args.first_token = 120;
+    Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
+    ASSERT_TRUE(cpu.Forward(x, args, &y).ok());
+    cpu.Backward(dy, &dx);
+    Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
+           dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
+    const Tensor x_d = Dev(x), dy_d = Dev(dy);
+    CountingBackend counting(backend_.get());
+    SetBackendForTesting(Device::kCUDA, &counting);
+    ASSERT_TRUE(dev.Forward(x_d, args, &y_d).ok());
+    EXPECT_TRUE(dev.routed_on_device());
+    EXPECT_EQ(counting.to_host, 1) << "the router's and the plan's tables in one copy";
+    EXPECT_EQ(counting.from_host, 1) << "the losses' d(logits)";
+    const int to_host = counting.to_host, from_host = counting.from_host, syncs = counting.syncs;
+    dev.Backward(dy_d, &dx_d);
+    EXPECT_EQ(counting.to_host, to_host) << "the backward brings nothing to the host";
+    EXPECT_EQ(counting.from_host, from_host) << "nor sends anything";
+    EXPECT_EQ(counting.syncs, syncs) << "nor waits for the device";
+    SetBackendForTesting(Device::kCUDA, backend_.get());
+    ASSERT_TRUE(cpu.router().noisy() == (c.noise > 0) && dev.router().noisy() == (c.noise > 0));
+    EXPECT_EQ(cpu.router().noisy_logits().defined(), c.noise > 0);
+    for (const auto& [name, a, b] :
+         {std::tuple{"expert", &cpu.plan().expert_index, &dev.plan().expert_index},
+          std::tuple{"slot", &cpu.plan().slot, &dev.plan().slot},
+          std::tuple{"row", &cpu.plan().row, &dev.plan().row}}) {
+      SCOPED_TRACE(name);
+      ASSERT_EQ(a->numel(), b->numel());
+      for (int64_t i = 0; i < a->numel(); ++i) {
+        ASSERT_EQ(a->data<int32_t>()[i], b->data<int32_t>()[i]) << i;
+      }
+    }
+    EXPECT_EQ(cpu.plan().load, dev.plan().load);
+    EXPECT_EQ(cpu.metrics().dropped_fraction, dev.metrics().dropped_fraction);
+    const float* wc = cpu.plan().weight.data<float>();
+    const float* wd = dev.plan().weight.data<float>();
+    ExpectClose(std::vector<float>(wc, wc + t * cfg.k), std::vector<float>(wd, wd + t * cfg.k),
+                1e-6f);
+    ASSERT_EQ(cpu.losses().terms.size(), dev.losses().terms.size());
+    for (size_t i = 0; i < cpu.losses().terms.size(); ++i) {
+      SCOPED_TRACE(cpu.losses().terms[i].name);
+      EXPECT_NEAR(cpu.losses().terms[i].value, dev.losses().terms[i].value,
+                  1e-6 * std::fabs(cpu.losses().terms[i].value));
+      EXPECT_EQ(cpu.losses().terms[i].active, dev.losses().terms[i].active);
+    }
+    EXPECT_GT(cpu.losses().aux_total, 0.0);
+    ExpectNear(y, y_d, 1e-5f);
+    ExpectNear(dx, dx_d, 1e-5f);
+    ExpectNear(cpu.grads().router_weight, dev.grads().router_weight, 1e-5f);
+    ExpectNear(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-5f);
+  }
+  // Task gates: routed on the host (their losses need the task x expert table).
+  DeviceLoopback device_one(0, 1);
+  MoeLayerConfig cfg;
+  cfg.d = 16;
+  cfg.m = 8;
+  cfg.num_experts = 4;
+  cfg.capacity_factor = 1.0;
+  cfg.gate = GateKind::kTaskSoftmax;
+  cfg.tasks = 2;
+  cfg.device = Device::kCUDA;
+  MoeLayer task_layer(cfg, *MoeGroups::Create(&device_one, 4));
+  std::vector<int32_t> task(8, 1);
+  MoeForwardArgs args;
+  args.task = task.data();
+  Tensor y = Tensor::Empty({8, cfg.d}, DType::kF32, Device::kCUDA);
+  ASSERT_TRUE(task_layer.Forward(Dev(Random({8, cfg.d}, 1.0f, 82)), args, &y).ok());
+  EXPECT_FALSE(task_layer.routed_on_device());
+}
+
 // A timer on a device that records timing events (a GPU) waits for nothing: it records an
 // event when it starts and one when it stops, and the device time between them reaches its
 // slot at the next ResolveDeviceTimers. Without events (the stand-in, the CPU) it times on

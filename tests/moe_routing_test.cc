@@ -11,6 +11,7 @@
 
 #include "model/moe_dispatch.h"
 #include "model/moe_losses.h"
+#include "model/moe_router.h"
 #include "model/ops.h"
 #include "model/router_noise.h"
 #include "model/routing.h"
@@ -215,6 +216,33 @@ TEST(MutualInformationLossTest, SpecialisedRoutingScoresLower) {
   const std::vector<double> specialised = {2, 0, 0, 2}, shared = {1, 1, 1, 1};
   EXPECT_LT(MutualInformationLoss(specialised.data(), count.data(), 2, 2, 1, nullptr),
             MutualInformationLoss(shared.data(), count.data(), 2, 2, 1, nullptr) - 0.5);
+}
+
+// A training forward after an evaluation forward of the same token count routes on the
+// noisy softmax, as a router that never evaluated does: the evaluation's clean gates (the
+// gates themselves without noise) must not stay shared with the gates.
+TEST(RouterTest, TrainingAfterEvaluationKeepsTheNoisyAndCleanGatesApart) {
+  const int64_t t = 6, e = 4, d = 8;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n01;
+  Tensor x = Tensor::Empty({t, d});
+  for (int64_t i = 0; i < t * d; ++i) x.data<float>()[i] = n01(rng);
+  Router evaluated(GateKind::kNoisyTopK, 1, e, d, 1.0), fresh(GateKind::kNoisyTopK, 1, e, d, 1.0);
+  for (int64_t i = 0; i < e * d; ++i) {
+    evaluated.weight().data<float>()[i] = fresh.weight().data<float>()[i] = n01(rng);
+  }
+  RouterInputs eval, train;
+  eval.training = false;
+  train.noise_key = {9, 1, 0};
+  ASSERT_TRUE(evaluated.Forward(x, eval).ok());
+  ASSERT_TRUE(evaluated.Forward(x, train).ok());
+  ASSERT_TRUE(fresh.Forward(x, train).ok());
+  ASSERT_TRUE(fresh.noisy() && evaluated.noisy());
+  for (int64_t i = 0; i < t * e; ++i) {
+    EXPECT_EQ(evaluated.gates().data<float>()[i], fresh.gates().data<float>()[i]) << i;
+    EXPECT_EQ(evaluated.clean_gates().data<float>()[i], fresh.clean_gates().data<float>()[i]) << i;
+  }
+  EXPECT_NE(fresh.gates().data<float>()[0], fresh.clean_gates().data<float>()[0]);
 }
 
 TEST(RouterNoiseTest, DependsOnlyOnTheGlobalTokenIndex) {
