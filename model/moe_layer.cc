@@ -247,7 +247,7 @@ void MoeLayer::UploadLossGradient() {
   aux_.LossLogitGradient(&router_, plan_, groups_->world().size());
   const Tensor& host = router_.d_logits();
   EnsureTensor(&dz_loss_, host.shape(), DType::kF32, config_.device);
-  dz_loss_.CopyFrom(host);
+  loss_upload_.Copy(host, &dz_loss_);  // no host wait
   loss_gradient_uploaded_ = true;
 }
 

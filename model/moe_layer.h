@@ -199,6 +199,7 @@ class MoeLayer {
   // there; the losses' part of d(logits) there (once uploaded) and d(logits).
   bool device_routed_ = false, loss_gradient_uploaded_ = false;
   Tensor device_load_, host_load_, dz_loss_, d_logits_;
+  StagedUpload loss_upload_;  // dz_loss_'s, without a host wait
 };
 
 }  // namespace moerun

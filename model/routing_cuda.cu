@@ -33,11 +33,12 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
                      int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
                      const uint8_t* routed, CudaRoutingScratch* scratch) {
   CudaRoutingScratch::Impl& s = *scratch->impl();
-  // The scratch vectors grow (cudaMalloc, and their construction on the legacy default
-  // stream, which the backend's blocking stream is ordered with, waited for by Thrust in a
-  // plain blocking wait) past their present size, and copy_if hands a count to the host:
-  // then drain the stream through the polling wait first. A layer's calls in a steady state
-  // (the same token count every step, no padding) queue without a host wait.
+  // The scratch vectors only grow (thrust_routing::GrowTo); growing runs cudaMalloc and
+  // their construction on the legacy default stream (which the backend's blocking stream
+  // is ordered with), waited for by Thrust in a plain blocking wait, and with padding
+  // copy_if hands a count to the host: then drain the stream through the polling wait
+  // first. Calls within the largest size so far, without padding, queue without a host
+  // wait.
   const int64_t visits = tokens * k;
   const auto small = [](const auto& v, int64_t n) { return static_cast<int64_t>(v.size()) < n; };
   if (routed != nullptr || small(s.order, tokens) || small(s.keys, visits) ||

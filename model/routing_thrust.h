@@ -108,13 +108,20 @@ struct IsRouted {
   MOERUN_HD bool operator()(int32_t s) const { return routed[s] != 0; }
 };
 
+// Scratch vectors only grow (a vector that grows constructs its new elements, on a CUDA
+// device with a blocking wait; see routing_cuda.cu): the algorithms take their first n.
+template <typename Vec>
+void GrowTo(Vec& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
 template <typename Policy, typename Vec32, typename Vec64, typename VecF>
 void AssignSlots(const Policy& policy, const int32_t* expert_index, const float* weight,
                  int64_t tokens, int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
                  const uint8_t* routed, Vec32& order, Vec32& keys_e, Vec32& rank, Vec64& visit,
                  VecF& keys_w, Vec32& cumulative) {
   // The routed tokens in token order.
-  order.resize(tokens);
+  GrowTo(order, tokens);
   int64_t n = tokens;
   if (routed != nullptr) {
     thrust::fill(policy, slot, slot + tokens * k, INT32_MAX);
@@ -123,14 +130,14 @@ void AssignSlots(const Policy& policy, const int32_t* expert_index, const float*
                                order.begin(), IsRouted{routed});
     n = end - order.begin();
   } else {
-    thrust::sequence(policy, order.begin(), order.end());
+    thrust::sequence(policy, order.begin(), order.begin() + tokens);
   }
   thrust::fill(policy, load, load + num_experts, 0);
   if (n == 0) return;
   int32_t* ord = thrust::raw_pointer_cast(order.data());
   if (bpr) {
     // Stable sort on descending top-1 gate: equal gates keep token order.
-    keys_w.resize(n);
+    GrowTo(keys_w, tokens);
     thrust::transform(policy, order.begin(), order.begin() + n, keys_w.begin(), Top1Key{weight, k});
     thrust::stable_sort_by_key(policy, keys_w.begin(), keys_w.begin() + n, order.begin(),
                                thrust::greater<float>());
@@ -138,25 +145,26 @@ void AssignSlots(const Policy& policy, const int32_t* expert_index, const float*
   // Visits in round-major priority order, stably grouped by expert: a visit's slot is its
   // rank within its expert's group.
   const int64_t visits = n * k;
-  keys_e.resize(visits);
-  visit.resize(visits);
-  rank.resize(visits);
+  GrowTo(keys_e, tokens * k);
+  GrowTo(visit, tokens * k);
+  GrowTo(rank, tokens * k);
+  const auto keys_end = keys_e.begin() + visits;
   thrust::transform(policy, thrust::counting_iterator<int64_t>(0),
                     thrust::counting_iterator<int64_t>(visits), keys_e.begin(),
                     VisitExpert{ord, expert_index, n, k});
-  thrust::sequence(policy, visit.begin(), visit.end());
-  thrust::stable_sort_by_key(policy, keys_e.begin(), keys_e.end(), visit.begin());
-  thrust::exclusive_scan_by_key(policy, keys_e.begin(), keys_e.end(),
+  thrust::sequence(policy, visit.begin(), visit.begin() + visits);
+  thrust::stable_sort_by_key(policy, keys_e.begin(), keys_end, visit.begin());
+  thrust::exclusive_scan_by_key(policy, keys_e.begin(), keys_end,
                                 thrust::make_constant_iterator<int32_t>(1), rank.begin());
   // slot[order[v % n] * k + v / n] = rank.
-  thrust::scatter(policy, rank.begin(), rank.end(),
+  thrust::scatter(policy, rank.begin(), rank.begin() + visits,
                   thrust::make_transform_iterator(visit.begin(), VisitSlotIndex{ord, n, k}), slot);
   // load[e] = the number of visits of e: differences of the upper bounds of 0..E-1 in the
   // sorted experts.
-  cumulative.resize(num_experts);
-  thrust::upper_bound(policy, keys_e.begin(), keys_e.end(), thrust::counting_iterator<int32_t>(0),
+  GrowTo(cumulative, num_experts);
+  thrust::upper_bound(policy, keys_e.begin(), keys_end, thrust::counting_iterator<int32_t>(0),
                       thrust::counting_iterator<int32_t>(num_experts), cumulative.begin());
-  thrust::adjacent_difference(policy, cumulative.begin(), cumulative.end(), load);
+  thrust::adjacent_difference(policy, cumulative.begin(), cumulative.begin() + num_experts, load);
 }
 
 // Plan rows: row[i] = e * rows_per_expert + group * capacity + slot for a kept choice i of

@@ -97,6 +97,24 @@ std::unique_ptr<Backend> NewHostStandInBackend(Device device) {
   return std::make_unique<CpuBackend>(device);
 }
 
+void* Backend::AllocateStagingHost(size_t bytes) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  CHECK(p != nullptr) << "out of host memory for a " << bytes << "-byte staging buffer";
+  return p;
+}
+
+void Backend::FreeStagingHost(void* p) { std::free(p); }
+
+void* Backend::CopyFromStagingAsync(void* device_dst, const void* staging_src, size_t bytes) {
+  CopyFromHost(device_dst, staging_src, bytes);
+  return nullptr;
+}
+
+void Backend::WaitForCopy(void* event) {
+  CHECK(event == nullptr) << Describe() << " records no events";
+}
+
 double Backend::ElapsedSecondsAndRelease(void*, void*) {
   LOG(FATAL) << Describe() << " records no timing events";
   return 0.0;

@@ -53,6 +53,18 @@ class Backend {
   // (cudaMemcpy2DAsync); regions must not overlap. The default copies row by row.
   virtual void CopyWithin2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
                             size_t row_bytes, size_t rows);
+  // Uploads without a host wait. Host memory the device copies from asynchronously (CUDA:
+  // page-locked, cudaMallocHost; the default: 64-byte aligned host memory), freed with
+  // FreeStagingHost (after waiting for its last copy).
+  virtual void* AllocateStagingHost(size_t bytes);
+  virtual void FreeStagingHost(void* p);
+  // Queues a copy from staging host memory and returns an event to pass to WaitForCopy
+  // before the host writes that memory again (CUDA: returns at once); nullptr where the
+  // copy is done when the call returns (the default: CopyFromHost).
+  virtual void* CopyFromStagingAsync(void* device_dst, const void* staging_src, size_t bytes);
+  // Waits (polling, runtime/device_wait.h) until the stream has passed `event`, and releases
+  // it; nullptr: nothing to wait for.
+  virtual void WaitForCopy(void* event);
   // Waits for all work queued on this backend's stream.
   virtual void Synchronize() = 0;
   // The stream work on this device is ordered on (cudaStream_t for CUDA, nullptr for CPU).

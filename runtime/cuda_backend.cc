@@ -171,6 +171,27 @@ class CudaBackend final : public Backend {
     MOERUN_CUDA_CHECK(cudaEventRecord(e, stream_));
     return e;
   }
+  void* AllocateStagingHost(size_t bytes) override {
+    void* p = nullptr;
+    MOERUN_CUDA_CHECK(cudaMallocHost(&p, std::max<size_t>(bytes, 1)));
+    return p;
+  }
+  void FreeStagingHost(void* p) override {
+    if (p == nullptr) return;
+    Synchronize();  // cudaFreeHost may wait for the device: wait here first, through the poll
+    MOERUN_CUDA_CHECK(cudaFreeHost(p));
+  }
+  void* CopyFromStagingAsync(void* dst, const void* src, size_t bytes) override {
+    MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    return RecordTimingEvent();  // an event of the pool, recorded after the copy
+  }
+  void WaitForCopy(void* event) override {
+    if (event == nullptr) return;
+    const auto e = static_cast<cudaEvent_t>(event);
+    PollCuda([&] { return cudaEventQuery(e); }, wait_name_);
+    std::lock_guard<std::mutex> lock(events_mu_);
+    free_events_.push_back(e);
+  }
   double ElapsedSecondsAndRelease(void* start, void* stop) override {
     const auto a = static_cast<cudaEvent_t>(start), b = static_cast<cudaEvent_t>(stop);
     PollCuda([&] { return cudaEventQuery(b); }, wait_name_);

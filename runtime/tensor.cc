@@ -241,6 +241,44 @@ void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector
   }
 }
 
+StagedUpload::~StagedUpload() { Release(); }
+
+void StagedUpload::Release() {
+  if (staging_ == nullptr) return;
+  // The backend of the device now (tests swap in wrappers of the same memory).
+  Backend* backend = BackendFor(device_);
+  backend->WaitForCopy(pending_);
+  pending_ = nullptr;
+  backend->FreeStagingHost(staging_);
+  staging_ = nullptr;
+  bytes_ = 0;
+}
+
+void StagedUpload::Copy(const Tensor& host, Tensor* dst) {
+  CHECK(host.device() == Device::kCPU && host.is_contiguous() && dst->is_contiguous() &&
+        host.shape() == dst->shape() && host.dtype() == dst->dtype())
+      << "StagedUpload: " << host.ShapeString() << " into " << dst->ShapeString();
+  if (dst->device() == Device::kCPU) {
+    dst->CopyFrom(host);
+    return;
+  }
+  const size_t n = host.nbytes();
+  if (staging_ != nullptr && (dst->device() != device_ || bytes_ < n)) Release();
+  Backend* backend = BackendFor(dst->device());
+  backend->WaitForCopy(pending_);  // the previous copy has read the staging
+  pending_ = nullptr;
+  if (staging_ == nullptr) {
+    // Page-locked allocations may wait for the device inside the driver: reach an idle
+    // stream through the polling wait first (once, or when the uploads grow).
+    backend->Synchronize();
+    device_ = dst->device();
+    staging_ = backend->AllocateStagingHost(n);
+    bytes_ = n;
+  }
+  std::memcpy(staging_, host.raw_data(), n);
+  pending_ = backend->CopyFromStagingAsync(dst->raw_data(), staging_, n);
+}
+
 void Tensor::CopyFrom(const Tensor& src) {
   CHECK(shape_ == src.shape_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();
   CHECK(dtype_ == src.dtype_) << "CopyFrom " << src.ShapeString() << " into " << ShapeString();

@@ -135,6 +135,27 @@ class Tensor {
 // sources are packed on their device first.
 void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst);
 
+// Uploads of host values to a device tensor without a host wait, through a staging buffer
+// of the device's backend (Backend::AllocateStagingHost): the host waits only before it
+// rewrites the staging, for the copy before (long done in a training step's rhythm).
+class StagedUpload {
+ public:
+  StagedUpload() = default;
+  StagedUpload(const StagedUpload&) = delete;
+  StagedUpload& operator=(const StagedUpload&) = delete;
+  ~StagedUpload();  // waits for the copy in flight and frees the staging
+  // dst (contiguous, on a device) <- host (contiguous, on the CPU; same dtype and shape).
+  // On the CPU: a plain copy.
+  void Copy(const Tensor& host, Tensor* dst);
+
+ private:
+  void Release();
+  Device device_ = Device::kCPU;
+  void* staging_ = nullptr;
+  size_t bytes_ = 0;
+  void* pending_ = nullptr;  // the event of the copy in flight
+};
+
 std::string ShapeToString(const Shape& shape);
 Shape ContiguousStrides(const Shape& shape);
 int64_t NumElements(const Shape& shape);

@@ -147,8 +147,11 @@ struct ExpertCase {
 TEST(CudaBackend, HostCopiesWaitForTheStreamThroughThePoll) {
   SKIP_WITHOUT_GPU();
   Backend& cuda = RequireBackend(Device::kCUDA);
-  Tensor dev = Tensor::Zeros({1 << 16}, DType::kF32, Device::kCUDA);
-  Tensor host = Tensor::Empty({1 << 16});
+  // 64 MiB: more than the driver stages for a pageable host-to-device copy without waiting
+  // for the stream.
+  const int64_t n = int64_t{1} << 24;
+  Tensor dev = Tensor::Zeros({n}, DType::kF32, Device::kCUDA);
+  Tensor host = Tensor::Empty({n});
   for (const bool to_host : {true, false}) {
     SCOPED_TRACE(to_host ? "CopyToHost" : "CopyFromHost");
     host.Fill(1.5f);
@@ -156,10 +159,13 @@ TEST(CudaBackend, HostCopiesWaitForTheStreamThroughThePoll) {
     static std::atomic<bool> release;
     release = false;
     std::atomic<int> checks{0};
-    const int id = AddDeviceWaitCheck([&](double, const std::string&) {
+    struct Registered {
+      int id;
+      ~Registered() { RemoveDeviceWaitCheck(id); }
+    } check{AddDeviceWaitCheck([&](double, const std::string&) {
       ++checks;
       release = true;
-    });
+    })};
     ASSERT_EQ(cudaLaunchHostFunc(
                   static_cast<cudaStream_t>(cuda.stream()),
                   [](void*) {
@@ -177,15 +183,49 @@ TEST(CudaBackend, HostCopiesWaitForTheStreamThroughThePoll) {
     const bool done = copy.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
     release = true;  // lets a copy that waited in the driver finish
     copy.get();
-    RemoveDeviceWaitCheck(id);
     EXPECT_TRUE(done) << "the copy waited for the stream in the driver, not through the poll";
     EXPECT_GT(checks.load(), 0) << "the poll's checks never ran";
     const Tensor back = dev.To(Device::kCPU);
-    EXPECT_EQ(back.data<float>()[7], to_host ? 0.0f : 1.5f);
+    EXPECT_EQ(back.data<float>()[n - 7], to_host ? 0.0f : 1.5f);
     if (to_host) {
-      EXPECT_EQ(host.data<float>()[7], 0.0f);
+      EXPECT_EQ(host.data<float>()[n - 7], 0.0f);
     }
   }
+}
+
+// Uploads through page-locked staging (StagedUpload, the MoE layer's d(logits) of its
+// losses): the copy is queued behind the stream's work and returns at once; the next upload
+// waits for it before rewriting the staging, and each lands whole.
+TEST(CudaBackend, StagedUploadsQueueWithoutAHostWait) {
+  SKIP_WITHOUT_GPU();
+  Backend& cuda = RequireBackend(Device::kCUDA);
+  const int64_t n = int64_t{1} << 20;
+  Tensor dev = Tensor::Zeros({n}, DType::kF32, Device::kCUDA);
+  Tensor host = Tensor::Empty({n});
+  StagedUpload upload;
+  host.Fill(1.0f);
+  upload.Copy(host, &dev);  // the first allocates the staging (after a wait for the stream)
+  static std::atomic<bool> release;
+  release = false;
+  ASSERT_EQ(cudaLaunchHostFunc(
+                static_cast<cudaStream_t>(cuda.stream()),
+                [](void*) {
+                  while (!release) std::this_thread::sleep_for(std::chrono::microseconds(50));
+                },
+                nullptr),
+            cudaSuccess);
+  host.Fill(2.0f);
+  const auto t0 = std::chrono::steady_clock::now();
+  upload.Copy(host, &dev);  // queued behind the held stream
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  release = true;
+  EXPECT_LT(s, 1.0) << "the upload waited for the stream";
+  host.Fill(3.0f);  // the staging holds its own copy: this does not reach the first upload
+  Tensor second = Tensor::Zeros({n}, DType::kF32, Device::kCUDA);
+  EXPECT_EQ(dev.To(Device::kCPU).data<float>()[n - 1], 2.0f);
+  upload.Copy(host, &second);
+  EXPECT_EQ(second.To(Device::kCPU).data<float>()[n - 1], 3.0f);
+  EXPECT_EQ(dev.To(Device::kCPU).data<float>()[0], 2.0f);
 }
 
 TEST(CudaExperts, ForwardAndBackwardMatchTheCpuExpertsUpToBF16) {

@@ -10,10 +10,12 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "comm/loopback_communicator.h"
 #include "model/moe_dispatch.h"
+#include "model/moe_layer.h"
 #include "model/moe_plan.h"
 #include "model/ops.h"
 #include "model/ops_cuda.h"
@@ -310,6 +312,85 @@ TEST(CudaOpsTable, RowKernelsRunTheHostLaneFormsBitForBit) {
                        std::fabs(q[i] - p[i]) / std::max(p[i], std::numeric_limits<float>::min()));
     }
     EXPECT_LE(worst, 8 * std::numeric_limits<float>::epsilon()) << "relative, softmax forward";
+  }
+}
+
+// A MoE layer that routes on the GPU (noise, softmaxes, top-k, BPR slots, rows, the
+// router's backward there) against the CPU layer, one expert-parallel rank, two groups,
+// noisy and not: the same routing (near-tied gates could differ: the device's expf, logf and
+// sincosf round differently; these inputs have none), the losses, outputs and gradients to
+// 1e-4.
+TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
+  if (!HaveGpu()) {
+    std::printf("skipped: no GPU\n");
+    GTEST_SKIP() << "skipped: no GPU";
+  }
+  RegisterCudaOps();
+  const auto random = [](const Shape& shape, float scale, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> n01;
+    Tensor t = Tensor::Empty(shape);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = scale * n01(rng);
+    return t;
+  };
+  const auto close = [](const Tensor& want, const Tensor& got_any, float tol) {
+    const Tensor got = got_any.To(Device::kCPU);
+    std::vector<float> a(want.data<float>(), want.data<float>() + want.numel());
+    std::vector<float> b(got.data<float>(), got.data<float>() + got.numel());
+    op_cases::ExpectClose(a, b, tol);
+  };
+  for (const double noise : {1.0, 0.0}) {
+    SCOPED_TRACE("noise " + std::to_string(noise));
+    LoopbackCommunicator host_one(0, 1);
+    LoopbackCommunicator device_one(0, 1, "world", Device::kCUDA);
+    MoeLayerConfig cfg;
+    cfg.d = 64;
+    cfg.m = 96;
+    cfg.num_experts = 8;
+    cfg.k = 2;
+    cfg.capacity_factor = 1.0;
+    cfg.group_size = 128;
+    cfg.noise_std = noise;
+    MoeLayer cpu(cfg, *MoeGroups::Create(&host_one, 8));
+    cfg.device = Device::kCUDA;
+    MoeLayer dev(cfg, *MoeGroups::Create(&device_one, 8));
+    uint32_t seed = 100;
+    MoeParams& p = cpu.params();
+    MoeParams& q = dev.params();
+    for (auto [a, b] :
+         {std::pair{&p.router_weight, &q.router_weight}, std::pair{&p.fc1_weight, &q.fc1_weight},
+          std::pair{&p.fc1_bias, &q.fc1_bias}, std::pair{&p.fc2_weight, &q.fc2_weight},
+          std::pair{&p.fc2_bias, &q.fc2_bias}}) {
+      a->CopyFrom(random(a->shape(), 0.3f, seed++));
+      b->CopyFrom(*a);
+    }
+    cpu.ZeroGradients();
+    dev.ZeroGradients();
+    const int64_t t = 256;
+    const Tensor x = random({t, cfg.d}, 1.0f, 110), dy = random({t, cfg.d}, 1.0f, 111);
+    MoeForwardArgs args;
+    args.noise_key = {3, 7, 2};
+    Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
+    ASSERT_TRUE(cpu.Forward(x, args, &y).ok());
+    cpu.Backward(dy, &dx);
+    Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
+           dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
+    ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), args, &y_d).ok());
+    dev.Backward(dy.To(Device::kCUDA), &dx_d);
+    ASSERT_TRUE(dev.routed_on_device());
+    for (const Tensor* v : {&cpu.plan().expert_index, &cpu.plan().slot, &cpu.plan().row}) {
+      const Tensor& w = v == &cpu.plan().expert_index ? dev.plan().expert_index
+                        : v == &cpu.plan().slot       ? dev.plan().slot
+                                                      : dev.plan().row;
+      EXPECT_EQ(std::vector<int32_t>(v->data<int32_t>(), v->data<int32_t>() + v->numel()),
+                std::vector<int32_t>(w.data<int32_t>(), w.data<int32_t>() + w.numel()));
+    }
+    EXPECT_EQ(cpu.plan().load, dev.plan().load);
+    EXPECT_NEAR(cpu.losses().aux_total, dev.losses().aux_total, 1e-5 * cpu.losses().aux_total);
+    close(y, y_d, 1e-4f);
+    close(dx, dx_d, 1e-4f);
+    close(cpu.grads().router_weight, dev.grads().router_weight, 1e-4f);
+    close(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-4f);
   }
 }
 
