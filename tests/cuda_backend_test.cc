@@ -139,6 +139,20 @@ struct ExpertCase {
   bool gelu_tanh;
 };
 
+// Holds the backend's stream with a host function (a stuck NCCL kernel's stand-in) until
+// *release is true; release must outlive the stream's passing it.
+void HoldStream(Backend& cuda, std::atomic<bool>* release) {
+  ASSERT_EQ(cudaLaunchHostFunc(
+                static_cast<cudaStream_t>(cuda.stream()),
+                [](void* r) {
+                  while (!static_cast<std::atomic<bool>*>(r)->load()) {
+                    std::this_thread::sleep_for(std::chrono::microseconds(50));
+                  }
+                },
+                release),
+            cudaSuccess);
+}
+
 // A copy to or from the host never waits for the stream inside the driver, where a stuck
 // NCCL kernel (a dead peer) would hang it with no word: it waits through the poll, whose
 // registered checks run meanwhile. Here the stream is held by a host function that returns
@@ -156,8 +170,7 @@ TEST(CudaBackend, HostCopiesWaitForTheStreamThroughThePoll) {
     SCOPED_TRACE(to_host ? "CopyToHost" : "CopyFromHost");
     host.Fill(1.5f);
     cuda.Synchronize();
-    static std::atomic<bool> release;
-    release = false;
+    std::atomic<bool> release{false};
     std::atomic<int> checks{0};
     struct Registered {
       int id;
@@ -166,13 +179,7 @@ TEST(CudaBackend, HostCopiesWaitForTheStreamThroughThePoll) {
       ++checks;
       release = true;
     })};
-    ASSERT_EQ(cudaLaunchHostFunc(
-                  static_cast<cudaStream_t>(cuda.stream()),
-                  [](void*) {
-                    while (!release) std::this_thread::sleep_for(std::chrono::microseconds(50));
-                  },
-                  nullptr),
-              cudaSuccess);
+    HoldStream(cuda, &release);
     std::future<void> copy = std::async(std::launch::async, [&] {
       if (to_host) {
         cuda.CopyToHost(host.raw_data(), dev.raw_data(), host.nbytes());
@@ -205,15 +212,8 @@ TEST(CudaBackend, StagedUploadsQueueWithoutAHostWait) {
   StagedUpload upload;
   host.Fill(1.0f);
   upload.Copy(host, &dev);  // the first allocates the staging (after a wait for the stream)
-  static std::atomic<bool> release;
-  release = false;
-  ASSERT_EQ(cudaLaunchHostFunc(
-                static_cast<cudaStream_t>(cuda.stream()),
-                [](void*) {
-                  while (!release) std::this_thread::sleep_for(std::chrono::microseconds(50));
-                },
-                nullptr),
-            cudaSuccess);
+  std::atomic<bool> release{false};
+  HoldStream(cuda, &release);
   host.Fill(2.0f);
   const auto t0 = std::chrono::steady_clock::now();
   upload.Copy(host, &dev);  // queued behind the held stream
