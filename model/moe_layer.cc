@@ -136,8 +136,8 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   {
     ScopedTimer timer(&timers_.routing, config_.device);
     if (device_routed_) {
-      // The plan on the device; its tables and the router's come to the host with one
-      // wait, for the losses, which are computed after the experts are queued.
+      // The plan on the device; its tables and the router's start their way to the host
+      // in one copy, for the losses, which the host computes after the experts are queued.
       PlanOnDevice(s, *fixed);
       std::vector<const Tensor*> src;
       std::vector<Tensor*> dst;
@@ -146,7 +146,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
                              &device_plan_.row, &device_load_});
       dst.insert(dst.end(),
                  {&plan_.expert_index, &plan_.slot, &plan_.weight, &plan_.row, &host_load_});
-      CopyToHostTogether(src, dst);
+      routing_copies_.Start(src, dst);
     } else {
       RouteOnHost(router_, config_.capacity_rule(), config_.k, s, *fixed, groups_->world(),
                   args.routed, args.training, dev, &plan_, &aux_, &device_plan_);
@@ -236,6 +236,7 @@ void MoeLayer::PlanOnDevice(int64_t group_size, int64_t capacity) {
 
 void MoeLayer::ComputeLossesOnHost(const MoeForwardArgs& args) {
   ScopedTimer timer(&timers_.routing, config_.device);
+  routing_copies_.Finish();  // the routing's tables, long on the host by now
   const int32_t* load = host_load_.data<int32_t>();
   plan_.load.assign(load, load + host_load_.numel());
   aux_.Compute(router_, plan_, groups_->world());

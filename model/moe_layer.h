@@ -171,8 +171,8 @@ class MoeLayer {
   // Device routing: the plan from the router's device gates into device_plan_, for groups
   // of `group_size` tokens at `capacity`.
   void PlanOnDevice(int64_t group_size, int64_t capacity);
-  // Device routing: the router's and the plan's tables to the host (one copy), then the
-  // losses and metrics there.
+  // Device routing: waits for the router's and the plan's tables on the host (one copy,
+  // started after the plan), then the losses and metrics there.
   void ComputeLossesOnHost(const MoeForwardArgs& args);
   // Device routing: the losses' part of d(logits) to dz_loss_ on the device.
   void UploadLossGradient();
@@ -199,7 +199,8 @@ class MoeLayer {
   // there; the losses' part of d(logits) there (once uploaded) and d(logits).
   bool device_routed_ = false, loss_gradient_uploaded_ = false;
   Tensor device_load_, host_load_, dz_loss_, d_logits_;
-  StagedUpload loss_upload_;  // dz_loss_'s, without a host wait
+  StagedUpload loss_upload_;   // dz_loss_'s, without a host wait
+  HostCopies routing_copies_;  // the router's and the plan's tables to the host
 };
 
 }  // namespace moerun

@@ -111,6 +111,11 @@ void* Backend::CopyFromStagingAsync(void* device_dst, const void* staging_src, s
   return nullptr;
 }
 
+void* Backend::CopyToStagingAsync(void* staging_dst, const void* device_src, size_t bytes) {
+  CopyToHost(staging_dst, device_src, bytes);
+  return nullptr;
+}
+
 void Backend::WaitForCopy(void* event) {
   CHECK(event == nullptr) << Describe() << " records no events";
 }

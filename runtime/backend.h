@@ -62,6 +62,9 @@ class Backend {
   // before the host writes that memory again (CUDA: returns at once); nullptr where the
   // copy is done when the call returns (the default: CopyFromHost).
   virtual void* CopyFromStagingAsync(void* device_dst, const void* staging_src, size_t bytes);
+  // The same the other way: queues a copy into staging host memory, whose bytes the host
+  // may read after WaitForCopy of the event (the default: CopyToHost, nullptr).
+  virtual void* CopyToStagingAsync(void* staging_dst, const void* device_src, size_t bytes);
   // Waits (polling, runtime/device_wait.h) until the stream has passed `event`, and releases
   // it; nullptr: nothing to wait for.
   virtual void WaitForCopy(void* event);

@@ -185,6 +185,10 @@ class CudaBackend final : public Backend {
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     return RecordTimingEvent();  // an event of the pool, recorded after the copy
   }
+  void* CopyToStagingAsync(void* dst, const void* src, size_t bytes) override {
+    MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    return RecordTimingEvent();
+  }
   void WaitForCopy(void* event) override {
     if (event == nullptr) return;
     const auto e = static_cast<cudaEvent_t>(event);

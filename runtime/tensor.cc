@@ -209,48 +209,36 @@ void ForEachStrided(const Shape& shape, const std::vector<int64_t>& strides, Fn 
 }  // namespace
 
 void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst) {
-  CHECK_EQ(src.size(), dst.size()) << "CopyToHostTogether: sources and destinations differ";
-  if (src.empty()) return;
-  const Device device = src[0]->device();
-  size_t total = 0;
-  for (size_t i = 0; i < src.size(); ++i) {
-    CHECK(src[i]->device() == device && src[i]->is_contiguous())
-        << "CopyToHostTogether: " << src[i]->ShapeString() << " is not contiguous on "
-        << DeviceName(device);
-    CHECK(dst[i]->device() == Device::kCPU && dst[i]->is_contiguous() &&
-          dst[i]->dtype() == src[i]->dtype() && dst[i]->nbytes() == src[i]->nbytes())
-        << "CopyToHostTogether: " << src[i]->ShapeString() << " into " << dst[i]->ShapeString();
-    total += src[i]->nbytes();
-  }
-  if (device == Device::kCPU) {
-    for (size_t i = 0; i < src.size(); ++i) dst[i]->CopyFrom(*src[i]);
-    return;
-  }
-  Backend* backend = BackendFor(device);
-  Tensor packed = Tensor::Empty({static_cast<int64_t>(total)}, DType::kU8, device);
-  char* at = static_cast<char*>(packed.raw_data());
-  for (const Tensor* t : src) {
-    backend->CopyWithin(at, t->raw_data(), t->nbytes());
-    at += t->nbytes();
-  }
-  const Tensor host = packed.To(Device::kCPU);
-  const char* from = static_cast<const char*>(host.raw_data());
-  for (Tensor* t : dst) {
-    std::memcpy(t->raw_data(), from, t->nbytes());
-    from += t->nbytes();
-  }
+  HostCopies copies;
+  copies.Start(src, dst);
+  copies.Finish();
 }
 
-StagedUpload::~StagedUpload() { Release(); }
+char* StagingBuffer::Get(Device device, size_t bytes) {
+  if (data_ != nullptr && (device != device_ || bytes_ < bytes)) Release();
+  Wait();
+  if (data_ == nullptr) {
+    Backend* backend = BackendFor(device);
+    backend->Synchronize();
+    device_ = device;
+    data_ = static_cast<char*>(backend->AllocateStagingHost(bytes));
+    bytes_ = bytes;
+  }
+  return data_;
+}
 
-void StagedUpload::Release() {
-  if (staging_ == nullptr) return;
+void StagingBuffer::Wait() {
+  if (pending_ == nullptr) return;
   // The backend of the device now (tests swap in wrappers of the same memory).
-  Backend* backend = BackendFor(device_);
-  backend->WaitForCopy(pending_);
+  BackendFor(device_)->WaitForCopy(pending_);
   pending_ = nullptr;
-  backend->FreeStagingHost(staging_);
-  staging_ = nullptr;
+}
+
+void StagingBuffer::Release() {
+  if (data_ == nullptr) return;
+  Wait();
+  BackendFor(device_)->FreeStagingHost(data_);
+  data_ = nullptr;
   bytes_ = 0;
 }
 
@@ -263,20 +251,57 @@ void StagedUpload::Copy(const Tensor& host, Tensor* dst) {
     return;
   }
   const size_t n = host.nbytes();
-  if (staging_ != nullptr && (dst->device() != device_ || bytes_ < n)) Release();
-  Backend* backend = BackendFor(dst->device());
-  backend->WaitForCopy(pending_);  // the previous copy has read the staging
-  pending_ = nullptr;
-  if (staging_ == nullptr) {
-    // Page-locked allocations may wait for the device inside the driver: reach an idle
-    // stream through the polling wait first (once, or when the uploads grow).
-    backend->Synchronize();
-    device_ = dst->device();
-    staging_ = backend->AllocateStagingHost(n);
-    bytes_ = n;
+  char* staging = staging_.Get(dst->device(), n);  // the previous copy has read it
+  std::memcpy(staging, host.raw_data(), n);
+  staging_.set_pending(
+      BackendFor(dst->device())->CopyFromStagingAsync(dst->raw_data(), staging, n));
+}
+
+void HostCopies::Start(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst) {
+  CHECK(!started_) << "HostCopies::Start twice without Finish";
+  CHECK_EQ(src.size(), dst.size()) << "HostCopies: sources and destinations differ";
+  started_ = true;
+  dst_ = dst;
+  if (src.empty()) return;
+  const Device device = src[0]->device();
+  size_t total = 0;
+  for (size_t i = 0; i < src.size(); ++i) {
+    CHECK(src[i]->device() == device && src[i]->is_contiguous())
+        << "HostCopies: " << src[i]->ShapeString() << " is not contiguous on "
+        << DeviceName(device);
+    CHECK(dst[i]->device() == Device::kCPU && dst[i]->is_contiguous() &&
+          dst[i]->dtype() == src[i]->dtype() && dst[i]->nbytes() == src[i]->nbytes())
+        << "HostCopies: " << src[i]->ShapeString() << " into " << dst[i]->ShapeString();
+    total += src[i]->nbytes();
   }
-  std::memcpy(staging_, host.raw_data(), n);
-  pending_ = backend->CopyFromStagingAsync(dst->raw_data(), staging_, n);
+  if (device == Device::kCPU) {
+    for (size_t i = 0; i < src.size(); ++i) dst[i]->CopyFrom(*src[i]);
+    dst_.clear();
+    return;
+  }
+  Backend* backend = BackendFor(device);
+  packed_ = Tensor::Empty({static_cast<int64_t>(total)}, DType::kU8, device);
+  char* at = static_cast<char*>(packed_.raw_data());
+  for (const Tensor* t : src) {
+    backend->CopyWithin(at, t->raw_data(), t->nbytes());
+    at += t->nbytes();
+  }
+  char* staging = staging_.Get(device, total);
+  staging_.set_pending(backend->CopyToStagingAsync(staging, packed_.raw_data(), total));
+}
+
+void HostCopies::Finish() {
+  CHECK(started_) << "HostCopies::Finish without Start";
+  started_ = false;
+  if (dst_.empty()) return;
+  staging_.Wait();
+  packed_ = Tensor();
+  const char* from = staging_.data();
+  for (Tensor* t : dst_) {
+    std::memcpy(t->raw_data(), from, t->nbytes());
+    from += t->nbytes();
+  }
+  dst_.clear();
 }
 
 void Tensor::CopyFrom(const Tensor& src) {

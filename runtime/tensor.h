@@ -135,25 +135,59 @@ class Tensor {
 // sources are packed on their device first.
 void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst);
 
-// Uploads of host values to a device tensor without a host wait, through a staging buffer
-// of the device's backend (Backend::AllocateStagingHost): the host waits only before it
-// rewrites the staging, for the copy before (long done in a training step's rhythm).
+// Host memory of a device's backend for copies without a host wait (Backend::
+// AllocateStagingHost: page-locked on CUDA), and the event of the copy in flight through it.
+class StagingBuffer {
+ public:
+  StagingBuffer() = default;
+  StagingBuffer(const StagingBuffer&) = delete;
+  StagingBuffer& operator=(const StagingBuffer&) = delete;
+  ~StagingBuffer() { Release(); }  // waits for the copy in flight, frees the memory
+  // At least `bytes` for copies with `device`, once the copy in flight is done (a polling
+  // wait); a first or larger allocation waits for the device's stream first (page-locked
+  // allocations may wait for the device inside the driver).
+  char* Get(Device device, size_t bytes);
+  // The event of the copy just queued through the buffer (Backend::CopyFrom/ToStaging...).
+  void set_pending(void* event) { pending_ = event; }
+  // Waits for the copy in flight.
+  void Wait();
+  const char* data() const { return data_; }
+
+ private:
+  void Release();
+  Device device_ = Device::kCPU;
+  char* data_ = nullptr;
+  size_t bytes_ = 0;
+  void* pending_ = nullptr;
+};
+
+// Uploads of host values to a device tensor without a host wait, through a StagingBuffer:
+// the host waits only before it rewrites the staging, for the copy before (long done in a
+// training step's rhythm).
 class StagedUpload {
  public:
-  StagedUpload() = default;
-  StagedUpload(const StagedUpload&) = delete;
-  StagedUpload& operator=(const StagedUpload&) = delete;
-  ~StagedUpload();  // waits for the copy in flight and frees the staging
   // dst (contiguous, on a device) <- host (contiguous, on the CPU; same dtype and shape).
   // On the CPU: a plain copy.
   void Copy(const Tensor& host, Tensor* dst);
 
  private:
-  void Release();
-  Device device_ = Device::kCPU;
-  void* staging_ = nullptr;
-  size_t bytes_ = 0;
-  void* pending_ = nullptr;  // the event of the copy in flight
+  StagingBuffer staging_;
+};
+
+// CopyToHostTogether in two halves, so that the host can queue more device work before it
+// waits: Start packs the sources on their device and queues one copy into staging host
+// memory (no host wait on a device); Finish waits for it and fills the destinations.
+class HostCopies {
+ public:
+  void Start(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst);
+  void Finish();
+  bool started() const { return started_; }
+
+ private:
+  StagingBuffer staging_;
+  std::vector<Tensor*> dst_;
+  Tensor packed_;  // on the device, until the copy is done
+  bool started_ = false;
 };
 
 std::string ShapeToString(const Shape& shape);
