@@ -56,7 +56,7 @@ class Router {
   Status ForwardOnDevice(const Tensor& x, const RouterInputs& in);
   // After ForwardOnDevice: the device tensors whose host copies logits(), noisy_logits(),
   // gates() and clean_gates() are (the losses read those), appended to src with the host
-  // tensors to copy them into appended to dst (CopyToHostTogether).
+  // tensors to copy them into appended to dst (HostCopies).
   void HostCopies(std::vector<const Tensor*>* src, std::vector<Tensor*>* dst);
   // The gates on the device: the softmax the choices are taken from.
   const Tensor& device_gates() const { return device_gates_; }

@@ -208,12 +208,6 @@ void ForEachStrided(const Shape& shape, const std::vector<int64_t>& strides, Fn 
 
 }  // namespace
 
-void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst) {
-  HostCopies copies;
-  copies.Start(src, dst);
-  copies.Finish();
-}
-
 char* StagingBuffer::Get(Device device, size_t bytes) {
   if (data_ != nullptr && (device != device_ || bytes_ < bytes)) Release();
   Wait();

@@ -130,13 +130,10 @@ class Tensor {
   DType dtype_ = DType::kF32;
 };
 
-// Copies each of `src` (contiguous, all on one device) into the host tensor `dst[i]` of
-// the same dtype and size, with one device-to-host copy (one host wait on a device): the
-// sources are packed on their device first.
-void CopyToHostTogether(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst);
-
 // Host memory of a device's backend for copies without a host wait (Backend::
 // AllocateStagingHost: page-locked on CUDA), and the event of the copy in flight through it.
+// It waits, frees and allocates through the backend BackendFor(device) gives at the time:
+// a test that swaps in another backend must swap in one over the same memory and events.
 class StagingBuffer {
  public:
   StagingBuffer() = default;
@@ -174,9 +171,11 @@ class StagedUpload {
   StagingBuffer staging_;
 };
 
-// CopyToHostTogether in two halves, so that the host can queue more device work before it
-// waits: Start packs the sources on their device and queues one copy into staging host
-// memory (no host wait on a device); Finish waits for it and fills the destinations.
+// Copies each of `src` (contiguous, all on one device) into the host tensor `dst[i]` of
+// the same dtype and size with one device-to-host copy, in two halves, so that the host can
+// queue more device work before it waits: Start packs the sources on their device and
+// queues the copy into staging host memory (no host wait on a device); Finish waits for it
+// and fills the destinations.
 class HostCopies {
  public:
   void Start(const std::vector<const Tensor*>& src, const std::vector<Tensor*>& dst);

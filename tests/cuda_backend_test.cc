@@ -179,7 +179,7 @@ TEST(CudaBackend, HostCopiesWaitForTheStreamThroughThePoll) {
       ++checks;
       release = true;
     })};
-    HoldStream(cuda, &release);
+    ASSERT_NO_FATAL_FAILURE(HoldStream(cuda, &release));
     std::future<void> copy = std::async(std::launch::async, [&] {
       if (to_host) {
         cuda.CopyToHost(host.raw_data(), dev.raw_data(), host.nbytes());
@@ -213,19 +213,56 @@ TEST(CudaBackend, StagedUploadsQueueWithoutAHostWait) {
   host.Fill(1.0f);
   upload.Copy(host, &dev);  // the first allocates the staging (after a wait for the stream)
   std::atomic<bool> release{false};
-  HoldStream(cuda, &release);
+  ASSERT_NO_FATAL_FAILURE(HoldStream(cuda, &release));
   host.Fill(2.0f);
-  const auto t0 = std::chrono::steady_clock::now();
-  upload.Copy(host, &dev);  // queued behind the held stream
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Queued behind the held stream: returns at once (a copy that waited would return only
+  // once released, after 20 s).
+  std::future<void> queued = std::async(std::launch::async, [&] { upload.Copy(host, &dev); });
+  const bool at_once = queued.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
   release = true;
-  EXPECT_LT(s, 1.0) << "the upload waited for the stream";
+  queued.get();
+  EXPECT_TRUE(at_once) << "the upload waited for the stream";
   host.Fill(3.0f);  // the staging holds its own copy: this does not reach the first upload
   Tensor second = Tensor::Zeros({n}, DType::kF32, Device::kCUDA);
   EXPECT_EQ(dev.To(Device::kCPU).data<float>()[n - 1], 2.0f);
   upload.Copy(host, &second);
   EXPECT_EQ(second.To(Device::kCPU).data<float>()[n - 1], 3.0f);
   EXPECT_EQ(dev.To(Device::kCPU).data<float>()[0], 2.0f);
+}
+
+// The other way (HostCopies, the MoE layer's routing tables): Start packs the sources and
+// queues one copy into staging behind the held stream and returns at once; work queued
+// after it (here a zeroing of a source) does not reach what Finish hands over.
+TEST(CudaBackend, HostCopiesStartWithoutAHostWaitAndFinishInStreamOrder) {
+  SKIP_WITHOUT_GPU();
+  Backend& cuda = RequireBackend(Device::kCUDA);
+  Tensor a_host = Tensor::Empty({1000}), b_host = Tensor::Empty({37});
+  a_host.Fill(4.0f);
+  b_host.Fill(-1.5f);
+  const Tensor a = a_host.To(Device::kCUDA), b = b_host.To(Device::kCUDA);
+  Tensor a_out = Tensor::Empty({1000}), b_out = Tensor::Empty({37});
+  HostCopies copies;
+  copies.Start({&a, &b}, {&a_out, &b_out});  // allocates the staging (after a wait)
+  copies.Finish();
+  EXPECT_EQ(a_out.data<float>()[999], 4.0f);
+  a_out.Fill(0.0f);
+  b_out.Fill(0.0f);
+  std::atomic<bool> release{false};
+  ASSERT_NO_FATAL_FAILURE(HoldStream(cuda, &release));
+  std::future<void> started = std::async(std::launch::async, [&] {
+    copies.Start({&a, &b}, {&a_out, &b_out});
+  });
+  const bool at_once = started.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  release = true;
+  started.get();
+  EXPECT_TRUE(at_once) << "Start waited for the stream";
+  Tensor zeroed = a;
+  zeroed.SetZero();  // queued after the copy
+  copies.Finish();
+  EXPECT_EQ(a_out.data<float>()[0], 4.0f) << "the values at Start, in stream order";
+  EXPECT_EQ(a_out.data<float>()[999], 4.0f);
+  EXPECT_EQ(b_out.data<float>()[36], -1.5f);
+  EXPECT_EQ(a.To(Device::kCPU).data<float>()[0], 0.0f);
 }
 
 TEST(CudaExperts, ForwardAndBackwardMatchTheCpuExpertsUpToBF16) {

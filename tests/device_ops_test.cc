@@ -958,12 +958,23 @@ class CountingBackend : public Backend {
     from_host_bytes += static_cast<int64_t>(bytes);
     return inner_->CopyFromStagingAsync(d, s, bytes);
   }
+  // A copy to the host returns an event of its own (the stand-in's are done at once), so
+  // that the host's wait for it runs on_wait_to_host.
   void* CopyToStagingAsync(void* d, const void* s, size_t bytes) override {
     ++to_staging;
     to_host_bytes += static_cast<int64_t>(bytes);
-    return inner_->CopyToStagingAsync(d, s, bytes);
+    CHECK(inner_->CopyToStagingAsync(d, s, bytes) == nullptr);
+    return &kToHostEvent;
   }
-  void WaitForCopy(void* event) override { inner_->WaitForCopy(event); }
+  void WaitForCopy(void* event) override {
+    if (event != &kToHostEvent) {
+      inner_->WaitForCopy(event);
+      return;
+    }
+    if (on_wait_to_host) on_wait_to_host();
+  }
+  static inline char kToHostEvent = 0;
+  std::function<void()> on_wait_to_host;
   // Sleeps sync_ms first: the time a GPU's queued work would take to finish.
   void Synchronize() override {
     ++syncs;
@@ -1112,7 +1123,18 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     dev.ZeroGradients();
     CountingBackend counting(backend_.get());
     SetBackendForTesting(Device::kCUDA, &counting);
+    // The host waits for the routing's tables only after the combine has been queued (on
+    // the stand-in: has run): y_d holds NaN until the combine writes it.
+    static_cast<float*>(y_d.raw_data())[0] = std::nanf("");
+    int waits = 0;
+    bool combined_before_wait = false;
+    counting.on_wait_to_host = [&] {
+      ++waits;
+      combined_before_wait = !std::isnan(static_cast<const float*>(y_d.raw_data())[0]);
+    };
     ASSERT_TRUE(dev.Forward(x_d, args, &y_d).ok());
+    EXPECT_EQ(waits, 1);
+    EXPECT_TRUE(combined_before_wait) << "the host waited for the tables before the combine";
     EXPECT_TRUE(dev.routed_on_device());
     EXPECT_EQ(counting.to_staging, 1) << "the router's and the plan's tables in one copy";
     EXPECT_EQ(counting.from_staging, 1) << "the losses' d(logits)";
