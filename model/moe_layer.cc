@@ -191,11 +191,12 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
 }
 
 bool MoeLayer::RoutesOnDevice(const MoeForwardArgs& args, int64_t fixed_capacity) const {
-  if (config_.device == Device::kCPU || config_.gate != GateKind::kNoisyTopK) return false;
+  if (config_.device == Device::kCPU) return false;
   if (fixed_capacity <= 0 || args.routed != nullptr || args.noise != nullptr) return false;
   const OpsTable& ops = Ops(config_.device);
   return ops.top_k != nullptr && ops.add_router_noise != nullptr && ops.assign_slots != nullptr &&
-         ops.plan_rows != nullptr && ops.router_logits_backward != nullptr;
+         ops.plan_rows != nullptr && ops.router_logits_backward != nullptr &&
+         ops.add_bias != nullptr;
 }
 
 void MoeLayer::PlanOnDevice(int64_t group_size, int64_t capacity) {
@@ -299,7 +300,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
   const Device dev = config_.device;
   EnsureTensor(&d_logits_, dz_loss_.shape(), DType::kF32, dev);
   MOERUN_OP(Ops(dev), router_logits_backward)
-  (router_.device_gates().device_data<float>(dev),
+  (router_.device_choice_softmax().device_data<float>(dev),
    device_plan_.expert_index.device_data<int32_t>(dev), device_plan_.row.device_data<int32_t>(dev),
    d_weight_.device_data<float>(dev), dz_loss_.device_data<float>(dev),
    d_logits_.device_data<float>(dev), t, config_.num_experts, config_.k);

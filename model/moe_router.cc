@@ -70,15 +70,7 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
   const float* ws = weight_.device_data<float>(device_);
   float* zs = z_out.device_data<float>(device_);
   if (kind_ == GateKind::kTaskSoftmax) {
-    if (in.task == nullptr) return Status::Error("a task-routed MoE layer needs task ids");
-    for (int64_t s = 0; s < t; ++s) {
-      if (in.task[s] < 0 || in.task[s] >= tasks_) {
-        return Status::Error("token " + std::to_string(s) + " has task id " +
-                             std::to_string(in.task[s]) + ", outside 0.." +
-                             std::to_string(tasks_ - 1) + " (the layer has " +
-                             std::to_string(tasks_) + " task routers)");
-      }
-    }
+    MOERUN_RETURN_IF_ERROR(CheckTasks(in.task, t));
     noisy_ = false;
     sigma_ = 0;
     // Row-invariant: a token's gates are bitwise the same for any number of ranks.
@@ -136,23 +128,45 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
 }
 
 Status Router::ForwardOnDevice(const Tensor& x, const RouterInputs& in) {
-  CHECK(device_ != Device::kCPU && kind_ == GateKind::kNoisyTopK && in.noise == nullptr)
-      << "device routing is for a noisy top-k router on a device without explicit noise";
+  CHECK(device_ != Device::kCPU && in.noise == nullptr)
+      << "device routing is for a router on a device without explicit noise";
   CHECK(x.device() == device_) << "a router on " << DeviceName(device_) << " got "
                                << x.ShapeString() << " on " << DeviceName(x.device());
   const OpsTable& ops = Ops(device_);
   const int64_t t = x.dim(0), e_count = num_experts_, d = d_;
+  const bool task_gate = kind_ == GateKind::kTaskSoftmax;
+  if (task_gate) MOERUN_RETURN_IF_ERROR(CheckTasks(in.task, t));
   x_ = x;
   tokens_ = t;
-  task_ = nullptr;
-  noisy_ = in.training && noise_std_ > 0;
-  sigma_ = noise_std_ / e_count;
+  task_ = task_gate ? in.task : nullptr;
+  noisy_ = !task_gate && in.training && noise_std_ > 0;
+  sigma_ = task_gate ? 0.0 : noise_std_ / e_count;
   Ensure(&device_logits_, {t, e_count}, device_);
   Ensure(&device_gates_, {t, e_count}, device_);
   float* z = device_logits_.device_data<float>(device_);
   float* g = device_gates_.device_data<float>(device_);
-  MOERUN_OP(ops, router_gemm)
-  (x.device_data<float>(device_), weight_.device_data<float>(device_), z, t, e_count, d);
+  const float* xs = x.device_data<float>(device_);
+  const float* ws = weight_.device_data<float>(device_);
+  if (task_gate) {
+    // gates = softmax(x W_task^T) + 1e-4, the clean softmax kept apart (as Forward).
+    ForEachTaskRun(in.task, t, [&](int32_t task, int64_t first, int64_t count) {
+      MOERUN_OP(ops, router_gemm)
+      (xs + first * d, ws + task * e_count * d, z + first * e_count, count, e_count, d);
+    });
+    SeparateCleanGates(&device_clean_gates_, device_gates_);
+    Ensure(&device_clean_gates_, {t, e_count}, device_);
+    MOERUN_OP(ops, softmax_forward)
+    (z, device_clean_gates_.device_data<float>(device_), t, e_count);
+    device_gates_.CopyFrom(device_clean_gates_);
+    if (!device_epsilon_.defined() || device_epsilon_.numel() != e_count) {
+      Tensor eps = Tensor::Empty({e_count});
+      eps.Fill(kTaskGateEpsilon);
+      device_epsilon_ = eps.To(device_);
+    }
+    MOERUN_OP(ops, add_bias)(g, device_epsilon_.device_data<float>(device_), t, e_count);
+    return Status::Ok();
+  }
+  MOERUN_OP(ops, router_gemm)(xs, ws, z, t, e_count, d);
   if (noisy_) {
     Ensure(&device_noisy_logits_, {t, e_count}, device_);
     SeparateCleanGates(&device_clean_gates_, device_gates_);
@@ -170,19 +184,35 @@ Status Router::ForwardOnDevice(const Tensor& x, const RouterInputs& in) {
   return Status::Ok();
 }
 
+Status Router::CheckTasks(const int32_t* task, int64_t tokens) const {
+  if (task == nullptr) return Status::Error("a task-routed MoE layer needs task ids");
+  for (int64_t s = 0; s < tokens; ++s) {
+    if (task[s] < 0 || task[s] >= tasks_) {
+      return Status::Error("token " + std::to_string(s) + " has task id " +
+                           std::to_string(task[s]) + ", outside 0.." + std::to_string(tasks_ - 1) +
+                           " (the layer has " + std::to_string(tasks_) + " task routers)");
+    }
+  }
+  return Status::Ok();
+}
+
 void Router::HostCopies(std::vector<const Tensor*>* src, std::vector<Tensor*>* dst) {
   const int64_t t = tokens_, e_count = num_experts_;
   Ensure(&logits_, {t, e_count});
   Ensure(&gates_, {t, e_count});
   src->insert(src->end(), {&device_logits_, &device_gates_});
   dst->insert(dst->end(), {&logits_, &gates_});
-  if (noisy_) {
-    Ensure(&noisy_logits_, {t, e_count});
+  if (noisy_ || kind_ == GateKind::kTaskSoftmax) {
     SeparateCleanGates(&clean_gates_, gates_);
     Ensure(&clean_gates_, {t, e_count});
-    src->insert(src->end(), {&device_noisy_logits_, &device_clean_gates_});
-    dst->insert(dst->end(), {&noisy_logits_, &clean_gates_});
-  } else {
+    src->push_back(&device_clean_gates_);
+    dst->push_back(&clean_gates_);
+  }
+  if (noisy_) {
+    Ensure(&noisy_logits_, {t, e_count});
+    src->push_back(&device_noisy_logits_);
+    dst->push_back(&noisy_logits_);
+  } else if (kind_ == GateKind::kNoisyTopK) {
     clean_gates_ = gates_;
   }
 }

@@ -49,8 +49,8 @@ class Router {
   // Routes x [T, D] (on the router's device); an error for a task id out of range.
   Status Forward(const Tensor& x, const RouterInputs& in);
 
-  // The same on the router's device, kNoisyTopK without explicit noise: the logits, noise
-  // and softmaxes are computed there (device_gates(), device_choice_softmax()) and nothing
+  // The same on the router's device, without explicit noise: the logits, noise and
+  // softmaxes are computed there (device_gates(), device_choice_softmax()) and nothing
   // comes to the host by itself. The routing plan is then made on the device too
   // (MoeLayer's device routing).
   Status ForwardOnDevice(const Tensor& x, const RouterInputs& in);
@@ -58,8 +58,13 @@ class Router {
   // gates() and clean_gates() are (the losses read those), appended to src with the host
   // tensors to copy them into appended to dst (HostCopies).
   void HostCopies(std::vector<const Tensor*>* src, std::vector<Tensor*>* dst);
-  // The gates on the device: the softmax the choices are taken from.
+  // The gates on the device, which the choices are taken from.
   const Tensor& device_gates() const { return device_gates_; }
+  // The softmax whose Jacobian the combine weights' gradient goes through: the gates'
+  // (noisy) softmax, or the clean one (the task gates' without their 1e-4).
+  const Tensor& device_choice_softmax() const {
+    return noisy_ ? device_gates_ : device_clean_gates_;
+  }
 
   // Of the last forward, [T, E].
   const Tensor& gates() const { return gates_; }
@@ -105,8 +110,12 @@ class Router {
   // without noise).
   Tensor device_noisy_logits_, device_gates_, device_clean_gates_;
 
+  Tensor device_epsilon_;  // [E] of kTaskGateEpsilon on the device (task gates)
+
   // dW_r += dz^T x and dx += dz W_r with dz on the router's device.
   void ApplyLogitGradient(const float* dz, float* dx);
+  // An error naming the first token whose task id is out of range (or no ids at all).
+  Status CheckTasks(const int32_t* task, int64_t tokens) const;
 };
 
 }  // namespace moerun

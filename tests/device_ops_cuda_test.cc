@@ -317,9 +317,9 @@ TEST(CudaOpsTable, RowKernelsRunTheHostLaneFormsBitForBit) {
 
 // A MoE layer that routes on the GPU (noise, softmaxes, top-k, BPR slots, rows, the
 // router's backward there) against the CPU layer, one expert-parallel rank, two groups,
-// noisy and not: the same routing (near-tied gates could differ: the device's expf, logf and
-// sincosf round differently; these inputs have none), the losses, outputs and gradients to
-// 1e-4.
+// noisy, not, and with task gates: the same routing (near-tied gates could differ: the device's
+// expf, logf and sincosf round differently; these inputs have none), the losses, outputs and
+// gradients to 1e-4.
 TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
   if (!HaveGpu()) {
     std::printf("skipped: no GPU\n");
@@ -339,8 +339,9 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     std::vector<float> b(got.data<float>(), got.data<float>() + got.numel());
     op_cases::ExpectClose(a, b, tol);
   };
-  for (const double noise : {1.0, 0.0}) {
-    SCOPED_TRACE("noise " + std::to_string(noise));
+  for (const double noise : {1.0, 0.0, -1.0}) {  // -1: Mod-Squad's task gates
+    const bool task_gate = noise < 0;
+    SCOPED_TRACE(task_gate ? "task gates" : "noise " + std::to_string(noise));
     LoopbackCommunicator host_one(0, 1);
     LoopbackCommunicator device_one(0, 1, "world", Device::kCUDA);
     MoeLayerConfig cfg;
@@ -350,7 +351,10 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     cfg.k = 2;
     cfg.capacity_factor = 1.0;
     cfg.group_size = 128;
-    cfg.noise_std = noise;
+    cfg.noise_std = task_gate ? 0.0 : noise;
+    cfg.gate = task_gate ? GateKind::kTaskSoftmax : GateKind::kNoisyTopK;
+    cfg.tasks = 3;
+    cfg.mi_weight = 0.01;
     MoeLayer cpu(cfg, *MoeGroups::Create(&host_one, 8));
     cfg.device = Device::kCUDA;
     MoeLayer dev(cfg, *MoeGroups::Create(&device_one, 8));
@@ -370,6 +374,9 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     const Tensor x = random({t, cfg.d}, 1.0f, 110), dy = random({t, cfg.d}, 1.0f, 111);
     MoeForwardArgs args;
     args.noise_key = {3, 7, 2};
+    std::vector<int32_t> task(t);
+    for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>((i / 50) % 3);
+    if (task_gate) args.task = task.data();
     Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
     ASSERT_TRUE(cpu.Forward(x, args, &y).ok());
     cpu.Backward(dy, &dx);

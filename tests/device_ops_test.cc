@@ -1058,22 +1058,26 @@ TEST_F(StandInCuda, MoeLayerKeepsItsActivationsOnTheDeviceForTheRouter) {
   }
 }
 
-// Device routing: a noisy top-k layer at a fixed capacity makes its noise, softmaxes and
+// Device routing: a MoE layer at a fixed capacity makes its noise, softmaxes and
 // routing plan on the device. Its forward brings the router's and the plan's tables to the
 // host in one copy (for the losses) and sends the losses' d(logits) back in one; its
 // backward moves nothing between host and device and waits for nothing. It agrees with the
 // CPU layer: the same routing and losses, outputs and gradients to rounding, with and
-// without noise, vanilla and BPR, over one and two groups. Task gates stay on the host
-// path.
+// without noise, vanilla and BPR, over one and two groups, and with Mod-Squad's task
+// gates (and their MI loss). Dropless layers stay on the host path.
 TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
   struct Case {
     double noise;
     bool bpr;
     int64_t group;
+    GateKind gate;
   };
-  for (const Case c : {Case{1.0, true, 0}, Case{1.0, false, 20}, Case{0.0, true, 20}}) {
+  for (const Case c :
+       {Case{1.0, true, 0, GateKind::kNoisyTopK}, Case{1.0, false, 20, GateKind::kNoisyTopK},
+        Case{0.0, true, 20, GateKind::kNoisyTopK}, Case{0.0, true, 20, GateKind::kTaskSoftmax}}) {
+    const bool task_gate = c.gate == GateKind::kTaskSoftmax;
     SCOPED_TRACE("noise " + std::to_string(c.noise) + (c.bpr ? ", BPR" : ", vanilla") + ", group " +
-                 std::to_string(c.group));
+                 std::to_string(c.group) + (task_gate ? ", task gates" : ""));
     LoopbackCommunicator host_one(0, 1);
     DeviceLoopback device_one(0, 1);
     auto host_groups = *MoeGroups::Create(&host_one, 4);
@@ -1089,6 +1093,9 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     cfg.noise_std = c.noise;
     cfg.gshard_weight = 0.01;
     cfg.z_loss_weight = 0.001;
+    cfg.gate = c.gate;
+    cfg.tasks = 3;
+    cfg.mi_weight = 0.01;
     MoeLayer cpu(cfg, host_groups);
     cfg.device = Device::kCUDA;
     MoeLayer dev(cfg, device_groups);
@@ -1109,6 +1116,9 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     MoeForwardArgs args;
     args.noise_key = {5, 2, 1};
     args.first_token = 120;
+    std::vector<int32_t> task(t);
+    for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>((i / 7) % 3);
+    if (task_gate) args.task = task.data();
     Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
     ASSERT_TRUE(cpu.Forward(x, args, &y).ok());
     cpu.Backward(dy, &dx);
@@ -1146,7 +1156,10 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     EXPECT_EQ(counting.syncs, 0) << "nor waits for the device";
     SetBackendForTesting(Device::kCUDA, backend_.get());
     ASSERT_TRUE(cpu.router().noisy() == (c.noise > 0) && dev.router().noisy() == (c.noise > 0));
-    EXPECT_EQ(cpu.router().noisy_logits().defined(), c.noise > 0);
+    if (task_gate) {
+      EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
+      EXPECT_NE(cpu.losses().value("mi"), 0.0) << "an active MI term";
+    }
     for (const auto& [name, a, b] :
          {std::tuple{"expert", &cpu.plan().expert_index, &dev.plan().expert_index},
           std::tuple{"slot", &cpu.plan().slot, &dev.plan().slot},
@@ -1176,23 +1189,31 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     ExpectNear(cpu.grads().router_weight, dev.grads().router_weight, 1e-5f);
     ExpectNear(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-5f);
   }
-  // Task gates: routed on the host (their losses need the task x expert table).
+  // Dropless: routed on the host (its capacity, the largest load, sets the buffers' shapes);
+  // and a task id out of range is refused on the device path as on the host's.
   DeviceLoopback device_one(0, 1);
   MoeLayerConfig cfg;
   cfg.d = 16;
   cfg.m = 8;
   cfg.num_experts = 4;
+  cfg.capacity_factor = 0;
+  cfg.device = Device::kCUDA;
+  MoeLayer dropless(cfg, *MoeGroups::Create(&device_one, 4));
+  MoeForwardArgs args;
+  Tensor y = Tensor::Empty({8, cfg.d}, DType::kF32, Device::kCUDA);
+  const Tensor x = Dev(Random({8, cfg.d}, 1.0f, 82));
+  ASSERT_TRUE(dropless.Forward(x, args, &y).ok());
+  EXPECT_FALSE(dropless.routed_on_device());
   cfg.capacity_factor = 1.0;
   cfg.gate = GateKind::kTaskSoftmax;
   cfg.tasks = 2;
-  cfg.device = Device::kCUDA;
   MoeLayer task_layer(cfg, *MoeGroups::Create(&device_one, 4));
   std::vector<int32_t> task(8, 1);
-  MoeForwardArgs args;
+  task[5] = 2;
   args.task = task.data();
-  Tensor y = Tensor::Empty({8, cfg.d}, DType::kF32, Device::kCUDA);
-  ASSERT_TRUE(task_layer.Forward(Dev(Random({8, cfg.d}, 1.0f, 82)), args, &y).ok());
-  EXPECT_FALSE(task_layer.routed_on_device());
+  const Status s = task_layer.Forward(x, args, &y);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("token 5 has task id 2"), std::string::npos) << s.message();
 }
 
 // A timer on a device that records timing events (a GPU) waits for nothing: it records an
