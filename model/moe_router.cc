@@ -50,6 +50,11 @@ Router::Router(GateKind kind, int tasks, int num_experts, int d, double noise_st
       kind_ == GateKind::kNoisyTopK ? Shape{num_experts, d} : Shape{tasks_, num_experts, d};
   weight_ = Tensor::Zeros(shape, DType::kF32, device);
   grad_ = Tensor::Zeros(shape, DType::kF32, device);
+  if (kind_ == GateKind::kTaskSoftmax && device_ != Device::kCPU) {
+    Tensor eps = Tensor::Empty({num_experts});
+    eps.Fill(kTaskGateEpsilon);
+    device_epsilon_ = eps.To(device_);  // the task gates' +1e-4 on the device
+  }
 }
 
 Status Router::Forward(const Tensor& x, const RouterInputs& in) {
@@ -158,11 +163,6 @@ Status Router::ForwardOnDevice(const Tensor& x, const RouterInputs& in) {
     MOERUN_OP(ops, softmax_forward)
     (z, device_clean_gates_.device_data<float>(device_), t, e_count);
     device_gates_.CopyFrom(device_clean_gates_);
-    if (!device_epsilon_.defined() || device_epsilon_.numel() != e_count) {
-      Tensor eps = Tensor::Empty({e_count});
-      eps.Fill(kTaskGateEpsilon);
-      device_epsilon_ = eps.To(device_);
-    }
     MOERUN_OP(ops, add_bias)(g, device_epsilon_.device_data<float>(device_), t, e_count);
     return Status::Ok();
   }

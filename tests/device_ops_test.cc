@@ -1156,7 +1156,9 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     EXPECT_EQ(counting.syncs, 0) << "nor waits for the device";
     SetBackendForTesting(Device::kCUDA, backend_.get());
     ASSERT_TRUE(cpu.router().noisy() == (c.noise > 0) && dev.router().noisy() == (c.noise > 0));
-    if (task_gate) {
+    if (!task_gate) {
+      EXPECT_EQ(cpu.router().noisy_logits().defined(), c.noise > 0);
+    } else {
       EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
       EXPECT_NE(cpu.losses().value("mi"), 0.0) << "an active MI term";
     }
@@ -1212,6 +1214,7 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
   task[5] = 2;
   args.task = task.data();
   const Status s = task_layer.Forward(x, args, &y);
+  EXPECT_TRUE(task_layer.routed_on_device()) << "refused on the device path";
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("token 5 has task id 2"), std::string::npos) << s.message();
 }
