@@ -16,13 +16,15 @@ void Ensure(Tensor* t, const Shape& shape, Device device = Device::kCPU) {
   }
 }
 
-// After a forward without noise the clean gates are the gates themselves (one tensor): a
-// noisy forward must give them storage of their own before writing the clean softmax, or
-// it would overwrite the noisy gates it routes on.
-void SeparateCleanGates(Tensor* clean_gates, const Tensor& gates) {
+// Ensure for the clean gates, [T, E] on `device`, in storage of their own: after a forward
+// without noise they are the gates themselves (one tensor), and a noisy forward writing
+// the clean softmax there would overwrite the noisy gates it routes on.
+void EnsureCleanGates(Tensor* clean_gates, const Tensor& gates, const Shape& shape,
+                      Device device = Device::kCPU) {
   if (clean_gates->defined() && gates.defined() && clean_gates->raw_data() == gates.raw_data()) {
     *clean_gates = Tensor();
   }
+  Ensure(clean_gates, shape, device);
 }
 
 // Calls fn(task, first, count) for every run of consecutive tokens of one task.
@@ -61,9 +63,8 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
   CHECK(x.device() == device_) << "a router on " << DeviceName(device_) << " got "
                                << x.ShapeString() << " on " << DeviceName(x.device());
   // The GEMM on the router's device; softmax, noise and the rest on the host.
-  const OpsTable& gemm_ops = Ops(device_);
   const OpsTable& ops = Ops(Device::kCPU);
-  const int64_t t = x.dim(0), e_count = num_experts_, d = d_;
+  const int64_t t = x.dim(0), e_count = num_experts_;
   x_ = x;
   tokens_ = t;
   task_ = in.task;
@@ -72,17 +73,12 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
   if (device_ != Device::kCPU) Ensure(&device_logits_, {t, e_count}, device_);
   Tensor& z_out = device_ == Device::kCPU ? logits_ : device_logits_;
   const float* xs = x.device_data<float>(device_);
-  const float* ws = weight_.device_data<float>(device_);
   float* zs = z_out.device_data<float>(device_);
   if (kind_ == GateKind::kTaskSoftmax) {
     MOERUN_RETURN_IF_ERROR(CheckTasks(in.task, t));
     noisy_ = false;
     sigma_ = 0;
-    // Row-invariant: a token's gates are bitwise the same for any number of ranks.
-    ForEachTaskRun(in.task, t, [&](int32_t task, int64_t first, int64_t count) {
-      MOERUN_OP(gemm_ops, router_gemm)
-      (xs + first * d, ws + task * e_count * d, zs + first * e_count, count, e_count, d);
-    });
+    ComputeLogits(xs, zs, t, in.task);
     if (device_ != Device::kCPU) logits_.CopyFrom(device_logits_);
     Ensure(&clean_gates_, {t, e_count});
     if (in.noise != nullptr) {
@@ -107,7 +103,7 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
   sigma_ = noise_std_ / e_count;
   // Row-invariant: a token's logits (hence its routing) are bitwise the same for any
   // number of ranks.
-  MOERUN_OP(gemm_ops, router_gemm)(xs, ws, zs, t, e_count, d);
+  ComputeLogits(xs, zs, t, nullptr);
   if (device_ != Device::kCPU) logits_.CopyFrom(device_logits_);
   if (noisy_) {
     Ensure(&noisy_logits_, {t, e_count});
@@ -122,8 +118,7 @@ Status Router::Forward(const Tensor& x, const RouterInputs& in) {
                      static_cast<float>(sigma_), z, zn);
     }
     MOERUN_OP(ops, softmax_forward)(zn, gates_.data<float>(), t, e_count);
-    SeparateCleanGates(&clean_gates_, gates_);
-    Ensure(&clean_gates_, {t, e_count});
+    EnsureCleanGates(&clean_gates_, gates_, {t, e_count});
     MOERUN_OP(ops, softmax_forward)(z, clean_gates_.data<float>(), t, e_count);
   } else {
     MOERUN_OP(ops, softmax_forward)(logits_.data<float>(), gates_.data<float>(), t, e_count);
@@ -138,7 +133,7 @@ Status Router::ForwardOnDevice(const Tensor& x, const RouterInputs& in) {
   CHECK(x.device() == device_) << "a router on " << DeviceName(device_) << " got "
                                << x.ShapeString() << " on " << DeviceName(x.device());
   const OpsTable& ops = Ops(device_);
-  const int64_t t = x.dim(0), e_count = num_experts_, d = d_;
+  const int64_t t = x.dim(0), e_count = num_experts_;
   const bool task_gate = kind_ == GateKind::kTaskSoftmax;
   if (task_gate) MOERUN_RETURN_IF_ERROR(CheckTasks(in.task, t));
   x_ = x;
@@ -151,26 +146,20 @@ Status Router::ForwardOnDevice(const Tensor& x, const RouterInputs& in) {
   float* z = device_logits_.device_data<float>(device_);
   float* g = device_gates_.device_data<float>(device_);
   const float* xs = x.device_data<float>(device_);
-  const float* ws = weight_.device_data<float>(device_);
   if (task_gate) {
     // gates = softmax(x W_task^T) + 1e-4, the clean softmax kept apart (as Forward).
-    ForEachTaskRun(in.task, t, [&](int32_t task, int64_t first, int64_t count) {
-      MOERUN_OP(ops, router_gemm)
-      (xs + first * d, ws + task * e_count * d, z + first * e_count, count, e_count, d);
-    });
-    SeparateCleanGates(&device_clean_gates_, device_gates_);
-    Ensure(&device_clean_gates_, {t, e_count}, device_);
+    ComputeLogits(xs, z, t, in.task);
+    EnsureCleanGates(&device_clean_gates_, device_gates_, {t, e_count}, device_);
     MOERUN_OP(ops, softmax_forward)
     (z, device_clean_gates_.device_data<float>(device_), t, e_count);
     device_gates_.CopyFrom(device_clean_gates_);
     MOERUN_OP(ops, add_bias)(g, device_epsilon_.device_data<float>(device_), t, e_count);
     return Status::Ok();
   }
-  MOERUN_OP(ops, router_gemm)(xs, ws, z, t, e_count, d);
+  ComputeLogits(xs, z, t, nullptr);
   if (noisy_) {
     Ensure(&device_noisy_logits_, {t, e_count}, device_);
-    SeparateCleanGates(&device_clean_gates_, device_gates_);
-    Ensure(&device_clean_gates_, {t, e_count}, device_);
+    EnsureCleanGates(&device_clean_gates_, device_gates_, {t, e_count}, device_);
     float* zn = device_noisy_logits_.device_data<float>(device_);
     MOERUN_OP(ops, add_router_noise)
     (in.noise_key, in.first_token, t, static_cast<int>(e_count), static_cast<float>(sigma_), z, zn);
@@ -182,6 +171,22 @@ Status Router::ForwardOnDevice(const Tensor& x, const RouterInputs& in) {
     device_clean_gates_ = device_gates_;
   }
   return Status::Ok();
+}
+
+void Router::ComputeLogits(const float* x, float* z, int64_t tokens, const int32_t* task) {
+  const OpsTable& ops = Ops(device_);
+  const int64_t e_count = num_experts_, d = d_;
+  const float* w = weight_.device_data<float>(device_);
+  // Row-invariant: a token's logits (hence its routing) are bitwise the same for any
+  // number of ranks.
+  if (task == nullptr) {
+    MOERUN_OP(ops, router_gemm)(x, w, z, tokens, e_count, d);
+    return;
+  }
+  ForEachTaskRun(task, tokens, [&](int32_t t, int64_t first, int64_t count) {
+    MOERUN_OP(ops, router_gemm)
+    (x + first * d, w + t * e_count * d, z + first * e_count, count, e_count, d);
+  });
 }
 
 Status Router::CheckTasks(const int32_t* task, int64_t tokens) const {
@@ -203,8 +208,7 @@ void Router::HostCopies(std::vector<const Tensor*>* src, std::vector<Tensor*>* d
   src->insert(src->end(), {&device_logits_, &device_gates_});
   dst->insert(dst->end(), {&logits_, &gates_});
   if (noisy_ || kind_ == GateKind::kTaskSoftmax) {
-    SeparateCleanGates(&clean_gates_, gates_);
-    Ensure(&clean_gates_, {t, e_count});
+    EnsureCleanGates(&clean_gates_, gates_, {t, e_count});
     src->push_back(&device_clean_gates_);
     dst->push_back(&clean_gates_);
   }

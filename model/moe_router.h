@@ -112,6 +112,9 @@ class Router {
 
   Tensor device_epsilon_;  // [E] of kTaskGateEpsilon on the device (task gates)
 
+  // z [tokens, E] = x W_r^T on the router's device (per run of one task's tokens with
+  // `task`), in router_gemm's row-invariant order.
+  void ComputeLogits(const float* x, float* z, int64_t tokens, const int32_t* task);
   // dW_r += dz^T x and dx += dz W_r with dz on the router's device.
   void ApplyLogitGradient(const float* dz, float* dx);
   // An error naming the first token whose task id is out of range (or no ids at all).

@@ -39,11 +39,9 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
   // copy_if hands a count to the host: then drain the stream through the polling wait
   // first. Calls within the largest size so far, without padding, queue without a host
   // wait.
-  const int64_t visits = tokens * k;
-  const auto small = [](const auto& v, int64_t n) { return static_cast<int64_t>(v.size()) < n; };
-  if (routed != nullptr || small(s.order, tokens) || small(s.keys, visits) ||
-      small(s.rank, visits) || small(s.visit, visits) || (bpr && small(s.keys_w, tokens)) ||
-      small(s.cumulative, num_experts)) {
+  if (routed != nullptr ||
+      thrust_routing::AssignSlotsScratchGrows(tokens, num_experts, k, bpr, s.order, s.keys, s.rank,
+                                              s.visit, s.keys_w, s.cumulative)) {
     DrainCudaBackendStream();
   }
   thrust_routing::AssignSlots(BackendStreamPolicy::Get(), expert_index, weight, tokens, num_experts,

@@ -115,6 +115,17 @@ void GrowTo(Vec& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
+// Whether AssignSlots over `tokens` tokens would grow any of its scratch vectors.
+template <typename Vec32, typename Vec64, typename VecF>
+bool AssignSlotsScratchGrows(int64_t tokens, int num_experts, int k, bool bpr, const Vec32& order,
+                             const Vec32& keys_e, const Vec32& rank, const Vec64& visit,
+                             const VecF& keys_w, const Vec32& cumulative) {
+  const auto small = [](const auto& v, int64_t n) { return static_cast<int64_t>(v.size()) < n; };
+  return small(order, tokens) || small(keys_e, tokens * k) || small(rank, tokens * k) ||
+         small(visit, tokens * k) || (bpr && small(keys_w, tokens)) ||
+         small(cumulative, num_experts);
+}
+
 template <typename Policy, typename Vec32, typename Vec64, typename VecF>
 void AssignSlots(const Policy& policy, const int32_t* expert_index, const float* weight,
                  int64_t tokens, int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,

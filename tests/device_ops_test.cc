@@ -88,8 +88,21 @@ TEST(ThrustRouting, TopKAndSlotsMatchTheCpuReference) {
       {1000, 16, 4, true, false, 5}, {64, 3, 3, true, false, 1},   {5000, 64, 2, true, true, 0},
   };
   uint32_t seed = 1;
+  // One scratch for all cases, as a layer keeps it: it only grows, and smaller calls use
+  // its prefixes.
+  thrust::device_vector<float> keys_w;
+  thrust::device_vector<int32_t> s_order, s_keys, s_rank, s_cum;
+  thrust::device_vector<int64_t> s_visit;
+  int64_t most_tokens = 0;
   for (const Case& c : cases) {
     SCOPED_TRACE(Name(c));
+    const auto grows = [&](int64_t tokens) {
+      return thrust_routing::AssignSlotsScratchGrows(tokens, c.experts, c.k, c.bpr, s_order, s_keys,
+                                                     s_rank, s_visit, keys_w, s_cum);
+    };
+    if (c.tokens > most_tokens) {
+      EXPECT_TRUE(grows(c.tokens)) << "more tokens than ever";
+    }
     const std::vector<float> gates = Gates(c, seed++);
     std::vector<uint8_t> routed(c.tokens, 1);
     if (c.padding) {
@@ -102,10 +115,9 @@ TEST(ThrustRouting, TopKAndSlotsMatchTheCpuReference) {
     AssignSlots(idx.data(), w.data(), c.tokens, c.experts, c.k, c.bpr, slot.data(), load.data(),
                 &order, c.padding ? routed.data() : nullptr);
     // Thrust, in the device system's memory.
-    thrust::device_vector<float> d_gates(gates.begin(), gates.end()), d_w(c.tokens * c.k), keys_w;
+    thrust::device_vector<float> d_gates(gates.begin(), gates.end()), d_w(c.tokens * c.k);
     thrust::device_vector<int32_t> d_idx(c.tokens * c.k), d_slot(c.tokens * c.k, -1),
-        d_load(c.experts, -1), s_order, s_keys, s_rank, s_cum;
-    thrust::device_vector<int64_t> s_visit;
+        d_load(c.experts, -1);
     thrust::device_vector<uint8_t> d_routed(routed.begin(), routed.end());
     thrust_routing::TopK(thrust::device, thrust::raw_pointer_cast(d_gates.data()), c.tokens,
                          c.experts, c.k, thrust::raw_pointer_cast(d_idx.data()),
@@ -116,6 +128,9 @@ TEST(ThrustRouting, TopKAndSlotsMatchTheCpuReference) {
                                 thrust::raw_pointer_cast(d_load.data()),
                                 c.padding ? thrust::raw_pointer_cast(d_routed.data()) : nullptr,
                                 s_order, s_keys, s_rank, s_visit, keys_w, s_cum);
+    EXPECT_FALSE(grows(c.tokens)) << "the same call again needs no more scratch";
+    EXPECT_FALSE(grows(std::min<int64_t>(c.tokens, most_tokens))) << "nor a smaller one";
+    most_tokens = std::max(most_tokens, c.tokens);
     const thrust::host_vector<int32_t> h_idx = d_idx, h_slot = d_slot, h_load = d_load;
     const thrust::host_vector<float> h_w = d_w;
     EXPECT_EQ(std::vector<int32_t>(h_idx.begin(), h_idx.end()), idx);
