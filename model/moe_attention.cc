@@ -57,18 +57,26 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   if (!fixed.ok()) return fixed.status();
   x_ = x;
   seq_len_ = seq_len;
+  device_routed_ = DeviceRouting::Applies(dev, *fixed, args.routed, args.noise);
   {
     ScopedTimer timer(&timers_.router, config_.device);
     RouterInputs in;
     in.training = args.training;
     in.task = args.task;
     in.noise = args.noise;
-    MOERUN_RETURN_IF_ERROR(router_.Forward(x, in));
+    MOERUN_RETURN_IF_ERROR(device_routed_ ? router_.ForwardOnDevice(x, in)
+                                          : router_.Forward(x, in));
   }
   {
     ScopedTimer timer(&timers_.routing, config_.device);
-    RouteOnHost(router_, config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
-                args.routed, args.training, dev, &plan_, &aux_, &device_plan_);
+    if (device_routed_) {
+      // As the MoE layer's: the losses wait until the whole forward is queued.
+      routing_.Plan(&router_, static_cast<int>(k), config_.capacity.bpr, s, *fixed, &device_plan_,
+                    &plan_);
+    } else {
+      RouteOnHost(router_, config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
+                  args.routed, args.training, dev, &plan_, &aux_, &device_plan_);
+    }
   }
   // Shared keys and values.
   const OpsTable& ops = Ops(dev);
@@ -104,8 +112,14 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   BatchedLinearForward(a_exp_, params_.o_weight, nullptr, &o_exp_, &timers_.expert,
                        &timers_.expert_act);
   dispatcher_.FromExperts(o_exp_, &o_buf_, &timers_.all_to_all, &timers_.pack);
-  ScopedTimer timer(&timers_.combine, config_.device);
-  ops::CombineRows(o_buf_, device_plan_.row, device_plan_.weight, y);
+  {
+    ScopedTimer timer(&timers_.combine, config_.device);
+    ops::CombineRows(o_buf_, device_plan_.row, device_plan_.weight, y);
+  }
+  if (device_routed_) {
+    ScopedTimer timer(&timers_.routing, config_.device);
+    routing_.Finish(&router_, &plan_, &aux_, groups_->world(), args.training);
+  }
   return Status::Ok();
 }
 
@@ -159,9 +173,14 @@ void MoeAttention::Backward(const Tensor& dy, Tensor* dx) {
                  grads_.kv_weight.device_data<float>(dev), grads_.kv_bias.device_data<float>(dev),
                  t, d, 2 * dh);
   MOERUN_OP(ops, axpy)(1.0f, dx_kv.device_data<float>(dev), dx->device_data<float>(dev), t * d);
-  // The router: gates -> logits on the host, -> W_r and x on the device.
+  // The router: gates -> logits (on the device with device routing, else on the host),
+  // -> W_r and x on the device.
   ScopedTimer timer(&timers_.bwd_router, config_.device);
-  aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
+  if (device_routed_) {
+    routing_.Backward(&router_, plan_, device_plan_, aux_, d_weight_, groups_->world().size(), dx);
+  } else {
+    aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
+  }
 }
 
 void MoeAttention::ReduceReplicaGradients() {

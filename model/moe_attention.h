@@ -16,6 +16,7 @@
 #include <memory>
 
 #include "model/moe_aux.h"
+#include "model/moe_device_routing.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_layer.h"
 #include "model/moe_plan.h"
@@ -31,8 +32,11 @@ struct MoeAttentionConfig {
   int tasks = 1;
   CapacityRule capacity;
   AuxWeights aux;  // importance / gshard / z / mi (no noise, so no load loss)
-  // Where the projections, rows, per-choice attention and router GEMMs live (as
-  // MoeLayerConfig::device: on a device the gates, plan and aux losses are the host's).
+  // Where the projections, rows, per-choice attention and router GEMMs live. On a device,
+  // at a fixed capacity without padding tokens or given noise, the task softmax and the
+  // plan run there too (DeviceRouting, as MoeLayerConfig::device): the host computes the
+  // auxiliary losses from one copy of the tables, once the forward is queued, and the
+  // backward has no host wait. Otherwise the gates and plan are the host's.
   Device device = Device::kCPU;
 };
 
@@ -75,6 +79,8 @@ class MoeAttention {
   Tensor& usage() { return aux_.usage(); }
   // On a device, the times of device timers land at ResolveDeviceTimers().
   MoeTimers& timers() { return timers_; }
+  // Whether the last forward routed on the device (MoeAttentionConfig::device).
+  bool routed_on_device() const { return device_routed_; }
 
  private:
   MoeAttentionConfig config_;
@@ -96,6 +102,8 @@ class MoeAttention {
   Tensor probs_;                  // [T, K, L]
   Tensor a_exp_, o_exp_, o_buf_;  // [E_local, R', dh]; [E_local, R', D]; [E, R, D]
   Tensor d_weight_;               // [T, K] d combine weights, on the device
+  bool device_routed_ = false;    // the last forward's routing, on the device or not
+  DeviceRouting routing_;
 };
 
 }  // namespace moerun

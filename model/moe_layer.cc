@@ -118,8 +118,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
       CheckGroupsAndCapacity(config_.capacity_rule(), t, config_.num_experts, config_.k, &s);
   if (!fixed.ok()) return fixed.status();
 
-  device_routed_ = RoutesOnDevice(args, *fixed);
-  loss_gradient_uploaded_ = false;
+  device_routed_ = DeviceRouting::Applies(dev, *fixed, args.routed, args.noise);
   // 1. Router: gates for every token and expert.
   {
     ScopedTimer timer(&timers_.router, config_.device);
@@ -136,17 +135,9 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   {
     ScopedTimer timer(&timers_.routing, config_.device);
     if (device_routed_) {
-      // The plan on the device; its tables and the router's start their way to the host
-      // in one copy, for the losses, which the host computes after the experts are queued.
-      PlanOnDevice(s, *fixed);
-      std::vector<const Tensor*> src;
-      std::vector<Tensor*> dst;
-      router_.HostCopies(&src, &dst);
-      src.insert(src.end(), {&device_plan_.expert_index, &device_plan_.slot, &device_plan_.weight,
-                             &device_plan_.row, &device_load_});
-      dst.insert(dst.end(),
-                 {&plan_.expert_index, &plan_.slot, &plan_.weight, &plan_.row, &host_load_});
-      routing_copies_.Start(src, dst);
+      // The plan on the device; its tables and the router's start their way to the host,
+      // for the losses, which the host computes after the experts and combine are queued.
+      routing_.Plan(&router_, config_.k, config_.bpr, s, *fixed, &device_plan_, &plan_);
     } else {
       RouteOnHost(router_, config_.capacity_rule(), config_.k, s, *fixed, groups_->world(),
                   args.routed, args.training, dev, &plan_, &aux_, &device_plan_);
@@ -184,73 +175,10 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
   // 5. Device routing: the losses on the host while the device runs the experts, and the
   // losses' part of d(logits) to the device for the backward.
   if (device_routed_) {
-    ComputeLossesOnHost(args);
-    if (args.training) UploadLossGradient();
+    ScopedTimer timer(&timers_.routing, config_.device);
+    routing_.Finish(&router_, &plan_, &aux_, groups_->world(), args.training);
   }
   return Status::Ok();
-}
-
-bool MoeLayer::RoutesOnDevice(const MoeForwardArgs& args, int64_t fixed_capacity) const {
-  if (config_.device == Device::kCPU) return false;
-  if (fixed_capacity <= 0 || args.routed != nullptr || args.noise != nullptr) return false;
-  const OpsTable& ops = Ops(config_.device);
-  return ops.top_k != nullptr && ops.add_router_noise != nullptr && ops.assign_slots != nullptr &&
-         ops.plan_rows != nullptr && ops.router_logits_backward != nullptr &&
-         ops.add_bias != nullptr;
-}
-
-void MoeLayer::PlanOnDevice(int64_t group_size, int64_t capacity) {
-  const Device dev = config_.device;
-  const OpsTable& ops = Ops(dev);
-  const Tensor& gates = router_.device_gates();
-  const int64_t t = gates.dim(0), e_count = config_.num_experts, k = config_.k;
-  const int e = static_cast<int>(e_count), kk = static_cast<int>(k);
-  RoutingPlan& p = device_plan_;
-  SetPlanLayout(&p, t, k, e_count, group_size, capacity);
-  SetPlanLayout(&plan_, t, k, e_count, group_size, capacity);
-  p.routed = plan_.routed = nullptr;
-  p.load.clear();
-  EnsureTensor(&p.expert_index, {t, k}, DType::kI32, dev);
-  EnsureTensor(&p.slot, {t, k}, DType::kI32, dev);
-  EnsureTensor(&p.weight, {t, k}, DType::kF32, dev);
-  EnsureTensor(&p.row, {t, k}, DType::kI32, dev);
-  EnsureTensor(&device_load_, {p.groups, e_count}, DType::kI32, dev);
-  int32_t* idx = p.expert_index.device_data<int32_t>(dev);
-  int32_t* slot = p.slot.device_data<int32_t>(dev);
-  float* w = p.weight.device_data<float>(dev);
-  int32_t* load = device_load_.device_data<int32_t>(dev);
-  MOERUN_OP(ops, top_k)(gates.device_data<float>(dev), t, e, kk, idx, w);
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t off = g * group_size * k;
-    MOERUN_OP(ops, assign_slots)
-    (idx + off, w + off, group_size, e, kk, config_.bpr, slot + off, load + g * e_count);
-  }
-  MOERUN_OP(ops, plan_rows)
-  (idx, slot, t, k, group_size, capacity, p.rows_per_expert(), p.row.device_data<int32_t>(dev));
-  // The host plan's tables, copied in Forward.
-  EnsureTensor(&plan_.expert_index, {t, k}, DType::kI32);
-  EnsureTensor(&plan_.slot, {t, k}, DType::kI32);
-  EnsureTensor(&plan_.weight, {t, k}, DType::kF32);
-  EnsureTensor(&plan_.row, {t, k}, DType::kI32);
-  EnsureTensor(&host_load_, {p.groups, e_count}, DType::kI32);
-}
-
-void MoeLayer::ComputeLossesOnHost(const MoeForwardArgs& args) {
-  ScopedTimer timer(&timers_.routing, config_.device);
-  routing_copies_.Finish();  // the routing's tables, long on the host by now
-  const int32_t* load = host_load_.data<int32_t>();
-  plan_.load.assign(load, load + host_load_.numel());
-  aux_.Compute(router_, plan_, groups_->world());
-  if (args.training) aux_.UpdateUsage();
-}
-
-void MoeLayer::UploadLossGradient() {
-  ScopedTimer timer(&timers_.routing, config_.device);
-  aux_.LossLogitGradient(&router_, plan_, groups_->world().size());
-  const Tensor& host = router_.d_logits();
-  EnsureTensor(&dz_loss_, host.shape(), DType::kF32, config_.device);
-  loss_upload_.Copy(host, &dz_loss_);  // no host wait
-  loss_gradient_uploaded_ = true;
 }
 
 void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
@@ -294,17 +222,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
     aux_.RouterBackward(&router_, plan_, d_weight_, groups_->world().size(), dx);
     return;
   }
-  // On the device: the combine weights' part through the softmax, added to the losses'
-  // part the forward uploaded (now, after a forward that was not training).
-  if (!loss_gradient_uploaded_) UploadLossGradient();
-  const Device dev = config_.device;
-  EnsureTensor(&d_logits_, dz_loss_.shape(), DType::kF32, dev);
-  MOERUN_OP(Ops(dev), router_logits_backward)
-  (router_.device_choice_softmax().device_data<float>(dev),
-   device_plan_.expert_index.device_data<int32_t>(dev), device_plan_.row.device_data<int32_t>(dev),
-   d_weight_.device_data<float>(dev), dz_loss_.device_data<float>(dev),
-   d_logits_.device_data<float>(dev), t, config_.num_experts, config_.k);
-  router_.DeviceLogitsToInputs(d_logits_, dx->device_data<float>(dev));
+  routing_.Backward(&router_, plan_, device_plan_, aux_, d_weight_, groups_->world().size(), dx);
 }
 
 bool MoeLayer::local() const { return groups_->expert().size() == 1; }

@@ -19,6 +19,7 @@
 
 #include "comm/communicator.h"
 #include "model/moe_aux.h"
+#include "model/moe_device_routing.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_experts.h"
 #include "model/moe_plan.h"
@@ -166,16 +167,6 @@ class MoeLayer {
   bool local() const;       // one expert-parallel rank: the experts take dispatch_ as it is
   // The combine's input, [E, G*cap, D]: the experts' output itself when local().
   const Tensor& combined() const;
-  // Device routing for this forward (see MoeLayerConfig::device).
-  bool RoutesOnDevice(const MoeForwardArgs& args, int64_t fixed_capacity) const;
-  // Device routing: the plan from the router's device gates into device_plan_, for groups
-  // of `group_size` tokens at `capacity`.
-  void PlanOnDevice(int64_t group_size, int64_t capacity);
-  // Device routing: waits for the router's and the plan's tables on the host (one copy,
-  // started after the plan), then the losses and metrics there.
-  void ComputeLossesOnHost(const MoeForwardArgs& args);
-  // Device routing: the losses' part of d(logits) to dz_loss_ on the device.
-  void UploadLossGradient();
 
   MoeLayerConfig config_;
   std::shared_ptr<MoeGroups> groups_;
@@ -195,12 +186,9 @@ class MoeLayer {
   Tensor combine_in_;        // [E, G*cap, D] (unused when local())
   Tensor d_expert_out_, d_expert_in_;
   Tensor d_weight_;  // [T, K] d(combine weight), from the combine backward
-  // Device routing: whether the last forward routed on the device; its [groups, E] loads
-  // there; the losses' part of d(logits) there (once uploaded) and d(logits).
-  bool device_routed_ = false, loss_gradient_uploaded_ = false;
-  Tensor device_load_, host_load_, dz_loss_, d_logits_;
-  StagedUpload loss_upload_;   // dz_loss_'s, without a host wait
-  HostCopies routing_copies_;  // the router's and the plan's tables to the host
+  // Whether the last forward routed on the device (MoeLayerConfig::device), and that routing.
+  bool device_routed_ = false;
+  DeviceRouting routing_;
 };
 
 }  // namespace moerun

@@ -9,11 +9,13 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "comm/loopback_communicator.h"
+#include "model/moe_attention.h"
 #include "model/moe_dispatch.h"
 #include "model/moe_layer.h"
 #include "model/moe_plan.h"
@@ -320,25 +322,49 @@ TEST(CudaOpsTable, RowKernelsRunTheHostLaneFormsBitForBit) {
 // noisy, not, and with task gates: the same routing (near-tied gates could differ: the device's
 // expf, logf and sincosf round differently; these inputs have none), the losses, outputs and
 // gradients to 1e-4.
+// A host tensor of normal values.
+Tensor RandomTensor(const Shape& shape, float scale, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  Tensor t = Tensor::Empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = scale * n01(rng);
+  return t;
+}
+
+// A host tensor against another on any device.
+void ExpectTensorClose(const Tensor& want, const Tensor& got_any, float tol) {
+  const Tensor got = got_any.To(Device::kCPU);
+  std::vector<float> a(want.data<float>(), want.data<float>() + want.numel());
+  std::vector<float> b(got.data<float>(), got.data<float>() + got.numel());
+  op_cases::ExpectClose(a, b, tol);
+}
+
+// Two layers' routing plans and loss terms: the same choices, slots and rows, each loss
+// term within `rel` of its own magnitude.
+void ExpectSameRouting(const RoutingPlan& want, const RoutingPlan& got,
+                       const MoeLosses& want_losses, const MoeLosses& got_losses, double rel) {
+  for (const auto& [name, a, b] :
+       {std::tuple{"expert", &want.expert_index, &got.expert_index},
+        std::tuple{"slot", &want.slot, &got.slot}, std::tuple{"row", &want.row, &got.row}}) {
+    SCOPED_TRACE(name);
+    EXPECT_EQ(std::vector<int32_t>(a->data<int32_t>(), a->data<int32_t>() + a->numel()),
+              std::vector<int32_t>(b->data<int32_t>(), b->data<int32_t>() + b->numel()));
+  }
+  EXPECT_EQ(want.load, got.load);
+  ASSERT_EQ(want_losses.terms.size(), got_losses.terms.size());
+  for (size_t i = 0; i < want_losses.terms.size(); ++i) {
+    SCOPED_TRACE(want_losses.terms[i].name);
+    EXPECT_NEAR(want_losses.terms[i].value, got_losses.terms[i].value,
+                rel * std::fabs(want_losses.terms[i].value));
+  }
+}
+
 TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
   if (!HaveGpu()) {
     std::printf("skipped: no GPU\n");
     GTEST_SKIP() << "skipped: no GPU";
   }
   RegisterCudaOps();
-  const auto random = [](const Shape& shape, float scale, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> n01;
-    Tensor t = Tensor::Empty(shape);
-    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = scale * n01(rng);
-    return t;
-  };
-  const auto close = [](const Tensor& want, const Tensor& got_any, float tol) {
-    const Tensor got = got_any.To(Device::kCPU);
-    std::vector<float> a(want.data<float>(), want.data<float>() + want.numel());
-    std::vector<float> b(got.data<float>(), got.data<float>() + got.numel());
-    op_cases::ExpectClose(a, b, tol);
-  };
   for (const double noise : {1.0, 0.0, -1.0}) {  // -1: Mod-Squad's task gates
     const bool task_gate = noise < 0;
     SCOPED_TRACE(task_gate ? "task gates" : "noise " + std::to_string(noise));
@@ -365,13 +391,13 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
          {std::pair{&p.router_weight, &q.router_weight}, std::pair{&p.fc1_weight, &q.fc1_weight},
           std::pair{&p.fc1_bias, &q.fc1_bias}, std::pair{&p.fc2_weight, &q.fc2_weight},
           std::pair{&p.fc2_bias, &q.fc2_bias}}) {
-      a->CopyFrom(random(a->shape(), 0.3f, seed++));
+      a->CopyFrom(RandomTensor(a->shape(), 0.3f, seed++));
       b->CopyFrom(*a);
     }
     cpu.ZeroGradients();
     dev.ZeroGradients();
     const int64_t t = 256;
-    const Tensor x = random({t, cfg.d}, 1.0f, 110), dy = random({t, cfg.d}, 1.0f, 111);
+    const Tensor x = RandomTensor({t, cfg.d}, 1.0f, 110), dy = RandomTensor({t, cfg.d}, 1.0f, 111);
     MoeForwardArgs args;
     args.noise_key = {3, 7, 2};
     std::vector<int32_t> task(t);
@@ -385,28 +411,75 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), args, &y_d).ok());
     dev.Backward(dy.To(Device::kCUDA), &dx_d);
     ASSERT_TRUE(dev.routed_on_device());
-    for (const Tensor* v : {&cpu.plan().expert_index, &cpu.plan().slot, &cpu.plan().row}) {
-      const Tensor& w = v == &cpu.plan().expert_index ? dev.plan().expert_index
-                        : v == &cpu.plan().slot       ? dev.plan().slot
-                                                      : dev.plan().row;
-      EXPECT_EQ(std::vector<int32_t>(v->data<int32_t>(), v->data<int32_t>() + v->numel()),
-                std::vector<int32_t>(w.data<int32_t>(), w.data<int32_t>() + w.numel()));
-    }
-    EXPECT_EQ(cpu.plan().load, dev.plan().load);
-    ASSERT_EQ(cpu.losses().terms.size(), dev.losses().terms.size());
-    for (size_t i = 0; i < cpu.losses().terms.size(); ++i) {
-      SCOPED_TRACE(cpu.losses().terms[i].name);
-      EXPECT_NEAR(cpu.losses().terms[i].value, dev.losses().terms[i].value,
-                  1e-5 * std::fabs(cpu.losses().terms[i].value));
-    }
+    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.losses(), dev.losses(), 1e-5);
     if (task_gate) {
       EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";
     }
-    close(y, y_d, 1e-4f);
-    close(dx, dx_d, 1e-4f);
-    close(cpu.grads().router_weight, dev.grads().router_weight, 1e-4f);
-    close(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-4f);
+    ExpectTensorClose(y, y_d, 1e-4f);
+    ExpectTensorClose(dx, dx_d, 1e-4f);
+    ExpectTensorClose(cpu.grads().router_weight, dev.grads().router_weight, 1e-4f);
+    ExpectTensorClose(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-4f);
   }
+}
+
+// Mod-Squad's mixture of attention heads routes on the GPU too (task softmax, plan, the
+// losses from one copy of the tables), as the CPU layer routes; outputs and gradients.
+TEST(CudaMoeAttention, RoutesOnTheGpuAsTheCpuLayerRoutes) {
+  if (!HaveGpu()) {
+    std::printf("skipped: no GPU\n");
+    GTEST_SKIP() << "skipped: no GPU";
+  }
+  RegisterCudaOps();
+  LoopbackCommunicator host_one(0, 1), job_one(0, 1);
+  LoopbackCommunicator device_one(0, 1, "world", Device::kCUDA);
+  MoeAttentionConfig cfg;
+  cfg.d = 64;
+  cfg.head_dim = 16;
+  cfg.num_experts = 8;
+  cfg.k = 4;
+  cfg.tasks = 3;
+  cfg.capacity.capacity_factor = 1.0;
+  cfg.capacity.group_size = 64;
+  cfg.aux.mi = 0.01;
+  cfg.aux.z = 0.001;
+  MoeAttention cpu(cfg, *MoeGroups::Create(&host_one, 8));
+  cfg.device = Device::kCUDA;
+  MoeAttention dev(cfg, *MoeGroups::Create(&job_one, 8, &device_one));
+  uint32_t seed = 200;
+  MoeAttentionParams& p = cpu.params();
+  MoeAttentionParams& q = dev.params();
+  for (auto [a, b] : {std::pair{&p.router_weight, &q.router_weight},
+                      {&p.q_weight, &q.q_weight},
+                      {&p.o_weight, &q.o_weight},
+                      {&p.kv_weight, &q.kv_weight},
+                      {&p.kv_bias, &q.kv_bias}}) {
+    a->CopyFrom(RandomTensor(a->shape(), 0.3f, seed++));
+    b->CopyFrom(*a);
+  }
+  cpu.ZeroGradients();
+  dev.ZeroGradients();
+  const int64_t t = 256, seq_len = 16;
+  std::vector<int32_t> task(t);
+  for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>((i / 48) % 3);
+  const Tensor x = RandomTensor({t, cfg.d}, 1.0f, 210), dy = RandomTensor({t, cfg.d}, 1.0f, 211);
+  MoeForwardArgs args;
+  args.task = task.data();
+  Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
+  ASSERT_TRUE(cpu.Forward(x, seq_len, args, &y).ok());
+  cpu.Backward(dy, &dx);
+  Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
+         dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
+  ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), seq_len, args, &y_d).ok());
+  dev.Backward(dy.To(Device::kCUDA), &dx_d);
+  ASSERT_TRUE(dev.routed_on_device());
+  ExpectSameRouting(cpu.plan(), dev.plan(), cpu.losses(), dev.losses(), 1e-5);
+  EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";
+  EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
+  ExpectTensorClose(y, y_d, 1e-4f);
+  ExpectTensorClose(dx, dx_d, 1e-4f);
+  ExpectTensorClose(cpu.grads().router_weight, dev.grads().router_weight, 1e-4f);
+  ExpectTensorClose(cpu.grads().q_weight, dev.grads().q_weight, 1e-4f);
+  ExpectTensorClose(cpu.grads().kv_weight, dev.grads().kv_weight, 1e-4f);
 }
 
 }  // namespace

@@ -1073,6 +1073,67 @@ TEST_F(StandInCuda, MoeLayerKeepsItsActivationsOnTheDeviceForTheRouter) {
   }
 }
 
+// One step of a layer that routes on the device (after a first step, which allocated its
+// staging), under a counting backend: the forward makes one staged copy each way (the
+// tables to the host, the losses' d(logits) back), no blocking copy and no wait but the
+// one for the tables, after the combine was queued (on the stand-in: has run; y_d holds
+// NaN until the combine writes it); the backward copies nothing and waits for nothing.
+void ExpectAStepWithoutHostWaits(Backend* backend, Tensor* y_d,
+                                 const std::function<void()>& forward,
+                                 const std::function<void()>& backward) {
+  CountingBackend counting(backend);
+  SetBackendForTesting(Device::kCUDA, &counting);
+  static_cast<float*>(y_d->raw_data())[0] = std::nanf("");
+  int waits = 0;
+  bool combined_before_wait = false;
+  counting.on_wait_to_host = [&] {
+    ++waits;
+    combined_before_wait = !std::isnan(static_cast<const float*>(y_d->raw_data())[0]);
+  };
+  forward();
+  EXPECT_EQ(waits, 1);
+  EXPECT_TRUE(combined_before_wait) << "the host waited for the tables before the combine";
+  EXPECT_EQ(counting.to_staging, 1) << "the router's and the plan's tables in one copy";
+  EXPECT_EQ(counting.from_staging, 1) << "the losses' d(logits)";
+  EXPECT_EQ(counting.to_host + counting.from_host, 0) << "no blocking copy";
+  EXPECT_EQ(counting.syncs, 0) << "no wait for the device";
+  backward();
+  EXPECT_EQ(counting.to_staging + counting.to_host, 1) << "the backward brings nothing";
+  EXPECT_EQ(counting.from_staging + counting.from_host, 1) << "nor sends anything";
+  EXPECT_EQ(counting.syncs, 0) << "nor waits for the device";
+  SetBackendForTesting(Device::kCUDA, backend);
+}
+
+// The CPU layer's routing against the device layer's: the same choices, slots, rows, loads
+// and dropped fractions, the combine weights to 1e-6, every loss term to 1e-6 of its own
+// magnitude and equally active.
+void ExpectSameRouting(const RoutingPlan& want, const RoutingPlan& got,
+                       const MoeAuxLosses& want_aux, const MoeAuxLosses& got_aux) {
+  for (const auto& [name, a, b] :
+       {std::tuple{"expert", &want.expert_index, &got.expert_index},
+        std::tuple{"slot", &want.slot, &got.slot}, std::tuple{"row", &want.row, &got.row}}) {
+    SCOPED_TRACE(name);
+    ASSERT_EQ(a->numel(), b->numel());
+    for (int64_t i = 0; i < a->numel(); ++i) {
+      ASSERT_EQ(a->data<int32_t>()[i], b->data<int32_t>()[i]) << i;
+    }
+  }
+  EXPECT_EQ(want.load, got.load);
+  EXPECT_EQ(want_aux.metrics().dropped_fraction, got_aux.metrics().dropped_fraction);
+  const float* wc = want.weight.data<float>();
+  const float* wd = got.weight.data<float>();
+  ExpectClose(std::vector<float>(wc, wc + want.weight.numel()),
+              std::vector<float>(wd, wd + got.weight.numel()), 1e-6f);
+  const MoeLosses& a = want_aux.losses();
+  const MoeLosses& b = got_aux.losses();
+  ASSERT_EQ(a.terms.size(), b.terms.size());
+  for (size_t i = 0; i < a.terms.size(); ++i) {
+    SCOPED_TRACE(a.terms[i].name);
+    EXPECT_NEAR(a.terms[i].value, b.terms[i].value, 1e-6 * std::fabs(a.terms[i].value));
+    EXPECT_EQ(a.terms[i].active, b.terms[i].active);
+  }
+}
+
 // Device routing: a MoE layer at a fixed capacity makes its noise, softmaxes and
 // routing plan on the device. Its forward brings the router's and the plan's tables to the
 // host in one copy (for the losses) and sends the losses' d(logits) back in one; its
@@ -1141,35 +1202,14 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
            dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
     const Tensor x_d = Dev(x), dy_d = Dev(dy);
     // A first step allocates the staging (after waiting for the stream); the second is
-    // counted: no blocking copy and no wait, one staged copy each way in the forward,
-    // nothing in the backward.
+    // counted.
     ASSERT_TRUE(dev.Forward(x_d, args, &y_d).ok());
     dev.Backward(dy_d, &dx_d);
     dev.ZeroGradients();
-    CountingBackend counting(backend_.get());
-    SetBackendForTesting(Device::kCUDA, &counting);
-    // The host waits for the routing's tables only after the combine has been queued (on
-    // the stand-in: has run): y_d holds NaN until the combine writes it.
-    static_cast<float*>(y_d.raw_data())[0] = std::nanf("");
-    int waits = 0;
-    bool combined_before_wait = false;
-    counting.on_wait_to_host = [&] {
-      ++waits;
-      combined_before_wait = !std::isnan(static_cast<const float*>(y_d.raw_data())[0]);
-    };
-    ASSERT_TRUE(dev.Forward(x_d, args, &y_d).ok());
-    EXPECT_EQ(waits, 1);
-    EXPECT_TRUE(combined_before_wait) << "the host waited for the tables before the combine";
+    ExpectAStepWithoutHostWaits(
+        backend_.get(), &y_d, [&] { ASSERT_TRUE(dev.Forward(x_d, args, &y_d).ok()); },
+        [&] { dev.Backward(dy_d, &dx_d); });
     EXPECT_TRUE(dev.routed_on_device());
-    EXPECT_EQ(counting.to_staging, 1) << "the router's and the plan's tables in one copy";
-    EXPECT_EQ(counting.from_staging, 1) << "the losses' d(logits)";
-    EXPECT_EQ(counting.to_host + counting.from_host, 0) << "no blocking copy";
-    EXPECT_EQ(counting.syncs, 0) << "no wait for the device";
-    dev.Backward(dy_d, &dx_d);
-    EXPECT_EQ(counting.to_staging + counting.to_host, 1) << "the backward brings nothing";
-    EXPECT_EQ(counting.from_staging + counting.from_host, 1) << "nor sends anything";
-    EXPECT_EQ(counting.syncs, 0) << "nor waits for the device";
-    SetBackendForTesting(Device::kCUDA, backend_.get());
     ASSERT_TRUE(cpu.router().noisy() == (c.noise > 0) && dev.router().noisy() == (c.noise > 0));
     if (!task_gate) {
       EXPECT_EQ(cpu.router().noisy_logits().defined(), c.noise > 0);
@@ -1177,29 +1217,7 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
       EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
       EXPECT_NE(cpu.losses().value("mi"), 0.0) << "an active MI term";
     }
-    for (const auto& [name, a, b] :
-         {std::tuple{"expert", &cpu.plan().expert_index, &dev.plan().expert_index},
-          std::tuple{"slot", &cpu.plan().slot, &dev.plan().slot},
-          std::tuple{"row", &cpu.plan().row, &dev.plan().row}}) {
-      SCOPED_TRACE(name);
-      ASSERT_EQ(a->numel(), b->numel());
-      for (int64_t i = 0; i < a->numel(); ++i) {
-        ASSERT_EQ(a->data<int32_t>()[i], b->data<int32_t>()[i]) << i;
-      }
-    }
-    EXPECT_EQ(cpu.plan().load, dev.plan().load);
-    EXPECT_EQ(cpu.metrics().dropped_fraction, dev.metrics().dropped_fraction);
-    const float* wc = cpu.plan().weight.data<float>();
-    const float* wd = dev.plan().weight.data<float>();
-    ExpectClose(std::vector<float>(wc, wc + t * cfg.k), std::vector<float>(wd, wd + t * cfg.k),
-                1e-6f);
-    ASSERT_EQ(cpu.losses().terms.size(), dev.losses().terms.size());
-    for (size_t i = 0; i < cpu.losses().terms.size(); ++i) {
-      SCOPED_TRACE(cpu.losses().terms[i].name);
-      EXPECT_NEAR(cpu.losses().terms[i].value, dev.losses().terms[i].value,
-                  1e-6 * std::fabs(cpu.losses().terms[i].value));
-      EXPECT_EQ(cpu.losses().terms[i].active, dev.losses().terms[i].active);
-    }
+    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux());
     EXPECT_GT(cpu.losses().aux_total, 0.0);
     ExpectNear(y, y_d, 1e-5f);
     ExpectNear(dx, dx_d, 1e-5f);
@@ -1813,23 +1831,29 @@ TEST_F(StandInCuda, TrainerReadsTheDevicesMemoryOnEveryRankBeforeAnyAllocates) {
 
 // Mod-Squad's mixture of attention heads with its projections, rows and per-choice
 // attention on the device (over one rank and two simulated expert-parallel ranks): the
-// CPU layer's outputs and gradients; the router's GEMMs on the device too.
+// CPU layer's outputs and gradients; the router's GEMMs on the device too. At a fixed
+// capacity it routes on the device as the MoE layer does (one wait per forward, for the
+// tables, after the combine is queued; nothing in the backward). Dropless, on the host.
 TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
   for (int ranks : {1, 2}) {
     SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)");
-    LoopbackCommunicator host_world(0, ranks);
+    // The device layer's as a job's: host statistics over the world, rows over the
+    // device's communicator.
+    LoopbackCommunicator host_world(0, ranks), device_job_world(0, ranks);
     DeviceLoopback device_world(0, ranks);
     auto host_groups = *MoeGroups::Create(&host_world, 4);
-    auto device_groups = *MoeGroups::Create(&device_world, 4);
+    auto device_groups = *MoeGroups::Create(&device_job_world, 4, &device_world);
     MoeAttentionConfig cfg;
     cfg.d = 16;
     cfg.head_dim = 4;
     cfg.num_experts = 4;
     cfg.k = 2;
-    cfg.tasks = 2;
+    cfg.tasks = 3;
     cfg.capacity.capacity_factor = 1.0;
     cfg.capacity.multiple_of = 0;
+    cfg.capacity.bpr = ranks == 1;
     cfg.aux.mi = 0.1;
+    cfg.aux.z = 0.01;
     MoeAttention cpu(cfg, host_groups);
     cfg.device = Device::kCUDA;
     MoeAttention dev(cfg, device_groups);
@@ -1851,7 +1875,7 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     dev.ZeroGradients();
     const int64_t t = 40, seq_len = 8;
     std::vector<int32_t> task(t);
-    for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>(i / 24);  // 3 seqs, 2 seqs
+    for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>(i / 16);  // 2, 2, 1 seqs
     const Tensor x = Random({t, cfg.d}, 1.0f, 80), dy = Random({t, cfg.d}, 1.0f, 81);
     MoeForwardArgs args;
     args.task = task.data();
@@ -1860,11 +1884,20 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     cpu.Backward(dy, &dx);
     Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
            dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
-    ASSERT_TRUE(dev.Forward(Dev(x), seq_len, args, &y_d).ok());
-    dev.Backward(Dev(dy), &dx_d);
+    const Tensor x_d = Dev(x), dy_d = Dev(dy);
+    // The first step allocates the staging; the second is counted.
+    ASSERT_TRUE(dev.Forward(x_d, seq_len, args, &y_d).ok());
+    dev.Backward(dy_d, &dx_d);
+    dev.ZeroGradients();
+    ExpectAStepWithoutHostWaits(
+        backend_.get(), &y_d, [&] { ASSERT_TRUE(dev.Forward(x_d, seq_len, args, &y_d).ok()); },
+        [&] { dev.Backward(dy_d, &dx_d); });
+    EXPECT_TRUE(dev.routed_on_device());
+    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux());
     EXPECT_GT(cpu.metrics().dropped_fraction.back(), 0.0) << "capacity 1.0 with k = 2 drops";
-    EXPECT_EQ(cpu.metrics().dropped_fraction, dev.metrics().dropped_fraction);
-    EXPECT_EQ(cpu.losses().aux_total, dev.losses().aux_total);
+    EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
+    EXPECT_NE(cpu.losses().value("mi"), 0.0) << "an active MI term";
+    EXPECT_NE(cpu.losses().value("z"), 0.0) << "an active z term";
     ExpectNear(y, y_d, 1e-5f);
     ExpectNear(dx, dx_d, 1e-5f);
     ExpectNear(cpu.grads().q_weight, dev.grads().q_weight, 1e-5f);
@@ -1873,6 +1906,12 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     ExpectNear(cpu.grads().kv_bias, dev.grads().kv_bias, 1e-5f);
     ASSERT_EQ(dev.grads().router_weight.device(), Device::kCUDA) << "the router's GEMMs too";
     ExpectNear(cpu.grads().router_weight, dev.grads().router_weight, 1e-5f);
+
+    // Dropless: the plan's capacity (the largest load) sets buffer shapes, so the host routes.
+    cfg.capacity.capacity_factor = 0;
+    MoeAttention dropless(cfg, device_groups);
+    ASSERT_TRUE(dropless.Forward(x_d, seq_len, args, &y_d).ok());
+    EXPECT_FALSE(dropless.routed_on_device());
   }
 }
 
