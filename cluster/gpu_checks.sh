@@ -5,7 +5,8 @@
 #   1. moerun env (backends, devices)
 #   2. the CUDA backend tests and the backend-op table on CUDA against the CPU
 #   3. replay-moe on CPU and CUDA: both against the NumPy reference, and CUDA against CPU
-#   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch
+#   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch; bench train
+#      --device cuda of V-MoE-B/16 (fp32 and bf16) beside this GPU's GEMM peak (MFU)
 #   5. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
 #   6. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
 # Usage (device tool): command "bash cluster/gpu_checks.sh", carry [".gpu"], timeout_s 600.
@@ -100,7 +101,7 @@ step() {
   local rc=$?
   echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
   # The step's result lines (bench, dry-run, evaluation, a run's final line) in the summary.
-  grep -hE '"(bench|event)": ?"(moe-layer|moe-layer-torch|dry_run|eval|final)"' \
+  grep -hE '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"' \
     "$out/$name.log" >>"$out/summary.txt" || true
   [ $rc -eq 0 ] || { failed=1; tail -n 15 "$out/$name.log"; }
 }
@@ -117,6 +118,10 @@ if [[ " $checks " == *" 3 "* ]]; then
 fi
 if [[ " $checks " == *" 4 "* ]]; then
   step bench_moe_layer 150 "$moerun" bench moe-layer --device cuda --bpr 1
+  step bench_train 150 bash -c "'$moerun' bench train --config '$g/configs/vmoe_b16_every2.pbtxt' \
+    --device cuda --batch 32 --steps 5; a=\$?; '$moerun' bench train --config \
+    '$g/configs/vmoe_b16_every2.pbtxt' --device cuda --batch 32 --steps 5 \
+    -o train.precision=BF16 && exit \$a"
 fi
 if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data

@@ -25,6 +25,10 @@ struct MoeLayerBenchSpec {
 // False when the CUDA kernels were not built (no nvcc at configure time).
 bool CudaMoeBenchBuilt();
 int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session);
+// bf16 GEMM TFLOP/s of cuBLAS at n x n x n (bf16 operands in memory, fp32 accumulation) on
+// this process's GPU: the limit beside which bf16 GEMMs are reported. 0 without the CUDA
+// kernels.
+double CublasBf16PeakTflops(int64_t n);
 // Runs launch/moe_layer_torch.py (next to this binary's source tree) with the same shape
 // on the same GPU; returns its JSON line, or "" when the script is not found.
 std::string RunTorchPeer(const MoeLayerBenchSpec& spec, int64_t d, int64_t m, int64_t e,

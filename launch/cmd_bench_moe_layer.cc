@@ -57,6 +57,7 @@ double RawAllToAllGbps(int64_t floats_per_peer, int p, int iters) {
 
 #ifndef MOERUN_WITH_CUDA_KERNELS
 bool CudaMoeBenchBuilt() { return false; }
+double CublasBf16PeakTflops(int64_t) { return 0; }
 int RunBenchMoeLayerCuda(const MoeLayerBenchSpec&, Session&) {
   PrintError("moerun bench moe-layer",
              "--device cuda: this moerun was built without the CUDA kernels (nvcc was not found "

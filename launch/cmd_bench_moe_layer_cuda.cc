@@ -46,9 +46,19 @@ class EventTimer {
   cudaEvent_t a_, b_;
 };
 
-// bf16 GEMM TFLOP/s of cuBLAS at n x n x n (fp32 accumulation), the limit beside which the
-// expert GEMMs are reported.
-double CublasPeakTflops(cudaStream_t stream, int64_t n) {
+void FillNormalHost(Tensor* t, float scale, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01;
+  float* p = t->data<float>();
+  for (int64_t i = 0; i < t->numel(); ++i) p[i] = scale * n01(rng);
+}
+
+}  // namespace
+
+bool CudaMoeBenchBuilt() { return true; }
+
+double CublasBf16PeakTflops(int64_t n) {
+  auto stream = static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream());
   Tensor a = Tensor::Zeros({n, n}, DType::kBF16, Device::kCUDA);
   Tensor b = Tensor::Zeros({n, n}, DType::kBF16, Device::kCUDA);
   Tensor c = Tensor::Zeros({n, n}, DType::kF32, Device::kCUDA);
@@ -74,17 +84,6 @@ double CublasPeakTflops(cudaStream_t stream, int64_t n) {
   return 2.0 * n * n * n * iters / (ms * 1e-3) / 1e12;
 }
 
-void FillNormalHost(Tensor* t, float scale, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n01;
-  float* p = t->data<float>();
-  for (int64_t i = 0; i < t->numel(); ++i) p[i] = scale * n01(rng);
-}
-
-}  // namespace
-
-bool CudaMoeBenchBuilt() { return true; }
-
 int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
   if (session.size() != 1) {
     PrintError("moerun bench moe-layer",
@@ -94,7 +93,7 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
   }
   Backend& cuda = RequireBackend(Device::kCUDA);
   auto stream = static_cast<cudaStream_t>(cuda.stream());
-  const double peak = CublasPeakTflops(stream, 8192);
+  const double peak = CublasBf16PeakTflops(8192);
   const int64_t t = spec.tokens;
   for (const auto& [d, m] : spec.shapes) {
     for (int64_t e : spec.experts) {

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -605,6 +606,33 @@ void AdamWStep(const AdamWScalars& s, bool decay, const Tensor& value, const Ten
   Impl("AdamWStep", device, &OpsTable::adamw_step)(
       s, decay, value.device_data<float>(device), grad.device_data<float>(device), m.raw_data(),
       v.raw_data(), value.numel(), m.dtype() == DType::kBF16);
+}
+
+double GemmGflops(Device device, int64_t n, int iters, Tensor* c_out) {
+  const OpsTable& table = Ops(device);
+  Tensor a = Tensor::Empty({n, n}, DType::kF32, device);
+  Tensor b = Tensor::Empty({n, n}, DType::kF32, device);
+  Tensor c = Tensor::Empty({n, n}, DType::kF32, device);
+  a.Fill(0.5f);
+  b.Fill(0.25f);
+  Backend& backend = RequireBackend(device);
+  const auto gemm = [&] {
+    MOERUN_OP(table, gemm)
+    (false, false, n, n, n, 1.0f, a.device_data<float>(device), n, b.device_data<float>(device), n,
+     0.0f, c.device_data<float>(device), n);
+  };
+  gemm();
+  backend.Synchronize();
+  double best = 0;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    gemm();
+    backend.Synchronize();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * static_cast<double>(n) * n * n / std::max(1e-9, s) / 1e9);
+  }
+  if (c_out != nullptr) *c_out = c;
+  return best;
 }
 
 }  // namespace ops

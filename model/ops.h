@@ -284,6 +284,10 @@ void GatherChoiceRows(const Tensor& buf, const Tensor& row, Tensor* dst);
 // AdamW on one parameter (value, grad, m, v on one device; m and v of `moments` dtype).
 void AdamWStep(const AdamWScalars& s, bool decay, const Tensor& value, const Tensor& grad,
                const Tensor& m, const Tensor& v);
+// GFLOP/s of `device`'s gemm entry (the table in force: under SetBf16Gemms its bf16 variant)
+// at n x n x n, the best of `iters` timed calls after one warm-up, each waited for (the
+// backend's Synchronize). `c_out`, when given, receives C = A B for A = 0.5, B = 0.25.
+double GemmGflops(Device device, int64_t n, int iters, Tensor* c_out = nullptr);
 
 }  // namespace ops
 }  // namespace moerun

@@ -1073,6 +1073,22 @@ TEST_F(StandInCuda, MoeLayerKeepsItsActivationsOnTheDeviceForTheRouter) {
   }
 }
 
+// bench train's device peak: the device's gemm entry, each timed call waited for (a GPU's
+// work is only queued when the host returns); its product is A B.
+TEST_F(StandInCuda, GemmGflopsTimesTheDevicesGemmWaitingForEachCall) {
+  CountingBackend counting(backend_.get());
+  SetBackendForTesting(Device::kCUDA, &counting);
+  Tensor c;
+  const double gflops = ops::GemmGflops(Device::kCUDA, 32, 3, &c);
+  EXPECT_EQ(counting.syncs, 4) << "the warm-up and each timed call";
+  SetBackendForTesting(Device::kCUDA, backend_.get());
+  EXPECT_GT(gflops, 0.0);
+  ASSERT_EQ(c.device(), Device::kCUDA);
+  const Tensor host = Host(c);
+  for (int64_t i = 0; i < host.numel(); ++i)
+    ASSERT_EQ(host.data<float>()[i], 0.5f * 0.25f * 32) << i;
+}
+
 // One step of a layer that routes on the device (after a first step, which allocated its
 // staging), under a counting backend: the forward makes one staged copy each way (the
 // tables to the host, the losses' d(logits) back), no blocking copy and no wait but the
