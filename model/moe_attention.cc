@@ -57,7 +57,7 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
   if (!fixed.ok()) return fixed.status();
   x_ = x;
   seq_len_ = seq_len;
-  device_routed_ = DeviceRouting::Applies(dev, *fixed, args.routed, args.noise);
+  device_routed_ = DeviceRouting::Applies(dev, args.routed, args.noise);
   {
     ScopedTimer timer(&timers_.router, config_.device);
     RouterInputs in;
@@ -71,8 +71,8 @@ Status MoeAttention::Forward(const Tensor& x, int64_t seq_len, const MoeForwardA
     ScopedTimer timer(&timers_.routing, config_.device);
     if (device_routed_) {
       // As the MoE layer's: the losses wait until the whole forward is queued.
-      routing_.Plan(&router_, static_cast<int>(k), config_.capacity.bpr, s, *fixed, &device_plan_,
-                    &plan_);
+      routing_.Plan(&router_, static_cast<int>(k), config_.capacity.bpr, s, *fixed,
+                    groups_->world(), &device_plan_, &plan_);
     } else {
       RouteOnHost(router_, config_.capacity, static_cast<int>(k), s, *fixed, groups_->world(),
                   args.routed, args.training, dev, &plan_, &aux_, &device_plan_);

@@ -33,10 +33,11 @@ struct MoeAttentionConfig {
   CapacityRule capacity;
   AuxWeights aux;  // importance / gshard / z / mi (no noise, so no load loss)
   // Where the projections, rows, per-choice attention and router GEMMs live. On a device,
-  // at a fixed capacity without padding tokens or given noise, the task softmax and the
-  // plan run there too (DeviceRouting, as MoeLayerConfig::device): the host computes the
-  // auxiliary losses from one copy of the tables, once the forward is queued, and the
-  // backward has no host wait. Otherwise the gates and plan are the host's.
+  // without padding tokens or given noise, the task softmax and the plan run there too
+  // (DeviceRouting, as MoeLayerConfig::device): the host computes the auxiliary losses from
+  // one copy of the tables, once the forward is queued (dropless: it waits for the copy
+  // before the rows), and the backward has no host wait. Otherwise the gates and plan are
+  // the host's.
   Device device = Device::kCPU;
 };
 

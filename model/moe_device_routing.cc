@@ -1,6 +1,7 @@
 // A MoE layer's routing on its device.
 #include "model/moe_device_routing.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "model/moe_dispatch.h"
@@ -8,10 +9,9 @@
 
 namespace moerun {
 
-bool DeviceRouting::Applies(Device device, int64_t fixed_capacity, const uint8_t* routed,
-                            const Tensor* noise) {
+bool DeviceRouting::Applies(Device device, const uint8_t* routed, const Tensor* noise) {
   if (device == Device::kCPU) return false;
-  if (fixed_capacity <= 0 || routed != nullptr || noise != nullptr) return false;
+  if (routed != nullptr || noise != nullptr) return false;
   const OpsTable& ops = Ops(device);
   return ops.top_k != nullptr && ops.add_router_noise != nullptr && ops.assign_slots != nullptr &&
          ops.plan_rows != nullptr && ops.router_logits_backward != nullptr &&
@@ -19,7 +19,7 @@ bool DeviceRouting::Applies(Device device, int64_t fixed_capacity, const uint8_t
 }
 
 void DeviceRouting::Plan(Router* router, int k, bool bpr, int64_t group_size, int64_t capacity,
-                         RoutingPlan* device_plan, RoutingPlan* plan) {
+                         Communicator& world, RoutingPlan* device_plan, RoutingPlan* plan) {
   const Tensor& gates = router->device_gates();
   const Device dev = gates.device();
   const OpsTable& ops = Ops(dev);
@@ -45,10 +45,13 @@ void DeviceRouting::Plan(Router* router, int k, bool bpr, int64_t group_size, in
     MOERUN_OP(ops, assign_slots)
     (idx + off, w + off, group_size, e, k, bpr, slot + off, load + g * e_count);
   }
-  MOERUN_OP(ops, plan_rows)
-  (idx, slot, t, kk, group_size, capacity, p.rows_per_expert(), p.row.device_data<int32_t>(dev));
+  const bool dropless = capacity <= 0;
+  if (!dropless) {
+    MOERUN_OP(ops, plan_rows)
+    (idx, slot, t, kk, group_size, capacity, p.rows_per_expert(), p.row.device_data<int32_t>(dev));
+  }
   // The tables to the host in one copy, for the losses, which Finish computes once the
-  // layer's work is queued.
+  // layer's work is queued (dropless: and for the capacity, at once).
   EnsureTensor(&plan->expert_index, {t, kk}, DType::kI32);
   EnsureTensor(&plan->slot, {t, kk}, DType::kI32);
   EnsureTensor(&plan->weight, {t, kk}, DType::kF32);
@@ -57,15 +60,33 @@ void DeviceRouting::Plan(Router* router, int k, bool bpr, int64_t group_size, in
   std::vector<const Tensor*> src;
   std::vector<Tensor*> dst;
   router->HostCopies(&src, &dst);
-  src.insert(src.end(), {&p.expert_index, &p.slot, &p.weight, &p.row, &device_load_});
-  dst.insert(dst.end(), {&plan->expert_index, &plan->slot, &plan->weight, &plan->row, &host_load_});
+  src.insert(src.end(), {&p.expert_index, &p.slot, &p.weight, &device_load_});
+  dst.insert(dst.end(), {&plan->expert_index, &plan->slot, &plan->weight, &host_load_});
+  if (!dropless) {
+    src.push_back(&p.row);
+    dst.push_back(&plan->row);
+  }
   copies_.Start(src, dst);
   loss_gradient_uploaded_ = false;
+  if (!dropless) return;
+  // Dropless: the capacity is the largest per-expert load of any group on any rank, and it
+  // sets the buffers' shapes: the host waits for the tables here, then the rows are made on
+  // both sides (the same integer formula).
+  copies_.Finish();
+  const int32_t* host_load = host_load_.data<int32_t>();
+  int64_t max_load = *std::max_element(host_load, host_load + host_load_.numel());
+  world.AllReduce(&max_load, 1, DType::kI64, ReduceOp::kMax);
+  capacity = std::max<int64_t>(max_load, 1);
+  p.capacity = plan->capacity = capacity;
+  MOERUN_OP(ops, plan_rows)
+  (idx, slot, t, kk, group_size, capacity, p.rows_per_expert(), p.row.device_data<int32_t>(dev));
+  PlanRows(plan->expert_index.data<int32_t>(), plan->slot.data<int32_t>(), t, kk, group_size,
+           capacity, plan->rows_per_expert(), plan->row.data<int32_t>());
 }
 
 void DeviceRouting::Finish(Router* router, RoutingPlan* plan, MoeAuxLosses* aux,
                            Communicator& world, bool training) {
-  copies_.Finish();  // the routing's tables, long on the host by now
+  if (copies_.started()) copies_.Finish();  // the routing's tables, long on the host by now
   const int32_t* load = host_load_.data<int32_t>();
   plan->load.assign(load, load + host_load_.numel());
   aux->Compute(*router, *plan, world);

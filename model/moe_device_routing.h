@@ -8,9 +8,10 @@
 //     device works, and (training) sends the losses' part of d(logits) back the same way;
 //   - the backward adds the combine weights' part of d(logits) through the softmax on the
 //     device, with no host copy and no wait.
-// It applies at a fixed capacity, without padding tokens and without given noise (a
-// dropless plan's capacity sets buffer shapes, so it must come to the host: those routes
-// stay with RouteOnHost in moe_aux.h).
+// Dropless (no fixed capacity), the capacity is the largest load of any group on any rank
+// and sets the buffers' shapes: the host waits for the tables right after the slots, and the
+// rows follow; the backward still has no wait. Padding tokens (evaluation's last batch) and
+// given noise (replay) stay with RouteOnHost in moe_aux.h.
 #ifndef MOERUN_MODEL_MOE_DEVICE_ROUTING_H_
 #define MOERUN_MODEL_MOE_DEVICE_ROUTING_H_
 
@@ -27,16 +28,15 @@ namespace moerun {
 class DeviceRouting {
  public:
   // Whether a layer on `device` routes there this forward: a device (not the CPU) whose
-  // ops have the routing entries, a fixed capacity (> 0), no padding tokens (`routed`) and
-  // no given noise.
-  static bool Applies(Device device, int64_t fixed_capacity, const uint8_t* routed,
-                      const Tensor* noise);
+  // ops have the routing entries, no padding tokens (`routed`) and no given noise.
+  static bool Applies(Device device, const uint8_t* routed, const Tensor* noise);
 
   // After router->ForwardOnDevice: the plan into `device_plan` on the router's device
-  // (groups of `group_size` tokens, `capacity` per expert and group) and the start of the
-  // tables' copy into `plan` on the host (its layout set now, its tables filled by Finish).
+  // (groups of `group_size` tokens, `capacity` per expert and group; 0: dropless, the
+  // largest load over `world`) and the start of the tables' copy into `plan` on the host
+  // (its layout set now, its tables filled by Finish; dropless: both filled now).
   void Plan(Router* router, int k, bool bpr, int64_t group_size, int64_t capacity,
-            RoutingPlan* device_plan, RoutingPlan* plan);
+            Communicator& world, RoutingPlan* device_plan, RoutingPlan* plan);
   // Once the layer's forward is queued: waits for the tables, computes the losses and
   // metrics (collective over `world`) and, training, updates the usage statistics and
   // uploads the losses' part of d(logits) without a host wait.

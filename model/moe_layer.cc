@@ -118,7 +118,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
       CheckGroupsAndCapacity(config_.capacity_rule(), t, config_.num_experts, config_.k, &s);
   if (!fixed.ok()) return fixed.status();
 
-  device_routed_ = DeviceRouting::Applies(dev, *fixed, args.routed, args.noise);
+  device_routed_ = DeviceRouting::Applies(dev, args.routed, args.noise);
   // 1. Router: gates for every token and expert.
   {
     ScopedTimer timer(&timers_.router, config_.device);
@@ -137,7 +137,8 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     if (device_routed_) {
       // The plan on the device; its tables and the router's start their way to the host,
       // for the losses, which the host computes after the experts and combine are queued.
-      routing_.Plan(&router_, config_.k, config_.bpr, s, *fixed, &device_plan_, &plan_);
+      routing_.Plan(&router_, config_.k, config_.bpr, s, *fixed, groups_->world(), &device_plan_,
+                    &plan_);
     } else {
       RouteOnHost(router_, config_.capacity_rule(), config_.k, s, *fixed, groups_->world(),
                   args.routed, args.training, dev, &plan_, &aux_, &device_plan_);

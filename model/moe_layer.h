@@ -45,11 +45,12 @@ struct MoeLayerConfig {
   bool overlap_dispatch = false;
   // Where the layer's rows, experts, combine and router GEMMs live. On a device the router's
   // weight and its GEMMs (logits, and the backward's weight and input gradients) are there.
-  // At a fixed capacity without padding tokens or explicit noise, the noise, softmax (or
-  // Mod-Squad's task softmax) and routing plan run there too (device routing): the router's
+  // Without padding tokens or explicit noise, the noise, softmax (or Mod-Squad's task
+  // softmax) and routing plan run there too (device routing, DeviceRouting): the router's
   // tables [T, E] and the plan's [T, K] come to the host in one copy for the auxiliary
-  // losses, which the host computes while the device runs the experts, and the backward
-  // has no host wait. Otherwise (dropless, padding, replay noise) only the logits come to
+  // losses, which the host computes while the device runs the experts (dropless: the host
+  // waits for that copy before the rows, since the largest load sets the capacity), and the
+  // backward has no host wait. Otherwise (padding, replay noise) only the logits come to
   // the host, where noise, softmax, the plan and the losses run, and d(logits) goes back. The rows,
   // the dispatch, the experts (fp32; under train.precision BF16 the table's FusedExperts where it
   // has them) and the combine run on the device's ops.

@@ -365,9 +365,13 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     GTEST_SKIP() << "skipped: no GPU";
   }
   RegisterCudaOps();
-  for (const double noise : {1.0, 0.0, -1.0}) {  // -1: Mod-Squad's task gates
+  // noise -1: Mod-Squad's task gates; capacity factor 0: dropless.
+  for (const auto& [noise, capacity_factor] :
+       {std::pair{1.0, 1.0}, std::pair{0.0, 1.0}, std::pair{-1.0, 1.0}, std::pair{1.0, 0.0},
+        std::pair{-1.0, 0.0}}) {
     const bool task_gate = noise < 0;
-    SCOPED_TRACE(task_gate ? "task gates" : "noise " + std::to_string(noise));
+    SCOPED_TRACE((task_gate ? "task gates" : "noise " + std::to_string(noise)) +
+                 (capacity_factor == 0 ? ", dropless" : ""));
     LoopbackCommunicator host_one(0, 1);
     LoopbackCommunicator device_one(0, 1, "world", Device::kCUDA);
     MoeLayerConfig cfg;
@@ -375,7 +379,7 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     cfg.m = 96;
     cfg.num_experts = 8;
     cfg.k = 2;
-    cfg.capacity_factor = 1.0;
+    cfg.capacity_factor = capacity_factor;
     cfg.group_size = 128;
     cfg.noise_std = task_gate ? 0.0 : noise;
     cfg.gate = task_gate ? GateKind::kTaskSoftmax : GateKind::kNoisyTopK;
@@ -412,6 +416,7 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     dev.Backward(dy.To(Device::kCUDA), &dx_d);
     ASSERT_TRUE(dev.routed_on_device());
     ExpectSameRouting(cpu.plan(), dev.plan(), cpu.losses(), dev.losses(), 1e-5);
+    EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
     if (task_gate) {
       EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";
     }
@@ -430,56 +435,60 @@ TEST(CudaMoeAttention, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     GTEST_SKIP() << "skipped: no GPU";
   }
   RegisterCudaOps();
-  LoopbackCommunicator host_one(0, 1), job_one(0, 1);
-  LoopbackCommunicator device_one(0, 1, "world", Device::kCUDA);
-  MoeAttentionConfig cfg;
-  cfg.d = 64;
-  cfg.head_dim = 16;
-  cfg.num_experts = 8;
-  cfg.k = 4;
-  cfg.tasks = 3;
-  cfg.capacity.capacity_factor = 1.0;
-  cfg.capacity.group_size = 64;
-  cfg.aux.mi = 0.01;
-  cfg.aux.z = 0.001;
-  MoeAttention cpu(cfg, *MoeGroups::Create(&host_one, 8));
-  cfg.device = Device::kCUDA;
-  MoeAttention dev(cfg, *MoeGroups::Create(&job_one, 8, &device_one));
-  uint32_t seed = 200;
-  MoeAttentionParams& p = cpu.params();
-  MoeAttentionParams& q = dev.params();
-  for (auto [a, b] : {std::pair{&p.router_weight, &q.router_weight},
-                      {&p.q_weight, &q.q_weight},
-                      {&p.o_weight, &q.o_weight},
-                      {&p.kv_weight, &q.kv_weight},
-                      {&p.kv_bias, &q.kv_bias}}) {
-    a->CopyFrom(RandomTensor(a->shape(), 0.3f, seed++));
-    b->CopyFrom(*a);
+  for (const double capacity_factor : {1.0, 0.0}) {  // 0: dropless
+    SCOPED_TRACE("capacity factor " + std::to_string(capacity_factor));
+    LoopbackCommunicator host_one(0, 1), job_one(0, 1);
+    LoopbackCommunicator device_one(0, 1, "world", Device::kCUDA);
+    MoeAttentionConfig cfg;
+    cfg.d = 64;
+    cfg.head_dim = 16;
+    cfg.num_experts = 8;
+    cfg.k = 4;
+    cfg.tasks = 3;
+    cfg.capacity.capacity_factor = capacity_factor;
+    cfg.capacity.group_size = 64;
+    cfg.aux.mi = 0.01;
+    cfg.aux.z = 0.001;
+    MoeAttention cpu(cfg, *MoeGroups::Create(&host_one, 8));
+    cfg.device = Device::kCUDA;
+    MoeAttention dev(cfg, *MoeGroups::Create(&job_one, 8, &device_one));
+    uint32_t seed = 200;
+    MoeAttentionParams& p = cpu.params();
+    MoeAttentionParams& q = dev.params();
+    for (auto [a, b] : {std::pair{&p.router_weight, &q.router_weight},
+                        {&p.q_weight, &q.q_weight},
+                        {&p.o_weight, &q.o_weight},
+                        {&p.kv_weight, &q.kv_weight},
+                        {&p.kv_bias, &q.kv_bias}}) {
+      a->CopyFrom(RandomTensor(a->shape(), 0.3f, seed++));
+      b->CopyFrom(*a);
+    }
+    cpu.ZeroGradients();
+    dev.ZeroGradients();
+    const int64_t t = 256, seq_len = 16;
+    std::vector<int32_t> task(t);
+    for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>((i / 48) % 3);
+    const Tensor x = RandomTensor({t, cfg.d}, 1.0f, 210), dy = RandomTensor({t, cfg.d}, 1.0f, 211);
+    MoeForwardArgs args;
+    args.task = task.data();
+    Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
+    ASSERT_TRUE(cpu.Forward(x, seq_len, args, &y).ok());
+    cpu.Backward(dy, &dx);
+    Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
+           dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
+    ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), seq_len, args, &y_d).ok());
+    dev.Backward(dy.To(Device::kCUDA), &dx_d);
+    ASSERT_TRUE(dev.routed_on_device());
+    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.losses(), dev.losses(), 1e-5);
+    EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
+    EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";
+    EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
+    ExpectTensorClose(y, y_d, 1e-4f);
+    ExpectTensorClose(dx, dx_d, 1e-4f);
+    ExpectTensorClose(cpu.grads().router_weight, dev.grads().router_weight, 1e-4f);
+    ExpectTensorClose(cpu.grads().q_weight, dev.grads().q_weight, 1e-4f);
+    ExpectTensorClose(cpu.grads().kv_weight, dev.grads().kv_weight, 1e-4f);
   }
-  cpu.ZeroGradients();
-  dev.ZeroGradients();
-  const int64_t t = 256, seq_len = 16;
-  std::vector<int32_t> task(t);
-  for (int64_t i = 0; i < t; ++i) task[i] = static_cast<int32_t>((i / 48) % 3);
-  const Tensor x = RandomTensor({t, cfg.d}, 1.0f, 210), dy = RandomTensor({t, cfg.d}, 1.0f, 211);
-  MoeForwardArgs args;
-  args.task = task.data();
-  Tensor y = Tensor::Empty({t, cfg.d}), dx = Tensor::Empty({t, cfg.d});
-  ASSERT_TRUE(cpu.Forward(x, seq_len, args, &y).ok());
-  cpu.Backward(dy, &dx);
-  Tensor y_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA),
-         dx_d = Tensor::Empty({t, cfg.d}, DType::kF32, Device::kCUDA);
-  ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), seq_len, args, &y_d).ok());
-  dev.Backward(dy.To(Device::kCUDA), &dx_d);
-  ASSERT_TRUE(dev.routed_on_device());
-  ExpectSameRouting(cpu.plan(), dev.plan(), cpu.losses(), dev.losses(), 1e-5);
-  EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";
-  EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
-  ExpectTensorClose(y, y_d, 1e-4f);
-  ExpectTensorClose(dx, dx_d, 1e-4f);
-  ExpectTensorClose(cpu.grads().router_weight, dev.grads().router_weight, 1e-4f);
-  ExpectTensorClose(cpu.grads().q_weight, dev.grads().q_weight, 1e-4f);
-  ExpectTensorClose(cpu.grads().kv_weight, dev.grads().kv_weight, 1e-4f);
 }
 
 }  // namespace

@@ -1092,9 +1092,10 @@ TEST_F(StandInCuda, GemmGflopsTimesTheDevicesGemmWaitingForEachCall) {
 // One step of a layer that routes on the device (after a first step, which allocated its
 // staging), under a counting backend: the forward makes one staged copy each way (the
 // tables to the host, the losses' d(logits) back), no blocking copy and no wait but the
-// one for the tables, after the combine was queued (on the stand-in: has run; y_d holds
-// NaN until the combine writes it); the backward copies nothing and waits for nothing.
-void ExpectAStepWithoutHostWaits(Backend* backend, Tensor* y_d,
+// one for the tables: at a fixed capacity after the combine was queued (on the stand-in:
+// has run; y_d holds NaN until the combine writes it), dropless before it (the capacity
+// sets the rows); the backward copies nothing and waits for nothing.
+void ExpectAStepWithoutHostWaits(Backend* backend, Tensor* y_d, bool dropless,
                                  const std::function<void()>& forward,
                                  const std::function<void()>& backward) {
   CountingBackend counting(backend);
@@ -1108,7 +1109,11 @@ void ExpectAStepWithoutHostWaits(Backend* backend, Tensor* y_d,
   };
   forward();
   EXPECT_EQ(waits, 1);
-  EXPECT_TRUE(combined_before_wait) << "the host waited for the tables before the combine";
+  if (dropless) {
+    EXPECT_FALSE(combined_before_wait) << "dropless: the capacity before the rows";
+  } else {
+    EXPECT_TRUE(combined_before_wait) << "the host waited for the tables before the combine";
+  }
   EXPECT_EQ(counting.to_staging, 1) << "the router's and the plan's tables in one copy";
   EXPECT_EQ(counting.from_staging, 1) << "the losses' d(logits)";
   EXPECT_EQ(counting.to_host + counting.from_host, 0) << "no blocking copy";
@@ -1155,21 +1160,27 @@ void ExpectSameRouting(const RoutingPlan& want, const RoutingPlan& got,
 // host in one copy (for the losses) and sends the losses' d(logits) back in one; its
 // backward moves nothing between host and device and waits for nothing. It agrees with the
 // CPU layer: the same routing and losses, outputs and gradients to rounding, with and
-// without noise, vanilla and BPR, over one and two groups, and with Mod-Squad's task
-// gates (and their MI loss). Dropless layers stay on the host path.
+// without noise, vanilla and BPR, over one and two groups, with Mod-Squad's task
+// gates (and their MI loss), and dropless (the host waits for the tables before the rows:
+// the largest load is the capacity). Padding tokens stay on the host path.
 TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
   struct Case {
     double noise;
     bool bpr;
     int64_t group;
     GateKind gate;
+    double capacity_factor = 1.0;  // 0: dropless
   };
   for (const Case c :
        {Case{1.0, true, 0, GateKind::kNoisyTopK}, Case{1.0, false, 20, GateKind::kNoisyTopK},
-        Case{0.0, true, 20, GateKind::kNoisyTopK}, Case{0.0, true, 20, GateKind::kTaskSoftmax}}) {
+        Case{0.0, true, 20, GateKind::kNoisyTopK}, Case{0.0, true, 20, GateKind::kTaskSoftmax},
+        Case{1.0, true, 20, GateKind::kNoisyTopK, 0.0},
+        Case{0.0, false, 0, GateKind::kTaskSoftmax, 0.0}}) {
     const bool task_gate = c.gate == GateKind::kTaskSoftmax;
+    const bool dropless = c.capacity_factor == 0;
     SCOPED_TRACE("noise " + std::to_string(c.noise) + (c.bpr ? ", BPR" : ", vanilla") + ", group " +
-                 std::to_string(c.group) + (task_gate ? ", task gates" : ""));
+                 std::to_string(c.group) + (task_gate ? ", task gates" : "") +
+                 (dropless ? ", dropless" : ""));
     LoopbackCommunicator host_one(0, 1);
     DeviceLoopback device_one(0, 1);
     auto host_groups = *MoeGroups::Create(&host_one, 4);
@@ -1179,7 +1190,7 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     cfg.m = 24;
     cfg.num_experts = 4;
     cfg.k = 2;
-    cfg.capacity_factor = 1.0;
+    cfg.capacity_factor = c.capacity_factor;
     cfg.bpr = c.bpr;
     cfg.group_size = c.group;
     cfg.noise_std = c.noise;
@@ -1223,7 +1234,7 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     dev.Backward(dy_d, &dx_d);
     dev.ZeroGradients();
     ExpectAStepWithoutHostWaits(
-        backend_.get(), &y_d, [&] { ASSERT_TRUE(dev.Forward(x_d, args, &y_d).ok()); },
+        backend_.get(), &y_d, dropless, [&] { ASSERT_TRUE(dev.Forward(x_d, args, &y_d).ok()); },
         [&] { dev.Backward(dy_d, &dx_d); });
     EXPECT_TRUE(dev.routed_on_device());
     ASSERT_TRUE(cpu.router().noisy() == (c.noise > 0) && dev.router().noisy() == (c.noise > 0));
@@ -1234,14 +1245,19 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
       EXPECT_NE(cpu.losses().value("mi"), 0.0) << "an active MI term";
     }
     ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux());
+    EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
+    if (dropless) {
+      EXPECT_EQ(cpu.metrics().dropped_fraction.back(), 0.0);
+      EXPECT_GT(dev.plan().capacity, 0);
+    }
     EXPECT_GT(cpu.losses().aux_total, 0.0);
     ExpectNear(y, y_d, 1e-5f);
     ExpectNear(dx, dx_d, 1e-5f);
     ExpectNear(cpu.grads().router_weight, dev.grads().router_weight, 1e-5f);
     ExpectNear(cpu.grads().fc1_weight, dev.grads().fc1_weight, 1e-5f);
   }
-  // Dropless: routed on the host (its capacity, the largest load, sets the buffers' shapes);
-  // and a task id out of range is refused on the device path as on the host's.
+  // Padding tokens (evaluation's last batch): routed on the host; and a task id out of
+  // range is refused on the device path as on the host's.
   DeviceLoopback device_one(0, 1);
   MoeLayerConfig cfg;
   cfg.d = 16;
@@ -1249,12 +1265,15 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
   cfg.num_experts = 4;
   cfg.capacity_factor = 0;
   cfg.device = Device::kCUDA;
-  MoeLayer dropless(cfg, *MoeGroups::Create(&device_one, 4));
+  MoeLayer padded(cfg, *MoeGroups::Create(&device_one, 4));
   MoeForwardArgs args;
   Tensor y = Tensor::Empty({8, cfg.d}, DType::kF32, Device::kCUDA);
   const Tensor x = Dev(Random({8, cfg.d}, 1.0f, 82));
-  ASSERT_TRUE(dropless.Forward(x, args, &y).ok());
-  EXPECT_FALSE(dropless.routed_on_device());
+  const std::vector<uint8_t> routed = {1, 1, 1, 1, 1, 1, 0, 0};
+  args.routed = routed.data();
+  ASSERT_TRUE(padded.Forward(x, args, &y).ok());
+  EXPECT_FALSE(padded.routed_on_device());
+  args.routed = nullptr;
   cfg.capacity_factor = 1.0;
   cfg.gate = GateKind::kTaskSoftmax;
   cfg.tasks = 2;
@@ -1847,12 +1866,16 @@ TEST_F(StandInCuda, TrainerReadsTheDevicesMemoryOnEveryRankBeforeAnyAllocates) {
 
 // Mod-Squad's mixture of attention heads with its projections, rows and per-choice
 // attention on the device (over one rank and two simulated expert-parallel ranks): the
-// CPU layer's outputs and gradients; the router's GEMMs on the device too. At a fixed
-// capacity it routes on the device as the MoE layer does (one wait per forward, for the
-// tables, after the combine is queued; nothing in the backward). Dropless, on the host.
+// CPU layer's outputs and gradients; the router's GEMMs on the device too. It routes on the
+// device as the MoE layer does (one wait per forward, for the tables: after the combine is
+// queued at a fixed capacity, before the rows dropless; nothing in the backward), at a fixed
+// capacity and dropless. With padding tokens, on the host.
 TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
-  for (int ranks : {1, 2}) {
-    SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)");
+  for (const auto& [ranks, capacity_factor] :
+       {std::pair{1, 1.0}, std::pair{2, 1.0}, std::pair{1, 0.0}, std::pair{2, 0.0}}) {
+    const bool dropless = capacity_factor == 0;
+    SCOPED_TRACE(std::to_string(ranks) + " expert-parallel rank(s)" +
+                 (dropless ? ", dropless" : ""));
     // The device layer's as a job's: host statistics over the world, rows over the
     // device's communicator.
     LoopbackCommunicator host_world(0, ranks), device_job_world(0, ranks);
@@ -1865,7 +1888,7 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     cfg.num_experts = 4;
     cfg.k = 2;
     cfg.tasks = 3;
-    cfg.capacity.capacity_factor = 1.0;
+    cfg.capacity.capacity_factor = capacity_factor;
     cfg.capacity.multiple_of = 0;
     cfg.capacity.bpr = ranks == 1;
     cfg.aux.mi = 0.1;
@@ -1906,11 +1929,17 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     dev.Backward(dy_d, &dx_d);
     dev.ZeroGradients();
     ExpectAStepWithoutHostWaits(
-        backend_.get(), &y_d, [&] { ASSERT_TRUE(dev.Forward(x_d, seq_len, args, &y_d).ok()); },
+        backend_.get(), &y_d, dropless,
+        [&] { ASSERT_TRUE(dev.Forward(x_d, seq_len, args, &y_d).ok()); },
         [&] { dev.Backward(dy_d, &dx_d); });
     EXPECT_TRUE(dev.routed_on_device());
     ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux());
-    EXPECT_GT(cpu.metrics().dropped_fraction.back(), 0.0) << "capacity 1.0 with k = 2 drops";
+    EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
+    if (dropless) {
+      EXPECT_EQ(cpu.metrics().dropped_fraction.back(), 0.0);
+    } else {
+      EXPECT_GT(cpu.metrics().dropped_fraction.back(), 0.0) << "capacity 1.0 with k = 2 drops";
+    }
     EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
     EXPECT_NE(cpu.losses().value("mi"), 0.0) << "an active MI term";
     EXPECT_NE(cpu.losses().value("z"), 0.0) << "an active z term";
@@ -1923,11 +1952,13 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     ASSERT_EQ(dev.grads().router_weight.device(), Device::kCUDA) << "the router's GEMMs too";
     ExpectNear(cpu.grads().router_weight, dev.grads().router_weight, 1e-5f);
 
-    // Dropless: the plan's capacity (the largest load) sets buffer shapes, so the host routes.
-    cfg.capacity.capacity_factor = 0;
-    MoeAttention dropless(cfg, device_groups);
-    ASSERT_TRUE(dropless.Forward(x_d, seq_len, args, &y_d).ok());
-    EXPECT_FALSE(dropless.routed_on_device());
+    // Padding tokens (evaluation's last batch): the host routes.
+    MoeAttention padded(cfg, device_groups);
+    std::vector<uint8_t> routed(t, 1);
+    std::fill(routed.begin() + 32, routed.end(), 0);
+    args.routed = routed.data();
+    ASSERT_TRUE(padded.Forward(x_d, seq_len, args, &y_d).ok());
+    EXPECT_FALSE(padded.routed_on_device());
   }
 }
 
