@@ -248,7 +248,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
       args.training = batch.training;
       args.first_token = batch.first_image * n;
       args.noise_key = {batch.seed, batch.step, static_cast<uint32_t>(k.index)};
-      if (batch.routed_images >= 0 && batch.routed_images < b) {
+      if (batch.routed_images >= 0) {
         routed_.assign(rows, 0);
         std::fill_n(routed_.begin(), batch.routed_images * n, 1);
         args.routed = routed_.data();

@@ -40,7 +40,9 @@ struct VitBatch {
   int64_t first_image = 0;          // global index of this rank's first image (noise keys)
   bool training = true;
   // Images [routed_images, batch) are padding (evaluation's last batch): their tokens take
-  // no expert capacity. -1: none.
+  // no expert capacity. -1: no mask. Where any rank pads, every rank passes a mask (batch
+  // when it has none of the padding): a masked layer routes on the host, and ranks must
+  // route the same way (their collectives come in the same order).
   int64_t routed_images = -1;
   uint32_t step = 0;
   uint64_t seed = 0;

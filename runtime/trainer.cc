@@ -599,7 +599,9 @@ EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
     batch.global_batch = count;
     batch.first_image = static_cast<int64_t>(world_->rank()) * b;
     batch.training = false;
-    batch.routed_images = real;
+    // A mask on every rank where any rank pads (count < b * p), even one whose images are
+    // all real: masked layers route on the host, and every rank must route the same way.
+    batch.routed_images = count < b * p ? real : -1;
     VitOutput out;
     const Status s = model_->Forward(batch, &out);
     CHECK(s.ok()) << s.message();

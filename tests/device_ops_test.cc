@@ -1603,6 +1603,20 @@ TEST_F(StandInCuda, VitModelComputesOnItsDevice) {
   const std::vector<Param>& pc = (*cpu)->params();
   EXPECT_EQ(ExpectGradsClose(pc, (*dev)->params()), static_cast<int>(pc.size()))
       << "every parameter on the device";
+  // Evaluation: an all-real mask (a rank without padding when another rank pads) routes on
+  // the host, as the padding rank's layers do, and gives the unmasked loss; without a mask
+  // the layers route on the device.
+  batch.training = false;
+  batch.routed_images = b;
+  VitOutput masked_cpu, masked_dev, unmasked_dev;
+  ASSERT_TRUE((*cpu)->Forward(batch, &masked_cpu).ok());
+  ASSERT_TRUE((*dev)->Forward(batch, &masked_dev).ok());
+  for (MoeLayer* layer : (*dev)->moe_layers()) EXPECT_FALSE(layer->routed_on_device());
+  batch.routed_images = -1;
+  ASSERT_TRUE((*dev)->Forward(batch, &unmasked_dev).ok());
+  for (MoeLayer* layer : (*dev)->moe_layers()) EXPECT_TRUE(layer->routed_on_device());
+  EXPECT_NEAR(masked_dev.loss_sum, masked_cpu.loss_sum, 1e-5 * std::fabs(masked_cpu.loss_sum));
+  EXPECT_NEAR(unmasked_dev.loss_sum, masked_cpu.loss_sum, 1e-5 * std::fabs(masked_cpu.loss_sum));
 }
 
 // A tiny V-MoE on 64 synthetic images, global batch 8, with `train` settings added.
