@@ -195,6 +195,18 @@ struct GeluFunctor {
   MOERUN_HD void operator()(int64_t i) const { y[i] = thrust_experts::Gelu(x[i], tanh_form); }
 };
 
+struct TanhFunctor {
+  const float* x;
+  float* y;
+  MOERUN_HD void operator()(int64_t i) const { y[i] = tanhf(x[i]); }
+};
+
+struct TanhGradFunctor {
+  const float *y, *dy;
+  float* dx;
+  MOERUN_HD void operator()(int64_t i) const { dx[i] = dy[i] * (1.0f - y[i] * y[i]); }
+};
+
 struct GeluGradFunctor {
   const float *x, *dy;
   float* dx;
@@ -382,6 +394,12 @@ struct ThrustOps {
   static void GeluBackward(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form) {
     ForIndices(PolicySource::Get(), n, GeluGradFunctor{x, dy, dx, tanh_form});
   }
+  static void TanhForward(const float* x, float* y, int64_t n) {
+    ForIndices(PolicySource::Get(), n, TanhFunctor{x, y});
+  }
+  static void TanhBackward(const float* y, const float* dy, float* dx, int64_t n) {
+    ForIndices(PolicySource::Get(), n, TanhGradFunctor{y, dy, dx});
+  }
   static void BiasGeluForward(float* h, const float* bias, float* act, int64_t rows, int64_t cols,
                               bool tanh_form) {
     ForIndices(PolicySource::Get(), rows * cols, BiasGeluF32Functor{h, bias, act, cols, tanh_form});
@@ -486,6 +504,8 @@ struct ThrustOps {
     t.layer_norm_backward = &LayerNormBackward;
     t.gelu_forward = &GeluForward;
     t.gelu_backward = &GeluBackward;
+    t.tanh_forward = &TanhForward;
+    t.tanh_backward = &TanhBackward;
     t.bias_gelu_forward = &BiasGeluForward;
     t.gelu_bias_backward = &GeluBiasBackward;
     t.choice_attention_forward = &ChoiceAttentionForward;

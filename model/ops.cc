@@ -56,6 +56,14 @@ void CpuGeluBackward(const float* x, const float* dy, float* dx, int64_t n, bool
   (tanh_form ? GeluTanhBackward : GeluBackward)(x, dy, dx, n);
 }
 
+void CpuTanhForward(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = std::tanh(x[i]);
+}
+
+void CpuTanhBackward(const float* y, const float* dy, float* dx, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * (1.0f - y[i] * y[i]);
+}
+
 void CpuChoiceAttentionForward(const float* q, const float* kv, const int32_t* row, int64_t tokens,
                                int64_t k, int64_t head_dim, int64_t seq_len, float* probs,
                                float* out) {
@@ -132,6 +140,8 @@ OpsTable MakeCpuOps() {
   t.layer_norm_backward = &LayerNormBackward;
   t.gelu_forward = &CpuGeluForward;
   t.gelu_backward = &CpuGeluBackward;
+  t.tanh_forward = &CpuTanhForward;
+  t.tanh_backward = &CpuTanhBackward;
   t.bias_gelu_forward = &BiasGeluForward;
   t.gelu_bias_backward = &GeluBiasBackward;
   t.bias_gelu_forward_keep_grad = &BiasGeluForwardKeepGrad;

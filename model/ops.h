@@ -61,6 +61,10 @@ struct OpsTable {
   // Exact (erf) or tanh GELU; dx may alias dy.
   void (*gelu_forward)(const float* x, float* y, int64_t n, bool tanh_form);
   void (*gelu_backward)(const float* x, const float* dy, float* dx, int64_t n, bool tanh_form);
+  // y = tanh(x) (y may alias x); dx = dy (1 - y^2) from the forward's y (dx may alias dy):
+  // the V-MoE pre-logits.
+  void (*tanh_forward)(const float* x, float* y, int64_t n);
+  void (*tanh_backward)(const float* y, const float* dy, float* dx, int64_t n);
   // A linear layer's bias and GELU in one pass (runtime/kernels.h's BiasGeluForward):
   // h[r] += bias, act = gelu(h); and its backward: d *= gelu'(h), dbias += sum of d.
   void (*bias_gelu_forward)(float* h, const float* bias, float* act, int64_t rows, int64_t cols,

@@ -279,9 +279,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
     head_dim = c.pre_logits_size();
     pre_out_ = arena_.Allocate({b, head_dim});
     LinearForward(ops(), F(cls_norm_), F(pre_w_), F(pre_b_), F(pre_out_), b, d, head_dim);
-    OnHost(&pre_out_, true, [&](float* po) {
-      for (int64_t i = 0; i < b * head_dim; ++i) po[i] = std::tanh(po[i]);
-    });
+    MOERUN_OP(ops(), tanh_forward)(F(pre_out_), F(pre_out_), b * head_dim);
     head_in = pre_out_;
   }
   logits_ = arena_.Allocate({b, c.num_classes()});
@@ -325,12 +323,8 @@ void VitModel::Backward() {
     d_head_in = arena_.Allocate({b, pd});
     LinearBackward(ops(), F(pre_out_), F(head_w_), F(dlogits), F(d_head_in), F(head_gw_),
                    F(head_gb_), b, pd, classes);
-    const Tensor tanh_out = device_ == Device::kCPU ? pre_out_ : pre_out_.To(Device::kCPU);
-    OnHost(&d_head_in, true, [&](float* dh) {
-      const float* t = tanh_out.data<float>();
-      for (int64_t i = 0; i < b * pd; ++i) dh[i] *= 1.0f - t[i] * t[i];
-    });
     float* dh = F(d_head_in);
+    MOERUN_OP(ops(), tanh_backward)(F(pre_out_), dh, dh, b * pd);
     LinearBackward(ops(), F(cls_norm_), F(pre_w_), dh, F(d_cls_norm), F(pre_gw_), F(pre_gb_), b, d,
                    pd);
   } else {

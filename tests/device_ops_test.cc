@@ -2107,3 +2107,68 @@ TEST_F(StandInCuda, TrainerTrainsModSquadOnTheDevice) {
 
 }  // namespace
 }  // namespace moerun
+namespace moerun {
+namespace {
+
+// What one steady training step on a device waits for: no device-wide wait; per MoE layer
+// (MoE MLP or MoE attention) one staged copy each way and one wait, for its routing tables;
+// and a fixed number of blocking copies, whatever the depth: V-MoE's images and d(logits)
+// in, its logits out (the pre-logits' tanh and its backward on the device); Mod-Squad's
+// heads and uncertainty weights on the host. A host wait added to a layer, or a blocking copy
+// in a block, shows here.
+TEST_F(StandInCuda, TrainingStepWaitsOncePerMoeLayerAndCopiesAFixedAmountWhateverTheDepth) {
+  const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 10);
+  for (const bool modsquad : {false, true}) {
+    int blocking_to_host = -1, blocking_from_host = -1;
+    for (const int layers : {4, 8}) {
+      SCOPED_TRACE(std::string(modsquad ? "Mod-Squad" : "V-MoE") + ", " + std::to_string(layers) +
+                   " blocks");
+      const std::string model =
+          modsquad ? "modsquad { head_dim: 4 attention_experts: 4 attention_k: 2 mlp_experts: 4 "
+                     "mlp_k: 2 mi_weight: 0.01 group_images: 2 "
+                     "tasks { name: 'class' kind: CLASSIFICATION outputs: 10 } "
+                     "tasks { name: 'segmentation' kind: SEGMENTATION outputs: 2 } } "
+                   : "num_classes: 10 pre_logits_size: 6 "
+                     "moe { num_experts: 4 k: 2 capacity_factor: 1.0 group_size: 10 every_n: 2 } ";
+      auto config = ParseConfig(
+          "model { name: 'dev' image_size: 8 channels: 1 patch_size: 4 hidden_size: 8 "
+          "mlp_dim: 16 num_heads: 2 gelu: TANH num_layers: " +
+              std::to_string(layers) + " " + model +
+              "} data { dataset: 'synthetic' synthetic_train_size: 64 synthetic_test_size: 16 } "
+              "train { seed: 5 global_batch: 8 learning_rate: 0.003 steps: 5 warmup_steps: 1 }",
+          "inline", {});
+      ASSERT_TRUE(config.ok()) << config.status().message();
+      LoopbackCommunicator one(0, 1);
+      auto t = Trainer::Create(*config, &one, &data, Device::kCUDA);
+      ASSERT_TRUE(t.ok()) << t.status().message();
+      for (int i = 0; i < 2; ++i) ASSERT_TRUE((*t)->Step().finite);  // staging allocated
+      CountingBackend counting(backend_.get());
+      int waits = 0;
+      counting.on_wait_to_host = [&] { ++waits; };
+      SetBackendForTesting(Device::kCUDA, &counting);
+      const bool finite = (*t)->Step().finite;
+      SetBackendForTesting(Device::kCUDA, backend_.get());
+      ASSERT_TRUE(finite);
+      // V-MoE: a MoE MLP in every second block; Mod-Squad (dropless here, its default): MoE
+      // attention and MoE MLPs in alternate blocks.
+      const int moe_layers = modsquad ? layers : layers / 2;
+      EXPECT_EQ(counting.syncs, 0);
+      EXPECT_EQ(counting.to_staging, moe_layers);
+      EXPECT_EQ(counting.from_staging, moe_layers);
+      EXPECT_EQ(waits, moe_layers);
+      if (!modsquad) {
+        EXPECT_EQ(counting.to_host, 1) << "the logits";
+        EXPECT_EQ(counting.from_host, 2) << "the images and d(logits)";
+      }
+      if (blocking_to_host >= 0) {
+        EXPECT_EQ(counting.to_host, blocking_to_host) << "as many as at half the depth";
+        EXPECT_EQ(counting.from_host, blocking_from_host) << "as many as at half the depth";
+      }
+      blocking_to_host = counting.to_host;
+      blocking_from_host = counting.from_host;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moerun

@@ -227,6 +227,14 @@ inline std::vector<OpCase> OpCases() {
                        return Cat({&y, &dy});
                      }});
   }
+  cases.push_back({"tanh_forward/backward", 0, [=](const OpsTable& t) {
+                     FVec x = NormalV(n, 2, 38), y(n), dy = NormalV(n, 1, 39), dx(n);
+                     t.tanh_forward(x.data(), y.data(), n);
+                     t.tanh_backward(y.data(), dy.data(), dx.data(), n);
+                     t.tanh_forward(x.data(), x.data(), n);  // in place
+                     t.tanh_backward(y.data(), dy.data(), dy.data(), n);
+                     return Cat({&y, &dx, &x, &dy});
+                   }});
   for (bool tanh_form : {false, true}) {
     cases.push_back({tanh_form ? "bias_gelu_forward/gelu_bias_backward tanh"
                                : "bias_gelu_forward/gelu_bias_backward erf",
