@@ -555,7 +555,8 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
   task_loss_.assign(t_count, 0.0);
   task_weight_.assign(t_count, 1.0);
   out->task_loss = 0;
-  const Tensor uncertainty = uncertainty_.defined() ? uncertainty_.To(Device::kCPU) : Tensor();
+  uncertainty_host_ = uncertainty_.defined() ? uncertainty_.To(Device::kCPU) : Tensor();
+  const Tensor& uncertainty = uncertainty_host_;
   size_t at = 0;
   for (int64_t t = 0; t < t_count; ++t) {
     TaskResult& r = out->tasks[t];
@@ -646,15 +647,26 @@ void ModSquadModel::Backward() {
     MOERUN_OP(ops(), axpy)(1.0f, F(spread), dht, b * n * d);
   }
   // Uncertainty weights: d/ds (0.5 / s^2 L + log(1 + s^2)), this rank's share.
+  // With the forward's weights; on a device the step's share goes there and is added there.
   if (uncertainty_.defined()) {
     const double ranks = world_->size();
-    const Tensor u = uncertainty_.To(Device::kCPU);
-    WithHostFloats(&uncertainty_g_, true, [&](float* g) {
-      for (int64_t t = 0; t < t_count; ++t) {
-        const double s = u.data<float>()[t];
-        g[t] += static_cast<float>((-task_loss_[t] / (s * s * s) + 2 * s / (1 + s * s)) / ranks);
+    const float* u = uncertainty_host_.data<float>();
+    Tensor share = Tensor::Empty({t_count});
+    float* g = device_ == Device::kCPU ? uncertainty_g_.data<float>() : share.data<float>();
+    for (int64_t t = 0; t < t_count; ++t) {
+      const double s = u[t];
+      const float term =
+          static_cast<float>((-task_loss_[t] / (s * s * s) + 2 * s / (1 + s * s)) / ranks);
+      if (device_ == Device::kCPU) {
+        g[t] += term;
+      } else {
+        g[t] = term;
       }
-    });
+    }
+    if (device_ != Device::kCPU) {
+      const Tensor on_device = share.To(device_);
+      MOERUN_OP(ops(), axpy)(1.0f, F(on_device), F(uncertainty_g_), t_count);
+    }
   }
   // Blocks in reverse; dh: gradient of the block's output.
   const int64_t hd = heads_ * head_dim_;

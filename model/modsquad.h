@@ -123,6 +123,9 @@ class ModSquadModel {
   Tensor patch_gw_, patch_gb_, cls_g_, pos_g_, task_emb_g_, norm_gw_, norm_gb_, fc_norm_gw_,
       fc_norm_gb_;
   Tensor uncertainty_, uncertainty_g_;
+  // The forward's host copy of uncertainty_ (the task loss weights), which the backward
+  // reuses (the values change only at the optimizer step).
+  Tensor uncertainty_host_;
   // [patches] ones on the model's device: a classification head's mean over its patch
   // tokens is one strided-batched GEMM (ones^T x patches per image), not an axpy per token.
   Tensor patch_ones_;

@@ -2159,6 +2159,10 @@ TEST_F(StandInCuda, TrainingStepWaitsOncePerMoeLayerAndCopiesAFixedAmountWhateve
       if (!modsquad) {
         EXPECT_EQ(counting.to_host, 1) << "the logits";
         EXPECT_EQ(counting.from_host, 2) << "the images and d(logits)";
+      } else {
+        EXPECT_EQ(counting.to_host, 3) << "the two heads' outputs, the uncertainty weights";
+        EXPECT_EQ(counting.from_host, 4)
+            << "the images, the two heads' d(output), the uncertainty weights' gradient";
       }
       if (blocking_to_host >= 0) {
         EXPECT_EQ(counting.to_host, blocking_to_host) << "as many as at half the depth";
