@@ -651,8 +651,8 @@ void ModSquadModel::Backward() {
   if (uncertainty_.defined()) {
     const double ranks = world_->size();
     const float* u = uncertainty_host_.data<float>();
-    Tensor share = Tensor::Empty({t_count});
-    float* g = device_ == Device::kCPU ? uncertainty_g_.data<float>() : share.data<float>();
+    Tensor share = device_ == Device::kCPU ? uncertainty_g_ : Tensor::Empty({t_count});
+    float* g = share.data<float>();
     for (int64_t t = 0; t < t_count; ++t) {
       const double s = u[t];
       const float term =

@@ -541,6 +541,17 @@ OpsTable HostThrustTable() {
   return t;
 }
 
+// CudaSumOfSquaresMany on the stand-in: the sums in the device's memory, then one copy to
+// the host through its backend (a blocking copy, as on a GPU).
+void StandInSumOfSquaresMany(const float* const* x, const int64_t* n, int64_t count, double* out) {
+  if (count <= 0) return;
+  const int64_t partials = thrust_dense::SquareScratch(n, count);
+  Tensor scratch = Tensor::Empty({partials + count}, DType::kF64, Device::kCUDA);
+  double* s = static_cast<double*>(scratch.raw_data());
+  thrust_dense::QueueSumOfSquaresMany(thrust::device, x, n, count, s, s + partials);
+  RequireBackend(Device::kCUDA).CopyToHost(out, s + partials, count * sizeof(double));
+}
+
 // The Thrust table with the self-attention the CUDA table composes over itself.
 const OpsTable& ThrustTableWithComposedAttention() {
   static const OpsTable table = [] {
@@ -691,6 +702,7 @@ class StandInCuda : public ::testing::Test {
     table_.attention_backward = &StandInAttentionBackward;
     table_.choice_attention_forward = &StandInChoiceAttentionForward;
     table_.choice_attention_backward = &StandInChoiceAttentionBackward;
+    table_.sum_of_squares_many = &StandInSumOfSquaresMany;
     backend_ = NewHostStandInBackend(Device::kCUDA);
     before_backend_ = SetBackendForTesting(Device::kCUDA, backend_.get());
     before_ops_ = OpsFor(Device::kCUDA);
@@ -2110,12 +2122,13 @@ TEST_F(StandInCuda, TrainerTrainsModSquadOnTheDevice) {
 namespace moerun {
 namespace {
 
-// What one steady training step on a device waits for: no device-wide wait; per MoE layer
-// (MoE MLP or MoE attention) one staged copy each way and one wait, for its routing tables;
-// and a fixed number of blocking copies, whatever the depth: V-MoE's images and d(logits)
-// in, its logits out (the pre-logits' tanh and its backward on the device); Mod-Squad's
-// heads and uncertainty weights on the host. A host wait added to a layer, or a blocking copy
-// in a block, shows here.
+// What one steady training step on a device waits for: no Synchronize; per MoE layer (MoE
+// MLP or MoE attention) one staged copy each way and one wait, for its routing tables; and
+// a fixed number of blocking copies (on a GPU each waits for the stream), whatever the
+// depth: V-MoE's images and d(logits) in, its logits and the gradient norm's sums out (the
+// pre-logits' tanh and its backward on the device); Mod-Squad's heads and uncertainty
+// weights on the host. A host wait added to a layer, or a blocking copy in a block, shows
+// here.
 TEST_F(StandInCuda, TrainingStepWaitsOncePerMoeLayerAndCopiesAFixedAmountWhateverTheDepth) {
   const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 10);
   for (const bool modsquad : {false, true}) {
@@ -2157,10 +2170,11 @@ TEST_F(StandInCuda, TrainingStepWaitsOncePerMoeLayerAndCopiesAFixedAmountWhateve
       EXPECT_EQ(counting.from_staging, moe_layers);
       EXPECT_EQ(waits, moe_layers);
       if (!modsquad) {
-        EXPECT_EQ(counting.to_host, 1) << "the logits";
+        EXPECT_EQ(counting.to_host, 2) << "the logits, the gradient norm's sums";
         EXPECT_EQ(counting.from_host, 2) << "the images and d(logits)";
       } else {
-        EXPECT_EQ(counting.to_host, 3) << "the two heads' outputs, the uncertainty weights";
+        EXPECT_EQ(counting.to_host, 4)
+            << "the two heads' outputs, the uncertainty weights, the gradient norm's sums";
         EXPECT_EQ(counting.from_host, 4)
             << "the images, the two heads' d(output), the uncertainty weights' gradient";
       }
