@@ -441,16 +441,17 @@ struct ThrustOps {
   // Scratch of the policy's memory, kept (never freed: a device's would outlive its
   // context at exit) and grown to the largest call; one per calling thread.
   static void AssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
-                          int num_experts, int k, bool bpr, int32_t* slot, int32_t* load) {
+                          int64_t group_size, int num_experts, int k, bool bpr, int32_t* slot,
+                          int32_t* load) {
     struct Scratch {
       thrust::device_vector<int32_t> order, keys, rank, cumulative;
       thrust::device_vector<int64_t> visit;
       thrust::device_vector<float> keys_w;
     };
     thread_local Scratch* s = new Scratch();
-    thrust_routing::AssignSlots(PolicySource::Get(), expert_index, weight, tokens, num_experts, k,
-                                bpr, slot, load, nullptr, s->order, s->keys, s->rank, s->visit,
-                                s->keys_w, s->cumulative);
+    thrust_routing::AssignSlotsInGroups(
+        PolicySource::Get(), expert_index, weight, tokens, group_size, num_experts, k, bpr, slot,
+        load, nullptr, s->order, s->keys, s->rank, s->visit, s->keys_w, s->cumulative);
   }
   static void PlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
                        int64_t group_size, int64_t capacity, int64_t rows_per_expert,

@@ -40,11 +40,7 @@ void DeviceRouting::Plan(Router* router, int k, bool bpr, int64_t group_size, in
   float* w = p.weight.device_data<float>(dev);
   int32_t* load = device_load_.device_data<int32_t>(dev);
   MOERUN_OP(ops, top_k)(gates.device_data<float>(dev), t, e, k, idx, w);
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t off = g * group_size * kk;
-    MOERUN_OP(ops, assign_slots)
-    (idx + off, w + off, group_size, e, k, bpr, slot + off, load + g * e_count);
-  }
+  MOERUN_OP(ops, assign_slots)(idx, w, t, group_size, e, k, bpr, slot, load);  // every group
   const bool dropless = capacity <= 0;
   if (!dropless) {
     MOERUN_OP(ops, plan_rows)

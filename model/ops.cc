@@ -96,9 +96,14 @@ void CpuTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t
 }
 
 void CpuAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
-                    int num_experts, int k, bool bpr, int32_t* slot, int32_t* load) {
+                    int64_t group_size, int num_experts, int k, bool bpr, int32_t* slot,
+                    int32_t* load) {
   thread_local std::vector<int32_t> order;
-  AssignSlots(expert_index, weight, tokens, num_experts, k, bpr, slot, load, &order);
+  for (int64_t g = 0; g * group_size < tokens; ++g) {
+    const int64_t off = g * group_size * k;
+    AssignSlots(expert_index + off, weight + off, group_size, num_experts, k, bpr, slot + off,
+                load + g * num_experts, &order);
+  }
 }
 
 void CpuRouterLogitsBackward(const float* y, const int32_t* expert_index, const int32_t* row,

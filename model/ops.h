@@ -100,10 +100,11 @@ struct OpsTable {
   // global tokens first_token.. (zn may alias z).
   void (*add_router_noise)(const NoiseKey& key, int64_t first_token, int64_t tokens,
                            int num_experts, float sigma, const float* z, float* zn);
-  // model/routing.h's AssignSlots for one group without padding tokens: slot [tokens, k],
-  // load [num_experts].
+  // model/routing.h's AssignSlots for every group of group_size consecutive tokens (tokens
+  // a multiple of it), without padding tokens: slot [tokens, k], load [groups, num_experts].
   void (*assign_slots)(const int32_t* expert_index, const float* weight, int64_t tokens,
-                       int num_experts, int k, bool bpr, int32_t* slot, int32_t* load);
+                       int64_t group_size, int num_experts, int k, bool bpr, int32_t* slot,
+                       int32_t* load);
   // The plan's rows (model/moe_plan.h): row[i] = e * rows_per_expert + group * capacity +
   // slot for a kept choice i of token i / k (group = token / group_size), -1 past capacity.
   void (*plan_rows)(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,

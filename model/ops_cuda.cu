@@ -232,9 +232,11 @@ void CudaLayerNormBackward(const float* x, const float* gamma, const float* mean
 // AssignSlots with one scratch for the process, kept (never freed: it would outlive the
 // CUDA context at exit).
 void CudaTableAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
-                          int num_experts, int k, bool bpr, int32_t* slot, int32_t* load) {
+                          int64_t group_size, int num_experts, int k, bool bpr, int32_t* slot,
+                          int32_t* load) {
   static CudaRoutingScratch* scratch = new CudaRoutingScratch();
-  CudaAssignSlots(expert_index, weight, tokens, num_experts, k, bpr, slot, load, nullptr, scratch);
+  CudaAssignSlots(expert_index, weight, tokens, num_experts, k, bpr, slot, load, nullptr, scratch,
+                  group_size);
 }
 
 OpsTable MakeCudaTable() {

@@ -31,7 +31,7 @@ void CudaTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_
 
 void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
                      int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
-                     const uint8_t* routed, CudaRoutingScratch* scratch) {
+                     const uint8_t* routed, CudaRoutingScratch* scratch, int64_t group_size) {
   CudaRoutingScratch::Impl& s = *scratch->impl();
   // The scratch vectors only grow (thrust_routing::GrowTo); growing runs cudaMalloc and
   // their construction on the legacy default stream (which the backend's blocking stream
@@ -41,12 +41,12 @@ void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t t
   // wait.
   if (routed != nullptr ||
       thrust_routing::AssignSlotsScratchGrows(tokens, num_experts, k, bpr, s.order, s.keys, s.rank,
-                                              s.visit, s.keys_w, s.cumulative)) {
+                                              s.visit, s.keys_w, s.cumulative, group_size)) {
     DrainCudaBackendStream();
   }
-  thrust_routing::AssignSlots(BackendStreamPolicy::Get(), expert_index, weight, tokens, num_experts,
-                              k, bpr, slot, load, routed, s.order, s.keys, s.rank, s.visit,
-                              s.keys_w, s.cumulative);
+  thrust_routing::AssignSlotsInGroups(BackendStreamPolicy::Get(), expert_index, weight, tokens,
+                                      group_size, num_experts, k, bpr, slot, load, routed, s.order,
+                                      s.keys, s.rank, s.visit, s.keys_w, s.cumulative);
 }
 
 void CudaPlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,

@@ -23,9 +23,11 @@ class CudaRoutingScratch {
 
 void CudaTopK(const float* gates, int64_t tokens, int num_experts, int k, int32_t* expert_index,
               float* weight);
+// group_size: groups of that many consecutive tokens at once (0: one group), load
+// [groups, num_experts].
 void CudaAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
                      int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
-                     const uint8_t* routed, CudaRoutingScratch* scratch);
+                     const uint8_t* routed, CudaRoutingScratch* scratch, int64_t group_size = 0);
 
 void CudaPlanRows(const int32_t* expert_index, const int32_t* slot, int64_t tokens, int64_t k,
                   int64_t group_size, int64_t capacity, int64_t rows_per_expert, int32_t* row);

@@ -8,7 +8,9 @@
 //   AssignSlots: round j = 0..k-1 visits every routed token's j-th choice in priority order
 //     (token order, or with BPR a stable sort on descending top-1 gate); a visit of expert e
 //     takes slot load[e] and increments it. Padding tokens (routed[s] == 0) take no slot
-//     (INT32_MAX) and do not count. load[e] = visits of e.
+//     (INT32_MAX) and do not count. load[e] = visits of e. AssignSlotsInGroups does the
+//     same for every group of group_size consecutive tokens at once (one sort over all of
+//     them), load [groups, E].
 // Arguments are pointers in the policy's memory space (device pointers on a GPU); the
 // vectors are scratch of that space (thrust::device_vector), reused across calls.
 #ifndef MOERUN_MODEL_ROUTING_THRUST_H_
@@ -93,6 +95,21 @@ struct VisitExpert {
   }
 };
 
+// The same visit's key when groups are assigned at once: group * E + expert, with the
+// token's group from its index.
+struct VisitGroupExpert {
+  const int32_t* order;
+  const int32_t* expert_index;
+  int64_t n;
+  int k;
+  int64_t group_size;
+  int num_experts;
+  MOERUN_HD int32_t operator()(int64_t v) const {
+    const int64_t j = v / n, s = order[v % n];
+    return static_cast<int32_t>((s / group_size) * num_experts + expert_index[s * k + j]);
+  }
+};
+
 // Visit v -> its place in the [S, K] slot array.
 struct VisitSlotIndex {
   const int32_t* order;
@@ -115,22 +132,33 @@ void GrowTo(Vec& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
-// Whether AssignSlots over `tokens` tokens would grow any of its scratch vectors.
+// Whether AssignSlotsInGroups over `tokens` tokens in groups of `group_size` (0: one group)
+// would grow any of its scratch vectors.
 template <typename Vec32, typename Vec64, typename VecF>
 bool AssignSlotsScratchGrows(int64_t tokens, int num_experts, int k, bool bpr, const Vec32& order,
                              const Vec32& keys_e, const Vec32& rank, const Vec64& visit,
-                             const VecF& keys_w, const Vec32& cumulative) {
+                             const VecF& keys_w, const Vec32& cumulative, int64_t group_size = 0) {
   const auto small = [](const auto& v, int64_t n) { return static_cast<int64_t>(v.size()) < n; };
+  const int64_t groups = group_size > 0 && tokens > 0 ? tokens / group_size : 1;
   return small(order, tokens) || small(keys_e, tokens * k) || small(rank, tokens * k) ||
          small(visit, tokens * k) || (bpr && small(keys_w, tokens)) ||
-         small(cumulative, num_experts);
+         small(cumulative, groups * num_experts);
 }
 
+// AssignSlots for every group of `group_size` consecutive tokens (0: one group of all;
+// tokens a multiple of it), load [groups, E], in one pass: the routed tokens in token order
+// (with BPR stably sorted on descending top-1 gate) give every visit its round-major place,
+// and the visits of one (group, expert) key keep that order, which restricted to the
+// group's tokens is the group's own priority order.
 template <typename Policy, typename Vec32, typename Vec64, typename VecF>
-void AssignSlots(const Policy& policy, const int32_t* expert_index, const float* weight,
-                 int64_t tokens, int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
-                 const uint8_t* routed, Vec32& order, Vec32& keys_e, Vec32& rank, Vec64& visit,
-                 VecF& keys_w, Vec32& cumulative) {
+void AssignSlotsInGroups(const Policy& policy, const int32_t* expert_index, const float* weight,
+                         int64_t tokens, int64_t group_size, int num_experts, int k, bool bpr,
+                         int32_t* slot, int32_t* load, const uint8_t* routed, Vec32& order,
+                         Vec32& keys_e, Vec32& rank, Vec64& visit, VecF& keys_w,
+                         Vec32& cumulative) {
+  if (group_size <= 0 || group_size > tokens) group_size = tokens > 0 ? tokens : 1;
+  const int64_t groups = tokens > 0 ? tokens / group_size : 1;
+  const int64_t keys = groups * num_experts;
   // The routed tokens in token order.
   GrowTo(order, tokens);
   int64_t n = tokens;
@@ -143,9 +171,10 @@ void AssignSlots(const Policy& policy, const int32_t* expert_index, const float*
   } else {
     thrust::sequence(policy, order.begin(), order.begin() + tokens);
   }
-  thrust::fill(policy, load, load + num_experts, 0);
+  thrust::fill(policy, load, load + keys, 0);
   if (n == 0) return;
   int32_t* ord = thrust::raw_pointer_cast(order.data());
+  GrowTo(keys_e, tokens * k);
   if (bpr) {
     // Stable sort on descending top-1 gate: equal gates keep token order.
     GrowTo(keys_w, tokens);
@@ -153,16 +182,21 @@ void AssignSlots(const Policy& policy, const int32_t* expert_index, const float*
     thrust::stable_sort_by_key(policy, keys_w.begin(), keys_w.begin() + n, order.begin(),
                                thrust::greater<float>());
   }
-  // Visits in round-major priority order, stably grouped by expert: a visit's slot is its
-  // rank within its expert's group.
+  // Visits in round-major priority order, stably grouped by (group, expert): a visit's slot
+  // is its rank within its key's visits.
   const int64_t visits = n * k;
-  GrowTo(keys_e, tokens * k);
   GrowTo(visit, tokens * k);
   GrowTo(rank, tokens * k);
   const auto keys_end = keys_e.begin() + visits;
-  thrust::transform(policy, thrust::counting_iterator<int64_t>(0),
-                    thrust::counting_iterator<int64_t>(visits), keys_e.begin(),
-                    VisitExpert{ord, expert_index, n, k});
+  if (groups > 1) {
+    thrust::transform(policy, thrust::counting_iterator<int64_t>(0),
+                      thrust::counting_iterator<int64_t>(visits), keys_e.begin(),
+                      VisitGroupExpert{ord, expert_index, n, k, group_size, num_experts});
+  } else {
+    thrust::transform(policy, thrust::counting_iterator<int64_t>(0),
+                      thrust::counting_iterator<int64_t>(visits), keys_e.begin(),
+                      VisitExpert{ord, expert_index, n, k});
+  }
   thrust::sequence(policy, visit.begin(), visit.begin() + visits);
   thrust::stable_sort_by_key(policy, keys_e.begin(), keys_end, visit.begin());
   thrust::exclusive_scan_by_key(policy, keys_e.begin(), keys_end,
@@ -170,12 +204,23 @@ void AssignSlots(const Policy& policy, const int32_t* expert_index, const float*
   // slot[order[v % n] * k + v / n] = rank.
   thrust::scatter(policy, rank.begin(), rank.begin() + visits,
                   thrust::make_transform_iterator(visit.begin(), VisitSlotIndex{ord, n, k}), slot);
-  // load[e] = the number of visits of e: differences of the upper bounds of 0..E-1 in the
-  // sorted experts.
-  GrowTo(cumulative, num_experts);
+  // load[key] = the number of visits of key: differences of the upper bounds of
+  // 0..keys-1 in the sorted keys.
+  GrowTo(cumulative, keys);
   thrust::upper_bound(policy, keys_e.begin(), keys_end, thrust::counting_iterator<int32_t>(0),
-                      thrust::counting_iterator<int32_t>(num_experts), cumulative.begin());
-  thrust::adjacent_difference(policy, cumulative.begin(), cumulative.begin() + num_experts, load);
+                      thrust::counting_iterator<int32_t>(static_cast<int32_t>(keys)),
+                      cumulative.begin());
+  thrust::adjacent_difference(policy, cumulative.begin(), cumulative.begin() + keys, load);
+}
+
+// One group of all `tokens`: load [E].
+template <typename Policy, typename Vec32, typename Vec64, typename VecF>
+void AssignSlots(const Policy& policy, const int32_t* expert_index, const float* weight,
+                 int64_t tokens, int num_experts, int k, bool bpr, int32_t* slot, int32_t* load,
+                 const uint8_t* routed, Vec32& order, Vec32& keys_e, Vec32& rank, Vec64& visit,
+                 VecF& keys_w, Vec32& cumulative) {
+  AssignSlotsInGroups(policy, expert_index, weight, tokens, tokens, num_experts, k, bpr, slot, load,
+                      routed, order, keys_e, rank, visit, keys_w, cumulative);
 }
 
 // Plan rows: row[i] = e * rows_per_expert + group * capacity + slot for a kept choice i of

@@ -273,35 +273,32 @@ inline std::vector<OpCase> OpCases() {
                      t.add_router_noise(key, 7, tokens, 6, 1.0f, inplace.data(), inplace.data());
                      return Cat({&zn, &inplace});
                    }});
-  // Two groups of 60 tokens over 8 experts, k = 2: vanilla and BPR (with tied top-1 gates),
-  // then the plan's rows at capacity 9, and the router's d(logits) through them.
-  cases.push_back({"assign_slots/plan_rows/router_logits_backward", 0, [](const OpsTable& t) {
-                     const int64_t s = 60, groups = 2, tokens = s * groups, e = 8, k = 2, cap = 9;
-                     FVec g = NormalV(tokens * e, 1, 26), w(tokens * k);
-                     for (int64_t i = 0; i < tokens * e; i += 37) g[i] = 3.0f;  // tied top-1 gates
-                     IVec idx(tokens * k), slot(tokens * k), load(groups * e), row(tokens * k);
-                     t.top_k(g.data(), tokens, e, k, idx.data(), w.data());
-                     std::vector<float> out;
-                     for (const bool bpr : {false, true}) {
-                       for (int64_t q = 0; q < groups; ++q) {
-                         t.assign_slots(idx.data() + q * s * k, w.data() + q * s * k, s, e, k, bpr,
-                                        slot.data() + q * s * k, load.data() + q * e);
-                       }
-                       t.plan_rows(idx.data(), slot.data(), tokens, k, s, cap, groups * cap,
-                                   row.data());
-                       for (const IVec* v : {&slot, &load, &row}) {
-                         const FVec f = AsFloats(*v);
-                         out.insert(out.end(), f.begin(), f.end());
-                       }
-                     }
-                     FVec y = NormalV(tokens * e, 0.2f, 27), dw = NormalV(tokens * k, 1, 28),
-                          dz_loss = NormalV(tokens * e, 0.01f, 29), dz(tokens * e);
-                     t.router_logits_backward(y.data(), idx.data(), row.data(), dw.data(),
-                                              dz_loss.data(), dz.data(), tokens, e, k);
-                     const std::vector<float> last = Cat({&dz});
-                     out.insert(out.end(), last.begin(), last.end());
-                     return out;
-                   }});
+  // Three groups of 40 tokens over 8 experts, k = 2: vanilla and BPR (with tied top-1
+  // gates), then the plan's rows at capacity 9, and the router's d(logits) through them.
+  cases.push_back(
+      {"assign_slots/plan_rows/router_logits_backward", 0, [](const OpsTable& t) {
+         const int64_t s = 40, groups = 3, tokens = s * groups, e = 8, k = 2, cap = 9;
+         FVec g = NormalV(tokens * e, 1, 26), w(tokens * k);
+         for (int64_t i = 0; i < tokens * e; i += 37) g[i] = 3.0f;  // tied top-1 gates
+         IVec idx(tokens * k), slot(tokens * k), load(groups * e), row(tokens * k);
+         t.top_k(g.data(), tokens, e, k, idx.data(), w.data());
+         std::vector<float> out;
+         for (const bool bpr : {false, true}) {
+           t.assign_slots(idx.data(), w.data(), tokens, s, e, k, bpr, slot.data(), load.data());
+           t.plan_rows(idx.data(), slot.data(), tokens, k, s, cap, groups * cap, row.data());
+           for (const IVec* v : {&slot, &load, &row}) {
+             const FVec f = AsFloats(*v);
+             out.insert(out.end(), f.begin(), f.end());
+           }
+         }
+         FVec y = NormalV(tokens * e, 0.2f, 27), dw = NormalV(tokens * k, 1, 28),
+              dz_loss = NormalV(tokens * e, 0.01f, 29), dz(tokens * e);
+         t.router_logits_backward(y.data(), idx.data(), row.data(), dw.data(), dz_loss.data(),
+                                  dz.data(), tokens, e, k);
+         const std::vector<float> last = Cat({&dz});
+         out.insert(out.end(), last.begin(), last.end());
+         return out;
+       }});
   cases.push_back(
       {"pack_rows/combine_rows/combine_rows_backward", 0, [](const OpsTable& t) {
          const int64_t tokens = 20, k = 2, w = 6, buf_rows = 48;
