@@ -647,26 +647,18 @@ void ModSquadModel::Backward() {
     MOERUN_OP(ops(), axpy)(1.0f, F(spread), dht, b * n * d);
   }
   // Uncertainty weights: d/ds (0.5 / s^2 L + log(1 + s^2)), this rank's share.
-  // With the forward's weights; on a device the step's share goes there and is added there.
+  // With the forward's weights; the step's share is added where the gradient lives.
   if (uncertainty_.defined()) {
     const double ranks = world_->size();
     const float* u = uncertainty_host_.data<float>();
-    Tensor share = device_ == Device::kCPU ? uncertainty_g_ : Tensor::Empty({t_count});
-    float* g = share.data<float>();
+    Tensor share = Tensor::Empty({t_count});
     for (int64_t t = 0; t < t_count; ++t) {
       const double s = u[t];
-      const float term =
+      share.data<float>()[t] =
           static_cast<float>((-task_loss_[t] / (s * s * s) + 2 * s / (1 + s * s)) / ranks);
-      if (device_ == Device::kCPU) {
-        g[t] += term;
-      } else {
-        g[t] = term;
-      }
     }
-    if (device_ != Device::kCPU) {
-      const Tensor on_device = share.To(device_);
-      MOERUN_OP(ops(), axpy)(1.0f, F(on_device), F(uncertainty_g_), t_count);
-    }
+    const Tensor here = share.To(device_);
+    MOERUN_OP(ops(), axpy)(1.0f, F(here), F(uncertainty_g_), t_count);
   }
   // Blocks in reverse; dh: gradient of the block's output.
   const int64_t hd = heads_ * head_dim_;

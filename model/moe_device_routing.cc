@@ -1,7 +1,6 @@
 // A MoE layer's routing on its device.
 #include "model/moe_device_routing.h"
 
-#include <algorithm>
 #include <vector>
 
 #include "model/moe_dispatch.h"
@@ -69,10 +68,7 @@ void DeviceRouting::Plan(Router* router, int k, bool bpr, int64_t group_size, in
   // sets the buffers' shapes: the host waits for the tables here, then the rows are made on
   // both sides (the same integer formula).
   copies_.Finish();
-  const int32_t* host_load = host_load_.data<int32_t>();
-  int64_t max_load = *std::max_element(host_load, host_load + host_load_.numel());
-  world.AllReduce(&max_load, 1, DType::kI64, ReduceOp::kMax);
-  capacity = std::max<int64_t>(max_load, 1);
+  capacity = DroplessCapacity(host_load_.data<int32_t>(), host_load_.numel(), world);
   p.capacity = plan->capacity = capacity;
   MOERUN_OP(ops, plan_rows)
   (idx, slot, t, kk, group_size, capacity, p.rows_per_expert(), p.row.device_data<int32_t>(dev));

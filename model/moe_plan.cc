@@ -51,14 +51,18 @@ void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t s
   }
   if (fixed_capacity > 0) {
     p.capacity = fixed_capacity;
-  } else {  // dropless: the largest per-expert load of any group on any rank
-    int64_t max_load = *std::max_element(p.load.begin(), p.load.end());
-    world.AllReduce(&max_load, 1, DType::kI64, ReduceOp::kMax);
-    p.capacity = std::max<int64_t>(max_load, 1);
+  } else {
+    p.capacity = DroplessCapacity(p.load.data(), static_cast<int64_t>(p.load.size()), world);
   }
   Ensure(&p.row, {t, k}, DType::kI32);
   PlanRows(p.expert_index.data<int32_t>(), p.slot.data<int32_t>(), t, k, s, p.capacity,
            p.rows_per_expert(), p.row.data<int32_t>());
+}
+
+int64_t DroplessCapacity(const int32_t* load, int64_t n, Communicator& world) {
+  int64_t max_load = n > 0 ? *std::max_element(load, load + n) : 0;
+  world.AllReduce(&max_load, 1, DType::kI64, ReduceOp::kMax);
+  return std::max<int64_t>(max_load, 1);
 }
 
 void SetPlanLayout(RoutingPlan* plan, int64_t tokens, int64_t k, int64_t num_experts,

@@ -52,6 +52,10 @@ void PlanRouting(const Tensor& gates, const CapacityRule& rule, int k, int64_t g
                  int64_t fixed_capacity, Communicator& world, RoutingPlan* plan,
                  const uint8_t* routed = nullptr);
 
+// A dropless plan's capacity: the largest of the `n` per-(group, expert) loads on any rank
+// (all-reduced over `world`: every rank must call it), at least 1.
+int64_t DroplessCapacity(const int32_t* load, int64_t n, Communicator& world);
+
 // Sets the plan's sizes: tokens, k, experts, groups of group_size tokens, capacity (its
 // tables are left as they are).
 void SetPlanLayout(RoutingPlan* plan, int64_t tokens, int64_t k, int64_t num_experts,

@@ -25,6 +25,7 @@
 #include "model/routing_cuda.h"
 #include "runtime/row_kernels.h"
 #include "runtime/tensor.h"
+#include "tests/moe_pairs.h"
 #include "tests/op_cases.h"
 
 namespace moerun {
@@ -339,26 +340,6 @@ void ExpectTensorClose(const Tensor& want, const Tensor& got_any, float tol) {
   op_cases::ExpectClose(a, b, tol);
 }
 
-// Two layers' routing plans and loss terms: the same choices, slots and rows, each loss
-// term within `rel` of its own magnitude.
-void ExpectSameRouting(const RoutingPlan& want, const RoutingPlan& got,
-                       const MoeLosses& want_losses, const MoeLosses& got_losses, double rel) {
-  for (const auto& [name, a, b] :
-       {std::tuple{"expert", &want.expert_index, &got.expert_index},
-        std::tuple{"slot", &want.slot, &got.slot}, std::tuple{"row", &want.row, &got.row}}) {
-    SCOPED_TRACE(name);
-    EXPECT_EQ(std::vector<int32_t>(a->data<int32_t>(), a->data<int32_t>() + a->numel()),
-              std::vector<int32_t>(b->data<int32_t>(), b->data<int32_t>() + b->numel()));
-  }
-  EXPECT_EQ(want.load, got.load);
-  ASSERT_EQ(want_losses.terms.size(), got_losses.terms.size());
-  for (size_t i = 0; i < want_losses.terms.size(); ++i) {
-    SCOPED_TRACE(want_losses.terms[i].name);
-    EXPECT_NEAR(want_losses.terms[i].value, got_losses.terms[i].value,
-                rel * std::fabs(want_losses.terms[i].value));
-  }
-}
-
 TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
   if (!HaveGpu()) {
     std::printf("skipped: no GPU\n");
@@ -391,13 +372,9 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     uint32_t seed = 100;
     MoeParams& p = cpu.params();
     MoeParams& q = dev.params();
-    for (auto [a, b] :
-         {std::pair{&p.router_weight, &q.router_weight}, std::pair{&p.fc1_weight, &q.fc1_weight},
-          std::pair{&p.fc1_bias, &q.fc1_bias}, std::pair{&p.fc2_weight, &q.fc2_weight},
-          std::pair{&p.fc2_bias, &q.fc2_bias}}) {
-      a->CopyFrom(RandomTensor(a->shape(), 0.3f, seed++));
-      b->CopyFrom(*a);
-    }
+    moe_pairs::SameRandom(moe_pairs::Pairs(p, q), seed, [](const Shape& shape, uint32_t sd) {
+      return RandomTensor(shape, 0.3f, sd);
+    });
     cpu.ZeroGradients();
     dev.ZeroGradients();
     const int64_t t = 256;
@@ -415,7 +392,7 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), args, &y_d).ok());
     dev.Backward(dy.To(Device::kCUDA), &dx_d);
     ASSERT_TRUE(dev.routed_on_device());
-    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.losses(), dev.losses(), 1e-5);
+    moe_pairs::ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux(), 1e-5);
     EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
     if (task_gate) {
       EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";
@@ -455,14 +432,9 @@ TEST(CudaMoeAttention, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     uint32_t seed = 200;
     MoeAttentionParams& p = cpu.params();
     MoeAttentionParams& q = dev.params();
-    for (auto [a, b] : {std::pair{&p.router_weight, &q.router_weight},
-                        {&p.q_weight, &q.q_weight},
-                        {&p.o_weight, &q.o_weight},
-                        {&p.kv_weight, &q.kv_weight},
-                        {&p.kv_bias, &q.kv_bias}}) {
-      a->CopyFrom(RandomTensor(a->shape(), 0.3f, seed++));
-      b->CopyFrom(*a);
-    }
+    moe_pairs::SameRandom(moe_pairs::Pairs(p, q), seed, [](const Shape& shape, uint32_t sd) {
+      return RandomTensor(shape, 0.3f, sd);
+    });
     cpu.ZeroGradients();
     dev.ZeroGradients();
     const int64_t t = 256, seq_len = 16;
@@ -479,7 +451,7 @@ TEST(CudaMoeAttention, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), seq_len, args, &y_d).ok());
     dev.Backward(dy.To(Device::kCUDA), &dx_d);
     ASSERT_TRUE(dev.routed_on_device());
-    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.losses(), dev.losses(), 1e-5);
+    moe_pairs::ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux(), 1e-5);
     EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
     EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";
     EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());

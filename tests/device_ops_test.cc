@@ -49,6 +49,7 @@
 #include "runtime/optimizer.h"
 #include "runtime/tensor.h"
 #include "runtime/trainer.h"
+#include "tests/moe_pairs.h"
 #include "tests/op_cases.h"
 
 namespace moerun {
@@ -1137,36 +1138,6 @@ void ExpectAStepWithoutHostWaits(Backend* backend, Tensor* y_d, bool dropless,
   SetBackendForTesting(Device::kCUDA, backend);
 }
 
-// The CPU layer's routing against the device layer's: the same choices, slots, rows, loads
-// and dropped fractions, the combine weights to 1e-6, every loss term to 1e-6 of its own
-// magnitude and equally active.
-void ExpectSameRouting(const RoutingPlan& want, const RoutingPlan& got,
-                       const MoeAuxLosses& want_aux, const MoeAuxLosses& got_aux) {
-  for (const auto& [name, a, b] :
-       {std::tuple{"expert", &want.expert_index, &got.expert_index},
-        std::tuple{"slot", &want.slot, &got.slot}, std::tuple{"row", &want.row, &got.row}}) {
-    SCOPED_TRACE(name);
-    ASSERT_EQ(a->numel(), b->numel());
-    for (int64_t i = 0; i < a->numel(); ++i) {
-      ASSERT_EQ(a->data<int32_t>()[i], b->data<int32_t>()[i]) << i;
-    }
-  }
-  EXPECT_EQ(want.load, got.load);
-  EXPECT_EQ(want_aux.metrics().dropped_fraction, got_aux.metrics().dropped_fraction);
-  const float* wc = want.weight.data<float>();
-  const float* wd = got.weight.data<float>();
-  ExpectClose(std::vector<float>(wc, wc + want.weight.numel()),
-              std::vector<float>(wd, wd + got.weight.numel()), 1e-6f);
-  const MoeLosses& a = want_aux.losses();
-  const MoeLosses& b = got_aux.losses();
-  ASSERT_EQ(a.terms.size(), b.terms.size());
-  for (size_t i = 0; i < a.terms.size(); ++i) {
-    SCOPED_TRACE(a.terms[i].name);
-    EXPECT_NEAR(a.terms[i].value, b.terms[i].value, 1e-6 * std::fabs(a.terms[i].value));
-    EXPECT_EQ(a.terms[i].active, b.terms[i].active);
-  }
-}
-
 // Device routing: a MoE layer at a fixed capacity makes its noise, softmaxes and
 // routing plan on the device. Its forward brings the router's and the plan's tables to the
 // host in one copy (for the losses) and sends the losses' d(logits) back in one; its
@@ -1217,13 +1188,8 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
     uint32_t seed = 70;
     MoeParams& p = cpu.params();
     MoeParams& q = dev.params();
-    for (auto [a, b] :
-         {std::pair{&p.router_weight, &q.router_weight}, std::pair{&p.fc1_weight, &q.fc1_weight},
-          std::pair{&p.fc1_bias, &q.fc1_bias}, std::pair{&p.fc2_weight, &q.fc2_weight},
-          std::pair{&p.fc2_bias, &q.fc2_bias}}) {
-      a->CopyFrom(Random(a->shape(), 0.4f, seed++));
-      b->CopyFrom(*a);
-    }
+    moe_pairs::SameRandom(moe_pairs::Pairs(p, q), seed,
+                          [](const Shape& shape, uint32_t sd) { return Random(shape, 0.4f, sd); });
     cpu.ZeroGradients();
     dev.ZeroGradients();
     const int64_t t = 40;
@@ -1256,7 +1222,7 @@ TEST_F(StandInCuda, MoeLayerRoutesOnTheDeviceWithoutAHostWaitInTheBackward) {
       EXPECT_EQ(cpu.aux().task_selections(), dev.aux().task_selections());
       EXPECT_NE(cpu.losses().value("mi"), 0.0) << "an active MI term";
     }
-    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux());
+    moe_pairs::ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux(), 1e-6);
     EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
     if (dropless) {
       EXPECT_EQ(cpu.metrics().dropped_fraction.back(), 0.0);
@@ -1927,15 +1893,8 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
     uint32_t seed = 70;
     MoeAttentionParams& p = cpu.params();
     MoeAttentionParams& q = dev.params();
-    for (auto [a, b] : {std::pair{&p.router_weight, &q.router_weight},
-                        {&p.q_weight, &q.q_weight},
-                        {&p.o_weight, &q.o_weight},
-                        {&p.kv_weight, &q.kv_weight},
-                        {&p.kv_bias, &q.kv_bias}}) {
-      const Tensor r = Random(a->shape(), 0.4f, seed++);
-      a->CopyFrom(r);
-      b->CopyFrom(r);
-    }
+    moe_pairs::SameRandom(moe_pairs::Pairs(p, q), seed,
+                          [](const Shape& shape, uint32_t sd) { return Random(shape, 0.4f, sd); });
     cpu.ZeroGradients();
     dev.ZeroGradients();
     const int64_t t = 40, seq_len = 8;
@@ -1959,7 +1918,7 @@ TEST_F(StandInCuda, MoeAttentionRunsItsProjectionsAndRowsOnTheDevice) {
         [&] { ASSERT_TRUE(dev.Forward(x_d, seq_len, args, &y_d).ok()); },
         [&] { dev.Backward(dy_d, &dx_d); });
     EXPECT_TRUE(dev.routed_on_device());
-    ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux());
+    moe_pairs::ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux(), 1e-6);
     EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
     if (dropless) {
       EXPECT_EQ(cpu.metrics().dropped_fraction.back(), 0.0);
