@@ -31,6 +31,12 @@ struct ModSquadModel::Block {
   // Activations.
   Tensor hin, ln1, mean1, rstd1, qkv, probs, att, attn_out, mid, ln2, mean2, rstd2, hidden, act,
       out;
+  void ReleaseActivations() {
+    for (Tensor* t : {&hin, &ln1, &mean1, &rstd1, &qkv, &probs, &att, &attn_out, &mid, &ln2, &mean2,
+                      &rstd2, &hidden, &act, &out}) {
+      *t = Tensor();
+    }
+  }
 };
 
 namespace {
@@ -317,6 +323,15 @@ void ModSquadModel::Init(uint64_t seed) {
   }
 }
 
+void ModSquadModel::ReleaseActivations() {
+  for (auto& blk : blocks_) blk->ReleaseActivations();
+  for (auto& layer : moe_attention_) layer->ReleaseInput();
+  for (auto& layer : moe_mlp_) layer->ReleaseInput();
+  patches_in_ = Tensor();
+  x0_ = Tensor();
+  heads_a_.clear();
+}
+
 void ModSquadModel::ZeroGrads() {
   dense_grad_flat_.SetZero();
   for (auto& l : moe_attention_) l->ZeroGradients();
@@ -358,6 +373,7 @@ Status ModSquadModel::Forward(const MultiTaskBatch& batch, MultiTaskOutput* out)
                          std::to_string(t_count) + " tasks");
   }
   batch_ = batch;
+  ReleaseActivations();
   arena_.Reset();
   token_task_.resize(rows);
   for (int64_t r = 0; r < rows; ++r) token_task_[r] = static_cast<int32_t>(r / task_rows);

@@ -98,6 +98,8 @@ class ModSquadModel {
   void Backward();
 
   Device device() const { return device_; }
+  // The activation arena's blocks (as VitModel::arena_blocks).
+  int arena_blocks() const { return arena_.num_blocks(); }
   // Of the last forward, on the host: [batch, outputs] logits of classification task t's
   // images; the dense tasks' [batch * patches, P * P * outputs] predictions.
   const Tensor& task_outputs(int t) const { return heads_a_[t].out_host; }
@@ -139,7 +141,9 @@ class ModSquadModel {
   float* F(const Tensor& t) const { return t.device_data<float>(device_); }
   // Sums a gradient over the world (device_world_ for device memory); nothing on one rank.
   void SumOverRanks(Tensor* grad) const;
-  // Activations of the last forward.
+  // Activations of the last forward; dropped at the start of the next (so that the arena
+  // can merge the blocks a larger step added).
+  void ReleaseActivations();
   Arena arena_;
   MultiTaskBatch batch_;
   std::vector<int32_t> token_task_;

@@ -59,6 +59,11 @@ class MoeAttention {
   MoeAttentionParams& params() { return params_; }
   MoeAttentionParams& grads() { return grads_; }
   void ZeroGradients();
+  // Drops the saved input x (as MoeLayer::ReleaseInput).
+  void ReleaseInput() {
+    x_ = Tensor();
+    router_.ReleaseInput();
+  }
 
   // x, y: [T, D], T = sequences x seq_len; args.task gives every token's task. An error
   // (before any communication) for a bad group size, capacity or task id.

@@ -145,6 +145,9 @@ class MoeLayer {
   void Backward(const Tensor& dy, Tensor* dx);
   // Sums expert gradients over replicas (P > E); no-op otherwise.
   void ReduceReplicaGradients();
+  // Drops what Forward saved of its input x (the router's view of it): the caller's
+  // activation arena can then merge its blocks. Backward needs a new Forward after it.
+  void ReleaseInput() { router_.ReleaseInput(); }
 
   const MoeLosses& losses() const { return aux_.losses(); }
   const MoeMetrics& metrics() const { return aux_.metrics(); }

@@ -90,6 +90,9 @@ class Router {
   // LogitsToInputs from d(logits) [T, E] already on the router's device (a layer whose
   // router backward runs there).
   void DeviceLogitsToInputs(const Tensor& d_logits, float* dx);
+  // Drops the saved input (a view into the model's activation arena, which can then merge
+  // its blocks); the next Forward saves a new one.
+  void ReleaseInput() { x_ = Tensor(); }
 
  private:
   GateKind kind_;

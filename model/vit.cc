@@ -32,6 +32,12 @@ struct VitModel::Block {
   DenseMlpWeights mw;
   // Activations.
   Tensor ln1, mean1, rstd1, qkv, probs, attn, mid, ln2, mean2, rstd2, hidden, act, out;
+  void ReleaseActivations() {
+    for (Tensor* t : {&ln1, &mean1, &rstd1, &qkv, &probs, &attn, &mid, &ln2, &mean2, &rstd2,
+                      &hidden, &act, &out}) {
+      *t = Tensor();
+    }
+  }
 };
 
 VitModel::~VitModel() = default;
@@ -197,6 +203,16 @@ void VitModel::Init(uint64_t seed) {
   }
 }
 
+void VitModel::ReleaseActivations() {
+  for (auto& blk : blocks_) blk->ReleaseActivations();
+  for (auto& layer : moe_) layer->ReleaseInput();
+  for (Tensor* t : {&patches_in_, &x0_, &cls_rows_, &cls_norm_, &norm_mean_, &norm_rstd_, &pre_out_,
+                    &logits_, &probs_}) {
+    *t = Tensor();
+  }
+  block_inputs_.clear();
+}
+
 void VitModel::ZeroGrads() {
   dense_grad_flat_.SetZero();
   for (auto& l : moe_) l->ZeroGradients();
@@ -207,6 +223,7 @@ Status VitModel::Forward(const VitBatch& batch, VitOutput* out) {
   const int64_t b = batch.batch, n = tokens_, d = d_, rows = b * n;
   batch_ = batch;
   labels_ = batch.labels;
+  ReleaseActivations();  // so that the arena can merge the blocks a larger step added
   arena_.Reset();
   // Patch embedding, CLS, position embeddings.
   const int64_t patch_in = c.channels() * c.patch_size() * c.patch_size();

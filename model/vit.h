@@ -69,6 +69,9 @@ class VitModel {
   ~VitModel();
   const ModelConfig& config() const { return config_; }
   int64_t tokens() const { return tokens_; }
+  // The activation arena's blocks: 1 in steady state (more after a step larger than any
+  // before, until the next Forward merges them).
+  int arena_blocks() const { return arena_.num_blocks(); }
   std::vector<Param>& params() { return params_; }
   // Replicated parameters' gradients, contiguous (one all_reduce covers them all).
   Tensor& dense_grads() { return dense_grad_flat_; }
@@ -88,6 +91,8 @@ class VitModel {
   VitModel() = default;
   struct Block;
   Tensor AddDense(const std::string& name, const Shape& shape, bool decay);
+  // Drops the last forward's activations (Backward needs a new Forward after it).
+  void ReleaseActivations();
 
   ModelConfig config_;
   std::shared_ptr<MoeGroups> groups_;

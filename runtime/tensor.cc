@@ -429,13 +429,17 @@ size_t Arena::capacity_bytes() const {
 Tensor Arena::Allocate(const Shape& shape, DType dtype) {
   const size_t bytes = NumElements(shape) * DTypeSize(dtype);
   const size_t padded = (bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
-  Block* block = blocks_.empty() ? nullptr : &blocks_.back();
-  if (block == nullptr || block->used + padded > block->storage->bytes()) {
+  // The next block with room, in order (the blocks a Reset() kept are reused as they are).
+  while (current_ < blocks_.size() &&
+         blocks_[current_].used + padded > blocks_[current_].storage->bytes()) {
+    ++current_;
+  }
+  if (current_ == blocks_.size()) {
     // Grow: at least double, so a step needs O(log) new blocks the first time only.
     const size_t size = std::max(padded, std::max<size_t>(capacity_bytes(), 1 << 20));
     blocks_.push_back({Storage::Allocate(size, "activation arena block", device_), 0});
-    block = &blocks_.back();
   }
+  Block* block = &blocks_[current_];
   Tensor t = Tensor::OnStorage(block->storage, block->used, shape, dtype);
   block->used += padded;
   used_total_ += padded;
@@ -450,11 +454,16 @@ Tensor Arena::AllocateZeros(const Shape& shape, DType dtype) {
 }
 
 void Arena::Reset() {
-  if (blocks_.size() > 1) {
+  // Merge only blocks that nothing else holds: clearing them then frees them before the
+  // merged block is allocated.
+  const bool unheld = std::all_of(blocks_.begin(), blocks_.end(),
+                                  [](const Block& b) { return b.storage.use_count() == 1; });
+  if (blocks_.size() > 1 && unheld) {
     blocks_.clear();
     blocks_.push_back({Storage::Allocate(high_water_, "activation arena block", device_), 0});
   }
   for (Block& b : blocks_) b.used = 0;
+  current_ = 0;
   used_total_ = 0;
 }
 

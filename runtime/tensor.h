@@ -200,10 +200,13 @@ int64_t NumElements(const Shape& shape);
       << ::moerun::ShapeToString(::moerun::Shape(__VA_ARGS__))
 
 // Bump allocator for activations that live for one step. Allocate() hands out views into
-// large blocks; Reset() makes the whole space reusable. Tensors keep their block alive, so a
-// tensor used after Reset() reads reused memory but never freed memory. When a step needs
-// more than the arena holds, a new block is added; the next Reset() replaces all blocks by
-// one block of the high-water size, so steady-state steps allocate nothing.
+// large blocks, filling them in order; Reset() makes the whole space reusable. Tensors keep
+// their block alive, so a tensor used after Reset() reads reused memory but never freed
+// memory. When a step needs more than the arena holds, a new block is added; the next
+// Reset() replaces all blocks by one block of the high-water size, so steady-state steps
+// allocate nothing, but only when no tensor still holds an old block: else the old blocks
+// would stay alive beside the new one (on a GPU, memory taken at once), so they are kept
+// and reused as they are. Release the last step's tensors before Reset() to let it merge.
 class Arena {
  public:
   explicit Arena(size_t initial_bytes = 0, Device device = Device::kCPU);
@@ -224,6 +227,7 @@ class Arena {
   };
   Device device_ = Device::kCPU;
   std::vector<Block> blocks_;
+  size_t current_ = 0;  // the block Allocate() fills now
   size_t used_total_ = 0;
   size_t high_water_ = 0;
 };

@@ -19,19 +19,28 @@
 
 namespace moerun {
 
-Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device device) {
+Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device device,
+                   int64_t eval_images) {
+  // On a device, the evaluation step's activations where they are the larger.
+  const bool eval_larger = device != Device::kCPU && eval_images > micro_batch;
+  const int64_t images = eval_larger ? eval_images : micro_batch;
   const TrainingFootprint f =
-      EstimateFootprint(config.model(), ranks, micro_batch, false,
+      EstimateFootprint(config.model(), ranks, images, false,
                         config.train().optimizer_moments() == TrainConfig::BF16);
-  const std::string plan = GiBString(f.bytes_per_rank) + " per rank (weights " +
-                           GiBString(f.param_bytes) + ", gradients " + GiBString(f.grad_bytes) +
-                           ", AdamW moments " + GiBString(f.optimizer_bytes) + ", activations " +
-                           GiBString(f.activation_bytes) + ", micro-batch " +
-                           std::to_string(micro_batch) + ")";
+  const std::string plan =
+      GiBString(f.bytes_per_rank) + " per rank (weights " + GiBString(f.param_bytes) +
+      ", gradients " + GiBString(f.grad_bytes) + ", AdamW moments " + GiBString(f.optimizer_bytes) +
+      ", activations " + GiBString(f.activation_bytes) +
+      (eval_larger
+           ? ", evaluation step " + std::to_string(eval_images) +
+                 " images per rank (train.eval_batch), micro-batch " + std::to_string(micro_batch)
+           : ", micro-batch " + std::to_string(micro_batch)) +
+      ")";
   SetMemoryPlan(plan);
   const int local = std::max(1, Process().local_size);
   const std::string advice =
       std::string("use more ranks (on more hosts), a smaller train.global_batch, ") +
+      (eval_larger ? "a smaller train.eval_batch, " : "") +
       (config.train().optimizer_moments() == TrainConfig::BF16
            ? ""
            : "train.optimizer_moments: BF16 (half the moments' bytes), ") +
@@ -66,8 +75,8 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
   const int64_t n = TokensPerImage(model);
   const int64_t scratch =
       model.has_modsquad() && model.modsquad().moe()
-          ? ComposedChoiceAttentionScratchBytes(micro_batch, model.modsquad().attention_k(), n)
-          : ComposedAttentionScratchBytes(micro_batch, n, model.num_heads());
+          ? ComposedChoiceAttentionScratchBytes(images, model.modsquad().attention_k(), n)
+          : ComposedAttentionScratchBytes(images, n, model.num_heads());
   // train.precision BF16: the experts' bf16 weight copies (FusedExperts), at most half the
   // weights' fp32 bytes.
   const int64_t bf16_copies =
@@ -132,7 +141,9 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
   // collective): ranks that share a GPU see each other's contexts, not each other's model,
   // which their plans already count. And the ranks stop together when one is short,
   // before the collectives of the model's creation.
-  MOERUN_RETURN_IF_ERROR(AgreeOnStatus(*world, CheckMemory(config, p, t->local_batch_, device)));
+  MOERUN_RETURN_IF_ERROR(
+      AgreeOnStatus(*world, CheckMemory(config, p, t->local_batch_, device,
+                                        EvalImagesPerRank(config.model(), p, tc.eval_batch()))));
   MOERUN_RETURN_IF_ERROR(config.model().has_modsquad() ? t->CreateModSquad() : t->CreateVit());
   OptimizerConfig oc;
   oc.learning_rate = tc.learning_rate();
@@ -555,6 +566,20 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
   return Status::Ok();
 }
 
+int64_t EvalImagesPerRank(const ModelConfig& model, int ranks, int64_t global_batch) {
+  int64_t step_images = 1;  // a routing group's images
+  if (model.has_modsquad()) {
+    const ModSquadConfig& ms = model.modsquad();
+    if (ms.moe() && ms.capacity_factor() > 0 && ms.group_images() > 0) {
+      step_images = ms.group_images();
+    }
+  } else {
+    step_images = GroupStepImages(model);
+  }
+  return std::max<int64_t>(step_images,
+                           global_batch / std::max(1, ranks) / step_images * step_images);
+}
+
 EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
                             const RoutingOverride& routing) {
   // The MoE layers' timers run in evaluation too: their device times land after each batch
@@ -563,8 +588,7 @@ EvalStats Trainer::Evaluate(const Dataset& data, int64_t global_batch,
   if (modsquad_) return EvaluateMultiTask(data, global_batch, routing);
   const int p = world_->size();
   // Each rank's micro-batch holds whole routing groups (the last batch is padded).
-  const int64_t step_images = GroupStepImages(config_.model());
-  const int64_t b = std::max<int64_t>(step_images, global_batch / p / step_images * step_images);
+  const int64_t b = EvalImagesPerRank(config_.model(), p, global_batch);
   const int64_t numel = data.image_numel();
   // Inference routing overrides, restored afterwards.
   std::vector<MoeLayerConfig> saved;

@@ -100,8 +100,16 @@ Status CheckSameModel(const CheckpointManifest& manifest, const Config& current)
 // device, the free memory of this rank's GPU (with what its pool holds for reuse) that of
 // this rank. Else an error with the plan's figures. Where the memory is unknown (a backend
 // that does not report it) it is OK.
+// On a device the activations are those of the larger of the micro-batch and the
+// evaluation step (eval_images per rank, EvalImagesPerRank of train.eval_batch): an
+// evaluation's forward keeps the same activations per image, and the activation arena
+// keeps its size afterwards.
 Status CheckMemory(const Config& config, int ranks, int64_t micro_batch,
-                   Device device = Device::kCPU);
+                   Device device = Device::kCPU, int64_t eval_images = 0);
+
+// The images per rank of an evaluation step of global_batch images over `ranks` ranks:
+// whole routing groups (V-MoE's group_size, Mod-Squad's group_images), at least one.
+int64_t EvalImagesPerRank(const ModelConfig& model, int ranks, int64_t global_batch);
 
 class Trainer {
  public:
@@ -123,6 +131,8 @@ class Trainer {
   // Where the time of the steps taken so far went (this rank).
   // Device timers resolved first (ResolveDeviceTimers: waits for the device's queued work).
   const StepTimeSplit& time_split() const;
+  // global_batch: images per evaluation step over all ranks (train.eval_batch), as
+  // EvalImagesPerRank per rank (the last step padded).
   EvalStats Evaluate(const Dataset& data, int64_t global_batch, const RoutingOverride& routing);
 
   // The run's whole state as named global tensors: every parameter under its global name

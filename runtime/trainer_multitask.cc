@@ -219,9 +219,7 @@ EvalStats Trainer::EvaluateMultiTask(const Dataset& base, int64_t global_batch,
   const ModelConfig& m = config_.model();
   const ModSquadConfig& ms = m.modsquad();
   const MultiTaskDataset& data = MultiTask(base);
-  const int64_t step_images =
-      ms.moe() && ms.capacity_factor() > 0 && ms.group_images() > 0 ? ms.group_images() : 1;
-  const int64_t b = std::max<int64_t>(step_images, global_batch / p / step_images * step_images);
+  const int64_t b = EvalImagesPerRank(m, p, global_batch);
   // Inference routing overrides, restored afterwards.
   std::vector<MoeLayerConfig> saved_mlp;
   std::vector<MoeAttentionConfig> saved_attention;

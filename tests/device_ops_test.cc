@@ -1765,7 +1765,7 @@ TEST_F(StandInCuda, TrainerResolvesItsDeviceTimersEveryStep) {
 // figures and what to change; enough, or a device that does not report its memory, is
 // accepted.
 TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
-  auto config = TinyTrainingConfig("steps: 1");
+  auto config = TinyTrainingConfig("steps: 1 eval_batch: 8");
   ASSERT_TRUE(config.ok());
   const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
   LoopbackCommunicator one(0, 1);
@@ -1791,7 +1791,7 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   EXPECT_TRUE(fits.ok()) << fits.status().message();
   // Under train.precision BF16 the experts' bf16 weight copies count too (half the weights'
   // fp32 bytes at most).
-  auto bf16 = TinyTrainingConfig("steps: 1 precision: BF16");
+  auto bf16 = TinyTrainingConfig("steps: 1 eval_batch: 8 precision: BF16");
   ASSERT_TRUE(bf16.ok());
   auto short_of_copies = Trainer::Create(*bf16, &one, &data, Device::kCUDA);
   ASSERT_FALSE(short_of_copies.ok());
@@ -1801,6 +1801,24 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
       1 + EstimateFootprint(config->model(), 1, 8, false, false).param_bytes / 2;
   auto fits_copies = Trainer::Create(*bf16, &one, &data, Device::kCUDA);
   EXPECT_TRUE(fits_copies.ok()) << fits_copies.status().message();
+  // An evaluation step larger than the micro-batch (train.eval_batch 64: 64 images against
+  // 8) keeps its activations on the device too: the plan is that step's, and the message
+  // names train.eval_batch.
+  auto big_eval = TinyTrainingConfig("steps: 1 eval_batch: 64");
+  ASSERT_TRUE(big_eval.ok());
+  counting.memory.pool_free_bytes = 1;
+  auto short_of_eval = Trainer::Create(*big_eval, &one, &data, Device::kCUDA);
+  ASSERT_FALSE(short_of_eval.ok()) << "the training step's plan fits, the evaluation's not";
+  const std::string& eval_why = short_of_eval.status().message();
+  EXPECT_NE(eval_why.find("evaluation step 64 images per rank"), std::string::npos) << eval_why;
+  EXPECT_NE(eval_why.find("a smaller train.eval_batch"), std::string::npos) << eval_why;
+  const int64_t eval_need =
+      EstimateFootprint(big_eval->model(), 1, 64, false, false).bytes_per_rank + 64 * 2 * 5 * 5 * 4;
+  counting.memory.free_bytes = eval_need;
+  counting.memory.pool_free_bytes = 0;
+  auto fits_eval = Trainer::Create(*big_eval, &one, &data, Device::kCUDA);
+  EXPECT_TRUE(fits_eval.ok()) << fits_eval.status().message();
+  EXPECT_TRUE(Trainer::Create(*big_eval, &one, &data).ok()) << "the CPU's plan is the host's";
   counting.memory = DeviceMemory{};
   auto unknown = Trainer::Create(*config, &one, &data, Device::kCUDA);
   EXPECT_TRUE(unknown.ok()) << unknown.status().message();
@@ -1826,7 +1844,7 @@ class LoggingLoopback : public LoopbackCommunicator {
 // earlier one's model as used memory, and count it again in its plan. One rank short stops
 // every rank, before the model's own collectives, with that rank's figures.
 TEST_F(StandInCuda, TrainerReadsTheDevicesMemoryOnEveryRankBeforeAnyAllocates) {
-  auto config = TinyTrainingConfig("steps: 1");
+  auto config = TinyTrainingConfig("steps: 1 eval_batch: 8");
   ASSERT_TRUE(config.ok());
   const Dataset data = MakeSyntheticDataset(5, 64, 1, 8, 8, 4);
   std::vector<std::string> log;

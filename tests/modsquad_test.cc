@@ -274,6 +274,30 @@ TEST(ModSquadTest, MetricsFromSums) {
 
 // The usage EMA after one training step: 0.05 x the selections, so each task's row sums to
 // 0.05 x its tokens (all ranks) x k.
+// As VitModel's: the second forward releases the first's activations (the MoE attention's
+// and MLP routers' saved inputs too), so the arena merges its blocks into one.
+TEST(ModSquadTest, ReleasesItsActivationsSoTheArenaSettlesIntoOneBlock) {
+  auto self = World().Split(World().rank(), 0, "self");
+  ModelConfig m = TinyModSquad();
+  m.set_hidden_size(32);
+  m.set_mlp_dim(64);
+  Built b = Build(m, self.get());
+  b.model->Init(5);
+  const Data data = MakeData(64, 6);
+  const MultiTaskBatch batch = Slice(data, 0, 64);
+  for (int step = 0; step < 3; ++step) {
+    MultiTaskOutput out;
+    ASSERT_TRUE(b.model->Forward(batch, &out).ok());
+    if (step == 0) {
+      ASSERT_GT(b.model->arena_blocks(), 1) << "the first step should outgrow the first block";
+    } else {
+      EXPECT_EQ(b.model->arena_blocks(), 1) << "step " << step;
+    }
+    b.model->ZeroGrads();
+    b.model->Backward();
+  }
+}
+
 TEST(ModSquadTest, UsageEmaAfterOneStep) {
   const ModelConfig m = TinyModSquad();
   Built b = Build(m, &World());

@@ -224,19 +224,57 @@ TEST(ArenaTest, HandsOutAlignedDisjointTensors) {
 TEST(ArenaTest, GrowsThenSettlesIntoOneBlock) {
   Arena arena(1024);
   for (int step = 0; step < 3; ++step) {
-    Tensor big = arena.AllocateZeros({1000, 100});  // 400 KB: more than the arena holds
-    Tensor small = arena.Allocate({10});
-    EXPECT_EQ(big.data<float>()[99999], 0.0f);
-    if (step == 0) {
-      EXPECT_GT(arena.num_blocks(), 1);
-    } else {
-      EXPECT_EQ(arena.num_blocks(), 1) << "step " << step;
-    }
+    {
+      Tensor big = arena.AllocateZeros({1000, 100});  // 400 KB: more than the arena holds
+      Tensor small = arena.Allocate({10});
+      EXPECT_EQ(big.data<float>()[99999], 0.0f);
+      if (step == 0) {
+        EXPECT_GT(arena.num_blocks(), 1);
+      } else {
+        EXPECT_EQ(arena.num_blocks(), 1) << "step " << step;
+      }
+    }  // the step's tensors released
     arena.Reset();
     EXPECT_EQ(arena.used_bytes(), 0u);
   }
   EXPECT_GE(arena.capacity_bytes(), 400000u + 64u);
   EXPECT_EQ(arena.high_water_bytes(), 400000u + 64u);
+}
+
+// A Reset() while the last step's tensors still hold the blocks keeps and reuses them
+// (merging would keep the old blocks alive beside the new one: on a GPU, two copies of the
+// step's memory at once); once they are released, the next Reset() merges.
+TEST(ArenaTest, MergesOnlyBlocksNothingHolds) {
+  Arena arena(1024);
+  std::vector<Tensor> held;
+  auto step = [&] {
+    held.clear();
+    arena.Reset();
+    for (int i = 0; i < 4; ++i) held.push_back(arena.Allocate({1000, 100}));  // 4 x 400 KB
+  };
+  step();
+  const int grown = arena.num_blocks();
+  const size_t capacity = arena.capacity_bytes();
+  ASSERT_GT(grown, 1);
+  std::vector<void*> first;
+  for (const Tensor& t : held) first.push_back(t.raw_data());
+  // Held across the Reset (as a model's saved activations are): no new block, the same
+  // places as before.
+  std::vector<Tensor> previous = held;
+  arena.Reset();
+  std::vector<Tensor> now;
+  for (int i = 0; i < 4; ++i) now.push_back(arena.Allocate({1000, 100}));
+  EXPECT_EQ(arena.num_blocks(), grown);
+  EXPECT_EQ(arena.capacity_bytes(), capacity);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(now[i].raw_data(), first[i]) << i;
+  // Released: the next Reset merges into one block of the high-water size.
+  previous.clear();
+  now.clear();
+  held.clear();
+  arena.Reset();
+  EXPECT_EQ(arena.num_blocks(), 1);
+  EXPECT_EQ(arena.capacity_bytes(), arena.high_water_bytes());
+  EXPECT_EQ(arena.high_water_bytes(), 4u * 400000u);
 }
 
 }  // namespace

@@ -263,6 +263,44 @@ TEST(VitModel, ComputesThroughTheOpsTableOfItsDevice) {
 #undef MOERUN_CALLS
 #undef MOERUN_COUNTED
 
+// The first step grows the activation arena block by block; the next forward drops the
+// last one's activations (the MoE routers' saved inputs too) before the arena's Reset, so
+// that the blocks merge into one: kept alive, they would sit beside the merged block (on a
+// GPU, two copies of a step's activations at once), or, if the Reset left them, stay as
+// they are.
+TEST(VitModel, ReleasesItsActivationsSoTheArenaSettlesIntoOneBlock) {
+  auto self = World().Split(World().rank(), 0, "self");
+  ModelConfig m = TinyModel(true, true);
+  m.set_hidden_size(32);
+  m.set_mlp_dim(64);
+  auto groups = *MoeGroups::Create(self.get(), m.moe().num_experts());
+  auto created = VitModel::Create(m, groups);
+  ASSERT_TRUE(created.ok()) << created.status().message();
+  VitModel& model = **created;
+  model.Init(3);
+  const int64_t b = 128, numel = m.channels() * m.image_size() * m.image_size();
+  std::vector<float> images(b * numel);
+  std::vector<int32_t> labels(b);
+  for (int64_t i = 0; i < b * numel; ++i) images[i] = 0.01f * static_cast<float>(i % 97);
+  for (int64_t i = 0; i < b; ++i) labels[i] = static_cast<int32_t>(i % 5);
+  VitBatch batch;
+  batch.images = images.data();
+  batch.labels = labels.data();
+  batch.batch = b;
+  batch.global_batch = b;
+  for (int step = 0; step < 3; ++step) {
+    VitOutput out;
+    ASSERT_TRUE(model.Forward(batch, &out).ok());
+    if (step == 0) {
+      ASSERT_GT(model.arena_blocks(), 1) << "the first step should outgrow the first block";
+    } else {
+      EXPECT_EQ(model.arena_blocks(), 1) << "step " << step;
+    }
+    model.ZeroGrads();
+    model.Backward();
+  }
+}
+
 TEST(VitModelTest, ParameterNamesAndInitIgnoreTheRankCount) {
   // Parameter values depend on (seed, name) alone: rank r's experts equal the experts of
   // the same global id in a single-rank model.
