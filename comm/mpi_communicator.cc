@@ -4,6 +4,7 @@
 #include <glog/logging.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstdio>
@@ -20,6 +21,7 @@ namespace moerun {
 namespace {
 
 std::unique_ptr<Watchdog> g_watchdog;
+std::atomic<double> g_watchdog_timeout_s{300};  // read by NCCL communicators' device waits
 
 bool MpiActive() {
   int initialised = 0, finalised = 0;
@@ -242,7 +244,10 @@ MpiRuntime::~MpiRuntime() {
   SetFatalHandler(nullptr);
 }
 
+double WatchdogTimeoutSeconds() { return g_watchdog_timeout_s.load(); }
+
 void MpiRuntime::SetWatchdogTimeout(double timeout_s) {
+  g_watchdog_timeout_s.store(timeout_s > 0 ? timeout_s : 0);
   g_watchdog.reset();
   if (timeout_s <= 0) return;
   std::unique_ptr<PeerService> peers;

@@ -24,6 +24,10 @@ struct MpiOptions {
   double watchdog_timeout_s = 300;  // 0: no watchdog
 };
 
+// The job's collective watchdog timeout in seconds, as MpiRuntime last set it (0: none;
+// 300 before any MpiRuntime).
+double WatchdogTimeoutSeconds();
+
 // Owns MPI for the life of the process (one per process, created first thing in main).
 // Initialises MPI (MPI_THREAD_MULTIPLE when available, so the watchdog thread may abort),
 // makes MPI errors return to MOERUN_MPI_CHECK instead of killing the process silently,
@@ -37,6 +41,7 @@ class MpiRuntime {
   MpiRuntime& operator=(const MpiRuntime&) = delete;
 
   // Changes the watchdog timeout (e.g. after the config is read). Not during a collective.
+  // NCCL communicators follow it too (WatchdogTimeoutSeconds).
   void SetWatchdogTimeout(double timeout_s);
   // The world communicator (each call returns a new handle onto a duplicate of it).
   std::unique_ptr<Communicator> World();

@@ -164,7 +164,8 @@ class NcclCommunicator final : public Communicator {
   // longer than the watchdog timeout ends the job.
   void CheckProgress(double waited_s, const std::string& what) {
     CheckAsyncError();
-    if (comm_ != nullptr && timeout_s_ > 0 && waited_s > timeout_s_) {
+    const double timeout_s = timeout_s_ >= 0 ? timeout_s_ : WatchdogTimeoutSeconds();
+    if (comm_ != nullptr && timeout_s > 0 && waited_s > timeout_s) {
       ncclCommAbort(comm_);
       comm_ = nullptr;
       LOG(FATAL) << RankTag() << ": waiting for " << what << " made no progress for " << waited_s
@@ -183,6 +184,7 @@ class NcclCommunicator final : public Communicator {
       if (waited_) return true;
       const cudaError_t q = cudaEventQuery(owner_->side_done_);
       if (q == cudaSuccess) return true;
+      if (q == cudaErrorNotReady) cudaGetLastError();  // not an error: leave no trace
       owner_->CudaCheck(q == cudaErrorNotReady ? cudaSuccess : q, "the overlapped all_to_all_v");
       owner_->CheckAsyncError();
       return false;
@@ -259,7 +261,7 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_;
   cudaStream_t stream_;
   std::string name_;
-  double timeout_s_;
+  double timeout_s_;             // < 0: the job's (WatchdogTimeoutSeconds, as the config sets it)
   cudaStream_t side_ = nullptr;  // StartAllToAllV's stream
   cudaEvent_t side_ready_ = nullptr, side_done_ = nullptr;
   bool in_flight_ = false;  // a StartAllToAllV not yet waited for

@@ -26,10 +26,13 @@ bool NcclBuilt();
 // Creates an NCCL communicator over the ranks of `bootstrap` (collective over it), ordered
 // on `stream` (a cudaStream_t; nullptr: the CUDA backend's stream). The MPI communicator
 // is duplicated and kept for Split. Fails when NCCL was not built or this rank has no GPU.
+// watchdog_timeout_s: no progress for this long in a device wait ends the job (0: never);
+// < 0: the job's MPI watchdog timeout at each check, so that the config's
+// comm.watchdog_timeout_s applies to NCCL too. Its Splits inherit it.
 StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunicator& bootstrap,
                                                                std::string name,
                                                                void* stream = nullptr,
-                                                               double watchdog_timeout_s = 300);
+                                                               double watchdog_timeout_s = -1);
 
 }  // namespace moerun
 

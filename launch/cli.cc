@@ -137,8 +137,8 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
       // The device memory's collectives (dense gradients, expert rows): NCCL over the same
       // ranks, bootstrapped over MPI (collective: every rank gets here).
       const auto* mpi = dynamic_cast<const MpiCommunicator*>(world_.get());
-      auto nccl = mpi != nullptr ? CreateNcclCommunicator(*mpi, "world_nccl", nullptr,
-                                                          mpi_options.watchdog_timeout_s)
+      // Its watchdog follows the MPI one's, which the config may change later.
+      auto nccl = mpi != nullptr ? CreateNcclCommunicator(*mpi, "world_nccl")
                                  : StatusOr<std::unique_ptr<Communicator>>(
                                        Status::Error("the world is not an MPI communicator"));
       if (nccl.ok()) {

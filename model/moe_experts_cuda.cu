@@ -125,15 +125,14 @@ struct CublasOps {
     };
     const cublasOperation_t ta = Op(g.trans_a), tb = Op(g.trans_b);
     const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
-    const int32_t bf16 = CUDA_R_16BF;
     set(CUBLASLT_MATMUL_DESC_TRANSA, ta);
     set(CUBLASLT_MATMUL_DESC_TRANSB, tb);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
+    // The bias and the aux take D's type (bf16) by default; the AUX_DATA_TYPE attribute is
+    // documented for FP8 kernels, and a version that refuses it on bf16 would lose fusion.
     set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-    set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, bf16);
     set(CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, bias_stride);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
-    set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, bf16);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.ldc);
     set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE, g.stride_c);
     // Column-major layouts as stored: A is m x k (k x m transposed), B k x n (n x k).

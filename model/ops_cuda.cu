@@ -15,6 +15,7 @@
 #include "model/ops_cuda.h"
 #include "model/routing_cuda.h"
 #include "runtime/backend.h"
+#include "runtime/process.h"
 #include "runtime/tensor.h"
 
 namespace moerun {
@@ -202,7 +203,9 @@ void LaunchWarpPerRow(const RowFunctor& f, int64_t rows) {
   WarpPerRowKernel<<<static_cast<unsigned>(blocks), kRowsPerBlock * 32, 0, BackendStream()>>>(f,
                                                                                               rows);
   const cudaError_t err = cudaGetLastError();
-  CHECK(err == cudaSuccess) << "row kernel launch failed: " << cudaGetErrorString(err);
+  CHECK(err == cudaSuccess) << RankTag() << ": row kernel launch failed, or an earlier kernel "
+                            << "on the stream did: " << cudaGetErrorName(err) << " ("
+                            << cudaGetErrorString(err) << ")";
 }
 
 void CudaSoftmaxForward(const float* x, float* y, int64_t rows, int64_t cols) {
@@ -229,12 +232,12 @@ void CudaLayerNormBackward(const float* x, const float* gamma, const float* mean
                                                                     dbeta, rows, cols);
 }
 
-// AssignSlots with one scratch for the process, kept (never freed: it would outlive the
+// AssignSlots with one scratch per host thread, kept (never freed: it would outlive the
 // CUDA context at exit).
 void CudaTableAssignSlots(const int32_t* expert_index, const float* weight, int64_t tokens,
                           int64_t group_size, int num_experts, int k, bool bpr, int32_t* slot,
                           int32_t* load) {
-  static CudaRoutingScratch* scratch = new CudaRoutingScratch();
+  thread_local CudaRoutingScratch* scratch = new CudaRoutingScratch();
   CudaAssignSlots(expert_index, weight, tokens, num_experts, k, bpr, slot, load, nullptr, scratch,
                   group_size);
 }

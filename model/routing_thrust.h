@@ -132,6 +132,13 @@ void GrowTo(Vec& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
+// The groups of AssignSlotsInGroups: none without tokens, one where group_size is 0 or
+// above the token count.
+inline int64_t RoutingGroups(int64_t tokens, int64_t group_size) {
+  if (tokens <= 0) return 0;
+  return group_size > 0 && group_size <= tokens ? tokens / group_size : 1;
+}
+
 // Whether AssignSlotsInGroups over `tokens` tokens in groups of `group_size` (0: one group)
 // would grow any of its scratch vectors.
 template <typename Vec32, typename Vec64, typename VecF>
@@ -139,7 +146,7 @@ bool AssignSlotsScratchGrows(int64_t tokens, int num_experts, int k, bool bpr, c
                              const Vec32& keys_e, const Vec32& rank, const Vec64& visit,
                              const VecF& keys_w, const Vec32& cumulative, int64_t group_size = 0) {
   const auto small = [](const auto& v, int64_t n) { return static_cast<int64_t>(v.size()) < n; };
-  const int64_t groups = group_size > 0 && tokens > 0 ? tokens / group_size : 1;
+  const int64_t groups = RoutingGroups(tokens, group_size);
   return small(order, tokens) || small(keys_e, tokens * k) || small(rank, tokens * k) ||
          small(visit, tokens * k) || (bpr && small(keys_w, tokens)) ||
          small(cumulative, groups * num_experts);
@@ -156,8 +163,8 @@ void AssignSlotsInGroups(const Policy& policy, const int32_t* expert_index, cons
                          int32_t* slot, int32_t* load, const uint8_t* routed, Vec32& order,
                          Vec32& keys_e, Vec32& rank, Vec64& visit, VecF& keys_w,
                          Vec32& cumulative) {
+  const int64_t groups = RoutingGroups(tokens, group_size);
   if (group_size <= 0 || group_size > tokens) group_size = tokens > 0 ? tokens : 1;
-  const int64_t groups = tokens > 0 ? tokens / group_size : 1;
   const int64_t keys = groups * num_experts;
   // The routed tokens in token order.
   GrowTo(order, tokens);

@@ -36,6 +36,7 @@ namespace {
   } while (0)
 
 std::atomic<int> bound_device{-1};
+std::atomic<int> backend_device{-1};  // where CudaBackendOrNull made the backend, once made
 
 // Waits, through the polling device wait (runtime/device_wait.h), until `query` (a stream's
 // or an event's) stops answering cudaErrorNotReady; any other error ends the job naming it.
@@ -43,7 +44,10 @@ void PollCuda(const std::function<cudaError_t()>& query, const std::string& what
   PollDeviceWait(
       [&] {
         const cudaError_t q = query();
-        if (q == cudaErrorNotReady) return false;
+        if (q == cudaErrorNotReady) {
+          cudaGetLastError();  // not an error: leave no trace for the next launch's check
+          return false;
+        }
         CHECK(q == cudaSuccess) << RankTag() << ": CUDA error while waiting for " << what << ": "
                                 << cudaGetErrorName(q) << " (" << cudaGetErrorString(q) << ")";
         return true;
@@ -291,6 +295,13 @@ Status BindCudaDevice(int local_rank) {
   if (!bound_device.compare_exchange_strong(expected, device) && expected != device) {
     return Status::Error("the CUDA backend is already bound to device " + std::to_string(expected));
   }
+  const int made = backend_device.load();
+  if (made >= 0 && made != device) {
+    // Its stream, handles and pool are device `made`'s: kernels would go there.
+    return Status::Error("the CUDA backend was made on device " + std::to_string(made) +
+                         " before this process was bound to device " + std::to_string(device) +
+                         " (bind first)");
+  }
   if (cudaSetDevice(device) != cudaSuccess) {
     cudaGetLastError();
     return Status::Error("cudaSetDevice(" + std::to_string(device) + ") failed");
@@ -306,6 +317,7 @@ Backend* CudaBackendOrNull() {
     int device = bound_device.load();
     if (device < 0) device = 0;
     backend = new CudaBackend(device);  // never destroyed: tensors may outlive main
+    backend_device.store(device);
   });
   return backend;
 }

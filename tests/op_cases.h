@@ -297,6 +297,11 @@ inline std::vector<OpCase> OpCases() {
                                   dz.data(), tokens, e, k);
          const std::vector<float> last = Cat({&dz});
          out.insert(out.end(), last.begin(), last.end());
+         // No tokens (a rank without images): no groups, nothing written.
+         IVec untouched(e, -7);
+         t.assign_slots(idx.data(), w.data(), 0, s, e, k, true, slot.data(), untouched.data());
+         const FVec f = AsFloats(untouched);
+         out.insert(out.end(), f.begin(), f.end());
          return out;
        }});
   cases.push_back(
