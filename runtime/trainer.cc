@@ -69,14 +69,17 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
     const int mine = Process().local_rank % devices;
     sharing = std::max(1, local / devices + (mine < local % devices ? 1 : 0));
   }
-  // The composed attention's backward scratch on a device (model/ops.h: up to 256 MiB):
-  // the self-attention's, or Mod-Squad's per-choice attention's.
+  // The composed attention's backward scratch on a device (model/ops.h: up to 256 MiB, a
+  // temporary of each call): the self-attention's, and Mod-Squad's per-choice attention's,
+  // whose sequences are an image's for each task.
   const ModelConfig& model = config.model();
   const int64_t n = TokensPerImage(model);
-  const int64_t scratch =
-      model.has_modsquad() && model.modsquad().moe()
-          ? ComposedChoiceAttentionScratchBytes(images, model.modsquad().attention_k(), n)
-          : ComposedAttentionScratchBytes(images, n, model.num_heads());
+  const int64_t sequences = model.has_modsquad() ? images * model.modsquad().tasks_size() : images;
+  int64_t scratch = ComposedAttentionScratchBytes(sequences, n, model.num_heads());
+  if (model.has_modsquad() && model.modsquad().moe()) {
+    scratch = std::max(
+        scratch, ComposedChoiceAttentionScratchBytes(sequences, model.modsquad().attention_k(), n));
+  }
   // train.precision BF16: the experts' bf16 weight copies (FusedExperts), at most half the
   // weights' fp32 bytes.
   const int64_t bf16_copies =
