@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #11 in one run, on a lent device machine (or any one-GPU host):
 # unpacks the bundle of cluster/gpu_bundle.sh, then runs, each under a time limit, with its
-# output kept in $OUT (or ./gpu_checks_out; 8 files, what the device tool brings back):
-#   1. moerun env (backends, devices)
-#   2. the CUDA backend tests and the backend-op table on CUDA against the CPU
+# output kept in $OUT (or ./gpu_checks_out): summary.txt (each step's result, its result
+# lines, moerun env's output; printed again at the end) and one log per step, 8 files at
+# most (what the device tool brings back):
+#   1. moerun env (backends, devices), into the summary
+#   2. the backend-op table on CUDA against the CPU, then the CUDA backend tests, each
+#      program under its own limit
 #   3. replay-moe on CPU and CUDA: both against the NumPy reference, and CUDA against CPU
 #   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch
 #   5. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
@@ -86,9 +89,10 @@ missing=$(ldd "$moerun" "$g"/bin/*_tests 2>/dev/null | grep "not found" | sort -
 checks=${CHECKS:-1 2 3 4 5 6 7}
 failed=0
 
-# step NAME LIMIT_S COMMAND...: runs it, its output to $out/NAME.log, and says how it went.
+# step NAME LIMIT_S COMMAND...: runs it, its output to $out/NAME.log (LOG=other: appended
+# to $out/other.log instead), and says how it went.
 step() {
-  local name=$1 limit=$2
+  local name=$1 limit=$2 log="$out/${LOG:-$1}.log"
   shift 2
   local left=$((deadline - SECONDS))
   if [ "$left" -lt 20 ]; then
@@ -98,44 +102,63 @@ step() {
   fi
   [ "$limit" -le "$left" ] || limit=$left
   local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
+  local first=1
+  [ -f "$log" ] && first=$(($(wc -l <"$log") + 1))
+  echo "=== $name" >>"$log"
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
   echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
-  # The step's result lines (bench, dry-run, evaluation, a run's final line) in the summary.
-  grep -hE '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"' \
-    "$out/$name.log" >>"$out/summary.txt" || true
-  [ $rc -eq 0 ] || { failed=1; tail -n 15 "$out/$name.log"; }
+  # The step's result lines in the summary: bench, dry-run, evaluation and a run's final
+  # JSON lines, gtest's totals and failures, the replay's ok/FAIL lines.
+  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^(ok  |FAIL) |skipped' \
+    >>"$out/summary.txt" || true
+  [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
 
-if [[ " $checks " == *" 1 "* ]]; then step env 30 "$moerun" env; cat "$out/env.log"; fi
+# The limits sum to the budget (540 s); a step that ends early leaves its time to the later
+# ones (the last takes what is left).
+if [[ " $checks " == *" 1 "* ]]; then
+  # moerun env's output goes into the summary (no file of its own: 8 files come back).
+  step env 20 "$moerun" env
+  cat "$out/env.log" >>"$out/summary.txt" && rm -f "$out/env.log"
+fi
 if [[ " $checks " == *" 2 "* ]]; then
-  # Both programs whatever the first's result (one abort must not hide the other's).
-  step cuda_tests 120 bash -c "'$g/bin/cuda_backend_tests'; a=\$?; '$g/bin/device_ops_cuda_tests' &&
-    exit \$a"
+  # The op table against the CPU first (the most informative), then the backend's own tests;
+  # each under its own limit, so that one hanging does not hide the other.
+  step ops_tests 60 "$g/bin/device_ops_cuda_tests"
+  step backend_tests 60 "$g/bin/cuda_backend_tests"
 fi
 if [[ " $checks " == *" 3 "* ]]; then
   mkdir -p "$g/cases"
-  step replay 150 bash tests/reference/replay_devices.sh "$moerun" "$root/python3" "$g/cases" cpu cuda
+  # Each replay run under 30 s (a hang costs one run, not the step).
+  REPLAY_TIMEOUT_S=30 step replay 90 bash tests/reference/replay_devices.sh "$moerun" \
+    "$root/python3" "$g/cases" cpu cuda
 fi
 if [[ " $checks " == *" 4 "* ]]; then
-  step bench_moe_layer 150 "$moerun" bench moe-layer --device cuda --bpr 1
+  # Vanilla and BPR routing (the PyTorch peer routes as vanilla), 10 timed steps a case.
+  step bench_moe_layer 100 "$moerun" bench moe-layer --device cuda --steps 10
 fi
 if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data
-  step train_demo 120 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
+  LOG=train step train_demo 60 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
     --device cuda -o train.steps=300 -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
-  step train_modsquad 90 "$moerun" train --config "$g/configs/modsquad_fashion_mnist.pbtxt" \
-    --device cuda -o train.steps=100 -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
+  LOG=train step train_modsquad 50 "$moerun" train \
+    --config "$g/configs/modsquad_fashion_mnist.pbtxt" --device cuda -o train.steps=100 \
+    -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
 fi
 if [[ " $checks " == *" 6 "* ]]; then
-  step dry_run_15b 120 "$moerun" dry-run --config "$g/configs/vmoe_15b_every2.pbtxt" --ranks 32 \
+  step dry_run_15b 40 "$moerun" dry-run --config "$g/configs/vmoe_15b_every2.pbtxt" --ranks 32 \
     --rank 5 --micro-batch 1 -o train.optimizer_moments=BF16 --device cuda
 fi
 if [[ " $checks " == *" 7 "* ]]; then
-  step bench_train 150 bash -c "'$moerun' bench train --config '$g/configs/vmoe_b16_every2.pbtxt' \
+  step bench_train 540 bash -c "'$moerun' bench train --config '$g/configs/vmoe_b16_every2.pbtxt' \
     --device cuda --batch 32 --steps 5; a=\$?; '$moerun' bench train --config \
     '$g/configs/vmoe_b16_every2.pbtxt' --device cuda --batch 32 --steps 5 \
     -o train.precision=BF16 && exit \$a"
 fi
-echo "gpu_checks: done, failed=$failed; logs in $out" | tee -a "$out/summary.txt"
+echo "gpu_checks: done, failed=$failed; logs in $out" >>"$out/summary.txt"
+# The summary as the command's output too (the device tool returns its last 12,000
+# characters even where files are left out).
+echo "===== summary"
+cat "$out/summary.txt"
 exit $failed

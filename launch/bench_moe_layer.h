@@ -25,7 +25,8 @@ struct MoeLayerBenchSpec {
 // False when the CUDA kernels were not built (no nvcc at configure time).
 bool CudaMoeBenchBuilt();
 int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session);
-// bf16 GEMM TFLOP/s of cuBLAS at n x n x n (bf16 operands in memory, fp32 accumulation) on
+// bf16 GEMM TFLOP/s of cuBLAS at n x n x n (random bf16 operands in memory, fp32 accumulation;
+// the best of 3 timed batches after a warm-up) on
 // this process's GPU: the limit beside which bf16 GEMMs are reported. 0 without the CUDA
 // kernels.
 double CublasBf16PeakTflops(int64_t n);

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <sstream>
+#include <string>
 
 #include "launch/bench_moe_layer.h"
 #include "launch/commands.h"
@@ -59,11 +61,21 @@ bool CudaMoeBenchBuilt() { return true; }
 
 double CublasBf16PeakTflops(int64_t n) {
   auto stream = static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream());
-  Tensor a = Tensor::Zeros({n, n}, DType::kBF16, Device::kCUDA);
-  Tensor b = Tensor::Zeros({n, n}, DType::kBF16, Device::kCUDA);
+  // Random operands: on constant ones (zeros, or one value) the tensor cores draw less power
+  // and the product runs ~10% faster than on real data, overstating the peak.
+  auto random_bf16 = [n](uint64_t seed) {
+    Tensor host = Tensor::Empty({n, n}, DType::kBF16);
+    BF16* p = host.data<BF16>();
+    uint64_t state = seed;
+    for (int64_t i = 0; i < n * n; ++i) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;  // an LCG: cheap
+      p[i] = FloatToBF16(static_cast<float>(static_cast<int32_t>(state >> 40) - (1 << 23)) /
+                         static_cast<float>(1 << 23));
+    }
+    return host.To(Device::kCUDA);
+  };
+  Tensor a = random_bf16(1), b = random_bf16(2);
   Tensor c = Tensor::Zeros({n, n}, DType::kF32, Device::kCUDA);
-  a.Fill(0.5f);
-  b.Fill(0.25f);
   cublasHandle_t h;
   cublasCreate(&h);
   cublasSetStream(h, stream);
@@ -74,14 +86,28 @@ double CublasBf16PeakTflops(int64_t n) {
                  b.raw_data(), CUDA_R_16BF, static_cast<int>(n), &beta, c.raw_data(), CUDA_R_32F,
                  static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   };
-  for (int i = 0; i < 3; ++i) gemm();
-  EventTimer t(stream);
+  // Warm-up of at least ~200 ms (the clocks ramp up from idle), then the best of 3 timed
+  // batches of 10.
   const int iters = 10;
-  t.Start();
-  for (int i = 0; i < iters; ++i) gemm();
-  const double ms = t.Stop();
+  double best_ms = 0;
+  {
+    EventTimer warm(stream);
+    double warmed_ms = 0;
+    for (int round = 0; round < 100 && warmed_ms < 200; ++round) {
+      warm.Start();
+      for (int i = 0; i < iters; ++i) gemm();
+      warmed_ms += warm.Stop();
+    }
+  }
+  for (int batch = 0; batch < 3; ++batch) {
+    EventTimer t(stream);
+    t.Start();
+    for (int i = 0; i < iters; ++i) gemm();
+    const double ms = t.Stop();
+    if (best_ms == 0 || ms < best_ms) best_ms = ms;
+  }
   cublasDestroy(h);
-  return 2.0 * n * n * n * iters / (ms * 1e-3) / 1e12;
+  return 2.0 * n * n * n * iters / (best_ms * 1e-3) / 1e12;
 }
 
 int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
@@ -232,13 +258,29 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
                                  {"bwd_dispatch", bwd_dispatch_ms / n}}},
                                {"note",
                                 "the gates are given, as to the PyTorch peer: the router GEMM "
-                                "and its backward are not timed on either side"}};
-        PrintJsonLine(line);
-        const std::string torch = RunTorchPeer(spec, d, m, e, cap);
-        if (!torch.empty()) {
-          std::printf("%s", torch.c_str());
-          std::fflush(stdout);  // kept if the job is killed before the next line
+                                "and its backward are not timed on either side; the bf16 "
+                                "weight copies are made before the timed steps (the peer "
+                                "casts under autocast inside its steps)"}};
+        // The PyTorch peer routes as vanilla (token order): run beside the vanilla case only,
+        // its line first, and the ratio of the step times in this one.
+        std::string torch;
+        if (!bpr) {
+          torch = RunTorchPeer(spec, d, m, e, cap);
+          if (!torch.empty()) {
+            std::printf("%s", torch.c_str());
+            std::fflush(stdout);  // kept if the job is killed before the next line
+          }
+          std::istringstream lines(torch);
+          for (std::string l; std::getline(lines, l);) {
+            const nlohmann::json j = nlohmann::json::parse(l, nullptr, false);
+            if (j.is_object() && j.contains("step_ms") && j["step_ms"].is_number()) {
+              const double torch_ms = j["step_ms"].get<double>();
+              line["torch_step_ms"] = torch_ms;
+              line["speedup_vs_torch"] = torch_ms / step_ms;
+            }
+          }
         }
+        PrintJsonLine(line);
       }
     }
   }
