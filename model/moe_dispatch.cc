@@ -197,6 +197,11 @@ void Dispatcher::AllToAll(const Tensor& send, Tensor* recv) {
       << "the expert-parallel communicator moves " << DeviceName(ep.device())
       << " memory but the MoE rows are on " << DeviceName(send.device())
       << " (a GPU layer needs the NCCL communicator)";
+  // The swaps around the transfer run on the device backend's stream: ordered with it only
+  // when it is the communicator's.
+  CHECK(send.device() == Device::kCPU || ep.stream() == RequireBackend(send.device()).stream())
+      << "the expert-parallel communicator '" << ep.name()
+      << "' queues on another stream than the device backend's";
   ep.AllToAllV(send.raw_data(), counts, displs, recv->raw_data(), counts, displs, DType::kF32);
 }
 

@@ -110,6 +110,9 @@ struct CublasOps {
   bool GemmBiasGelu(const ColMajorGemm& g, const void* bias, int64_t bias_stride, bool tanh_form,
                     void* act, void* aux) {
     if (!tanh_form || lt_disabled || lt == nullptr) return false;
+    // Nothing to compute: the caller's path (no call that cuBLASLt might refuse and so
+    // switch fusion off for good).
+    if (g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0) return false;
     if (!lt_workspace.defined()) {
       lt_workspace =
           Tensor::Empty({static_cast<int64_t>(kLtWorkspaceBytes)}, DType::kU8, Device::kCUDA);

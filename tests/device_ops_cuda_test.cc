@@ -242,7 +242,7 @@ TEST(CudaOpsTable, Bf16GemmsMatchTheCpuBf16Table) {
   op_cases::ExpectClose(want, got, 2e-5f);
   float worst = 0;
   for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(want[i] - fp32[i]));
-  EXPECT_GT(worst, 1e-3f * op_cases::MaxAbs(fp32)) << "bf16's rounding shows against fp32";
+  EXPECT_GT(worst, 1e-4f * op_cases::MaxAbs(fp32)) << "bf16's rounding shows against fp32";
 }
 
 // The CUDA table's row kernels (a warp per row, model/ops_cuda.cu) against the same lane forms
@@ -308,13 +308,14 @@ TEST(CudaOpsTable, RowKernelsRunTheHostLaneFormsBitForBit) {
                      d_x2, d_dy2}) {
       cudaFree(d);
     }
-    // expf: CUDA's within 2 ulp, glibc's within 1: a few ulp of each probability.
+    // expf: CUDA's within 2 ulp, glibc's within 1, then the sum's inverse and the product:
+    // a few ulp of each probability.
     float worst = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
       worst = std::max(worst,
                        std::fabs(q[i] - p[i]) / std::max(p[i], std::numeric_limits<float>::min()));
     }
-    EXPECT_LE(worst, 8 * std::numeric_limits<float>::epsilon()) << "relative, softmax forward";
+    EXPECT_LE(worst, 16 * std::numeric_limits<float>::epsilon()) << "relative, softmax forward";
   }
 }
 
@@ -392,6 +393,10 @@ TEST(CudaMoeLayer, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), args, &y_d).ok());
     dev.Backward(dy.To(Device::kCUDA), &dx_d);
     ASSERT_TRUE(dev.routed_on_device());
+    SCOPED_TRACE(
+        "the CPU gates' nearest tie: " +
+        std::to_string(moe_pairs::NearestTie(cpu.router().gates(), cfg.group_size, cfg.k)) +
+        " relative (moe_pairs::NearestTie)");
     moe_pairs::ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux(), 1e-5);
     EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
     if (task_gate) {
@@ -451,6 +456,10 @@ TEST(CudaMoeAttention, RoutesOnTheGpuAsTheCpuLayerRoutes) {
     ASSERT_TRUE(dev.Forward(x.To(Device::kCUDA), seq_len, args, &y_d).ok());
     dev.Backward(dy.To(Device::kCUDA), &dx_d);
     ASSERT_TRUE(dev.routed_on_device());
+    SCOPED_TRACE("the CPU gates' nearest tie: " +
+                 std::to_string(
+                     moe_pairs::NearestTie(cpu.router().gates(), cfg.capacity.group_size, cfg.k)) +
+                 " relative (moe_pairs::NearestTie)");
     moe_pairs::ExpectSameRouting(cpu.plan(), dev.plan(), cpu.aux(), dev.aux(), 1e-5);
     EXPECT_EQ(cpu.plan().capacity, dev.plan().capacity);
     EXPECT_NE(dev.losses().value("mi"), 0.0) << "an active MI term";

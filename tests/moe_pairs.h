@@ -6,8 +6,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -45,6 +47,32 @@ void SameRandom(const TensorPairs& pairs, uint32_t seed, const Random& random) {
     a->CopyFrom(random(a->shape(), seed++));
     b->CopyFrom(*a);
   }
+}
+
+// The nearest tie in a layer's gates [T, E] (host), relative to the gate: the smallest gap
+// between a token's k-th and (k+1)-th largest gate, and between two top-1 gates of one group
+// of group_size tokens (BPR's priority order). A device whose expf / logf round otherwise
+// than glibc's may order gates a few ulp (~1e-7 relative) apart the other way; a routing
+// comparison that fails above that is not a near tie.
+inline double NearestTie(const Tensor& gates, int64_t group_size, int k) {
+  const int64_t t = gates.dim(0), e = gates.dim(1);
+  const float* g = gates.data<float>();
+  double nearest = INFINITY;
+  auto gap = [](double a, double b) { return std::fabs(a - b) / std::max(std::fabs(a), 1e-30); };
+  std::vector<float> row(e), top1;
+  for (int64_t i = 0; i < t; ++i) {
+    std::copy_n(g + i * e, e, row.begin());
+    std::sort(row.begin(), row.end(), std::greater<float>());
+    if (k < e) nearest = std::min(nearest, gap(row[k - 1], row[k]));
+    top1.push_back(row[0]);
+    if (static_cast<int64_t>(top1.size()) == std::max<int64_t>(1, group_size) || i + 1 == t) {
+      std::sort(top1.begin(), top1.end());
+      for (size_t j = 1; j < top1.size(); ++j)
+        nearest = std::min(nearest, gap(top1[j], top1[j - 1]));
+      top1.clear();
+    }
+  }
+  return nearest;
 }
 
 // Two layers' routing (both plans' tables on the host): the same choices, slots, rows,
