@@ -151,6 +151,7 @@ int main(int argc, char** argv) {
   moerun::SetProcess(moerun::DiscoverProcessFromEnvironment());
   moerun::InitLogging(argv[0], {});
   moerun::InstallOutOfMemoryHandler();
+  moerun::InstallUncaughtExceptionHandler();
   const bool root = moerun::Process().rank == 0;
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {

@@ -6,10 +6,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <fstream>
 #include <iomanip>
 #include <mutex>
 #include <new>
+#include <string>
 #include <vector>
 
 namespace moerun {
@@ -195,6 +197,24 @@ void OutOfHostMemory(size_t bytes, const std::string& detail) {
 
 void InstallOutOfMemoryHandler() {
   std::set_new_handler([] { OutOfHostMemory(0, ""); });
+}
+
+void InstallUncaughtExceptionHandler() {
+  std::set_terminate([] {
+    std::string what = "std::terminate without an exception";
+    if (const std::exception_ptr e = std::current_exception()) {
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& x) {
+        what = std::string("uncaught exception: ") + x.what();
+      } catch (...) {
+        what = "uncaught exception of a type not derived from std::exception";
+      }
+    }
+    std::fprintf(stderr, "%s: %s\n", RankTag().c_str(), what.c_str());
+    std::fflush(stderr);
+    AbortJob(134);
+  });
 }
 
 void InitLogging(const char* argv0, const LoggingOptions& options) {

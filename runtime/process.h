@@ -75,6 +75,10 @@ void SetMemoryPlan(const std::string& summary);
 // Makes a failed operator new (std::vector, std::string, ...) end the job through
 // OutOfHostMemory instead of an uncaught std::bad_alloc.
 void InstallOutOfMemoryHandler();
+// Makes an uncaught exception (a Thrust or CUDA library error, a JSON or filesystem error
+// nothing handled) end the job through AbortJob (every rank, under MPI) after a message
+// naming this rank and the exception, instead of std::terminate's bare abort.
+void InstallUncaughtExceptionHandler();
 
 struct LoggingOptions {
   bool all_ranks = false;  // INFO from every rank, not only rank 0

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 #include "runtime/backend.h"
@@ -177,6 +178,22 @@ TEST(DeviceSeamTest, LocalRankMustAgreeWithTheLauncher) {
   EXPECT_TRUE(CheckLocalRank(mpi, env).ok());
   env.local_rank = 0;
   EXPECT_FALSE(CheckLocalRank(mpi, env).ok());
+}
+
+// An exception nothing caught ends the process through AbortJob with a line naming the rank
+// and the exception (under MPI the fatal handler then aborts every rank).
+TEST(DeviceSeamTest, UncaughtExceptionsNameTheRank) {
+  EXPECT_DEATH(
+      {
+        InstallUncaughtExceptionHandler();
+        try {
+          throw std::runtime_error("cudaErrorIllegalAddress from a Thrust kernel");
+        } catch (...) {
+          std::terminate();
+        }
+      },
+      "rank [0-9]+ \\(host .*\\): uncaught exception: cudaErrorIllegalAddress from a Thrust "
+      "kernel");
 }
 
 TEST(BF16Test, RoundsToNearestEven) {
