@@ -89,10 +89,10 @@ missing=$(ldd "$moerun" "$g"/bin/*_tests 2>/dev/null | grep "not found" | sort -
 checks=${CHECKS:-1 2 3 4 5 6 7}
 failed=0
 
-# step NAME LIMIT_S COMMAND...: runs it, its output to $out/NAME.log (LOG=other: appended
-# to $out/other.log instead), and says how it went.
+# step NAME LIMIT_S COMMAND...: runs it, its output to $out/NAME.log (GPU_CHECKS_LOG=other:
+# appended to $out/other.log instead), and says how it went.
 step() {
-  local name=$1 limit=$2 log="$out/${LOG:-$1}.log"
+  local name=$1 limit=$2 log="$out/${GPU_CHECKS_LOG:-$1}.log"
   shift 2
   local left=$((deadline - SECONDS))
   if [ "$left" -lt 20 ]; then
@@ -110,7 +110,7 @@ step() {
   echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
   # The step's result lines in the summary: bench, dry-run, evaluation and a run's final
   # JSON lines, gtest's totals and failures, the replay's ok/FAIL lines.
-  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^(ok  |FAIL) |skipped' \
+  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped' \
     >>"$out/summary.txt" || true
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
@@ -140,9 +140,9 @@ if [[ " $checks " == *" 4 "* ]]; then
 fi
 if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data
-  LOG=train step train_demo 60 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
+  GPU_CHECKS_LOG=train step train_demo 60 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
     --device cuda -o train.steps=300 -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
-  LOG=train step train_modsquad 50 "$moerun" train \
+  GPU_CHECKS_LOG=train step train_modsquad 50 "$moerun" train \
     --config "$g/configs/modsquad_fashion_mnist.pbtxt" --device cuda -o train.steps=100 \
     -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
 fi

@@ -69,6 +69,9 @@ int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program) {
   Config c = *loaded;
   const ModelConfig& m = c.model();
   c.mutable_train()->set_global_batch(static_cast<int32_t>(batch * world.size()));
+  // No evaluation here: the device memory check plans the training step alone (else it
+  // would plan the config's evaluation step, train.eval_batch images).
+  c.mutable_train()->set_eval_batch(c.train().global_batch());
   c.mutable_train()->set_steps(steps + 2);
   c.mutable_train()->set_warmup_steps(1);
   const Dataset data =

@@ -113,6 +113,9 @@ int RunDryRun(const std::vector<std::string>& args, ProgramArgs program) {
     m.mutable_moe()->set_group_images(static_cast<int32_t>(micro));
   }
   c.mutable_train()->set_global_batch(static_cast<int32_t>(micro * ranks));
+  // The training step's memory, the one the plan prints (a device job that evaluates also
+  // needs its evaluation step's, train.eval_batch over the ranks: `moerun train` checks it).
+  c.mutable_train()->set_eval_batch(c.train().global_batch());
   c.mutable_train()->set_steps(steps + 1);
   c.mutable_train()->set_warmup_steps(1);
 

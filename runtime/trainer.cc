@@ -74,7 +74,9 @@ Status CheckMemory(const Config& config, int ranks, int64_t micro_batch, Device 
   // whose sequences are an image's for each task.
   const ModelConfig& model = config.model();
   const int64_t n = TokensPerImage(model);
-  const int64_t sequences = model.has_modsquad() ? images * model.modsquad().tasks_size() : images;
+  // (The training step's: an evaluation runs no backward.)
+  const int64_t sequences =
+      model.has_modsquad() ? micro_batch * model.modsquad().tasks_size() : micro_batch;
   int64_t scratch = ComposedAttentionScratchBytes(sequences, n, model.num_heads());
   if (model.has_modsquad() && model.modsquad().moe()) {
     scratch = std::max(

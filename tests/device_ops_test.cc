@@ -1812,10 +1812,13 @@ TEST_F(StandInCuda, TrainerChecksThePlanAgainstTheDevicesFreeMemory) {
   const std::string& eval_why = short_of_eval.status().message();
   EXPECT_NE(eval_why.find("evaluation step 64 images per rank"), std::string::npos) << eval_why;
   EXPECT_NE(eval_why.find("a smaller train.eval_batch"), std::string::npos) << eval_why;
+  // (The attention's backward scratch is the training step's: evaluation has no backward.)
   const int64_t eval_need =
-      EstimateFootprint(big_eval->model(), 1, 64, false, false).bytes_per_rank + 64 * 2 * 5 * 5 * 4;
-  counting.memory.free_bytes = eval_need;
+      EstimateFootprint(big_eval->model(), 1, 64, false, false).bytes_per_rank + 8 * 2 * 5 * 5 * 4;
+  counting.memory.free_bytes = eval_need - 1;
   counting.memory.pool_free_bytes = 0;
+  EXPECT_FALSE(Trainer::Create(*big_eval, &one, &data, Device::kCUDA).ok()) << "one byte short";
+  counting.memory.free_bytes = eval_need;
   auto fits_eval = Trainer::Create(*big_eval, &one, &data, Device::kCUDA);
   EXPECT_TRUE(fits_eval.ok()) << fits_eval.status().message();
   EXPECT_TRUE(Trainer::Create(*big_eval, &one, &data).ok()) << "the CPU's plan is the host's";

@@ -272,8 +272,6 @@ TEST(ModSquadTest, MetricsFromSums) {
   EXPECT_NEAR(TaskMetric(cls, {3, 4, 0, 0}), 0.75, 1e-12);
 }
 
-// The usage EMA after one training step: 0.05 x the selections, so each task's row sums to
-// 0.05 x its tokens (all ranks) x k.
 // As VitModel's: the second forward releases the first's activations (the MoE attention's
 // and MLP routers' saved inputs too), so the arena merges its blocks into one.
 TEST(ModSquadTest, ReleasesItsActivationsSoTheArenaSettlesIntoOneBlock) {
@@ -298,6 +296,8 @@ TEST(ModSquadTest, ReleasesItsActivationsSoTheArenaSettlesIntoOneBlock) {
   }
 }
 
+// The usage EMA after one training step: 0.05 x the selections, so each task's row sums to
+// 0.05 x its tokens (all ranks) x k.
 TEST(ModSquadTest, UsageEmaAfterOneStep) {
   const ModelConfig m = TinyModSquad();
   Built b = Build(m, &World());
