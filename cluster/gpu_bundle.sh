@@ -11,8 +11,8 @@
 # bin/ (moerun and the CUDA test programs), lib/ (every shared library they load that is
 # neither glibc's nor CUDA's), ompi/ (Open MPI's plugins, help files and orted, found through
 # OPAL_* variables), configs/, data/ (Fashion-MNIST's files), launch/moe_layer_torch.py and
-# cases/ (the small replay cases). Checked here by running `moerun env` in a chroot holding
-# only glibc, CUDA's libraries and the bundle.
+# cases/ (the small replay cases). Checked here (as root) by running `moerun env` and the CUDA
+# test programs in a chroot holding only glibc, CUDA's libraries and the bundle.
 # Usage: bash cluster/gpu_bundle.sh [build dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +90,53 @@ fi
 # tree it runs in.
 echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!.gpu' || echo ' (with uncommitted changes)')" \
   >"$out/REVISION"
+# Self-check (root, where chroot and a proc mount are allowed): the bundle alone, with only
+# glibc and CUDA's libraries beside it (no Debian package), runs `moerun env` and the two CUDA
+# test programs (which skip without a GPU) in a chroot, with the environment gpu_checks.sh
+# sets: a library the bundle lacks fails here, not on the device machine.
+if [ "$(id -u)" -eq 0 ] && command -v chroot >/dev/null; then
+  chk=$(mktemp -d)
+  mkdir -p "$chk/lib64" "$chk/lib/x86_64-linux-gnu" "$chk/cuda" "$chk/tmp" "$chk/proc" "$chk/dev"
+  cp -a "$out" "$chk/.gpu"
+  ldd "$out/bin/moerun" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r name path; do
+    case "$name" in
+      libcuda.so* | libcudart* | libcublas* | libnccl* | libnvidia*) cp -L "$path" "$chk/cuda/" ;;
+      libc.so* | libm.so* | libmvec* | libpthread* | libdl.so* | librt.so* | libresolv*)
+        cp -L "$path" "$chk/lib/x86_64-linux-gnu/" ;;
+    esac
+  done
+  cp -L /lib64/ld-linux-x86-64.so.2 "$chk/lib64/"
+  mounted=()
+  mount -t proc proc "$chk/proc" 2>/dev/null && mounted+=("$chk/proc")
+  touch "$chk/dev/null" && mount --bind /dev/null "$chk/dev/null" 2>/dev/null &&
+    mounted+=("$chk/dev/null")
+  g=/.gpu
+  in_chroot() {
+    timeout 120 env -i OPAL_PREFIX=$g/ompi OPAL_PKGLIBDIR=$g/ompi/lib/openmpi3 \
+      OPAL_PKGDATADIR=$g/ompi/share/openmpi OPAL_SYSCONFDIR=$g/ompi/etc OPAL_BINDIR=$g/ompi/bin \
+      OMPI_MCA_ess_singleton_isolated=1 LD_LIBRARY_PATH=$g/lib:/cuda GLOG_logtostderr=1 \
+      HOME=/tmp TMPDIR=/tmp "$(command -v chroot)" "$chk" "$@"
+  }
+  ok=1
+  for prog in "moerun env" tests_backend tests_ops; do
+    case "$prog" in
+      tests_backend) cmd=("$g/bin/cuda_backend_tests") ;;
+      tests_ops) cmd=("$g/bin/device_ops_cuda_tests") ;;
+      *) cmd=("$g/bin/moerun" env) ;;
+    esac
+    if ! in_chroot "${cmd[@]}" >"$stage/chroot.log" 2>&1; then
+      tail -n 20 "$stage/chroot.log"
+      echo "gpu_bundle: ${cmd[*]} fails in a chroot of the bundle alone (above)" >&2
+      ok=0
+    fi
+  done
+  for m in "${mounted[@]}"; do umount "$m"; done
+  rm -rf "$chk"
+  [ $ok -eq 1 ] || { rm -rf "$stage"; exit 1; }
+  echo "gpu_bundle: checked: moerun env and the CUDA test programs run from the bundle alone (chroot)"
+else
+  echo "gpu_bundle: not root (or no chroot): the chroot self-check is skipped"
+fi
 mkdir -p .gpu
 tar -C "$stage" -cJf .gpu/moerun-gpu.tar.xz .gpu
 rm -rf "$stage"
