@@ -108,6 +108,15 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
     std::exit(kExitUnavailable);
   }
   device_ = *device;
+  // On a GPU job started by mpirun or Slurm, bind this rank's GPU from the launcher's local
+  // rank before MPI_Init: a CUDA-aware MPI (UCX, ...) makes its CUDA context on the current
+  // device during MPI_Init, which would otherwise be device 0 for every rank of the node.
+  // MPI's own local rank is checked against it below.
+  const ProcessInfo launcher = DiscoverProcessFromEnvironment();
+  bool bound_early = false;
+  if (device_ == Device::kCUDA && (launcher.launcher == "mpirun" || launcher.launcher == "slurm")) {
+    bound_early = BindCudaDevice(launcher.local_rank).ok();
+  }
   MpiOptions mpi_options;
   mpi_options.watchdog_timeout_s =
       options.watchdog_timeout_s >= 0 ? options.watchdog_timeout_s : 300.0;
@@ -121,13 +130,19 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
       options.threads > 0 ? options.threads : DefaultThreadsPerRank(Process().local_size);
   SetNumThreads(threads);
   if (device_ == Device::kCUDA) {
-    // One GPU per local rank; the local rank is MPI's (MPI_Comm_split_type), which must
-    // agree with the launcher's (OMPI_COMM_WORLD_LOCAL_RANK / SLURM_LOCALID) or two ranks
-    // could share a GPU.
-    const Status agree = CheckLocalRank(Process(), DiscoverProcessFromEnvironment());
-    if (!agree.ok()) LOG(WARNING) << agree.message();
-    const Status bound = BindCudaDevice(Process().local_rank);
-    CHECK(bound.ok()) << "--device cuda: " << bound.message();
+    // One GPU per local rank: the launcher's (OMPI_COMM_WORLD_LOCAL_RANK / SLURM_LOCALID),
+    // bound above before MPI_Init, else MPI's (MPI_Comm_split_type); the two must agree or
+    // two ranks could share a GPU.
+    const Status agree = CheckLocalRank(Process(), launcher);
+    if (!agree.ok()) {
+      LOG(WARNING) << agree.message()
+                   << (bound_early ? "; this rank keeps the launcher's (bound before MPI_Init)"
+                                   : "");
+    }
+    if (!bound_early) {
+      const Status bound = BindCudaDevice(Process().local_rank);
+      CHECK(bound.ok()) << "--device cuda: " << bound.message();
+    }
 #ifdef MOERUN_WITH_CUDA_KERNELS
     RegisterCudaOps();
 #endif
