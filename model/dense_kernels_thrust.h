@@ -15,9 +15,11 @@
 #include <thrust/functional.h>
 #include <thrust/transform_reduce.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "model/choice_attention.h"
 #include "model/expert_kernels_thrust.h"
@@ -25,8 +27,10 @@
 #include "model/router_noise.h"
 #include "model/routing_thrust.h"
 #include "runtime/adamw_thrust.h"
+#include "runtime/backend.h"
 #include "runtime/device_math.h"
 #include "runtime/row_kernels.h"
+#include "runtime/tensor.h"
 
 namespace moerun {
 namespace thrust_dense {
@@ -107,7 +111,7 @@ inline int64_t StridedThreads(int64_t n) {
   return n <= 0 ? 0 : (n + kSquareChunk - 1) / kSquareChunk;
 }
 
-// The scratch doubles QueueSumOfSquaresMany needs for these arrays: every level's partials
+// The scratch doubles PlanSquareLevels needs for these arrays: every level's partials
 // but the last (one value, written to the output).
 inline int64_t SquareScratch(const int64_t* n, int64_t count) {
   int64_t s = 0;
@@ -138,32 +142,126 @@ struct StridedSumFunctor {
   }
 };
 
-// Queues out_dev[i] = the sum of squares of x[i][0, n[i]) (x[i], scratch and out_dev on the
-// policy's device; scratch: SquareScratch(n, count) doubles).
-template <typename Policy>
-void QueueSumOfSquaresMany(const Policy& policy, const float* const* x, const int64_t* n,
-                           int64_t count, double* scratch, double* out_dev) {
+// One level of the sums of squares of many arrays at once: segment s holds threads
+// [first, first + threads) of the level, summing len values of src (floats at the first
+// level, the previous level's partial sums after it) into dst[0, threads) (an array's last
+// level: its total, one thread).
+struct SquareSegment {
+  const void* src;
+  double* dst;
+  int64_t len, threads, first;
+};
+
+// Every level's segments, level by level: level l's are segments[begin[l], begin[l + 1]),
+// over threads[l] threads in all.
+struct SquareLevels {
+  std::vector<SquareSegment> segments;
+  std::vector<int64_t> begin, threads;
+};
+
+// The levels for out[i] = the sum of squares of x[i][0, n[i]) (scratch: SquareScratch(n,
+// count) doubles for the partial sums, on the device; an empty array's total is 0). Each
+// array takes the same levels and partial sums, in the same order, as it would alone.
+inline SquareLevels PlanSquareLevels(const float* const* x, const int64_t* n, int64_t count,
+                                     double* scratch, double* out) {
+  std::vector<std::vector<SquareSegment>> by_level;
   for (int64_t i = 0; i < count; ++i) {
-    if (n[i] <= 0) {  // an empty array: 0 (one thread over no values)
-      ForIndices(policy, 1, StridedSumFunctor<double>{nullptr, 0, 1, out_dev + i});
-      continue;
-    }
-    const double* level = nullptr;
-    for (int64_t len = n[i];;) {
-      const int64_t threads = StridedThreads(len);
-      double* dst = threads == 1 ? out_dev + i : scratch;
-      if (level == nullptr) {
-        ForIndices(policy, threads, StridedSumFunctor<float>{x[i], len, threads, dst});
-      } else {
-        ForIndices(policy, threads, StridedSumFunctor<double>{level, len, threads, dst});
-      }
+    const void* src = x[i];
+    int64_t len = n[i] > 0 ? n[i] : 0;
+    for (size_t l = 0;; ++l) {
+      const int64_t threads = len > 0 ? StridedThreads(len) : 1;
+      double* dst = threads == 1 ? out + i : scratch;
+      if (by_level.size() <= l) by_level.emplace_back();
+      std::vector<SquareSegment>& level = by_level[l];
+      const int64_t first = level.empty() ? 0 : level.back().first + level.back().threads;
+      level.push_back({src, dst, len, threads, first});
       if (threads == 1) break;
-      level = scratch;
+      src = scratch;
       scratch += threads;
       len = threads;
     }
   }
+  SquareLevels plan;
+  for (const std::vector<SquareSegment>& level : by_level) {
+    plan.begin.push_back(static_cast<int64_t>(plan.segments.size()));
+    plan.threads.push_back(level.back().first + level.back().threads);
+    plan.segments.insert(plan.segments.end(), level.begin(), level.end());
+  }
+  plan.begin.push_back(static_cast<int64_t>(plan.segments.size()));
+  return plan;
 }
+
+// Thread t of a level: the segment holding it (the last whose first <= t), then that
+// segment's StridedSumFunctor at t - first.
+template <typename T>
+struct SegmentedSumFunctor {
+  const SquareSegment* segment;
+  int64_t count;
+  MOERUN_HD void operator()(int64_t t) const {
+    int64_t lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      if (segment[mid].first <= t) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const SquareSegment& s = segment[lo];
+    StridedSumFunctor<T>{static_cast<const T*>(s.src), s.len, s.threads, s.dst}(t - s.first);
+  }
+};
+
+// Queues the levels of `plan`, one launch each (the arrays' levels side by side), with its
+// segments at `segments` on the policy's device: the sums PlanSquareLevels describes, the
+// same bits as the arrays summed one by one.
+template <typename Policy>
+void QueueSquareLevels(const Policy& policy, const SquareLevels& plan,
+                       const SquareSegment* segments) {
+  for (size_t l = 0; l + 1 < plan.begin.size(); ++l) {
+    const SquareSegment* level = segments + plan.begin[l];
+    const int64_t count = plan.begin[l + 1] - plan.begin[l];
+    if (l == 0) {
+      ForIndices(policy, plan.threads[l], SegmentedSumFunctor<float>{level, count});
+    } else {
+      ForIndices(policy, plan.threads[l], SegmentedSumFunctor<double>{level, count});
+    }
+  }
+}
+
+// A device table's sum_of_squares_many (CUDA's; the tests' stand-in for it): the sums in the
+// device's memory by QueueSquareLevels, then one copy of the totals to the host. Its partial
+// sums and the level table stay on the device between calls: a training step sums the same
+// gradients every time, so the table is uploaded again only when the arrays (or the
+// scratch) move. Run one instance per host thread; free it while the device's backend is
+// registered.
+class DeviceSquareSums {
+ public:
+  template <typename Policy>
+  void Run(const Policy& policy, Device device, const float* const* x, const int64_t* n,
+           int64_t count, double* out) {
+    if (count <= 0) return;
+    const int64_t partials = SquareScratch(n, count);
+    if (!sums_.defined() || sums_.numel() < partials + count) {
+      sums_ = Tensor::Empty({partials + count}, DType::kF64, device);
+    }
+    double* s = sums_.device_data<double>(device);
+    const SquareLevels plan = PlanSquareLevels(x, n, count, s, s + partials);
+    const size_t bytes = plan.segments.size() * sizeof(SquareSegment);
+    const auto* host = reinterpret_cast<const unsigned char*>(plan.segments.data());
+    if (uploaded_.size() != bytes || !std::equal(uploaded_.begin(), uploaded_.end(), host)) {
+      segments_ = Tensor::Empty({static_cast<int64_t>(bytes)}, DType::kU8, device);
+      RequireBackend(device).CopyFromHost(segments_.raw_data(), host, bytes);
+      uploaded_.assign(host, host + bytes);
+    }
+    QueueSquareLevels(policy, plan, static_cast<const SquareSegment*>(segments_.raw_data()));
+    RequireBackend(device).CopyToHost(out, s + partials, count * sizeof(double));
+  }
+
+ private:
+  Tensor sums_, segments_;
+  std::vector<unsigned char> uploaded_;
+};
 
 // Block c's sums for the layer norm's parameter gradients (see thrust_experts'
 // ChunkColumnSumFunctor): partial_g[c * cols + j] = sum of dy (x - mean) rstd, partial_b[...]
@@ -497,8 +595,9 @@ struct ThrustOps {
     t.add = &Add;
     t.axpy = &Axpy;
     t.sum_of_squares = &SumOfSquares;
-    // sum_of_squares_many is the device table's own (QueueSumOfSquaresMany, then a copy of
-    // the sums to the host through its backend: CudaSumOfSquaresMany, the tests' host copy).
+    // sum_of_squares_many is the device table's own (DeviceSquareSums: QueueSquareLevels, then a
+    // copy of the sums to the host through its backend: CudaSumOfSquaresMany, the tests' host
+    // copy).
     t.softmax_forward = &SoftmaxForward;
     t.softmax_backward = &SoftmaxBackward;
     t.layer_norm_forward = &LayerNormForward;

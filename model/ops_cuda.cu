@@ -141,13 +141,12 @@ double CudaSumOfSquares(const float* x, int64_t n) {
 }
 
 // Every array's kernels queued, then one wait: the copy of the sums to the host.
+// One launch per level for all the arrays (a training step's gradients: a few launches, not
+// one or more per parameter), the level table uploaded only when the arrays move. Kept per
+// host thread, never freed (it would outlive the CUDA context at exit).
 void CudaSumOfSquaresMany(const float* const* x, const int64_t* n, int64_t count, double* out) {
-  if (count <= 0) return;
-  const int64_t partials = thrust_dense::SquareScratch(n, count);
-  Tensor scratch = Tensor::Empty({partials + count}, DType::kF64, Device::kCUDA);
-  double* s = static_cast<double*>(scratch.raw_data());
-  thrust_dense::QueueSumOfSquaresMany(BackendStreamPolicy::Get(), x, n, count, s, s + partials);
-  RequireBackend(Device::kCUDA).CopyToHost(out, s + partials, count * sizeof(double));
+  thread_local thrust_dense::DeviceSquareSums* sums = new thrust_dense::DeviceSquareSums();
+  sums->Run(BackendStreamPolicy::Get(), Device::kCUDA, x, n, count, out);
 }
 
 // --- The row kernels (softmax, layer norm and their backward): a warp per row, lane l of the

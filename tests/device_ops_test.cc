@@ -535,22 +535,20 @@ OpsTable HostThrustTable() {
   // The CUDA table's CudaSumOfSquaresMany with host memory for the device's: the same kernels.
   t.sum_of_squares_many = [](const float* const* x, const int64_t* n, int64_t count, double* out) {
     std::vector<double> scratch(thrust_dense::SquareScratch(n, count) + count);
-    thrust_dense::QueueSumOfSquaresMany(thrust::device, x, n, count, scratch.data(),
-                                        scratch.data() + scratch.size() - count);
+    const thrust_dense::SquareLevels plan = thrust_dense::PlanSquareLevels(
+        x, n, count, scratch.data(), scratch.data() + scratch.size() - count);
+    thrust_dense::QueueSquareLevels(thrust::device, plan, plan.segments.data());
     std::copy_n(scratch.end() - count, count, out);
   };
   return t;
 }
 
-// CudaSumOfSquaresMany on the stand-in: the sums in the device's memory, then one copy to
-// the host through its backend (a blocking copy, as on a GPU).
+// CudaSumOfSquaresMany on the stand-in: DeviceSquareSums, the sums in the device's memory,
+// then one copy to the host through its backend (a blocking copy, as on a GPU); the
+// fixture makes and frees it (while the stand-in backend is registered).
+std::unique_ptr<thrust_dense::DeviceSquareSums> g_stand_in_sums;
 void StandInSumOfSquaresMany(const float* const* x, const int64_t* n, int64_t count, double* out) {
-  if (count <= 0) return;
-  const int64_t partials = thrust_dense::SquareScratch(n, count);
-  Tensor scratch = Tensor::Empty({partials + count}, DType::kF64, Device::kCUDA);
-  double* s = static_cast<double*>(scratch.raw_data());
-  thrust_dense::QueueSumOfSquaresMany(thrust::device, x, n, count, s, s + partials);
-  RequireBackend(Device::kCUDA).CopyToHost(out, s + partials, count * sizeof(double));
+  g_stand_in_sums->Run(thrust::device, Device::kCUDA, x, n, count, out);
 }
 
 // The Thrust table with the self-attention the CUDA table composes over itself.
@@ -708,8 +706,11 @@ class StandInCuda : public ::testing::Test {
     before_backend_ = SetBackendForTesting(Device::kCUDA, backend_.get());
     before_ops_ = OpsFor(Device::kCUDA);
     RegisterOps(Device::kCUDA, &table_);
+    g_stand_in_sums = std::make_unique<thrust_dense::DeviceSquareSums>();
   }
   void TearDown() override {
+    SetBackendForTesting(Device::kCUDA, backend_.get());  // its memory freed through it
+    g_stand_in_sums.reset();
     // A test that registered a bf16 variant (or turned bf16 on) and failed before undoing
     // it leaves nothing behind: the variant lived on its stack.
     RegisterBf16GemmOps(Device::kCUDA, nullptr, nullptr);
@@ -1041,6 +1042,56 @@ class CountingBackend : public Backend {
  private:
   Backend* inner_;
 };
+
+// The sums of squares of a training step's gradients, every array's levels side by side
+// (one launch per level): the same bits as the documented per-array levels, written out
+// here (partial[t] = the sum over j = t, t + T, ... of the level's values, in order and in
+// double, T = ceil(len / 256), until one value is left); the level table goes to the device
+// once while the arrays stay where they are, and again when they move.
+TEST_F(StandInCuda, SumsOfSquaresRunEveryArraysLevelsAtOnceBitForBit) {
+  auto alone = [](const std::vector<float>& x) {
+    std::vector<double> level(x.begin(), x.end());
+    bool squares = true;
+    for (;;) {
+      const int64_t len = static_cast<int64_t>(level.size());
+      const int64_t threads = len > 0 ? (len + 255) / 256 : 1;
+      std::vector<double> next(threads, 0.0);
+      for (int64_t t = 0; t < threads; ++t) {
+        for (int64_t j = t; j < len; j += threads)
+          next[t] += squares ? level[j] * level[j] : level[j];
+      }
+      squares = false;
+      level = next;
+      if (threads == 1) return level[0];
+    }
+  };
+  const std::vector<int64_t> sizes = {0, 1, 255, 256, 257, 1000, 65536, 70001, 3 * 65536 + 5};
+  std::vector<Tensor> arrays;
+  std::vector<const float*> x;
+  std::vector<double> want;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const std::vector<float> v = Normal(sizes[i], 1.0f + static_cast<float>(i), 40 + i);
+    Tensor host = Tensor::Empty({sizes[i]});
+    std::copy(v.begin(), v.end(), host.data<float>());
+    arrays.push_back(Dev(host));
+    x.push_back(arrays.back().device_data<float>(Device::kCUDA));
+    want.push_back(alone(v));
+  }
+  CountingBackend counting(backend_.get());
+  SetBackendForTesting(Device::kCUDA, &counting);
+  const int64_t count = static_cast<int64_t>(sizes.size());
+  for (int call = 0; call < 3; ++call) {
+    SCOPED_TRACE("call " + std::to_string(call));
+    counting.from_host = 0;
+    std::vector<double> got(count, -1.0);
+    // The third call sums one array fewer: a new table.
+    const int64_t c = call < 2 ? count : count - 1;
+    Ops(Device::kCUDA).sum_of_squares_many(x.data(), sizes.data(), c, got.data());
+    for (int64_t i = 0; i < c; ++i) EXPECT_EQ(got[i], want[i]) << "array of " << sizes[i];
+    EXPECT_EQ(counting.from_host, call == 1 ? 0 : 1) << "the level table's uploads";
+  }
+  SetBackendForTesting(Device::kCUDA, backend_.get());
+}
 
 // A MoE layer on a device moves only [T, E]- and [T, k]-sized tables between host and
 // device: the router's logits and d(logits), the combine weights' gradient, the plan's rows
