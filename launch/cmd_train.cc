@@ -78,14 +78,12 @@ int RunEval(const Config& config, Session& session, const std::string& model_pat
     return kExitFailure;
   }
   Config c = config;
-  // A training batch of whole routing groups per rank (only Trainer::Create checks it;
-  // Evaluate picks its own micro-batch of whole groups).
+  // A training batch of whole routing groups per rank, as Evaluate's (only Trainer::Create
+  // checks it).
   const int64_t p = world.size();
-  const int64_t step_images = GroupStepImages(config.model());
   c.mutable_train()->set_global_batch(static_cast<int32_t>(std::min<int64_t>(
       test->size / p * p,
-      std::max<int64_t>(step_images, config.train().eval_batch() / p / step_images * step_images) *
-          p)));
+      EvalImagesPerRank(config.model(), static_cast<int>(p), config.train().eval_batch()) * p)));
   auto created = Trainer::Create(c, &world, &*test, session.device(), session.device_world());
   ok = AgreeOnStatus(world, created.status());
   if (!ok.ok()) {

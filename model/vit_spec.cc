@@ -231,6 +231,10 @@ int64_t GroupTokens(const ModelConfig& m) {
 }
 
 int64_t GroupStepImages(const ModelConfig& m) {
+  if (m.has_modsquad()) {
+    const ModSquadConfig& ms = m.modsquad();
+    return ms.moe() && ms.capacity_factor() > 0 && ms.group_images() > 0 ? ms.group_images() : 1;
+  }
   const int64_t g = GroupTokens(m);
   return g > 0 ? g / std::gcd(g, TokensPerImage(m)) : 1;
 }

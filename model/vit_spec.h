@@ -41,7 +41,8 @@ int64_t TokensPerImage(const ModelConfig& model);
 // Tokens per MoE routing group: model.moe.group_size, else group_images x tokens per
 // image; 0 when a rank's whole micro-batch is one group (or the model has no MoE).
 int64_t GroupTokens(const ModelConfig& model);
-// The fewest images whose tokens make whole groups (1 when GroupTokens is 0).
+// The fewest images whose tokens make whole routing groups: V-MoE's (1 when GroupTokens is
+// 0), or Mod-Squad's group_images under a capacity (1 when dropless or dense).
 int64_t GroupStepImages(const ModelConfig& model);
 
 // One parameter of the model as the whole job sees it: global (timm-like) name, global

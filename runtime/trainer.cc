@@ -572,15 +572,7 @@ Status Trainer::Restore(const std::string& dir, const CheckpointManifest& manife
 }
 
 int64_t EvalImagesPerRank(const ModelConfig& model, int ranks, int64_t global_batch) {
-  int64_t step_images = 1;  // a routing group's images
-  if (model.has_modsquad()) {
-    const ModSquadConfig& ms = model.modsquad();
-    if (ms.moe() && ms.capacity_factor() > 0 && ms.group_images() > 0) {
-      step_images = ms.group_images();
-    }
-  } else {
-    step_images = GroupStepImages(model);
-  }
+  const int64_t step_images = GroupStepImages(model);
   return std::max<int64_t>(step_images,
                            global_batch / std::max(1, ranks) / step_images * step_images);
 }

@@ -75,8 +75,7 @@ Status Trainer::CreateModSquad() {
         "data.augment moves pixels but not the dense targets; turn it off for "
         "a Mod-Squad model");
   }
-  if (ms.moe() && ms.capacity_factor() > 0 && ms.group_images() > 0 &&
-      local_batch_ % ms.group_images() != 0) {
+  if (local_batch_ % GroupStepImages(m) != 0) {
     return Status::Error("model.modsquad.group_images " + std::to_string(ms.group_images()) +
                          " does not divide a rank's " + std::to_string(local_batch_) +
                          " images (train.global_batch " + std::to_string(tc.global_batch()) +

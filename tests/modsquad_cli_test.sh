@@ -68,6 +68,10 @@ check "moerun usage wrote the heatmaps" test -s "$tmp/u/usage_blocks.2.attn.png"
 # Extraction and evaluation of a single-task model.
 row 0 '"event":"extract".*"task":"coarse"' "$m" extract --checkpoint "$tmp/p2/checkpoints" --task coarse --out "$tmp/x"
 row 0 '"tasks":\{"coarse"' "$m" eval --config "$tmp/x/config.pbtxt" --model "$tmp/x"
+# Under a capacity, an evaluation batch that is not whole routing groups per rank (60 images,
+# groups of 8) is cut to whole groups, as in training's evaluations.
+row 0 '"tasks":\{"coarse"' "$m" eval --config "$tmp/x/config.pbtxt" --model "$tmp/x" \
+  -o model.modsquad.capacity_factor=1.25 -o train.eval_batch=60
 "$m" extract --checkpoint "$tmp/p2/checkpoints" --task 3 --out "$tmp/x3" >"$tmp/x3.json" 2>/dev/null
 check "extract by task id" test "$(json "$tmp/x3.json" "d['task']")" = segmentation
 check "fewer parameters than the full model" test "$(json "$tmp/x3.json" "int(d['parameters'] < d['full_parameters'])")" = 1
