@@ -51,7 +51,7 @@ void SameRandom(const TensorPairs& pairs, uint32_t seed, const Random& random) {
 
 // The nearest tie in a layer's gates [T, E] (host), relative to the gate: the smallest gap
 // between a token's k-th and (k+1)-th largest gate, and between two top-1 gates of one group
-// of group_size tokens (BPR's priority order). A device whose expf / logf round otherwise
+// of group_size tokens (0: all; BPR's priority order). A device whose expf / logf round otherwise
 // than glibc's may order gates a few ulp (~1e-7 relative) apart the other way; a routing
 // comparison that fails above that is not a near tie.
 inline double NearestTie(const Tensor& gates, int64_t group_size, int k) {
@@ -65,7 +65,7 @@ inline double NearestTie(const Tensor& gates, int64_t group_size, int k) {
     std::sort(row.begin(), row.end(), std::greater<float>());
     if (k < e) nearest = std::min(nearest, gap(row[k - 1], row[k]));
     top1.push_back(row[0]);
-    if (static_cast<int64_t>(top1.size()) == std::max<int64_t>(1, group_size) || i + 1 == t) {
+    if (static_cast<int64_t>(top1.size()) == (group_size > 0 ? group_size : t) || i + 1 == t) {
       std::sort(top1.begin(), top1.end());
       for (size_t j = 1; j < top1.size(); ++j)
         nearest = std::min(nearest, gap(top1[j], top1[j - 1]));
