@@ -15,4 +15,12 @@ void CudaAdamWStep(const AdamWScalars& s, bool decay, float* value, const float*
   thrust_optim::AdamWStep(BackendStreamPolicy::Get(), s, decay, value, grad, m, v, n, bf16_moments);
 }
 
+// One launch for a training step's parameters, the table uploaded only when they move. Kept
+// per host thread, never freed (it would outlive the CUDA context at exit).
+void CudaAdamWStepMany(const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                       bool bf16_moments) {
+  thread_local thrust_optim::DeviceAdamWMany* many = new thrust_optim::DeviceAdamWMany();
+  many->Run(BackendStreamPolicy::Get(), Device::kCUDA, s, arrays, count, bf16_moments);
+}
+
 }  // namespace moerun

@@ -11,6 +11,10 @@ namespace moerun {
 
 void CudaAdamWStep(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
                    void* v, int64_t n, bool bf16_moments);
+// All the arrays in one launch (thrust_optim::DeviceAdamWMany), the same bits as
+// CudaAdamWStep array by array.
+void CudaAdamWStepMany(const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                       bool bf16_moments);
 
 }  // namespace moerun
 

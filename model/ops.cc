@@ -167,6 +167,7 @@ OpsTable MakeCpuOps() {
   t.combine_rows = &GatherKeptRows;
   t.combine_rows_backward = &CpuCombineRowsBackward;
   t.adamw_step = &AdamWUpdate;
+  t.adamw_step_many = &AdamWUpdateMany;
   t.for_each_expert = &ParallelOverItems;
   t.expert_gemm = &CpuExpertGemm;
   return t;

@@ -134,6 +134,11 @@ struct OpsTable {
   // One AdamW update of n elements (runtime/optimizer.h's semantics).
   void (*adamw_step)(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
                      void* v, int64_t n, bool bf16_moments);
+  // adamw_step over `count` arrays (runtime/optimizer.h's AdamWArray): the CPU's one array at
+  // a time; a device's in one launch (runtime/adamw_thrust.h's DeviceAdamWMany), the bits of
+  // adamw_step's. AdamW::Step's update of a device's parameters.
+  void (*adamw_step_many)(const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                          bool bf16_moments);
   // How the expert MLP runs its experts. Null: each step batched over all the rank's
   // experts (a GPU, where one batched GEMM fills the device). Else one expert at a time,
   // so an expert's hidden activations are still in cache when its bias + GELU pass reads

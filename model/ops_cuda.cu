@@ -257,6 +257,7 @@ OpsTable MakeCudaTable() {
   t.choice_attention_forward = &CudaChoiceAttentionForward;
   t.choice_attention_backward = &CudaChoiceAttentionBackward;
   t.adamw_step = &CudaAdamWStep;
+  t.adamw_step_many = &CudaAdamWStepMany;
   t.assign_slots = &CudaTableAssignSlots;
   return t;
 }

@@ -83,13 +83,37 @@ void AdamWUpdate(const AdamWScalars& s, bool decay, float* value, const float* g
 void AdamW::Step(int64_t step, float grad_scale) {
   const AdamWScalars s = Scalars(step, grad_scale);
   const bool bf16 = config_.moments == DType::kBF16;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const OptimizerParam& p = params_[i];
-    CHECK(p.device == Device::kCPU || p.update != nullptr)
-        << "AdamW: parameter " << p.name << " is on " << DeviceName(p.device)
-        << " without that device's update";
-    (p.update != nullptr ? p.update : &AdamWUpdate)(s, p.decay, p.value, p.grad, m_[i].raw_data(),
-                                                    v_[i].raw_data(), p.size, bf16);
+  // Each device's arrays in one call (a device's: one launch for all of them).
+  std::vector<AdamWArray> arrays;
+  for (const Device device : {Device::kCPU, Device::kCUDA}) {
+    arrays.clear();
+    AdamWUpdateManyFn update = nullptr;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const OptimizerParam& p = params_[i];
+      if (p.device != device) continue;
+      CHECK(p.device == Device::kCPU || p.update != nullptr)
+          << "AdamW: parameter " << p.name << " is on " << DeviceName(p.device)
+          << " without that device's update";
+      CHECK(arrays.empty() || p.update == update)
+          << "AdamW: parameter " << p.name << " has another update than the other parameters on "
+          << DeviceName(p.device);
+      update = p.update;
+      arrays.push_back({p.value, p.grad, m_[i].raw_data(), v_[i].raw_data(), p.size, p.decay});
+    }
+    if (arrays.empty()) continue;
+    if (update != nullptr) {
+      update(s, arrays.data(), static_cast<int64_t>(arrays.size()), bf16);
+    } else {
+      AdamWUpdateMany(s, arrays.data(), static_cast<int64_t>(arrays.size()), bf16);
+    }
+  }
+}
+
+void AdamWUpdateMany(const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                     bool bf16_moments) {
+  for (int64_t i = 0; i < count; ++i) {
+    const AdamWArray& a = arrays[i];
+    AdamWUpdate(s, a.decay, a.value, a.grad, a.m, a.v, a.n, bf16_moments);
   }
 }
 

@@ -31,10 +31,22 @@ struct OptimizerConfig {
 double LearningRate(const OptimizerConfig& config, int64_t step);
 
 struct AdamWScalars;
-// One AdamW update of n elements (AdamWUpdate's signature); pointers on the parameter's
-// device.
-using AdamWUpdateFn = void (*)(const AdamWScalars& s, bool decay, float* value, const float* grad,
-                               void* m, void* v, int64_t n, bool bf16_moments);
+
+// One parameter array's buffers for an update of many arrays at once: n elements of value
+// and grad (fp32) and of the moments m and v (fp32, or bf16 when the update's bf16_moments),
+// on one device; `decay`: whether weight decay applies.
+struct AdamWArray {
+  float* value;
+  const float* grad;
+  void* m;
+  void* v;
+  int64_t n;
+  bool decay;
+};
+// The AdamW update of `count` arrays with one step's constants (a device's: one launch for
+// all of them, model/ops.h's adamw_step_many entry).
+using AdamWUpdateManyFn = void (*)(const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                                   bool bf16_moments);
 
 struct OptimizerParam {
   std::string name;
@@ -42,10 +54,11 @@ struct OptimizerParam {
   const float* grad;
   int64_t size;
   bool decay;  // apply weight decay
-  // Where value and grad live (the moments are kept there too), and that device's update
-  // (model/ops.h's adamw_step entry); null: AdamWUpdate (the CPU's).
+  // Where value and grad live (the moments are kept there too), and that device's update of
+  // many arrays (model/ops.h's adamw_step_many entry); null: AdamWUpdate array by array (the
+  // CPU's). AdamW::Step updates the parameters of one device in one call.
   Device device = Device::kCPU;
-  AdamWUpdateFn update = nullptr;
+  AdamWUpdateManyFn update = nullptr;
 };
 
 // The per-step constants of an AdamW update (what a device kernel needs besides the
@@ -59,6 +72,9 @@ struct AdamWScalars {
 // the CPU implementation of ops::AdamWStep). m and v hold fp32, or bf16 when bf16_moments.
 void AdamWUpdate(const AdamWScalars& s, bool decay, float* value, const float* grad, void* m,
                  void* v, int64_t n, bool bf16_moments);
+// AdamWUpdate over each of `count` arrays in turn (the CPU's adamw_step_many).
+void AdamWUpdateMany(const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                     bool bf16_moments);
 
 class AdamW {
  public:

@@ -162,7 +162,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config, Communi
     const Device d = p.value.device();
     params.push_back({p.name, p.value.device_data<float>(d), p.grad.device_data<float>(d),
                       p.value.numel(), p.decay, d,
-                      d == Device::kCPU ? nullptr : MOERUN_OP(Ops(d), adamw_step)});
+                      d == Device::kCPU ? nullptr : MOERUN_OP(Ops(d), adamw_step_many)});
   }
   t->optimizer_ = std::make_unique<AdamW>(oc, std::move(params));
   t->sampler_ = std::make_unique<BatchSampler>(train->size, tc.global_batch(), tc.seed());

@@ -540,6 +540,16 @@ OpsTable HostThrustTable() {
     thrust_dense::QueueSquareLevels(thrust::device, plan, plan.segments.data());
     std::copy_n(scratch.end() - count, count, out);
   };
+  // The CUDA table's CudaAdamWStepMany with the segments and chunk table in host memory.
+  t.adamw_step_many = [](const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                         bool bf16_moments) {
+    const std::vector<thrust_optim::AdamWSegment> segments =
+        thrust_optim::AdamWSegments(arrays, count);
+    const std::vector<int32_t> chunks = thrust_optim::AdamWChunkSegments(segments);
+    thrust_optim::QueueAdamWMany(thrust::device, s, segments.data(), chunks.data(),
+                                 static_cast<int64_t>(chunks.size()) * thrust_optim::kAdamWChunk,
+                                 bf16_moments);
+  };
   return t;
 }
 
@@ -549,6 +559,12 @@ OpsTable HostThrustTable() {
 std::unique_ptr<thrust_dense::DeviceSquareSums> g_stand_in_sums;
 void StandInSumOfSquaresMany(const float* const* x, const int64_t* n, int64_t count, double* out) {
   g_stand_in_sums->Run(thrust::device, Device::kCUDA, x, n, count, out);
+}
+// CudaAdamWStepMany on the stand-in: DeviceAdamWMany, its table uploaded through the backend.
+std::unique_ptr<thrust_optim::DeviceAdamWMany> g_stand_in_adamw;
+void StandInAdamWStepMany(const AdamWScalars& s, const AdamWArray* arrays, int64_t count,
+                          bool bf16_moments) {
+  g_stand_in_adamw->Run(thrust::device, Device::kCUDA, s, arrays, count, bf16_moments);
 }
 
 // The Thrust table with the self-attention the CUDA table composes over itself.
@@ -702,15 +718,18 @@ class StandInCuda : public ::testing::Test {
     table_.choice_attention_forward = &StandInChoiceAttentionForward;
     table_.choice_attention_backward = &StandInChoiceAttentionBackward;
     table_.sum_of_squares_many = &StandInSumOfSquaresMany;
+    table_.adamw_step_many = &StandInAdamWStepMany;
     backend_ = NewHostStandInBackend(Device::kCUDA);
     before_backend_ = SetBackendForTesting(Device::kCUDA, backend_.get());
     before_ops_ = OpsFor(Device::kCUDA);
     RegisterOps(Device::kCUDA, &table_);
     g_stand_in_sums = std::make_unique<thrust_dense::DeviceSquareSums>();
+    g_stand_in_adamw = std::make_unique<thrust_optim::DeviceAdamWMany>();
   }
   void TearDown() override {
     SetBackendForTesting(Device::kCUDA, backend_.get());  // its memory freed through it
     g_stand_in_sums.reset();
+    g_stand_in_adamw.reset();
     // A test that registered a bf16 variant (or turned bf16 on) and failed before undoing
     // it leaves nothing behind: the variant lived on its stack.
     RegisterBf16GemmOps(Device::kCUDA, nullptr, nullptr);
@@ -1091,6 +1110,72 @@ TEST_F(StandInCuda, SumsOfSquaresRunEveryArraysLevelsAtOnceBitForBit) {
     EXPECT_EQ(counting.from_host, call == 1 ? 0 : 1) << "the level table's uploads";
   }
   SetBackendForTesting(Device::kCUDA, backend_.get());
+}
+
+// AdamW::Step on a device updates all its arrays in one call (the table's adamw_step_many),
+// the bits of the CPU's AdamW::Step: the arrays lie in one buffer with gaps between them,
+// which keep their values (an array's chunk runs past its end: those threads write nothing).
+// The arrays' table is uploaded at the first step and again only when the arrays move.
+TEST_F(StandInCuda, AdamWUpdatesEveryArrayInOneCallBitForBit) {
+  const std::vector<int64_t> sizes = {2 * 4096 + 1, 1, 4096, 0, 300, 4095};
+  const int64_t gap = 7;
+  int64_t total = gap;
+  for (const int64_t n : sizes) total += n + gap;
+  for (const DType moments : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(moments));
+    OptimizerConfig cfg;
+    cfg.learning_rate = 3e-3;
+    cfg.weight_decay = 0.1;
+    cfg.warmup_steps = 2;
+    cfg.total_steps = 10;
+    cfg.moments = moments;
+    Tensor host_w = Tensor::Empty({total}), host_g = Tensor::Empty({total});
+    const std::vector<float> w0 = Normal(total, 1.0f, 3), g0 = Normal(total, 0.1f, 4);
+    std::copy(w0.begin(), w0.end(), host_w.data<float>());
+    std::copy(g0.begin(), g0.end(), host_g.data<float>());
+    Tensor dev_w = Dev(host_w), dev_g = Dev(host_g);
+    auto params = [&](Tensor& w, const Tensor& g, Device device, AdamWUpdateManyFn update) {
+      std::vector<OptimizerParam> p;
+      int64_t at = gap;
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        p.push_back({"p" + std::to_string(i), w.device_data<float>(device) + at,
+                     g.device_data<float>(device) + at, sizes[i], i % 2 == 0, device, update});
+        at += sizes[i] + gap;
+      }
+      return p;
+    };
+    AdamW cpu(cfg, params(host_w, host_g, Device::kCPU, nullptr));
+    AdamW dev(cfg, params(dev_w, dev_g, Device::kCUDA, Ops(Device::kCUDA).adamw_step_many));
+    CountingBackend counting(backend_.get());
+    SetBackendForTesting(Device::kCUDA, &counting);
+    for (int64_t step = 0; step < 4; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      const float scale = step == 2 ? 0.25f : 1.0f;
+      cpu.Step(step, scale);
+      counting.from_host = 0;
+      dev.Step(step, scale);
+      EXPECT_EQ(counting.from_host, step == 0 ? 1 : 0) << "the arrays' table's uploads";
+      const Tensor got = dev_w.To(Device::kCPU);
+      ASSERT_EQ(0, std::memcmp(got.data<float>(), host_w.data<float>(), total * 4));
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        const size_t bytes = sizes[i] * DTypeSize(moments);
+        if (bytes == 0) continue;
+        std::vector<unsigned char> m(bytes), v(bytes);
+        counting.CopyToHost(m.data(), dev.first_moment(i), bytes);
+        counting.CopyToHost(v.data(), dev.second_moment(i), bytes);
+        EXPECT_EQ(0, std::memcmp(m.data(), cpu.first_moment(i), bytes)) << "array " << i;
+        EXPECT_EQ(0, std::memcmp(v.data(), cpu.second_moment(i), bytes)) << "array " << i;
+      }
+    }
+    EXPECT_NE(0, std::memcmp(host_w.data<float>(), w0.data(), total * 4)) << "the arrays moved";
+    // Another optimizer's arrays: a new table.
+    Tensor other_w = Dev(host_w);
+    AdamW moved(cfg, params(other_w, dev_g, Device::kCUDA, Ops(Device::kCUDA).adamw_step_many));
+    counting.from_host = 0;
+    moved.Step(0, 1.0f);
+    EXPECT_EQ(counting.from_host, 1) << "the moved arrays' table";
+    SetBackendForTesting(Device::kCUDA, backend_.get());
+  }
 }
 
 // A MoE layer on a device moves only [T, E]- and [T, k]-sized tables between host and

@@ -171,6 +171,68 @@ inline std::vector<OpCase> OpCases() {
          return std::vector<float>{static_cast<float>(out[0] / 300000), static_cast<float>(out[1]),
                                    static_cast<float>(out[2] / 5000), static_cast<float>(out[3])};
        }});
+  // AdamW over arrays of three chunks and a bit (runtime/adamw_thrust.h's kAdamWChunk
+  // threads each), one element, one chunk exactly, none and 5000, decayed and not, over
+  // three steps (warmup, a clipping scale), with fp32 and bf16 moments: array by array
+  // (adamw_step), then all at once (adamw_step_many). Both give the CPU's bits.
+  for (const bool bf16 : {false, true}) {
+    cases.push_back(
+        {bf16 ? "adamw_step/adamw_step_many, bf16 moments" : "adamw_step/adamw_step_many", 0.0f,
+         [=](const OpsTable& t) {
+           const int64_t sizes[5] = {3 * 4096 + 5, 1, 4096, 0, 5000};
+           std::vector<float> out;
+           for (const bool many : {false, true}) {
+             std::vector<FVec> w, g, m, v;
+             std::vector<AdamWArray> arrays;
+             for (int i = 0; i < 5; ++i) {
+               const int64_t words = bf16 ? (sizes[i] + 1) / 2 : sizes[i];
+               w.push_back(NormalV(sizes[i], 1, 90 + i));
+               g.push_back(NormalV(sizes[i], 0.1f, 95 + i));
+               m.emplace_back(words, 0.0f);
+               v.emplace_back(words, 0.0f);
+             }
+             for (int i = 0; i < 5; ++i) {
+               arrays.push_back(
+                   {w[i].data(), g[i].data(), m[i].data(), v[i].data(), sizes[i], i % 2 == 0});
+             }
+             for (int step = 0; step < 3; ++step) {
+               const AdamWScalars s{0.9f,
+                                    0.999f,
+                                    static_cast<float>(1 / (1 - std::pow(0.9, step + 1))),
+                                    static_cast<float>(1 / (1 - std::pow(0.999, step + 1))),
+                                    1e-8f,
+                                    1e-2f * (step + 1) / 2,
+                                    0.1f,
+                                    step == 1 ? 0.5f : 1.0f};
+               if (many) {
+                 t.adamw_step_many(s, arrays.data(), 5, bf16);
+               } else {
+                 for (const AdamWArray& a : arrays) {
+                   t.adamw_step(s, a.decay, a.value, a.grad, a.m, a.v, a.n, bf16);
+                 }
+               }
+             }
+             g_case_sync();
+             for (int i = 0; i < 5; ++i) {
+               out.insert(out.end(), w[i].begin(), w[i].end());
+               for (const FVec* moment : {&m[i], &v[i]}) {
+                 if (!bf16) {
+                   out.insert(out.end(), moment->begin(), moment->end());
+                   continue;
+                 }
+                 const auto* bits = reinterpret_cast<const uint16_t*>(moment->data());
+                 for (int64_t j = 0; j < sizes[i]; ++j) {
+                   const uint32_t word = static_cast<uint32_t>(bits[j]) << 16;
+                   float f;
+                   std::memcpy(&f, &word, 4);
+                   out.push_back(f);
+                 }
+               }
+             }
+           }
+           return out;
+         }});
+  }
   // (The row kernels' cases: within 2e-7, as below.)
   cases.push_back({"softmax_forward/backward", 2e-7f, [=](const OpsTable& t) {
                      FVec x = NormalV(n, 4, 10), y(n), dy = NormalV(n, 1, 11), dx(n);
