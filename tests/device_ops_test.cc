@@ -488,17 +488,23 @@ TEST(DeviceExperts, GroupedDroplessForwardEqualsTheFixedCapacityRows) {
   }
 }
 
+// Warmup over 2 of 10 steps, weight decay 0.1.
+OptimizerConfig TestAdamWConfig(DType moments) {
+  OptimizerConfig cfg;
+  cfg.learning_rate = 3e-3;
+  cfg.weight_decay = 0.1;
+  cfg.warmup_steps = 2;
+  cfg.total_steps = 10;
+  cfg.moments = moments;
+  return cfg;
+}
+
 // The device AdamW update against AdamW::Step, bit for bit, with fp32 and bf16 moments,
 // decayed and undecayed parameters, warmup, clipping scales and sign changes of the grads.
 TEST(ThrustOptimizer, AdamWMatchesTheCpuOptimizerBitForBit) {
   for (DType moments : {DType::kF32, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(moments));
-    OptimizerConfig cfg;
-    cfg.learning_rate = 3e-3;
-    cfg.weight_decay = 0.1;
-    cfg.warmup_steps = 2;
-    cfg.total_steps = 10;
-    cfg.moments = moments;
+    const OptimizerConfig cfg = TestAdamWConfig(moments);
     const int64_t n0 = 1000, n1 = 77;
     std::vector<float> w0 = Normal(n0, 1.0f, 1), w1 = Normal(n1, 0.5f, 2);
     std::vector<float> g0(n0), g1(n1);
@@ -1123,12 +1129,7 @@ TEST_F(StandInCuda, AdamWUpdatesEveryArrayInOneCallBitForBit) {
   for (const int64_t n : sizes) total += n + gap;
   for (const DType moments : {DType::kF32, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(moments));
-    OptimizerConfig cfg;
-    cfg.learning_rate = 3e-3;
-    cfg.weight_decay = 0.1;
-    cfg.warmup_steps = 2;
-    cfg.total_steps = 10;
-    cfg.moments = moments;
+    const OptimizerConfig cfg = TestAdamWConfig(moments);
     Tensor host_w = Tensor::Empty({total}), host_g = Tensor::Empty({total});
     const std::vector<float> w0 = Normal(total, 1.0f, 3), g0 = Normal(total, 0.1f, 4);
     std::copy(w0.begin(), w0.end(), host_w.data<float>());
