@@ -76,15 +76,21 @@ double CublasBf16PeakTflops(int64_t n) {
   };
   Tensor a = random_bf16(1), b = random_bf16(2);
   Tensor c = Tensor::Zeros({n, n}, DType::kF32, Device::kCUDA);
+  // Every call checked: a refused GEMM would time nothing and report an absurd peak.
+  auto check = [](cublasStatus_t st, const char* what) {
+    CHECK(st == CUBLAS_STATUS_SUCCESS)
+        << "bench peak: " << what << " failed: " << cublasGetStatusString(st);
+  };
   cublasHandle_t h;
-  cublasCreate(&h);
-  cublasSetStream(h, stream);
+  check(cublasCreate(&h), "cublasCreate");
+  check(cublasSetStream(h, stream), "cublasSetStream");
   const float alpha = 1, beta = 0;
   auto gemm = [&] {
-    cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(n),
-                 static_cast<int>(n), &alpha, a.raw_data(), CUDA_R_16BF, static_cast<int>(n),
-                 b.raw_data(), CUDA_R_16BF, static_cast<int>(n), &beta, c.raw_data(), CUDA_R_32F,
-                 static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    check(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(n),
+                       static_cast<int>(n), &alpha, a.raw_data(), CUDA_R_16BF, static_cast<int>(n),
+                       b.raw_data(), CUDA_R_16BF, static_cast<int>(n), &beta, c.raw_data(),
+                       CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx (bf16 x bf16 -> fp32)");
   };
   // Warm-up of at least ~200 ms (the clocks ramp up from idle), then the best of 3 timed
   // batches of 10.
@@ -106,7 +112,7 @@ double CublasBf16PeakTflops(int64_t n) {
     const double ms = t.Stop();
     if (best_ms == 0 || ms < best_ms) best_ms = ms;
   }
-  cublasDestroy(h);
+  cublasDestroy(h);  // the timers waited for the stream: nothing left for its device wait
   return 2.0 * n * n * n * iters / (best_ms * 1e-3) / 1e12;
 }
 

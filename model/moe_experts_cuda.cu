@@ -208,6 +208,10 @@ struct CudaExpertMlp::Impl {
   Impl(int64_t el, int64_t d, int64_t m, bool gelu_tanh)
       : mlp(MakeCublasOps(), el, d, m, gelu_tanh) {}
   ~Impl() {
+    // cublasDestroy waits for the whole device (cudaDeviceSynchronize), blocked in the
+    // driver: wait for the backend's stream through the poll first, so a stuck collective
+    // ends the job with its message instead of hanging here.
+    RequireBackend(Device::kCUDA).Synchronize();
     cublasDestroy(mlp.ops().handle);
     if (mlp.ops().lt != nullptr) cublasLtDestroy(mlp.ops().lt);
   }

@@ -55,7 +55,9 @@ int DeviceWaitCheckCount() {
 void PollDeviceWait(const std::function<bool()>& done, const std::string& what) {
   const auto start = std::chrono::steady_clock::now();
   Registry& r = Checks();
-  for (int polls = 0;; ++polls) {
+  // polls stops counting at 64 (the sleeps start there): a wait of any length never
+  // overflows it.
+  for (int polls = 0;; polls += polls < 64 ? 1 : 0) {
     if (done()) return;
     const double waited =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
