@@ -109,8 +109,9 @@ step() {
   local rc=$?
   echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
   # The step's result lines in the summary: bench, dry-run, evaluation and a run's final
-  # JSON lines, gtest's totals and failures, the replay's ok/FAIL lines.
-  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped' \
+  # JSON lines, gtest's totals and failures, the replay's ok/FAIL lines, the tests' "record:"
+  # lines (which cuBLAS paths ran).
+  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped|^record: ' \
     >>"$out/summary.txt" || true
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }

@@ -254,6 +254,7 @@ int RunBenchMoeLayerCuda(const MoeLayerBenchSpec& spec, Session& session) {
                                {"expert_gemm_tflops", gemm_tflops},
                                {"cublas_bf16_peak_tflops", peak},
                                {"expert_gemm_fraction_of_peak", gemm_tflops / peak},
+                               {"fused_bias_gelu", experts.LastForwardFused()},
                                {"ms",
                                 {{"routing", routing_ms / n},
                                  {"pack", pack_ms / n},

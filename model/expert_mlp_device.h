@@ -8,6 +8,7 @@
 //   static constexpr Device kDevice;             where its tensors live
 //   void Gemm(const ColMajorGemm& g);            bf16 A, B; fp32 C; fp32 accumulation
 //   void GroupedGemm(const std::vector<ColMajorGemm>& groups);  each batch 1, one call
+//       where the device takes it (cuBLAS may refuse fp32 output: then one GEMM each)
 //   bool GemmBiasGelu(const ColMajorGemm& g, const void* bias_bf16, int64_t bias_stride,
 //                     bool tanh_form, void* act, void* aux);
 //       optional fusion (cuBLASLt's GELU_AUX_BIAS, whose aux and bias have the output's
@@ -112,6 +113,8 @@ class DeviceExpertMlp {
 
   Ops& ops() { return ops_; }
   const ExpertMlpParams& master() const { return master_; }
+  // Whether the last Forward ran fc1's bias + GELU in the GEMM's epilogue.
+  bool fused() const { return fused_; }
 
   void LoadParams(const ExpertMlpParams& host) {
     master_.fc1_weight.CopyFrom(host.fc1_weight);

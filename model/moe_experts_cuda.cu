@@ -225,6 +225,8 @@ void CudaExpertMlp::LoadParams(const ExpertMlpParams& host) { impl_->mlp.LoadPar
 void CudaExpertMlp::StoreGrads(ExpertMlpParams* host) { impl_->mlp.StoreGrads(host); }
 void CudaExpertMlp::CastWeights() { impl_->mlp.CastWeights(); }
 void CudaExpertMlp::ZeroGradients() { impl_->mlp.ZeroGradients(); }
+bool CudaExpertMlp::LastForwardFused() const { return impl_->mlp.fused(); }
+bool CudaExpertMlp::GroupedGemmRefused() const { return impl_->mlp.ops().grouped_refused; }
 void CudaExpertMlp::Forward(const Tensor& in, Tensor* out) { impl_->mlp.Forward(in, out); }
 void CudaExpertMlp::Backward(const Tensor& d_out, Tensor* d_in) {
   impl_->mlp.Backward(d_out, d_in);

@@ -2,7 +2,9 @@
 // [D, M], over fixed-capacity rows [E_l, R, D] (R = peers * capacity). bf16 GEMM inputs with
 // fp32 accumulation and fp32 master weights (cublasGemmStridedBatchedEx over the experts),
 // bias + GELU fused in one kernel, fp32 gradients accumulated across calls; the dropless
-// forward (per-expert row counts) is one cublasGemmGroupedBatchedEx per layer.
+// forward (per-expert row counts) is one cublasGemmGroupedBatchedEx per layer where cuBLAS
+// takes bf16 x bf16 -> fp32 (its documentation lists bf16 output only), else one GEMM per
+// expert (GroupedGemmRefused says which ran).
 // Tensors are the CUDA backend's (Device::kCUDA). Built with the CUDA toolkit
 // (MOERUN_WITH_CUDA_KERNELS); semantics are ExpertMlp's (model/moe_experts.h) up to bf16.
 #ifndef MOERUN_MODEL_MOE_EXPERTS_CUDA_H_
@@ -39,6 +41,12 @@ class CudaExpertMlp {
   // Dropless forward: `rows[e]` rows of expert e packed one after another in `in` (bf16
   // [sum rows, D]); out fp32 [sum rows, D]. No backward state is kept.
   void ForwardGrouped(const Tensor& in, const std::vector<int64_t>& rows, Tensor* out);
+
+  // Whether the last Forward fused fc1's bias + tanh GELU into cuBLASLt's epilogue (false:
+  // the erf GELU, or cuBLASLt refused the shapes), and whether cuBLAS refused the grouped
+  // GEMM of ForwardGrouped (which then ran one GEMM per expert): for the record of a run.
+  bool LastForwardFused() const;
+  bool GroupedGemmRefused() const;
 
   // FLOPs of one Forward + Backward at R rows per expert (2 GEMMs forward, 4 backward).
   double FlopsPerStep(int64_t rows) const { return 12.0 * el_ * rows * d_ * m_; }
