@@ -103,7 +103,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
   global.cuda_supported = true;
   std::string shapes_text, experts_text, bpr_text, overlap_text;
   int64_t tokens = 4096;
-  int k = 2, steps = 3;
+  int k = 2, steps = 3, overlap_stages = 4;
   double capacity_factor = 1.05;
   po::options_description desc("Options");
   desc.add_options()                                                                      //
@@ -117,6 +117,8 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
       ("overlap", po::value(&overlap_text)->default_value("0"),
        "overlap the dispatch all-to-alls with the experts (moe.overlap_dispatch): 0, 1, or 0,1 "
        "(both, and the gain of 1 over 0)")  //
+      ("overlap-stages", po::value(&overlap_stages)->default_value(4),
+       "the overlapped dispatch's transfers at most (moe.overlap_stages, >= 1)")  //
       ("steps", po::value(&steps)->default_value(3), "timed forward+backward steps per case");
   AddGlobalOptions(&desc, &global);
   po::variables_map vm;
@@ -149,6 +151,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
   if (overlap_text == "0" || overlap_text == "0,1") overlaps.push_back(false);
   if (overlap_text == "1" || overlap_text == "0,1") overlaps.push_back(true);
   if (overlaps.empty()) problem = "--overlap must be 0, 1 or 0,1";
+  if (overlap_stages < 1) problem = "--overlap-stages must be >= 1";
   if (tokens < 1 || steps < 1 || k < 1 || !(capacity_factor > 0) ||
       !std::isfinite(capacity_factor)) {
     problem = "--tokens, --steps, --k and --capacity-factor must be positive (and finite)";
@@ -225,6 +228,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           cfg.capacity_factor = capacity_factor;
           cfg.bpr = bpr;
           cfg.overlap_dispatch = overlap;
+          cfg.overlap_stages = overlap_stages;
           cfg.device = dev;
           MoeLayer layer(cfg, *groups);
           MoeParams& p = layer.params();
@@ -323,6 +327,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                                   {"k", k},
                                   {"bpr", bpr},
                                   {"overlap", overlap},
+                                  {"overlap_stages", overlap_stages},
                                   {"capacity_factor", capacity_factor},
                                   {"capacity", cap},
                                   {"ranks", world.size()},

@@ -285,7 +285,7 @@ void Dispatcher::PrepareExpertRows(const Tensor& send, Tensor* recv) const {
 
 void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
                                      const std::function<void(int64_t, int64_t)>& compute,
-                                     double* a2a, double* pack, int pieces) {
+                                     double* a2a, double* pack, int pieces, int max_stages) {
   Communicator& ep = groups_->expert();
   const int64_t pe = ep.size(), el = groups_->local_experts(), me = ep.rank();
   const int64_t r = send.dim(1), w = send.dim(2), block = el * r * w;
@@ -303,20 +303,8 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
   MOERUN_CHECK_SHAPE(*recv, {el, pe * r, w});
   CHECK(recv->device() == dev) << "expert rows on " << DeviceName(recv->device())
                                << ", sent rows on " << DeviceName(dev);
-  std::vector<int64_t> counts(pe, block), displs = PrefixDisplacements(counts);
-  counts[me] = 0;  // the own block is copied below, not sent
-  std::unique_ptr<PendingCollective> pending;
-  // The timers here are host timers, also on a device (device events on the backend's
-  // stream would not see the transfer, which runs on the communicator's second stream): a2a
-  // and pack are the enqueue times there, and the transfer's device time is in no part of
-  // the split, only in the step's forward and backward.
-  {
-    // On a device the transfer runs on the communicator's second stream, beside the copies
-    // and experts queued below on its first (NcclCommunicator::StartAllToAllV).
-    ScopedTimer timer(a2a);
-    pending = ep.StartAllToAllV(send.raw_data(), counts, displs, staging_.raw_data(), counts,
-                                displs, DType::kF32);
-  }
+  // staging_ and send hold peer q's block at q * block.
+  const std::vector<int64_t> displs = PrefixDisplacements(std::vector<int64_t>(pe, block));
   // recv[e][q] = from[q][e] (blocks of r * w floats) for the peers q in `peers`.
   auto place = [&](const float* from, const std::vector<int64_t>& peers) {
     ScopedTimer timer(pack);
@@ -339,29 +327,70 @@ void Dispatcher::ToExpertsOverlapped(const Tensor& send, Tensor* recv,
       }
     }
   };
-  place(send.device_data<float>(dev), {me});
-  if (dev == Device::kCPU) {
-    // Host MPI progresses only inside MPI calls: drive it between pieces of the own rows.
+  // compute over the rows of `peers` (runs of consecutive peers in one call each) while
+  // `pending` travels: on the CPU in pieces of about r / pieces rows with a Test() between
+  // (host MPI progresses only inside MPI calls); on a device in one call a run (the streams
+  // overlap it with the transfer).
+  auto compute_peers = [&](std::vector<int64_t> peers, PendingCollective* pending) {
+    std::sort(peers.begin(), peers.end());
     const int64_t piece = std::max<int64_t>(1, (r + pieces - 1) / pieces);
-    for (int64_t b = 0; b < r; b += piece) {
-      compute(me * r + b, std::min(piece, r - b));
-      ScopedTimer timer(a2a);
-      pending->Test();
+    for (size_t i = 0; i < peers.size();) {
+      size_t j = i + 1;
+      while (j < peers.size() && peers[j] == peers[j - 1] + 1) ++j;
+      const int64_t first = peers[i] * r, rows = static_cast<int64_t>(j - i) * r;
+      if (dev != Device::kCPU || pending == nullptr) {
+        compute(first, rows);
+      } else {
+        for (int64_t b = 0; b < rows; b += piece) {
+          compute(first + b, std::min(piece, rows - b));
+          ScopedTimer timer(a2a);
+          pending->Test();
+        }
+      }
+      i = j;
     }
-  } else {
-    compute(me * r, r);  // the streams overlap it with the transfer: one piece
+  };
+  place(send.device_data<float>(dev), {me});
+  // The other peers by distance d = 1 .. pe - 1 (this rank sends to me + d and receives
+  // from me - d), in `stages` runs of consecutive distances, one all-to-all each (only the
+  // run's peers' counts non-zero: on NCCL point-to-point calls, with MPI an all-to-all of
+  // mostly empty blocks). Stage s's transfer travels while the rows that arrived at stage
+  // s - 1 are computed (the own rows at stage 0), so each peer's rows are computed as soon
+  // as they are here, not after the whole exchange. The first stage takes one peer: its
+  // transfer and the own rows' compute are the same size.
+  // The timers here are host timers, also on a device (device events on the backend's
+  // stream would not see the transfers, which run on the communicator's second stream): a2a
+  // and pack are the enqueue times there, and the transfers' device time is in no part of
+  // the split, only in the step's forward and backward.
+  const int64_t stages = std::min<int64_t>(pe - 1, std::max(1, max_stages));
+  std::vector<int64_t> ready = {me};
+  for (int64_t s = 0; s < stages; ++s) {
+    // Stage 0: distance 1; the other stages share distances 2 .. pe - 1 evenly.
+    const int64_t d0 = s == 0 ? 1 : 2 + (s - 1) * (pe - 2) / (stages - 1);
+    const int64_t d1 = stages == 1 ? pe : s == 0 ? 2 : 2 + s * (pe - 2) / (stages - 1);
+    std::vector<int64_t> send_counts(pe, 0), recv_counts(pe, 0), arriving;
+    for (int64_t d = d0; d < d1; ++d) {
+      send_counts[(me + d) % pe] = block;
+      recv_counts[(me - d + pe) % pe] = block;
+      arriving.push_back((me - d + pe) % pe);
+    }
+    std::unique_ptr<PendingCollective> pending;
+    {
+      // On a device the transfer runs on the communicator's second stream, beside the
+      // copies and experts queued below on its first (NcclCommunicator::StartAllToAllV).
+      ScopedTimer timer(a2a);
+      pending = ep.StartAllToAllV(send.raw_data(), send_counts, displs, staging_.raw_data(),
+                                  recv_counts, displs, DType::kF32);
+    }
+    compute_peers(ready, pending.get());
+    {
+      ScopedTimer timer(a2a);
+      pending->Wait();
+    }
+    place(staging_.device_data<float>(dev), arriving);
+    ready = arriving;
   }
-  {
-    ScopedTimer timer(a2a);
-    pending->Wait();
-  }
-  std::vector<int64_t> others;
-  for (int64_t q = 0; q < pe; ++q) {
-    if (q != me) others.push_back(q);
-  }
-  place(staging_.device_data<float>(dev), others);
-  if (me > 0) compute(0, me * r);
-  if (me + 1 < pe) compute((me + 1) * r, (pe - 1 - me) * r);
+  compute_peers(ready, nullptr);
 }
 
 }  // namespace moerun

@@ -84,16 +84,19 @@ class Dispatcher {
   void FromExperts(const Tensor& send, Tensor* recv, double* a2a, double* pack);
   // Allocates recv as ToExperts would: [E_local, P_ep * R, w] for send [E, R, w].
   void PrepareExpertRows(const Tensor& send, Tensor* recv) const;
-  // ToExperts overlapped with the experts' work on what arrives: the rows this rank sends
-  // itself are copied at once and `compute(begin, count)` runs over them in `pieces` row
-  // pieces (driving the transfer between pieces) while the other peers' blocks travel;
-  // then the other peers' rows. compute's rows index recv's second dim; recv must have
-  // been prepared (PrepareExpertRows). Every row is computed exactly once. On a device
-  // (the NCCL communicator) the transfer runs on the communicator's second stream while
-  // the own rows are computed on its first, in one piece.
+  // ToExperts overlapped with the experts' work on what arrives, as a pipeline of up to
+  // `max_stages` transfers: the rows this rank sends itself are copied at once, and
+  // `compute(begin, count)` runs over them while the first transfer (one peer's block)
+  // travels; each later transfer (the next peers' blocks, by distance) travels while the
+  // rows of the one before are computed; the last transfer's rows are computed after it.
+  // On the CPU each computation runs in pieces of about 1 / `pieces` of a peer's rows,
+  // driving the transfer between pieces (MPI progresses only inside its calls); on a device
+  // (the NCCL communicator) the transfer runs on the communicator's second stream while the
+  // rows are computed on its first. compute's rows index recv's second dim; recv must have
+  // been prepared (PrepareExpertRows). Every row is computed exactly once, after it arrived.
   void ToExpertsOverlapped(const Tensor& send, Tensor* recv,
                            const std::function<void(int64_t, int64_t)>& compute, double* a2a,
-                           double* pack, int pieces = 4);
+                           double* pack, int pieces = 4, int max_stages = 4);
 
  private:
   void AllToAll(const Tensor& send, Tensor* recv);

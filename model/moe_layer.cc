@@ -48,6 +48,7 @@ MoeLayerConfig MoeLayerConfig::FromProto(const MoeConfig& moe, int d, int m,
   c.round = moe.rounding() == MoeConfig::ROUND;
   c.bpr = moe.bpr();
   c.overlap_dispatch = moe.overlap_dispatch();
+  c.overlap_stages = moe.overlap_stages();
   c.group_size = moe.group_size() > 0 ? moe.group_size() : moe.group_images() * tokens_per_image;
   c.gelu_tanh = gelu_tanh;
   c.noise_std = moe.noise_std();
@@ -160,7 +161,7 @@ Status MoeLayer::Forward(const Tensor& x, const MoeForwardArgs& args, Tensor* y)
     dispatcher_.ToExpertsOverlapped(
         dispatch_, &expert_in_,
         [&](int64_t begin, int64_t count) { experts_.ForwardRows(begin, count, &timers_); },
-        &timers_.all_to_all, &timers_.pack);
+        &timers_.all_to_all, &timers_.pack, 4, config_.overlap_stages);
   } else {
     dispatcher_.ToExperts(dispatch_, &expert_in_, &timers_.all_to_all, &timers_.pack);
     experts_.Forward(expert_in_, &expert_out_, &timers_);
@@ -202,7 +203,7 @@ void MoeLayer::Backward(const Tensor& dy, Tensor* dx) {
     dispatcher_.ToExpertsOverlapped(
         dispatch_, &d_expert_out_,
         [&](int64_t begin, int64_t count) { experts_.BackwardRows(begin, count, &timers_); },
-        &timers_.bwd_all_to_all, &timers_.bwd_pack);
+        &timers_.bwd_all_to_all, &timers_.bwd_pack, 4, config_.overlap_stages);
   } else {
     dispatcher_.ToExperts(dispatch_, &d_expert_out_, &timers_.bwd_all_to_all, &timers_.bwd_pack);
     experts_.Backward(d_expert_out_, &d_expert_in_, &timers_);

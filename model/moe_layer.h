@@ -43,6 +43,7 @@ struct MoeLayerConfig {
   // rows already here (Dispatcher::ToExpertsOverlapped); off: one all-to-all, then the
   // experts. Changes only the summation order of the expert weight gradients.
   bool overlap_dispatch = false;
+  int overlap_stages = 4;  // the overlapped dispatch's transfers at most (>= 1)
   // Where the layer's rows, experts, combine and router GEMMs live. On a device the router's
   // weight and its GEMMs (logits, and the backward's weight and input gradients) are there.
   // Without padding tokens or explicit noise, the noise, softmax (or Mod-Squad's task

@@ -266,6 +266,8 @@ void ValidateModel(const ModelConfig& m, Validator* v) {
   v->Require(e.group_images() >= 0, "model.moe.group_images",
              "must be >= 0 (0 with group_size 0: a rank's whole micro-batch)");
   v->Require(e.noise_std() >= 0, "model.moe.noise_std", "must be >= 0");
+  v->Require(e.overlap_stages() >= 1, "model.moe.overlap_stages",
+             "must be >= 1 (the overlapped dispatch's transfers; 1: one all-to-all)");
   for (const char* w : {"importance_weight", "load_weight", "gshard_weight", "z_loss_weight"}) {
     const pb::FieldDescriptor* f = MoeConfig::descriptor()->FindFieldByName(w);
     const double x = e.GetReflection()->GetDouble(e, f);

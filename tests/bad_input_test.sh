@@ -80,6 +80,7 @@ row 2 "train.on_checkpoint_error: 'maybe' is not a choice" "$m" plan "$cfg" -o t
 row 2 "train.keep_checkpoints: must be >= 0" "$m" plan "$cfg" -o train.keep_checkpoints=-1
 row 2 "train.checkpoint_every: must be >= 0" "$m" plan "$cfg" -o train.checkpoint_every=-1
 row 2 "model.moe.group_images: must be >= 0" "$m" plan "$cfg" -o model.moe.group_images=-1
+row 2 "model.moe.overlap_stages: must be >= 1" "$m" plan "$cfg" -o model.moe.overlap_stages=0
 row 2 "model.moe.multiple_of: must be >= 0" "$m" plan "$cfg" -o model.moe.multiple_of=-4
 row 2 "SIGMOID" "$m" plan "$cfg" -o model.gelu=SIGMOID
 row 2 "model.moe.capacity: give either capacity or capacity_factor" "$m" plan "$cfg" -o model.moe.capacity=4

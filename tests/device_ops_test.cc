@@ -1555,7 +1555,8 @@ TEST_F(StandInCuda, MoeLayerRunsItsRowsExpertsAndCombineOnTheDevice) {
 
 // A device communicator whose StartAllToAllV is still in flight until Wait(), as NCCL's is
 // on its second stream: Wait() writes what the (simulated) peers send, peer q's element i
-// of its block for this rank being 1000 q + i. It logs "start", "test" and "wait".
+// of its block for this rank being 1000 q + i. It logs "start to T.. from F..." (the peers
+// with non-zero send and receive counts), "test" and "wait".
 class DeferredDeviceComm : public LoopbackCommunicator {
  public:
   DeferredDeviceComm(int rank, int size, std::vector<std::string>* log)
@@ -1567,7 +1568,15 @@ class DeferredDeviceComm : public LoopbackCommunicator {
                                                     const std::vector<int64_t>& recv_counts,
                                                     const std::vector<int64_t>& recv_displs,
                                                     DType dtype) override {
-    log_->push_back("start");
+    std::string line = "start to";
+    for (size_t q = 0; q < send_counts.size(); ++q) {
+      if (send_counts[q] > 0) line += " " + std::to_string(q);
+    }
+    line += " from";
+    for (size_t q = 0; q < recv_counts.size(); ++q) {
+      if (recv_counts[q] > 0) line += " " + std::to_string(q);
+    }
+    log_->push_back(line);
     EXPECT_EQ(dtype, DType::kF32);
     EXPECT_EQ(send_counts[rank()], 0) << "the own block is not sent";
     EXPECT_EQ(recv_counts[rank()], 0);
@@ -1602,54 +1611,74 @@ class DeferredDeviceComm : public LoopbackCommunicator {
   std::vector<std::string>* log_;
 };
 
-// The overlapped dispatch on a device: the own rows are computed, in one piece, before the
-// transfer is waited for; the other peers' rows after, each row once, and every row holds
-// its sender's data when it is computed (rank 1 of 3, so rows lie before and after its own).
-TEST_F(StandInCuda, OverlappedDispatchComputesOwnRowsWhileTheTransferIsInFlight) {
-  const int pe = 3, me = 1;
-  const int64_t e_total = 6, el = 2, r = 5, w = 3;
-  std::vector<std::string> log;
-  DeferredDeviceComm comm(me, pe, &log);
-  auto groups = *MoeGroups::Create(&comm, static_cast<int>(e_total));
-  ASSERT_EQ(groups->local_experts(), el);
-  Dispatcher dispatcher(groups.get());
-  const Tensor send_h = Random({e_total, r, w}, 1.0f, 7);
-  const Tensor send = Dev(send_h);
-  Tensor recv;
-  dispatcher.PrepareExpertRows(send, &recv);
-  ASSERT_EQ(recv.device(), Device::kCUDA);
-  // What recv[e][q * r + i][c] must hold: the own block for q == me, else the peer's.
-  auto want = [&](int64_t e, int64_t q, int64_t i, int64_t c) {
-    if (q == me) return send_h.data<float>()[((me * el + e) * r + i) * w + c];
-    return 1000.0f * q + static_cast<float>((e * r + i) * w + c);
-  };
-  std::vector<int> computed(pe * r, 0);
-  auto compute = [&](int64_t begin, int64_t count) {
-    log.push_back("compute " + std::to_string(begin) + " " + std::to_string(count));
-    const Tensor now = Host(recv);
-    for (int64_t row = begin; row < begin + count; ++row) {
-      ++computed[row];
-      for (int64_t e = 0; e < el; ++e) {
+// The overlapped dispatch on a device, a pipeline: the own rows are computed, in one piece,
+// while the first transfer (the peer at distance 1) travels; that peer's rows while the
+// second (distance 2) travels; its rows last. Each row is computed once, and every row holds
+// its sender's data when it is computed. Rank 1 of 3: rows lie before and after its own.
+// Rank 2 of 5 with at most 2 stages: the first takes one peer, the second the other three
+// (their rows two runs: peers 3..4 and 0).
+TEST_F(StandInCuda, OverlappedDispatchComputesEachPeersRowsWhileTheNextTransferIsInFlight) {
+  auto run = [&](int pe, int me, int max_stages, const std::vector<std::string>& order) {
+    const int64_t el = 2, e_total = el * pe, r = 5, w = 3;
+    std::vector<std::string> log;
+    DeferredDeviceComm comm(me, pe, &log);
+    auto groups = *MoeGroups::Create(&comm, static_cast<int>(e_total));
+    ASSERT_EQ(groups->local_experts(), el);
+    Dispatcher dispatcher(groups.get());
+    const Tensor send_h = Random({e_total, r, w}, 1.0f, 7);
+    const Tensor send = Dev(send_h);
+    Tensor recv;
+    dispatcher.PrepareExpertRows(send, &recv);
+    ASSERT_EQ(recv.device(), Device::kCUDA);
+    // What recv[e][q * r + i][c] must hold: the own block for q == me, else the peer's.
+    auto want = [&](int64_t e, int64_t q, int64_t i, int64_t c) {
+      if (q == me) return send_h.data<float>()[((me * el + e) * r + i) * w + c];
+      return 1000.0f * q + static_cast<float>((e * r + i) * w + c);
+    };
+    std::vector<int> computed(pe * r, 0);
+    auto compute = [&](int64_t begin, int64_t count) {
+      log.push_back("compute " + std::to_string(begin) + " " + std::to_string(count));
+      const Tensor now = Host(recv);
+      for (int64_t row = begin; row < begin + count; ++row) {
+        ++computed[row];
+        for (int64_t e = 0; e < el; ++e) {
+          for (int64_t c = 0; c < w; ++c) {
+            ASSERT_EQ(now.data<float>()[(e * pe * r + row) * w + c], want(e, row / r, row % r, c))
+                << "row " << row << " of expert " << e << " computed before it arrived";
+          }
+        }
+      }
+    };
+    double a2a = 0, pack = 0;
+    dispatcher.ToExpertsOverlapped(send, &recv, compute, &a2a, &pack, 4, max_stages);
+    EXPECT_EQ(log, order);
+    EXPECT_EQ(computed, std::vector<int>(pe * r, 1));
+    const Tensor got = Host(recv);
+    for (int64_t e = 0; e < el; ++e) {
+      for (int64_t row = 0; row < pe * r; ++row) {
         for (int64_t c = 0; c < w; ++c) {
-          ASSERT_EQ(now.data<float>()[(e * pe * r + row) * w + c], want(e, row / r, row % r, c))
-              << "row " << row << " of expert " << e << " computed before it arrived";
+          EXPECT_EQ(got.data<float>()[(e * pe * r + row) * w + c], want(e, row / r, row % r, c));
         }
       }
     }
   };
-  double a2a = 0, pack = 0;
-  dispatcher.ToExpertsOverlapped(send, &recv, compute, &a2a, &pack);
-  const std::vector<std::string> order = {"start", "compute 5 5", "wait", "compute 0 5",
-                                          "compute 10 5"};
-  EXPECT_EQ(log, order);
-  EXPECT_EQ(computed, std::vector<int>(pe * r, 1));
-  const Tensor got = Host(recv);
-  for (int64_t e = 0; e < el; ++e) {
-    for (int64_t row = 0; row < pe * r; ++row) {
-      for (int64_t c = 0; c < w; ++c) {
-        EXPECT_EQ(got.data<float>()[(e * pe * r + row) * w + c], want(e, row / r, row % r, c));
-      }
-    }
+  struct Schedule {
+    int pe, me, max_stages;
+    std::vector<std::string> order;
+  };
+  for (const Schedule& sc :
+       {Schedule{3,
+                 1,
+                 4,
+                 {"start to 2 from 0", "compute 5 5", "wait", "start to 0 from 2", "compute 0 5",
+                  "wait", "compute 10 5"}},
+        Schedule{5,
+                 2,
+                 2,
+                 {"start to 3 from 1", "compute 10 5", "wait", "start to 0 1 4 from 0 3 4",
+                  "compute 5 5", "wait", "compute 0 5", "compute 15 10"}}}) {
+    SCOPED_TRACE("rank " + std::to_string(sc.me) + " of " + std::to_string(sc.pe));
+    run(sc.pe, sc.me, sc.max_stages, sc.order);
   }
 }
 
