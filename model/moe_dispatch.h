@@ -85,9 +85,10 @@ class Dispatcher {
   // Allocates recv as ToExperts would: [E_local, P_ep * R, w] for send [E, R, w].
   void PrepareExpertRows(const Tensor& send, Tensor* recv) const;
   // ToExperts overlapped with the experts' work on what arrives, as a pipeline of up to
-  // `max_stages` transfers: the rows this rank sends itself are copied at once, and
-  // `compute(begin, count)` runs over them while the first transfer (one peer's block)
-  // travels; each later transfer (the next peers' blocks, by distance) travels while the
+  // `max_stages` transfers (at most one per other peer) by peer distance: the rows this
+  // rank sends itself are copied at once, and `compute(begin, count)` runs over them while
+  // the first transfer travels (with one stage: every other peer's block; else the block of
+  // the peer at distance 1); each later transfer (the next distances) travels while the
   // rows of the one before are computed; the last transfer's rows are computed after it.
   // On the CPU each computation runs in pieces of about 1 / `pieces` of a peer's rows,
   // driving the transfer between pieces (MPI progresses only inside its calls); on a device

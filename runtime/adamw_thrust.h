@@ -86,6 +86,7 @@ struct AdamWSegment {
   int64_t first;
   int64_t decay;  // 1: weight decay applies
 };
+static_assert(sizeof(AdamWSegment) == 7 * 8, "AdamWSegment must have no padding bytes");
 
 struct AdamWPlan {
   std::vector<AdamWSegment> segments;

@@ -3,6 +3,7 @@
 
 #include <glog/logging.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "runtime/process.h"
@@ -83,9 +84,16 @@ void AdamWUpdate(const AdamWScalars& s, bool decay, float* value, const float* g
 void AdamW::Step(int64_t step, float grad_scale) {
   const AdamWScalars s = Scalars(step, grad_scale);
   const bool bf16 = config_.moments == DType::kBF16;
-  // Each device's arrays in one call (a device's: one launch for all of them).
+  // Each device's arrays in one call (a device's: one launch for all of them), the devices
+  // in the order their first parameters come.
+  std::vector<Device> devices;
+  for (const OptimizerParam& p : params_) {
+    if (std::find(devices.begin(), devices.end(), p.device) == devices.end()) {
+      devices.push_back(p.device);
+    }
+  }
   std::vector<AdamWArray> arrays;
-  for (const Device device : {Device::kCPU, Device::kCUDA}) {
+  for (const Device device : devices) {
     arrays.clear();
     AdamWUpdateManyFn update = nullptr;
     for (size_t i = 0; i < params_.size(); ++i) {

@@ -1129,6 +1129,8 @@ TEST_F(StandInCuda, AdamWUpdatesEveryArrayInOneCallBitForBit) {
   for (const int64_t n : sizes) total += n + gap;
   for (const DType moments : {DType::kF32, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(moments));
+    // A fresh cache: the last case's arrays are freed, and their addresses may come back.
+    g_stand_in_adamw = std::make_unique<thrust_optim::DeviceAdamWMany>();
     const OptimizerConfig cfg = TestAdamWConfig(moments);
     Tensor host_w = Tensor::Empty({total}), host_g = Tensor::Empty({total});
     const std::vector<float> w0 = Normal(total, 1.0f, 3), g0 = Normal(total, 0.1f, 4);

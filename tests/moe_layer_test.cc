@@ -212,8 +212,8 @@ TEST(MoeLayerTest, ExpertParallelInvarianceVanillaAndBpr) {
 // The overlapped dispatch (moe.overlap_dispatch) computes each expert's rows in pieces while
 // the all-to-alls run: the same results as the single-rank layer, on any rank count
 // (including replicas, where the expert-parallel group is smaller than the world), with
-// one transfer (overlap_stages 1), two, and one per other rank (8 ranks: 4 stages of 1,
-// 2, 2 and 2 peers; at most P - 1 stages).
+// one transfer (overlap_stages 1), two and four (8 ranks: stages of 1, 2, 2 and 2 peers;
+// 4 ranks: 3 stages, one per other rank) and 100 (at most one per other rank).
 TEST(MoeLayerTest, OverlappedDispatchGivesTheSameResults) {
   for (int e : {ExpertsFor(8), 2}) {
     if (e % World().size() != 0 && World().size() % e != 0) continue;
@@ -222,7 +222,7 @@ TEST(MoeLayerTest, OverlappedDispatchGivesTheSameResults) {
     c.config.group_size = 8;
     const Result want = RunSingleRank(c);
     c.config.overlap_dispatch = true;
-    for (const int stages : {1, 2, 4}) {
+    for (const int stages : {1, 2, 4, 100}) {
       c.config.overlap_stages = stages;
       const Result got = RunLayer(World(), c);
       SCOPED_TRACE("E " + std::to_string(e) + ", " + std::to_string(stages) + " stages");
