@@ -8,7 +8,8 @@
 #   2. the backend-op table on CUDA against the CPU, then the CUDA backend tests, each
 #      program under its own limit
 #   3. replay-moe on CPU and CUDA: both against the NumPy reference, and CUDA against CPU
-#   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch
+#   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch; bench gemm
+#      --device cuda (the dense GEMMs: fp32, bf16 with casts, without, FAST_16BF)
 #   5. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
 #   6. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
 #   7. bench train --device cuda of V-MoE-B/16 (fp32, then bf16) beside this GPU's GEMM
@@ -111,7 +112,7 @@ step() {
   # The step's result lines in the summary: bench, dry-run, evaluation and a run's final
   # JSON lines, gtest's totals and failures, the replay's ok/FAIL lines, the tests' "record:"
   # lines (which cuBLAS paths ran).
-  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped|^record: ' \
+  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|gemm|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped|^record: ' \
     >>"$out/summary.txt" || true
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
@@ -138,6 +139,10 @@ fi
 if [[ " $checks " == *" 4 "* ]]; then
   # Vanilla and BPR routing (the PyTorch peer routes as vanilla), 10 timed steps a case.
   step bench_moe_layer 100 "$moerun" bench moe-layer --device cuda --steps 10
+  # The dense GEMMs of V-MoE-B/16 fp32, bf16 with its casts, the bf16 GEMM alone and
+  # cuBLAS's FAST_16BF (which of them train.precision BF16 should use), into the same log.
+  GPU_CHECKS_LOG=bench_moe_layer step bench_gemm 40 "$moerun" bench gemm --device cuda \
+    --seconds 0.05
 fi
 if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data

@@ -8,6 +8,7 @@
 #include <memory>
 #include <random>
 
+#include "launch/bench_gemm.h"
 #include "launch/commands.h"
 #include "runtime/kernels.h"
 #include "runtime/process.h"
@@ -15,11 +16,7 @@
 namespace moerun {
 namespace {
 
-struct GemmShape {
-  std::string pass;
-  bool ta, tb;
-  int64_t m, n, k;
-};
+using GemmShape = BenchGemmShape;
 
 // A GEMM's operands: a and b uniform in [-1, 1), c zero.
 struct GemmOperands {
@@ -63,19 +60,27 @@ double TimeGemm(const GemmShape& g, double seconds) {
 
 double Gflops(const GemmShape& g, double s) { return 2.0 * g.m * g.n * g.k / s / 1e9; }
 
-// One expert MLP's six products at `t` token rows, width d, hidden m: y1 = x W1^T (fc1),
-// y2 = h W2^T (fc2); backward dX = dY W, dW = dY^T X.
-std::vector<GemmShape> ExpertPasses(int64_t t, int64_t d, int64_t m) {
+}  // namespace
+
+std::vector<BenchGemmShape> MlpPasses(int64_t t, int64_t d, int64_t m) {
   return {{"fc1_fwd", false, true, t, m, d}, {"fc1_dx", false, false, t, d, m},
           {"fc1_dw", true, false, m, d, t},  {"fc2_fwd", false, true, t, d, m},
           {"fc2_dx", false, false, t, m, d}, {"fc2_dw", true, false, d, m, t}};
 }
 
-}  // namespace
+#ifndef MOERUN_WITH_CUDA_KERNELS
+bool CudaGemmBenchBuilt() { return false; }
+int RunBenchGemmCuda(const std::vector<BenchGemmShape>&, double, Session&) {
+  PrintError("moerun bench gemm",
+             "--device cuda: this moerun was built without the CUDA kernels (nvcc was not found "
+             "at configure time); use --device cpu");
+  return kExitUnavailable;
+}
+#endif
 
 double MeasureExpertGemmSeconds(int64_t rows, int64_t d, int64_t m, double seconds) {
   double total = 0;
-  for (const GemmShape& g : ExpertPasses(rows, d, m)) total += TimeGemm(g, seconds);
+  for (const GemmShape& g : MlpPasses(rows, d, m)) total += TimeGemm(g, seconds);
   return total;
 }
 
@@ -101,6 +106,7 @@ double MeasureGemmPeakGflops(const std::vector<int64_t>& sizes, double seconds) 
 
 int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
+  global.cuda_supported = true;
   std::string rows_text, shapes_text, peak_text;
   double seconds = 0.3;
   po::options_description desc("Options");
@@ -118,7 +124,13 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
                     "fp32 GEMM GFLOP/s for the expert-MLP shapes (fc1 and fc2, forward, input "
                     "gradient\nand weight gradient), beside the machine's peak measured the "
                     "same way. Every rank\nruns at once with its thread share; rank 0 prints. "
-                    "JSON fields: bench, pass, m, n, k,\ngflops, peak_gflops, threads, ranks.",
+                    "JSON fields: bench, pass, m, n, k,\ngflops, peak_gflops, threads, ranks.\n"
+                    "--device cuda (one rank): each product on the GPU four ways, tflops of fp32, "
+                    "bf16 (train.precision\nBF16's: operands cast on every call), bf16_gemm (the "
+                    "GEMM alone on operands cast before)\nand fast16bf (cuBLAS's "
+                    "COMPUTE_32F_FAST_16BF on fp32 operands), with cast_share and the\nproducts' "
+                    "relative differences; defaults: 6304 rows (V-MoE-B/16 at 32 images), shapes "
+                    "768x3072,768x2304.",
                     args, desc, nullptr, &vm))
     return *done;
   auto rows = ParseIntList(rows_text);
@@ -134,6 +146,30 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);
+  if (session.device() == Device::kCUDA) {
+    if (session.size() > 1) {
+      if (session.is_root()) {
+        PrintError("moerun bench gemm",
+                   "--device cuda runs on one rank (one GPU); run it without mpirun");
+      }
+      return kExitUsage;
+    }
+    // Default: the dense products of V-MoE-B/16 at 32 images (6304 token rows): the MLP
+    // (768 x 3072), and the attention's qkv (768 -> 2304) with a 2304 -> 768 product.
+    const std::vector<int64_t> cuda_rows =
+        vm["rows"].defaulted() ? std::vector<int64_t>{6304} : *rows;
+    const std::vector<std::pair<int64_t, int64_t>> cuda_shapes =
+        vm["shapes"].defaulted()
+            ? std::vector<std::pair<int64_t, int64_t>>{{768, 3072}, {768, 2304}}
+            : *shapes;
+    std::vector<BenchGemmShape> products;
+    for (auto [d, m] : cuda_shapes) {
+      for (int64_t t : cuda_rows) {
+        for (const BenchGemmShape& g : MlpPasses(t, d, m)) products.push_back(g);
+      }
+    }
+    return RunBenchGemmCuda(products, seconds, session);
+  }
   // The largest GEMM's three matrices, on every rank of this host.
   double largest = 0;
   for (int64_t t : *rows) {
@@ -169,7 +205,7 @@ int RunBenchGemm(const std::vector<std::string>& args, ProgramArgs program) {
   }
   for (auto [d, m] : *shapes) {
     for (int64_t t : *rows) {
-      for (const GemmShape& g : ExpertPasses(t, d, m)) {
+      for (const GemmShape& g : MlpPasses(t, d, m)) {
         const double gf = Gflops(g, TimeGemm(g, seconds));
         if (!session.is_root()) continue;
         PrintJsonLine({{"bench", "gemm"},
