@@ -29,6 +29,7 @@
 #include "runtime/adamw_thrust.h"
 #include "runtime/backend.h"
 #include "runtime/device_math.h"
+#include "runtime/device_table.h"
 #include "runtime/row_kernels.h"
 #include "runtime/tensor.h"
 
@@ -247,20 +248,15 @@ class DeviceSquareSums {
     }
     double* s = sums_.device_data<double>(device);
     const SquareLevels plan = PlanSquareLevels(x, n, count, s, s + partials);
-    const size_t bytes = plan.segments.size() * sizeof(SquareSegment);
-    const auto* host = reinterpret_cast<const unsigned char*>(plan.segments.data());
-    if (uploaded_.size() != bytes || !std::equal(uploaded_.begin(), uploaded_.end(), host)) {
-      segments_ = Tensor::Empty({static_cast<int64_t>(bytes)}, DType::kU8, device);
-      RequireBackend(device).CopyFromHost(segments_.raw_data(), host, bytes);
-      uploaded_.assign(host, host + bytes);
-    }
-    QueueSquareLevels(policy, plan, static_cast<const SquareSegment*>(segments_.raw_data()));
+    const void* segments =
+        segments_.Get(device, plan.segments.data(), plan.segments.size() * sizeof(SquareSegment));
+    QueueSquareLevels(policy, plan, static_cast<const SquareSegment*>(segments));
     RequireBackend(device).CopyToHost(out, s + partials, count * sizeof(double));
   }
 
  private:
-  Tensor sums_, segments_;
-  std::vector<unsigned char> uploaded_;
+  Tensor sums_;
+  DeviceTable segments_;
 };
 
 // Block c's sums for the layer norm's parameter gradients (see thrust_experts'

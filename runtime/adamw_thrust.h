@@ -16,10 +16,9 @@
 #include <cstring>
 #include <vector>
 
-#include "runtime/backend.h"
 #include "runtime/device_math.h"
+#include "runtime/device_table.h"
 #include "runtime/optimizer.h"
-#include "runtime/tensor.h"
 
 namespace moerun {
 namespace thrust_optim {
@@ -152,26 +151,23 @@ class DeviceAdamWMany {
     const std::vector<AdamWSegment> segments = AdamWSegments(arrays, count);
     if (segments.empty()) return;
     const size_t bytes = segments.size() * sizeof(AdamWSegment);
-    if (segments_.size() != segments.size() ||
-        std::memcmp(segments_.data(), segments.data(), bytes) != 0) {
-      const std::vector<int32_t> chunks = AdamWChunkSegments(segments);
-      std::vector<unsigned char> host(bytes + chunks.size() * sizeof(int32_t));
-      std::memcpy(host.data(), segments.data(), bytes);
-      std::memcpy(host.data() + bytes, chunks.data(), chunks.size() * sizeof(int32_t));
-      table_ = Tensor::Empty({static_cast<int64_t>(host.size())}, DType::kU8, device);
-      RequireBackend(device).CopyFromHost(table_.raw_data(), host.data(), host.size());
-      segments_ = segments;
-      threads_ = static_cast<int64_t>(chunks.size()) * kAdamWChunk;
-    }
-    const auto* table = static_cast<const unsigned char*>(table_.raw_data());
+    // The segments, then the chunk table (int32) made from them.
+    const auto* table =
+        static_cast<const unsigned char*>(table_.Get(device, segments.data(), bytes, [&] {
+          const std::vector<int32_t> chunks = AdamWChunkSegments(segments);
+          std::vector<unsigned char> host(bytes + chunks.size() * sizeof(int32_t));
+          std::memcpy(host.data(), segments.data(), bytes);
+          std::memcpy(host.data() + bytes, chunks.data(), chunks.size() * sizeof(int32_t));
+          return host;
+        }));
+    const AdamWSegment& last = segments.back();
+    const int64_t threads = last.first + (last.n + kAdamWChunk - 1) / kAdamWChunk * kAdamWChunk;
     QueueAdamWMany(policy, s, reinterpret_cast<const AdamWSegment*>(table),
-                   reinterpret_cast<const int32_t*>(table + bytes), threads_, bf16_moments);
+                   reinterpret_cast<const int32_t*>(table + bytes), threads, bf16_moments);
   }
 
  private:
-  Tensor table_;  // the segments, then the chunk table (int32), on the device
-  std::vector<AdamWSegment> segments_;
-  int64_t threads_ = 0;
+  DeviceTable table_;  // the segments, then the chunk table, on the device
 };
 
 }  // namespace thrust_optim
