@@ -99,8 +99,7 @@ void CpuAssignSlots(const int32_t* expert_index, const float* weight, int64_t to
                     int64_t group_size, int num_experts, int k, bool bpr, int32_t* slot,
                     int32_t* load) {
   thread_local std::vector<int32_t> order;
-  // As the Thrust entry: one group where group_size is 0 or above the token count.
-  if (group_size <= 0 || group_size > tokens) group_size = std::max<int64_t>(tokens, 1);
+  group_size = RoutingGroupSize(tokens, group_size);
   for (int64_t g = 0; g * group_size < tokens; ++g) {
     const int64_t off = g * group_size * k;
     AssignSlots(expert_index + off, weight + off, group_size, num_experts, k, bpr, slot + off,

@@ -32,6 +32,16 @@ void AssignSlots(const int32_t* expert_index, const float* weight, int64_t token
                  int k, bool bpr, int32_t* slot, int32_t* load, std::vector<int32_t>* order,
                  const uint8_t* routed = nullptr);
 
+// Routing in groups of `group_size` consecutive tokens (the assign_slots entries'): a
+// group_size of 0 or above the token count means one group of all the tokens.
+inline int64_t RoutingGroupSize(int64_t tokens, int64_t group_size) {
+  return group_size <= 0 || group_size > tokens ? (tokens > 0 ? tokens : 1) : group_size;
+}
+// The number of those groups: none without tokens.
+inline int64_t RoutingGroups(int64_t tokens, int64_t group_size) {
+  return tokens <= 0 ? 0 : tokens / RoutingGroupSize(tokens, group_size);
+}
+
 }  // namespace moerun
 
 #endif  // MOERUN_MODEL_ROUTING_H_

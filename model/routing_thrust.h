@@ -35,6 +35,7 @@
 
 #include <cstdint>
 
+#include "model/routing.h"        // RoutingGroups
 #include "runtime/device_math.h"  // MOERUN_HD: functors for the device under nvcc
 
 namespace moerun {
@@ -132,13 +133,6 @@ void GrowTo(Vec& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
-// The groups of AssignSlotsInGroups: none without tokens, one where group_size is 0 or
-// above the token count.
-inline int64_t RoutingGroups(int64_t tokens, int64_t group_size) {
-  if (tokens <= 0) return 0;
-  return group_size > 0 && group_size <= tokens ? tokens / group_size : 1;
-}
-
 // Whether AssignSlotsInGroups over `tokens` tokens in groups of `group_size` (0: one group)
 // would grow any of its scratch vectors.
 template <typename Vec32, typename Vec64, typename VecF>
@@ -164,7 +158,7 @@ void AssignSlotsInGroups(const Policy& policy, const int32_t* expert_index, cons
                          Vec32& keys_e, Vec32& rank, Vec64& visit, VecF& keys_w,
                          Vec32& cumulative) {
   const int64_t groups = RoutingGroups(tokens, group_size);
-  if (group_size <= 0 || group_size > tokens) group_size = tokens > 0 ? tokens : 1;
+  group_size = RoutingGroupSize(tokens, group_size);
   const int64_t keys = groups * num_experts;
   // The routed tokens in token order.
   GrowTo(order, tokens);
