@@ -22,9 +22,8 @@ struct BenchGemmShape {
 // y2 = h W2^T (fc2); backward dX = dY W, dW = dY^T X.
 std::vector<BenchGemmShape> MlpPasses(int64_t t, int64_t d, int64_t m);
 
-// Whether this moerun has the CUDA path; the path itself (one GPU: fp32, bf16 with casts,
-// the bf16 GEMM alone, cuBLAS's FAST_16BF; rank 0 prints a JSON line per product).
-bool CudaGemmBenchBuilt();
+// The CUDA path (one GPU: fp32, bf16 with casts, the bf16 GEMM alone, cuBLAS's FAST_16BF;
+// rank 0 prints a JSON line per product); without the CUDA kernels, an error (exit 3).
 int RunBenchGemmCuda(const std::vector<BenchGemmShape>& shapes, double seconds, Session& session);
 
 }  // namespace moerun

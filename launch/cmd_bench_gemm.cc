@@ -69,7 +69,6 @@ std::vector<BenchGemmShape> MlpPasses(int64_t t, int64_t d, int64_t m) {
 }
 
 #ifndef MOERUN_WITH_CUDA_KERNELS
-bool CudaGemmBenchBuilt() { return false; }
 int RunBenchGemmCuda(const std::vector<BenchGemmShape>&, double, Session&) {
   PrintError("moerun bench gemm",
              "--device cuda: this moerun was built without the CUDA kernels (nvcc was not found "
