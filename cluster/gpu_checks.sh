@@ -89,6 +89,7 @@ missing=$(ldd "$moerun" "$g"/bin/*_tests 2>/dev/null | grep "not found" | sort -
 [ -z "$missing" ] || echo "gpu_checks: libraries not found: $missing" | tee -a "$out/summary.txt"
 checks=${CHECKS:-1 2 3 4 5 6 7}
 failed=0
+step_rc=0 step_first=1
 
 # step NAME LIMIT_S COMMAND...: runs it, its output to $out/NAME.log (GPU_CHECKS_LOG=other:
 # appended to $out/other.log instead), and says how it went.
@@ -99,6 +100,7 @@ step() {
   if [ "$left" -lt 20 ]; then
     echo "gpu_checks: $name skipped: ${left} s left of the budget" | tee -a "$out/summary.txt"
     failed=1
+    step_rc=0
     return
   fi
   [ "$limit" -le "$left" ] || limit=$left
@@ -108,28 +110,62 @@ step() {
   echo "=== $name" >>"$log"
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
+  step_rc=$rc step_first=$first
   echo "gpu_checks: $name rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/summary.txt"
   # The step's result lines in the summary: bench, dry-run, evaluation and a run's final
   # JSON lines, gtest's totals and failures, the replay's ok/FAIL lines, the tests' "record:"
   # lines (which cuBLAS paths ran).
-  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|gemm|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped|^record: ' \
+  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|gemm|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped|^record: |^========= (Invalid|Program hit|ERROR SUMMARY|    at .* in )' \
     >>"$out/summary.txt" || true
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
 
-# The limits of the steps before the last sum to 490 s of the 540 s budget, so the last
-# (bench train) has at least 50 s; a step that ends early leaves its time to the later ones
+# The limits of the steps before the last sum to 490 s of the 540 s budget (a memcheck rerun,
+# only after a crash, takes from the later steps), so the last (bench train) has at least 50 s; a step that ends early leaves its time to the later ones
 # (the last takes what is left).
 if [[ " $checks " == *" 1 "* ]]; then
   # moerun env's output goes into the summary (no file of its own: 8 files come back).
   step env 20 "$moerun" env
   cat "$out/env.log" >>"$out/summary.txt" && rm -f "$out/env.log"
 fi
+# sanitize NAME LOG COMMAND...: after the step NAME (its output in $out/LOG.log) ended on a
+# signal or a CUDA error (an illegal address, a failed launch: none of our kernels has run
+# on a GPU before), runs COMMAND under compute-sanitizer's memcheck, into the same log: it
+# names the kernel and the bad access. A GoogleTest program runs only the test it crashed
+# in (the last one started). Where the machine refuses the sanitizer (gVisor: "Device not
+# supported") that is all it prints.
+sanitize() {
+  local name=$1 log="$out/$2.log"
+  shift 2
+  local crashed=0
+  if [ "$step_rc" -ge 128 ] && [ "$step_rc" -ne 137 ]; then crashed=1; fi  # 137: timeout's kill
+  if tail -n +"$step_first" "$log" |
+    grep -qE 'illegal memory access|misaligned address|unspecified launch failure|illegal instruction|an illegal|CUDA error|EXECUTION_FAILED'; then
+    crashed=1
+  fi
+  [ $crashed -eq 1 ] || return 0
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  if [ -z "$sanitizer" ]; then
+    echo "gpu_checks: $name: no compute-sanitizer on this machine" | tee -a "$out/summary.txt"
+    return 0
+  fi
+  local test
+  test=$(tail -n +"$step_first" "$log" | grep -E '^\[ RUN      \] ' | tail -n 1 | awk '{print $NF}')
+  local filter=()
+  [ -z "$test" ] || filter=(--gtest_filter="$test")
+  GPU_CHECKS_LOG=$(basename "$log" .log) step "${name}_memcheck" 45 "$sanitizer" --tool memcheck \
+    --print-limit 10 "$@" "${filter[@]}"
+}
+
 if [[ " $checks " == *" 2 "* ]]; then
   # The op table against the CPU first (the most informative), then the backend's own tests;
-  # each under its own limit, so that one hanging does not hide the other.
+  # each under its own limit, so that one hanging does not hide the other. A program that
+  # crashes runs its crashing test again under compute-sanitizer.
   step ops_tests 60 "$g/bin/device_ops_cuda_tests"
+  sanitize ops_tests ops_tests "$g/bin/device_ops_cuda_tests"
   step backend_tests 60 "$g/bin/cuda_backend_tests"
+  sanitize backend_tests backend_tests "$g/bin/cuda_backend_tests"
 fi
 if [[ " $checks " == *" 3 "* ]]; then
   mkdir -p "$g/cases"
@@ -149,6 +185,10 @@ if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data
   GPU_CHECKS_LOG=train step train_demo 60 "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
     --device cuda -o train.steps=300 -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
+  # A crash there: two steps again under the memory checker, from no checkpoint.
+  sanitize train_demo train "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
+    --device cuda -o train.steps=2 -o train.eval_every=0 -o data.dir="$data" \
+    --checkpoint-dir "$root/ck_memcheck"
   GPU_CHECKS_LOG=train step train_modsquad 50 "$moerun" train \
     --config "$g/configs/modsquad_fashion_mnist.pbtxt" --device cuda -o train.steps=100 \
     -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
