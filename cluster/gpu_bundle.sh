@@ -7,7 +7,7 @@
 # the device machine's CPU may lack this one's AVX-512), a few minutes on 2 cores. Then
 # carry `.gpu` to the machine and run `bash cluster/gpu_checks.sh` there.
 #
-# .gpu/moerun-gpu.tar.xz (about 46 MiB, under the 64 MiB a device call carries) holds .gpu/:
+# .gpu/moerun-gpu.tar.xz (about 48 MiB, under the 64 MiB a device call carries) holds .gpu/:
 # bin/ (moerun and the CUDA test programs), lib/ (every shared library they load that is
 # neither glibc's nor CUDA's), ompi/ (Open MPI's plugins, help files and orted, found through
 # OPAL_* variables), configs/, data/ (Fashion-MNIST's files), launch/moe_layer_torch.py and

@@ -9,7 +9,8 @@
 #      program under its own limit
 #   3. replay-moe on CPU and CUDA: both against the NumPy reference, and CUDA against CPU
 #   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch; bench gemm
-#      --device cuda (the dense GEMMs: fp32, bf16 with casts, without, FAST_16BF)
+#      --device cuda (the dense GEMMs: fp32, bf16 with casts, without, FAST_16BF); bench comm
+#      --device cuda (NCCL on device buffers, one rank)
 #   5. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
 #   6. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
 #   7. bench train --device cuda of V-MoE-B/16 (fp32, then bf16) beside this GPU's GEMM
@@ -115,13 +116,13 @@ step() {
   # The step's result lines in the summary: bench, dry-run, evaluation and a run's final
   # JSON lines, gtest's totals and failures, the replay's ok/FAIL lines, the tests' "record:"
   # lines (which cuBLAS paths ran).
-  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|gemm|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped|^record: |^========= (Invalid|Program hit|ERROR SUMMARY|    at .* in )' \
+  tail -n +"$first" "$log" | grep -E '"(bench|event)": ?"(moe-layer|moe-layer-torch|gemm|comm|train|dry_run|eval|final)"|^\[  (PASSED|FAILED) |^\[==========\] .* ran|^\[  SKIPPED \] [A-Z]|^(ok  |FAIL) |skipped|^record: |^========= (Invalid|Program hit|ERROR SUMMARY|    at .* in )' \
     >>"$out/summary.txt" || true
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
 
-# The limits of the steps before the last sum to 490 s of the 540 s budget (a memcheck rerun,
-# only after a crash, takes from the later steps), so the last (bench train) has at least 50 s; a step that ends early leaves its time to the later ones
+# The limits of the steps before the last sum to 505 s of the 540 s budget (a memcheck rerun,
+# only after a crash, takes from the later steps), so the last (bench train) has at least 35 s; a step that ends early leaves its time to the later ones
 # (the last takes what is left).
 if [[ " $checks " == *" 1 "* ]]; then
   # moerun env's output goes into the summary (no file of its own: 8 files come back).
@@ -180,6 +181,10 @@ if [[ " $checks " == *" 4 "* ]]; then
   # cuBLAS's FAST_16BF (which of them train.precision BF16 should use), into the same log.
   GPU_CHECKS_LOG=bench_moe_layer step bench_gemm 30 "$moerun" bench gemm --device cuda \
     --seconds 0.03
+  # The NCCL communicator's collectives on device buffers beside NCCL's own calls (one rank:
+  # the data paths and the check, not a bandwidth).
+  GPU_CHECKS_LOG=bench_moe_layer step bench_comm 15 "$moerun" bench comm --device cuda \
+    --max-bytes 16M --seconds 0.01 --rounds 3
 fi
 if [[ " $checks " == *" 5 "* ]]; then
   data=$g/data

@@ -46,7 +46,7 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
        }),
        "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
        "backend built and a visible GPU; `train` and `eval` (V-MoE and Mod-Squad), `dry-run`, "
-       "`replay-moe`, `bench moe-layer`, `bench train` and `bench gemm` so far)")  //
+       "`replay-moe`, `bench moe-layer`, `bench train`, `bench gemm` and `bench comm` so far)")  //
       ("help,h", "show this help");
 }
 
@@ -101,7 +101,9 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
           ? StatusOr<Device>(Status::Error(
                 "--device cuda: this command runs on the CPU backend only in this "
                 "version (on a GPU: `moerun train` / `eval` / `dry-run`, `moerun replay-moe`, "
-                "`moerun bench moe-layer`, `bench train` and `bench gemm`); use --device cpu"))
+                "`moerun bench moe-layer`, `bench train`, `bench gemm` and `bench comm`); use "
+                "--device "
+                "cpu"))
           : ParseDevice(options.device);
   if (!device.ok()) {
     PrintError("moerun", device.status().message());

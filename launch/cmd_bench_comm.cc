@@ -1,80 +1,158 @@
-// moerun bench comm: Communicator bandwidth beside a raw MPI loop on the same buffers, in
-// the same run, rounds alternating between the two so drift hits both alike. Each
-// result is verified after timing (nccl-tests style).
+// moerun bench comm: Communicator bandwidth beside a raw loop of the same transport on the
+// same buffers (launch/bench_comm.h), in the same run, rounds alternating between the two
+// so drift hits both alike. Each result is verified after timing (nccl-tests style).
 #include <mpi.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 
+#include "comm/mpi_communicator.h"
+#include "comm/nccl_communicator.h"
+#include "launch/bench_comm.h"
 #include "launch/commands.h"
+#include "runtime/backend.h"
 #include "runtime/process.h"
 #include "runtime/tensor.h"
 
+#ifdef MOERUN_WITH_NCCL
+#include <nccl.h>
+#endif
+
 namespace moerun {
 namespace {
-
-struct CommBenchOptions {
-  int64_t min_bytes = 0, max_bytes = 0;
-  int factor = 4;
-  double seconds = 0.2;
-  int rounds = 7;
-  std::vector<std::string> ops;
-  bool check = true;
-};
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
 
-// Runs `body` `iters` times between barriers; returns the slowest rank's seconds.
-template <typename Body>
-double TimeLoop(MPI_Comm comm, int iters, Body body) {
+// Runs `body` `iters` times between barriers, then `finish` (the wait for what the calls
+// queued on a device); returns the slowest rank's seconds.
+template <typename Body, typename Finish>
+double TimeLoop(MPI_Comm comm, int iters, Body body, Finish finish) {
   MPI_Barrier(comm);
   const double t0 = MPI_Wtime();
   for (int i = 0; i < iters; ++i) body();
+  finish();
   double dt = MPI_Wtime() - t0;
   MPI_Allreduce(MPI_IN_PLACE, &dt, 1, MPI_DOUBLE, MPI_MAX, comm);
   return dt;
 }
 
+class RawMpi final : public RawCollectives {
+ public:
+  explicit RawMpi(MPI_Comm comm) {
+    MOERUN_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+    MPI_Comm_size(comm_, &p_);
+  }
+  ~RawMpi() override { MPI_Comm_free(&comm_); }
+  const char* kind() const override { return "mpi"; }
+  void AllToAll(const float* send, float* recv, int64_t count) override {
+    std::vector<int> counts(p_, static_cast<int>(count)), displs(p_);
+    for (int q = 0; q < p_; ++q) displs[q] = static_cast<int>(q * count);
+    MPI_Alltoallv(send, counts.data(), displs.data(), MPI_FLOAT, recv, counts.data(), displs.data(),
+                  MPI_FLOAT, comm_);
+  }
+  void AllReduce(float* buffer, int64_t count) override {
+    MPI_Allreduce(MPI_IN_PLACE, buffer, static_cast<int>(count), MPI_FLOAT, MPI_SUM, comm_);
+  }
+  void Finish() override {}
+
+ private:
+  MPI_Comm comm_;
+  int p_ = 1;
+};
+
+#ifdef MOERUN_WITH_NCCL
+class RawNccl final : public RawCollectives {
+ public:
+  explicit RawNccl(MPI_Comm comm) {
+    int rank = 0;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &p_);
+    ncclUniqueId id;
+    if (rank == 0) Check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    MOERUN_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm));
+    Check(ncclCommInitRank(&comm_, p_, id, rank), "ncclCommInitRank");
+    stream_ = static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream());
+  }
+  ~RawNccl() override {
+    Finish();
+    ncclCommDestroy(comm_);
+  }
+  const char* kind() const override { return "nccl"; }
+  void AllToAll(const float* send, float* recv, int64_t count) override {
+    Check(ncclGroupStart(), "ncclGroupStart");
+    for (int q = 0; q < p_; ++q) {
+      Check(ncclSend(send + q * count, static_cast<size_t>(count), ncclFloat32, q, comm_, stream_),
+            "ncclSend");
+      Check(ncclRecv(recv + q * count, static_cast<size_t>(count), ncclFloat32, q, comm_, stream_),
+            "ncclRecv");
+    }
+    Check(ncclGroupEnd(), "ncclGroupEnd");
+  }
+  void AllReduce(float* buffer, int64_t count) override {
+    Check(ncclAllReduce(buffer, buffer, static_cast<size_t>(count), ncclFloat32, ncclSum, comm_,
+                        stream_),
+          "ncclAllReduce");
+  }
+  // The backend's polling wait: the measured communicator's checks (NCCL's asynchronous
+  // error, the watchdog) run between its polls, so a dead peer ends the job here too.
+  void Finish() override { RequireBackend(Device::kCUDA).Synchronize(); }
+
+ private:
+  static void Check(ncclResult_t r, const char* call) {
+    CHECK(r == ncclSuccess) << RankTag() << ": bench comm's raw NCCL loop: " << call
+                            << " failed: " << ncclGetErrorString(r);
+  }
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  int p_ = 1;
+};
+#endif
+
 class CommBench {
  public:
-  CommBench(Session& s, const CommBenchOptions& o) : s_(s), o_(o), p_(s.size()) {
-    MOERUN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &raw_));
+  CommBench(Communicator& comm, RawCollectives& raw, MPI_Comm timing, Device device,
+            const CommBenchOptions& o)
+      : comm_(comm), raw_(raw), timing_(timing), dev_(device), o_(o), p_(comm.size()) {
+    CHECK(comm.device() == device)
+        << "bench comm: communicator '" << comm.name() << "' moves " << DeviceName(comm.device())
+        << " memory, the buffers are on " << DeviceName(device);
+    MPI_Comm_rank(timing, &rank_);
     const int64_t max_elems = o.max_bytes / 4 * p_;
-    send_ = Tensor::Zeros({max_elems});
-    recv_ = Tensor::Zeros({max_elems});
+    send_ = Tensor::Zeros({max_elems}, DType::kF32, device);
+    recv_ = Tensor::Zeros({max_elems}, DType::kF32, device);
   }
-  ~CommBench() { MPI_Comm_free(&raw_); }
 
   double min_ratio() const { return min_ratio_; }
+  // Empty, or which op and size returned wrong data (the same on every rank).
+  const std::string& failure() const { return failure_; }
 
   void AllToAllV(int64_t bytes_per_peer) {
     const int64_t count = bytes_per_peer / 4;
     std::vector<int64_t> counts(p_, count), displs = PrefixDisplacements(counts);
-    std::vector<int> icounts(p_, static_cast<int>(count)), idispls(p_);
-    for (int i = 0; i < p_; ++i) idispls[i] = static_cast<int>(displs[i]);
-    float* send = send_.data<float>();
-    float* recv = recv_.data<float>();
-    Communicator& comm = s_.world();
-    auto ours = [&] { comm.AllToAllV(send, counts, displs, recv, counts, displs, DType::kF32); };
-    auto raw = [&] {
-      MPI_Alltoallv(send, icounts.data(), idispls.data(), MPI_FLOAT, recv, icounts.data(),
-                    idispls.data(), MPI_FLOAT, raw_);
-    };
+    float* send = static_cast<float*>(send_.raw_data());
+    float* recv = static_cast<float*>(recv_.raw_data());
+    auto ours = [&] { comm_.AllToAllV(send, counts, displs, recv, counts, displs, DType::kF32); };
+    auto raw = [&] { raw_.AllToAll(send, recv, count); };
     Measure("all_to_all_v", bytes_per_peer, static_cast<double>(bytes_per_peer) * p_,
             p_ > 1 ? (p_ - 1.0) / p_ : 1.0, ours, raw, [&] {
-              const int r = s_.rank();
+              std::vector<float> host(count * p_);
               for (int q = 0; q < p_; ++q) {
-                for (int64_t i = 0; i < count; ++i) send[q * count + i] = PatternValue(r, q, i);
+                for (int64_t i = 0; i < count; ++i) host[q * count + i] = PatternValue(rank_, q, i);
               }
-              std::fill_n(recv, count * p_, -1.0f);
+              Upload(host, send);
+              std::fill(host.begin(), host.end(), -1.0f);
+              Upload(host, recv);
               ours();
+              comm_.Synchronize();
+              Download(recv, &host);
               for (int q = 0; q < p_; ++q) {
                 for (int64_t i = 0; i < count; ++i) {
-                  if (recv[q * count + i] != PatternValue(q, r, i)) return false;
+                  if (host[q * count + i] != PatternValue(q, rank_, i)) return false;
                 }
               }
               return true;
@@ -83,21 +161,21 @@ class CommBench {
 
   void AllReduce(int64_t bytes) {
     const int64_t count = bytes / 4;
-    float* buf = send_.data<float>();
-    std::fill_n(buf, count, 0.0f);  // sums of zeros stay finite however often repeated
-    Communicator& comm = s_.world();
-    auto ours = [&] { comm.AllReduce(buf, count, DType::kF32, ReduceOp::kSum); };
-    auto raw = [&] {
-      MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), MPI_FLOAT, MPI_SUM, raw_);
-    };
+    float* buf = static_cast<float*>(send_.raw_data());
+    Zero(buf, count);  // sums of zeros stay finite however often repeated
+    auto ours = [&] { comm_.AllReduce(buf, count, DType::kF32, ReduceOp::kSum); };
+    auto raw = [&] { raw_.AllReduce(buf, count); };
     Measure("all_reduce", bytes, static_cast<double>(bytes), p_ > 1 ? 2.0 * (p_ - 1) / p_ : 1.0,
             ours, raw, [&] {
-              const int r = s_.rank();
-              for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<float>(r + i % 5);
+              std::vector<float> host(count);
+              for (int64_t i = 0; i < count; ++i) host[i] = static_cast<float>(rank_ + i % 5);
+              Upload(host, buf);
               ours();
+              comm_.Synchronize();
+              Download(buf, &host);
               const float base = p_ * (p_ - 1) / 2.0f;
               for (int64_t i = 0; i < count; ++i) {
-                if (buf[i] != base + p_ * static_cast<float>(i % 5)) return false;
+                if (host[i] != base + p_ * static_cast<float>(i % 5)) return false;
               }
               return true;
             });
@@ -107,52 +185,117 @@ class CommBench {
   static float PatternValue(int from, int to, int64_t i) {
     return static_cast<float>(from * 1000 + to * 10 + i % 7);
   }
+  // Host values into the buffers (device memory: the backend's copies) and back.
+  void Upload(const std::vector<float>& host, float* dst) {
+    const size_t bytes = host.size() * sizeof(float);
+    if (dev_ == Device::kCPU) {
+      std::memcpy(dst, host.data(), bytes);
+    } else {
+      RequireBackend(dev_).CopyFromHost(dst, host.data(), bytes);
+    }
+  }
+  void Download(const float* src, std::vector<float>* host) {
+    const size_t bytes = host->size() * sizeof(float);
+    if (dev_ == Device::kCPU) {
+      std::memcpy(host->data(), src, bytes);
+    } else {
+      RequireBackend(dev_).CopyToHost(host->data(), src, bytes);
+    }
+  }
+  void Zero(float* p, int64_t count) {
+    if (dev_ == Device::kCPU) {
+      std::fill_n(p, count, 0.0f);
+    } else {
+      RequireBackend(dev_).SetZero(p, count * sizeof(float));
+    }
+  }
 
   template <typename Ours, typename Raw, typename Check>
   void Measure(const char* op, int64_t bytes_per_peer, double alg_bytes, double bus_factor,
                Ours ours, Raw raw, Check check) {
+    auto ours_done = [&] { comm_.Synchronize(); };
+    auto raw_done = [&] { raw_.Finish(); };
     // Calibrate: enough iterations for ~o_.seconds per timed loop.
-    TimeLoop(raw_, 2, raw);
-    const double one = std::max(1e-6, TimeLoop(raw_, 1, raw));
+    TimeLoop(timing_, 2, raw, raw_done);
+    const double one = std::max(1e-6, TimeLoop(timing_, 1, raw, raw_done));
     const int iters = static_cast<int>(std::clamp(o_.seconds / one, 1.0, 10000.0));
     std::vector<double> t_ours, t_raw;
     for (int r = 0; r < o_.rounds; ++r) {
       // Alternate which side goes first, so neither always runs on a warmer cache.
-      if (r % 2 == 0) t_raw.push_back(TimeLoop(raw_, iters, raw) / iters);
-      t_ours.push_back(TimeLoop(raw_, iters, ours) / iters);
-      if (r % 2 == 1) t_raw.push_back(TimeLoop(raw_, iters, raw) / iters);
+      if (r % 2 == 0) t_raw.push_back(TimeLoop(timing_, iters, raw, raw_done) / iters);
+      t_ours.push_back(TimeLoop(timing_, iters, ours, ours_done) / iters);
+      if (r % 2 == 1) t_raw.push_back(TimeLoop(timing_, iters, raw, raw_done) / iters);
     }
     const double ours_s = Median(t_ours), raw_s = Median(t_raw);
     int ok = !o_.check || check();
-    MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, raw_);
+    MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, timing_);
     const double gbps = alg_bytes * bus_factor / ours_s / 1e9;
     const double raw_gbps = alg_bytes * bus_factor / raw_s / 1e9;
     min_ratio_ = std::min(min_ratio_, gbps / raw_gbps);
-    if (!s_.is_root()) return;
-    PrintJsonLine({{"bench", "comm"},
-                   {"op", op},
-                   {"ranks", p_},
-                   {"bytes_per_peer", bytes_per_peer},
-                   {"iters", iters},
-                   {"rounds", o_.rounds},
-                   {"time_us", ours_s * 1e6},
-                   {"raw_time_us", raw_s * 1e6},
-                   {"gbps", gbps},
-                   {"raw_mpi_gbps", raw_gbps},
-                   {"ratio", gbps / raw_gbps},
-                   {"verified", o_.check ? (ok ? "ok" : "FAILED") : "skipped"}});
-    CHECK(ok) << op << " returned wrong data at " << bytes_per_peer << " bytes per peer";
+    if (rank_ == 0) {
+      nlohmann::json line{{"bench", "comm"},
+                          {"op", op},
+                          {"ranks", p_},
+                          {"device", DeviceName(dev_)},
+                          {"bytes_per_peer", bytes_per_peer},
+                          {"iters", iters},
+                          {"rounds", o_.rounds},
+                          {"time_us", ours_s * 1e6},
+                          {"raw_time_us", raw_s * 1e6},
+                          {"gbps", gbps},
+                          {std::string("raw_") + raw_.kind() + "_gbps", raw_gbps},
+                          {"ratio", gbps / raw_gbps},
+                          {"verified", o_.check ? (ok ? "ok" : "FAILED") : "skipped"}};
+      PrintJsonLine(line);
+    }
+    if (!ok) {
+      failure_ = std::string(op) + " returned wrong data at " + std::to_string(bytes_per_peer) +
+                 " bytes per peer";
+    }
   }
 
-  Session& s_;
+  Communicator& comm_;
+  RawCollectives& raw_;
+  MPI_Comm timing_;
+  Device dev_;
   CommBenchOptions o_;
   int p_;
-  MPI_Comm raw_;
+  int rank_ = 0;
   Tensor send_, recv_;
   double min_ratio_ = 1e9;
+  std::string failure_;
 };
 
 }  // namespace
+
+std::unique_ptr<RawCollectives> MakeRawMpiCollectives(MPI_Comm comm) {
+  return std::make_unique<RawMpi>(comm);
+}
+
+std::unique_ptr<RawCollectives> MakeRawNcclCollectives(MPI_Comm comm) {
+#ifdef MOERUN_WITH_NCCL
+  return std::make_unique<RawNccl>(comm);
+#else
+  (void)comm;
+  return nullptr;
+#endif
+}
+
+CommBenchResult RunCommBench(Communicator& comm, RawCollectives& raw, MPI_Comm timing,
+                             Device device, const CommBenchOptions& options) {
+  CommBench bench(comm, raw, timing, device, options);
+  for (const std::string& op : options.ops) {
+    for (int64_t b = options.min_bytes; b <= options.max_bytes && bench.failure().empty();
+         b *= options.factor) {
+      if (op == "all_to_all_v") {
+        bench.AllToAllV(b);
+      } else {
+        bench.AllReduce(b);
+      }
+    }
+  }
+  return {bench.min_ratio(), bench.failure()};
+}
 
 int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
   GlobalOptions global;
@@ -172,6 +315,7 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
        "timed loops per side; the median is reported")  //
       ("no-check", po::bool_switch(&no_check), "skip verifying the received data");
   AddGlobalOptions(&desc, &global);
+  global.cuda_supported = true;  // the NCCL communicator beside raw NCCL calls
   po::variables_map vm;
   if (auto done = ParseArgs(
           "moerun bench comm", "mpirun -np N moerun bench comm [options]",
@@ -179,7 +323,11 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
           "MPI_Alltoallv / MPI_Allreduce loop on the same buffers in the same run. One JSON line\n"
           "per (op, size): gbps (ours) and raw_mpi_gbps are nccl-tests bus bandwidth in GB/s:\n"
           "all_to_all_v moves (P-1)/P x P x bytes_per_peer per rank, all_reduce 2(P-1)/P x bytes\n"
-          "(for all_reduce bytes_per_peer is the buffer size). Target: ratio >= 0.95.",
+          "(for all_reduce bytes_per_peer is the buffer size). Target: ratio >= 0.95.\n"
+          "--device cuda: a GPU per rank; ours is the NCCL communicator (with one rank, one made\n"
+          "for the bench), the raw side NCCL's own calls on a second NCCL communicator\n"
+          "(grouped ncclSend / ncclRecv, ncclAllReduce, as nccl-tests), on device buffers:\n"
+          "raw_nccl_gbps.",
           args, desc, nullptr, &vm))
     return *done;
   auto lo = ParseByteSize(min_bytes), hi = ParseByteSize(max_bytes);
@@ -197,6 +345,7 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
   else if (o.rounds < 1 || o.seconds <= 0)
     problem = "--rounds and --seconds must be positive";
   std::stringstream ss(ops);
+  o.ops.clear();
   for (std::string op; std::getline(ss, op, ',');) {
     if (op != "all_to_all_v" && op != "all_reduce") {
       problem = "--ops: unknown collective '" + op + "' (use all_to_all_v, all_reduce)";
@@ -211,34 +360,87 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
   o.max_bytes = *hi;
   o.check = !no_check;
   Session session(program.argc, program.argv, global);
-  // Send and receive buffers of max-bytes per peer, and as much again for the raw MPI
-  // comparison and the check, on every rank of this host.
-  const Status fits = RequireHostBytes(
-      4.0 * o.max_bytes * session.size() * std::max(1, Process().local_size),
-      "--max-bytes " + max_bytes + " per peer over " + std::to_string(session.size()) + " rank(s)",
+  const Device dev = session.device();
+  const double buffers = 2.0 * o.max_bytes * session.size();  // send + receive, per rank
+  const std::string what =
+      "--max-bytes " + max_bytes + " per peer over " + std::to_string(session.size()) + " rank(s)";
+  // On the CPU the buffers, and as much again for the raw MPI comparison and the check, on
+  // every rank of this host; on a GPU the buffers there and the check's copies here.
+  Status fits = RequireHostBytes(
+      (dev == Device::kCPU ? 2.0 : 1.0) * buffers * std::max(1, Process().local_size), what,
       "use a smaller --max-bytes");
+  if (fits.ok() && dev != Device::kCPU) {
+    const DeviceMemory mem = RequireBackend(dev).Memory();
+    if (mem.free_bytes >= 0 && buffers > static_cast<double>(mem.free_bytes)) {
+      fits = Status::Error(what + " needs " + GiBString(buffers) + " on " +
+                           RequireBackend(dev).Describe() + ", which has " +
+                           GiBString(static_cast<double>(mem.free_bytes)) +
+                           " free; use a smaller --max-bytes");
+    }
+  }
+  fits = AgreeOnStatus(session.world(), fits);
   if (!fits.ok()) {
     if (session.is_root()) PrintError("moerun bench comm", fits.message());
     return kExitUsage;
   }
-  if (session.is_root()) {
-    LOG(INFO) << "bench comm: " << session.size() << " ranks, " << o.min_bytes << " to "
-              << o.max_bytes << " bytes per peer";
-  }
-  CommBench bench(session, o);
-  for (const std::string& op : o.ops) {
-    for (int64_t b = o.min_bytes; b <= o.max_bytes; b *= o.factor) {
-      if (op == "all_to_all_v")
-        bench.AllToAllV(b);
-      else
-        bench.AllReduce(b);
+  Communicator* comm = &session.world();
+  std::unique_ptr<Communicator> own;  // one rank on a GPU: the bench's NCCL communicator
+  std::unique_ptr<RawCollectives> raw;
+  if (dev == Device::kCPU) {
+    raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
+  } else {
+    comm = session.device_world();
+    Status made;
+    if (comm == nullptr && session.size() == 1) {
+      // A one-rank world has no NCCL communicator (nothing to exchange); make one, so that
+      // the same calls run on one GPU too.
+      auto* mpi = dynamic_cast<MpiCommunicator*>(&session.world());
+      auto nccl = mpi != nullptr ? CreateNcclCommunicator(*mpi, "bench_comm_nccl")
+                                 : StatusOr<std::unique_ptr<Communicator>>(
+                                       Status::Error("the world is not an MPI communicator"));
+      if (nccl.ok()) {
+        own = std::move(*nccl);
+        comm = own.get();
+      } else {
+        made = nccl.status();
+      }
+    } else if (comm == nullptr) {
+      made = Status::Error("the NCCL communicator could not be created (see the warning above)");
     }
+    if (made.ok()) {
+      raw = MakeRawNcclCollectives(MPI_COMM_WORLD);
+      if (raw == nullptr) made = Status::Error("this moerun was built without NCCL");
+    }
+    made = AgreeOnStatus(session.world(), made);
+    if (!made.ok()) {
+      if (session.is_root()) {
+        PrintError("moerun bench comm",
+                   "--device cuda: " + made.message() + "; check NCCL and one GPU per rank");
+      }
+      return kExitUnavailable;
+    }
+  }
+  if (session.is_root()) {
+    LOG(INFO) << "bench comm: " << session.size() << " ranks on " << DeviceName(dev) << ", "
+              << o.min_bytes << " to " << o.max_bytes << " bytes per peer, beside raw "
+              << raw->kind();
+  }
+  const CommBenchResult result = RunCommBench(*comm, *raw, MPI_COMM_WORLD, dev, o);
+  raw.reset();
+  if (!result.failure.empty()) {
+    if (session.is_root()) {
+      PrintError("moerun bench comm", result.failure + " (on " + DeviceName(dev) + " over " +
+                                          std::to_string(session.size()) +
+                                          " ranks): the transport is broken");
+    }
+    return kExitFailure;
   }
   if (session.is_root()) {
     PrintJsonLine({{"bench", "comm"},
                    {"summary", true},
                    {"ranks", session.size()},
-                   {"min_ratio", bench.min_ratio()},
+                   {"device", DeviceName(dev)},
+                   {"min_ratio", result.min_ratio},
                    {"target_ratio", 0.95}});
   }
   return kExitOk;

@@ -56,9 +56,11 @@ if "$moerun" env --json | grep -q '"cuda_devices":0'; then
     --config "$src/configs/tiny_test.pbtxt" --device cuda
   expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" bench gemm \
     --device cuda
+  expect 3 'no CUDA device is visible|built without the CUDA backend' "${np2[@]}" "$moerun" \
+    bench comm --device cuda --max-bytes 64K
 fi
 # A command without a CUDA path says so, and which commands have one.
-expect 3 'this command runs on the CPU backend only.*moerun replay-moe.*bench train.*bench gemm' "$moerun" replay-modsquad \
+expect 3 'this command runs on the CPU backend only.*moerun replay-moe.*bench train.*bench gemm.*bench comm' "$moerun" replay-modsquad \
   --case /nonexistent.safetensors --out /nonexistent-out.safetensors --device cuda
 expect 2 '--device tpu: use cpu or cuda' "$moerun" bench moe-layer --device tpu
 # bench moe-layer at a tiny shape, without and with the overlapped dispatch: the layer's

@@ -1,0 +1,151 @@
+// bench comm's measuring loop (launch/bench_comm.h) on both kinds of buffers: host memory
+// over MPI, and device memory of the host stand-in backend (CI has no GPU) through a
+// communicator that moves device memory, as the NCCL one does under --device cuda: the
+// device path's copies, zeroing and waits run here. A transport that delivers one wrong
+// value must fail the check on every rank. Under mpirun -np 1 and 2.
+#include "launch/bench_comm.h"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include "runtime/backend.h"
+#include "tests/mpi_test_main.h"
+
+namespace moerun {
+namespace {
+
+using testing::World;
+
+// The world's MPI collectives on memory of `device` (the stand-in's is host memory), with
+// the device ordering calls counted, and optionally one received value corrupted on the
+// last rank.
+class OnDevice final : public Communicator {
+ public:
+  OnDevice(Communicator& inner, Device device) : inner_(inner), device_(device) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  const std::string& name() const override { return name_; }
+  Device device() const override { return device_; }
+  void Synchronize() override { ++synchronized; }
+  void AllToAllV(const void* send, const std::vector<int64_t>& send_counts,
+                 const std::vector<int64_t>& send_displs, void* recv,
+                 const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
+                 DType dtype) override {
+    inner_.AllToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype);
+    if (corrupt && rank() == size() - 1) static_cast<float*>(recv)[0] += 1.0f;
+  }
+  void AllReduce(void* buffer, int64_t count, DType dtype, ReduceOp op) override {
+    inner_.AllReduce(buffer, count, dtype, op);
+  }
+  void Broadcast(void* buffer, int64_t count, DType dtype, int root) override {
+    inner_.Broadcast(buffer, count, dtype, root);
+  }
+  void AllGather(const void* send, int64_t count, void* recv, DType dtype) override {
+    inner_.AllGather(send, count, recv, dtype);
+  }
+  void Barrier() override { inner_.Barrier(); }
+  std::unique_ptr<Communicator> Split(int color, int key, const std::string& name) override {
+    return inner_.Split(color, key, name);
+  }
+
+  int synchronized = 0;
+  bool corrupt = false;
+
+ private:
+  Communicator& inner_;
+  Device device_;
+  std::string name_ = "on_device";
+};
+
+CommBenchOptions Small() {
+  CommBenchOptions o;
+  o.min_bytes = 4;
+  o.max_bytes = 4096;  // 4, 16, 64, 256, 1024, 4096 bytes per peer
+  o.seconds = 0.0005;
+  o.rounds = 1;
+  return o;
+}
+
+int Count(const std::string& text, const std::string& what) {
+  int n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+TEST(BenchComm, HostBuffersOverMpiAreVerified) {
+  auto raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
+  ::testing::internal::CaptureStdout();
+  const CommBenchResult r = RunCommBench(World(), *raw, MPI_COMM_WORLD, Device::kCPU, Small());
+  const std::string out = ::testing::internal::GetCapturedStdout();
+  EXPECT_EQ(r.failure, "");
+  EXPECT_GT(r.min_ratio, 0);
+  if (World().rank() == 0) {
+    EXPECT_EQ(Count(out, "\"verified\":\"ok\""), 12) << out;
+    EXPECT_EQ(Count(out, "\"raw_mpi_gbps\""), 12) << out;
+    EXPECT_EQ(Count(out, "\"device\":\"cpu\""), 12) << out;
+  } else {
+    EXPECT_EQ(out, "");
+  }
+}
+
+// The device path: buffers from the (stand-in) CUDA backend, filled and read back through
+// its copies; data<T>() on them would die. Every timed loop of ours ends in the
+// communicator's Synchronize (on a GPU the calls only queue).
+TEST(BenchComm, DeviceBuffersGoThroughTheBackendAndWaitForTheStream) {
+  std::unique_ptr<Backend> stand_in = NewHostStandInBackend(Device::kCUDA);
+  Backend* before = SetBackendForTesting(Device::kCUDA, stand_in.get());
+  {
+    OnDevice comm(World(), Device::kCUDA);
+    auto raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
+    CommBenchOptions o = Small();
+    o.rounds = 2;
+    ::testing::internal::CaptureStdout();
+    const CommBenchResult r = RunCommBench(comm, *raw, MPI_COMM_WORLD, Device::kCUDA, o);
+    const std::string out = ::testing::internal::GetCapturedStdout();
+    EXPECT_EQ(r.failure, "");
+    // Per size: one wait per timed loop of ours (2 rounds) and one after the check.
+    EXPECT_EQ(comm.synchronized, 12 * 3);
+    if (World().rank() == 0) {
+      EXPECT_EQ(Count(out, "\"verified\":\"ok\""), 12) << out;
+      EXPECT_EQ(Count(out, "\"device\":\"cuda\""), 12) << out;
+    }
+  }
+  SetBackendForTesting(Device::kCUDA, before);
+}
+
+TEST(BenchComm, OneWrongValueFailsTheCheckOnEveryRank) {
+  OnDevice comm(World(), Device::kCPU);
+  comm.corrupt = true;
+  auto raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
+  CommBenchOptions o = Small();
+  o.ops = {"all_to_all_v", "all_reduce"};
+  ::testing::internal::CaptureStdout();
+  const CommBenchResult r = RunCommBench(comm, *raw, MPI_COMM_WORLD, Device::kCPU, o);
+  const std::string out = ::testing::internal::GetCapturedStdout();
+  // The first size fails, on every rank, and nothing after it is measured.
+  EXPECT_EQ(r.failure, "all_to_all_v returned wrong data at 4 bytes per peer");
+  if (World().rank() == 0) {
+    EXPECT_EQ(Count(out, "\"verified\":\"FAILED\""), 1) << out;
+    EXPECT_EQ(Count(out, "\"bench\":\"comm\""), 1) << out;
+  }
+}
+
+// Without the check the same transport is only timed.
+TEST(BenchComm, NoCheckSkipsTheVerification) {
+  OnDevice comm(World(), Device::kCPU);
+  comm.corrupt = true;
+  auto raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
+  CommBenchOptions o = Small();
+  o.check = false;
+  ::testing::internal::CaptureStdout();
+  const CommBenchResult r = RunCommBench(comm, *raw, MPI_COMM_WORLD, Device::kCPU, o);
+  const std::string out = ::testing::internal::GetCapturedStdout();
+  EXPECT_EQ(r.failure, "");
+  if (World().rank() == 0) EXPECT_EQ(Count(out, "\"verified\":\"skipped\""), 12) << out;
+}
+
+}  // namespace
+}  // namespace moerun
