@@ -46,7 +46,8 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
        }),
        "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
        "backend built and a visible GPU; `train` and `eval` (V-MoE and Mod-Squad), `dry-run`, "
-       "`replay-moe`, `bench moe-layer`, `bench train`, `bench gemm` and `bench comm` so far)")  //
+       "`sweep`, `replay-moe`, `bench moe-layer`, `bench train`, `bench gemm`, `bench comm`, "
+       "`bench checkpoint` and `bench soak` so far)")  //
       ("help,h", "show this help");
 }
 
@@ -100,10 +101,9 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
       unsupported
           ? StatusOr<Device>(Status::Error(
                 "--device cuda: this command runs on the CPU backend only in this "
-                "version (on a GPU: `moerun train` / `eval` / `dry-run`, `moerun replay-moe`, "
-                "`moerun bench moe-layer`, `bench train`, `bench gemm` and `bench comm`); use "
-                "--device "
-                "cpu"))
+                "version (on a GPU: `moerun train` / `eval` / `dry-run` / `sweep`, `moerun "
+                "replay-moe`, `moerun bench moe-layer`, `bench train`, `bench gemm`, `bench "
+                "comm`, `bench checkpoint` and `bench soak`); use --device cpu"))
           : ParseDevice(options.device);
   if (!device.ok()) {
     PrintError("moerun", device.status().message());
@@ -171,6 +171,15 @@ Session::~Session() {
   device_world_.reset();
   world_.reset();
   mpi_.reset();
+}
+
+Status Session::RequireDeviceWorld() const {
+  if (device_ == Device::kCPU || world_->size() == 1 || device_world_ != nullptr) {
+    return Status::Ok();
+  }
+  return Status::Error("--device cuda over " + std::to_string(world_->size()) +
+                       " ranks needs the NCCL communicator, which could not be created (see the "
+                       "warning above); check NCCL and one GPU per rank");
 }
 
 void Session::ApplyConfigWatchdog(double config_timeout_s) {

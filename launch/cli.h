@@ -72,6 +72,9 @@ class Session {
   // On kCUDA with several ranks: the world's ranks over NCCL (the device memory's
   // collectives), or null when NCCL was not built or its setup failed (logged).
   Communicator* device_world() { return device_world_.get(); }
+  // Ok, or, on kCUDA over several ranks without device_world(), the error that says so
+  // (the commands print it and exit 3).
+  Status RequireDeviceWorld() const;
 
  private:
   GlobalOptions options_;

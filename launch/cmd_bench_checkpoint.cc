@@ -10,6 +10,7 @@
 
 #include "launch/commands.h"
 #include "model/vit_spec.h"
+#include "runtime/backend.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/trainer.h"
@@ -69,6 +70,7 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
       ("steps", po::value(&steps)->default_value(20), "training steps per stall measurement")  //
       ("every", po::value(&every)->default_value(5), "save every N steps in the stall runs");
   AddGlobalOptions(&desc, &global);
+  global.cuda_supported = true;  // the Trainer on each rank's GPU
   po::positional_options_description positional;
   positional.add("config", 1);
   po::variables_map vm;
@@ -79,7 +81,9 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
           "gbps_total beside raw_gbps_per_rank / raw_gbps_total (a plain write + fsync, or\n"
           "read, of the same bytes per rank in the same directory) and ratio; 'stall' with\n"
           "step_s, stall_per_save_s, stall_fraction_of_step and wall_delta_per_save_s for\n"
-          "sync and async saves.",
+          "sync and async saves. --device cuda: the state on each rank's GPU; a save\n"
+          "includes the copies to the host, a load the copies back, and the stall runs wait\n"
+          "for each step's device work before the save (so the stall is the save's own).",
           args, desc, &positional, &vm))
     return *done;
   StatusOr<Config> loaded = LoadConfig(config_path, overrides);
@@ -92,7 +96,16 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);
+  if (const Status nccl = session.RequireDeviceWorld(); !nccl.ok()) {
+    PrintError("moerun bench checkpoint", nccl.message());
+    return kExitUnavailable;
+  }
   Communicator& world = session.world();
+  const Device dev = session.device();
+  // A step on a device returns with work queued: wait for it where the time is taken.
+  const auto drain = [&] {
+    if (dev != Device::kCPU) RequireBackend(dev).Synchronize();
+  };
   Config c = *loaded;
   const ModelConfig& m = c.model();
   const int64_t batch = std::max<int64_t>(1, c.train().global_batch() / world.size());
@@ -100,7 +113,7 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
   const Dataset data =
       MakeSyntheticDataset(1, batch * world.size() * 2, m.channels(), m.image_size(),
                            m.image_size(), std::min(10, m.num_classes()));
-  auto created = Trainer::Create(c, &world, &data);
+  auto created = Trainer::Create(c, &world, &data, dev, session.device_world());
   Status ok = AgreeOnStatus(world, created.status());
   if (!ok.ok()) {
     PrintError("moerun bench checkpoint", ok.message());
@@ -108,6 +121,7 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
   }
   Trainer& trainer = **created;
   trainer.Step();  // moments become non-zero
+  drain();
   const std::string root = dir + "/ckpt";
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(root);
@@ -135,11 +149,15 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
     // Load: every rank reads its own state back.
     auto manifest = ReadManifest(res.path);
     CHECK(manifest.ok());
-    std::vector<CheckpointSlice> slices = trainer.StateSlices(true);
+    // On a device the slices are host copies: the load ends with the copies back.
+    std::vector<std::pair<Tensor, Tensor>> device_views;
+    std::vector<CheckpointSlice> slices = trainer.StateSlices(true, &device_views);
     world.Barrier();
     const double t1 = MPI_Wtime();
     s = LoadSlices(res.path, *manifest, &slices);
     CHECK(s.ok()) << s.message();
+    for (auto& [device_tensor, host_copy] : device_views) device_tensor.CopyFrom(host_copy);
+    drain();
     best_load = std::min(best_load, MaxOver(world, MPI_Wtime() - t1));
     // The raw peer reads what this rank loads: its whole state (params + moments).
     uint64_t state_bytes = 0;
@@ -155,6 +173,7 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
         PrintJsonLine({{"bench", "checkpoint"},
                        {"op", "load"},
                        {"model", m.name()},
+                       {"device", DeviceName(dev)},
                        {"ranks", world.size()},
                        {"bytes_per_rank", state_bytes},
                        {"seconds", best_load},
@@ -172,6 +191,7 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
     PrintJsonLine({{"bench", "checkpoint"},
                    {"op", "save"},
                    {"model", m.name()},
+                   {"device", DeviceName(dev)},
                    {"ranks", world.size()},
                    {"bytes_per_rank", local},
                    {"bytes_total", total},
@@ -202,6 +222,7 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
       if (mode == 2) CHECK(background.Poll(flags[2] == 0, nullptr).ok());
       in_save += MPI_Wtime() - p0;
       trainer.Step();
+      drain();  // in every mode, so that the runs compare
       if (mode == 0 || i % every != 0) continue;
       const double s0 = MPI_Wtime();
       if (mode == 1) {
@@ -232,6 +253,7 @@ int RunBenchCheckpoint(const std::vector<std::string>& args, ProgramArgs program
       PrintJsonLine({{"bench", "checkpoint"},
                      {"op", "stall"},
                      {"model", m.name()},
+                     {"device", DeviceName(dev)},
                      {"ranks", world.size()},
                      {"async", mode == 2},
                      {"steps", steps},

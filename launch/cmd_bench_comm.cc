@@ -402,20 +402,19 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
         own = std::move(*nccl);
         comm = own.get();
       } else {
-        made = nccl.status();
+        made = Status::Error("--device cuda: " + nccl.status().message());
       }
-    } else if (comm == nullptr) {
-      made = Status::Error("the NCCL communicator could not be created (see the warning above)");
+    } else {
+      made = session.RequireDeviceWorld();
     }
     if (made.ok()) {
       raw = MakeRawNcclCollectives(MPI_COMM_WORLD);
-      if (raw == nullptr) made = Status::Error("this moerun was built without NCCL");
+      if (raw == nullptr) made = Status::Error("--device cuda: this moerun was built without NCCL");
     }
     made = AgreeOnStatus(session.world(), made);
     if (!made.ok()) {
       if (session.is_root()) {
-        PrintError("moerun bench comm",
-                   "--device cuda: " + made.message() + "; check NCCL and one GPU per rank");
+        PrintError("moerun bench comm", made.message());
       }
       return kExitUnavailable;
     }

@@ -194,11 +194,8 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
     return RunBenchMoeLayerCuda(spec, session);
   }
   // Several GPUs: the training path's MoeLayer on each rank's GPU, its rows moved by NCCL.
-  if (on_device && session.device_world() == nullptr) {
-    PrintError("moerun bench moe-layer",
-               "--device cuda over " + std::to_string(session.size()) +
-                   " ranks needs the NCCL communicator, which could not be created (see the "
-                   "warning above); check NCCL and one GPU per rank");
+  if (const Status nccl = session.RequireDeviceWorld(); !nccl.ok()) {
+    PrintError("moerun bench moe-layer", nccl.message());
     return kExitUnavailable;
   }
   Communicator& world = session.world();

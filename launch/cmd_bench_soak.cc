@@ -8,6 +8,7 @@
 #include <string>
 
 #include "launch/commands.h"
+#include "runtime/backend.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/process.h"
@@ -33,6 +34,7 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
       ("dir", po::value(&dir)->default_value("runs/bench_soak"),
        "where the checkpoints go (removed afterwards)");
   AddGlobalOptions(&desc, &global);
+  global.cuda_supported = true;  // the Trainer on each rank's GPU
   po::positional_options_description positional;
   positional.add("config", 1);
   po::variables_map vm;
@@ -42,7 +44,9 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
           "background checkpoints and prints one JSON line per interval: elapsed_s, steps,\n"
           "step_ms (mean over the interval), rss_mib (max over ranks). The last line sums\n"
           "up: rss_growth_mib and step_ms_ratio from the first interval (after warm-up) to\n"
-          "the last.",
+          "the last. --device cuda: a GPU per rank; the lines add device_used_mib (the GPU's\n"
+          "memory in use, max over ranks: the pool, cuBLAS's and NCCL's buffers) and the\n"
+          "summary device_growth_mib.",
           args, desc, &positional, &vm))
     return *done;
   StatusOr<Config> loaded = LoadConfig(config_path, overrides);
@@ -58,7 +62,13 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
     return kExitUsage;
   }
   Session session(program.argc, program.argv, global);
+  if (const Status nccl = session.RequireDeviceWorld(); !nccl.ok()) {
+    PrintError("moerun bench soak", nccl.message());
+    return kExitUnavailable;
+  }
   Communicator& world = session.world();
+  const Device dev = session.device();
+  const bool on_device = dev != Device::kCPU;
   const Config& c = *loaded;
   StatusOr<Dataset> data = LoadRunData(c, true);
   Status ok = AgreeOnStatus(world, data.status());
@@ -66,7 +76,7 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
     PrintError("moerun bench soak", ok.message());
     return kExitFailure;
   }
-  auto created = Trainer::Create(c, &world, &*data);
+  auto created = Trainer::Create(c, &world, &*data, dev, session.device_world());
   ok = AgreeOnStatus(world, created.status());
   if (!ok.ok()) {
     PrintError("moerun bench soak", ok.message());
@@ -79,6 +89,7 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
   AsyncCheckpointer background(world, root, SaveOptions{2});
   const double start = MPI_Wtime();
   double window_start = start, first_rss = -1, first_ms = -1, last_rss = 0, last_ms = 0;
+  double first_device = -1, last_device = -1;  // MiB in use on the GPU (max over ranks)
   int64_t window_steps = 0, steps = 0;
   bool done = false;
   while (!done) {
@@ -106,27 +117,37 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
         return kExitFailure;
       }
     }
-    // Rank 0's clock decides when to report and when to stop.
+    // Rank 0's clock decides when to report and when to stop. (A step on a device returns
+    // with work queued: at most one step's worth, against a window of many.)
     double now = MPI_Wtime();
     int32_t flags[2] = {now - window_start >= every_s ? 1 : 0, now - start >= 60 * minutes};
     world.Broadcast(flags, 2, DType::kI32, 0);
     if (!flags[0] && !flags[1]) continue;
     double rss = ProcessMemoryBytes("VmRSS") / 1048576.0;
     world.AllReduce(&rss, 1, DType::kF64, ReduceOp::kMax);
+    double device = -1;
+    if (on_device) {
+      RequireBackend(dev).Synchronize();  // what the window queued is in use until it ran
+      const DeviceMemory mem = RequireBackend(dev).Memory();
+      if (mem.free_bytes >= 0 && mem.total_bytes >= 0) {
+        device = static_cast<double>(mem.total_bytes - mem.free_bytes) / 1048576.0;
+      }
+      world.AllReduce(&device, 1, DType::kF64, ReduceOp::kMax);
+    }
     const double ms = 1000 * (now - window_start) / std::max<int64_t>(1, window_steps);
     if (first_rss < 0) {
       first_rss = rss;
       first_ms = ms;
+      first_device = device;
     }
     last_rss = rss;
     last_ms = ms;
+    last_device = device;
     if (session.is_root()) {
-      PrintJsonLine({{"bench", "soak"},
-                     {"elapsed_s", now - start},
-                     {"steps", steps},
-                     {"step_ms", ms},
-                     {"rss_mib", rss},
-                     {"loss", st.loss}});
+      nlohmann::json line{{"bench", "soak"}, {"elapsed_s", now - start}, {"steps", steps},
+                          {"step_ms", ms},   {"rss_mib", rss},           {"loss", st.loss}};
+      if (on_device) line["device_used_mib"] = device >= 0 ? nlohmann::json(device) : nullptr;
+      PrintJsonLine(line);
     }
     window_start = now;
     window_steps = 0;
@@ -134,18 +155,27 @@ int RunBenchSoak(const std::vector<std::string>& args, ProgramArgs program) {
   }
   ok = background.Finish(nullptr);
   if (session.is_root()) {
-    PrintJsonLine({{"bench", "soak"},
-                   {"summary", true},
-                   {"config", config_path},
-                   {"ranks", world.size()},
-                   {"minutes", minutes},
-                   {"steps", steps},
-                   {"first_rss_mib", first_rss},
-                   {"last_rss_mib", last_rss},
-                   {"rss_growth_mib", last_rss - first_rss},
-                   {"first_step_ms", first_ms},
-                   {"last_step_ms", last_ms},
-                   {"step_ms_ratio", last_ms / std::max(1e-9, first_ms)}});
+    nlohmann::json line{{"bench", "soak"},
+                        {"summary", true},
+                        {"config", config_path},
+                        {"ranks", world.size()},
+                        {"device", DeviceName(dev)},
+                        {"minutes", minutes},
+                        {"steps", steps},
+                        {"first_rss_mib", first_rss},
+                        {"last_rss_mib", last_rss},
+                        {"rss_growth_mib", last_rss - first_rss},
+                        {"first_step_ms", first_ms},
+                        {"last_step_ms", last_ms},
+                        {"step_ms_ratio", last_ms / std::max(1e-9, first_ms)}};
+    if (on_device) {
+      const bool known = first_device >= 0 && last_device >= 0;
+      line.update(
+          {{"first_device_used_mib", known ? nlohmann::json(first_device) : nullptr},
+           {"last_device_used_mib", known ? nlohmann::json(last_device) : nullptr},
+           {"device_growth_mib", known ? nlohmann::json(last_device - first_device) : nullptr}});
+    }
+    PrintJsonLine(line);
   }
   world.Barrier();
   if (session.is_root()) std::filesystem::remove_all(dir);

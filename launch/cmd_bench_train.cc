@@ -59,11 +59,8 @@ int RunBenchTrain(const std::vector<std::string>& args, ProgramArgs program) {
   Communicator& world = session.world();
   const Device dev = session.device();
   const bool on_device = dev != Device::kCPU;
-  if (on_device && world.size() > 1 && session.device_world() == nullptr) {
-    PrintError("moerun bench train",
-               "--device cuda over " + std::to_string(world.size()) +
-                   " ranks needs the NCCL communicator, which could not be created (see the "
-                   "warning above); check NCCL and one GPU per rank");
+  if (const Status nccl = session.RequireDeviceWorld(); !nccl.ok()) {
+    PrintError("moerun bench train", nccl.message());
     return kExitUnavailable;
   }
   Config c = *loaded;

@@ -58,9 +58,13 @@ if "$moerun" env --json | grep -q '"cuda_devices":0'; then
     --device cuda
   expect 3 'no CUDA device is visible|built without the CUDA backend' "${np2[@]}" "$moerun" \
     bench comm --device cuda --max-bytes 64K
+  expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" bench soak \
+    --config "$src/configs/tiny_test.pbtxt" --minutes 0.01 --device cuda
+  expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" \
+    bench checkpoint --config "$src/configs/tiny_test.pbtxt" --device cuda
 fi
 # A command without a CUDA path says so, and which commands have one.
-expect 3 'this command runs on the CPU backend only.*moerun replay-moe.*bench train.*bench gemm.*bench comm' "$moerun" replay-modsquad \
+expect 3 'this command runs on the CPU backend only.*moerun replay-moe.*bench train.*bench gemm.*bench comm.*bench soak' "$moerun" replay-modsquad \
   --case /nonexistent.safetensors --out /nonexistent-out.safetensors --device cuda
 expect 2 '--device tpu: use cpu or cuda' "$moerun" bench moe-layer --device tpu
 # bench moe-layer at a tiny shape, without and with the overlapped dispatch: the layer's
