@@ -11,7 +11,8 @@
 #   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch; bench gemm
 #      --device cuda (the dense GEMMs: fp32, bf16 with casts, without, FAST_16BF); bench comm
 #      --device cuda (NCCL on device buffers, one rank)
-#   5. train --device cuda on the demo config (300 steps) and on Mod-Squad (100 steps)
+#   5. train --device cuda on the demo config (300 steps, then resumed to 320) and on
+#      Mod-Squad (100 steps)
 #   6. dry-run --device cuda of vmoe_15b_every2 (one rank's share on this GPU)
 #   7. bench train --device cuda of V-MoE-B/16 (fp32, then bf16) beside this GPU's GEMM
 #      peak (MFU), with what is left of the budget
@@ -121,8 +122,8 @@ step() {
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
 
-# The limits of the steps before the last sum to 505 s of the 540 s budget (a memcheck rerun,
-# only after a crash, takes from the later steps), so the last (bench train) has at least 35 s; a step that ends early leaves its time to the later ones
+# The limits of the steps before the last sum to 525 s of the 540 s budget (a memcheck rerun,
+# only after a crash, takes from the later steps), so the last (bench train) has at least 15 s; a step that ends early leaves its time to the later ones
 # (the last takes what is left).
 if [[ " $checks " == *" 1 "* ]]; then
   # moerun env's output goes into the summary (no file of its own: 8 files come back).
@@ -194,6 +195,11 @@ if [[ " $checks " == *" 5 "* ]]; then
   sanitize train_demo train "$moerun" train --config "$g/configs/fashion_mnist_demo.pbtxt" \
     --device cuda -o train.steps=2 -o train.eval_every=0 -o data.dir="$data" \
     --checkpoint-dir "$root/ck_memcheck"
+  # Resumed on the GPU (the checkpoint's state copied back to the device), 20 steps more:
+  # its final line has steps_this_run 20.
+  GPU_CHECKS_LOG=train step train_demo_resume 20 "$moerun" train \
+    --config "$g/configs/fashion_mnist_demo.pbtxt" --device cuda -o train.steps=320 \
+    -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
   GPU_CHECKS_LOG=train step train_modsquad 50 "$moerun" train \
     --config "$g/configs/modsquad_fashion_mnist.pbtxt" --device cuda -o train.steps=100 \
     -o data.dir="$data" --checkpoint-dir "$root/ck_modsquad"
