@@ -17,12 +17,12 @@
 #   7. bench train --device cuda of V-MoE-B/16 (fp32, then bf16) beside this GPU's GEMM
 #      peak (MFU), with what is left of the budget
 # Usage (device tool): command "bash cluster/gpu_checks.sh", carry [".gpu"], timeout_s 600.
-# Everything ends within BUDGET_S (default 540) seconds: each step runs under its own limit
+# Everything ends within BUDGET_S (default 555) seconds: each step runs under its own limit
 # (in the calls below), cut to what is left of the budget, and a step with under 20 s left
 # is skipped with a line in the summary. CHECKS="1 3" runs a subset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-deadline=$((SECONDS + ${BUDGET_S:-540}))
+deadline=$((SECONDS + ${BUDGET_S:-555}))
 ulimit -c 0  # no multi-GB core files from a crashed CUDA process
 out=${OUT:-gpu_checks_out}
 mkdir -p "$out"
@@ -103,6 +103,7 @@ step() {
     echo "gpu_checks: $name skipped: ${left} s left of the budget" | tee -a "$out/summary.txt"
     failed=1
     step_rc=0
+    step_first=$(($( [ -f "$log" ] && wc -l <"$log" || echo 0) + 1))
     return
   fi
   [ "$limit" -le "$left" ] || limit=$left
@@ -122,8 +123,9 @@ step() {
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
 
-# The limits of the steps before the last sum to 525 s of the 540 s budget (a memcheck rerun,
-# only after a crash, takes from the later steps), so the last (bench train) has at least 15 s; a step that ends early leaves its time to the later ones
+# The limits of the steps before the last sum to 515 s of the 555 s budget (a memcheck rerun,
+# only after a crash, takes from the later steps), so the last (bench train) has at least
+# 40 s; a step that ends early leaves its time to the later ones
 # (the last takes what is left).
 if [[ " $checks " == *" 1 "* ]]; then
   # moerun env's output goes into the summary (no file of its own: 8 files come back).
@@ -141,7 +143,7 @@ sanitize() {
   shift 2
   local crashed=0
   if [ "$step_rc" -ge 128 ] && [ "$step_rc" -ne 137 ]; then crashed=1; fi  # 137: timeout's kill
-  if tail -n +"$step_first" "$log" |
+  if [ "$step_rc" -ne 0 ] && tail -n +"$step_first" "$log" |
     grep -qE 'illegal memory access|misaligned address|unspecified launch failure|illegal instruction|an illegal|CUDA error|EXECUTION_FAILED'; then
     crashed=1
   fi
@@ -184,7 +186,7 @@ if [[ " $checks " == *" 4 "* ]]; then
     --seconds 0.03
   # The NCCL communicator's collectives on device buffers beside NCCL's own calls (one rank:
   # the data paths and the check, not a bandwidth).
-  GPU_CHECKS_LOG=bench_moe_layer step bench_comm 15 "$moerun" bench comm --device cuda \
+  GPU_CHECKS_LOG=bench_moe_layer step bench_comm 10 "$moerun" bench comm --device cuda \
     --max-bytes 16M --seconds 0.01 --rounds 3
 fi
 if [[ " $checks " == *" 5 "* ]]; then
@@ -197,7 +199,7 @@ if [[ " $checks " == *" 5 "* ]]; then
     --checkpoint-dir "$root/ck_memcheck"
   # Resumed on the GPU (the checkpoint's state copied back to the device), 20 steps more:
   # its final line has steps_this_run 20.
-  GPU_CHECKS_LOG=train step train_demo_resume 20 "$moerun" train \
+  GPU_CHECKS_LOG=train step train_demo_resume 15 "$moerun" train \
     --config "$g/configs/fashion_mnist_demo.pbtxt" --device cuda -o train.steps=320 \
     -o data.dir="$data" --checkpoint-dir "$root/ck_demo"
   GPU_CHECKS_LOG=train step train_modsquad 50 "$moerun" train \
@@ -209,7 +211,7 @@ if [[ " $checks " == *" 6 "* ]]; then
     --rank 5 --micro-batch 1 -o train.optimizer_moments=BF16 --device cuda
 fi
 if [[ " $checks " == *" 7 "* ]]; then
-  step bench_train 540 bash -c "'$moerun' bench train --config '$g/configs/vmoe_b16_every2.pbtxt' \
+  step bench_train 555 bash -c "'$moerun' bench train --config '$g/configs/vmoe_b16_every2.pbtxt' \
     --device cuda --batch 32 --steps 5; a=\$?; '$moerun' bench train --config \
     '$g/configs/vmoe_b16_every2.pbtxt' --device cuda --batch 32 --steps 5 \
     -o train.precision=BF16 && exit \$a"

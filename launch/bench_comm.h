@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "runtime/status.h"
 #include "runtime/tensor.h"
 
 namespace moerun {
@@ -44,9 +45,10 @@ class RawCollectives {
 // MPI_Alltoallv / MPI_Allreduce on a duplicate of `comm` (host memory).
 std::unique_ptr<RawCollectives> MakeRawMpiCollectives(MPI_Comm comm);
 // A second NCCL communicator over the ranks of `comm` (collective over it), queued on the
-// CUDA backend's stream; Finish() is the backend's polling Synchronize. nullptr when NCCL
-// was not built.
-std::unique_ptr<RawCollectives> MakeRawNcclCollectives(MPI_Comm comm);
+// CUDA backend's stream; Finish() is the backend's polling Synchronize, which ends the job
+// on this communicator's asynchronous error (a dead peer) too. An error when NCCL was not
+// built or its setup failed on this rank.
+StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(MPI_Comm comm);
 
 // Times `comm`'s all_to_all_v and all_reduce for the option's sizes and ops beside `raw`,
 // rounds alternating between the two, the slowest rank's time per call (MPI_Wtime between

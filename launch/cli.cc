@@ -173,13 +173,15 @@ Session::~Session() {
   mpi_.reset();
 }
 
-Status Session::RequireDeviceWorld() const {
-  if (device_ == Device::kCPU || world_->size() == 1 || device_world_ != nullptr) {
-    return Status::Ok();
-  }
-  return Status::Error("--device cuda over " + std::to_string(world_->size()) +
-                       " ranks needs the NCCL communicator, which could not be created (see the "
-                       "warning above); check NCCL and one GPU per rank");
+Status Session::RequireDeviceWorld() {
+  if (device_ == Device::kCPU || world_->size() == 1) return Status::Ok();
+  const Status local =
+      device_world_ != nullptr
+          ? Status::Ok()
+          : Status::Error("--device cuda over " + std::to_string(world_->size()) +
+                          " ranks needs the NCCL communicator, which could not be created (see "
+                          "the warning above); check NCCL and one GPU per rank");
+  return AgreeOnStatus(*world_, local);
 }
 
 void Session::ApplyConfigWatchdog(double config_timeout_s) {

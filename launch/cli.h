@@ -72,9 +72,10 @@ class Session {
   // On kCUDA with several ranks: the world's ranks over NCCL (the device memory's
   // collectives), or null when NCCL was not built or its setup failed (logged).
   Communicator* device_world() { return device_world_.get(); }
-  // Ok, or, on kCUDA over several ranks without device_world(), the error that says so
-  // (the commands print it and exit 3).
-  Status RequireDeviceWorld() const;
+  // Ok, or, on kCUDA over several ranks where any rank has no device_world(), the error
+  // that says so (the commands print it and exit 3). Collective over the world on kCUDA
+  // with several ranks, so that every rank stops or none does.
+  Status RequireDeviceWorld();
 
  private:
   GlobalOptions options_;

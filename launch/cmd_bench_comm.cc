@@ -13,6 +13,7 @@
 #include "launch/bench_comm.h"
 #include "launch/commands.h"
 #include "runtime/backend.h"
+#include "runtime/device_wait.h"
 #include "runtime/process.h"
 #include "runtime/tensor.h"
 
@@ -68,19 +69,34 @@ class RawMpi final : public RawCollectives {
 #ifdef MOERUN_WITH_NCCL
 class RawNccl final : public RawCollectives {
  public:
-  explicit RawNccl(MPI_Comm comm) {
-    int rank = 0;
+  // Collective over `comm`; an error when the NCCL communicator could not be made here.
+  static StatusOr<std::unique_ptr<RawCollectives>> Create(MPI_Comm comm) {
+    int rank = 0, size = 1;
     MPI_Comm_rank(comm, &rank);
-    MPI_Comm_size(comm, &p_);
-    ncclUniqueId id;
-    if (rank == 0) Check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    MPI_Comm_size(comm, &size);
+    ncclUniqueId id{};
+    const ncclResult_t got = rank == 0 ? ncclGetUniqueId(&id) : ncclSuccess;
+    // Rank 0's failure travels with the id (an all-zero id would not start), so every rank
+    // stops here alike.
+    int ok = got == ncclSuccess ? 1 : 0;
+    MOERUN_MPI_CHECK(MPI_Bcast(&ok, 1, MPI_INT, 0, comm));
+    if (!ok) {
+      return Status::Error("bench comm's raw NCCL communicator: ncclGetUniqueId failed on rank 0" +
+                           (rank == 0 ? std::string(": ") + ncclGetErrorString(got) : ""));
+    }
     MOERUN_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm));
-    Check(ncclCommInitRank(&comm_, p_, id, rank), "ncclCommInitRank");
-    stream_ = static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream());
+    ncclComm_t nccl = nullptr;
+    const ncclResult_t r = ncclCommInitRank(&nccl, size, id, rank);
+    if (r != ncclSuccess) {
+      return Status::Error(RankTag() + ": bench comm's raw NCCL communicator: ncclCommInitRank " +
+                           "failed: " + ncclGetErrorString(r));
+    }
+    return std::unique_ptr<RawCollectives>(new RawNccl(nccl, size));
   }
   ~RawNccl() override {
     Finish();
-    ncclCommDestroy(comm_);
+    RemoveDeviceWaitCheck(wait_check_);
+    if (comm_ != nullptr) ncclCommDestroy(comm_);
   }
   const char* kind() const override { return "nccl"; }
   void AllToAll(const float* send, float* recv, int64_t count) override {
@@ -98,11 +114,28 @@ class RawNccl final : public RawCollectives {
                         stream_),
           "ncclAllReduce");
   }
-  // The backend's polling wait: the measured communicator's checks (NCCL's asynchronous
-  // error, the watchdog) run between its polls, so a dead peer ends the job here too.
+  // The backend's polling wait: the registered checks (this communicator's asynchronous
+  // error, the measured one's and its watchdog) run between its polls, so a dead peer ends
+  // the job here too.
   void Finish() override { RequireBackend(Device::kCUDA).Synchronize(); }
 
  private:
+  RawNccl(ncclComm_t comm, int size)
+      : comm_(comm),
+        stream_(static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream())),
+        p_(size) {
+    wait_check_ = AddDeviceWaitCheck([this](double, const std::string& what) {
+      ncclResult_t async = ncclSuccess;
+      if (comm_ == nullptr || ncclCommGetAsyncError(comm_, &async) != ncclSuccess ||
+          async == ncclSuccess || async == ncclInProgress) {
+        return;
+      }
+      ncclCommAbort(comm_);
+      comm_ = nullptr;
+      LOG(FATAL) << RankTag() << ": NCCL failed on bench comm's raw communicator while waiting for "
+                 << what << ": " << ncclGetErrorString(async);
+    });
+  }
   static void Check(ncclResult_t r, const char* call) {
     CHECK(r == ncclSuccess) << RankTag() << ": bench comm's raw NCCL loop: " << call
                             << " failed: " << ncclGetErrorString(r);
@@ -110,6 +143,7 @@ class RawNccl final : public RawCollectives {
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   int p_ = 1;
+  int wait_check_ = 0;
 };
 #endif
 
@@ -272,12 +306,12 @@ std::unique_ptr<RawCollectives> MakeRawMpiCollectives(MPI_Comm comm) {
   return std::make_unique<RawMpi>(comm);
 }
 
-std::unique_ptr<RawCollectives> MakeRawNcclCollectives(MPI_Comm comm) {
+StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(MPI_Comm comm) {
 #ifdef MOERUN_WITH_NCCL
-  return std::make_unique<RawNccl>(comm);
+  return RawNccl::Create(comm);
 #else
   (void)comm;
-  return nullptr;
+  return Status::Error("this moerun was built without NCCL");
 #endif
 }
 
@@ -405,13 +439,18 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
         made = Status::Error("--device cuda: " + nccl.status().message());
       }
     } else {
-      made = session.RequireDeviceWorld();
-    }
-    if (made.ok()) {
-      raw = MakeRawNcclCollectives(MPI_COMM_WORLD);
-      if (raw == nullptr) made = Status::Error("--device cuda: this moerun was built without NCCL");
+      made = session.RequireDeviceWorld();  // collective: every rank stops or none does
     }
     made = AgreeOnStatus(session.world(), made);
+    if (made.ok()) {  // every rank makes the raw communicator, or none
+      auto made_raw = MakeRawNcclCollectives(MPI_COMM_WORLD);
+      if (made_raw.ok()) {
+        raw = std::move(*made_raw);
+      } else {
+        made = Status::Error("--device cuda: " + made_raw.status().message());
+      }
+      made = AgreeOnStatus(session.world(), made);
+    }
     if (!made.ok()) {
       if (session.is_root()) {
         PrintError("moerun bench comm", made.message());
