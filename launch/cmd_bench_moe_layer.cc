@@ -10,6 +10,7 @@
 #include <random>
 #include <sstream>
 
+#include "launch/bench_comm.h"
 #include "launch/bench_moe_layer.h"
 #include "launch/commands.h"
 #include "model/moe_layer.h"
@@ -37,17 +38,21 @@ void FillNormal(Tensor* t, float scale, uint32_t seed) {
   }
 }
 
-// Bus GB/s of a raw MPI_Alltoallv over the world with `floats_per_peer` floats per peer.
-double RawAllToAllGbps(int64_t floats_per_peer, int p, int iters) {
-  std::vector<float> send(floats_per_peer * p, 1.0f), recv(floats_per_peer * p);
-  std::vector<int> counts(p, static_cast<int>(floats_per_peer)), displs(p);
-  for (int i = 0; i < p; ++i) displs[i] = static_cast<int>(i * floats_per_peer);
+// Bus GB/s of `raw`'s all-to-all over the world (MPI_Alltoallv, or NCCL's grouped
+// send/recv on a GPU) with `floats_per_peer` floats per peer, on buffers of `device`: one
+// warm-up call, then `iters` calls and the wait for them, the slowest rank's time.
+double RawAllToAllGbps(RawCollectives& raw, Device device, int64_t floats_per_peer, int p,
+                       int iters) {
+  const Tensor send = Tensor::Zeros({floats_per_peer * p}, DType::kF32, device);
+  Tensor recv = Tensor::Empty({floats_per_peer * p}, DType::kF32, device);
+  const auto* from = static_cast<const float*>(send.raw_data());
+  auto* to = static_cast<float*>(recv.raw_data());
+  raw.AllToAll(from, to, floats_per_peer);
+  raw.Finish();
   MPI_Barrier(MPI_COMM_WORLD);
   const double t0 = MPI_Wtime();
-  for (int i = 0; i < iters; ++i) {
-    MPI_Alltoallv(send.data(), counts.data(), displs.data(), MPI_FLOAT, recv.data(), counts.data(),
-                  displs.data(), MPI_FLOAT, MPI_COMM_WORLD);
-  }
+  for (int i = 0; i < iters; ++i) raw.AllToAll(from, to, floats_per_peer);
+  raw.Finish();
   double dt = MPI_Wtime() - t0;
   MPI_Allreduce(MPI_IN_PLACE, &dt, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   return 4.0 * floats_per_peer * (p - 1) / (dt / iters) / 1e9;
@@ -199,6 +204,20 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
     return kExitUnavailable;
   }
   Communicator& world = session.world();
+  // The raw all-to-all beside the layer's: MPI's on the host, NCCL's own calls on a second
+  // NCCL communicator on GPUs (every rank makes it, or none).
+  std::unique_ptr<RawCollectives> raw_a2a;
+  if (!on_device) {
+    raw_a2a = MakeRawMpiCollectives(MPI_COMM_WORLD);
+  } else {
+    auto made = MakeRawNcclCollectives(MPI_COMM_WORLD);
+    const Status ok = AgreeOnStatus(world, made.status());
+    if (!ok.ok()) {
+      if (session.is_root()) PrintError("moerun bench moe-layer", "--device cuda: " + ok.message());
+      return kExitUnavailable;
+    }
+    raw_a2a = std::move(*made);
+  }
   // The square-GEMM peak, measured again after each case (the same clocks and caches as the
   // case, every rank at once as in the layer); a case is reported against the best seen.
   double peak = on_device ? 0.0 : MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3);
@@ -332,6 +351,11 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                                   {"step_ms", wall * 1e3},
                                   {"tokens_per_s", tokens * world.size() / wall}};
           };
+          // Every rank, before rank 0 alone goes on to print.
+          const double raw =
+              pe > 1 && pe == world.size()
+                  ? RawAllToAllGbps(*raw_a2a, dev, floats_per_peer, static_cast<int>(pe), 4)
+                  : 0.0;
           if (on_device) {
             // The step, the expert FLOPs over it, and the parts as the device's events timed
             // them on rank 0 (the overlapped dispatch's all-to-all: its queueing only).
@@ -343,6 +367,12 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                          {"expert_ms", expert_s * 1e3},
                          {"all_to_all_ms", a2a_s * 1e3},
                          {"other_ms", other_s * 1e3},
+                         // Without the overlap the all-to-alls are on the timed stream.
+                         {"a2a_gbps", pe > 1 && !overlap && a2a_s > 0
+                                          ? nlohmann::json(a2a_bytes / a2a_s / 1e9)
+                                          : nlohmann::json(nullptr)},
+                         {"raw_a2a_gbps", raw},
+                         {"raw_a2a_kind", raw_a2a->kind()},
                          {"note",
                           "the MoeLayer of `train --device cuda` over NCCL; the parts timed by "
                           "CUDA events on rank 0, the overlapped all-to-all by its queueing"}});
@@ -352,9 +382,6 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
             PrintJsonLine(line);
             continue;
           }
-          const double raw = pe > 1 && pe == world.size()
-                                 ? RawAllToAllGbps(floats_per_peer, static_cast<int>(pe), 4)
-                                 : 0.0;
           peak = std::max(peak, MeasureGemmPeakGflops({1024, 2048, 3072}, 0.3));
           // The limit is every rank's share of the machine: the mean of the ranks' peaks
           // (each measured with every rank running at once, as in the layer).
