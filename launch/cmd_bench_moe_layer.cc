@@ -140,7 +140,8 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
           "outside the all-to-alls (their spread: the imbalance waited out). --device cuda: one\n"
           "rank times the bf16 cuBLAS experts and the GPU routing kernels beside the cuBLAS peak\n"
           "and PyTorch; several ranks (one GPU each) time the training path's MoeLayer over\n"
-          "NCCL, whole steps only (with --overlap 0,1: its gain).",
+          "NCCL: steps, the parts by CUDA events, a2a_gbps beside NCCL's own all-to-all (with\n"
+          "--overlap 0,1: its gain).",
           args, desc, nullptr, &vm))
     return *done;
   auto experts = ParseIntList(experts_text);
