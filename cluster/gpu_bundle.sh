@@ -75,13 +75,16 @@ if [ -d "$data" ]; then
 else
   echo "gpu_bundle: no $data (apt-get install dataset-fashion-mnist): the train checks will fail" >&2
 fi
-# The replay cases (tests/reference/replay_devices.sh), made here where the safetensors
+# The replay cases (tests/reference/replay_devices.sh, V-MoE's and Mod-Squad's), made here where the safetensors
 # package is; the large ones are left for the device (numpy alone writes them there), being
 # 19 MB each of incompressible floats. The CPU side is checked against the reference here.
 if python3 -c "import numpy, safetensors" 2>/dev/null; then
   mkdir -p "$out/cases"
   bash tests/reference/replay_devices.sh "$build/moerun" python3 "$out/cases" cpu >"$stage/replay.log" 2>&1 ||
     { cat "$stage/replay.log"; echo "gpu_bundle: the CPU replay failed" >&2; exit 1; }
+  REPLAY_KIND=modsquad bash tests/reference/replay_devices.sh "$build/moerun" python3 "$out/cases" \
+    cpu >"$stage/replay.log" 2>&1 ||
+    { cat "$stage/replay.log"; echo "gpu_bundle: the CPU Mod-Squad replay failed" >&2; exit 1; }
   rm -f "$out"/cases/large_*.safetensors
 else
   echo "gpu_bundle: no numpy/safetensors here (bash cluster/setup.sh): the device makes the cases" >&2

@@ -7,7 +7,8 @@
 #   1. moerun env (backends, devices), into the summary
 #   2. the backend-op table on CUDA against the CPU, then the CUDA backend tests, each
 #      program under its own limit
-#   3. replay-moe on CPU and CUDA: both against the NumPy reference, and CUDA against CPU
+#   3. replay-moe and replay-modsquad on CPU and CUDA: both against the NumPy reference, and
+#      CUDA against CPU
 #   4. bench moe-layer --device cuda beside the cuBLAS bf16 peak and PyTorch; bench gemm
 #      --device cuda (the dense GEMMs: fp32, bf16 with casts, without, FAST_16BF); bench comm
 #      --device cuda (NCCL on device buffers, one rank)
@@ -17,12 +18,12 @@
 #   7. bench train --device cuda of V-MoE-B/16 (fp32, then bf16) beside this GPU's GEMM
 #      peak (MFU), with what is left of the budget
 # Usage (device tool): command "bash cluster/gpu_checks.sh", carry [".gpu"], timeout_s 600.
-# Everything ends within BUDGET_S (default 555) seconds: each step runs under its own limit
+# Everything ends within BUDGET_S (default 570) seconds: each step runs under its own limit
 # (in the calls below), cut to what is left of the budget, and a step with under 20 s left
 # is skipped with a line in the summary. CHECKS="1 3" runs a subset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-deadline=$((SECONDS + ${BUDGET_S:-555}))
+deadline=$((SECONDS + ${BUDGET_S:-570}))
 ulimit -c 0  # no multi-GB core files from a crashed CUDA process
 out=${OUT:-gpu_checks_out}
 mkdir -p "$out"
@@ -123,10 +124,10 @@ step() {
   [ $rc -eq 0 ] || { failed=1; tail -n +"$first" "$log" | tail -n 15; }
 }
 
-# The limits of the steps before the last sum to 515 s of the 555 s budget (a memcheck rerun,
+# The limits of the steps before the last sum to 540 s of the 570 s budget (a memcheck rerun,
 # only after a crash, takes from the later steps), so the last (bench train) has at least
-# 40 s; a step that ends early leaves its time to the later ones
-# (the last takes what is left).
+# 30 s; a step that ends early leaves its time to the later ones (the last takes what is
+# left).
 if [[ " $checks " == *" 1 "* ]]; then
   # moerun env's output goes into the summary (no file of its own: 8 files come back).
   step env 20 "$moerun" env
@@ -173,9 +174,12 @@ if [[ " $checks " == *" 2 "* ]]; then
 fi
 if [[ " $checks " == *" 3 "* ]]; then
   mkdir -p "$g/cases"
-  # Each replay run under 30 s (a hang costs one run, not the step).
-  REPLAY_TIMEOUT_S=30 step replay 80 bash tests/reference/replay_devices.sh "$moerun" \
+  # Each replay run under 30 s (a hang costs one run, not the step). V-MoE's layer, then
+  # Mod-Squad's (the MoE MLP and attention), into the same log.
+  REPLAY_TIMEOUT_S=30 step replay 70 bash tests/reference/replay_devices.sh "$moerun" \
     "$root/python3" "$g/cases" cpu cuda
+  REPLAY_TIMEOUT_S=30 REPLAY_KIND=modsquad GPU_CHECKS_LOG=replay step replay_modsquad 35 \
+    bash tests/reference/replay_devices.sh "$moerun" "$root/python3" "$g/cases" cpu cuda
 fi
 if [[ " $checks " == *" 4 "* ]]; then
   # Vanilla and BPR routing (the PyTorch peer routes as vanilla), 10 timed steps a case.
@@ -211,7 +215,7 @@ if [[ " $checks " == *" 6 "* ]]; then
     --rank 5 --micro-batch 1 -o train.optimizer_moments=BF16 --device cuda
 fi
 if [[ " $checks " == *" 7 "* ]]; then
-  step bench_train 555 bash -c "'$moerun' bench train --config '$g/configs/vmoe_b16_every2.pbtxt' \
+  step bench_train 570 bash -c "'$moerun' bench train --config '$g/configs/vmoe_b16_every2.pbtxt' \
     --device cuda --batch 32 --steps 5; a=\$?; '$moerun' bench train --config \
     '$g/configs/vmoe_b16_every2.pbtxt' --device cuda --batch 32 --steps 5 \
     -o train.precision=BF16 && exit \$a"

@@ -46,7 +46,8 @@ void AddGlobalOptions(po::options_description* desc, GlobalOptions* o) {
        }),
        "where tensors and kernels live: cpu, or cuda (a GPU per local rank; needs the CUDA "
        "backend built and a visible GPU; `train` and `eval` (V-MoE and Mod-Squad), `dry-run`, "
-       "`sweep`, `replay-moe`, `bench moe-layer`, `bench train`, `bench gemm`, `bench comm`, "
+       "`sweep`, `replay-moe`, `replay-modsquad`, `bench moe-layer`, `bench train`, `bench gemm`, "
+       "`bench comm`, "
        "`bench checkpoint` and `bench soak` so far)")  //
       ("help,h", "show this help");
 }
@@ -98,13 +99,13 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
   // would not help it).
   const bool unsupported = options.device == "cuda" && !options.cuda_supported;
   auto device =
-      unsupported
-          ? StatusOr<Device>(Status::Error(
-                "--device cuda: this command runs on the CPU backend only in this "
-                "version (on a GPU: `moerun train` / `eval` / `dry-run` / `sweep`, `moerun "
-                "replay-moe`, `moerun bench moe-layer`, `bench train`, `bench gemm`, `bench "
-                "comm`, `bench checkpoint` and `bench soak`); use --device cpu"))
-          : ParseDevice(options.device);
+      unsupported ? StatusOr<Device>(Status::Error(
+                        "--device cuda: this command runs on the CPU backend only in this "
+                        "version (on a GPU: `moerun train` / `eval` / `dry-run` / `sweep`, `moerun "
+                        "replay-moe` / `replay-modsquad`, `moerun bench moe-layer`, `bench train`, "
+                        "`bench gemm`, `bench "
+                        "comm`, `bench checkpoint` and `bench soak`); use --device cpu"))
+                  : ParseDevice(options.device);
   if (!device.ok()) {
     PrintError("moerun", device.status().message());
     std::exit(kExitUnavailable);

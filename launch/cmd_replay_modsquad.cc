@@ -209,6 +209,7 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
       ("case", po::value(&case_path)->required(), "input case (.safetensors)")  //
       ("out", po::value(&out_path)->required(), "output file (.safetensors), written by rank 0");
   AddGlobalOptions(&desc, &global);
+  global.cuda_supported = true;  // the layer's projections, rows and experts on a GPU
   po::variables_map vm;
   if (auto done = ParseArgs(
           "moerun replay-modsquad",
@@ -218,7 +219,10 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
           "the attention's queries and head outputs), per step the task x expert table, the\n"
           "selection counts, the usage EMA, the MI and auxiliary losses, and every gradient\n"
           "of L = sum_p sum(y_p * dy_p) + aux_total. Rank r holds the r-th slice of every\n"
-          "pass's images. Format: docs/modsquad_case_format.md.",
+          "pass's images. --device cuda: the layer on each rank's GPU (the router's GEMM,\n"
+          "rows, experts, projections and combine; with the case's noise the gates and the\n"
+          "routing plan on the host, as in training's evaluation), so the same case compares\n"
+          "the two backends. Format: docs/modsquad_case_format.md.",
           args, desc, nullptr, &vm))
     return *done;
   Session session(program.argc, program.argv, global);
@@ -230,12 +234,14 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
     return kExitUsage;
   }
   ModSquadCase& c = *loaded;
-  auto groups = MoeGroups::Create(&world, static_cast<int>(c.experts));
+  const Device dev = session.device();
+  auto groups = MoeGroups::Create(&world, static_cast<int>(c.experts), session.device_world());
   CHECK(groups.ok()) << groups.status().message();  // checked by LoadCase
   const int64_t el = (*groups)->local_experts(), e0 = (*groups)->first_local_expert();
   const int64_t images = c.batch / world.size(), first = world.rank() * images;
   const int64_t per_pass = images * c.seq_len, t = per_pass * c.passes, d = c.d, k = c.k;
-  Tensor x = LocalStream(c, "x", first, images), dy = LocalStream(c, "dy", first, images);
+  Tensor x = LocalStream(c, "x", first, images).To(dev);
+  Tensor dy = LocalStream(c, "dy", first, images).To(dev);
   Tensor noise;
   const bool with_noise = c.tensors.count("pass0.noise") > 0;
   if (with_noise) noise = LocalStream(c, "noise", first, images);
@@ -244,7 +250,7 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
   MoeForwardArgs fwd;
   fwd.task = task.data();
   if (with_noise) fwd.noise = &noise;
-  Tensor y = Tensor::Empty({t, d}), dx = Tensor::Empty({t, d});
+  Tensor y = Tensor::Empty({t, d}, DType::kF32, dev), dx = Tensor::Empty({t, d}, DType::kF32, dev);
   auto experts_of = [&](const std::string& name) {
     return c.tensors.at(name).Slice(0, e0, e0 + el);
   };
@@ -259,6 +265,7 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
     ac.tasks = static_cast<int>(c.tasks);
     ac.capacity = c.capacity;
     ac.aux = c.aux;
+    ac.device = dev;
     attn = std::make_unique<MoeAttention>(ac, *groups);
     MoeAttentionParams& p = attn->params();
     p.router_weight.CopyFrom(c.tensors.at("router.weight"));
@@ -286,6 +293,7 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
     lc.load_weight = 0;
     lc.mi_weight = c.aux.mi;
     lc.mi_per_rank = c.aux.mi_per_rank;
+    lc.device = dev;
     mlp = std::make_unique<MoeLayer>(lc, *groups);
     MoeParams& p = mlp->params();
     p.router_weight.CopyFrom(c.tensors.at("router.weight"));
@@ -301,20 +309,22 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
     return kExitUsage;
   }
   SafetensorsWriter out;
-  // Everything Backward may overwrite is copied first.
+  // Host copies (of device tensors: after the work queued for them) of everything Backward
+  // may overwrite, made first.
+  auto host = [](const Tensor& v) { return v.To(Device::kCPU).Contiguous(); };
   const Router& router = c.attention ? attn->router() : mlp->router();
   const RoutingPlan& plan = c.attention ? attn->plan() : mlp->plan();
-  const Tensor gates = router.gates().Contiguous(), index = plan.expert_index.Contiguous();
-  const Tensor slot = plan.slot.Contiguous(), weight = plan.weight.Contiguous();
+  const Tensor gates = host(router.gates()), index = host(plan.expert_index);
+  const Tensor slot = host(plan.slot), weight = host(plan.weight);
   const MoeLosses losses = c.attention ? attn->losses() : mlp->losses();
   const MoeAuxLosses& aux = c.attention ? attn->aux() : mlp->aux();
   const std::vector<double> gate_sums = aux.task_gate_sums(), counts = aux.selection_counts();
   const std::vector<double> task_sel = aux.task_selections();
-  const Tensor usage = (c.attention ? attn->usage() : mlp->usage()).Contiguous();
+  const Tensor usage = host(c.attention ? attn->usage() : mlp->usage());
   Tensor queries, head_outputs;
   if (c.attention) {
-    queries = attn->queries().Contiguous();
-    head_outputs = attn->head_outputs().Contiguous();
+    queries = host(attn->queries());
+    head_outputs = host(attn->head_outputs());
   }
   if (c.attention) {
     attn->ZeroGradients();
@@ -325,6 +335,8 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
     mlp->Backward(dy, &dx);
     mlp->ReduceReplicaGradients();
   }
+  y = host(y);
+  dx = host(dx);
   // Per pass: this rank's rows of the pass, gathered over ranks (rank order = image order).
   auto per_pass_rows = [&](const Tensor& local, int64_t p) {
     Tensor rows = local.Slice(0, p * per_pass, (p + 1) * per_pass).Contiguous();
@@ -354,12 +366,13 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
   out.Add("loss.aux_total", aux_total);
   // Replicated weights: sum of the ranks' shares; experts: gathered in rank order (with
   // replicas the first E ranks hold experts 0..E-1).
-  auto replicated = [&](Tensor g) {
-    world.AllReduce(g.raw_data(), g.numel(), DType::kF32, ReduceOp::kSum);
-    return g;
+  auto replicated = [&](const Tensor& g) {
+    Tensor sum = host(g).Clone();  // not summed into the live gradient
+    world.AllReduce(sum.raw_data(), sum.numel(), DType::kF32, ReduceOp::kSum);
+    return sum;
   };
   auto experts = [&](const Tensor& g) {
-    return GatherRows(world, g).Slice(0, 0, c.experts).Contiguous();
+    return GatherRows(world, host(g)).Slice(0, 0, c.experts).Contiguous();
   };
   if (c.attention) {
     MoeAttentionParams& g = attn->grads();
@@ -379,6 +392,7 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
   const int64_t capacity = plan.capacity;
   out.SetMetadata("ranks", std::to_string(world.size()));
   out.SetMetadata("capacity", std::to_string(capacity));
+  out.SetMetadata("device", DeviceName(dev));
   Status written = session.is_root() ? out.Write(out_path) : Status::Ok();
   written = AgreeOnStatus(world, written);
   if (!written.ok()) {
@@ -388,8 +402,8 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
   if (session.is_root()) {
     LOG(INFO) << "replay-modsquad: " << (c.attention ? "attention" : "mlp") << ", " << c.passes
               << " passes of " << c.batch << "x" << c.seq_len << " tokens, E=" << c.experts
-              << " k=" << k << " capacity " << capacity << " on " << world.size() << " rank(s); MI "
-              << losses.value("mi") << "; wrote " << out_path;
+              << " k=" << k << " capacity " << capacity << " on " << world.size() << " rank(s) ("
+              << DeviceName(dev) << "); MI " << losses.value("mi") << "; wrote " << out_path;
   }
   return kExitOk;
 }

@@ -52,6 +52,8 @@ if "$moerun" env --json | grep -q '"cuda_devices":0'; then
     "$src/configs/tiny_test.pbtxt" --ranks 2 --device cuda
   expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" replay-moe \
     --case /nonexistent.safetensors --out /nonexistent-out.safetensors --device cuda
+  expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" replay-modsquad \
+    --case /nonexistent.safetensors --out /nonexistent-out.safetensors --device cuda
   expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" bench train \
     --config "$src/configs/tiny_test.pbtxt" --device cuda
   expect 3 'no CUDA device is visible|built without the CUDA backend' "$moerun" bench gemm \
@@ -64,8 +66,8 @@ if "$moerun" env --json | grep -q '"cuda_devices":0'; then
     bench checkpoint --config "$src/configs/tiny_test.pbtxt" --device cuda
 fi
 # A command without a CUDA path says so, and which commands have one.
-expect 3 'this command runs on the CPU backend only.*moerun replay-moe.*bench train.*bench gemm.*bench comm.*bench soak' "$moerun" replay-modsquad \
-  --case /nonexistent.safetensors --out /nonexistent-out.safetensors --device cuda
+expect 3 'this command runs on the CPU backend only.*moerun replay-moe. / .replay-modsquad.*bench train.*bench gemm.*bench comm.*bench soak' "$moerun" env \
+  --device cuda
 expect 2 '--device tpu: use cpu or cuda' "$moerun" bench moe-layer --device tpu
 # bench moe-layer at a tiny shape, without and with the overlapped dispatch: the layer's
 # fraction of the GEMM limit, and the gain of the overlap on its second line.

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One MoE layer replayed on each of several backends (`moerun replay-moe --device D`, one
 # rank), each result checked against the NumPy float64 reference (check_result.py), and
-# every backend's result compared with the first's (compare_results.py).
+# every backend's result compared with the first's (compare_results.py). With
+# REPLAY_KIND=modsquad the same for Mod-Squad's layers (`moerun replay-modsquad`, its cases
+# from make_modsquad_case.py, checked by check_modsquad_result.py; needs the safetensors
+# package too).
 #
-# usage: replay_devices.sh <moerun> <python3> <case_dir> <device>...
+# usage: [REPLAY_KIND=moe|modsquad] replay_devices.sh <moerun> <python3> <case_dir> <device>...
 #   replay_devices.sh build/moerun python3 /tmp/cases cpu cuda   (the GPU checks)
 #   replay_devices.sh build/moerun python3 /tmp/cases cpu cpu    (CI: the harness, and the
 #                                                                  CPU run against itself)
@@ -23,7 +26,16 @@ shift 3
 devices=("$@")
 [ ${#devices[@]} -ge 1 ] || { echo "usage: $0 <moerun> <python3> <case_dir> <device>..." >&2; exit 2; }
 ref=$(cd "$(dirname "$0")" && pwd)
-"$python" -c "import numpy" 2>/dev/null || { echo "skipped: $python has no numpy"; exit 77; }
+kind=${REPLAY_KIND:-moe}
+case $kind in
+  moe) make=make_case.py check=check_result.py command=replay-moe needs="numpy" ;;
+  modsquad)
+    make=make_modsquad_case.py check=check_modsquad_result.py command=replay-modsquad
+    needs="numpy, safetensors"
+    ;;
+  *) echo "REPLAY_KIND=$kind: use moe or modsquad" >&2; exit 2 ;;
+esac
+"$python" -c "import $needs" 2>/dev/null || { echo "skipped: $python lacks $needs"; exit 77; }
 mkdir -p "$cases"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -40,9 +52,9 @@ replay() {
   local case=$cases/$name.$hash.safetensors first="" first_dev="" dev log
   if [ ! -f "$case" ]; then
     # Written aside, then moved: an interrupted run leaves no half case behind.
-    "$python" "$ref/make_case.py" --quiet --out "$case.part" "$@" >/dev/null &&
+    "$python" "$ref/$make" --quiet --out "$case.part" "$@" >/dev/null &&
       mv "$case.part" "$case" ||
-      { fail "$name: make_case.py could not make the case"; return; }
+      { fail "$name: $make could not make the case"; return; }
   fi
   local i=0
   for dev in "${devices[@]}"; do
@@ -51,13 +63,13 @@ replay() {
     # Each run under its own limit: one that hangs (a device that never answers) fails alone.
     # --foreground: in the caller's process group, so a timeout around this script (the GPU
     # checks' step) reaches it too.
-    if ! log=$(timeout --foreground -k 5 "${REPLAY_TIMEOUT_S:-90}" "$moerun" replay-moe \
+    if ! log=$(timeout --foreground -k 5 "${REPLAY_TIMEOUT_S:-90}" "$moerun" "$command" \
       --case "$case" --out "$res" --device "$dev" 2>&1); then
-      fail "$name on $dev: replay-moe failed:"; echo "$log" | tail -5
+      fail "$name on $dev: $command failed:"; echo "$log" | tail -5
       continue
     fi
     # shellcheck disable=SC2086  # check_args: zero or more flags
-    if log=$("$python" "$ref/check_result.py" --case "$case" --result "$res" $check_args 2>&1); then
+    if log=$("$python" "$ref/$check" --case "$case" --result "$res" $check_args 2>&1); then
       passed=$((passed + 1))
       echo "ok   $name on $dev ($((SECONDS - t0)) s): $(tail -n 1 <<<"$log")"
     else
@@ -77,6 +89,23 @@ replay() {
   done
 }
 
+if [ "$kind" = modsquad ]; then
+  # The MoE MLP and the MoE attention: dropless (routing on the device), with the case's
+  # noise and an initial usage EMA (routing on the host), and at a capacity (BPR, vanilla).
+  replay ms_mlp_dropless "" -- --seed 1 --layer mlp --batch 4
+  replay ms_attention_dropless "" -- --seed 2 --layer attention --batch 4
+  replay ms_mlp_noise_usage "" -- --seed 3 --layer mlp --tasks 4 --passes 3 --pass-tasks 0,2,2 \
+    --with-noise --with-usage
+  replay ms_attention_noise_usage "" -- --seed 4 --layer attention --tasks 4 --passes 3 \
+    --pass-tasks 3,0,3 --with-noise --with-usage
+  replay ms_mlp_capacity_bpr "" -- --seed 5 --layer mlp --batch 4 --capacity-factor 0.5 \
+    --multiple-of 0 --group-size 3
+  replay ms_attention_capacity_vanilla "" -- --seed 6 --layer attention --batch 4 --capacity 1 \
+    --bpr 0 --group-size 3
+  echo "$passed passed, $failed failed (devices: ${devices[*]})"
+  [ "$failed" -eq 0 ]
+  exit
+fi
 small=(--d 8 --m 16 --importance-weight 0.01 --load-weight 0.01 --gshard-weight 0.01)
 replay bpr_noise_drops "" -- --seed 3 --tokens 16 --experts 4 --k 2 --capacity-factor 0.75 \
   --multiple-of 0 --bpr 1 --group-size 4 --noise-std 1.0 --with-noise "${small[@]}"
