@@ -226,6 +226,10 @@ int RunReplayModSquad(const std::vector<std::string>& args, ProgramArgs program)
           args, desc, nullptr, &vm))
     return *done;
   Session session(program.argc, program.argv, global);
+  if (const Status nccl = session.RequireDeviceWorld(); !nccl.ok()) {
+    PrintError("moerun replay-modsquad", nccl.message());
+    return kExitUnavailable;
+  }
   Communicator& world = session.world();
   StatusOr<ModSquadCase> loaded = LoadCase(case_path, world.size());
   Status agreed = AgreeOnStatus(world, loaded.status());
