@@ -11,9 +11,9 @@
 #   replay_devices.sh build/moerun python3 /tmp/cases cpu cpu    (CI: the harness, and the
 #                                                                  CPU run against itself)
 # Cases missing from case_dir are made with make_case.py (numpy; the safetensors package
-# where installed); each case's file name carries a hash of its arguments, so a changed case
-# is made anew. A backend's result is compared with the first backend's to 1e-4 of each
-# tensor's scale, and with the same backend's (run twice) exactly.
+# where installed); each case's file name carries a hash of its arguments and of the
+# generator, so a changed case is made anew. A backend's result is compared with the first
+# backend's to 1e-4 of each tensor's scale, and with the same backend's (run twice) exactly.
 # The small cases check every gradient against finite differences; the large ones (the
 # expert GEMMs at sizes where a device's kernels take their tiled paths) check the forward
 # against the reference and the gradients between backends.
@@ -48,7 +48,8 @@ replay() {
   local name=$1 check_args=$2
   shift 3
   local hash
-  hash=$(printf '%s ' "$@" | cksum | cut -d ' ' -f 1)
+  # The arguments and the generator itself: a changed generator makes its cases anew.
+  hash=$({ printf '%s ' "$@"; cksum <"$ref/$make"; } | cksum | cut -d ' ' -f 1)
   local case=$cases/$name.$hash.safetensors first="" first_dev="" dev log
   if [ ! -f "$case" ]; then
     # Written aside, then moved: an interrupted run leaves no half case behind.
