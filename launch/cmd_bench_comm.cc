@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <sstream>
 
 #include "comm/mpi_communicator.h"
@@ -174,19 +173,21 @@ class CommBench {
     auto raw = [&] { raw_.AllToAll(send, recv, count); };
     Measure("all_to_all_v", bytes_per_peer, static_cast<double>(bytes_per_peer) * p_,
             p_ > 1 ? (p_ - 1.0) / p_ : 1.0, ours, raw, [&] {
-              std::vector<float> host(count * p_);
+              // Through host tensors: CopyFrom is the backend's copy on a device.
+              Tensor host = Tensor::Empty({count * p_});
+              float* h = host.data<float>();
               for (int q = 0; q < p_; ++q) {
-                for (int64_t i = 0; i < count; ++i) host[q * count + i] = PatternValue(rank_, q, i);
+                for (int64_t i = 0; i < count; ++i) h[q * count + i] = PatternValue(rank_, q, i);
               }
-              Upload(host, send);
-              std::fill(host.begin(), host.end(), -1.0f);
-              Upload(host, recv);
+              send_.Slice(0, 0, count * p_).CopyFrom(host);
+              host.Fill(-1.0f);
+              recv_.Slice(0, 0, count * p_).CopyFrom(host);
               ours();
               comm_.Synchronize();
-              Download(recv, &host);
+              host.CopyFrom(recv_.Slice(0, 0, count * p_));
               for (int q = 0; q < p_; ++q) {
                 for (int64_t i = 0; i < count; ++i) {
-                  if (host[q * count + i] != PatternValue(q, rank_, i)) return false;
+                  if (h[q * count + i] != PatternValue(q, rank_, i)) return false;
                 }
               }
               return true;
@@ -196,20 +197,21 @@ class CommBench {
   void AllReduce(int64_t bytes) {
     const int64_t count = bytes / 4;
     float* buf = static_cast<float*>(send_.raw_data());
-    Zero(buf, count);  // sums of zeros stay finite however often repeated
+    send_.Slice(0, 0, count).SetZero();  // sums of zeros stay finite however often repeated
     auto ours = [&] { comm_.AllReduce(buf, count, DType::kF32, ReduceOp::kSum); };
     auto raw = [&] { raw_.AllReduce(buf, count); };
     Measure("all_reduce", bytes, static_cast<double>(bytes), p_ > 1 ? 2.0 * (p_ - 1) / p_ : 1.0,
             ours, raw, [&] {
-              std::vector<float> host(count);
-              for (int64_t i = 0; i < count; ++i) host[i] = static_cast<float>(rank_ + i % 5);
-              Upload(host, buf);
+              Tensor host = Tensor::Empty({count});
+              float* h = host.data<float>();
+              for (int64_t i = 0; i < count; ++i) h[i] = static_cast<float>(rank_ + i % 5);
+              send_.Slice(0, 0, count).CopyFrom(host);
               ours();
               comm_.Synchronize();
-              Download(buf, &host);
+              host.CopyFrom(send_.Slice(0, 0, count));
               const float base = p_ * (p_ - 1) / 2.0f;
               for (int64_t i = 0; i < count; ++i) {
-                if (host[i] != base + p_ * static_cast<float>(i % 5)) return false;
+                if (h[i] != base + p_ * static_cast<float>(i % 5)) return false;
               }
               return true;
             });
@@ -219,31 +221,6 @@ class CommBench {
   static float PatternValue(int from, int to, int64_t i) {
     return static_cast<float>(from * 1000 + to * 10 + i % 7);
   }
-  // Host values into the buffers (device memory: the backend's copies) and back.
-  void Upload(const std::vector<float>& host, float* dst) {
-    const size_t bytes = host.size() * sizeof(float);
-    if (dev_ == Device::kCPU) {
-      std::memcpy(dst, host.data(), bytes);
-    } else {
-      RequireBackend(dev_).CopyFromHost(dst, host.data(), bytes);
-    }
-  }
-  void Download(const float* src, std::vector<float>* host) {
-    const size_t bytes = host->size() * sizeof(float);
-    if (dev_ == Device::kCPU) {
-      std::memcpy(host->data(), src, bytes);
-    } else {
-      RequireBackend(dev_).CopyToHost(host->data(), src, bytes);
-    }
-  }
-  void Zero(float* p, int64_t count) {
-    if (dev_ == Device::kCPU) {
-      std::fill_n(p, count, 0.0f);
-    } else {
-      RequireBackend(dev_).SetZero(p, count * sizeof(float));
-    }
-  }
-
   template <typename Ours, typename Raw, typename Check>
   void Measure(const char* op, int64_t bytes_per_peer, double alg_bytes, double bus_factor,
                Ours ours, Raw raw, Check check) {
