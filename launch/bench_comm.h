@@ -56,6 +56,12 @@ StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(MPI_Comm comm);
 // `device` (comm's device). Rank 0 of `timing` prints one JSON line per (op, size); the
 // data is verified after timing unless options.check is off, and the first size that
 // returned wrong data on any rank ends the measuring.
+// nccl-tests bus GB/s of `raw`'s all-to-all over the ranks of `timing` with
+// `floats_per_peer` floats to each of its `p` ranks, on buffers of `device`: one warm-up
+// call, then `iters` calls and the wait for them, the slowest rank's time.
+double RawAllToAllGbps(RawCollectives& raw, MPI_Comm timing, Device device, int64_t floats_per_peer,
+                       int p, int iters);
+
 struct CommBenchResult {
   double min_ratio = 0;  // the smallest ratio of ours to raw over the sizes
   std::string failure;   // empty, or the op and size that returned wrong data

@@ -292,6 +292,19 @@ StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(MPI_Comm comm) 
 #endif
 }
 
+double RawAllToAllGbps(RawCollectives& raw, MPI_Comm timing, Device device, int64_t floats_per_peer,
+                       int p, int iters) {
+  const Tensor send = Tensor::Zeros({floats_per_peer * p}, DType::kF32, device);
+  Tensor recv = Tensor::Empty({floats_per_peer * p}, DType::kF32, device);
+  const auto* from = static_cast<const float*>(send.raw_data());
+  auto* to = static_cast<float*>(recv.raw_data());
+  auto call = [&] { raw.AllToAll(from, to, floats_per_peer); };
+  auto done = [&] { raw.Finish(); };
+  TimeLoop(timing, 1, call, done);
+  const double s = TimeLoop(timing, iters, call, done) / iters;
+  return 4.0 * floats_per_peer * (p - 1) / s / 1e9;
+}
+
 CommBenchResult RunCommBench(Communicator& comm, RawCollectives& raw, MPI_Comm timing,
                              Device device, const CommBenchOptions& options) {
   CommBench bench(comm, raw, timing, device, options);

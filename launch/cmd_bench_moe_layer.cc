@@ -38,26 +38,6 @@ void FillNormal(Tensor* t, float scale, uint32_t seed) {
   }
 }
 
-// Bus GB/s of `raw`'s all-to-all over the world (MPI_Alltoallv, or NCCL's grouped
-// send/recv on a GPU) with `floats_per_peer` floats per peer, on buffers of `device`: one
-// warm-up call, then `iters` calls and the wait for them, the slowest rank's time.
-double RawAllToAllGbps(RawCollectives& raw, Device device, int64_t floats_per_peer, int p,
-                       int iters) {
-  const Tensor send = Tensor::Zeros({floats_per_peer * p}, DType::kF32, device);
-  Tensor recv = Tensor::Empty({floats_per_peer * p}, DType::kF32, device);
-  const auto* from = static_cast<const float*>(send.raw_data());
-  auto* to = static_cast<float*>(recv.raw_data());
-  raw.AllToAll(from, to, floats_per_peer);
-  raw.Finish();
-  MPI_Barrier(MPI_COMM_WORLD);
-  const double t0 = MPI_Wtime();
-  for (int i = 0; i < iters; ++i) raw.AllToAll(from, to, floats_per_peer);
-  raw.Finish();
-  double dt = MPI_Wtime() - t0;
-  MPI_Allreduce(MPI_IN_PLACE, &dt, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return 4.0 * floats_per_peer * (p - 1) / (dt / iters) / 1e9;
-}
-
 }  // namespace
 
 #ifndef MOERUN_WITH_CUDA_KERNELS
@@ -353,10 +333,10 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
                                   {"tokens_per_s", tokens * world.size() / wall}};
           };
           // Every rank, before rank 0 alone goes on to print.
-          const double raw =
-              pe > 1 && pe == world.size()
-                  ? RawAllToAllGbps(*raw_a2a, dev, floats_per_peer, static_cast<int>(pe), 4)
-                  : 0.0;
+          const double raw = pe > 1 && pe == world.size()
+                                 ? RawAllToAllGbps(*raw_a2a, MPI_COMM_WORLD, dev, floats_per_peer,
+                                                   static_cast<int>(pe), 4)
+                                 : 0.0;
           if (on_device) {
             // The step, the expert FLOPs over it, and the parts as the device's events timed
             // them on rank 0 (the overlapped dispatch's all-to-all: its queueing only).
