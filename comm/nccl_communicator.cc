@@ -236,17 +236,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   // Ends the job when NCCL reports an asynchronous error (a peer failed).
-  void CheckAsyncError() {
-    if (comm_ == nullptr) return;
-    ncclResult_t async = ncclSuccess;
-    ncclCommGetAsyncError(comm_, &async);
-    if (async != ncclSuccess && async != ncclInProgress) {
-      ncclCommAbort(comm_);
-      comm_ = nullptr;
-      LOG(FATAL) << RankTag() << ": NCCL failed on communicator '" << name_
-                 << "': " << ncclGetErrorString(async);
-    }
-  }
+  void CheckAsyncError() { CheckNcclAsyncError(&comm_, name_); }
   void CudaCheck(cudaError_t e, const char* call) {
     CHECK(e == cudaSuccess) << RankTag() << ": " << call << " on '" << name_
                             << "' failed: " << cudaGetErrorString(e);
@@ -284,22 +274,44 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunic
   MOERUN_MPI_CHECK(MPI_Comm_dup(bootstrap.mpi_comm(), &dup));
   MOERUN_MPI_CHECK(MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN));
   auto mpi = std::make_unique<MpiCommunicator>(dup, name + "/bootstrap");
-  ncclUniqueId id;
-  if (mpi->rank() == 0) {
-    const ncclResult_t r = ncclGetUniqueId(&id);
-    CHECK(r == ncclSuccess) << RankTag() << ": ncclGetUniqueId: " << ncclGetErrorString(r);
+  StatusOr<ncclComm_t> comm = InitNcclComm(*mpi, name);
+  if (!comm.ok()) return comm.status();
+  cudaStream_t s = static_cast<cudaStream_t>(stream != nullptr ? stream : cuda->stream());
+  return std::unique_ptr<Communicator>(
+      new NcclCommunicator(std::move(mpi), *comm, s, std::move(name), watchdog_timeout_s));
+}
+
+StatusOr<ncclComm_t> InitNcclComm(Communicator& bootstrap, const std::string& name) {
+  // Rank 0's result travels ahead of the id, so that every rank stops alike when it has none.
+  ncclUniqueId id{};
+  const ncclResult_t got = bootstrap.rank() == 0 ? ncclGetUniqueId(&id) : ncclSuccess;
+  int32_t ok = got == ncclSuccess ? 1 : 0;
+  bootstrap.Broadcast(&ok, 1, DType::kI32, 0);
+  if (!ok) {
+    return Status::Error(
+        "NCCL communicator '" + name + "': ncclGetUniqueId failed on rank 0" +
+        (bootstrap.rank() == 0 ? std::string(": ") + ncclGetErrorString(got) : std::string()));
   }
-  mpi->Broadcast(&id, sizeof(id), DType::kU8, 0);
+  bootstrap.Broadcast(&id, sizeof(id), DType::kU8, 0);
   ncclComm_t comm = nullptr;
-  const ncclResult_t r = ncclCommInitRank(&comm, mpi->size(), id, mpi->rank());
+  const ncclResult_t r = ncclCommInitRank(&comm, bootstrap.size(), id, bootstrap.rank());
   if (r != ncclSuccess) {
     return Status::Error(RankTag() + ": ncclCommInitRank for '" + name +
                          "' failed: " + ncclGetErrorString(r) +
                          " (one GPU per rank: check CUDA_VISIBLE_DEVICES and ranks per node)");
   }
-  cudaStream_t s = static_cast<cudaStream_t>(stream != nullptr ? stream : cuda->stream());
-  return std::unique_ptr<Communicator>(
-      new NcclCommunicator(std::move(mpi), comm, s, std::move(name), watchdog_timeout_s));
+  return comm;
+}
+
+void CheckNcclAsyncError(ncclComm_t* comm, const std::string& name) {
+  if (*comm == nullptr) return;
+  ncclResult_t async = ncclSuccess;
+  ncclCommGetAsyncError(*comm, &async);
+  if (async == ncclSuccess || async == ncclInProgress) return;
+  ncclCommAbort(*comm);
+  *comm = nullptr;
+  LOG(FATAL) << RankTag() << ": NCCL failed on communicator '" << name
+             << "': " << ncclGetErrorString(async);
 }
 
 #else  // !MOERUN_WITH_NCCL

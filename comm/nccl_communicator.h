@@ -18,6 +18,10 @@
 #include "comm/communicator.h"
 #include "comm/mpi_communicator.h"
 
+#ifdef MOERUN_WITH_NCCL
+#include <nccl.h>
+#endif
+
 namespace moerun {
 
 // True when this binary was built with NCCL.
@@ -33,6 +37,17 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunic
                                                                std::string name,
                                                                void* stream = nullptr,
                                                                double watchdog_timeout_s = -1);
+
+#ifdef MOERUN_WITH_NCCL
+// The NCCL communicator behind CreateNcclCommunicator, for a caller that drives NCCL's calls
+// itself (bench comm's raw loops): over the ranks of `bootstrap` (collective over it), rank
+// 0's unique id broadcast on it. When rank 0 cannot make the id every rank returns the error;
+// when ncclCommInitRank fails, this rank does. `name` goes into the messages.
+StatusOr<ncclComm_t> InitNcclComm(Communicator& bootstrap, const std::string& name);
+// When `*comm` reports an asynchronous error (a peer failed): aborts it, sets it to nullptr
+// and ends the job naming this rank and `name`. Nothing when *comm is nullptr.
+void CheckNcclAsyncError(ncclComm_t* comm, const std::string& name);
+#endif
 
 }  // namespace moerun
 

@@ -44,11 +44,12 @@ class RawCollectives {
 
 // MPI_Alltoallv / MPI_Allreduce on a duplicate of `comm` (host memory).
 std::unique_ptr<RawCollectives> MakeRawMpiCollectives(MPI_Comm comm);
-// A second NCCL communicator over the ranks of `comm` (collective over it), queued on the
-// CUDA backend's stream; Finish() is the backend's polling Synchronize, which ends the job
-// on this communicator's asynchronous error (a dead peer) too. An error when NCCL was not
-// built or its setup failed on this rank.
-StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(MPI_Comm comm);
+// A second NCCL communicator over the ranks of `bootstrap` (a host communicator; collective
+// over it: comm/nccl_communicator.h's InitNcclComm), queued on the CUDA backend's stream;
+// Finish() is the backend's polling Synchronize, which ends the job on this communicator's
+// asynchronous error (a dead peer) too. An error when NCCL was not built or its setup failed
+// on this rank.
+StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(Communicator& bootstrap);
 
 // Times `comm`'s all_to_all_v and all_reduce for the option's sizes and ops beside `raw`,
 // rounds alternating between the two, the slowest rank's time per call (MPI_Wtime between

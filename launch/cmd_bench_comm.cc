@@ -16,10 +16,6 @@
 #include "runtime/process.h"
 #include "runtime/tensor.h"
 
-#ifdef MOERUN_WITH_NCCL
-#include <nccl.h>
-#endif
-
 namespace moerun {
 namespace {
 
@@ -68,29 +64,11 @@ class RawMpi final : public RawCollectives {
 #ifdef MOERUN_WITH_NCCL
 class RawNccl final : public RawCollectives {
  public:
-  // Collective over `comm`; an error when the NCCL communicator could not be made here.
-  static StatusOr<std::unique_ptr<RawCollectives>> Create(MPI_Comm comm) {
-    int rank = 0, size = 1;
-    MPI_Comm_rank(comm, &rank);
-    MPI_Comm_size(comm, &size);
-    ncclUniqueId id{};
-    const ncclResult_t got = rank == 0 ? ncclGetUniqueId(&id) : ncclSuccess;
-    // Rank 0's failure travels with the id (an all-zero id would not start), so every rank
-    // stops here alike.
-    int ok = got == ncclSuccess ? 1 : 0;
-    MOERUN_MPI_CHECK(MPI_Bcast(&ok, 1, MPI_INT, 0, comm));
-    if (!ok) {
-      return Status::Error("bench comm's raw NCCL communicator: ncclGetUniqueId failed on rank 0" +
-                           (rank == 0 ? std::string(": ") + ncclGetErrorString(got) : ""));
-    }
-    MOERUN_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm));
-    ncclComm_t nccl = nullptr;
-    const ncclResult_t r = ncclCommInitRank(&nccl, size, id, rank);
-    if (r != ncclSuccess) {
-      return Status::Error(RankTag() + ": bench comm's raw NCCL communicator: ncclCommInitRank " +
-                           "failed: " + ncclGetErrorString(r));
-    }
-    return std::unique_ptr<RawCollectives>(new RawNccl(nccl, size));
+  // Collective over `bootstrap`; an error when the NCCL communicator could not be made here.
+  static StatusOr<std::unique_ptr<RawCollectives>> Create(Communicator& bootstrap) {
+    StatusOr<ncclComm_t> nccl = InitNcclComm(bootstrap, kName);
+    if (!nccl.ok()) return nccl.status();
+    return std::unique_ptr<RawCollectives>(new RawNccl(*nccl, bootstrap.size()));
   }
   ~RawNccl() override {
     Finish();
@@ -123,18 +101,10 @@ class RawNccl final : public RawCollectives {
       : comm_(comm),
         stream_(static_cast<cudaStream_t>(RequireBackend(Device::kCUDA).stream())),
         p_(size) {
-    wait_check_ = AddDeviceWaitCheck([this](double, const std::string& what) {
-      ncclResult_t async = ncclSuccess;
-      if (comm_ == nullptr || ncclCommGetAsyncError(comm_, &async) != ncclSuccess ||
-          async == ncclSuccess || async == ncclInProgress) {
-        return;
-      }
-      ncclCommAbort(comm_);
-      comm_ = nullptr;
-      LOG(FATAL) << RankTag() << ": NCCL failed on bench comm's raw communicator while waiting for "
-                 << what << ": " << ncclGetErrorString(async);
-    });
+    wait_check_ = AddDeviceWaitCheck(
+        [this](double, const std::string&) { CheckNcclAsyncError(&comm_, kName); });
   }
+  static constexpr const char* kName = "bench_comm_raw";
   static void Check(ncclResult_t r, const char* call) {
     CHECK(r == ncclSuccess) << RankTag() << ": bench comm's raw NCCL loop: " << call
                             << " failed: " << ncclGetErrorString(r);
@@ -283,11 +253,11 @@ std::unique_ptr<RawCollectives> MakeRawMpiCollectives(MPI_Comm comm) {
   return std::make_unique<RawMpi>(comm);
 }
 
-StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(MPI_Comm comm) {
+StatusOr<std::unique_ptr<RawCollectives>> MakeRawNcclCollectives(Communicator& bootstrap) {
 #ifdef MOERUN_WITH_NCCL
-  return RawNccl::Create(comm);
+  return RawNccl::Create(bootstrap);
 #else
-  (void)comm;
+  (void)bootstrap;
   return Status::Error("this moerun was built without NCCL");
 #endif
 }
@@ -433,7 +403,7 @@ int RunBenchComm(const std::vector<std::string>& args, ProgramArgs program) {
     }
     made = AgreeOnStatus(session.world(), made);
     if (made.ok()) {  // every rank makes the raw communicator, or none
-      auto made_raw = MakeRawNcclCollectives(MPI_COMM_WORLD);
+      auto made_raw = MakeRawNcclCollectives(session.world());
       if (made_raw.ok()) {
         raw = std::move(*made_raw);
       } else {

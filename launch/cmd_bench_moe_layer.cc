@@ -191,7 +191,7 @@ int RunBenchMoeLayer(const std::vector<std::string>& args, ProgramArgs program) 
   if (!on_device) {
     raw_a2a = MakeRawMpiCollectives(MPI_COMM_WORLD);
   } else {
-    auto made = MakeRawNcclCollectives(MPI_COMM_WORLD);
+    auto made = MakeRawNcclCollectives(world);
     const Status ok = AgreeOnStatus(world, made.status());
     if (!ok.ok()) {
       if (session.is_root()) PrintError("moerun bench moe-layer", "--device cuda: " + ok.message());
