@@ -261,7 +261,8 @@ class DeviceExpertMlp {
                               rows[e], d_);
       offset += rows[e];
     }
-    ops_.Synchronize();  // hidden and act are freed on return
+    // hidden and act are freed on return in stream order (after the GEMMs queued above): no
+    // wait here.
   }
 
  private:

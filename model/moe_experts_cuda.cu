@@ -5,6 +5,7 @@
 #include <thrust/execution_policy.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "model/cuda_stream_policy.h"
 #include "model/expert_mlp_device.h"
@@ -113,6 +114,10 @@ struct CublasOps {
     // Nothing to compute: the caller's path (no call that cuBLASLt might refuse and so
     // switch fusion off for good).
     if (g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0) return false;
+    // The GELU aux output's leading dimension and batch stride must be multiples of 8
+    // (cublasLt.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD / _BATCH_STRIDE): a shape that is
+    // not takes the unfused path this time, without switching fusion off for other shapes.
+    if (g.ldc % 8 != 0 || (g.batch > 1 && g.stride_c % 8 != 0)) return false;
     if (!lt_workspace.defined()) {
       lt_workspace =
           Tensor::Empty({static_cast<int64_t>(kLtWorkspaceBytes)}, DType::kU8, Device::kCUDA);
@@ -159,7 +164,24 @@ struct CublasOps {
     ok = ok && cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS &&
          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                               &workspace,
-                                              sizeof(workspace)) == CUBLAS_STATUS_SUCCESS &&
+                                              sizeof(workspace)) == CUBLAS_STATUS_SUCCESS;
+    // The heuristic never sees A, B and D, and assumes 256-byte aligned pointers unless told
+    // (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES): tell it the pointers' real alignment, so
+    // an operand at an offset does not get an algorithm the call then refuses.
+    const auto alignment = [](const void* p) {
+      const uint32_t low = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p) & 255u);
+      return low == 0 ? 256u : (low & (~low + 1u));  // lowest set bit, at most 256
+    };
+    const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligned[] = {
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment(g.a)},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment(g.b)},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment(act)},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment(act)}};
+    for (const auto& [attr, bytes] : aligned) {
+      ok = ok && cublasLtMatmulPreferenceSetAttribute(pref, attr, &bytes, sizeof(bytes)) ==
+                     CUBLAS_STATUS_SUCCESS;
+    }
+    ok = ok &&
          cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 1, &heuristic, &found) ==
              CUBLAS_STATUS_SUCCESS &&
          found > 0;
