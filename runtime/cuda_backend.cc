@@ -98,6 +98,9 @@ class CudaBackend final : public Backend {
       // it (cuBLAS workspaces, NCCL buffers, Thrust temporaries) cannot use, nor a request
       // larger than its free blocks: hand the unused memory back and try once more.
       Synchronize();
+      // The frees' completion observed by the host as cudaMemPoolTrimTo documents it (the
+      // poll above only queried): the stream is idle, so this returns at once.
+      MOERUN_CUDA_CHECK(cudaStreamSynchronize(stream_));
       cudaMemPool_t pool;
       MOERUN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_));
       MOERUN_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
@@ -264,22 +267,47 @@ void WaitForCudaStream(void* stream, const std::string& what) {
 
 bool CudaBackendBuilt() { return true; }
 
-int CudaDeviceCount() {
+// cudaGetDeviceCount's answer, with its error: without a GPU (or driver) it returns an
+// error, which is zero devices, not a failure; the error is kept for the messages, since
+// an error other than "no device" (a driver older than this CUDA runtime, say) is what a
+// user on a GPU node must see.
+int CudaDeviceCount(cudaError_t* error) {
   int n = 0;
-  // Without a GPU (or driver) this returns an error: that is zero devices, not a failure.
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+  *error = cudaGetDeviceCount(&n);
+  if (*error != cudaSuccess) {
     cudaGetLastError();
     n = 0;
   }
   return n;
 }
 
+int CudaDeviceCount() {
+  cudaError_t error;
+  return CudaDeviceCount(&error);
+}
+
 std::string CudaBackendSummary() {
-  int runtime = 0;
+  int runtime = 0, driver = 0;
   cudaRuntimeGetVersion(&runtime);
-  return "built (CUDA runtime " + std::to_string(runtime / 1000) + "." +
-         std::to_string(runtime % 1000 / 10) + "), " + std::to_string(CudaDeviceCount()) +
-         " device(s)";
+  cudaDriverGetVersion(&driver);  // 0 where no driver is installed
+  cudaError_t error;
+  const int n = CudaDeviceCount(&error);
+  auto version = [](int v) {
+    return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+  };
+  std::string s =
+      "built (CUDA runtime " + version(runtime) +
+      (driver > 0 ? ", driver supports " + version(driver) : std::string(", no driver")) + "), " +
+      std::to_string(n) + " device(s)";
+  if (error != cudaSuccess && error != cudaErrorNoDevice && driver > 0) {
+    s += std::string(": cudaGetDeviceCount failed with ") + cudaGetErrorName(error) + " (" +
+         cudaGetErrorString(error) + ")";
+    if (error == cudaErrorInsufficientDriver) {
+      s += "; the GPU driver is older than the CUDA runtime this moerun was built with: "
+           "update the driver or build against an older CUDA toolkit";
+    }
+  }
+  return s;
 }
 
 std::string CudaDeviceDescription(int local_rank) {
@@ -291,10 +319,6 @@ Status BindCudaDevice(int local_rank) {
   const int n = CudaDeviceCount();
   if (n == 0) return Status::Error("no CUDA device is visible to this process");
   const int device = local_rank % n;
-  int expected = -1;
-  if (!bound_device.compare_exchange_strong(expected, device) && expected != device) {
-    return Status::Error("the CUDA backend is already bound to device " + std::to_string(expected));
-  }
   const int made = backend_device.load();
   if (made >= 0 && made != device) {
     // Its stream, handles and pool are device `made`'s: kernels would go there.
@@ -302,10 +326,16 @@ Status BindCudaDevice(int local_rank) {
                          " before this process was bound to device " + std::to_string(device) +
                          " (bind first)");
   }
-  if (cudaSetDevice(device) != cudaSuccess) {
+  // Until the backend is made, a later bind replaces an earlier one (the launcher's local
+  // rank before MPI_Init, MPI's after it where the two disagree); the device is recorded
+  // only once it is set.
+  const cudaError_t set = cudaSetDevice(device);
+  if (set != cudaSuccess) {
     cudaGetLastError();
-    return Status::Error("cudaSetDevice(" + std::to_string(device) + ") failed");
+    return Status::Error("cudaSetDevice(" + std::to_string(device) + ") failed: " +
+                         cudaGetErrorName(set) + " (" + cudaGetErrorString(set) + ")");
   }
+  bound_device.store(device);
   return Status::Ok();
 }
 
