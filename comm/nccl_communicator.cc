@@ -11,7 +11,11 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <cstdlib>
 #include <string>
+#include <vector>
+
+#include "runtime/tensor.h"
 #endif
 
 namespace moerun {
@@ -64,12 +68,17 @@ class NcclCommunicator final : public Communicator {
         [this](double waited_s, const std::string& what) { CheckProgress(waited_s, what); });
   }
   ~NcclCommunicator() override {
+    // ncclCommDestroy flushes the outstanding work inside the driver, where a dead peer
+    // would block it with no word: wait through the poll first (the check still
+    // registered), so that a stuck collective ends the job with its message.
+    if (comm_ != nullptr) Synchronize();
     RemoveDeviceWaitCheck(wait_check_);
     if (side_ != nullptr) {  // both return at once; CUDA frees them once their work is done
       cudaEventDestroy(side_ready_);
       cudaEventDestroy(side_done_);
       cudaStreamDestroy(side_);
     }
+    if (main_done_ != nullptr) cudaEventDestroy(main_done_);
     if (comm_ != nullptr) ncclCommDestroy(comm_);
   }
 
@@ -87,6 +96,7 @@ class NcclCommunicator final : public Communicator {
     CheckNothingInFlight("all_to_all_v");
     EnqueueAllToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype,
                      stream_);
+    MarkQueued();
   }
   // The transfer runs on a second stream of this communicator (created on first use), after
   // the work queued so far on the communicator's stream (the send buffer is ready), so the
@@ -121,17 +131,20 @@ class NcclCommunicator final : public Communicator {
     Check(ncclAllReduce(buffer, buffer, static_cast<size_t>(count), ToNcclType(dtype), ToNcclOp(op),
                         comm_, stream_),
           "ncclAllReduce");
+    MarkQueued();
   }
   void Broadcast(void* buffer, int64_t count, DType dtype, int root) override {
     CheckNothingInFlight("broadcast");
     Check(ncclBroadcast(buffer, buffer, static_cast<size_t>(count), ToNcclType(dtype), root, comm_,
                         stream_),
           "ncclBroadcast");
+    MarkQueued();
   }
   void AllGather(const void* send, int64_t count, void* recv, DType dtype) override {
     CheckNothingInFlight("all_gather");
     Check(ncclAllGather(send, recv, static_cast<size_t>(count), ToNcclType(dtype), comm_, stream_),
           "ncclAllGather");
+    MarkQueued();
   }
   void Barrier() override {
     Synchronize();
@@ -161,18 +174,49 @@ class NcclCommunicator final : public Communicator {
   }
 
   // The device-wait check: a peer's failure (NCCL's asynchronous error) or no progress for
-  // longer than the watchdog timeout ends the job.
+  // longer than the watchdog timeout ends the job. Every communicator's check runs in every
+  // device wait: past the timeout, the one with a collective still queued aborts and names
+  // itself; one with none waits another timeout (for a busy one to speak first), then ends
+  // the job saying the stuck work is not its collectives.
   void CheckProgress(double waited_s, const std::string& what) {
     CheckAsyncError();
     const double timeout_s = timeout_s_ >= 0 ? timeout_s_ : WatchdogTimeoutSeconds();
-    if (comm_ != nullptr && timeout_s > 0 && waited_s > timeout_s) {
+    if (comm_ == nullptr || timeout_s <= 0 || waited_s <= timeout_s) return;
+    if (Busy()) {
       ncclCommAbort(comm_);
       comm_ = nullptr;
       LOG(FATAL) << RankTag() << ": waiting for " << what << " made no progress for " << waited_s
                  << " s while NCCL communicator '" << name_ << "' (" << size()
-                 << " ranks) was in use: a peer rank failed or never reached the same collective "
-                    "(--watchdog-timeout)";
+                 << " ranks) had a collective queued: a peer rank failed or never reached the "
+                    "same collective (--watchdog-timeout)";
     }
+    if (waited_s > 2 * timeout_s) {
+      LOG(FATAL) << RankTag() << ": waiting for " << what << " made no progress for " << waited_s
+                 << " s, and NCCL communicator '" << name_
+                 << "' has no collective outstanding: a kernel or copy on this rank's GPU is "
+                    "stuck (--watchdog-timeout)";
+    }
+  }
+
+  // A collective was queued on the communicator's stream: its completion is what Busy asks.
+  void MarkQueued() {
+    if (main_done_ == nullptr) {
+      CudaCheck(cudaEventCreateWithFlags(&main_done_, cudaEventDisableTiming), "cudaEventCreate");
+    }
+    CudaCheck(cudaEventRecord(main_done_, stream_), "cudaEventRecord");
+  }
+  // Whether a collective of this communicator has not completed (an event never recorded
+  // counts as complete).
+  bool Busy() {
+    for (cudaEvent_t e : {main_done_, side_done_}) {
+      if (e == nullptr) continue;
+      const cudaError_t q = cudaEventQuery(e);
+      if (q == cudaErrorNotReady) {
+        cudaGetLastError();  // not an error: leave no trace
+        return true;
+      }
+    }
+    return false;
   }
 
   // The all-to-all on the side stream: done when its side_done_ record has been reached.
@@ -254,8 +298,9 @@ class NcclCommunicator final : public Communicator {
   double timeout_s_;             // < 0: the job's (WatchdogTimeoutSeconds, as the config sets it)
   cudaStream_t side_ = nullptr;  // StartAllToAllV's stream
   cudaEvent_t side_ready_ = nullptr, side_done_ = nullptr;
-  bool in_flight_ = false;  // a StartAllToAllV not yet waited for
-  int wait_check_ = 0;      // this communicator's device-wait check
+  cudaEvent_t main_done_ = nullptr;  // recorded after each collective on stream_ (Busy)
+  bool in_flight_ = false;           // a StartAllToAllV not yet waited for
+  int wait_check_ = 0;               // this communicator's device-wait check
 };
 
 }  // namespace
@@ -277,8 +322,27 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunic
   StatusOr<ncclComm_t> comm = InitNcclComm(*mpi, name);
   if (!comm.ok()) return comm.status();
   cudaStream_t s = static_cast<cudaStream_t>(stream != nullptr ? stream : cuda->stream());
-  return std::unique_ptr<Communicator>(
+  std::unique_ptr<Communicator> nccl(
       new NcclCommunicator(std::move(mpi), *comm, s, std::move(name), watchdog_timeout_s));
+  const int p = nccl->size();
+  if (p > 1) {
+    // NCCL connects to a peer on the first send/recv with it (and, with NCCL_RUNTIME_CONNECT
+    // on, a collective's algorithm on its first call), allocating outside the backend's pool,
+    // which keeps what it freed: connect now, before the model's memory fills the pool, with
+    // one element to and from every peer and a one-element all-reduce.
+    Tensor buf = Tensor::Empty({2 * p}, DType::kF32, Device::kCUDA);
+    buf.SetZero();
+    std::vector<int64_t> counts(p, 1), send_displs(p), recv_displs(p);
+    for (int i = 0; i < p; ++i) {
+      send_displs[i] = i;
+      recv_displs[i] = p + i;
+    }
+    float* data = buf.device_data<float>(Device::kCUDA);
+    nccl->AllToAllV(data, counts, send_displs, data, counts, recv_displs, DType::kF32);
+    nccl->AllReduce(data, 1, DType::kF32, ReduceOp::kSum);
+    nccl->Synchronize();
+  }
+  return nccl;
 }
 
 StatusOr<ncclComm_t> InitNcclComm(Communicator& bootstrap, const std::string& name) {
@@ -293,6 +357,10 @@ StatusOr<ncclComm_t> InitNcclComm(Communicator& bootstrap, const std::string& na
         (bootstrap.rank() == 0 ? std::string(": ") + ncclGetErrorString(got) : std::string()));
   }
   bootstrap.Broadcast(&id, sizeof(id), DType::kU8, 0);
+  // Every collective algorithm's connections at init (not at its first call, NCCL 2.22's
+  // default), while the backend's pool, which keeps what it frees, is still small; a value
+  // the user set stays.
+  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
   ncclComm_t comm = nullptr;
   const ncclResult_t r = ncclCommInitRank(&comm, bootstrap.size(), id, bootstrap.rank());
   if (r != ncclSuccess) {
