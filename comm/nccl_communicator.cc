@@ -62,6 +62,7 @@ class NcclCommunicator final : public Communicator {
         stream_(stream),
         name_(std::move(name)),
         timeout_s_(timeout_s) {
+    CudaCheck(cudaEventCreateWithFlags(&main_done_, cudaEventDisableTiming), "cudaEventCreate");
     // Every device wait of this process (the backend's Synchronize, a blocking copy) runs
     // this between its polls: this communicator's collectives may be what it waits for.
     wait_check_ = AddDeviceWaitCheck(
@@ -192,19 +193,14 @@ class NcclCommunicator final : public Communicator {
     }
     if (waited_s > 2 * timeout_s) {
       LOG(FATAL) << RankTag() << ": waiting for " << what << " made no progress for " << waited_s
-                 << " s, and NCCL communicator '" << name_
-                 << "' has no collective outstanding: a kernel or copy on this rank's GPU is "
-                    "stuck (--watchdog-timeout)";
+                 << " s; NCCL communicator '" << name_
+                 << "' has none of its collectives outstanding, so the stuck work is a kernel or "
+                    "copy on this rank's GPU, or NCCL calls made outside it (--watchdog-timeout)";
     }
   }
 
   // A collective was queued on the communicator's stream: its completion is what Busy asks.
-  void MarkQueued() {
-    if (main_done_ == nullptr) {
-      CudaCheck(cudaEventCreateWithFlags(&main_done_, cudaEventDisableTiming), "cudaEventCreate");
-    }
-    CudaCheck(cudaEventRecord(main_done_, stream_), "cudaEventRecord");
-  }
+  void MarkQueued() { CudaCheck(cudaEventRecord(main_done_, stream_), "cudaEventRecord"); }
   // Whether a collective of this communicator has not completed (an event never recorded
   // counts as complete).
   bool Busy() {
@@ -311,16 +307,25 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunic
                                                                std::string name, void* stream,
                                                                double watchdog_timeout_s) {
   Backend* cuda = BackendFor(Device::kCUDA);
-  if (cuda == nullptr) {
-    return Status::Error("NCCL communicator '" + name + "': " + RankTag() +
-                         " has no CUDA device (" + CudaBackendSummary() + ")");
-  }
   MPI_Comm dup;
   MOERUN_MPI_CHECK(MPI_Comm_dup(bootstrap.mpi_comm(), &dup));
   MOERUN_MPI_CHECK(MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN));
   auto mpi = std::make_unique<MpiCommunicator>(dup, name + "/bootstrap");
+  // A rank without a GPU stops every rank (the others would wait for it in NCCL's init).
+  const Status have_gpu = AgreeOnStatus(
+      *mpi, cuda != nullptr ? Status::Ok()
+                            : Status::Error("NCCL communicator '" + name + "': " + RankTag() +
+                                            " has no CUDA device (" + CudaBackendSummary() + ")"));
+  if (!have_gpu.ok()) return have_gpu;
   StatusOr<ncclComm_t> comm = InitNcclComm(*mpi, name);
-  if (!comm.ok()) return comm.status();
+  // Every rank stops alike, before the warm-up's collectives, when one rank has no
+  // communicator (the others would wait in them for it).
+  const Status agreed = AgreeOnStatus(*mpi, comm.status());
+  if (!agreed.ok()) {
+    if (comm.ok()) ncclCommDestroy(*comm);  // nothing was queued on it
+    return comm.ok() ? Status::Error("NCCL communicator '" + name + "': " + agreed.message())
+                     : comm.status();
+  }
   cudaStream_t s = static_cast<cudaStream_t>(stream != nullptr ? stream : cuda->stream());
   std::unique_ptr<Communicator> nccl(
       new NcclCommunicator(std::move(mpi), *comm, s, std::move(name), watchdog_timeout_s));
@@ -332,6 +337,7 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunic
     // one element to and from every peer and a one-element all-reduce.
     Tensor buf = Tensor::Empty({2 * p}, DType::kF32, Device::kCUDA);
     buf.SetZero();
+    cuda->Synchronize();  // allocated and zeroed on the backend's stream; s may be another
     std::vector<int64_t> counts(p, 1), send_displs(p), recv_displs(p);
     for (int i = 0; i < p; ++i) {
       send_displs[i] = i;
@@ -358,8 +364,9 @@ StatusOr<ncclComm_t> InitNcclComm(Communicator& bootstrap, const std::string& na
   }
   bootstrap.Broadcast(&id, sizeof(id), DType::kU8, 0);
   // Every collective algorithm's connections at init (not at its first call, NCCL 2.22's
-  // default), while the backend's pool, which keeps what it frees, is still small; a value
-  // the user set stays.
+  // default), while the backend's pool, which keeps what it frees, is still small: more
+  // memory up front (NVLS buffers on NVSwitch nodes), none failing mid-run. A value the user
+  // set stays (NCCL_RUNTIME_CONNECT=1 saves that memory where the GPU is not full).
   setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
   ncclComm_t comm = nullptr;
   const ncclResult_t r = ncclCommInitRank(&comm, bootstrap.size(), id, bootstrap.rank());

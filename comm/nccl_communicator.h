@@ -29,7 +29,10 @@ bool NcclBuilt();
 
 // Creates an NCCL communicator over the ranks of `bootstrap` (collective over it), ordered
 // on `stream` (a cudaStream_t; nullptr: the CUDA backend's stream). The MPI communicator
-// is duplicated and kept for Split. Fails when NCCL was not built or this rank has no GPU.
+// is duplicated and kept for Split. Fails when NCCL was not built or this rank has no GPU;
+// when any rank's NCCL init fails, every rank returns an error (agreed over `bootstrap`).
+// With more than one rank it connects to every peer before it returns (a one-element
+// all-to-all and all-reduce), so NCCL's buffers are allocated before the model's.
 // watchdog_timeout_s: no progress for this long in a device wait ends the job (0: never);
 // < 0: the job's MPI watchdog timeout at each check, so that the config's
 // comm.watchdog_timeout_s applies to NCCL too. Its Splits inherit it.

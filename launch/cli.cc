@@ -136,9 +136,11 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
     // One GPU per local rank: the launcher's (OMPI_COMM_WORLD_LOCAL_RANK / SLURM_LOCALID),
     // bound above before MPI_Init, else MPI's (MPI_Comm_split_type); the two must agree or
     // two ranks could share a GPU.
-    // Where they disagree MPI's wins (a launcher's variables can be a proxy's: MPICH's hydra
-    // under sbatch gives every rank of a node SLURM_LOCALID 0): the rank binds again, to
-    // MPI's local rank, before anything is allocated on the launcher's device.
+    // Where they disagree MPI's wins (a launcher's variables can be a proxy's: a hydra-style
+    // launcher under sbatch gives every rank of a node SLURM_LOCALID 0): the rank binds
+    // again, to MPI's local rank, before the backend allocates anything. The early bind's
+    // context stays on the launcher's device (a few hundred MB there; where GPUs are in
+    // exclusive-process mode the rebind fails instead, with its message).
     const Status agree = CheckLocalRank(Process(), launcher);
     if (!agree.ok()) {
       LOG(WARNING) << agree.message() << "; this rank takes MPI's local rank "

@@ -5,6 +5,8 @@
 
 #include "comm/communicator.h"
 #include "comm/loopback_communicator.h"
+#include "comm/nccl_communicator.h"
+#include "runtime/backend.h"
 #include "tests/mpi_test_main.h"
 
 namespace moerun {
@@ -235,6 +237,25 @@ TEST(LoopbackTest, PeersMirrorThisRank) {
   EXPECT_EQ(failed.message(), "rank 2: boom");
   EXPECT_EQ(AgreeOnStatus(c, failed).message(), "rank 2: boom");
   EXPECT_EQ(AgreeOnStatus(c, Status::Error("rank x: boom")).message(), "rank 2: rank x: boom");
+}
+
+// Without a GPU on any rank (CI), CreateNcclCommunicator returns on every rank, each with
+// the error (agreed over the ranks: none is left waiting in NCCL's init for another).
+TEST(NcclCommunicatorTest, NoGpuFailsOnEveryRankWithoutHanging) {
+  if (!NcclBuilt()) GTEST_SKIP() << "built without NCCL";
+  if (CudaDeviceCount() > 0) GTEST_SKIP() << "a GPU is visible: NCCL's own tests cover it";
+  auto* world = dynamic_cast<MpiCommunicator*>(&testing::World());
+  ASSERT_NE(world, nullptr);
+  auto nccl = CreateNcclCommunicator(*world, "no_gpu");
+  ASSERT_FALSE(nccl.ok());
+  EXPECT_NE(nccl.status().message().find("NCCL communicator 'no_gpu'"), std::string::npos)
+      << nccl.status().message();
+  EXPECT_NE(nccl.status().message().find("has no CUDA device"), std::string::npos)
+      << nccl.status().message();
+  // The ranks go on together afterwards.
+  int one = 1;
+  world->AllReduce(&one, 1, DType::kI32, ReduceOp::kSum);
+  EXPECT_EQ(one, world->size());
 }
 
 }  // namespace moerun
