@@ -85,8 +85,10 @@ def targets(text):
     # The tests' and the replays' totals.
     for m in re.finditer(r"^\[  (PASSED|FAILED)  \] (\d+) tests?", text, re.M):
         out.append(f"gtest: {m.group(1).lower()} {m.group(2)}")
-    for m in re.finditer(r"^(\d+) passed, (\d+) failed \(devices: ([^)]*)\)", text, re.M):
-        out.append(f"replay ({m.group(3)}): {m.group(1)} passed, {m.group(2)} failed")
+    for m in re.finditer(r"^(\d+) passed, (\d+) failed \(devices: ([^;)]*)(?:; ([^)]*))?\)", text,
+                         re.M):
+        out.append(f"{m.group(4) or 'replay'} ({m.group(3)}): {m.group(1)} passed, "
+                   f"{m.group(2)} failed")
     # Each step's exit status, the failed ones named.
     steps = re.findall(r"^gpu_checks: (\S+) rc=(\d+) in (\d+) s", text, re.M)
     skipped = re.findall(r"^gpu_checks: (\S+) skipped", text, re.M)

@@ -103,7 +103,7 @@ if [ "$kind" = modsquad ]; then
     --multiple-of 0 --group-size 3
   replay ms_attention_capacity_vanilla "" -- --seed 6 --layer attention --batch 4 --capacity 1 \
     --bpr 0 --group-size 3
-  echo "$passed passed, $failed failed (devices: ${devices[*]})"
+  echo "$passed passed, $failed failed (devices: ${devices[*]}; replay-$kind)"
   [ "$failed" -eq 0 ]
   exit
 fi
@@ -122,5 +122,5 @@ large=(--tokens 1024 --d 256 --m 1024 --experts 8 --k 2 --group-size 256)
 replay large_bpr_noise --no-grads -- --seed 21 "${large[@]}" --capacity-factor 1.05 --bpr 1 \
   --noise-std 1.0 --with-noise
 replay large_dropless --no-grads -- --seed 23 "${large[@]}" --capacity-factor 0 --bpr 0
-echo "$passed passed, $failed failed (devices: ${devices[*]})"
+echo "$passed passed, $failed failed (devices: ${devices[*]}; replay-$kind)"
 [ "$failed" -eq 0 ]
