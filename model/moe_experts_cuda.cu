@@ -4,7 +4,9 @@
 #include <cuda_runtime_api.h>
 #include <thrust/execution_policy.h>
 
+#include <array>
 #include <cstdint>
+#include <map>
 #include <utility>
 
 #include "model/cuda_stream_policy.h"
@@ -107,6 +109,7 @@ struct CublasOps {
   bool lt_disabled = false;
   Tensor lt_workspace;
   static constexpr size_t kLtWorkspaceBytes = 32u << 20;
+  std::map<std::array<int64_t, 18>, cublasLtMatmulHeuristicResult_t> lt_algos;
 
   bool GemmBiasGelu(const ColMajorGemm& g, const void* bias, int64_t bias_stride, bool tanh_form,
                     void* act, void* aux) {
@@ -181,10 +184,38 @@ struct CublasOps {
       ok = ok && cublasLtMatmulPreferenceSetAttribute(pref, attr, &bytes, sizeof(bytes)) ==
                      CUBLAS_STATUS_SUCCESS;
     }
-    ok = ok &&
-         cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 1, &heuristic, &found) ==
-             CUBLAS_STATUS_SUCCESS &&
-         found > 0;
+    // The heuristic's answer per shape and alignments, kept: asking costs tens of
+    // microseconds of host time on every forward of every layer otherwise.
+    const std::array<int64_t, 18> key = {g.trans_a,
+                                         g.trans_b,
+                                         g.m,
+                                         g.n,
+                                         g.k,
+                                         g.lda,
+                                         g.ldb,
+                                         g.ldc,
+                                         g.stride_a,
+                                         g.stride_b,
+                                         g.stride_c,
+                                         g.batch,
+                                         bias_stride,
+                                         alignment(g.a),
+                                         alignment(g.b),
+                                         alignment(act),
+                                         alignment(bias),
+                                         alignment(aux)};
+    const auto cached = lt_algos.find(key);
+    if (ok && cached != lt_algos.end()) {
+      heuristic = cached->second;
+      found = 1;
+    } else {
+      ok = ok &&
+           cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 1, &heuristic, &found) ==
+               CUBLAS_STATUS_SUCCESS &&
+           found > 0;
+      if (ok) lt_algos.emplace(key, heuristic);
+    }
+    ok = ok && found > 0;
     cublasStatus_t st = CUBLAS_STATUS_NOT_SUPPORTED;
     if (ok) {
       const float alpha = 1.0f, beta = 0.0f;
