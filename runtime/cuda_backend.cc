@@ -9,11 +9,13 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "runtime/backend.h"
+#include "runtime/block_cache.h"
 #include "runtime/device_wait.h"
 #include "runtime/process.h"
 
@@ -76,8 +78,22 @@ class CudaBackend final : public Backend {
       uint64_t keep = UINT64_MAX;  // a caching pool: never hand freed memory back mid-run
       MOERUN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     } else {
+      // cudaMalloc / cudaFree behind a cache of freed blocks (runtime/block_cache.h): a
+      // free keeps the block for the next allocation on this stream, and only an
+      // allocation that finds the device full hands the cached blocks back (cudaFree waits
+      // for the device: through the poll first).
+      cache_ = std::make_unique<BlockCache>(
+          [](size_t n) -> void* {
+            void* p = nullptr;
+            if (cudaMalloc(&p, n) != cudaSuccess) {
+              cudaGetLastError();
+              return nullptr;
+            }
+            return p;
+          },
+          [](void* p) { MOERUN_CUDA_CHECK(cudaFree(p)); }, [this] { Synchronize(); });
       LOG(WARNING) << "cuda:" << device_ << " has no stream-ordered memory pools: using "
-                   << "cudaMalloc / cudaFree (slower: each free waits for the device)";
+                   << "cudaMalloc behind a cache of freed blocks";
     }
     description_ = DescribeDevice(device_);
     wait_name_ = "the device backend's stream on " + description_;
@@ -118,8 +134,7 @@ class CudaBackend final : public Backend {
     if (pools_) {
       MOERUN_CUDA_CHECK(cudaFreeAsync(p, stream_));
     } else {
-      Synchronize();  // cudaFree waits for the device; wait here first, through the poll
-      MOERUN_CUDA_CHECK(cudaFree(p));
+      cache_->Free(p);  // reused in stream order by a later allocation
     }
     allocated_.fetch_sub(bytes);
   }
@@ -232,6 +247,7 @@ class CudaBackend final : public Backend {
         m.pool_free_bytes = static_cast<int64_t>(reserved >= used ? reserved - used : 0);
       }
     }
+    if (cache_ != nullptr) m.pool_free_bytes = static_cast<int64_t>(cache_->cached_bytes());
     cudaGetLastError();  // a failed query is not sticky
     return m;
   }
@@ -240,9 +256,9 @@ class CudaBackend final : public Backend {
   // From the stream-ordered pool, or cudaMalloc without one; nullptr when it fails (the
   // error is not sticky: cleared).
   void* TryAllocate(size_t bytes) {
+    if (!pools_) return cache_->Allocate(bytes);
     void* p = nullptr;
-    const size_t n = std::max<size_t>(bytes, 1);
-    if ((pools_ ? cudaMallocAsync(&p, n, stream_) : cudaMalloc(&p, n)) != cudaSuccess) {
+    if (cudaMallocAsync(&p, std::max<size_t>(bytes, 1), stream_) != cudaSuccess) {
       cudaGetLastError();
       return nullptr;
     }
@@ -250,7 +266,8 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
-  bool pools_ = true;  // stream-ordered allocation (cudaMallocAsync) supported
+  bool pools_ = true;                  // stream-ordered allocation (cudaMallocAsync) supported
+  std::unique_ptr<BlockCache> cache_;  // without pools: cudaMalloc behind a cache
   cudaStream_t stream_ = nullptr;
   std::string description_, wait_name_;
   std::atomic<size_t> allocated_{0}, peak_{0};

@@ -174,7 +174,9 @@ TEST(BenchComm, NoCheckSkipsTheVerification) {
   const CommBenchResult r = RunCommBench(comm, *raw, MPI_COMM_WORLD, Device::kCPU, o);
   const std::string out = ::testing::internal::GetCapturedStdout();
   EXPECT_EQ(r.failure, "");
-  if (World().rank() == 0) EXPECT_EQ(Count(out, "\"verified\":\"skipped\""), 12) << out;
+  if (World().rank() == 0) {
+    EXPECT_EQ(Count(out, "\"verified\":\"skipped\""), 12) << out;
+  }
 }
 
 }  // namespace

@@ -1,0 +1,78 @@
+// BlockCache (see block_cache.h).
+#include "runtime/block_cache.h"
+
+#include <glog/logging.h>
+
+#include <algorithm>
+#include <utility>
+
+namespace moerun {
+
+BlockCache::BlockCache(std::function<void*(size_t)> raw_alloc, std::function<void(void*)> raw_free,
+                       std::function<void()> release_wait)
+    : raw_alloc_(std::move(raw_alloc)),
+      raw_free_(std::move(raw_free)),
+      release_wait_(std::move(release_wait)) {}
+
+void* BlockCache::Allocate(size_t bytes) {
+  const size_t size = (std::max<size_t>(bytes, 1) + kGranularity - 1) / kGranularity * kGranularity;
+  std::lock_guard<std::mutex> lock(mu_);
+  // Best fit, and not more than twice the size (a large block stays for a large request).
+  const auto it = free_.lower_bound(size);
+  if (it != free_.end() && it->first / 2 < size) {
+    void* p = it->second;
+    cached_ -= it->first;
+    free_.erase(it);
+    blocks_[p].cached = false;
+    return p;
+  }
+  void* p = raw_alloc_(size);
+  if (p == nullptr && !free_.empty()) {
+    ReleaseAllLocked();
+    p = raw_alloc_(size);
+  }
+  if (p == nullptr) return nullptr;
+  blocks_[p] = Block{size, false};
+  reserved_ += size;
+  return p;
+}
+
+void BlockCache::Free(void* p) {
+  if (p == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto it = blocks_.find(p);
+  CHECK(it != blocks_.end()) << "BlockCache::Free of a block it did not hand out";
+  CHECK(!it->second.cached) << "BlockCache::Free of a block already freed";
+  it->second.cached = true;
+  free_.emplace(it->second.size, p);
+  cached_ += it->second.size;
+}
+
+void BlockCache::ReleaseAll() {
+  std::lock_guard<std::mutex> lock(mu_);
+  ReleaseAllLocked();
+}
+
+void BlockCache::ReleaseAllLocked() {
+  if (free_.empty()) return;
+  release_wait_();
+  for (const auto& [size, p] : free_) {
+    raw_free_(p);
+    blocks_.erase(p);
+    reserved_ -= size;
+  }
+  free_.clear();
+  cached_ = 0;
+}
+
+size_t BlockCache::cached_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return cached_;
+}
+
+size_t BlockCache::reserved_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return reserved_;
+}
+
+}  // namespace moerun
