@@ -43,7 +43,10 @@ class BlockCache {
   static constexpr size_t kGranularity = 512;
 
  private:
-  void ReleaseAllLocked();
+  // The cached blocks, out of the cache (under the lock); then back to the device after
+  // one wait (without it).
+  std::multimap<size_t, void*> TakeCached();
+  void Release(const std::multimap<size_t, void*>& taken);
 
   std::function<void*(size_t)> raw_alloc_;
   std::function<void(void*)> raw_free_;

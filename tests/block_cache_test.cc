@@ -19,6 +19,10 @@ struct FakeDevice {
   int allocs = 0, frees = 0, waits = 0;
   std::map<void*, size_t> live;
   std::vector<size_t> sizes;
+  // Read during the wait, which runs without the cache's lock (a wait that polls the device
+  // runs checks that may touch the cache): what the cache still holds then.
+  BlockCache* cache = nullptr;
+  size_t cached_during_wait = 1;
   BlockCache Cache() {
     return BlockCache(
         [this](size_t n) -> void* {
@@ -38,7 +42,10 @@ struct FakeDevice {
           std::free(p);
           ++frees;
         },
-        [this] { ++waits; });
+        [this] {
+          ++waits;
+          if (cache != nullptr) cached_during_wait = cache->cached_bytes();
+        });
   }
 };
 
@@ -80,6 +87,7 @@ TEST(BlockCache, AFullDeviceGetsTheCachedBlocksBackOnce) {
   FakeDevice dev;
   dev.capacity = 4096;
   BlockCache cache = dev.Cache();
+  dev.cache = &cache;
   void* a = cache.Allocate(1024);
   void* b = cache.Allocate(2048);
   cache.Free(a);
@@ -89,6 +97,7 @@ TEST(BlockCache, AFullDeviceGetsTheCachedBlocksBackOnce) {
   void* c = cache.Allocate(3072);
   ASSERT_NE(c, nullptr);
   EXPECT_EQ(dev.waits, 1);
+  EXPECT_EQ(dev.cached_during_wait, 0u);  // out of the cache before the wait
   EXPECT_EQ(dev.frees, 2);
   EXPECT_EQ(cache.cached_bytes(), 0u);
   EXPECT_EQ(cache.reserved_bytes(), 3072u);
