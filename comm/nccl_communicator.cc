@@ -338,13 +338,9 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const MpiCommunic
     Tensor buf = Tensor::Empty({2 * p}, DType::kF32, Device::kCUDA);
     buf.SetZero();
     cuda->Synchronize();  // allocated and zeroed on the backend's stream; s may be another
-    std::vector<int64_t> counts(p, 1), send_displs(p), recv_displs(p);
-    for (int i = 0; i < p; ++i) {
-      send_displs[i] = i;
-      recv_displs[i] = p + i;
-    }
+    const std::vector<int64_t> counts(p, 1), displs = PrefixDisplacements(counts);
     float* data = buf.device_data<float>(Device::kCUDA);
-    nccl->AllToAllV(data, counts, send_displs, data, counts, recv_displs, DType::kF32);
+    nccl->AllToAllV(data, counts, displs, data + p, counts, displs, DType::kF32);
     nccl->AllReduce(data, 1, DType::kF32, ReduceOp::kSum);
     nccl->Synchronize();
   }

@@ -134,12 +134,11 @@ Session::Session(int* argc, char*** argv, const GlobalOptions& options) : option
   SetNumThreads(threads);
   if (device_ == Device::kCUDA) {
     // One GPU per local rank: the launcher's (OMPI_COMM_WORLD_LOCAL_RANK / SLURM_LOCALID),
-    // bound above before MPI_Init, else MPI's (MPI_Comm_split_type); the two must agree or
-    // two ranks could share a GPU.
-    // Where they disagree MPI's wins (a launcher's variables can be a proxy's: a hydra-style
-    // launcher under sbatch gives every rank of a node SLURM_LOCALID 0): the rank binds
-    // again, to MPI's local rank, before the backend allocates anything. The early bind's
-    // context stays on the launcher's device (a few hundred MB there; where GPUs are in
+    // bound above before MPI_Init, else MPI's (MPI_Comm_split_type). Where the two disagree
+    // MPI's wins (a launcher's variables can be a proxy's: a hydra-style launcher under
+    // sbatch gives every rank of a node SLURM_LOCALID 0), so no two ranks share a GPU: the
+    // rank binds again before the backend allocates anything. The early bind's context
+    // stays on the launcher's device (a few hundred MB there; where GPUs are in
     // exclusive-process mode the rebind fails instead, with its message).
     const Status agree = CheckLocalRank(Process(), launcher);
     if (!agree.ok()) {

@@ -20,36 +20,29 @@
 #include "model/moe_plan.h"
 #include "model/routing_cuda.h"
 #include "runtime/backend.h"
+#include "runtime/cuda_check.h"
 
 namespace moerun {
 namespace {
 
 // Every call checked: a failed record or wait would time nothing and print a number.
-#define MOERUN_TIMER_CHECK(call)                                                             \
-  do {                                                                                       \
-    const cudaError_t err_ = (call);                                                         \
-    CHECK(err_ == cudaSuccess) << "bench moe-layer timer: " #call " failed: "                \
-                               << cudaGetErrorName(err_) << " (" << cudaGetErrorString(err_) \
-                               << ")";                                                       \
-  } while (0)
-
 class EventTimer {
  public:
   explicit EventTimer(cudaStream_t s) : s_(s) {
-    MOERUN_TIMER_CHECK(cudaEventCreate(&a_));
-    MOERUN_TIMER_CHECK(cudaEventCreate(&b_));
+    MOERUN_CUDA_CHECK(cudaEventCreate(&a_));
+    MOERUN_CUDA_CHECK(cudaEventCreate(&b_));
   }
   ~EventTimer() {
     cudaEventDestroy(a_);
     cudaEventDestroy(b_);
   }
-  void Start() { MOERUN_TIMER_CHECK(cudaEventRecord(a_, s_)); }
+  void Start() { MOERUN_CUDA_CHECK(cudaEventRecord(a_, s_)); }
   // Milliseconds since Start (waits for the stream: single-rank, no collective behind it).
   double Stop() {
-    MOERUN_TIMER_CHECK(cudaEventRecord(b_, s_));
-    MOERUN_TIMER_CHECK(cudaEventSynchronize(b_));
+    MOERUN_CUDA_CHECK(cudaEventRecord(b_, s_));
+    MOERUN_CUDA_CHECK(cudaEventSynchronize(b_));
     float ms = 0;
-    MOERUN_TIMER_CHECK(cudaEventElapsedTime(&ms, a_, b_));
+    MOERUN_CUDA_CHECK(cudaEventElapsedTime(&ms, a_, b_));
     return ms;
   }
 

@@ -23,19 +23,14 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+
+#include "runtime/cuda_check.h"
 #endif
 
 namespace moerun {
 
 #ifdef MOERUN_WITH_CUDA
 namespace {
-
-#define MOERUN_CUDA_CHECK(call)                                                          \
-  do {                                                                                   \
-    const cudaError_t err_ = (call);                                                     \
-    CHECK(err_ == cudaSuccess) << #call << " failed: " << cudaGetErrorName(err_) << " (" \
-                               << cudaGetErrorString(err_) << ")";                       \
-  } while (0)
 
 std::atomic<int> bound_device{-1};
 std::atomic<int> backend_device{-1};  // where CudaBackendOrNull made the backend, once made

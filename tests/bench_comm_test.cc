@@ -89,6 +89,15 @@ CommBenchOptions Small() {
   return o;
 }
 
+// RunCommBench with its JSON lines captured into *out.
+CommBenchResult RunCaptured(Communicator& comm, RawCollectives& raw, Device device,
+                            const CommBenchOptions& o, std::string* out) {
+  ::testing::internal::CaptureStdout();
+  const CommBenchResult r = RunCommBench(comm, raw, MPI_COMM_WORLD, device, o);
+  *out = ::testing::internal::GetCapturedStdout();
+  return r;
+}
+
 int Count(const std::string& text, const std::string& what) {
   int n = 0;
   for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
@@ -97,9 +106,8 @@ int Count(const std::string& text, const std::string& what) {
 
 TEST(BenchComm, HostBuffersOverMpiAreVerified) {
   auto raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
-  ::testing::internal::CaptureStdout();
-  const CommBenchResult r = RunCommBench(World(), *raw, MPI_COMM_WORLD, Device::kCPU, Small());
-  const std::string out = ::testing::internal::GetCapturedStdout();
+  std::string out;
+  const CommBenchResult r = RunCaptured(World(), *raw, Device::kCPU, Small(), &out);
   EXPECT_EQ(r.failure, "");
   EXPECT_TRUE(r.min_ratio > 0 && r.min_ratio < 1e9) << r.min_ratio;  // measured, finite
   if (World().rank() == 0) {
@@ -125,9 +133,8 @@ TEST(BenchComm, DeviceBuffersGoThroughTheBackendAndWaitForTheStream) {
     CountingRaw raw(MakeRawMpiCollectives(MPI_COMM_WORLD));
     CommBenchOptions o = Small();
     o.rounds = 2;
-    ::testing::internal::CaptureStdout();
-    const CommBenchResult r = RunCommBench(comm, raw, MPI_COMM_WORLD, Device::kCUDA, o);
-    const std::string out = ::testing::internal::GetCapturedStdout();
+    std::string out;
+    const CommBenchResult r = RunCaptured(comm, raw, Device::kCUDA, o, &out);
     EXPECT_EQ(r.failure, "");
     // Per size: one wait per timed loop of ours (2 rounds) and one after the check.
     EXPECT_EQ(comm.synchronized, 12 * 3);
@@ -152,9 +159,8 @@ TEST(BenchComm, OneWrongValueFailsTheCheckOnEveryRank) {
   auto raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
   CommBenchOptions o = Small();
   o.ops = {"all_to_all_v", "all_reduce"};
-  ::testing::internal::CaptureStdout();
-  const CommBenchResult r = RunCommBench(comm, *raw, MPI_COMM_WORLD, Device::kCPU, o);
-  const std::string out = ::testing::internal::GetCapturedStdout();
+  std::string out;
+  const CommBenchResult r = RunCaptured(comm, *raw, Device::kCPU, o, &out);
   // The first size fails, on every rank, and nothing after it is measured.
   EXPECT_EQ(r.failure, "all_to_all_v returned wrong data at 4 bytes per peer");
   if (World().rank() == 0) {
@@ -170,9 +176,8 @@ TEST(BenchComm, NoCheckSkipsTheVerification) {
   auto raw = MakeRawMpiCollectives(MPI_COMM_WORLD);
   CommBenchOptions o = Small();
   o.check = false;
-  ::testing::internal::CaptureStdout();
-  const CommBenchResult r = RunCommBench(comm, *raw, MPI_COMM_WORLD, Device::kCPU, o);
-  const std::string out = ::testing::internal::GetCapturedStdout();
+  std::string out;
+  const CommBenchResult r = RunCaptured(comm, *raw, Device::kCPU, o, &out);
   EXPECT_EQ(r.failure, "");
   if (World().rank() == 0) {
     EXPECT_EQ(Count(out, "\"verified\":\"skipped\""), 12) << out;
